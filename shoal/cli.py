@@ -1,0 +1,63 @@
+"""The ``shoal`` command. Each subcommand lives in its own module, imported only when it runs, so
+``shoal --help`` and the serving commands never import torch.
+
+A subcommand module exposes ``HELP`` (one line), ``EXAMPLE`` (shown under ``--help``),
+``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module; add a line here to add a command.
+COMMANDS: dict[str, str] = {
+    "demo": "shoal.demo",
+    "cluster": "shoal.gateway.cli",
+    "worker": "shoal.worker.cli",
+    "bench": "shoal.bench.cli",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shoal",
+        description="shoal: elastic, distributed AI compute for edge devices.",
+        epilog="Run 'shoal COMMAND --help' for a command's options and an example.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, modname in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=f"see 'shoal {name} --help'")
+            continue
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(
+            name,
+            help=mod.HELP,
+            description=mod.HELP,
+            epilog="example:\n  " + mod.EXAMPLE.strip().replace("\n", "\n  "),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the module of the command being run (others stay unimported).
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

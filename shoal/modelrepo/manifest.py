@@ -1,0 +1,272 @@
+"""The model repository: ``<repo>/<model>/<version>/`` holding a model file and ``manifest.json``.
+
+The manifest is the contract between whoever trains a model and whoever serves it. It says what the
+model is (name, version, runtime, file), what goes in and out (tensor names, datatypes in the Open
+Inference Protocol's spelling, shapes with ``-1`` for a variable dimension, the first one being the
+batch dimension when ``max_batch_size > 0``), how the worker batches it, the class labels of each
+output, how a raw image is turned into the input tensor, and where the model came from.
+
+Pure data and validation; reading a folder is the only I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+RUNTIMES = ("onnx", "torchscript", "sklearn", "python")
+
+# Open Inference Protocol datatypes and their numpy spelling (BYTES is a list of byte strings).
+DATATYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "object",
+}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be served; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a raw image (JPEG/PNG bytes) becomes the model's input tensor, done in the worker."""
+
+    input: str
+    mode: str = "L"  # Pillow mode: "L" greyscale, "RGB"
+    size: tuple[int, int] = (28, 28)  # width, height
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: str = "NCHW"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    runtime: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int = 0
+    batch_delay_ms: float = 0.0
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    image: ImageSpec | None = None
+    handler: str | None = None  # "module:Class" for the python runtime
+    provenance: dict[str, Any] = field(default_factory=dict)
+    platform: str = ""
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name,
+            "version": self.version,
+            "runtime": self.runtime,
+            "file": self.file,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "max_batch_size": self.max_batch_size,
+            "batch_delay_ms": self.batch_delay_ms,
+            "labels": self.labels,
+            "provenance": self.provenance,
+        }
+        if self.image is not None:
+            img = asdict(self.image)
+            img["size"] = list(self.image.size)
+            img["mean"] = list(self.image.mean)
+            img["std"] = list(self.image.std)
+            d["image"] = img
+        if self.handler:
+            d["handler"] = self.handler
+        return d
+
+
+def _req(d: dict[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise ManifestError(f"{where}: missing key '{key}'")
+    return d[key]
+
+
+def _tensors(items: Any, where: str) -> tuple[TensorSpec, ...]:
+    if not isinstance(items, list) or not items:
+        raise ManifestError(f"{where}: must be a non-empty list of tensors")
+    out = []
+    for i, t in enumerate(items):
+        w = f"{where}[{i}]"
+        if not isinstance(t, dict):
+            raise ManifestError(f"{w}: must be an object with name, datatype, shape")
+        name = _req(t, "name", w)
+        dt = _req(t, "datatype", w)
+        shape = _req(t, "shape", w)
+        if not isinstance(name, str) or not name:
+            raise ManifestError(f"{w}.name: must be a non-empty string")
+        if dt not in DATATYPES:
+            raise ManifestError(f"{w}.datatype: '{dt}' is not one of {', '.join(DATATYPES)}")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= -1 for s in shape):
+            raise ManifestError(f"{w}.shape: must be a list of integers, -1 for a variable dimension")
+        out.append(TensorSpec(name, dt, tuple(shape)))
+    if len({t.name for t in out}) != len(out):
+        raise ManifestError(f"{where}: tensor names must be unique")
+    return tuple(out)
+
+
+def parse_manifest(d: Any, where: str = "manifest") -> Manifest:
+    """Validate a decoded manifest; every error names the key that is wrong."""
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: must be a JSON object")
+    name = _req(d, "name", where)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ManifestError(f"{where}.name: '{name}' must be 1-128 letters, digits, '_', '.', '-'")
+    version = str(_req(d, "version", where))
+    if not _NAME_RE.match(version):
+        raise ManifestError(f"{where}.version: '{version}' must be 1-128 letters, digits, '_', '.', '-'")
+    runtime = _req(d, "runtime", where)
+    if runtime not in RUNTIMES:
+        raise ManifestError(f"{where}.runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
+    file = d.get("file", "")
+    if runtime != "python" and not file:
+        raise ManifestError(f"{where}.file: the {runtime} runtime needs a model file")
+    if file and (Path(file).is_absolute() or ".." in Path(file).parts):
+        raise ManifestError(f"{where}.file: must be a path inside the version folder")
+    inputs = _tensors(_req(d, "inputs", where), f"{where}.inputs")
+    outputs = _tensors(_req(d, "outputs", where), f"{where}.outputs")
+    mbs = d.get("max_batch_size", 0)
+    if not isinstance(mbs, int) or mbs < 0:
+        raise ManifestError(f"{where}.max_batch_size: must be an integer >= 0")
+    if mbs > 0:
+        for t in inputs + outputs:
+            if not t.shape or t.shape[0] != -1:
+                raise ManifestError(
+                    f"{where}: tensor '{t.name}' must have -1 as its first (batch) dimension "
+                    "when max_batch_size > 0"
+                )
+    delay = d.get("batch_delay_ms", 0.0)
+    if not isinstance(delay, (int, float)) or delay < 0 or delay > 10_000:
+        raise ManifestError(f"{where}.batch_delay_ms: must be a number of milliseconds in [0, 10000]")
+    labels = d.get("labels", {}) or {}
+    if isinstance(labels, list):  # shorthand: labels of the first output
+        labels = {outputs[0].name: labels}
+    if not isinstance(labels, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in labels.values()
+    ):
+        raise ManifestError(f"{where}.labels: must map output names to lists of strings")
+    for k in labels:
+        if k not in {t.name for t in outputs}:
+            raise ManifestError(f"{where}.labels: '{k}' is not an output")
+    image = None
+    if d.get("image") is not None:
+        im = d["image"]
+        w = f"{where}.image"
+        if not isinstance(im, dict):
+            raise ManifestError(f"{w}: must be an object")
+        inp = _req(im, "input", w)
+        if inp not in {t.name for t in inputs}:
+            raise ManifestError(f"{w}.input: '{inp}' is not an input")
+        try:
+            image = ImageSpec(
+                input=inp,
+                mode=str(im.get("mode", "L")),
+                size=tuple(int(x) for x in im.get("size", (28, 28))),  # type: ignore[arg-type]
+                scale=float(im.get("scale", 1 / 255)),
+                mean=tuple(float(x) for x in im.get("mean", (0.0,))),
+                std=tuple(float(x) for x in im.get("std", (1.0,))),
+                layout=str(im.get("layout", "NCHW")),
+            )
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"{w}: {e}") from None
+        if image.mode not in ("L", "RGB") or image.layout not in ("NCHW", "NHWC") or len(image.size) != 2:
+            raise ManifestError(f"{w}: mode must be L or RGB, layout NCHW or NHWC, size [width, height]")
+    handler = d.get("handler")
+    if runtime == "python" and not handler:
+        raise ManifestError(f"{where}.handler: the python runtime needs 'module:Class'")
+    return Manifest(
+        name=name,
+        version=version,
+        runtime=runtime,
+        file=file,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=mbs,
+        batch_delay_ms=float(delay),
+        labels=labels,
+        image=image,
+        handler=handler,
+        provenance=d.get("provenance", {}) or {},
+        platform=str(d.get("platform", "")),
+    )
+
+
+def load_manifest(version_dir: str | Path) -> Manifest:
+    path = Path(version_dir) / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest here; a model version folder needs {MANIFEST_NAME}") from None
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    m = parse_manifest(raw, str(path))
+    if m.file and not (Path(version_dir) / m.file).is_file():
+        raise ManifestError(f"{path}: model file '{m.file}' is missing")
+    return m
+
+
+def write_manifest(version_dir: str | Path, manifest: Manifest) -> Path:
+    path = Path(version_dir) / MANIFEST_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parse_manifest(manifest.to_json(), str(path))  # never write what we could not read back
+    path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    return path
+
+
+def _version_key(v: str) -> tuple[int, int | str]:
+    return (0, int(v)) if v.isdigit() else (1, v)
+
+
+def list_versions(repo: str | Path, model: str) -> list[str]:
+    """Versions of a model present in a repository, oldest first (numeric versions sort numerically)."""
+    d = Path(repo) / model
+    if not d.is_dir():
+        return []
+    vs = [p.name for p in d.iterdir() if (p / MANIFEST_NAME).is_file()]
+    return sorted(vs, key=_version_key)
+
+
+def resolve(repo: str | Path, model: str, version: str | None = None) -> tuple[Path, Manifest]:
+    """Find ``<repo>/<model>/<version>`` (newest version when none is given) and load its manifest."""
+    versions = list_versions(repo, model)
+    if not versions:
+        raise ManifestError(f"{Path(repo) / model}: no versions of model '{model}' in repository '{repo}'")
+    v = version or versions[-1]
+    if v not in versions:
+        raise ManifestError(f"model '{model}' has no version '{v}' in '{repo}' (has: {', '.join(versions)})")
+    d = Path(repo) / model / v
+    return d, load_manifest(d)
