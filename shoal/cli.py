@@ -17,6 +17,9 @@ COMMANDS: dict[str, str] = {
     "cluster": "shoal.gateway.cli",
     "worker": "shoal.worker.cli",
     "bench": "shoal.bench.cli",
+    "train": "shoal.train.cli",
+    "predict": "shoal.train.predict",
+    "fuse": "shoal.fusion.cli",
 }
 
 

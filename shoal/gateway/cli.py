@@ -1,0 +1,101 @@
+"""``shoal cluster``: run a cluster gateway (the site's only public face)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = "Run a cluster gateway: devices over HTTP (Open Inference Protocol), workers dial in."
+EXAMPLE = """
+SHOAL_CLUSTER_SECRET=s3cret SHOAL_API_KEYS=devkey shoal cluster --http 0.0.0.0:8000 --workers 0.0.0.0:8001
+curl -H 'Authorization: Bearer devkey' localhost:8000/v2/health/ready
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="cluster", help="cluster name (the audience of route tokens)")
+    p.add_argument("--http", default="127.0.0.1:8000", help="HTTP address for devices (default %(default)s)")
+    p.add_argument("--workers", default="127.0.0.1:8001", help="address workers dial (default %(default)s)")
+    p.add_argument("--secret", default=None, help="worker secret (default: $SHOAL_CLUSTER_SECRET)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="static bearer token accepted from clients (repeatable; also $SHOAL_API_KEYS, comma separated)",
+    )
+    p.add_argument(
+        "--token-key",
+        default=None,
+        help="key shared with central to verify route tokens (default: $SHOAL_TOKEN_KEY)",
+    )
+    p.add_argument(
+        "--no-auth", action="store_true", help="accept requests without credentials (local development only)"
+    )
+    p.add_argument("--tls-cert", default=None, help="certificate (PEM) for HTTP and the worker port")
+    p.add_argument("--tls-key", default=None, help="private key (PEM) for --tls-cert")
+    p.add_argument(
+        "--max-body-mb", type=float, default=64.0, help="largest request body (default %(default)s MB)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=1024, help="requests per model waiting for a worker before 503"
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="request deadline in seconds")
+    p.add_argument(
+        "--ports-file", default=None, help="write the bound ports as JSON here (useful with port 0)"
+    )
+    p.add_argument("--log-level", default="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import signal
+
+    from shoal.aio import run as aio_run
+    from shoal.aio import setup_logging, split_hostport
+    from shoal.gateway.server import Gateway, GatewayConfig
+
+    setup_logging(args.log_level, "cluster")
+    secret = args.secret or os.environ.get("SHOAL_CLUSTER_SECRET", "")
+    keys = list(args.api_key) + [k for k in os.environ.get("SHOAL_API_KEYS", "").split(",") if k]
+    token_key = args.token_key or os.environ.get("SHOAL_TOKEN_KEY") or None
+    hh, hp = split_hostport(args.http, 8000)
+    wh, wp = split_hostport(args.workers, 8001)
+    cfg = GatewayConfig(
+        name=args.name,
+        http_host=hh,
+        http_port=hp,
+        worker_host=wh,
+        worker_port=wp,
+        secret=secret.encode(),
+        api_keys=keys,
+        token_key=token_key.encode() if token_key else None,
+        no_auth=args.no_auth,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        max_body_size=int(args.max_body_mb * 1024 * 1024),
+        max_queue=args.max_queue,
+        request_timeout_s=args.timeout,
+    )
+    try:
+        gw = Gateway(cfg)
+    except ValueError as e:
+        print(f"shoal cluster: {e}")
+        return 2
+
+    async def main() -> int:
+        await gw.start()
+        if args.ports_file:
+            tmp = args.ports_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"http": gw.http_port, "workers": gw.worker_port, "pid": os.getpid()}, f)
+            os.replace(tmp, args.ports_file)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await gw.stop()
+        return 0
+
+    return aio_run(main())

@@ -1,0 +1,231 @@
+"""The gateway's HTTP face: the Open Inference Protocol as a raw ASGI application.
+
+No web framework on the hot path: routing is a dictionary lookup and a split (``protocol.oip``), bodies
+are read once into bytes, responses are written with two ASGI messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from shoal.gateway.pool import Pending, RequestFailed, rows_of
+from shoal.protocol.oip import (
+    HEADER_LENGTH,
+    ProtocolError,
+    bind_inputs,
+    encode_infer_response,
+    error_body,
+    parse_infer_request,
+    parse_path,
+)
+from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
+from shoal.security.tokens import TokenError, constant_time_in, verify_token
+
+if TYPE_CHECKING:
+    from shoal.gateway.server import Gateway
+
+_JSON = [(b"content-type", b"application/json")]
+_TOKEN_CACHE_MAX = 10_000
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class HttpApp:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.cfg = gw.config
+        self._ids = itertools.count(1)
+        self._tokens: dict[str, float] = {}  # verified token -> expiry
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        t0 = time.monotonic()
+        path = scope["path"]
+        method = scope["method"]
+        route = parse_path(path)
+        if route is not None and route.kind == "live":
+            await _reply(send, 200, b'{"live":true}')
+            return
+        headers = dict(scope["headers"])
+        err = self._authorize(headers.get(b"authorization"))
+        if err is not None:
+            self.gw.metrics.http_errors.labels("401").inc()
+            await _reply(send, 401, error_body(err), [(b"www-authenticate", b'Bearer realm="shoal"')])
+            return
+        if route is None:
+            if path == "/metrics" and method == "GET":
+                await _reply(
+                    send,
+                    200,
+                    generate_latest(self.gw.metrics.registry),
+                    [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+                )
+            elif path == "/v2/status" and method == "GET":
+                await _reply(send, 200, orjson.dumps(self.gw.status()))
+            else:
+                await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
+            return
+        try:
+            if route.kind == "infer":
+                if method != "POST":
+                    raise ProtocolError("infer takes POST", 405)
+                await self._infer(route.model, route.version, headers, receive, send, t0)
+                return
+            if method != "GET":
+                raise ProtocolError(f"{path} takes GET", 405)
+            if route.kind == "ready":
+                ok = self.gw.models.all_ready()
+                await _reply(send, 200 if ok else 503, orjson.dumps({"ready": ok}))
+            elif route.kind == "server":
+                await _reply(send, 200, orjson.dumps(self.gw.server_metadata()))
+            elif route.kind == "model":
+                pool = self.gw.models.find(route.model, route.version)
+                versions = sorted(self.gw.models.models[route.model])
+                await _reply(send, 200, orjson.dumps(pool.spec.metadata(versions)))
+            elif route.kind == "model_ready":
+                pool = self.gw.models.find(route.model, route.version)
+                ok = pool.ready
+                body = {"name": route.model, "version": pool.spec.version, "ready": ok}
+                await _reply(send, 200 if ok else 503, orjson.dumps(body))
+        except (ProtocolError, RequestFailed) as e:
+            await self._fail(send, e)
+
+    # ------------------------------------------------------------------------------------ auth
+
+    def _authorize(self, value: bytes | None) -> str | None:
+        """None when the request may go on, else the reason it may not."""
+        cfg = self.cfg
+        if cfg.no_auth:
+            return None
+        if not value or not value.startswith(b"Bearer "):
+            return "missing credentials: send 'Authorization: Bearer <token>'"
+        token = value[7:].decode("latin-1").strip()
+        exp = self._tokens.get(token)
+        if exp is not None:
+            if time.time() <= exp:
+                return None
+            del self._tokens[token]
+        if cfg.api_keys and constant_time_in(token, cfg.api_keys):
+            return None
+        if cfg.token_key:
+            try:
+                claims = verify_token(token, cfg.token_key, audience=cfg.name)
+            except TokenError as e:
+                return f"invalid token: {e}"
+            if len(self._tokens) >= _TOKEN_CACHE_MAX:
+                self._tokens.clear()
+            self._tokens[token] = float(claims["exp"])
+            return None
+        return "invalid credentials"
+
+    # ----------------------------------------------------------------------------------- infer
+
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
+        limit = self.cfg.max_body_size
+        cl = headers.get(b"content-length")
+        if cl is not None:
+            try:
+                n = int(cl)
+            except ValueError:
+                raise ProtocolError("bad Content-Length") from None
+            if n > limit:
+                raise ProtocolError(f"body of {n} bytes exceeds the {limit} byte limit", 413)
+        msg = await receive()
+        body = msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body
+        parts = [body]
+        size = len(body)
+        while msg.get("more_body"):
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ProtocolError("client went away", 499)
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"body exceeds the {limit} byte limit", 413)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _infer(
+        self, model: str, version: str | None, headers: dict[bytes, bytes], receive: Any, send: Any, t0: float
+    ) -> None:
+        pool = self.gw.models.find(model, version)
+        spec = pool.spec
+        body = await self._read_body(headers, receive)
+        hl_raw = headers.get(HEADER_LENGTH.encode())
+        try:
+            hl = int(hl_raw) if hl_raw is not None else None
+        except ValueError:
+            raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
+        req = parse_infer_request(body, hl)
+        arrays = bind_inputs(req, spec.inputs, spec.image_input, spec.max_batch_size)
+        if req.outputs is not None:
+            known = {o.name for o in spec.outputs}
+            for o in req.outputs:
+                if o.name not in known:
+                    raise ProtocolError(
+                        f"unknown output '{o.name}'; the model's outputs are {', '.join(known)}"
+                    )
+        specs, bufs = pack_tensors(arrays)
+        rid = next(self._ids)
+        header = {"id": rid, "inputs": specs}
+        if req.outputs is not None:
+            header["outputs"] = [o.name for o in req.outputs]
+        timeout = self.cfg.request_timeout_s
+        t = req.parameters.get("timeout_ms")
+        if isinstance(t, (int, float)) and t > 0:
+            timeout = min(timeout, t / 1000.0)
+        fut = asyncio.get_running_loop().create_future()
+        p = Pending(rid, header, bufs, fut, deadline=t0 + timeout, rows=rows_of(arrays))
+        pool.submit(p)
+        try:
+            h, payload = await fut
+            outputs = unpack_tensors(h["outputs"], payload)
+        except RequestFailed as e:
+            self.gw.metrics.observe_response(spec, e.status, time.monotonic() - t0)
+            raise
+        except TensorError as e:
+            raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
+        out, hlen = encode_infer_response(
+            spec.name, spec.version, req.id, outputs, req.outputs, req.binary_output
+        )
+        if hlen is None:
+            await _reply(send, 200, out)
+        else:
+            await _reply(
+                send,
+                200,
+                out,
+                [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"inference-header-content-length", str(hlen).encode()),
+                ],
+            )
+        self.gw.metrics.observe_response(spec, 200, time.monotonic() - t0)
+
+    async def _fail(self, send: Any, e: ProtocolError | RequestFailed) -> None:
+        extra = []
+        if isinstance(e, RequestFailed) and e.retry_after is not None:
+            extra.append((b"retry-after", str(e.retry_after).encode()))
+        self.gw.metrics.http_errors.labels(str(e.status)).inc()
+        await _reply(send, e.status, error_body(str(e)), extra or None)
+
+
+async def _reply(
+    send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    if headers is None or not any(k == b"content-type" for k, _ in headers):
+        headers = _JSON + (headers or [])
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

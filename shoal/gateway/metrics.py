@@ -1,0 +1,133 @@
+"""Prometheus metrics of a gateway. Counters and histograms are updated on the request path through
+children cached per model version; gauges of live state (workers, in flight, queue) are read only
+when Prometheus scrapes, so they cost nothing per request."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from shoal.gateway.pool import ModelSpec, Pending
+    from shoal.gateway.server import Gateway
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class _LiveState:
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Any:
+        workers = GaugeMetricFamily(
+            "shoal_workers", "Live workers per model version", labels=["model", "version"]
+        )
+        queue = GaugeMetricFamily(
+            "shoal_queue_depth", "Requests waiting for a worker", labels=["model", "version"]
+        )
+        ready = GaugeMetricFamily(
+            "shoal_model_ready", "1 while a live worker serves the model version", labels=["model", "version"]
+        )
+        inflight = GaugeMetricFamily(
+            "shoal_worker_in_flight", "Requests held by a worker", labels=["worker", "model", "version"]
+        )
+        cap = GaugeMetricFamily(
+            "shoal_worker_capacity",
+            "Requests a worker said it can hold",
+            labels=["worker", "model", "version"],
+        )
+        for pool in self.gw.models.pools():
+            m, v = pool.spec.name, pool.spec.version
+            workers.add_metric([m, v], sum(1 for w in pool.workers if w.accepting))
+            queue.add_metric([m, v], len(pool.queue))
+            ready.add_metric([m, v], 1.0 if pool.ready else 0.0)
+            for w in pool.workers:
+                inflight.add_metric([w.worker_id, m, v], w.in_flight)
+                cap.add_metric([w.worker_id, m, v], w.capacity)
+        yield from (workers, queue, ready, inflight, cap)
+
+
+class GatewayMetrics:
+    def __init__(self, gw: Gateway) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "shoal_requests",
+            "Inference requests answered, by model, version and HTTP status",
+            ["model", "version", "code"],
+            registry=r,
+        )
+        self.http_errors = Counter(
+            "shoal_http_errors", "Requests refused before reaching a model", ["code"], registry=r
+        )
+        self.latency = Histogram(
+            "shoal_request_seconds",
+            "Time from request arrival to response",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "shoal_queue_seconds",
+            "Time a request waited for a worker with room",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "shoal_compute_seconds",
+            "Model compute time of the batch a request ran in",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "shoal_batch_size",
+            "Rows in the batch a request ran in",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "shoal_retries", "Requests sent again after their worker died or refused", ["model"], registry=r
+        )
+        r.register(_LiveState(gw))
+        self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._codes: dict[tuple[str, str, int], Any] = {}
+
+    def _model(self, spec: ModelSpec) -> tuple[Any, ...]:
+        key = (spec.name, spec.version)
+        c = self._children.get(key)
+        if c is None:
+            m = spec.name
+            c = self._children[key] = (
+                self.latency.labels(m),
+                self.queue.labels(m),
+                self.compute.labels(m),
+                self.batch.labels(m),
+                self.retries.labels(m),
+            )
+        return c
+
+    def observe_result(self, spec: ModelSpec, h: dict[str, Any], p: Pending) -> None:
+        _, queue, compute, batch, retries = self._model(spec)
+        queue.observe(max(0.0, p.t_sent - p.t_enqueued))
+        cm = h.get("compute_ms")
+        if cm is not None:
+            compute.observe(cm / 1000.0)
+        b = h.get("batch")
+        if b is not None:
+            batch.observe(b)
+        if p.attempts > 1:
+            retries.inc(p.attempts - 1)
+
+    def observe_response(self, spec: ModelSpec, code: int, seconds: float) -> None:
+        key = (spec.name, spec.version, code)
+        c = self._codes.get(key)
+        if c is None:
+            c = self._codes[key] = self.requests.labels(spec.name, spec.version, str(code))
+        c.inc()
+        self._model(spec)[0].observe(seconds)

@@ -1,0 +1,61 @@
+"""Scheduling policies of the gateway, as pure functions over plain state (tested in isolation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+
+class WorkerLoadView(Protocol):
+    in_flight: int
+    capacity: int
+    latency_ewma_ms: float
+    accepting: bool
+
+
+def pick_worker(workers: Sequence[WorkerLoadView]) -> int | None:
+    """Index of the least-loaded worker that can take one more request, or None when all are full.
+
+    Load is requests in flight relative to the capacity the worker announced (running plus its
+    prefetch queue); ties go to the worker with the lower recent latency, then to the earlier one in
+    the list. A worker never gets more than its capacity, and a draining worker gets nothing.
+    """
+    best = None
+    best_key = (2.0, 0.0)
+    for i, w in enumerate(workers):
+        if not w.accepting or w.in_flight >= w.capacity:
+            continue
+        key = (w.in_flight / w.capacity, w.latency_ewma_ms)
+        if key < best_key:
+            best, best_key = i, key
+    return best
+
+
+def version_key(v: str) -> tuple[int, int | str]:
+    """Numeric versions sort numerically and after nothing else; other names sort as text."""
+    return (0, int(v)) if v.isdigit() else (1, v)
+
+
+def newest_version(versions: Iterable[str]) -> str | None:
+    vs = sorted(versions, key=version_key)
+    return vs[-1] if vs else None
+
+
+def ewma(previous: float, sample: float, alpha: float = 0.2) -> float:
+    """Recent latency: exponentially weighted; the first sample replaces the zero start."""
+    return sample if previous <= 0.0 else previous + alpha * (sample - previous)
+
+
+def backoff_delay(attempt: int, base_s: float = 0.1, cap_s: float = 5.0, jitter: float = 0.0) -> float:
+    """Capped exponential back-off for reconnects: base * 2^attempt, at most cap, with ``jitter``
+    (a number in [0, 1) drawn by the caller) spreading reconnects of many workers over [d/2, d]."""
+    d = min(cap_s, base_s * (2 ** min(attempt, 30)))
+    return d * (1.0 - 0.5 * jitter)
+
+
+def retry_after_s(queue_len: int, capacity_total: int, latency_ms: float) -> int:
+    """Seconds a refused client should wait: the time to drain the queue at current speed, at least 1."""
+    if capacity_total <= 0 or latency_ms <= 0:
+        return 1
+    drain_s = queue_len / capacity_total * latency_ms / 1000.0
+    return max(1, min(30, int(drain_s + 0.999)))

@@ -1,0 +1,292 @@
+"""Pools of workers per model and version, the pending requests they hold, and the dispatch rules.
+
+No sockets here: a worker is anything with ``send_request(pending)``. The worker link
+(``worker_link.py``) calls ``on_result`` / ``on_worker_lost``; the HTTP side calls ``submit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from shoal.gateway.policy import ewma, newest_version, pick_worker
+from shoal.modelrepo.manifest import TensorSpec
+
+
+class RequestFailed(Exception):
+    """A request that will not be answered with outputs; ``status`` is the HTTP status to use."""
+
+    def __init__(self, message: str, status: int = 500, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class WorkerHandle(Protocol):
+    worker_id: str
+    in_flight: int
+    capacity: int
+    latency_ewma_ms: float
+    accepting: bool
+
+    def send_request(self, p: Pending) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """One request between its arrival and its answer (kept whole so it can be sent again)."""
+
+    id: int
+    header: dict[str, Any]
+    buffers: list[Any]
+    future: asyncio.Future
+    deadline: float
+    rows: int = 1
+    attempts: int = 0
+    t_enqueued: float = 0.0
+    t_sent: float = 0.0
+    worker: Any = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every worker of one model version must agree on."""
+
+    name: str
+    version: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    image_input: str | None
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    runtime: str = ""
+
+    @staticmethod
+    def from_hello(h: dict[str, Any]) -> ModelSpec:
+        def specs(items: Any) -> tuple[TensorSpec, ...]:
+            return tuple(
+                TensorSpec(str(t["name"]), str(t["datatype"]), tuple(int(x) for x in t["shape"]))
+                for t in items
+            )
+
+        return ModelSpec(
+            name=str(h["model"]),
+            version=str(h["model_version"]),
+            inputs=specs(h["inputs"]),
+            outputs=specs(h["outputs"]),
+            max_batch_size=int(h.get("max_batch_size", 0)),
+            image_input=h.get("image_input"),
+            labels=dict(h.get("labels") or {}),
+            runtime=str(h.get("runtime", "")),
+        )
+
+    def same_interface(self, other: ModelSpec) -> bool:
+        return (self.inputs, self.outputs, self.max_batch_size, self.image_input) == (
+            other.inputs,
+            other.outputs,
+            other.max_batch_size,
+            other.image_input,
+        )
+
+    def metadata(self, versions: list[str]) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "versions": versions,
+            "platform": self.runtime,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "parameters": {"max_batch_size": self.max_batch_size, "labels": self.labels},
+        }
+
+
+class ModelPool:
+    """The live workers of one model version and the requests waiting for them."""
+
+    def __init__(self, spec: ModelSpec, max_queue: int, max_attempts: int) -> None:
+        self.spec = spec
+        self.workers: list[WorkerHandle] = []
+        self.queue: deque[Pending] = deque()
+        self.max_queue = max_queue
+        self.max_attempts = max_attempts
+        self.no_worker_since: float | None = time.monotonic()
+
+    @property
+    def ready(self) -> bool:
+        return any(w.accepting for w in self.workers)
+
+    @property
+    def capacity(self) -> int:
+        return sum(w.capacity for w in self.workers if w.accepting)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(w.in_flight for w in self.workers)
+
+    def latency_ms(self) -> float:
+        lat = [w.latency_ewma_ms for w in self.workers if w.latency_ewma_ms > 0]
+        return sum(lat) / len(lat) if lat else 0.0
+
+    # -------------------------------------------------------------------------------- arrivals
+
+    def submit(self, p: Pending) -> None:
+        """Send now to the least-loaded worker with room, else queue; refuse when the queue is full."""
+        p.t_enqueued = time.monotonic()
+        if not self.queue:
+            i = pick_worker(self.workers)
+            if i is not None:
+                self._send(self.workers[i], p)
+                return
+        if len(self.queue) >= self.max_queue:
+            from shoal.gateway.policy import retry_after_s
+
+            raise RequestFailed(
+                f"model '{self.spec.name}' version {self.spec.version} is saturated: "
+                f"{len(self.queue)} requests already queued",
+                503,
+                retry_after_s(len(self.queue), self.capacity, self.latency_ms()),
+            )
+        self.queue.append(p)
+
+    def _send(self, w: WorkerHandle, p: Pending) -> None:
+        p.worker = w
+        p.attempts += 1
+        p.t_sent = time.monotonic()
+        w.in_flight += 1
+        w.send_request(p)
+
+    def dispatch(self) -> None:
+        """Move queued requests to workers while any has room."""
+        q = self.queue
+        while q:
+            p = q[0]
+            if p.future.done():  # timed out or cancelled while waiting
+                q.popleft()
+                continue
+            i = pick_worker(self.workers)
+            if i is None:
+                return
+            q.popleft()
+            self._send(self.workers[i], p)
+
+    # ------------------------------------------------------------------------------ worker events
+
+    def add_worker(self, w: WorkerHandle) -> None:
+        self.workers.append(w)
+        self.no_worker_since = None
+        self.dispatch()
+
+    def on_result(self, w: WorkerHandle, p: Pending, result: Any, compute_ms: float | None) -> None:
+        w.in_flight -= 1
+        elapsed_ms = (time.monotonic() - p.t_sent) * 1000.0
+        w.latency_ewma_ms = ewma(w.latency_ewma_ms, compute_ms if compute_ms is not None else elapsed_ms)
+        if not p.future.done():
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
+        self.dispatch()
+
+    def requeue(self, p: Pending, reason: str) -> None:
+        """Send a request again (its worker died or turned it away), at the head of the queue."""
+        if p.future.done():
+            return
+        if p.attempts >= self.max_attempts:
+            p.future.set_exception(
+                RequestFailed(
+                    f"request failed on {p.attempts} workers of '{self.spec.name}' (last: {reason})", 502
+                )
+            )
+            return
+        self.queue.appendleft(p)
+
+    def on_worker_lost(self, w: WorkerHandle, pendings: list[Pending], reason: str) -> None:
+        if w in self.workers:
+            self.workers.remove(w)
+        if not self.workers:
+            self.no_worker_since = time.monotonic()
+        # Oldest first ends up at the head of the queue.
+        for p in reversed(pendings):
+            self.requeue(p, reason)
+        self.dispatch()
+
+    # --------------------------------------------------------------------------------- deadlines
+
+    def expire(self, now: float, unserved_wait_s: float) -> int:
+        """Fail requests past their deadline, and queued ones when the model has had no live worker
+        for ``unserved_wait_s``. Returns how many were failed."""
+        n = 0
+        orphaned = self.no_worker_since is not None and now - self.no_worker_since > unserved_wait_s
+        if self.queue:
+            keep: deque[Pending] = deque()
+            for p in self.queue:
+                if p.future.done():
+                    continue
+                if now > p.deadline:
+                    p.future.set_exception(RequestFailed("request timed out waiting for a worker", 504))
+                    n += 1
+                elif orphaned:
+                    p.future.set_exception(
+                        RequestFailed(
+                            f"model '{self.spec.name}' version {self.spec.version} has no live worker", 503, 1
+                        )
+                    )
+                    n += 1
+                else:
+                    keep.append(p)
+            self.queue = keep
+        return n
+
+
+class ModelTable:
+    """All pools of a gateway: model name -> version -> pool."""
+
+    def __init__(self, max_queue: int = 1024, max_attempts: int = 5) -> None:
+        self.models: dict[str, dict[str, ModelPool]] = {}
+        self.max_queue = max_queue
+        self.max_attempts = max_attempts
+
+    def pool_for_worker(self, spec: ModelSpec) -> ModelPool:
+        """The pool a new worker joins; raises ValueError when it disagrees with its peers."""
+        versions = self.models.setdefault(spec.name, {})
+        pool = versions.get(spec.version)
+        if pool is None:
+            pool = versions[spec.version] = ModelPool(spec, self.max_queue, self.max_attempts)
+        elif not pool.spec.same_interface(spec):
+            if pool.workers:
+                raise ValueError(
+                    f"inputs/outputs differ from the live workers of {spec.name} version {spec.version}"
+                )
+            pool.spec = spec  # no live worker: the newcomer defines the interface
+        return pool
+
+    def find(self, model: str, version: str | None) -> ModelPool:
+        versions = self.models.get(model)
+        if not versions:
+            raise RequestFailed(f"unknown model '{model}'", 404)
+        if version is not None:
+            pool = versions.get(version)
+            if pool is None:
+                raise RequestFailed(f"model '{model}' has no version '{version}'", 404)
+            return pool
+        ready = [v for v, p in versions.items() if p.ready]
+        v = newest_version(ready) or newest_version(versions)
+        assert v is not None
+        return versions[v]
+
+    def pools(self) -> list[ModelPool]:
+        return [p for vs in self.models.values() for p in vs.values()]
+
+    def all_ready(self) -> bool:
+        pools = self.pools()
+        return bool(pools) and all(any(p.ready for p in vs.values()) for vs in self.models.values())
+
+
+def rows_of(arrays: dict[str, np.ndarray]) -> int:
+    for a in arrays.values():
+        return int(a.shape[0]) if a.ndim else 1
+    return 1

@@ -1,0 +1,239 @@
+"""A cluster gateway: the worker link server, the HTTP server and the timers that keep them honest.
+
+Lifecycle: ``start()`` binds both ports and starts the heartbeat and deadline timers; ``stop()``
+closes the HTTP side, tells workers goodbye and fails what is still waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+import shoal
+from shoal.gateway.http_app import HttpApp
+from shoal.gateway.metrics import GatewayMetrics
+from shoal.gateway.pool import ModelTable, RequestFailed
+from shoal.gateway.worker_link import WorkerConnection
+from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
+
+log = logging.getLogger("shoal.gateway")
+
+
+@dataclass
+class GatewayConfig:
+    name: str = "cluster"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    worker_host: str = "127.0.0.1"
+    worker_port: int = 8001
+    secret: bytes = b""  # cluster secret workers prove they know
+    api_keys: list[str] = field(default_factory=list)  # static bearer tokens (operators, Prometheus, tools)
+    token_key: bytes | None = None  # key shared with central to verify signed route tokens
+    no_auth: bool = False
+    max_body_size: int = 64 * 1024 * 1024
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_queue: int = 1024  # requests per model version waiting for a worker before 503
+    max_attempts: int = 5  # workers one request may be sent to before it fails
+    request_timeout_s: float = 30.0
+    unserved_wait_s: float = 3.0  # how long requests wait for a model that has no live worker
+    heartbeat_s: float = 1.0
+    dead_after_s: float = 5.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    backlog: int = 4096
+
+    def check(self) -> None:
+        if not self.secret:
+            raise ValueError("the cluster needs a worker secret: --secret or SHOAL_CLUSTER_SECRET")
+        if not (self.no_auth or self.api_keys or self.token_key):
+            raise ValueError(
+                "devices need credentials: give --api-key (or SHOAL_API_KEYS), --token-key "
+                "(or SHOAL_TOKEN_KEY, shared with central), or --no-auth for local development"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+
+
+def raise_fd_limit() -> int:
+    """Let one gateway hold many connections: raise the soft open-files limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port))
+    s.listen(backlog)
+    s.setblocking(False)
+    return s
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig) -> None:
+        config.check()
+        self.config = config
+        self.models = ModelTable(config.max_queue, config.max_attempts)
+        self.connections: set[WorkerConnection] = set()
+        self.metrics = GatewayMetrics(self)
+        self.app = HttpApp(self)
+        self.started_at = time.time()
+        self.http_port = 0
+        self.worker_port = 0
+        self._worker_server: asyncio.AbstractServer | None = None
+        self._uvicorn: uvicorn.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.on_change: list[Any] = []  # callbacks when workers join or leave (central reporter)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return ctx
+
+    async def start(self) -> None:
+        raise_fd_limit()
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        wsock = _bind(cfg.worker_host, cfg.worker_port, cfg.backlog)
+        self.worker_port = wsock.getsockname()[1]
+        self._worker_server = await loop.create_server(
+            lambda: WorkerConnection(self), sock=wsock, ssl=self.ssl_context()
+        )
+        hsock = _bind(cfg.http_host, cfg.http_port, cfg.backlog)
+        self.http_port = hsock.getsockname()[1]
+        ucfg = uvicorn.Config(
+            self.app,
+            http="httptools",
+            loop="none",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            backlog=cfg.backlog,
+            timeout_keep_alive=60,
+            ssl_certfile=cfg.tls_cert,
+            ssl_keyfile=cfg.tls_key,
+            server_header=False,
+        )
+        self._uvicorn = uvicorn.Server(ucfg)
+        # uvicorn's serve() would also take over signal handling; the gateway owns its lifecycle,
+        # so it runs uvicorn's startup and tick loop itself.
+        ucfg.load()
+        self._uvicorn.lifespan = ucfg.lifespan_class(ucfg)
+        await self._uvicorn.startup(sockets=[hsock])
+        self._tasks = [
+            asyncio.create_task(self._uvicorn.main_loop(), name="uvicorn-tick"),
+            asyncio.create_task(self._heartbeats(), name="heartbeats"),
+            asyncio.create_task(self._deadlines(), name="deadlines"),
+        ]
+        log.info(
+            "cluster %s serving HTTP on %s:%d, workers on %s:%d%s",
+            cfg.name,
+            cfg.http_host,
+            self.http_port,
+            cfg.worker_host,
+            self.worker_port,
+            " (TLS)" if cfg.tls_cert else "",
+        )
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        for t in self._tasks:
+            if t.get_name() != "uvicorn-tick":
+                t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._uvicorn is not None:
+            await self._uvicorn.shutdown()
+        if self._worker_server is not None:
+            self._worker_server.close()
+        for c in list(self.connections):
+            if c.transport is not None:
+                c.transport.close()
+        for pool in self.models.pools():
+            for p in pool.queue:
+                if not p.future.done():
+                    p.future.set_exception(RequestFailed("gateway shutting down", 503))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            now = time.monotonic()
+            for c in list(self.connections):
+                c.heartbeat(now)
+
+    async def _deadlines(self) -> None:
+        # One sweep every 50 ms instead of a timer per request: cheaper on the hot path, and a
+        # deadline is kept to within 50 ms.
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            for pool in self.models.pools():
+                pool.expire(now, self.config.unserved_wait_s)
+                for w in pool.workers:
+                    for p in getattr(w, "pending", {}).values():
+                        if not p.future.done() and now > p.deadline:
+                            p.future.set_exception(
+                                RequestFailed(
+                                    f"request timed out after {self.config.request_timeout_s:.0f} s on worker {w.worker_id}",
+                                    504,
+                                )
+                            )
+
+    def on_workers_changed(self) -> None:
+        for cb in self.on_change:
+            cb()
+
+    # ---------------------------------------------------------------------------------- views
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {
+            "name": "shoal",
+            "version": shoal.__version__,
+            "extensions": ["binary_tensor_data", "shoal_status"],
+        }
+
+    def status(self) -> dict[str, Any]:
+        models = []
+        for pool in self.models.pools():
+            models.append(
+                {
+                    "name": pool.spec.name,
+                    "version": pool.spec.version,
+                    "ready": pool.ready,
+                    "queue": len(pool.queue),
+                    "in_flight": pool.in_flight,
+                    "capacity": pool.capacity,
+                    "latency_ms": round(pool.latency_ms(), 3),
+                    "workers": [w.describe() for w in pool.workers],
+                }
+            )
+        return {
+            "name": self.config.name,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "http_port": self.http_port,
+            "worker_port": self.worker_port,
+            "models": models,
+        }

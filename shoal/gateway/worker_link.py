@@ -1,0 +1,295 @@
+"""The gateway's side of the worker link: one asyncio protocol per dialled-in worker.
+
+Life of a connection: the gateway sends CHALLENGE (a nonce); the worker answers HELLO with an HMAC
+proof of the cluster secret and its registration; the gateway answers WELCOME and adds the worker to
+its model's pool, or REFUSE with a reason (logged in one line) and closes. Then REQUEST frames go out,
+RESULT / ERROR / LOAD / PONG come back. A connection that closes, breaks the codec or falls silent for
+``dead_after_s`` takes its in-flight requests back to the pool, which sends them to another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from shoal.gateway.pool import ModelPool, ModelSpec, Pending, RequestFailed
+from shoal.protocol.frames import (
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    FrameDecoder,
+    FrameError,
+    MsgType,
+    encode_frame,
+)
+from shoal.security.tokens import check_login_proof, new_nonce
+
+if TYPE_CHECKING:
+    from shoal.gateway.server import Gateway
+
+log = logging.getLogger("shoal.gateway")
+
+HANDSHAKE_TIMEOUT_S = 5.0
+MAX_CAPACITY = 100_000
+
+
+class WorkerConnection(asyncio.Protocol):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.decoder = FrameDecoder(gateway.config.max_frame_size)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.nonce = new_nonce()
+        self.state = "handshake"
+        self.worker_id = ""
+        self.pool: ModelPool | None = None
+        self.in_flight = 0
+        self.capacity = 1
+        self.latency_ewma_ms = 0.0
+        self.accepting = False
+        self.pending: dict[int, Pending] = {}
+        self.last_seen = time.monotonic()
+        self.load: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
+        self.served = 0
+        self.connected_at = time.time()
+        self._out: list[Any] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    # ----------------------------------------------------------------------------- transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        pn = transport.get_extra_info("peername")
+        self.peer = f"{pn[0]}:{pn[1]}" if isinstance(pn, tuple) else str(pn)
+        self.gw.connections.add(self)
+        self._write(
+            encode_frame(
+                MsgType.CHALLENGE,
+                {"versions": list(SUPPORTED_VERSIONS), "nonce": self.nonce, "gateway": self.gw.config.name},
+            )
+        )
+        self._handshake_timer = self._loop.call_later(HANDSHAKE_TIMEOUT_S, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        if self.state == "handshake":
+            self._refuse(f"no HELLO within {HANDSHAKE_TIMEOUT_S:.0f} s")
+
+    def _write(self, parts: list[Any]) -> None:
+        # Coalesce the frames produced in one loop iteration into one write: under load this turns
+        # hundreds of small sends into a few large ones.
+        self._out.extend(parts)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out = []
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as e:
+            self._drop(f"bad frame: {e}")
+            return
+        for f in frames:
+            if self.state == "handshake":
+                self._on_hello(f.type, f.header)
+                if self.state != "ready":
+                    return
+                continue
+            t = f.type
+            try:
+                if t is MsgType.RESULT:
+                    self._on_result(f.header, f.payload)
+                elif t is MsgType.ERROR:
+                    self._on_error(f.header)
+                elif t is MsgType.LOAD:
+                    self.load = f.header
+                elif t is MsgType.PONG:
+                    pass
+                elif t is MsgType.DRAIN:
+                    self.accepting = False
+                    log.info("worker %s (%s) is draining", self.worker_id, self.peer)
+                elif t is MsgType.GOODBYE:
+                    self._drop("worker said goodbye", quiet=True)
+                    return
+                else:
+                    self._drop(f"unexpected {t.name} frame from a worker")
+                    return
+            except (KeyError, TypeError, ValueError) as e:
+                self._drop(f"malformed {t.name} frame: {e}")
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._teardown("connection closed" if exc is None else f"connection lost: {exc}")
+
+    # ------------------------------------------------------------------------------ handshake
+
+    def _on_hello(self, t: MsgType, h: dict[str, Any]) -> None:
+        if t is not MsgType.HELLO:
+            self._refuse(f"expected HELLO, got {t.name}")
+            return
+        v = h.get("protocol")
+        if v not in SUPPORTED_VERSIONS:
+            self._refuse(f"protocol version {v!r} not supported (gateway speaks {list(SUPPORTED_VERSIONS)})")
+            return
+        wid = h.get("worker_id")
+        if not isinstance(wid, str) or not wid or len(wid) > 200:
+            self._refuse("HELLO needs a worker_id")
+            return
+        if not check_login_proof(self.gw.config.secret, self.nonce, wid, h.get("proof")):
+            self._refuse("login failed: wrong cluster secret")
+            return
+        try:
+            spec = ModelSpec.from_hello(h)
+            cap = int(h.get("capacity", 1))
+            if not 1 <= cap <= MAX_CAPACITY:
+                raise ValueError(f"capacity {cap} outside [1, {MAX_CAPACITY}]")
+            pool = self.gw.models.pool_for_worker(spec)
+        except (KeyError, TypeError, ValueError) as e:
+            self._refuse(f"bad registration: {e}")
+            return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.worker_id = wid
+        self.capacity = cap
+        self.info = {
+            k: h.get(k)
+            for k in (
+                "model",
+                "model_version",
+                "runtime",
+                "device",
+                "max_batch_size",
+                "batch_delay_ms",
+                "pid",
+                "host",
+            )
+        }
+        self.state = "ready"
+        self.accepting = True
+        self._write(
+            encode_frame(
+                MsgType.WELCOME,
+                {
+                    "version": PROTOCOL_VERSION,
+                    "gateway": self.gw.config.name,
+                    "heartbeat_s": self.gw.config.heartbeat_s,
+                    "dead_after_s": self.gw.config.dead_after_s,
+                },
+            )
+        )
+        self.pool = pool
+        log.info(
+            "worker %s joined from %s: %s v%s on %s, capacity %d",
+            wid,
+            self.peer,
+            spec.name,
+            spec.version,
+            h.get("device"),
+            cap,
+        )
+        pool.add_worker(self)
+        self.gw.on_workers_changed()
+
+    def _refuse(self, reason: str) -> None:
+        log.warning("refused worker connection from %s: %s", self.peer, reason)
+        self._write(encode_frame(MsgType.REFUSE, {"reason": reason}))
+        self._flush()
+        self.state = "closed"
+        if self.transport is not None:
+            self.transport.close()
+
+    # ---------------------------------------------------------------------------- requests
+
+    def send_request(self, p: Pending) -> None:
+        self.pending[p.id] = p
+        self._write(encode_frame(MsgType.REQUEST, p.header, p.buffers))
+
+    def _on_result(self, h: dict[str, Any], payload: bytes | memoryview) -> None:
+        p = self.pending.pop(h["id"], None)
+        if p is None:  # late result of a request we already gave up on
+            return
+        self.served += 1
+        assert self.pool is not None
+        self.pool.on_result(self, p, (h, payload), h.get("compute_ms"))
+        self.gw.metrics.observe_result(self.pool.spec, h, p)
+
+    def _on_error(self, h: dict[str, Any]) -> None:
+        p = self.pending.pop(h["id"], None)
+        if p is None:
+            return
+        assert self.pool is not None
+        status = int(h.get("status", 500))
+        if status == 503:  # the worker turned it away (draining, full): another worker may take it
+            self.in_flight -= 1
+            self.pool.requeue(p, str(h.get("error", "refused")))
+            self.pool.dispatch()
+            return
+        err = RequestFailed(
+            f"worker {self.worker_id}: {h.get('error', 'failed')}", status if 400 <= status < 600 else 500
+        )
+        self.pool.on_result(self, p, err, None)
+
+    # ------------------------------------------------------------------------------ liveness
+
+    def heartbeat(self, now: float) -> None:
+        if self.state != "ready":
+            return
+        if now - self.last_seen > self.gw.config.dead_after_s:
+            self._drop(f"silent for {now - self.last_seen:.1f} s")
+            return
+        self._write(encode_frame(MsgType.PING, {"t": time.time()}))
+
+    def _drop(self, reason: str, quiet: bool = False) -> None:
+        if not quiet:
+            log.warning("dropping worker %s (%s): %s", self.worker_id or "?", self.peer, reason)
+        if self.transport is not None:
+            self.transport.abort()
+        self._teardown(reason)
+
+    def _teardown(self, reason: str) -> None:
+        if self.state == "gone":
+            return
+        was_ready = self.state == "ready"
+        self.state = "gone"
+        self.accepting = False
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self.gw.connections.discard(self)
+        if was_ready and self.pool is not None:
+            pend = sorted(self.pending.values(), key=lambda p: p.id)
+            self.pending.clear()
+            self.in_flight = 0
+            if pend:
+                log.warning(
+                    "worker %s left with %d requests in flight (%s); sending them to other workers",
+                    self.worker_id,
+                    len(pend),
+                    reason,
+                )
+            else:
+                log.info("worker %s left (%s)", self.worker_id, reason)
+            self.pool.on_worker_lost(self, pend, reason)
+            self.gw.on_workers_changed()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "peer": self.peer,
+            **self.info,
+            "capacity": self.capacity,
+            "in_flight": self.in_flight,
+            "accepting": self.accepting,
+            "latency_ms": round(self.latency_ewma_ms, 3),
+            "served": self.served,
+            "load": self.load,
+        }

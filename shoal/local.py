@@ -1,0 +1,191 @@
+"""Run a cluster on this machine as real processes: a gateway and its workers, each a
+``python -m shoal`` child with its log in a work folder. Used by the demo, the benchmarks and the tests.
+Only processes started here are ever signalled, by their process id."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal.client.http import OipHttpClient
+
+
+@dataclass
+class Child:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.popen.wait(5)
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class LocalCluster:
+    workdir: Path
+    name: str = "cluster"
+    secret: str = field(default_factory=lambda: secrets.token_hex(16))
+    api_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    gateway_args: list[str] = field(default_factory=list)
+    http_port: int = 0
+    worker_port: int = 0
+    gateway: Child | None = None
+    workers: list[Child] = field(default_factory=list)
+    _n: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, cpu: int | None = None
+    ) -> Child:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.workdir / f"{name}.log"
+        cmd = [sys.executable, "-m", "shoal", *args]
+        if cpu is not None and hasattr(os, "sched_setaffinity"):
+            cmd = ["taskset", "-c", str(cpu), *cmd]
+        f = open(log, "ab")  # noqa: SIM115 (the child owns it)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(env))
+        f.close()
+        return Child(name, p, log)
+
+    def start(
+        self,
+        http_port: int | None = None,
+        worker_port: int | None = None,
+        cpu: int | None = None,
+        timeout: float = 20.0,
+    ) -> LocalCluster:
+        ports = self.workdir / f"{self.name}.ports.json"
+        ports.unlink(missing_ok=True)
+        hp = self.http_port if http_port is None else http_port
+        wp = self.worker_port if worker_port is None else worker_port
+        self.gateway = self.spawn(
+            self.name,
+            [
+                "cluster",
+                "--name",
+                self.name,
+                "--http",
+                f"127.0.0.1:{hp}",
+                "--workers",
+                f"127.0.0.1:{wp}",
+                "--ports-file",
+                str(ports),
+                *self.gateway_args,
+            ],
+            {"SHOAL_CLUSTER_SECRET": self.secret, "SHOAL_API_KEYS": self.api_key},
+            cpu=cpu,
+        )
+        end = time.monotonic() + timeout
+        while not ports.exists():
+            if not self.gateway.alive() or time.monotonic() > end:
+                raise RuntimeError(f"gateway {self.name} did not start:\n{self.gateway.tail()}")
+            time.sleep(0.02)
+        info = json.loads(ports.read_text())
+        self.http_port, self.worker_port = info["http"], info["workers"]
+        return self
+
+    def add_worker(
+        self,
+        model: str,
+        repo: str | None = None,
+        version: str | None = None,
+        extra: list[str] | None = None,
+        cpu: int | None = None,
+        secret: str | None = None,
+    ) -> Child:
+        self._n += 1
+        wid = f"{self.name}-w{self._n}"
+        args = ["worker", "--gateway", f"127.0.0.1:{self.worker_port}", "--model", model, "--worker-id", wid]
+        if repo:
+            args += ["--repo", str(repo)]
+        if version:
+            args += ["--version", version]
+        child = self.spawn(
+            wid, args + list(extra or []), {"SHOAL_CLUSTER_SECRET": secret or self.secret}, cpu=cpu
+        )
+        self.workers.append(child)
+        return child
+
+    def client(self, timeout: float = 30.0) -> OipHttpClient:
+        return OipHttpClient(self.url, self.api_key, timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        with self.client(5.0) as c:
+            code, body = c.get_json("/v2/status")
+        if code != 200:
+            raise RuntimeError(f"status answered {code}: {body}")
+        return body
+
+    def live_workers(self, model: str, version: str | None = None) -> int:
+        n = 0
+        for m in self.status()["models"]:
+            if m["name"] == model and (version is None or m["version"] == version):
+                n += sum(1 for w in m["workers"] if w["accepting"])
+        return n
+
+    def wait_workers(self, model: str, count: int, timeout: float = 30.0, version: str | None = None) -> None:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                if self.live_workers(model, version) >= count:
+                    return
+            except (OSError, RuntimeError):
+                pass
+            if time.monotonic() > end:
+                dead = [w for w in self.workers if not w.alive()]
+                detail = "\n".join(f"--- {w.name}:\n{w.tail()}" for w in dead)
+                raise TimeoutError(f"{count} workers of {model} not live after {timeout} s\n{detail}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        if self.gateway is not None:
+            self.gateway.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,442 @@
+"""The Open Inference Protocol (KServe v2) REST API as pure functions: paths and bodies in,
+typed requests out; outputs in, response bodies out. No sockets here.
+
+Covers JSON tensors, the binary tensor extension in both directions (``Inference-Header-Content-Length``,
+``binary_data_size``, ``binary_data_output``) and the raw binary request (header length 0: the body is
+the single input, for example a JPEG).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+import orjson
+
+from shoal.modelrepo.manifest import TensorSpec
+from shoal.protocol.tensors import (
+    NP_DTYPES,
+    TensorError,
+    check_shape,
+    datatype_of,
+    decode_bytes_elements,
+    element_count,
+    from_buffer,
+    to_buffer,
+)
+
+HEADER_LENGTH = "inference-header-content-length"
+MAX_TENSORS = 64  # inputs or outputs named in one request
+
+
+class ProtocolError(ValueError):
+    """A request the protocol cannot accept; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: str  # live | ready | server | model | model_ready | infer
+    model: str = ""
+    version: str | None = None
+
+
+_FIXED = {
+    "/v2/health/live": Route("live"),
+    "/v2/health/ready": Route("ready"),
+    "/v2": Route("server"),
+    "/v2/": Route("server"),
+}
+
+
+def parse_path(path: str) -> Route | None:
+    """Map a request path to a route, or None when the path is not part of the protocol."""
+    r = _FIXED.get(path)
+    if r is not None:
+        return r
+    if not path.startswith("/v2/models/"):
+        return None
+    parts = path[len("/v2/models/") :].split("/")
+    if not parts[0]:
+        return None
+    model = unquote(parts[0])
+    rest = parts[1:]
+    version = None
+    if len(rest) >= 2 and rest[0] == "versions":
+        version = unquote(rest[1])
+        if not version:
+            return None
+        rest = rest[2:]
+    if not rest or rest == [""]:
+        return Route("model", model, version)
+    if rest == ["ready"]:
+        return Route("model_ready", model, version)
+    if rest == ["infer"]:
+        return Route("infer", model, version)
+    return None
+
+
+# ------------------------------------------------------------------------------------- requests
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(slots=True)
+class InferRequest:
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput] | None  # None: all outputs
+    parameters: dict[str, Any] = field(default_factory=dict)
+    binary_output: bool = False  # default for outputs not listed: binary when the request used binary
+    raw: bytes | None = None  # raw binary request: the body, to be bound to the model's single input
+
+
+def _json_loads(data: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise ProtocolError(f"malformed JSON: {e}") from None
+
+
+def _json_tensor(t: dict[str, Any], i: int) -> tuple[str, str, tuple[int, ...], Any]:
+    if not isinstance(t, dict):
+        raise ProtocolError(f"inputs[{i}] must be an object")
+    name, dt = t.get("name"), t.get("datatype")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"inputs[{i}].name must be a non-empty string")
+    if dt not in NP_DTYPES and dt != "BYTES":
+        raise ProtocolError(f"input '{name}': unknown datatype {dt!r}")
+    try:
+        shape = check_shape(t.get("shape"))
+    except TensorError as e:
+        raise ProtocolError(f"input '{name}': {e}") from None
+    return name, dt, shape, t.get("parameters") or {}
+
+
+def _array_from_json(name: str, dt: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    count = element_count(shape)
+    try:
+        if dt == "BYTES":
+            flat = np.asarray(data, dtype=object).reshape(-1)
+            items = [x.encode() if isinstance(x, str) else bytes(x) for x in flat]
+            arr = np.empty(len(items), dtype=object)
+            arr[:] = items
+        else:
+            arr = np.asarray(data, dtype=NP_DTYPES[dt]).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError(f"input '{name}': data is not {dt}: {e}") from None
+    if arr.size != count:
+        raise ProtocolError(
+            f"input '{name}': shape {list(shape)} needs {count} elements, data has {arr.size}"
+        )
+    return arr.reshape(shape)
+
+
+def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
+    """Parse an infer body. ``header_length`` is the Inference-Header-Content-Length header (None if
+    absent: the body is all JSON; 0: the body is the raw single input)."""
+    if header_length == 0:
+        return InferRequest(None, {}, None, raw=body)
+    if header_length is None:
+        jpart, binpart = body, memoryview(b"")
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise ProtocolError(
+                f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
+            )
+        mv = memoryview(body)
+        jpart, binpart = mv[:header_length], mv[header_length:]
+    req = _json_loads(jpart)
+    if not isinstance(req, dict):
+        raise ProtocolError("request body must be a JSON object")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError("request needs a non-empty 'inputs' list")
+    if len(inputs) > MAX_TENSORS:
+        raise ProtocolError(f"at most {MAX_TENSORS} inputs per request")
+    rid = req.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise ProtocolError("'id' must be a string")
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError("'parameters' must be an object")
+    arrays: dict[str, np.ndarray] = {}
+    pos = 0
+    used_binary = False
+    for i, t in enumerate(inputs):
+        name, dt, shape, tparams = _json_tensor(t, i)
+        if name in arrays:
+            raise ProtocolError(f"input '{name}' given twice")
+        size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
+        if size is not None:
+            used_binary = True
+            if header_length is None:
+                raise ProtocolError(
+                    f"input '{name}' has binary_data_size but the request has no Inference-Header-Content-Length"
+                )
+            if not isinstance(size, int) or size < 0 or pos + size > len(binpart):
+                raise ProtocolError(
+                    f"input '{name}': binary_data_size {size} runs past the {len(binpart)} binary bytes"
+                )
+            try:
+                arrays[name] = from_buffer(dt, shape, binpart[pos : pos + size])
+            except TensorError as e:
+                raise ProtocolError(f"input '{name}': {e}") from None
+            pos += size
+        else:
+            if "data" not in t:
+                raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
+            arrays[name] = _array_from_json(name, dt, shape, t["data"])
+    if pos != len(binpart):
+        raise ProtocolError(
+            f"{len(binpart) - pos} binary bytes after the header are not claimed by any input's binary_data_size"
+        )
+    outputs = None
+    if req.get("outputs") is not None:
+        outs = req["outputs"]
+        if not isinstance(outs, list) or len(outs) > MAX_TENSORS:
+            raise ProtocolError(f"'outputs' must be a list of at most {MAX_TENSORS} objects")
+        outputs = []
+        for j, o in enumerate(outs):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise ProtocolError(f"outputs[{j}] must be an object with a 'name'")
+            op = o.get("parameters") or {}
+            binary = bool(op.get("binary_data", used_binary)) if isinstance(op, dict) else used_binary
+            outputs.append(RequestedOutput(o["name"], binary))
+    binary_default = bool(params.get("binary_data_output", used_binary))
+    return InferRequest(rid, arrays, outputs, params, binary_default)
+
+
+def shape_matches(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
+    return len(shape) == len(spec) and all(s == -1 or s == d for s, d in zip(spec, shape, strict=True))
+
+
+def bind_inputs(
+    req: InferRequest, specs: tuple[TensorSpec, ...], image_input: str | None, max_batch_size: int
+) -> dict[str, np.ndarray]:
+    """Check a request against a model's inputs and return the arrays to send to a worker.
+
+    A raw binary request binds to the single input: as a BYTES image when the model decodes images
+    (``image_input``), else as that input's datatype with the batch dimension inferred from the size.
+    An image input also accepts BYTES tensors of encoded images (one per batch row).
+    """
+    by_name = {s.name: s for s in specs}
+    if req.raw is not None:
+        if len(specs) != 1:
+            raise ProtocolError(
+                f"a raw binary request needs a model with exactly one input; this one has {len(specs)}"
+            )
+        spec = specs[0]
+        if image_input == spec.name:
+            arr = np.empty(1, dtype=object)
+            arr[:] = [req.raw]
+            return {spec.name: arr}
+        if spec.datatype == "BYTES":
+            arr = np.empty(1, dtype=object)
+            arr[:] = [req.raw]
+            return {spec.name: arr.reshape((1,) * len(spec.shape)) if spec.shape else arr}
+        item = NP_DTYPES[spec.datatype].itemsize
+        fixed = [d for d in spec.shape if d != -1]
+        row = int(np.prod(fixed)) * item if fixed else item
+        variable = sum(1 for d in spec.shape if d == -1)
+        if variable > 1 or len(req.raw) % row:
+            raise ProtocolError(
+                f"raw body of {len(req.raw)} bytes does not fit input '{spec.name}' "
+                f"{spec.datatype} {list(spec.shape)}"
+            )
+        shape = tuple(len(req.raw) // row if d == -1 else d for d in spec.shape)
+        req.inputs = {spec.name: from_buffer(spec.datatype, shape, req.raw)}
+    for name in req.inputs:
+        if name not in by_name:
+            raise ProtocolError(f"unknown input '{name}'; the model's inputs are {', '.join(by_name)}")
+    missing = [n for n in by_name if n not in req.inputs]
+    if missing:
+        raise ProtocolError(f"missing input(s): {', '.join(missing)}")
+    batch = None
+    for name, arr in req.inputs.items():
+        spec = by_name[name]
+        dt = "BYTES" if arr.dtype == object else None
+        if name == image_input and dt == "BYTES":
+            if arr.ndim != 1:
+                raise ProtocolError(f"input '{name}': encoded images must be a BYTES tensor of shape [n]")
+            rows = arr.shape[0]
+        else:
+            got = dt or datatype_of(arr)
+            if got != spec.datatype:
+                raise ProtocolError(f"input '{name}': datatype {got} but the model expects {spec.datatype}")
+            if not shape_matches(arr.shape, spec.shape):
+                raise ProtocolError(
+                    f"input '{name}': shape {list(arr.shape)} does not match the model's {list(spec.shape)}"
+                )
+            rows = arr.shape[0] if arr.ndim else 1
+        if max_batch_size > 0:
+            if rows > max_batch_size:
+                raise ProtocolError(
+                    f"input '{name}': batch of {rows} exceeds max_batch_size {max_batch_size}"
+                )
+            if batch is not None and rows != batch:
+                raise ProtocolError("inputs disagree on the batch size")
+            batch = rows
+    return req.inputs
+
+
+# ------------------------------------------------------------------------------------ responses
+
+
+def _json_data(arr: np.ndarray) -> Any:
+    if arr.dtype == object:
+        return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
+    return arr.reshape(-1).tolist()
+
+
+def encode_infer_response(
+    model: str,
+    version: str,
+    request_id: str | None,
+    outputs: dict[str, np.ndarray],
+    requested: list[RequestedOutput] | None,
+    binary_default: bool,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, int | None]:
+    """Response body and, when any output is binary, the JSON header's length (for the header
+    Inference-Header-Content-Length)."""
+    if requested is None:
+        chosen = [(n, binary_default) for n in outputs]
+    else:
+        chosen = []
+        for r in requested:
+            if r.name not in outputs:
+                raise ProtocolError(
+                    f"unknown output '{r.name}'; the model's outputs are {', '.join(outputs)}"
+                )
+            chosen.append((r.name, r.binary))
+    out_json: list[dict[str, Any]] = []
+    blobs: list[bytes | memoryview] = []
+    for name, binary in chosen:
+        arr = outputs[name]
+        if binary:
+            dt, shape, buf = to_buffer(arr)
+            out_json.append(
+                {
+                    "name": name,
+                    "datatype": dt,
+                    "shape": list(shape),
+                    "parameters": {"binary_data_size": len(buf)},
+                }
+            )
+            blobs.append(buf)
+        else:
+            out_json.append(
+                {
+                    "name": name,
+                    "datatype": datatype_of(arr),
+                    "shape": list(arr.shape),
+                    "data": _json_data(arr),
+                }
+            )
+    resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": out_json}
+    if request_id is not None:
+        resp["id"] = request_id
+    if parameters:
+        resp["parameters"] = parameters
+    head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
+
+
+def parse_infer_response(
+    body: bytes, header_length: int | None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Client side: the response's JSON and its outputs as arrays (JSON or binary)."""
+    mv = memoryview(body)
+    hl = len(body) if header_length is None else header_length
+    if hl < 0 or hl > len(body):
+        raise ProtocolError(f"header length {hl} outside the body of {len(body)} bytes")
+    resp = _json_loads(mv[:hl])
+    if not isinstance(resp, dict) or not isinstance(resp.get("outputs"), list):
+        raise ProtocolError("response has no 'outputs' list")
+    pos = hl
+    arrays: dict[str, np.ndarray] = {}
+    for o in resp["outputs"]:
+        shape = check_shape(o.get("shape"))
+        dt = o.get("datatype")
+        size = (o.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or pos + size > len(body):
+                raise ProtocolError(f"output '{o.get('name')}' binary_data_size runs past the body")
+            arrays[o["name"]] = from_buffer(dt, shape, mv[pos : pos + size])
+            pos += size
+        elif dt == "BYTES":
+            arrays[o["name"]] = np.asarray(o.get("data", []), dtype=object).reshape(shape)
+        else:
+            arrays[o["name"]] = np.asarray(o.get("data", []), dtype=NP_DTYPES[dt]).reshape(shape)
+    return resp, arrays
+
+
+def build_infer_request(
+    inputs: dict[str, np.ndarray],
+    binary: bool = True,
+    binary_output: bool = True,
+    request_id: str | None = None,
+    outputs: list[str] | None = None,
+) -> tuple[bytes, int | None]:
+    """Client side: an infer body (and header length when binary) for the given arrays."""
+    ins: list[dict[str, Any]] = []
+    blobs: list[bytes | memoryview] = []
+    for name, arr in inputs.items():
+        dt, shape, buf = to_buffer(np.asarray(arr) if not isinstance(arr, np.ndarray) else arr)
+        if binary:
+            ins.append(
+                {
+                    "name": name,
+                    "datatype": dt,
+                    "shape": list(shape),
+                    "parameters": {"binary_data_size": len(buf)},
+                }
+            )
+            blobs.append(buf)
+        else:
+            ins.append({"name": name, "datatype": dt, "shape": list(shape), "data": _json_data(arr)})
+    req: dict[str, Any] = {"inputs": ins, "parameters": {"binary_data_output": binary_output}}
+    if request_id is not None:
+        req["id"] = request_id
+    if outputs is not None:
+        req["outputs"] = [{"name": n, "parameters": {"binary_data": binary_output}} for n in outputs]
+    head = orjson.dumps(req)
+    if not binary:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+__all__ = [
+    "HEADER_LENGTH",
+    "InferRequest",
+    "ProtocolError",
+    "RequestedOutput",
+    "Route",
+    "bind_inputs",
+    "build_infer_request",
+    "decode_bytes_elements",
+    "encode_infer_response",
+    "error_body",
+    "parse_infer_request",
+    "parse_infer_response",
+    "parse_path",
+]

@@ -1,0 +1,139 @@
+"""Tensors as raw buffers: numpy arrays <-> (spec, bytes), shared by the worker link and the Open
+Inference Protocol's binary extension. Pure functions, no I/O.
+
+BYTES tensors (strings, encoded images) use the Open Inference Protocol's binary layout: each element
+is a 4-byte little-endian length followed by that many bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+
+from shoal.modelrepo.manifest import DATATYPES
+
+NP_DTYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in DATATYPES.items() if k != "BYTES"}
+DATATYPE_OF: dict[np.dtype, str] = {v: k for k, v in NP_DTYPES.items()}
+
+# A shape read from the network has at most this many dimensions (numpy's own limit is 64).
+MAX_DIMS = 32
+_U32 = struct.Struct("<I")
+
+
+class TensorError(ValueError):
+    """A tensor whose declared datatype, shape and size do not agree."""
+
+
+def datatype_of(arr: np.ndarray) -> str:
+    if arr.dtype == object or arr.dtype.kind in ("S", "U"):
+        return "BYTES"
+    try:
+        return DATATYPE_OF[arr.dtype.newbyteorder("=")]
+    except KeyError:
+        raise TensorError(f"numpy dtype {arr.dtype} has no Open Inference Protocol datatype") from None
+
+
+def check_shape(shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS:
+        raise TensorError(f"shape must be a list of at most {MAX_DIMS} integers")
+    for s in shape:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise TensorError(f"shape {list(shape)} must hold non-negative integers")
+    return tuple(shape)
+
+
+def element_count(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def encode_bytes_elements(items: list[bytes] | np.ndarray) -> bytes:
+    out = bytearray()
+    for it in np.asarray(items, dtype=object).reshape(-1):
+        b = it.encode() if isinstance(it, str) else bytes(it)
+        out += _U32.pack(len(b))
+        out += b
+    return bytes(out)
+
+
+def decode_bytes_elements(buf: bytes | memoryview, count: int) -> np.ndarray:
+    """Split a BYTES buffer into exactly ``count`` elements; every length is checked first."""
+    mv = memoryview(buf)
+    items: list[bytes] = []
+    pos = 0
+    n = len(mv)
+    for _ in range(count):
+        if pos + 4 > n:
+            raise TensorError(f"BYTES buffer ends after {len(items)} of {count} elements")
+        (ln,) = _U32.unpack_from(mv, pos)
+        pos += 4
+        if pos + ln > n:
+            raise TensorError(f"BYTES element {len(items)} claims {ln} bytes but only {n - pos} remain")
+        items.append(bytes(mv[pos : pos + ln]))
+        pos += ln
+    if pos != n:
+        raise TensorError(f"BYTES buffer has {n - pos} bytes after its {count} elements")
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def to_buffer(arr: np.ndarray) -> tuple[str, tuple[int, ...], bytes | memoryview]:
+    """Datatype, shape and contiguous little-endian bytes of an array (no copy when already so)."""
+    dt = datatype_of(arr)
+    if dt == "BYTES":
+        return dt, tuple(arr.shape), encode_bytes_elements(arr)
+    a = np.ascontiguousarray(arr)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return dt, tuple(a.shape), memoryview(a).cast("B")
+
+
+def from_buffer(datatype: str, shape: tuple[int, ...], buf: bytes | memoryview) -> np.ndarray:
+    """The array a (datatype, shape, bytes) triple describes, after checking that they agree."""
+    count = element_count(shape)
+    if datatype == "BYTES":
+        return decode_bytes_elements(buf, count).reshape(shape)
+    dt = NP_DTYPES.get(datatype)
+    if dt is None:
+        raise TensorError(f"unknown datatype '{datatype}'")
+    expected = count * dt.itemsize
+    if len(buf) != expected:
+        raise TensorError(f"{datatype} tensor of shape {list(shape)} needs {expected} bytes, got {len(buf)}")
+    return np.frombuffer(buf, dtype=dt.newbyteorder("<")).reshape(shape)
+
+
+def pack_tensors(arrays: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], list[bytes | memoryview]]:
+    """Specs for a frame header and the buffers for its payload, in the same order."""
+    specs: list[dict[str, Any]] = []
+    bufs: list[bytes | memoryview] = []
+    for name, arr in arrays.items():
+        dt, shape, buf = to_buffer(np.asarray(arr) if not isinstance(arr, np.ndarray) else arr)
+        specs.append({"name": name, "datatype": dt, "shape": list(shape), "size": len(buf)})
+        bufs.append(buf)
+    return specs, bufs
+
+
+def unpack_tensors(specs: Any, payload: bytes | memoryview) -> dict[str, np.ndarray]:
+    """Inverse of ``pack_tensors``; sizes must add up to the payload exactly."""
+    if not isinstance(specs, list):
+        raise TensorError("tensor specs must be a list")
+    mv = memoryview(payload)
+    out: dict[str, np.ndarray] = {}
+    pos = 0
+    for s in specs:
+        if not isinstance(s, dict):
+            raise TensorError("each tensor spec must be a map")
+        name, dt, size = s.get("name"), s.get("datatype"), s.get("size")
+        if not isinstance(name, str) or not isinstance(dt, str) or not isinstance(size, int) or size < 0:
+            raise TensorError("tensor spec needs name, datatype and a non-negative size")
+        shape = check_shape(s.get("shape"))
+        if pos + size > len(mv):
+            raise TensorError(f"tensor '{name}' claims {size} bytes beyond the payload")
+        out[name] = from_buffer(dt, shape, mv[pos : pos + size])
+        pos += size
+    if pos != len(mv):
+        raise TensorError(f"payload has {len(mv) - pos} bytes not claimed by any tensor")
+    return out

@@ -1,0 +1,228 @@
+"""Dynamic batching: the prefetch queue (paper 000's data cache queue) and the inference thread.
+
+The event loop puts decoded requests on a queue and goes back to I/O at once; one inference thread
+takes what is queued, up to ``max_batch_size`` rows, waits at most ``batch_delay`` for more, runs one
+batch, splits the outputs per request and hands them back to the loop. So the model never waits for
+the network, and heartbeats never wait for the model.
+
+``take_batch``, ``concat_inputs`` and ``split_outputs`` are pure and tested on their own.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shoal.modelrepo.manifest import Manifest
+from shoal.worker.images import ImageError, decode_images
+from shoal.worker.runtimes import Runtime
+
+
+@dataclass(slots=True)
+class Item:
+    """One request inside the worker."""
+
+    id: int
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None
+    conn: Any  # the gateway connection it came on; results for a dead connection are dropped
+    rows: int = 1
+    t_received: float = 0.0
+    signature: tuple = ()
+
+
+@dataclass(slots=True)
+class Done:
+    item: Item
+    outputs: dict[str, np.ndarray] | None = None
+    error: str | None = None
+    status: int = 200
+    compute_ms: float = 0.0
+    batch_rows: int = 0
+
+
+def signature(inputs: dict[str, np.ndarray]) -> tuple:
+    """Requests can share a batch when every input has the same dtype and non-batch dimensions."""
+    return tuple((k, a.dtype.str, a.shape[1:]) for k, a in inputs.items())
+
+
+def take_batch(pending: deque[Item], max_rows: int) -> list[Item]:
+    """Take from the head of the queue, in order, while requests fit and are alike.
+
+    With ``max_rows`` 0 (the model does not batch) one request is taken. A request larger than
+    ``max_rows`` on its own still runs, alone (the gateway refuses those; this keeps the worker safe).
+    """
+    first = pending.popleft()
+    batch = [first]
+    if max_rows <= 0:
+        return batch
+    rows = first.rows
+    sig = first.signature
+    while pending:
+        nxt = pending[0]
+        if nxt.signature != sig or rows + nxt.rows > max_rows:
+            break
+        batch.append(pending.popleft())
+        rows += nxt.rows
+    return batch
+
+
+def concat_inputs(batch: list[Item]) -> dict[str, np.ndarray]:
+    if len(batch) == 1:
+        return batch[0].inputs
+    return {k: np.concatenate([it.inputs[k] for it in batch]) for k in batch[0].inputs}
+
+
+def split_outputs(outputs: dict[str, np.ndarray], batch: list[Item]) -> list[dict[str, np.ndarray]]:
+    """Cut each output along its first dimension back into per-request pieces."""
+    if len(batch) == 1:
+        return [outputs]
+    total = sum(it.rows for it in batch)
+    for k, v in outputs.items():
+        if v.ndim == 0 or v.shape[0] != total:
+            raise ValueError(f"output '{k}' has shape {list(v.shape)}; expected {total} rows for the batch")
+    cuts = np.cumsum([it.rows for it in batch])[:-1]
+    pieces = {k: np.split(v, cuts) for k, v in outputs.items()}
+    return [{k: pieces[k][i] for k in outputs} for i in range(len(batch))]
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    rows: int = 0
+    requests: int = 0
+    busy_s: float = 0.0
+    errors: int = 0
+    last_batch_rows: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class InferenceEngine:
+    """The inference thread. ``submit`` is called from the event loop; ``on_done(list[Done])`` is
+    called back on the event loop (through ``post``, normally ``loop.call_soon_threadsafe``)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        manifest: Manifest,
+        post: Callable[[Callable[..., Any], Any], Any],
+        on_done: Callable[[list[Done]], None],
+    ) -> None:
+        self.runtime = runtime
+        self.manifest = manifest
+        self.max_rows = manifest.max_batch_size
+        self.delay_s = manifest.batch_delay_ms / 1000.0
+        self.image = manifest.image
+        self.post = post
+        self.on_done = on_done
+        self.q: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self.stats = EngineStats()
+        self.queued = 0  # items submitted and not yet done (read from the loop, written from both)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.q.put(None)
+        self._thread.join(timeout=5)
+
+    def submit(self, item: Item) -> None:
+        with self._lock:
+            self.queued += 1
+        self.q.put(item)
+
+    # ------------------------------------------------------------------------------ the thread
+
+    def _prepare(self, item: Item, errors: list[Done]) -> bool:
+        """Decode images into the input tensor; compute the batch signature. False when it failed."""
+        img = self.image
+        if img is not None:
+            a = item.inputs.get(img.input)
+            if a is not None and a.dtype == object:
+                try:
+                    item.inputs[img.input] = decode_images(a, img)
+                except ImageError as e:
+                    errors.append(Done(item, error=f"input '{img.input}': {e}", status=400))
+                    return False
+        first = next(iter(item.inputs.values()), None)
+        item.rows = int(first.shape[0]) if first is not None and first.ndim else 1
+        item.signature = signature(item.inputs)
+        return True
+
+    def _pull(self, pending: deque[Item], errors: list[Done], block: bool, timeout: float | None) -> bool:
+        """Move one item from the queue to ``pending``; False on stop signal or nothing arrived."""
+        try:
+            it = self.q.get(block, timeout) if block else self.q.get_nowait()
+        except queue.Empty:
+            return True
+        if it is None:
+            return False
+        if self._prepare(it, errors):
+            pending.append(it)
+        return True
+
+    def _run(self) -> None:
+        pending: deque[Item] = deque()
+        running = True
+        while running or pending:
+            errors: list[Done] = []
+            if not pending and running:
+                running = self._pull(pending, errors, True, None)
+            # Everything already waiting joins at once (no cost to latency).
+            while running and not self.q.empty():
+                running = self._pull(pending, errors, False, None)
+            # Not a full batch yet: wait up to the batch delay for more.
+            if running and self.max_rows > 0 and self.delay_s > 0 and pending:
+                end = time.monotonic() + self.delay_s
+                while running and sum(i.rows for i in pending) < self.max_rows:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    running = self._pull(pending, errors, True, left)
+            if errors:
+                self._finish(errors)
+            if not pending:
+                continue
+            batch = take_batch(pending, self.max_rows)
+            self._finish(self._run_batch(batch))
+
+    def _run_batch(self, batch: list[Item]) -> list[Done]:
+        t = time.perf_counter()
+        rows = sum(i.rows for i in batch)
+        try:
+            out = self.runtime.infer(concat_inputs(batch))
+            parts = split_outputs(out, batch)
+        except Exception as e:  # a model error fails this batch's requests, never the worker
+            ms = (time.perf_counter() - t) * 1000.0
+            self.stats.errors += len(batch)
+            return [
+                Done(it, error=f"model failed: {type(e).__name__}: {e}", status=500, compute_ms=ms)
+                for it in batch
+            ]
+        ms = (time.perf_counter() - t) * 1000.0
+        s = self.stats
+        s.batches += 1
+        s.rows += rows
+        s.requests += len(batch)
+        s.busy_s += ms / 1000.0
+        s.last_batch_rows = rows
+        done = []
+        for it, o in zip(batch, parts, strict=True):
+            if it.outputs is not None:
+                o = {k: o[k] for k in it.outputs if k in o}
+            done.append(Done(it, o, compute_ms=ms, batch_rows=rows))
+        return done
+
+    def _finish(self, done: list[Done]) -> None:
+        with self._lock:
+            self.queued -= len(done)
+        self.post(self.on_done, done)

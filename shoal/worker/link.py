@@ -1,0 +1,372 @@
+"""The worker process: dial the gateway, log in, register, serve requests, report load, reconnect.
+
+One process serves one model version. It needs numpy, msgpack and its framework; nothing of the
+gateway's HTTP stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoal.gateway.policy import backoff_delay
+from shoal.modelrepo.manifest import Manifest
+from shoal.protocol.frames import (
+    DEFAULT_MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    FrameError,
+    MsgType,
+    encode_frame,
+)
+from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
+from shoal.security.tokens import login_proof
+from shoal.worker.batching import Done, InferenceEngine, Item
+from shoal.worker.runtimes import Runtime
+
+log = logging.getLogger("shoal.worker")
+
+
+class Refused(Exception):
+    """The gateway refused this worker; retrying would not help."""
+
+
+@dataclass
+class WorkerConfig:
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8001
+    secret: bytes = b""
+    worker_id: str = ""
+    device: str = "cpu"
+    capacity: int = 0  # 0: twice the max batch size (at least 2): one batch running, one queued
+    tls_ca: str | None = None  # verify the gateway's certificate against this CA (TLS on)
+    tls: bool = False  # TLS with the system's CAs
+    tls_server_name: str | None = None
+    drain_timeout_s: float = 30.0
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    backoff_base_s: float = 0.1
+    backoff_cap_s: float = 2.0
+
+
+class GatewayLink(asyncio.Protocol):
+    """One connection to the gateway."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.decoder = FrameDecoder(worker.config.max_frame_size)
+        self.transport: asyncio.Transport | None = None
+        self.welcomed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.in_flight = 0
+        self.last_seen = time.monotonic()
+        self._out: list[Any] = []
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, parts: list[Any]) -> None:
+        self._out.extend(parts)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._out))
+        self._out = []
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as e:
+            log.warning("gateway sent a bad frame (%s); reconnecting", e)
+            self.abort()
+            return
+        for f in frames:
+            t = f.type
+            if t is MsgType.REQUEST:
+                self.w.on_request(self, f.header, f.payload)
+            elif t is MsgType.PING:
+                self.send(encode_frame(MsgType.PONG, {"t": f.header.get("t")}))
+            elif t is MsgType.CHALLENGE:
+                self.w.on_challenge(self, f.header)
+            elif t is MsgType.WELCOME:
+                if not self.welcomed.done():
+                    self.welcomed.set_result(f.header)
+            elif t is MsgType.REFUSE:
+                reason = str(f.header.get("reason", "no reason given"))
+                if not self.welcomed.done():
+                    self.welcomed.set_exception(Refused(reason))
+            elif t is MsgType.GOODBYE:
+                self.abort()
+            # Anything else from a gateway is ignored: newer gateways may send more.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError("gateway closed the connection during login"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, model_dir: Path, manifest: Manifest, runtime: Runtime) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.runtime = runtime
+        mb = manifest.max_batch_size
+        self.capacity = config.capacity or max(2, 2 * mb)
+        self.worker_id = (
+            config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{manifest.name}-{manifest.version}"
+        )
+        self.link: GatewayLink | None = None
+        self.engine: InferenceEngine | None = None
+        self.draining = False
+        self.served = 0
+        self.started = time.monotonic()
+        self.first_served_at: float | None = None
+        self._stop = asyncio.Event()
+
+    # ----------------------------------------------------------------------------- handshake
+
+    def hello(self, nonce: bytes) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "worker_id": self.worker_id,
+            "proof": login_proof(self.config.secret, nonce, self.worker_id),
+            "model": m.name,
+            "model_version": m.version,
+            "runtime": m.runtime,
+            "device": self.config.device,
+            "capacity": self.capacity,
+            "max_batch_size": m.max_batch_size,
+            "batch_delay_ms": m.batch_delay_ms,
+            "inputs": [t.to_json() for t in m.inputs],
+            "outputs": [t.to_json() for t in m.outputs],
+            "image_input": m.image.input if m.image else None,
+            "labels": m.labels,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+
+    def on_challenge(self, link: GatewayLink, h: dict[str, Any]) -> None:
+        nonce = h.get("nonce")
+        if not isinstance(nonce, bytes) or PROTOCOL_VERSION not in (h.get("versions") or []):
+            link.welcomed.set_exception(
+                Refused(
+                    f"gateway speaks protocol versions {h.get('versions')}, this worker {PROTOCOL_VERSION}"
+                )
+            )
+            link.abort()
+            return
+        link.send(encode_frame(MsgType.HELLO, self.hello(nonce)))
+
+    # ------------------------------------------------------------------------------ requests
+
+    def on_request(self, link: GatewayLink, h: dict[str, Any], payload: bytes | memoryview) -> None:
+        rid = h.get("id")
+        try:
+            inputs = unpack_tensors(h.get("inputs"), payload)
+        except TensorError as e:
+            link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": f"bad tensors: {e}", "status": 400}))
+            return
+        assert self.engine is not None
+        if link.in_flight >= self.capacity:
+            link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": "worker full", "status": 503}))
+            return
+        link.in_flight += 1
+        outs = h.get("outputs")
+        self.engine.submit(
+            Item(rid, inputs, outs if isinstance(outs, list) else None, link, t_received=time.monotonic())
+        )
+
+    def on_done(self, done: list[Done]) -> None:
+        for d in done:
+            link = d.item.conn
+            link.in_flight -= 1
+            if link is not self.link or link.transport is None or link.transport.is_closing():
+                continue  # the gateway that asked is gone; it has sent the request elsewhere
+            if d.error is not None:
+                link.send(
+                    encode_frame(MsgType.ERROR, {"id": d.item.id, "error": d.error, "status": d.status})
+                )
+                continue
+            specs, bufs = pack_tensors(d.outputs or {})
+            link.send(
+                encode_frame(
+                    MsgType.RESULT,
+                    {
+                        "id": d.item.id,
+                        "outputs": specs,
+                        "compute_ms": round(d.compute_ms, 4),
+                        "batch": d.batch_rows,
+                    },
+                    bufs,
+                )
+            )
+            self.served += 1
+            if self.first_served_at is None:
+                self.first_served_at = time.monotonic()
+                log.info("first request served %.3f s after start", self.first_served_at - self.started)
+
+    def load_report(self) -> dict[str, Any]:
+        s = self.engine.stats if self.engine else None
+        return {
+            "in_flight": self.link.in_flight if self.link else 0,
+            "queued": self.engine.queued if self.engine else 0,
+            "capacity": self.capacity,
+            "served": self.served,
+            "batches": s.batches if s else 0,
+            "rows": s.rows if s else 0,
+            "busy_s": round(s.busy_s, 4) if s else 0.0,
+            "draining": self.draining,
+        }
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        c = self.config
+        if not (c.tls or c.tls_ca):
+            return None
+        ctx = ssl.create_default_context(cafile=c.tls_ca)
+        return ctx
+
+    async def _connect(self) -> GatewayLink:
+        loop = asyncio.get_running_loop()
+        c = self.config
+        ctx = self.ssl_context()
+        _, link = await loop.create_connection(
+            lambda: GatewayLink(self),
+            c.gateway_host,
+            c.gateway_port,
+            ssl=ctx,
+            server_hostname=(c.tls_server_name or c.gateway_host) if ctx else None,
+        )
+        try:
+            welcome = await asyncio.wait_for(link.welcomed, 10.0)
+        except BaseException:
+            link.abort()
+            raise
+        self.dead_after_s = float(welcome.get("dead_after_s", 5.0))
+        self.heartbeat_s = float(welcome.get("heartbeat_s", 1.0))
+        return link
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.engine = InferenceEngine(self.runtime, self.manifest, loop.call_soon_threadsafe, self.on_done)
+        self.engine.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.begin_drain)
+            except (NotImplementedError, RuntimeError):
+                pass
+        attempt = 0
+        rc = 0
+        c = self.config
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.link = await self._connect()
+                except Refused as e:
+                    log.error("gateway %s:%d refused this worker: %s", c.gateway_host, c.gateway_port, e)
+                    rc = 3
+                    break
+                except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+                    d = backoff_delay(attempt, c.backoff_base_s, c.backoff_cap_s, random.random())
+                    if attempt == 0 or attempt % 10 == 0:
+                        log.warning(
+                            "cannot reach gateway %s:%d (%s); retrying in %.2f s",
+                            c.gateway_host,
+                            c.gateway_port,
+                            e,
+                            d,
+                        )
+                    attempt += 1
+                    try:
+                        await asyncio.wait_for(self._stop.wait(), d)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                attempt = 0
+                log.info(
+                    "worker %s serving %s v%s on %s (capacity %d) via %s:%d",
+                    self.worker_id,
+                    self.manifest.name,
+                    self.manifest.version,
+                    c.device,
+                    self.capacity,
+                    c.gateway_host,
+                    c.gateway_port,
+                )
+                if self.draining:
+                    self.link.send(encode_frame(MsgType.DRAIN, {}))
+                await self._serve(self.link)
+                if not self._stop.is_set():
+                    log.warning("lost the gateway; reconnecting")
+        finally:
+            self.engine.stop()
+        return rc
+
+    async def _serve(self, link: GatewayLink) -> None:
+        """Report load every heartbeat until the link closes or a drain completes."""
+        while not link.closed.done():
+            link.send(encode_frame(MsgType.LOAD, self.load_report()))
+            try:
+                await asyncio.wait_for(asyncio.shield(link.closed), self.heartbeat_s)
+            except asyncio.TimeoutError:
+                pass
+            if time.monotonic() - link.last_seen > self.dead_after_s:
+                log.warning("gateway silent for %.1f s; reconnecting", time.monotonic() - link.last_seen)
+                link.abort()
+                break
+
+    def begin_drain(self) -> None:
+        """SIGTERM: accept nothing new, finish what is held, say goodbye, exit."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info(
+            "draining: finishing %d requests, accepting no more", self.link.in_flight if self.link else 0
+        )
+        if self.link is not None:
+            self.link.send(encode_frame(MsgType.DRAIN, {}))
+        asyncio.get_running_loop().create_task(self._finish_drain())
+
+    async def _finish_drain(self) -> None:
+        end = time.monotonic() + self.config.drain_timeout_s
+        # Requests the gateway sent before it read DRAIN may still arrive: wait until none is held
+        # and none arrived for a moment.
+        quiet_since = time.monotonic()
+        while time.monotonic() < end:
+            held = self.link.in_flight if self.link else 0
+            if held:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 0.2:
+                break
+            await asyncio.sleep(0.02)
+        if self.link is not None and self.link.transport is not None:
+            self.link.send(encode_frame(MsgType.GOODBYE, {"reason": "drained"}))
+            self.link._flush()
+            self.link.transport.close()
+        self._stop.set()
