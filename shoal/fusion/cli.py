@@ -1,0 +1,136 @@
+"""``shoal fuse``: cooperative learning by weight averaging (paper 003) on the in-process runner."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP = "Train peers that average weights (paper 003): one experiment or a sweep, with tables and plots."
+EXAMPLE = """shoal fuse --dataset mnist --split one-class --epochs 30 --seeds 3 --out runs/fuse-mnist
+shoal fuse --dataset vowel --split random --sweep rate --epochs 200 --out runs/fuse-vowel-rate
+shoal fuse --dataset vowel --sweep every --everys 1 2 5 10 20 50 100 --out runs/fuse-vowel-every
+shoal fuse --dataset vowel --bench-engines 3    # speed-up of the batched engine over a loop"""
+
+RATE_SWEEP = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+EVERY_SWEEP = [1, 2, 5, 10, 20, 50, 100]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from shoal.fusion.datasets import DATASETS, SPLITS
+
+    p.add_argument("--dataset", choices=DATASETS, default="mnist")
+    p.add_argument("--split", choices=SPLITS, default="one-class", help="how peers' shards are drawn")
+    p.add_argument("--peers", type=int, default=None, help="default: one per class (one-class), else 8")
+    p.add_argument("--topologies", nargs="+", default=["ring", "random", "hypercube"])
+    p.add_argument("--rate", type=float, default=0.55, help="fusion rate F (paper: 0.55)")
+    p.add_argument("--every", type=int, default=1, help="fusion frequency K: fuse every K epochs")
+    p.add_argument("--sweep", choices=["none", "rate", "every"], default="none")
+    p.add_argument("--rates", type=float, nargs="+", default=RATE_SWEEP, help="values for --sweep rate")
+    p.add_argument("--everys", type=int, nargs="+", default=EVERY_SWEEP, help="values for --sweep every")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1) for the intervals")
+    p.add_argument("--lr", type=float, default=None, help="default: the paper's rate for the data set")
+    p.add_argument("--hidden", type=int, nargs="+", default=None, help="default: the paper's hidden sizes")
+    p.add_argument("--batch", type=int, default=None, help="examples per SGD step (1 for UCI, 10 for MNIST)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --split dirichlet")
+    p.add_argument("--no-shared-init", action="store_true", help="give every peer its own initial weights")
+    p.add_argument("--no-baselines", action="store_true", help="skip the all-data and single-shard runs")
+    p.add_argument("--engine", choices=["batched", "loop"], default="batched")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--bench-engines", type=int, default=0, metavar="EPOCHS", help="time both engines instead")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/fuse"), help="folder for results.json, table.md, PNGs"
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    def make(name: str, epochs: int) -> Any:
+        bar = tqdm(total=epochs, desc=name, unit="epoch", dynamic_ncols=True)
+
+        def on_epoch(epoch: int, errors: Any) -> None:
+            bar.update(1)
+            bar.set_postfix(mean_err=f"{errors.mean():.4f}")
+            if epoch == epochs:
+                bar.close()
+
+        return on_epoch
+
+    return make
+
+
+def bench_engines(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per epoch of the batched engine and the per-peer loop on the same groups."""
+    from shoal.fusion import datasets, runner
+    from shoal.fusion.experiment import Config
+
+    cfg = Config(
+        dataset=args.dataset, split=args.split, peers=args.peers, topologies=args.topologies
+    ).resolved()
+    data = datasets.load(args.dataset)
+    shards = datasets.shard(data.y_train, cfg.split, cfg.peers or 8, seed=0, alpha=args.alpha)
+    groups = [runner.Group(t, shards, 0, args.rate, args.every) for t in cfg.topologies]
+    out: dict[str, Any] = {
+        "dataset": args.dataset,
+        "peers": sum(len(g.shards) for g in groups),
+        "epochs": args.bench_engines,
+    }
+    for engine in ("batched", "loop"):
+        tr = runner.run(
+            data, groups, cfg.hidden or [], cfg.lr or 0.0, args.bench_engines, cfg.batch or 1, engine=engine
+        )
+        out[f"{engine}_s_per_epoch"] = tr.seconds / args.bench_engines
+    out["speedup"] = out["loop_s_per_epoch"] / out["batched_s_per_epoch"]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from shoal.fusion.experiment import Config, markdown_table, run_experiment
+    from shoal.fusion.plots import plot_curves, plot_sweep
+
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.bench_engines:
+        res = bench_engines(args)
+        (args.out / "bench.json").write_text(json.dumps(res, indent=2))
+        print(json.dumps(res))
+        return 0
+    cfg = Config(
+        dataset=args.dataset,
+        split=args.split,
+        peers=args.peers,
+        topologies=args.topologies,
+        rates=args.rates if args.sweep == "rate" else [args.rate],
+        everys=args.everys if args.sweep == "every" else [args.every],
+        seeds=list(range(args.seeds)),
+        epochs=args.epochs,
+        lr=args.lr,
+        hidden=args.hidden,
+        batch=args.batch,
+        shared_init=not args.no_shared_init,
+        alpha=args.alpha,
+        baselines=not args.no_baselines,
+        engine=args.engine,
+    )
+    result = run_experiment(cfg, _progress(not args.no_progress and os.isatty(2)))
+    result["command"] = "shoal " + " ".join(sys.argv[1:])
+    (args.out / "results.json").write_text(json.dumps(result))
+    table = markdown_table(result)
+    (args.out / "table.md").write_text(table)
+    if args.sweep == "none":
+        plot_curves(result, args.out / "curves.png")
+    else:
+        plot_sweep(result, args.sweep, args.out / f"sweep_{args.sweep}.png")
+    print(table)
+    print(f"wrote {args.out}/results.json, table.md and plots ({result['seconds']:.1f} s)")
+    return 0

