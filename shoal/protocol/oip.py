@@ -116,13 +116,16 @@ def _json_tensor(t: dict[str, Any], i: int) -> tuple[str, str, tuple[int, ...], 
     name, dt = t.get("name"), t.get("datatype")
     if not isinstance(name, str) or not name:
         raise ProtocolError(f"inputs[{i}].name must be a non-empty string")
-    if dt not in NP_DTYPES and dt != "BYTES":
+    if not isinstance(dt, str) or (dt not in NP_DTYPES and dt != "BYTES"):
         raise ProtocolError(f"input '{name}': unknown datatype {dt!r}")
     try:
         shape = check_shape(t.get("shape"))
     except TensorError as e:
         raise ProtocolError(f"input '{name}': {e}") from None
-    return name, dt, shape, t.get("parameters") or {}
+    params = t.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(f"input '{name}': 'parameters' must be an object")
+    return name, dt, shape, params
 
 
 def _array_from_json(name: str, dt: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
@@ -179,7 +182,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         name, dt, shape, tparams = _json_tensor(t, i)
         if name in arrays:
             raise ProtocolError(f"input '{name}' given twice")
-        size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
+        size = tparams.get("binary_data_size")
         if size is not None:
             used_binary = True
             if header_length is None:
@@ -247,16 +250,19 @@ def bind_inputs(
             arr = np.empty(1, dtype=object)
             arr[:] = [req.raw]
             return {spec.name: arr.reshape((1,) * len(spec.shape)) if spec.shape else arr}
+        # A raw body is one sample: with several variable dimensions the batch dimension is 1 and
+        # the one left is inferred from the size.
+        dims = list(spec.shape)
+        if dims.count(-1) > 1 and dims and dims[0] == -1:
+            dims[0] = 1
         item = NP_DTYPES[spec.datatype].itemsize
-        fixed = [d for d in spec.shape if d != -1]
-        row = int(np.prod(fixed)) * item if fixed else item
-        variable = sum(1 for d in spec.shape if d == -1)
-        if variable > 1 or len(req.raw) % row:
+        row = int(np.prod([d for d in dims if d != -1])) * item
+        if dims.count(-1) > 1 or row == 0 or len(req.raw) % row:
             raise ProtocolError(
                 f"raw body of {len(req.raw)} bytes does not fit input '{spec.name}' "
                 f"{spec.datatype} {list(spec.shape)}"
             )
-        shape = tuple(len(req.raw) // row if d == -1 else d for d in spec.shape)
+        shape = tuple(len(req.raw) // row if d == -1 else d for d in dims)
         req.inputs = {spec.name: from_buffer(spec.datatype, shape, req.raw)}
     for name in req.inputs:
         if name not in by_name:

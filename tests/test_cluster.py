@@ -1,0 +1,351 @@
+"""A gateway and workers as real processes on loopback: serving, elasticity, failures, bad input."""
+
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shoal.client.http import InferError, OipHttpClient
+from shoal.protocol.frames import FrameDecoder, MsgType, encode_frame_bytes
+from shoal.security.tokens import sign_token
+
+
+def hammer(lc, n_requests, threads=8, model="echo", on_progress=None):
+    """Send n requests from several keep-alive clients; return (ok, failures, worker-served counts)."""
+    ok = 0
+    failures = []
+    lock = threading.Lock()
+    counter = iter(range(n_requests))
+
+    def run():
+        nonlocal ok
+        with lc.client() as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                x = np.full((1, 4), i, np.float32)
+                try:
+                    y = c.infer(model, {"x": x})["y"]
+                    assert float(y[0, 0]) == i
+                    with lock:
+                        ok += 1
+                        done = ok
+                    if on_progress:
+                        on_progress(done)
+                except Exception as e:  # collected and asserted on below
+                    with lock:
+                        failures.append(repr(e))
+
+    ts = [threading.Thread(target=run) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    return ok, failures
+
+
+def test_kill_a_worker_under_load_loses_nothing(cluster, model_repo):
+    lc = cluster()
+    for _ in range(3):
+        lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 3)
+    victim = lc.workers[1]
+    killed = threading.Event()
+
+    def progress(done):
+        if done >= 300 and not killed.is_set():
+            killed.set()
+            victim.signal(signal.SIGKILL)
+
+    ok, failures = hammer(lc, 1000, on_progress=progress)
+    assert killed.is_set()
+    assert failures == []
+    assert ok == 1000
+    assert lc.live_workers("echo") == 2
+    served = {w["worker_id"]: w["served"] for m in lc.status()["models"] for w in m["workers"]}
+    assert all(v > 0 for v in served.values()), served
+
+
+def test_worker_joining_under_load_gets_traffic_within_a_second(cluster, model_repo):
+    lc = cluster()
+    lc.add_worker("echo", repo=model_repo, extra=["--capacity", "4"])
+    lc.wait_workers("echo", 1)
+    stop = threading.Event()
+    th = threading.Thread(
+        target=lambda: [hammer(lc, 200, threads=6) for _ in range(100) if not stop.is_set()]
+    )
+    th.start()
+    try:
+        time.sleep(0.5)
+        lc.add_worker("echo", repo=model_repo, extra=["--capacity", "4", "--worker-id", "late"])
+        lc.wait_workers("echo", 2, timeout=10)
+        joined = time.monotonic()
+        served = 0
+        while time.monotonic() - joined < 1.0 and not served:
+            served = sum(
+                w["served"] for m in lc.status()["models"] for w in m["workers"] if w["worker_id"] == "late"
+            )
+            time.sleep(0.05)
+        assert served > 0
+    finally:
+        stop.set()
+        th.join(60)
+
+
+def test_readiness_follows_live_workers(cluster, model_repo):
+    lc = cluster()
+    with lc.client() as c:
+        assert c.get_json("/v2/health/ready")[0] == 503  # no model at all yet
+        w = lc.add_worker("echo", repo=model_repo)
+        lc.wait_workers("echo", 1)
+        assert c.get_json("/v2/health/ready") == (200, {"ready": True})
+        assert c.get_json("/v2/models/echo/ready")[1]["ready"] is True
+        w.signal(signal.SIGKILL)
+        w.popen.wait(5)
+        deadline = time.monotonic() + 5
+        while c.get_json("/v2/models/echo/ready")[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get_json("/v2/models/echo/ready") == (503, {"name": "echo", "version": "1", "ready": False})
+        assert c.get_json("/v2/health/ready")[0] == 503
+        with pytest.raises(InferError) as e:
+            c.infer("echo", {"x": np.zeros((1, 4), np.float32)})
+        assert e.value.status == 503 and "no live worker" in str(e.value)
+        with pytest.raises(InferError) as e:
+            c.infer("nosuch", {"x": np.zeros((1, 4), np.float32)})
+        assert e.value.status == 404 and "unknown model 'nosuch'" in str(e.value)
+
+
+def test_credentials(cluster, model_repo):
+    lc = cluster(gateway_args=["--token-key", "tk"])
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    x = {"x": np.ones((1, 4), np.float32)}
+    with OipHttpClient(lc.url) as anon:
+        assert anon.get_json("/v2/health/live") == (200, {"live": True})
+        code, body = anon.get_json("/v2/health/ready")
+        assert code == 401 and "credentials" in body["error"]
+        with pytest.raises(InferError, match="401"):
+            anon.infer("echo", x)
+    good = sign_token({"aud": "cluster", "sub": "dev1"}, b"tk", ttl_s=60)
+    with OipHttpClient(lc.url, good) as c:
+        assert c.infer("echo", x)["y"].shape == (1, 4)
+    for bad, why in [
+        (sign_token({"aud": "other"}, b"tk"), "another cluster"),
+        (sign_token({"aud": "cluster"}, b"tk", ttl_s=-60), "expired"),
+        (sign_token({"aud": "cluster"}, b"wrong"), "signature"),
+        ("nonsense", "malformed"),
+    ]:
+        with OipHttpClient(lc.url, bad) as c:
+            with pytest.raises(InferError, match=why):
+                c.infer("echo", x)
+
+
+def test_bad_requests_get_clear_errors_and_others_are_undisturbed(cluster, model_repo):
+    lc = cluster(gateway_args=["--max-body-mb", "1"])
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    hdr = {"Content-Type": "application/json"}
+    cases = [
+        (b'{"inputs": [', hdr, 400, "malformed JSON"),
+        (
+            json.dumps(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2]}]}
+            ).encode(),
+            hdr,
+            400,
+            "needs 4 elements",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "x", "datatype": "INT8", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+            ).encode(),
+            hdr,
+            400,
+            "datatype INT8",
+        ),
+        (
+            json.dumps(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [4], "data": [1, 2, 3, 4]}]}
+            ).encode(),
+            hdr,
+            400,
+            "does not match",
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "x",
+                            "datatype": "FP32",
+                            "shape": [1, 4],
+                            "parameters": {"binary_data_size": 99},
+                        }
+                    ]
+                }
+            ).encode(),
+            {"Inference-Header-Content-Length": "1000"},
+            400,
+            "outside the body",
+        ),
+        (b"x" * (2 * 1024 * 1024), hdr, 413, "exceeds"),
+    ]
+    with lc.client() as c, lc.client() as good:
+        for body, headers, status, message in cases:
+            code, _, data = c.request("POST", "/v2/models/echo/infer", body, headers)
+            assert code == status, (code, data)
+            assert message in json.loads(data)["error"]
+            # A well-behaved client on another connection is served in between.
+            assert good.infer("echo", {"x": np.ones((1, 4), np.float32)})["y"].sum() == 4
+        code, _, data = c.request("GET", "/v2/models/echo/bogus")
+        assert code == 404 and "no such endpoint" in json.loads(data)["error"]
+
+
+def test_garbage_and_wrong_secret_on_the_worker_port(cluster, model_repo):
+    lc = cluster()
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    for junk in [os.urandom(4096), b"GET / HTTP/1.1\r\n\r\n", struct.pack("!IBBI", 2**31, 1, 5, 0)]:
+        with socket.create_connection(("127.0.0.1", lc.worker_port), timeout=5) as s:
+            s.recv(4096)  # the challenge
+            s.sendall(junk)
+            s.settimeout(5)
+            try:
+                while s.recv(65536):
+                    pass  # the gateway answers REFUSE or just closes
+            except ConnectionResetError:
+                pass
+    bad = lc.add_worker("echo", repo=model_repo, secret="wrong-secret")
+    assert bad.popen.wait(15) == 3
+    assert "wrong cluster secret" in bad.tail()
+    assert "refused worker connection" in lc.gateway.tail(50)
+    with lc.client() as c:
+        assert c.infer("echo", {"x": np.ones((2, 4), np.float32)})["y"].shape == (2, 4)
+    assert lc.live_workers("echo") == 1
+
+
+def test_worker_protocol_version_mismatch_is_refused_with_reason(cluster):
+    lc = cluster()
+    with socket.create_connection(("127.0.0.1", lc.worker_port), timeout=5) as s:
+        dec = FrameDecoder()
+        frames = []
+        while not frames:
+            frames = dec.feed(s.recv(4096))
+        assert frames[0].type is MsgType.CHALLENGE
+        s.sendall(encode_frame_bytes(MsgType.HELLO, {"protocol": 99, "worker_id": "x"}))
+        got = []
+        while not got:
+            got = dec.feed(s.recv(4096))
+        assert got[0].type is MsgType.REFUSE and "protocol version 99" in got[0].header["reason"]
+
+
+def test_binary_extension_json_and_raw_png_round_trip(cluster, model_repo):
+    lc = cluster()
+    lc.add_worker("echo", repo=model_repo)
+    lc.add_worker("imgstat", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    lc.wait_workers("imgstat", 1)
+    x = np.random.default_rng(1).standard_normal((3, 7)).astype(np.float32)
+    with lc.client() as c:
+        np.testing.assert_array_equal(c.infer("echo", {"x": x}, binary=True)["y"], x)
+        np.testing.assert_allclose(c.infer("echo", {"x": x}, binary=False)["y"], x, rtol=1e-6)
+        np.testing.assert_array_equal(
+            c.infer_raw("echo", x[:1].tobytes(), version="1")["y"].reshape(1, 7), x[:1]
+        )
+        img = (np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        pixels = c.infer_raw("imgstat", buf.getvalue())["pixels"]
+        expect = ((img.astype(np.float32) / 255.0) - 0.5) / 0.5
+        assert pixels.shape == (1, 1, 28, 28)
+        np.testing.assert_allclose(pixels[0, 0], expect, atol=1e-6)
+        with pytest.raises(InferError) as e:
+            c.infer_raw("imgstat", b"this is not a png")
+        assert e.value.status == 400 and "not a decodable image" in str(e.value)
+
+
+def test_deadline_and_back_pressure(cluster, model_repo):
+    lc = cluster(gateway_args=["--max-queue", "2", "--timeout", "1.5"])
+    lc.add_worker("slow", repo=model_repo, extra=["--capacity", "1"])
+    lc.wait_workers("slow", 1)
+    results = []
+
+    def call(delay):
+        with lc.client() as c:
+            try:
+                c.infer("slow", {"x": np.array([[delay]], np.float32)})
+                results.append(200)
+            except InferError as e:
+                results.append((e.status, e.retry_after))
+
+    ts = [threading.Thread(target=call, args=(0.6,)) for _ in range(6)]
+    for t in ts:
+        t.start()
+        time.sleep(0.05)
+    for t in ts:
+        t.join(30)
+    codes = [r if isinstance(r, int) else r[0] for r in results]
+    assert 503 in codes, results  # the queue of two was full: refused at once
+    assert all(r[1] >= 1 for r in results if not isinstance(r, int) and r[0] == 503)
+    assert 504 in codes or codes.count(200) >= 2
+    with lc.client() as c, pytest.raises(InferError) as e:
+        c.infer("slow", {"x": np.array([[3.0]], np.float32)})
+    assert e.value.status == 504 and "timed out" in str(e.value)
+
+
+def test_sigterm_drains_without_losing_requests(cluster, model_repo):
+    lc = cluster()
+    a = lc.add_worker("echo", repo=model_repo)
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 2)
+    sent = threading.Event()
+
+    def progress(done):
+        if done >= 200 and not sent.is_set():
+            sent.set()
+            a.signal(signal.SIGTERM)
+
+    ok, failures = hammer(lc, 600, on_progress=progress)
+    assert failures == [] and ok == 600
+    assert a.popen.wait(10) == 0
+    assert "draining" in a.tail(20)
+
+
+def test_restarted_gateway_has_its_workers_back_within_3s(cluster, model_repo):
+    lc = cluster()
+    for _ in range(2):
+        lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 2)
+    lc.gateway.signal(signal.SIGKILL)
+    lc.gateway.popen.wait(5)
+    t = time.monotonic()
+    lc.start(http_port=lc.http_port, worker_port=lc.worker_port)
+    lc.wait_workers("echo", 2, timeout=10)
+    assert time.monotonic() - t < 3.0
+    with lc.client() as c:
+        assert c.infer("echo", {"x": np.ones((1, 4), np.float32)})["y"].shape == (1, 4)
+
+
+def test_metrics_exposed(cluster, model_repo):
+    lc = cluster()
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    with lc.client() as c:
+        for _ in range(5):
+            c.infer("echo", {"x": np.ones((1, 4), np.float32)})
+    req = urllib.request.Request(lc.url + "/metrics", headers={"Authorization": f"Bearer {lc.api_key}"})
+    text = urllib.request.urlopen(req, timeout=5).read().decode()
+    assert 'shoal_requests_total{code="200",model="echo",version="1"} 5.0' in text
+    assert 'shoal_workers{model="echo",version="1"} 1.0' in text
+    assert "shoal_batch_size_bucket" in text and "shoal_worker_in_flight" in text

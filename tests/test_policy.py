@@ -1,0 +1,48 @@
+"""The gateway's scheduling policies, as pure functions."""
+
+from dataclasses import dataclass
+
+from shoal.gateway.policy import backoff_delay, ewma, newest_version, pick_worker, retry_after_s
+
+
+@dataclass
+class W:
+    in_flight: int
+    capacity: int
+    latency_ewma_ms: float = 0.0
+    accepting: bool = True
+
+
+def test_least_loaded_relative_to_capacity():
+    assert pick_worker([W(4, 8), W(1, 8), W(3, 4)]) == 1
+    assert pick_worker([W(8, 16), W(3, 4)]) == 0  # 50% beats 75%
+
+
+def test_never_beyond_capacity_and_never_draining():
+    assert pick_worker([W(2, 2), W(5, 5)]) is None
+    assert pick_worker([W(0, 4, accepting=False), W(3, 4)]) == 1
+    assert pick_worker([]) is None
+
+
+def test_ties_go_to_lower_latency_then_first():
+    assert pick_worker([W(1, 4, 9.0), W(1, 4, 2.0)]) == 1
+    assert pick_worker([W(1, 4, 2.0), W(1, 4, 2.0)]) == 0
+
+
+def test_versions_sort_numerically():
+    assert newest_version(["1", "10", "9"]) == "10"
+    assert newest_version([]) is None
+
+
+def test_backoff_is_capped_exponential_with_jitter():
+    assert [backoff_delay(i, 0.1, 2.0) for i in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+    assert backoff_delay(100, 0.1, 2.0) == 2.0
+    assert 1.0 <= backoff_delay(10, 0.1, 2.0, jitter=0.99) <= 2.0
+
+
+def test_ewma_and_retry_after():
+    assert ewma(0.0, 5.0) == 5.0
+    assert ewma(10.0, 0.0, 0.5) == 5.0
+    assert retry_after_s(0, 0, 0) == 1
+    assert retry_after_s(1000, 10, 100) == 10
+    assert retry_after_s(10**9, 1, 1000) == 30
