@@ -230,7 +230,9 @@ def load_manifest(version_dir: str | Path) -> Manifest:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ManifestError(f"{path}: no manifest here; a model version folder needs {MANIFEST_NAME}") from None
+        raise ManifestError(
+            f"{path}: no manifest here; a model version folder needs {MANIFEST_NAME}"
+        ) from None
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
     m = parse_manifest(raw, str(path))
