@@ -91,6 +91,7 @@ class Gateway:
         self.config = config
         self.models = ModelTable(config.max_queue, config.max_attempts)
         self.connections: set[WorkerConnection] = set()
+        self.departed: list[dict[str, Any]] = []  # workers that left, newest last
         self.metrics = GatewayMetrics(self)
         self.app = HttpApp(self)
         self.started_at = time.time()
@@ -236,4 +237,5 @@ class Gateway:
             "http_port": self.http_port,
             "worker_port": self.worker_port,
             "models": models,
+            "departed_workers": self.departed,
         }

@@ -279,6 +279,8 @@ class WorkerConnection(asyncio.Protocol):
             else:
                 log.info("worker %s left (%s)", self.worker_id, reason)
             self.pool.on_worker_lost(self, pend, reason)
+            self.gw.departed.append({**self.describe(), "left": reason, "left_at": time.time()})
+            del self.gw.departed[:-100]  # keep the last hundred
             self.gw.on_workers_changed()
 
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,66 @@
+"""``shoal bench``: the serving path measured side by side on this machine.
+
+Suites (each starts its own gateway and workers as real processes and stops them after):
+
+* ``latency``    p50/p99 at one connection through the gateway, against calling the same model in-process.
+* ``throughput`` requests/s of a trivial model at 64 keep-alive clients, gateway and worker on ONE core.
+* ``link``       requests/s over the worker link alone (the real gateway pool driven in-process).
+* ``batching``   throughput of the MNIST CNN at saturation against its own batched speed in-process.
+* ``transfer``   3 MB payloads through a gateway, MB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Measure the serving path: latency, throughput, worker link, dynamic batching, transfer."
+EXAMPLE = """
+shoal bench                       # every suite, about two minutes
+shoal bench latency throughput --json results.json
+"""
+
+SUITES = ("latency", "throughput", "link", "batching", "transfer")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suites", nargs="*", choices=SUITES, help="suites to run (default: all)")
+    p.add_argument(
+        "--seconds", type=float, default=8.0, help="measuring time per load run (default %(default)s)"
+    )
+    p.add_argument("--connections", type=int, default=64, help="keep-alive clients for throughput runs")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--workdir", default=None, help="folder for process logs")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import platform
+    import tempfile
+    from pathlib import Path
+
+    from shoal.bench import suites
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-bench-"))
+    chosen = args.suites or list(SUITES)
+    results: dict[str, object] = {
+        "machine": {
+            "cpus": _cpus(),
+            "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+    }
+    for name in chosen:
+        print(f"== {name}", flush=True)
+        res = getattr(suites, name)(workdir / name, args)
+        results[name] = res
+        for k, v in res.items():
+            print(f"  {k:<36} {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
