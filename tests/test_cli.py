@@ -1,0 +1,63 @@
+"""The command line: every command has --help with an example, and the serving side never imports torch."""
+
+import subprocess
+import sys
+
+from shoal.cli import COMMANDS
+
+
+def shoal(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shoal", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_every_command_has_help_with_an_example():
+    top = shoal("--help")
+    assert top.returncode == 0
+    for name in COMMANDS:
+        assert name in top.stdout
+        r = shoal(name, "--help")
+        assert r.returncode == 0, r.stderr
+        assert "example:" in r.stdout and f"shoal {name}" in r.stdout
+
+
+def test_serving_side_and_cli_do_not_import_torch():
+    code = (
+        "import sys, shoal.cli, shoal.gateway.server, shoal.worker.link, shoal.client.http, shoal.demo, shoal.bench.suites;"
+        "shoal.cli.build_parser();"
+        "bad = [m for m in ('torch', 'matplotlib', 'flwr', 'tensorboard') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_gateway_refuses_to_start_without_credentials():
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "cluster", "--http", "127.0.0.1:0", "--workers", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "SHOAL_CLUSTER_SECRET": "x"},
+    )
+    assert r.returncode == 2 and "--api-key" in r.stdout
+
+
+def test_worker_with_unknown_model_says_where_it_looked(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "worker",
+            "--model",
+            "nope",
+            "--repo",
+            str(tmp_path),
+            "--secret",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "no versions of model 'nope'" in r.stdout
