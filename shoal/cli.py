@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "cluster": "shoal.gateway.cli",
     "worker": "shoal.worker.cli",
     "bench": "shoal.bench.cli",
+    "certs": "shoal.security.cli",
     "train": "shoal.train.cli",
     "predict": "shoal.train.predict",
     "fuse": "shoal.fusion.cli",

@@ -349,3 +349,31 @@ def test_metrics_exposed(cluster, model_repo):
     assert 'shoal_requests_total{code="200",model="echo",version="1"} 5.0' in text
     assert 'shoal_workers{model="echo",version="1"} 1.0' in text
     assert "shoal_batch_size_bucket" in text and "shoal_worker_in_flight" in text
+
+
+def test_tls_on_http_and_the_worker_link(tmp_path, model_repo):
+    from shoal.local import LocalCluster
+    from shoal.security.certs import make_ca, make_cert
+
+    ca, _ = make_ca(tmp_path / "pki")
+    cert, key = make_cert(tmp_path / "pki", "gateway", ["127.0.0.1", "localhost"], tmp_path / "pki")
+    lc = LocalCluster(tmp_path / "tls", gateway_args=["--tls-cert", str(cert), "--tls-key", str(key)])
+    lc.start()
+    try:
+        lc.add_worker("echo", repo=model_repo, extra=["--tls-ca", str(ca)])
+        plain = lc.add_worker("echo", repo=model_repo)  # no TLS: cannot log in
+        with OipHttpClient(f"https://127.0.0.1:{lc.http_port}", lc.api_key, ca_file=str(ca)) as c:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                code, body = c.get_json("/v2/status")
+                if code == 200 and body["models"] and body["models"][0]["workers"]:
+                    break
+                time.sleep(0.1)
+            assert c.infer("echo", {"x": np.ones((1, 4), np.float32)})["y"].sum() == 4
+            assert len(c.get_json("/v2/status")[1]["models"][0]["workers"]) == 1
+        assert plain.alive()  # keeps retrying with back-off, never served
+        with OipHttpClient(f"https://127.0.0.1:{lc.http_port}", lc.api_key) as untrusting:
+            with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+                untrusting.get_json("/v2/status")
+    finally:
+        lc.stop()
