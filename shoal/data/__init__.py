@@ -1,0 +1,27 @@
+"""Datasets read with numpy only, so serving code can use them without torch."""
+
+from shoal.data.mnist import (
+    DATASETS,
+    FASHION_MNIST,
+    MNIST,
+    DatasetError,
+    data_checksums,
+    data_files,
+    load,
+    load_fashion_mnist,
+    load_mnist,
+    locate,
+)
+
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST",
+    "MNIST",
+    "DatasetError",
+    "data_checksums",
+    "data_files",
+    "load",
+    "load_fashion_mnist",
+    "load_mnist",
+    "locate",
+]
