@@ -132,6 +132,7 @@ class Gateway:
             ssl_certfile=cfg.tls_cert,
             ssl_keyfile=cfg.tls_key,
             server_header=False,
+            proxy_headers=False,  # the gateway is the public face; no proxy in front to trust by default
         )
         self._uvicorn = uvicorn.Server(ucfg)
         # uvicorn's serve() would also take over signal handling; the gateway owns its lifecycle,
