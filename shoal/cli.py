@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "demo": "shoal.demo",
     "cluster": "shoal.gateway.cli",
     "worker": "shoal.worker.cli",
+    "infer": "shoal.client.cli",
     "bench": "shoal.bench.cli",
     "certs": "shoal.security.cli",
     "train": "shoal.train.cli",

@@ -377,3 +377,47 @@ def test_tls_on_http_and_the_worker_link(tmp_path, model_repo):
                 untrusting.get_json("/v2/status")
     finally:
         lc.stop()
+
+
+def test_infer_command_prints_one_json_result_per_file(cluster, tmp_path):
+    import subprocess
+    import sys
+
+    from shoal.data.mnist import load_mnist
+
+    lc = cluster()
+    lc.add_worker("mnist-cnn")
+    lc.wait_workers("mnist-cnn", 1)
+    images, labels = load_mnist("test")
+    files = []
+    for i in range(3):
+        f = tmp_path / f"digit{i}.png"
+        Image.fromarray(images[i]).save(f)
+        files.append(str(f))
+    np.save(
+        tmp_path / "t.npy", ((images[:2].astype(np.float32) / 255 - 0.1307) / 0.3081).reshape(2, 1, 28, 28)
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "infer",
+            "--url",
+            lc.url,
+            "--token",
+            lc.api_key,
+            "--model",
+            "mnist-cnn",
+            *files,
+            str(tmp_path / "t.npy"),
+            str(tmp_path / "missing.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [d["labels"]["logits"] for d in lines[:3]] == [str(int(v)) for v in labels[:3]]
+    assert lines[3]["labels"]["logits"] == str(int(labels[0]))  # row 0 of the .npy batch
+    assert "error" in lines[4] and r.returncode == 1

@@ -176,3 +176,30 @@ def test_fuzz_structured_json(doc):
         bind_inputs(req, SPEC, None, 8)
     except (ProtocolError, TensorError):
         pass
+
+
+def test_compressed_bodies_are_bounded():
+    from shoal.protocol.compression import CompressionError, compress, decompress
+
+    body = b"a" * 100_000
+    for enc in ("zstd", "gzip"):
+        assert decompress(compress(body, enc), enc, 200_000) == body
+        with pytest.raises(CompressionError) as e:
+            decompress(compress(body, enc), enc, 50_000)  # a "bomb": small on the wire, large decoded
+        assert e.value.status == 413
+        with pytest.raises(CompressionError):
+            decompress(b"garbage" * 10, enc, 1000)
+    with pytest.raises(CompressionError) as e:
+        decompress(body, "br", 10)
+    assert e.value.status == 415
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(["zstd", "gzip"]))
+def test_fuzz_decompress(data, enc):
+    from shoal.protocol.compression import CompressionError, decompress
+
+    try:
+        decompress(data, enc, 10_000)
+    except CompressionError:
+        pass

@@ -8,6 +8,7 @@ import os
 HELP = "Run a cluster gateway: devices over HTTP (Open Inference Protocol), workers dial in."
 EXAMPLE = """
 SHOAL_CLUSTER_SECRET=s3cret SHOAL_API_KEYS=devkey shoal cluster --http 0.0.0.0:8000 --workers 0.0.0.0:8001
+SHOAL_CENTRAL_PASSWORD=pw shoal cluster --name site-a --central https://central:7000 --public-url https://gw-a:8000 ...
 curl -H 'Authorization: Bearer devkey' localhost:8000/v2/health/ready
 """
 
@@ -41,6 +42,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--timeout", type=float, default=30.0, help="request deadline in seconds")
     p.add_argument(
+        "--central",
+        action="append",
+        default=[],
+        help="central server URL to report to every second (repeatable, one per replica)",
+    )
+    p.add_argument(
+        "--central-password",
+        default=None,
+        help="this cluster's central account password (default: $SHOAL_CENTRAL_PASSWORD); the account name is --name",
+    )
+    p.add_argument("--central-ca", default=None, help="CA file to verify central's certificate")
+    p.add_argument(
+        "--public-url",
+        default=None,
+        help="address devices reach this gateway at, as told to central (default: the --http address)",
+    )
+    p.add_argument(
         "--ports-file", default=None, help="write the bound ports as JSON here (useful with port 0)"
     )
     p.add_argument("--log-level", default="info")
@@ -53,12 +71,28 @@ def run(args: argparse.Namespace) -> int:
 
     from shoal.aio import run as aio_run
     from shoal.aio import setup_logging, split_hostport
+    from shoal.gateway.central_link import CentralConfig
     from shoal.gateway.server import Gateway, GatewayConfig
 
     setup_logging(args.log_level, "cluster")
     secret = args.secret or os.environ.get("SHOAL_CLUSTER_SECRET", "")
     keys = list(args.api_key) + [k for k in os.environ.get("SHOAL_API_KEYS", "").split(",") if k]
     token_key = args.token_key or os.environ.get("SHOAL_TOKEN_KEY") or None
+    central = None
+    if args.central:
+        pw = args.central_password or os.environ.get("SHOAL_CENTRAL_PASSWORD", "")
+        if not pw:
+            print(
+                "shoal cluster: --central needs this cluster's password: --central-password or SHOAL_CENTRAL_PASSWORD"
+            )
+            return 2
+        central = CentralConfig(
+            urls=args.central,
+            user=args.name,
+            password=pw,
+            public_url=args.public_url or "",
+            ca_file=args.central_ca,
+        )
     hh, hp = split_hostport(args.http, 8000)
     wh, wp = split_hostport(args.workers, 8001)
     cfg = GatewayConfig(
@@ -76,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_size=int(args.max_body_mb * 1024 * 1024),
         max_queue=args.max_queue,
         request_timeout_s=args.timeout,
+        central=central,
     )
     try:
         gw = Gateway(cfg)

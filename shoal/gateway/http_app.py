@@ -15,6 +15,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shoal.gateway.pool import Pending, RequestFailed, rows_of
+from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.oip import (
     HEADER_LENGTH,
     ProtocolError,
@@ -162,6 +163,12 @@ class HttpApp:
         pool = self.gw.models.find(model, version)
         spec = pool.spec
         body = await self._read_body(headers, receive)
+        enc = headers.get(b"content-encoding")
+        if enc is not None:
+            try:
+                body = decompress(body, enc.decode("latin-1"), self.cfg.max_body_size)
+            except CompressionError as e:
+                raise ProtocolError(str(e), e.status) from None
         hl_raw = headers.get(HEADER_LENGTH.encode())
         try:
             hl = int(hl_raw) if hl_raw is not None else None

@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 
 import shoal
+from shoal.gateway.central_link import CentralConfig, CentralReporter
 from shoal.gateway.http_app import HttpApp
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pool import ModelTable, RequestFailed
@@ -50,11 +51,12 @@ class GatewayConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     backlog: int = 4096
+    central: CentralConfig | None = None  # report to central (and get the route-token key from it)
 
     def check(self) -> None:
         if not self.secret:
             raise ValueError("the cluster needs a worker secret: --secret or SHOAL_CLUSTER_SECRET")
-        if not (self.no_auth or self.api_keys or self.token_key):
+        if not (self.no_auth or self.api_keys or self.token_key or self.central):
             raise ValueError(
                 "devices need credentials: give --api-key (or SHOAL_API_KEYS), --token-key "
                 "(or SHOAL_TOKEN_KEY, shared with central), or --no-auth for local development"
@@ -100,7 +102,8 @@ class Gateway:
         self._worker_server: asyncio.AbstractServer | None = None
         self._uvicorn: uvicorn.Server | None = None
         self._tasks: list[asyncio.Task] = []
-        self.on_change: list[Any] = []  # callbacks when workers join or leave (central reporter)
+        self.on_change: list[Any] = []  # callbacks when workers join or leave
+        self.reporter: CentralReporter | None = None
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
@@ -145,6 +148,12 @@ class Gateway:
             asyncio.create_task(self._heartbeats(), name="heartbeats"),
             asyncio.create_task(self._deadlines(), name="deadlines"),
         ]
+        if cfg.central is not None:
+            if not cfg.central.public_url:
+                scheme = "https" if cfg.tls_cert else "http"
+                cfg.central.public_url = f"{scheme}://{cfg.http_host}:{self.http_port}"
+            self.reporter = CentralReporter(self, cfg.central)
+            self.reporter.start()
         log.info(
             "cluster %s serving HTTP on %s:%d, workers on %s:%d%s",
             cfg.name,
@@ -156,6 +165,8 @@ class Gateway:
         )
 
     async def stop(self) -> None:
+        if self.reporter is not None:
+            await self.reporter.stop()
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         for t in self._tasks:
@@ -239,4 +250,5 @@ class Gateway:
             "worker_port": self.worker_port,
             "models": models,
             "departed_workers": self.departed,
+            "central": self.reporter.describe() if self.reporter else [],
         }
