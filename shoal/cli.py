@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "shoal.train.cli",
     "predict": "shoal.train.predict",
     "fuse": "shoal.fusion.cli",
+    "central": "shoal.central.cli",
 }
 
 

@@ -1,0 +1,1 @@
+"""Alembic migrations of the central database (run by ``shoal central`` on start, or ``shoal central migrate``)."""

@@ -1,0 +1,106 @@
+"""The route choice and the password store as pure functions: no server, no database."""
+
+import pytest
+
+from shoal.central import passwords
+from shoal.central.policy import ClusterInfo, ModelLoad, choose_cluster, load_of, version_key
+
+NOW = 1000.0
+
+
+def cluster(name, *models, age=0.0, address=None):
+    return ClusterInfo(name, address or f"http://{name}:8000", tuple(models), NOW - age)
+
+
+def m(name="mnist", version="1", in_flight=0, capacity=10, queue=0, latency_ms=1.0, ready=True):
+    return ModelLoad(name, version, ready, in_flight, capacity, queue, latency_ms, 1)
+
+
+def pick(clusters, model="mnist", version=None, exclude=(), assigned=None):
+    c = choose_cluster(clusters, model, version, exclude, now=NOW, max_age_s=3.0, assigned=assigned)
+    return None if c is None else (c.cluster.name, c.entry.version)
+
+
+def test_least_loaded_wins_counting_queue_against_capacity():
+    a = cluster("a", m(in_flight=5, capacity=10))
+    b = cluster("b", m(in_flight=3, queue=4, capacity=10))
+    c = cluster("c", m(in_flight=10, capacity=40))  # 0.25: the least loaded relative to its capacity
+    assert pick([a, b, c]) == ("c", "1")
+
+
+def test_ties_go_to_lower_latency_then_name():
+    assert pick([cluster("b", m(latency_ms=2)), cluster("a", m(latency_ms=3))]) == ("b", "1")
+    assert pick([cluster("b", m()), cluster("a", m())]) == ("a", "1")
+
+
+def test_only_live_ready_clusters_serving_the_model_count():
+    dead = cluster("a", m(), age=3.0)  # three report intervals without a report: out
+    unready = cluster("b", m(ready=False))
+    other = cluster("c", m(name="resnet"))
+    assert pick([dead, unready, other]) is None
+    assert pick([cluster("d", m(in_flight=9), age=2.9), dead]) == ("d", "1")
+
+
+def test_version_is_matched_exactly_and_the_newest_is_preferred_without_one():
+    a = cluster("a", m(version="9", in_flight=0))
+    b = cluster("b", m(version="10", in_flight=9))
+    assert pick([a, b], version="9") == ("a", "9")
+    assert pick([a, b]) == ("b", "10")  # 10 is newer than 9, even though b is busier
+    assert pick([a, b], version="11") is None
+    assert sorted(["10", "9", "beta", "2"], key=version_key) == ["beta", "2", "9", "10"]
+
+
+def test_exclude_skips_clusters_the_device_failed_on():
+    a, b = cluster("a", m()), cluster("b", m(in_flight=5))
+    assert pick([a, b], exclude=["a"]) == ("b", "1")
+    assert pick([a, b], exclude=["a", "b"]) is None
+
+
+def test_routes_handed_out_since_the_last_report_spread_a_burst():
+    a, b = cluster("a", m(capacity=10)), cluster("b", m(capacity=10))
+    assigned: dict[str, float] = {}
+    for _ in range(10):
+        name, _v = pick([a, b], assigned=assigned)
+        assigned[name] = assigned.get(name, 0) + 1
+    assert assigned == {"a": 5, "b": 5}
+
+
+def test_with_one_cluster_loaded_new_devices_go_to_the_other():
+    loaded, idle = cluster("a", m(in_flight=90, capacity=100)), cluster("b", m(capacity=100))
+    assigned: dict[str, float] = {}
+    for _ in range(50):
+        name, _v = pick([loaded, idle], assigned=assigned)
+        assigned[name] = assigned.get(name, 0) + 1
+    assert assigned == {"b": 50}
+
+
+def test_zero_capacity_is_full_but_still_a_last_resort():
+    assert load_of(m(capacity=0)) == float("inf")
+    assert pick([cluster("a", m(capacity=0)), cluster("b", m(in_flight=100))]) == ("b", "1")
+    assert pick([cluster("a", m(capacity=0))]) == ("a", "1")
+
+
+def test_password_hash_round_trip_and_format():
+    h = passwords.hash_password("correct horse", n=2**10)
+    assert h.startswith("scrypt$1024$8$1$") and "correct" not in h
+    assert passwords.verify_password("correct horse", h)
+    assert not passwords.verify_password("correct hors", h)
+    assert not passwords.verify_password("x", "garbage")
+    assert passwords.hash_password("same", n=2**10) != passwords.hash_password("same", n=2**10)  # salted
+
+
+@pytest.mark.parametrize(
+    "pw,ok", [("short", False), ("long enough", True), (None, False), ("x" * 2000, False)]
+)
+def test_new_password_rules(pw, ok):
+    assert (passwords.check_new_password(pw) is None) == ok
+
+
+def test_verified_cache_expires_and_keys_on_the_password():
+    c = passwords.VerifiedCache(ttl_s=10)
+    c.add("device", "cam", "pw", now=0)
+    assert c.hit("device", "cam", "pw", now=5)
+    assert not c.hit("device", "cam", "other", now=5)
+    assert not c.hit("cluster", "cam", "pw", now=5)
+    assert not c.hit("device", "cam", "pw", now=11)
+    assert all(b"pw" not in k for k in c._entries)
