@@ -46,7 +46,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         mod.add_arguments(p)
-        p.set_defaults(_module=mod)
+        p.set_defaults(_module=mod, _parser=p)
     return parser
 
 
@@ -59,6 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 0 if not argv else 2
+    if getattr(args, "config", None) is not None or hasattr(args, "print_config"):
+        from shoal.config import ConfigError, apply_config, printable
+
+        try:
+            args._blocks = apply_config(
+                args._parser, args, argv, args.command, getattr(args._module, "CONFIG_BLOCKS", ())
+            )
+        except ConfigError as e:
+            print(f"shoal {args.command}: {e}", file=sys.stderr)
+            return 2
+        if args.print_config:
+            print(printable(args, args._parser, args._blocks), end="")
+            return 0
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

@@ -65,6 +65,8 @@ class LocalCluster:
     secret: str = field(default_factory=lambda: secrets.token_hex(16))
     api_key: str = field(default_factory=lambda: secrets.token_hex(16))
     gateway_args: list[str] = field(default_factory=list)
+    central_urls: list[str] = field(default_factory=list)  # report to these central replicas
+    central_password: str = ""
     http_port: int = 0
     worker_port: int = 0
     gateway: Child | None = None
@@ -99,6 +101,9 @@ class LocalCluster:
         ports.unlink(missing_ok=True)
         hp = self.http_port if http_port is None else http_port
         wp = self.worker_port if worker_port is None else worker_port
+        central: list[str] = []
+        for u in self.central_urls:
+            central += ["--central", u]
         self.gateway = self.spawn(
             self.name,
             [
@@ -111,9 +116,14 @@ class LocalCluster:
                 f"127.0.0.1:{wp}",
                 "--ports-file",
                 str(ports),
+                *central,
                 *self.gateway_args,
             ],
-            {"SHOAL_CLUSTER_SECRET": self.secret, "SHOAL_API_KEYS": self.api_key},
+            {
+                "SHOAL_CLUSTER_SECRET": self.secret,
+                "SHOAL_API_KEYS": self.api_key,
+                "SHOAL_CENTRAL_PASSWORD": self.central_password,
+            },
             cpu=cpu,
         )
         end = time.monotonic() + timeout
@@ -185,6 +195,81 @@ class LocalCluster:
             self.gateway.stop()
 
     def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class LocalCentral:
+    """A central server as a child process, on SQLite in the work folder unless ``db`` says otherwise."""
+
+    workdir: Path
+    name: str = "central"
+    db: str | None = None
+    operator: str = "operator"
+    operator_password: str = field(default_factory=lambda: secrets.token_hex(16))
+    extra_args: list[str] = field(default_factory=list)
+    http_port: int = 0
+    proc: Child | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, http_port: int | None = None, timeout: float = 30.0) -> LocalCentral:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ports = self.workdir / f"{self.name}.ports.json"
+        ports.unlink(missing_ok=True)
+        db = self.db or f"sqlite:///{self.workdir / 'central.db'}"
+        hp = self.http_port if http_port is None else http_port
+        runner = LocalCluster(self.workdir, name=self.name)
+        self.proc = runner.spawn(
+            self.name,
+            [
+                "central",
+                "--http",
+                f"127.0.0.1:{hp}",
+                "--db",
+                db,
+                "--ports-file",
+                str(ports),
+                "--bootstrap-operator",
+                self.operator,
+                *self.extra_args,
+            ],
+            {"SHOAL_OPERATOR_PASSWORD": self.operator_password},
+        )
+        end = time.monotonic() + timeout
+        while not ports.exists():
+            if not self.proc.alive() or time.monotonic() > end:
+                raise RuntimeError(f"central {self.name} did not start:\n{self.proc.tail()}")
+            time.sleep(0.02)
+        self.http_port = json.loads(ports.read_text())["http"]
+        return self
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        import base64
+
+        auth = base64.b64encode(f"{self.operator}:{self.operator_password}".encode()).decode()
+        with OipHttpClient(self.url, timeout=30.0) as c:
+            data = json.dumps(body).encode() if body is not None else None
+            code, _, raw = c.request(
+                method, path, data, {"Authorization": f"Basic {auth}", "Content-Type": "application/json"}
+            )
+        return code, json.loads(raw) if raw else None
+
+    def add_account(self, kind: str, name: str, password: str) -> None:
+        code, body = self.call("POST", "/v1/accounts", {"kind": kind, "name": name, "password": password})
+        if code not in (200, 201):
+            raise RuntimeError(f"central refused account {kind}/{name}: {code} {body}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def __enter__(self) -> LocalCentral:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from shoal.config import add_config_arguments
+
 HELP = "Run a cluster gateway: devices over HTTP (Open Inference Protocol), workers dial in."
 EXAMPLE = """
 SHOAL_CLUSTER_SECRET=s3cret SHOAL_API_KEYS=devkey shoal cluster --http 0.0.0.0:8000 --workers 0.0.0.0:8001
@@ -13,7 +15,11 @@ curl -H 'Authorization: Bearer devkey' localhost:8000/v2/health/ready
 """
 
 
+CONFIG_BLOCKS = ("pipelines",)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
     p.add_argument("--name", default="cluster", help="cluster name (the audience of route tokens)")
     p.add_argument("--http", default="127.0.0.1:8000", help="HTTP address for devices (default %(default)s)")
     p.add_argument("--workers", default="127.0.0.1:8001", help="address workers dial (default %(default)s)")
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from shoal.aio import run as aio_run
     from shoal.aio import setup_logging, split_hostport
     from shoal.gateway.central_link import CentralConfig
+    from shoal.gateway.pipeline import PipelineError, parse_pipelines
     from shoal.gateway.server import Gateway, GatewayConfig
 
     setup_logging(args.log_level, "cluster")
@@ -93,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
             public_url=args.public_url or "",
             ca_file=args.central_ca,
         )
+    try:
+        pipelines = parse_pipelines(getattr(args, "_blocks", {}).get("pipelines"))
+    except PipelineError as e:
+        print(f"shoal cluster: {args.config}: {e}")
+        return 2
     hh, hp = split_hostport(args.http, 8000)
     wh, wp = split_hostport(args.workers, 8001)
     cfg = GatewayConfig(
@@ -111,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         request_timeout_s=args.timeout,
         central=central,
+        pipelines=pipelines,
     )
     try:
         gw = Gateway(cfg)

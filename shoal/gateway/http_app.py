@@ -6,15 +6,13 @@ are read once into bytes, responses are written with two ASGI messages.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shoal.gateway.pool import Pending, RequestFailed, rows_of
+from shoal.gateway.pool import RequestFailed
 from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.oip import (
     HEADER_LENGTH,
@@ -25,7 +23,6 @@ from shoal.protocol.oip import (
     parse_infer_request,
     parse_path,
 )
-from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 from shoal.security.tokens import TokenError, constant_time_in, verify_token
 
 if TYPE_CHECKING:
@@ -43,7 +40,6 @@ class HttpApp:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.cfg = gw.config
-        self._ids = itertools.count(1)
         self._tokens: dict[str, float] = {}  # verified token -> expiry
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -88,6 +84,12 @@ class HttpApp:
                 await _reply(send, 200 if ok else 503, orjson.dumps({"ready": ok}))
             elif route.kind == "server":
                 await _reply(send, 200, orjson.dumps(self.gw.server_metadata()))
+            elif route.kind == "model" and route.model in self.gw.pipelines:
+                await _reply(send, 200, orjson.dumps(self.gw.pipeline(route.model, route.version).metadata()))
+            elif route.kind == "model_ready" and route.model in self.gw.pipelines:
+                pl = self.gw.pipeline(route.model, route.version)
+                body = {"name": route.model, "version": pl.spec.version, "ready": pl.ready}
+                await _reply(send, 200 if pl.ready else 503, orjson.dumps(body))
             elif route.kind == "model":
                 pool = self.gw.models.find(route.model, route.version)
                 versions = sorted(self.gw.models.models[route.model])
@@ -160,8 +162,16 @@ class HttpApp:
     async def _infer(
         self, model: str, version: str | None, headers: dict[bytes, bytes], receive: Any, send: Any, t0: float
     ) -> None:
-        pool = self.gw.models.find(model, version)
-        spec = pool.spec
+        pipeline = self.gw.pipeline(model, version) if model in self.gw.pipelines else None
+        pool = None
+        if pipeline is not None:
+            try:
+                spec = pipeline.interface()
+            except RequestFailed as e:
+                raise RequestFailed(f"pipeline '{model}' is not ready: {e}", 503) from None
+        else:
+            pool = self.gw.models.find(model, version)
+            spec = pool.spec
         body = await self._read_body(headers, receive)
         enc = headers.get(b"content-encoding")
         if enc is not None:
@@ -183,26 +193,20 @@ class HttpApp:
                     raise ProtocolError(
                         f"unknown output '{o.name}'; the model's outputs are {', '.join(known)}"
                     )
-        specs, bufs = pack_tensors(arrays)
-        rid = next(self._ids)
-        header = {"id": rid, "inputs": specs}
-        if req.outputs is not None:
-            header["outputs"] = [o.name for o in req.outputs]
         timeout = self.cfg.request_timeout_s
         t = req.parameters.get("timeout_ms")
         if isinstance(t, (int, float)) and t > 0:
             timeout = min(timeout, t / 1000.0)
-        fut = asyncio.get_running_loop().create_future()
-        p = Pending(rid, header, bufs, fut, deadline=t0 + timeout, rows=rows_of(arrays))
-        pool.submit(p)
         try:
-            h, payload = await fut
-            outputs = unpack_tensors(h["outputs"], payload)
+            if pipeline is not None:
+                outputs = await pipeline.run(arrays, t0 + timeout, self.gw.call_model)
+            else:
+                assert pool is not None
+                names = [o.name for o in req.outputs] if req.outputs is not None else None
+                outputs = await self.gw.call_model(pool, arrays, t0 + timeout, names)
         except RequestFailed as e:
             self.gw.metrics.observe_response(spec, e.status, time.monotonic() - t0)
             raise
-        except TensorError as e:
-            raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
         out, hlen = encode_infer_response(
             spec.name, spec.version, req.id, outputs, req.outputs, req.binary_output
         )

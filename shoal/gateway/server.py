@@ -7,6 +7,7 @@ closes the HTTP side, tells workers goodbye and fails what is still waiting.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import resource
@@ -16,15 +17,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import uvicorn
 
 import shoal
 from shoal.gateway.central_link import CentralConfig, CentralReporter
 from shoal.gateway.http_app import HttpApp
 from shoal.gateway.metrics import GatewayMetrics
-from shoal.gateway.pool import ModelTable, RequestFailed
+from shoal.gateway.pipeline import Pipeline, PipelineSpec
+from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, rows_of
 from shoal.gateway.worker_link import WorkerConnection
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
+from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 
 log = logging.getLogger("shoal.gateway")
 
@@ -52,6 +56,7 @@ class GatewayConfig:
     tls_key: str | None = None
     backlog: int = 4096
     central: CentralConfig | None = None  # report to central (and get the route-token key from it)
+    pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
 
     def check(self) -> None:
         if not self.secret:
@@ -104,6 +109,8 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self.on_change: list[Any] = []  # callbacks when workers join or leave
         self.reporter: CentralReporter | None = None
+        self.pipelines = {name: Pipeline(spec, self.models) for name, spec in config.pipelines.items()}
+        self._ids = itertools.count(1)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
@@ -214,6 +221,35 @@ class Gateway:
                                 )
                             )
 
+    async def call_model(
+        self,
+        pool: ModelPool,
+        arrays: dict[str, np.ndarray],
+        deadline: float,
+        outputs: list[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Send one request to a model version's pool and wait for its outputs."""
+        specs, bufs = pack_tensors(arrays)
+        rid = next(self._ids)
+        header: dict[str, Any] = {"id": rid, "inputs": specs}
+        if outputs is not None:
+            header["outputs"] = outputs
+        fut = asyncio.get_running_loop().create_future()
+        pool.submit(Pending(rid, header, bufs, fut, deadline=deadline, rows=rows_of(arrays)))
+        h, payload = await fut
+        try:
+            return unpack_tensors(h["outputs"], payload)
+        except TensorError as e:
+            raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
+
+    def pipeline(self, name: str, version: str | None) -> Pipeline:
+        p = self.pipelines[name]
+        if version is not None and version != p.spec.version:
+            raise RequestFailed(
+                f"pipeline '{name}' has no version '{version}' (it is version {p.spec.version})", 404
+            )
+        return p
+
     def on_workers_changed(self) -> None:
         for cb in self.on_change:
             cb()
@@ -249,6 +285,9 @@ class Gateway:
             "http_port": self.http_port,
             "worker_port": self.worker_port,
             "models": models,
+            "pipelines": [
+                {"name": n, "version": p.spec.version, "ready": p.ready} for n, p in self.pipelines.items()
+            ],
             "departed_workers": self.departed,
             "central": self.reporter.describe() if self.reporter else [],
         }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from shoal.config import add_config_arguments
+
 HELP = "Serve one model version: dial a cluster gateway, batch requests, run the model."
 EXAMPLE = """
 shoal worker --gateway 127.0.0.1:8001 --repo ./models --model mnist-cnn --secret s3cret
@@ -13,6 +15,7 @@ shoal worker --gateway gw.example.org:8001 --tls-ca ca.pem --model mnist-cnn --v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
     p.add_argument(
         "--gateway", default="127.0.0.1:8001", help="gateway worker port, host:port (default %(default)s)"
     )
