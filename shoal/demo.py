@@ -1,37 +1,47 @@
 """``shoal demo``: the whole system on one machine, under load, with a failure part way.
 
-Starts a cluster gateway and its workers as real processes serving the MNIST CNN, sends real MNIST
-test images (as PNG files, the way a camera would) from many simulated devices, kills one worker with
-SIGKILL part way, and prints what happened: requests, failures, accuracy, latency, throughput and who
-served how much. Exits non-zero if any request failed.
+Starts a central server (SQLite), two cluster gateways that report to it, and workers serving the
+MNIST CNN, all as real processes. Many simulated devices, each with its own account, ask central for a
+route and send real MNIST test images (PNG files, as a camera would) to the cluster they were sent
+to. Part way, one worker is killed with SIGKILL. The summary says what happened: requests, failures,
+accuracy, latency, throughput, and which cluster and worker served how much. Exits non-zero if any
+request failed.
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "Run the whole system on this machine under load, kill a worker part way, print a summary."
+HELP = "Run central, two clusters and their workers on this machine under load; kill a worker; summarise."
 EXAMPLE = """
-shoal demo                      # about 20 s: 4000 requests from 32 devices, one worker killed
+shoal demo                      # about 20 s: 3000 images from 32 devices, one worker killed
 shoal demo --requests 10000 --devices 64 --json
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--requests", type=int, default=4000, help="images to send in all (default %(default)s)")
+    p.add_argument("--requests", type=int, default=3000, help="images to send in all (default %(default)s)")
     p.add_argument(
-        "--devices", type=int, default=32, help="simulated devices, one connection each (default %(default)s)"
+        "--devices",
+        type=int,
+        default=32,
+        help="simulated devices, each with its own account (default %(default)s)",
     )
-    p.add_argument("--workers", type=int, default=3, help="workers in the cluster (default %(default)s)")
+    p.add_argument("--clusters", type=int, default=2, help="clusters (default %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="workers per cluster (default %(default)s)")
     p.add_argument(
         "--kill-at",
         type=float,
         default=0.4,
-        help="fraction of requests after which a worker is killed (default %(default)s; 0: none)",
+        help="fraction of requests after which a worker is killed (0: none; default %(default)s)",
     )
     p.add_argument("--model", default="mnist-cnn", help="model to serve (default %(default)s)")
     p.add_argument("--repo", default=None, help="model repository (default: the models bundled with shoal)")
-    p.add_argument("--workdir", default=None, help="folder for process logs (default: a temporary folder)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="folder for the database and process logs (default: a temporary folder)",
+    )
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -49,18 +59,19 @@ def _png(img) -> bytes:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import json
+    import secrets
     import signal
     import tempfile
     import time
     from pathlib import Path
 
     import numpy as np
-    import orjson
     from tqdm import tqdm
 
-    from shoal.bench.loadgen import LoadGenerator, http_request
+    from shoal.aio import run as aio_run
+    from shoal.client.device import AsyncClient
     from shoal.data.mnist import DatasetError, load_mnist
-    from shoal.local import LocalCluster
+    from shoal.local import LocalCentral, LocalCluster
     from shoal.modelrepo.manifest import ManifestError, resolve
     from shoal.worker.cli import bundled_repo
 
@@ -72,83 +83,97 @@ def run(args: argparse.Namespace) -> int:
         print(f"shoal demo: {e}")
         return 2
     n_img = min(args.requests, len(images))
-    print(f"shoal demo: encoding {n_img} MNIST test images as PNG ...", flush=True)
     pngs = [_png(images[i]) for i in range(n_img)]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-demo-"))
-    lc = LocalCluster(workdir, name="cluster-a")
     t_start = time.monotonic()
+    central = LocalCentral(workdir)
+    clusters: list[LocalCluster] = []
     killed: dict[str, object] = {}
+    status: list[dict] = []
+    latencies: list[float] = []
+    per_cluster: dict[str, int] = {}
+    failures: list[str] = []
+    correct = ok = 0
     try:
-        lc.start()
-        for _ in range(args.workers):
-            lc.add_worker(args.model, repo=repo)
-        lc.wait_workers(args.model, args.workers, timeout=60)
+        central.start()
+        for c in range(args.clusters):
+            name = f"cluster-{chr(ord('a') + c)}"
+            pw = secrets.token_hex(12)
+            central.add_account("cluster", name, pw)
+            lc = LocalCluster(workdir / name, name=name, central_urls=[central.url], central_password=pw)
+            clusters.append(lc.start())
+            for _ in range(args.workers):
+                lc.add_worker(args.model, repo=repo)
+        device_pw = {f"device-{i:03d}": secrets.token_hex(8) for i in range(args.devices)}
+        for d, pw in device_pw.items():
+            central.add_account("device", d, pw)
+        for lc in clusters:
+            lc.wait_workers(args.model, args.workers, timeout=60)
+        _wait_routable(central, [lc.name for lc in clusters], args.model)
         print(
-            f"shoal demo: cluster {lc.name} up at {lc.url} with {args.workers} workers of {args.model} "
-            f"in {time.monotonic() - t_start:.1f} s; logs in {workdir}",
+            f"shoal demo: central at {central.url}, {args.clusters} clusters x {args.workers} workers of {args.model}, "
+            f"{args.devices} devices; up in {time.monotonic() - t_start:.1f} s (logs in {workdir})",
             flush=True,
         )
-        path = f"/v2/models/{args.model}/infer"
-        hdrs = {
-            "Authorization": f"Bearer {lc.api_key}",
-            "Content-Type": "image/png",
-            "Inference-Header-Content-Length": "0",
-        }
-        reqs = [http_request(path, b, hdrs) for b in pngs]
-        correct = 0
-        answered_ok = 0
-        failures: list[str] = []
         kill_after = int(args.requests * args.kill_at) if args.kill_at > 0 and args.workers > 1 else -1
-        bar = tqdm(total=args.requests, unit="req", disable=args.no_progress, desc="devices", leave=False)
+        bar = tqdm(total=args.requests, unit="img", disable=args.no_progress, desc="devices", leave=False)
+        done = 0
 
-        def on_response(i: int, status: int, head: bytes, body: bytes) -> None:
-            nonlocal correct, answered_ok
-            if status != 200:
-                failures.append(f"request {i}: HTTP {status} {body[:120]!r}")
-                return
-            out = orjson.loads(body)["outputs"][0]["data"]
-            answered_ok += 1
-            correct += int(int(np.argmax(out)) == int(labels[i % n_img]))
+        async def device(name: str, pw: str, indices: range) -> None:
+            nonlocal correct, ok, done
+            async with AsyncClient(central.url, name, pw, timeout=15.0) as client:
+                for i in indices:
+                    try:
+                        r = await client.infer(args.model, image=pngs[i % n_img])
+                    except Exception as e:  # every failure is reported in the summary
+                        failures.append(f"{name} image {i}: {e}")
+                    else:
+                        ok += 1
+                        latencies.append(r.latency_ms)
+                        per_cluster[r.cluster] = per_cluster.get(r.cluster, 0) + 1
+                        correct += int(str(r.label()) == str(int(labels[i % n_img])))
+                    done += 1
+                    bar.update(1)
+                    if done == kill_after:
+                        victim = clusters[0].workers[0]
+                        victim.signal(signal.SIGKILL)
+                        killed.update(worker=victim.name, pid=victim.pid, after=done)
+                        bar.write(
+                            f"shoal demo: killed worker {victim.name} (pid {victim.pid}) with SIGKILL after {done} images"
+                        )
 
-        def on_progress(done: int) -> None:
-            bar.update(1)
-            if done == kill_after:
-                victim = lc.workers[0]
-                victim.signal(signal.SIGKILL)
-                killed.update(worker=victim.name, pid=victim.pid, after=done)
-                bar.write(
-                    f"shoal demo: killed worker {victim.name} (pid {victim.pid}) with SIGKILL after {done} requests"
-                )
+        async def all_devices() -> float:
+            t = time.perf_counter()
+            names = list(device_pw)
+            await asyncio.gather(
+                *(device(n, device_pw[n], range(k, args.requests, len(names))) for k, n in enumerate(names))
+            )
+            return time.perf_counter() - t
 
-        gen = LoadGenerator(
-            "127.0.0.1",
-            lc.http_port,
-            lambda i: reqs[i % n_img],
-            args.devices,
-            total=args.requests,
-            on_response=on_response,
-            on_progress=on_progress,
-        )
-        result = asyncio.run(gen.run())
+        elapsed = aio_run(all_devices())
         bar.close()
-        failures += result.errors
-        status = lc.status()
+        status = [lc.status() for lc in clusters]
     finally:
-        lc.stop()
+        for lc in clusters:
+            lc.stop()
+        central.stop()
 
-    served = {w["worker_id"]: w["served"] for w in status["departed_workers"]}
-    served.update({w["worker_id"]: w["served"] for m in status["models"] for w in m["workers"]})
+    workers: dict[str, int] = {}
+    for st in status:
+        workers.update({w["worker_id"]: w["served"] for w in st["departed_workers"]})
+        workers.update({w["worker_id"]: w["served"] for m in st["models"] for w in m["workers"]})
+    lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
     summary = {
         "requests": args.requests,
-        "ok": answered_ok,
-        "failed": args.requests - answered_ok,
-        "accuracy": round(correct / answered_ok, 4) if answered_ok else 0.0,
-        "p50_ms": round(result.percentile_ms(50), 2),
-        "p99_ms": round(result.percentile_ms(99), 2),
-        "rps": round(result.rps, 1),
+        "ok": ok,
+        "failed": args.requests - ok,
+        "accuracy": round(correct / ok, 4) if ok else 0.0,
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "rps": round(ok / elapsed, 1),
         "devices": args.devices,
-        "clusters": {lc.name: answered_ok},
-        "workers": served,
+        "clusters": dict(sorted(per_cluster.items())),
+        "workers": dict(sorted(workers.items())),
         "killed": killed or None,
         "model": args.model,
     }
@@ -156,6 +181,25 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0 if summary["failed"] == 0 else 1
+
+
+def _wait_routable(central, names: list[str], model: str, timeout: float = 20.0) -> None:
+    """Until every cluster has reported its model as ready to central."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        code, body = central.call("GET", "/v1/clusters")
+        if code == 200:
+            live = {
+                c["name"]
+                for c in body.get("clusters", [])
+                if any(m["name"] == model and m.get("ready") for m in c.get("models", []))
+            }
+            if set(names) <= live:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"clusters {names} did not report {model} to central within {timeout:.0f} s")
 
 
 def _print_summary(s: dict, failures: list[str]) -> None:
@@ -176,7 +220,7 @@ def _print_summary(s: dict, failures: list[str]) -> None:
     for k, v in s["clusters"].items():
         print(f"    {k:<22} {v:>7}")
     print("  served by worker (the killed one's unanswered requests went to the others):")
-    for k, v in sorted(s["workers"].items()):
+    for k, v in s["workers"].items():
         tag = "  (killed with SIGKILL)" if s["killed"] and k == s["killed"]["worker"] else ""
         print(f"    {k:<22} {v:>7}{tag}")
     for f in failures[:10]:
