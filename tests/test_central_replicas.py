@@ -1,0 +1,104 @@
+"""Several central replicas on one database: they migrate it once, share accounts, derive the same
+cluster keys, and deliver commands that another replica stored. Run on SQLite (always) and on the
+PostgreSQL server of this machine (127.0.0.1:5432; skipped with the reason when there is none)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+from test_central_server import OPERATOR, PW, CentralProc, key_of, model
+
+from shoal.security.tokens import verify_token
+
+PG_ADMIN = os.environ.get("SHOAL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+async def _pg(sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def pg_url():
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        pytest.skip("asyncpg is not installed (pip install -e '.[central]')")
+    name = f"shoal_test_{uuid.uuid4().hex[:12]}"
+    try:
+        asyncio.run(_pg(f"CREATE DATABASE {name}"))
+    except Exception as e:  # no server, no driver for it, or no right to create a database
+        pytest.skip(f"no PostgreSQL server to test against at {PG_ADMIN}: {e}")
+    yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    asyncio.run(_pg(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def _replicas_share_one_database(tmp_path, db: str) -> None:
+    a = CentralProc(tmp_path, db=db, name="replica-a")
+    b = CentralProc(tmp_path, db=db, name="replica-b")
+    # Started together on an empty database: the migration lock lets exactly one create the schema.
+    threads = [threading.Thread(target=c.start) for c in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert a.port and b.port, (a.log.read_text(), b.log.read_text())
+        cluster = a.account("cluster", "rep-site")
+        device = b.account("device", "rep-cam")
+        answers = [c.report(cluster, [model("rep-model", in_flight=3)]) for c in (a, b)]
+        assert answers[0]["token_key"] == answers[1]["token_key"]
+        key = key_of(answers[0])
+        for c in (a, b):
+            code, r = c.call("POST", "/v1/route", {"model": "rep-model"}, auth=device)
+            assert code == 200, r
+            assert verify_token(r["token"], key, audience="rep-site")["sub"] == "rep-cam"
+        # A session from one replica is good on the other.
+        token = a.call("POST", "/v1/login", auth=device)[1]["token"]
+        assert b.call("POST", "/v1/route", {"model": "rep-model"}, auth=token)[0] == 200
+
+        # A command stored through replica a reaches a device waiting on replica b.
+        got: dict[str, Any] = {}
+
+        def poll() -> None:
+            t = time.monotonic()
+            got["answer"] = b.call("GET", "/v1/commands?wait=15", auth=device)
+            got["waited"] = time.monotonic() - t
+
+        th = threading.Thread(target=poll)
+        th.start()
+        time.sleep(0.5)
+        code, posted = a.call("POST", "/v1/devices/rep-cam/commands", {"command": "ping"})
+        assert code == 201
+        th.join(20)
+        code, answer = got["answer"]
+        assert code == 200 and [c["id"] for c in answer["commands"]] == [posted["id"]]
+        assert got["waited"] < 5
+        assert b.call("POST", f"/v1/commands/{posted['id']}/ack", {"result": "pong"}, auth=device)[0] == 200
+        assert a.call("GET", "/v1/status", auth=OPERATOR)[1]["commands"]["acked"] == 1
+        # Both replicas list the same accounts.
+        assert a.call("GET", "/v1/accounts")[1] == b.call("GET", "/v1/accounts")[1]
+        assert any(x["name"] == "rep-cam" for x in a.call("GET", "/v1/accounts")[1]["accounts"])
+        assert PW not in a.log.read_text() + b.log.read_text()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_replicas_share_sqlite(tmp_path):
+    _replicas_share_one_database(tmp_path, f"sqlite:///{tmp_path / 'shared.db'}")
+
+
+def test_replicas_share_postgresql(tmp_path, pg_url):
+    _replicas_share_one_database(tmp_path, pg_url)
