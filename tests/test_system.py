@@ -1,0 +1,187 @@
+"""The whole system as real processes: central, clusters reporting to it, devices routing through it."""
+
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from shoal.client import Client, InferError
+from shoal.local import LocalCentral, LocalCluster
+
+
+@pytest.fixture
+def system(tmp_path, model_repo):
+    """central + two clusters (two echo workers each) + device accounts; everything stops at the end."""
+    central = LocalCentral(tmp_path / "central").start()
+    clusters = []
+    devices = {f"dev{i}": secrets.token_hex(6) for i in range(6)}
+    try:
+        for name in ("cluster-a", "cluster-b"):
+            pw = secrets.token_hex(8)
+            central.add_account("cluster", name, pw)
+            lc = LocalCluster(
+                tmp_path / name, name=name, central_urls=[central.url], central_password=pw
+            ).start()
+            clusters.append(lc)
+            for _ in range(2):
+                lc.add_worker("echo", repo=model_repo)
+        for d, pw in devices.items():
+            central.add_account("device", d, pw)
+        for lc in clusters:
+            lc.wait_workers("echo", 2)
+        wait_live(central, {"cluster-a", "cluster-b"})
+        yield central, clusters, devices
+    finally:
+        for lc in clusters:
+            lc.stop()
+        central.stop()
+
+
+def wait_live(central, names, timeout=10.0):
+    end = time.monotonic() + timeout
+    live = set()
+    while time.monotonic() < end:
+        try:
+            code, body = central.call("GET", "/v1/clusters")
+        except OSError:
+            code = 0
+        if code == 200:
+            live = {c["name"] for c in body["clusters"] if any(m["ready"] for m in c["models"])}
+            if names <= live:
+                return time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"clusters live at central: {live}, wanted {names}")
+
+
+def drive(central, devices, n_each, on_progress=None):
+    """Each device sends n_each requests through its own Client; returns (answers per cluster, failures)."""
+    per_cluster: dict[str, int] = {}
+    failures: list[str] = []
+    lock = threading.Lock()
+    done = [0]
+
+    def device(name, pw):
+        with Client(central.url, name, pw, timeout=10) as c:
+            for i in range(n_each):
+                x = np.full((1, 4), i, np.float32)
+                try:
+                    r = c.infer("echo", {"x": x})
+                    assert float(r.outputs["y"][0, 0]) == i
+                    with lock:
+                        per_cluster[r.cluster] = per_cluster.get(r.cluster, 0) + 1
+                        done[0] += 1
+                        k = done[0]
+                    if on_progress:
+                        on_progress(k)
+                except Exception as e:  # asserted on by the caller
+                    with lock:
+                        failures.append(f"{name}: {e!r}")
+
+    ts = [threading.Thread(target=device, args=item) for item in devices.items()]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    return per_cluster, failures
+
+
+def test_devices_spread_over_clusters_and_survive_one_dying(system):
+    central, clusters, devices = system
+    killed = threading.Event()
+
+    def progress(k):
+        if k == 300 and not killed.is_set():
+            killed.set()
+            clusters[0].gateway.signal(signal.SIGKILL)
+
+    per_cluster, failures = drive(central, devices, 120, progress)
+    assert killed.is_set()
+    assert failures == []
+    assert sum(per_cluster.values()) == 6 * 120
+    assert per_cluster.get("cluster-a", 0) > 0 and per_cluster.get("cluster-b", 0) > 0
+    # After the kill, central drops cluster-a from the route table within three report intervals.
+    end = time.monotonic() + 6
+    while time.monotonic() < end:
+        code, body = central.call("GET", "/v1/clusters")
+        if {c["name"] for c in body["clusters"]} == {"cluster-b"}:
+            break
+        time.sleep(0.1)
+    assert {c["name"] for c in body["clusters"]} == {"cluster-b"}
+
+
+def test_central_down_cached_routes_keep_working_and_restart_recovers(system):
+    central, clusters, devices = system
+    name, pw = next(iter(devices.items()))
+    with Client(central.url, name, pw, timeout=5) as c:
+        first = c.infer("echo", {"x": np.ones((1, 4), np.float32)})
+        port = central.http_port
+        central.proc.signal(signal.SIGKILL)
+        central.proc.popen.wait(5)
+        for _ in range(50):
+            r = c.infer("echo", {"x": np.ones((1, 4), np.float32)})
+            assert r.cluster == first.cluster
+        t = time.monotonic()
+        central.start(http_port=port)
+        back = wait_live(central, {"cluster-a", "cluster-b"}, timeout=10)
+        assert back - t < 3.0
+        assert c.infer("echo", {"x": np.ones((1, 4), np.float32)}).outputs["y"].sum() == 4
+
+
+def test_wrong_device_password_and_unserved_model(system):
+    central, _, devices = system
+    name = next(iter(devices))
+    with Client(central.url, name, "wrong", timeout=5) as c:
+        with pytest.raises(Exception, match="401"):
+            c.infer("echo", {"x": np.ones((1, 4), np.float32)})
+    with Client(central.url, name, devices[name], timeout=5) as c:
+        with pytest.raises(Exception, match="nosuch"):
+            c.infer("nosuch", {"x": np.ones((1, 4), np.float32)})
+
+
+def test_route_token_is_for_one_cluster_only(system):
+    central, clusters, devices = system
+    name, pw = next(iter(devices.items()))
+    with Client(central.url, name, pw, timeout=5) as c:
+        route = c.route("echo")
+    other = next(lc for lc in clusters if lc.name != route.cluster)
+    from shoal.client.http import OipHttpClient
+
+    with OipHttpClient(other.url, route.token) as direct:
+        with pytest.raises(InferError, match="401: invalid token"):  # signed with the other cluster's key
+            direct.infer("echo", {"x": np.ones((1, 4), np.float32)})
+    with OipHttpClient(route.url, route.token) as direct:
+        assert direct.infer("echo", {"x": np.ones((1, 4), np.float32)})["y"].shape == (1, 4)
+
+
+def test_demo_runs_and_reports_json(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "demo",
+            "--requests",
+            "600",
+            "--devices",
+            "8",
+            "--json",
+            "--no-progress",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["requests"] == 600 and summary["ok"] == 600 and summary["failed"] == 0
+    assert summary["accuracy"] >= 0.97
+    assert set(summary["clusters"]) == {"cluster-a", "cluster-b"}
+    assert summary["killed"] and summary["p50_ms"] > 0 and summary["rps"] > 0
