@@ -1,0 +1,207 @@
+"""Routes answered per second by one central replica, on SQLite and on PostgreSQL.
+
+``route_benchmark()`` starts ``shoal central`` as a child process on a fresh database, registers two
+clusters that keep reporting, warms the credential cache of a set of devices, then sends
+``POST /v1/route`` over keep-alive connections for a fixed time (``shoal.bench.loadgen``) and returns
+the figures as a dict. Run it alone with ``python -m shoal.central.bench [--pg URL]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import http.client
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from shoal.bench.loadgen import LoadGenerator, http_request
+
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _basic(name: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
+
+
+def _call(port: int, method: str, path: str, auth: str, body: Any = None) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(
+            method, path, body=data, headers={"Authorization": auth, "Content-Type": "application/json"}
+        )
+        r = conn.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+    finally:
+        conn.close()
+
+
+async def _pg_admin(url: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _start(db: str, workdir: Path, operator_pw: str, cpu: int | None) -> tuple[subprocess.Popen, int]:
+    ports = workdir / "central.ports.json"
+    cmd = [sys.executable, "-m", "shoal", "central", "--http", "127.0.0.1:0", "--db", db]
+    cmd += ["--ports-file", str(ports), "--bootstrap-operator", "bench", "--log-level", "warning"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    env = {**os.environ, "SHOAL_OPERATOR_PASSWORD": operator_pw}
+    log = open(workdir / "central.log", "ab")  # noqa: SIM115 (the child owns it)
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    log.close()
+    end = time.monotonic() + 60
+    while not ports.exists():
+        if p.poll() is not None or time.monotonic() > end:
+            _stop(p)
+            raise RuntimeError("central did not start: " + (workdir / "central.log").read_text()[-2000:])
+        time.sleep(0.05)
+    return p, json.loads(ports.read_text())["http"]
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
+def _load(port: int, auths: list[str], connections: int, duration_s: float) -> dict[str, Any]:
+    body = b'{"model":"mnist-cnn"}'
+    reqs = [
+        http_request("/v1/route", body, {"Authorization": a, "Content-Type": "application/json"})
+        for a in auths
+    ]
+    gen = LoadGenerator(
+        "127.0.0.1",
+        port,
+        lambda i: reqs[i % len(reqs)],
+        connections=connections,
+        duration_s=duration_s,
+        warmup=connections * 4,
+    )
+    r = asyncio.run(gen.run())
+    return {
+        "routes_per_s": round(r.ok / r.elapsed_s, 1),
+        "p50_ms": round(r.percentile_ms(50), 2),
+        "p99_ms": round(r.percentile_ms(99), 2),
+        "answered": r.count,
+        "not_200": r.count - r.ok,
+        "errors": len(r.errors),
+    }
+
+
+def route_benchmark(
+    db: str = "sqlite",
+    pg_admin_url: str = DEFAULT_PG,
+    duration_s: float = 5.0,
+    connections: int = 16,
+    devices: int = 16,
+) -> dict[str, Any]:
+    """Figures for one central on ``db`` ("sqlite" or "postgresql"): routes/s with Basic credentials
+    (cached after the first check) and with session tokens, and their latency percentiles."""
+    two_cpus = (os.cpu_count() or 1) > 1 and hasattr(os, "sched_setaffinity")
+    with tempfile.TemporaryDirectory(prefix="shoal-central-bench-") as tmp:
+        work = Path(tmp)
+        pg_db = None
+        if db == "sqlite":
+            url = f"sqlite:///{work / 'central.db'}"
+        elif db == "postgresql":
+            pg_db = f"shoal_bench_{uuid.uuid4().hex[:10]}"
+            asyncio.run(_pg_admin(pg_admin_url, f"CREATE DATABASE {pg_db}"))
+            url = pg_admin_url.rsplit("/", 1)[0] + "/" + pg_db
+        else:
+            raise ValueError(f"db must be 'sqlite' or 'postgresql', not {db!r}")
+        op_pw = secrets.token_hex(12)
+        proc, port = _start(url, work, op_pw, cpu=0 if two_cpus else None)
+        stop = threading.Event()
+        try:
+            op = _basic("bench", op_pw)
+            pw = secrets.token_hex(12)
+            for kind, name in [("cluster", "bench-a"), ("cluster", "bench-b")] + [
+                ("device", f"bench-cam{i}") for i in range(devices)
+            ]:
+                code, ans = _call(
+                    port, "POST", "/v1/accounts", op, {"kind": kind, "name": name, "password": pw}
+                )
+                if code != 201:
+                    raise RuntimeError(f"could not add {kind} {name}: {ans}")
+
+            def report() -> None:
+                while not stop.is_set():
+                    for i, name in enumerate(("bench-a", "bench-b")):
+                        m = {"name": "mnist-cnn", "version": "1", "ready": True, "in_flight": 3 * i}
+                        m.update(capacity=64, queue=0, latency_ms=1.0, workers=2)
+                        body = {"address": f"http://127.0.0.1:{9000 + i}", "models": [m]}
+                        _call(port, "POST", "/v1/clusters/report", _basic(name, pw), body)
+                    stop.wait(0.5)
+
+            reporter = threading.Thread(target=report, daemon=True)
+            reporter.start()
+            time.sleep(0.3)
+            basics = [_basic(f"bench-cam{i}", pw) for i in range(devices)]
+            sessions = []
+            for a in basics:  # first check of each device pays the KDF; later ones hit the cache
+                code, ans = _call(port, "POST", "/v1/route", a, {"model": "mnist-cnn"})
+                if code != 200:
+                    raise RuntimeError(f"route failed: {code} {ans}")
+                sessions.append("Bearer " + _call(port, "POST", "/v1/login", a)[1]["token"])
+            basic = _load(port, basics, connections, duration_s)
+            session = _load(port, sessions, connections, duration_s)
+        finally:
+            stop.set()
+            _stop(proc)
+            if pg_db is not None:
+                asyncio.run(_pg_admin(pg_admin_url, f"DROP DATABASE IF EXISTS {pg_db} WITH (FORCE)"))
+    return {
+        "database": db,
+        "connections": connections,
+        "devices": devices,
+        "duration_s": duration_s,
+        "central_cpu": "pinned to 1 core" if two_cpus else "shared",
+        "basic": basic,
+        "session": session,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Routes per second of one central on SQLite and PostgreSQL.")
+    p.add_argument(
+        "--pg", default=DEFAULT_PG, help="PostgreSQL admin URL (a database is created and dropped)"
+    )
+    p.add_argument("--no-pg", action="store_true", help="SQLite only")
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--connections", type=int, default=16)
+    args = p.parse_args(argv)
+    out = [route_benchmark("sqlite", duration_s=args.duration, connections=args.connections)]
+    if not args.no_pg:
+        out.append(
+            route_benchmark("postgresql", args.pg, duration_s=args.duration, connections=args.connections)
+        )
+    for r in out:
+        print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
