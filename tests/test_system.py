@@ -185,3 +185,21 @@ def test_demo_runs_and_reports_json(tmp_path):
     assert summary["accuracy"] >= 0.97
     assert set(summary["clusters"]) == {"cluster-a", "cluster-b"}
     assert summary["killed"] and summary["p50_ms"] > 0 and summary["rps"] > 0
+
+
+def test_operator_command_reaches_the_device(system):
+    central, _, devices = system
+    name, pw = next(iter(devices.items()))
+    got: list = []
+    with Client(central.url, name, pw, timeout=5) as c:
+        t = threading.Thread(target=lambda: got.extend(c.commands(wait_s=10)))
+        t.start()
+        time.sleep(0.5)  # the device is now waiting in its long poll
+        code, body = central.call(
+            "POST", f"/v1/devices/{name}/commands", {"command": "reboot", "args": {"delay_s": 5}}
+        )
+        assert code in (200, 201), body
+        t.join(15)
+        assert [g["command"] for g in got] == ["reboot"] and got[0]["args"] == {"delay_s": 5}
+        c.ack(got[0]["id"], {"ok": True})
+        assert c.commands(wait_s=0) == []

@@ -264,6 +264,43 @@ class Client:
                     "labels"
                 ) or {}
 
+    def commands(self, wait_s: float = 25.0) -> list[dict[str, Any]]:
+        """Management commands an operator posted for this device (long poll: waits up to ``wait_s``
+        for one to arrive). Acknowledge each with ``ack`` once carried out."""
+        last: Exception | None = None
+        for c in self._central:
+            old = c.timeout
+            try:
+                c.close()  # the poll needs a longer socket timeout than routes do
+                c.timeout = wait_s + self.timeout
+                status, _, data = c.request(
+                    "GET", f"/v1/commands?wait={wait_s:g}", None, {"Authorization": self.core.auth}
+                )
+            except (OSError, http.client.HTTPException) as e:
+                last = e
+                continue
+            finally:
+                c.close()
+                c.timeout = old
+            if status != 200:
+                raise RouteError(f"central: HTTP {status}: {self.core.error_message(status, data)}", status)
+            return list(json.loads(data).get("commands", []))
+        raise RouteError(f"no central reachable: {last}")
+
+    def ack(self, command_id: int, result: Any = None) -> None:
+        """Tell central a command was carried out (with an optional result)."""
+        body = json.dumps({"result": result}).encode()
+        headers = {"Authorization": self.core.auth, "Content-Type": "application/json"}
+        for c in self._central:
+            try:
+                status, _, data = c.request("POST", f"/v1/commands/{int(command_id)}/ack", body, headers)
+            except (OSError, http.client.HTTPException):
+                continue
+            if status != 200:
+                raise RouteError(f"central: HTTP {status}: {self.core.error_message(status, data)}", status)
+            return
+        raise RouteError("no central reachable to acknowledge the command")
+
     def infer(
         self,
         model: str,

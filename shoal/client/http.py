@@ -36,10 +36,10 @@ class OipHttpClient:
         if u.scheme == "https":
             ctx = ssl.create_default_context(cafile=ca_file)
             self._make = lambda: http.client.HTTPSConnection(
-                u.hostname, u.port or 443, timeout=timeout, context=ctx
+                u.hostname, u.port or 443, timeout=self.timeout, context=ctx
             )
         else:
-            self._make = lambda: http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+            self._make = lambda: http.client.HTTPConnection(u.hostname, u.port or 80, timeout=self.timeout)
         self._conn: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
