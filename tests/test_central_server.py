@@ -516,3 +516,36 @@ def test_status_page_renders_clusters_and_models_in_headless_chromium(central):
     assert 'data-cluster="t10-alpha"' in dom and 'data-cluster="t10-beta"' in dom, r.stderr[-2000:]
     assert "<td>t10-digits</td>" in dom and "<td>t10-faces</td>" in dom
     assert 'id="error"></div>' in dom  # refreshed without an error
+
+
+def test_https_with_a_private_ca(tmp_path):
+    import ssl
+
+    pytest.importorskip("cryptography")
+    from shoal.security.certs import make_ca, make_cert
+
+    ca, _ = make_ca(tmp_path / "pki")
+    cert, key = make_cert(tmp_path / "pki", "central", ["127.0.0.1"], tmp_path / "pki")
+    c = CentralProc(tmp_path, extra=["--tls-cert", str(cert), "--tls-key", str(key)]).start()
+    try:
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", c.port, timeout=10, context=ssl.create_default_context(cafile=str(ca))
+        )
+        auth = base64.b64encode(f"{OPERATOR[0]}:{OPERATOR[1]}".encode()).decode()
+        conn.request("GET", "/v1/status", headers={"Authorization": f"Basic {auth}"})
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["central"]["database"] == "sqlite"
+        conn.close()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            untrusting = http.client.HTTPSConnection("127.0.0.1", c.port, timeout=10)
+            untrusting.request("GET", "/v1/health")
+    finally:
+        c.stop()
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "central", "--tls-cert", str(cert), "--db", "sqlite:///x.db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "--tls-key" in r.stdout
