@@ -46,3 +46,25 @@ def test_ewma_and_retry_after():
     assert retry_after_s(0, 0, 0) == 1
     assert retry_after_s(1000, 10, 100) == 10
     assert retry_after_s(10**9, 1, 1000) == 30
+
+
+def test_version_policies():
+    from shoal.gateway.policy import parse_version_policy, visible_versions
+
+    live = ["1", "2", "10"]
+    assert visible_versions(None, live) == {"1", "2", "10"}
+    assert visible_versions(parse_version_policy({"policy": "all"}, "v"), live) == {"1", "2", "10"}
+    assert visible_versions(parse_version_policy({"policy": "latest", "n": 2}, "v"), live) == {"2", "10"}
+    assert visible_versions(
+        parse_version_policy({"policy": "specific", "versions": [1, "3"]}, "v"), live
+    ) == {"1"}
+    import pytest
+
+    for bad in [
+        {"policy": "newest"},
+        {"policy": "latest", "n": 0},
+        {"policy": "specific", "versions": []},
+        "all",
+    ]:
+        with pytest.raises(ValueError, match="v"):
+            parse_version_policy(bad, "versions.m")

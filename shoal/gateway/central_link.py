@@ -49,11 +49,12 @@ class _Replica:
 def report_body(gw: Gateway, public_url: str) -> dict[str, Any]:
     models = []
     for pool in gw.models.pools():
+        served = pool.spec.version in gw.models.served_versions(pool.spec.name)
         models.append(
             {
                 "name": pool.spec.name,
                 "version": pool.spec.version,
-                "ready": pool.ready,
+                "ready": served,
                 "in_flight": pool.in_flight,
                 "capacity": pool.capacity,
                 "queue": len(pool.queue),

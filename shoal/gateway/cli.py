@@ -15,7 +15,7 @@ curl -H 'Authorization: Bearer devkey' localhost:8000/v2/health/ready
 """
 
 
-CONFIG_BLOCKS = ("pipelines",)
+CONFIG_BLOCKS = ("pipelines", "versions")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from shoal.aio import setup_logging, split_hostport
     from shoal.gateway.central_link import CentralConfig
     from shoal.gateway.pipeline import PipelineError, parse_pipelines
+    from shoal.gateway.policy import parse_version_policy
     from shoal.gateway.server import Gateway, GatewayConfig
 
     setup_logging(args.log_level, "cluster")
@@ -100,9 +101,14 @@ def run(args: argparse.Namespace) -> int:
             public_url=args.public_url or "",
             ca_file=args.central_ca,
         )
+    blocks = getattr(args, "_blocks", {})
     try:
-        pipelines = parse_pipelines(getattr(args, "_blocks", {}).get("pipelines"))
-    except PipelineError as e:
+        pipelines = parse_pipelines(blocks.get("pipelines"))
+        versions_block = blocks.get("versions") or {}
+        if not isinstance(versions_block, dict):
+            raise PipelineError("versions: must map model names to version policies")
+        policies = {str(m): parse_version_policy(d, f"versions.{m}") for m, d in versions_block.items()}
+    except (PipelineError, ValueError) as e:
         print(f"shoal cluster: {args.config}: {e}")
         return 2
     hh, hp = split_hostport(args.http, 8000)
@@ -124,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         request_timeout_s=args.timeout,
         central=central,
         pipelines=pipelines,
+        version_policies=policies,
     )
     try:
         gw = Gateway(cfg)

@@ -92,7 +92,9 @@ class HttpApp:
                 await _reply(send, 200 if pl.ready else 503, orjson.dumps(body))
             elif route.kind == "model":
                 pool = self.gw.models.find(route.model, route.version)
-                versions = sorted(self.gw.models.models[route.model])
+                versions = sorted(self.gw.models.served_versions(route.model)) or sorted(
+                    self.gw.models.models[route.model]
+                )
                 await _reply(send, 200, orjson.dumps(pool.spec.metadata(versions)))
             elif route.kind == "model_ready":
                 pool = self.gw.models.find(route.model, route.version)

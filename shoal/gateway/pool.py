@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shoal.gateway.policy import ewma, newest_version, pick_worker
+from shoal.gateway.policy import ewma, newest_version, pick_worker, visible_versions
 from shoal.modelrepo.manifest import TensorSpec
 
 
@@ -245,10 +245,19 @@ class ModelPool:
 class ModelTable:
     """All pools of a gateway: model name -> version -> pool."""
 
-    def __init__(self, max_queue: int = 1024, max_attempts: int = 5) -> None:
+    def __init__(
+        self, max_queue: int = 1024, max_attempts: int = 5, version_policies: dict[str, Any] | None = None
+    ) -> None:
         self.models: dict[str, dict[str, ModelPool]] = {}
         self.max_queue = max_queue
         self.max_attempts = max_attempts
+        self.version_policies = version_policies or {}  # model -> parsed policy (policy.parse_version_policy)
+
+    def served_versions(self, model: str) -> set[str]:
+        """Versions of a model this gateway routes to: those with live workers, under the model's policy."""
+        versions = self.models.get(model, {})
+        live = [v for v, p in versions.items() if p.ready]
+        return visible_versions(self.version_policies.get(model), live)
 
     def pool_for_worker(self, spec: ModelSpec) -> ModelPool:
         """The pool a new worker joins; raises ValueError when it disagrees with its peers."""
@@ -268,13 +277,17 @@ class ModelTable:
         versions = self.models.get(model)
         if not versions:
             raise RequestFailed(f"unknown model '{model}'", 404)
+        policy = self.version_policies.get(model)
         if version is not None:
             pool = versions.get(version)
             if pool is None:
                 raise RequestFailed(f"model '{model}' has no version '{version}'", 404)
+            if policy is not None and pool.ready and version not in self.served_versions(model):
+                raise RequestFailed(
+                    f"version '{version}' of '{model}' is not served (version policy: {policy[0]})", 404
+                )
             return pool
-        ready = [v for v, p in versions.items() if p.ready]
-        v = newest_version(ready) or newest_version(versions)
+        v = newest_version(self.served_versions(model)) or newest_version(versions)
         assert v is not None
         return versions[v]
 

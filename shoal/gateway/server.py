@@ -57,6 +57,7 @@ class GatewayConfig:
     backlog: int = 4096
     central: CentralConfig | None = None  # report to central (and get the route-token key from it)
     pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
+    version_policies: dict[str, Any] = field(default_factory=dict)  # model -> parsed version policy
 
     def check(self) -> None:
         if not self.secret:
@@ -96,7 +97,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         config.check()
         self.config = config
-        self.models = ModelTable(config.max_queue, config.max_attempts)
+        self.models = ModelTable(config.max_queue, config.max_attempts, config.version_policies)
         self.connections: set[WorkerConnection] = set()
         self.departed: list[dict[str, Any]] = []  # workers that left, newest last
         self.metrics = GatewayMetrics(self)
