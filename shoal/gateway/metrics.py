@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from shoal.gateway.pool import ModelSpec, Pending
@@ -48,6 +48,32 @@ class _LiveState:
                 inflight.add_metric([w.worker_id, m, v], w.in_flight)
                 cap.add_metric([w.worker_id, m, v], w.capacity)
         yield from (workers, queue, ready, inflight, cap)
+
+
+class _ResultStats:
+    """Result storage counters (``--store-results``), read from the store when Prometheus scrapes."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Any:
+        store = getattr(self.gw, "results", None)
+        if store is None:
+            return
+        s = store.stats
+        yield CounterMetricFamily(
+            "shoal_results_stored", "Requests whose inputs and outputs were stored", value=s["stored"]
+        )
+        yield CounterMetricFamily(
+            "shoal_results_dropped",
+            "Requests not stored because the storage queue was full",
+            value=s["dropped"],
+        )
+        yield CounterMetricFamily(
+            "shoal_results_errors", "Result storage errors (files or database)", value=s["errors"]
+        )
+        yield GaugeMetricFamily("shoal_results_bytes", "Bytes of stored result files", value=s["bytes"])
+        yield GaugeMetricFamily("shoal_results_queued", "Results waiting to be written", value=s["queued"])
 
 
 class GatewayMetrics:
@@ -95,6 +121,7 @@ class GatewayMetrics:
             "shoal_retries", "Requests sent again after their worker died or refused", ["model"], registry=r
         )
         r.register(_LiveState(gw))
+        r.register(_ResultStats(gw))
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._codes: dict[tuple[str, str, int], Any] = {}
 

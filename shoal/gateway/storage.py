@@ -581,6 +581,10 @@ class ResultStore:
 
     # ------------------------------------------------------------------------------ errors
 
+    def count_error(self, what: str, e: BaseException) -> None:
+        """Count and (rate-limited) log a storage error found outside the store, e.g. by the API."""
+        self._fail(1, what, e)
+
     def _fail(self, n: int, what: str, e: BaseException) -> None:
         """Count ``n`` failed records; log the first failure of a burst and then at most one line
         per ``LOG_EVERY_S`` saying how many more there were."""
