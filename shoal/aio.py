@@ -21,11 +21,53 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
 
 
-def setup_logging(level: str = "info", component: str = "shoal") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {component}[%(process)d] %(levelname)s %(message)s",
-        stream=sys.stderr,
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, component, pid, message, and any ``extra`` fields
+    (``request_id``, ``worker``, ``model`` ...) a log call passed."""
+
+    _std = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "component": self.component,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        doc.update({k: v for k, v in vars(record).items() if k not in self._std})
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(level: str = "info", component: str = "shoal", fmt: str = "text") -> None:
+    """One line per event on stderr: readable text, or JSON for log collectors."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(component))
+    else:
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {component}[%(process)d] %(levelname)s %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+def add_logging_arguments(p: Any) -> None:
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per line",
     )
 
 

@@ -421,3 +421,23 @@ def test_infer_command_prints_one_json_result_per_file(cluster, tmp_path):
     assert [d["labels"]["logits"] for d in lines[:3]] == [str(int(v)) for v in labels[:3]]
     assert lines[3]["labels"]["logits"] == str(int(labels[0]))  # row 0 of the .npy batch
     assert "error" in lines[4] and r.returncode == 1
+
+
+def test_request_ids_reach_the_worker_log_and_json_logs(cluster, model_repo):
+    lc = cluster(gateway_args=["--log-format", "json"])
+    lc.add_worker("imgstat", repo=model_repo, extra=["--log-format", "json"])
+    lc.wait_workers("imgstat", 1)
+    with lc.client() as c:
+        status, headers, _ = c.request(
+            "POST",
+            "/v2/models/imgstat/infer",
+            b"not an image",
+            {"Inference-Header-Content-Length": "0", "X-Request-Id": "trace-42"},
+        )
+        assert status == 400 and headers["x-request-id"] == "trace-42"
+    time.sleep(0.3)
+    lines = [json.loads(x) for x in lc.workers[0].log.read_text().splitlines() if x.startswith("{")]
+    failed = [d for d in lines if d.get("request_id") == "trace-42"]
+    assert failed and failed[0]["level"] == "warning" and "not a decodable image" in failed[0]["msg"]
+    gw_lines = [json.loads(x) for x in lc.gateway.log.read_text().splitlines() if x.startswith("{")]
+    assert any("joined" in d["msg"] and d["component"] == "cluster" for d in gw_lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from shoal.aio import add_logging_arguments
 from shoal.config import add_config_arguments
 
 HELP = "Run a cluster gateway: devices over HTTP (Open Inference Protocol), workers dial in."
@@ -65,9 +66,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="address devices reach this gateway at, as told to central (default: the --http address)",
     )
     p.add_argument(
+        "--store-results",
+        default=None,
+        metavar="DB_URL",
+        help="store every request's inputs and outputs: metadata in this database (sqlite:///results.db, "
+        "postgresql://user@host/db; password in $PGPASSWORD), tensors as files in --results-dir (default: off)",
+    )
+    p.add_argument(
+        "--results-dir", default="shoal-results", help="folder for stored tensors (default %(default)s)"
+    )
+    p.add_argument(
+        "--results-max-age",
+        type=duration,
+        default=None,
+        help="delete stored results older than this: seconds, or 30m, 12h, 7d (default: keep)",
+    )
+    p.add_argument(
+        "--results-max-mb",
+        type=float,
+        default=None,
+        help="keep stored results' files under this many MB, deleting the oldest (default: no limit)",
+    )
+    p.add_argument(
         "--ports-file", default=None, help="write the bound ports as JSON here (useful with port 0)"
     )
-    p.add_argument("--log-level", default="info")
+    add_logging_arguments(p)
+
+
+def duration(value: str | float) -> float:
+    """Seconds from a number or a number with a unit: 90, 90s, 30m, 12h, 7d."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    v = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(v[-1:])
+    try:
+        return float(v[:-1]) * scale if scale else float(v)
+    except ValueError:
+        raise ValueError(f"not a duration: {value!r} (e.g. 3600, 30m, 12h, 7d)") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from shoal.gateway.policy import parse_version_policy
     from shoal.gateway.server import Gateway, GatewayConfig
 
-    setup_logging(args.log_level, "cluster")
+    setup_logging(args.log_level, "cluster", args.log_format)
     secret = args.secret or os.environ.get("SHOAL_CLUSTER_SECRET", "")
     keys = list(args.api_key) + [k for k in os.environ.get("SHOAL_API_KEYS", "").split(",") if k]
     token_key = args.token_key or os.environ.get("SHOAL_TOKEN_KEY") or None
@@ -131,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
         central=central,
         pipelines=pipelines,
         version_policies=policies,
+        results_db=args.store_results,
+        results_dir=args.results_dir,
+        results_max_age_s=args.results_max_age,
+        results_max_bytes=int(args.results_max_mb * 1024 * 1024) if args.results_max_mb is not None else None,
     )
     try:
         gw = Gateway(cfg)

@@ -6,6 +6,7 @@ are read once into bytes, responses are written with two ASGI messages.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shoal.gateway.pool import RequestFailed
+from shoal.gateway.results_api import client_of, handle_results
 from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.oip import (
     HEADER_LENGTH,
@@ -28,6 +30,7 @@ from shoal.security.tokens import TokenError, constant_time_in, verify_token
 if TYPE_CHECKING:
     from shoal.gateway.server import Gateway
 
+log = logging.getLogger("shoal.gateway")
 _JSON = [(b"content-type", b"application/json")]
 _TOKEN_CACHE_MAX = 10_000
 
@@ -68,7 +71,7 @@ class HttpApp:
                 )
             elif path == "/v2/status" and method == "GET":
                 await _reply(send, 200, orjson.dumps(self.gw.status()))
-            else:
+            elif not await handle_results(self.gw, method, path, scope.get("query_string", b""), send):
                 await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
             return
         try:
@@ -199,21 +202,62 @@ class HttpApp:
         t = req.parameters.get("timeout_ms")
         if isinstance(t, (int, float)) and t > 0:
             timeout = min(timeout, t / 1000.0)
+        xrid = headers.get(b"x-request-id")
+        rid = req.id or (xrid.decode("latin-1")[:128] if xrid else None) or self.gw.new_request_id()
         try:
             if pipeline is not None:
-                outputs = await pipeline.run(arrays, t0 + timeout, self.gw.call_model)
+                outputs = await pipeline.run(
+                    arrays, t0 + timeout, lambda p, a, d: self.gw.call_model(p, a, d, None, rid)
+                )
             else:
                 assert pool is not None
                 names = [o.name for o in req.outputs] if req.outputs is not None else None
-                outputs = await self.gw.call_model(pool, arrays, t0 + timeout, names)
+                outputs = await self.gw.call_model(pool, arrays, t0 + timeout, names, rid)
         except RequestFailed as e:
             self.gw.metrics.observe_response(spec, e.status, time.monotonic() - t0)
+            if e.status >= 500:
+                log.warning(
+                    "request %s to %s failed: %s", rid, model, e, extra={"request_id": rid, "model": model}
+                )
+            e.request_id = rid
+            if self.gw.results is not None:
+                self.gw.results.record(
+                    rid,
+                    spec.name,
+                    spec.version,
+                    arrays,
+                    None,
+                    None,
+                    e.status,
+                    (time.monotonic() - t0) * 1000.0,
+                    str(e),
+                    client_of(headers.get(b"authorization")),
+                )
             raise
-        out, hlen = encode_infer_response(
-            spec.name, spec.version, req.id, outputs, req.outputs, req.binary_output
-        )
+        if self.gw.results is None:
+            out, hlen = encode_infer_response(
+                spec.name, spec.version, req.id, outputs, req.outputs, req.binary_output
+            )
+        else:
+            # Stored under rid, which goes back as the response's id: the device can fetch it later.
+            out, hlen = encode_infer_response(
+                spec.name, spec.version, rid, outputs, req.outputs, req.binary_output
+            )
+            self.gw.results.record(
+                rid,
+                spec.name,
+                spec.version,
+                arrays,
+                None,
+                outputs,
+                200,
+                (time.monotonic() - t0) * 1000.0,
+                None,
+                client_of(headers.get(b"authorization")),
+            )
+        ridh = (b"x-request-id", rid.encode("latin-1", "replace"))
         if hlen is None:
-            await _reply(send, 200, out)
+            await _reply(send, 200, out, [*_JSON, ridh])
         else:
             await _reply(
                 send,
@@ -222,6 +266,7 @@ class HttpApp:
                 [
                     (b"content-type", b"application/octet-stream"),
                     (b"inference-header-content-length", str(hlen).encode()),
+                    ridh,
                 ],
             )
         self.gw.metrics.observe_response(spec, 200, time.monotonic() - t0)
@@ -230,6 +275,9 @@ class HttpApp:
         extra = []
         if isinstance(e, RequestFailed) and e.retry_after is not None:
             extra.append((b"retry-after", str(e.retry_after).encode()))
+        rid = getattr(e, "request_id", None)
+        if rid:
+            extra.append((b"x-request-id", rid.encode("latin-1", "replace")))
         self.gw.metrics.http_errors.labels(str(e.status)).inc()
         await _reply(send, e.status, error_body(str(e)), extra or None)
 

@@ -25,6 +25,7 @@ class RequestFailed(Exception):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.request_id: str | None = None
 
 
 class WorkerHandle(Protocol):

@@ -9,7 +9,10 @@ HTTP app like every other endpoint.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -18,7 +21,8 @@ import orjson
 from shoal.protocol.oip import error_body
 
 if TYPE_CHECKING:
-    from shoal.gateway.server import Gateway
+    from shoal.gateway.server import Gateway, GatewayConfig
+    from shoal.gateway.storage import ResultStore
 
 PREFIX = "/v2/results"
 _LIST_PARAMS = ("model", "version", "since", "until", "status", "limit", "before", "request_id")
@@ -31,8 +35,56 @@ _TYPES = {
 }
 
 
+_CLIENTS_MAX = 10_000
+_clients: dict[bytes, str | None] = {}  # Authorization header -> who it is, for stored results
+
+
 class BadQuery(ValueError):
     pass
+
+
+def client_of(authorization: bytes | None) -> str | None:
+    """Who sent a request, for its stored record: ``device:<name>`` for a route token (already
+    verified by the HTTP app), ``key:<8 hex of its SHA-256>`` for a static key (never the key)."""
+    if not authorization:
+        return None
+    who = _clients.get(authorization)
+    if who is not None:
+        return who
+    token = authorization[7:].strip()
+    who = "key:" + hashlib.sha256(token).hexdigest()[:8]
+    if token.count(b".") == 1:
+        try:
+            part = token.split(b".")[0]
+            claims = orjson.loads(base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4)))
+            if isinstance(claims, dict) and isinstance(claims.get("sub"), str):
+                who = "device:" + claims["sub"][:200]
+        except ValueError:
+            pass
+    if len(_clients) >= _CLIENTS_MAX:
+        _clients.clear()
+    _clients[authorization] = who
+    return who
+
+
+def open_store(cfg: GatewayConfig) -> ResultStore | None:
+    """The gateway's result store, or None when storage is off. Imports the database layer only
+    when it is on; a URL it cannot use is a ValueError, as for any other bad setting."""
+    if not cfg.results_db:
+        return None
+    try:
+        from shoal.gateway.storage import ResultStore
+    except ImportError as e:
+        raise ValueError(
+            f"result storage needs SQLAlchemy and a database driver: pip install 'shoal[storage]' ({e})"
+        ) from None
+    return ResultStore(
+        cfg.results_db,
+        Path(cfg.results_dir),
+        cfg.results_max_age_s,
+        cfg.results_max_bytes,
+        cluster=cfg.name,
+    )
 
 
 async def handle_results(gw: Gateway, method: str, path: str, query: bytes, send: Any) -> bool:

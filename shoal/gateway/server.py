@@ -26,6 +26,7 @@ from shoal.gateway.http_app import HttpApp
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pipeline import Pipeline, PipelineSpec
 from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, rows_of
+from shoal.gateway.results_api import open_store
 from shoal.gateway.worker_link import WorkerConnection
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
@@ -58,6 +59,10 @@ class GatewayConfig:
     central: CentralConfig | None = None  # report to central (and get the route-token key from it)
     pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
     version_policies: dict[str, Any] = field(default_factory=dict)  # model -> parsed version policy
+    results_db: str | None = None  # store requests' inputs and outputs: metadata in this database
+    results_dir: str = "shoal-results"  # ... and their tensors as files here
+    results_max_age_s: float | None = None
+    results_max_bytes: int | None = None
 
     def check(self) -> None:
         if not self.secret:
@@ -110,8 +115,15 @@ class Gateway:
         self._tasks: list[asyncio.Task] = []
         self.on_change: list[Any] = []  # callbacks when workers join or leave
         self.reporter: CentralReporter | None = None
+        self.results = open_store(config)  # None unless --store-results: the request path checks this
         self.pipelines = {name: Pipeline(spec, self.models) for name, spec in config.pipelines.items()}
         self._ids = itertools.count(1)
+        self._rids = itertools.count(1)
+        self._rid_prefix = os.urandom(4).hex() + "-"
+
+    def new_request_id(self) -> str:
+        """A request id unique across gateways and restarts: a random prefix and a counter."""
+        return f"{self._rid_prefix}{next(self._rids):x}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
@@ -122,6 +134,8 @@ class Gateway:
 
     async def start(self) -> None:
         raise_fd_limit()
+        if self.results is not None:
+            await self.results.start()
         loop = asyncio.get_running_loop()
         cfg = self.config
         wsock = _bind(cfg.worker_host, cfg.worker_port, cfg.backlog)
@@ -187,6 +201,8 @@ class Gateway:
                 pass
         if self._uvicorn is not None:
             await self._uvicorn.shutdown()
+        if self.results is not None:
+            await self.results.stop()  # after the HTTP side: nothing records any more
         if self._worker_server is not None:
             self._worker_server.close()
         for c in list(self.connections):
@@ -228,6 +244,7 @@ class Gateway:
         arrays: dict[str, np.ndarray],
         deadline: float,
         outputs: list[str] | None = None,
+        request_id: str | None = None,
     ) -> dict[str, np.ndarray]:
         """Send one request to a model version's pool and wait for its outputs."""
         specs, bufs = pack_tensors(arrays)
@@ -235,6 +252,8 @@ class Gateway:
         header: dict[str, Any] = {"id": rid, "inputs": specs}
         if outputs is not None:
             header["outputs"] = outputs
+        if request_id is not None:
+            header["rid"] = request_id  # carried to the worker for its logs
         fut = asyncio.get_running_loop().create_future()
         pool.submit(Pending(rid, header, bufs, fut, deadline=deadline, rows=rows_of(arrays)))
         h, payload = await fut
@@ -291,4 +310,5 @@ class Gateway:
             ],
             "departed_workers": self.departed,
             "central": self.reporter.describe() if self.reporter else [],
+            "results": self.results.describe() if self.results else None,
         }

@@ -36,6 +36,7 @@ class Item:
     rows: int = 1
     t_received: float = 0.0
     signature: tuple = ()
+    request_id: str | None = None  # the device's request id, for logs
 
 
 @dataclass(slots=True)

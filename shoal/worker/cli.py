@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from shoal.aio import add_logging_arguments
 from shoal.config import add_config_arguments
 
 HELP = "Serve one model version: dial a cluster gateway, batch requests, run the model."
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for held requests"
     )
-    p.add_argument("--log-level", default="info")
+    add_logging_arguments(p)
 
 
 def bundled_repo() -> str:
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from shoal.worker.link import Worker, WorkerConfig
     from shoal.worker.runtimes import RuntimeError_, load_runtime
 
-    setup_logging(args.log_level, "worker")
+    setup_logging(args.log_level, "worker", args.log_format)
     secret = args.secret or os.environ.get("SHOAL_CLUSTER_SECRET", "")
     if not secret:
         print("shoal worker: no cluster secret; pass --secret or set SHOAL_CLUSTER_SECRET")

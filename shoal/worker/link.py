@@ -197,17 +197,29 @@ class Worker:
             return
         link.in_flight += 1
         outs = h.get("outputs")
+        rq = h.get("rid")
         self.engine.submit(
-            Item(rid, inputs, outs if isinstance(outs, list) else None, link, t_received=time.monotonic())
+            Item(
+                rid,
+                inputs,
+                outs if isinstance(outs, list) else None,
+                link,
+                t_received=time.monotonic(),
+                request_id=rq if isinstance(rq, str) else None,
+            )
         )
 
     def on_done(self, done: list[Done]) -> None:
         for d in done:
             link = d.item.conn
             link.in_flight -= 1
-            if link is not self.link or link.transport is None or link.transport.is_closing():
-                continue  # the gateway that asked is gone; it has sent the request elsewhere
+            if link.transport is None or link.transport.is_closing():
+                continue  # that connection is gone; its gateway has sent the request elsewhere
             if d.error is not None:
+                rq = d.item.request_id
+                log.warning(
+                    "request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status}
+                )
                 link.send(
                     encode_frame(MsgType.ERROR, {"id": d.item.id, "error": d.error, "status": d.status})
                 )
