@@ -96,7 +96,7 @@ def test_read_digits_end_to_end(cluster, tmp_path):
             right += got == number
             boxes = out["boxes"]
             assert len(boxes) == len(number)
-            for (x0, y0, x1, y1), (fx0, fy0, fx1, fy1) in zip(boxes.tolist(), frames):
+            for (x0, y0, x1, y1), (fx0, fy0, fx1, fy1) in zip(boxes.tolist(), frames, strict=True):
                 assert fx0 <= x0 < x1 <= fx1 and fy0 <= y0 < y1 <= fy1
         assert right / n >= 0.85, right
         with pytest.raises(InferError) as e:
