@@ -634,6 +634,8 @@ async def _reply(
 ) -> None:
     h = [(b"content-type", b"application/json")] if json else []
     h += [(b"content-length", str(len(body)).encode()), (b"cache-control", b"no-store")]
+    # The page shows operator data: no other site may frame it, no browser may guess its type.
+    h += [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
     h += headers or []
     await send({"type": "http.response.start", "status": status, "headers": h})
     await send({"type": "http.response.body", "body": body})
