@@ -11,10 +11,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from PIL import Image
 
+from shoal.client.http import InferError, OipHttpClient
 from shoal.gateway.storage import ResultStore
+from shoal.protocol.oip import build_infer_request
 
 PG_ADMIN = os.environ.get("SHOAL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -325,3 +328,131 @@ def test_two_clusters_share_one_postgresql_database(tmp_path, pg_url):
             await b.stop()
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------------ a real gateway, end to end
+
+
+def _results(c, query: str = "") -> list[dict]:
+    code, body = c.get_json("/v2/results" + query)
+    assert code == 200, body
+    return body
+
+
+def _wait_results(c, n: int, query: str = "", timeout: float = 10.0) -> list[dict]:
+    end = time.monotonic() + timeout
+    while True:
+        rows = _results(c, query)
+        if len(rows) >= n or time.monotonic() > end:
+            return rows
+        time.sleep(0.05)
+
+
+def _metric(c, name: str) -> float:
+    code, _, text = c.request("GET", "/metrics")
+    assert code == 200
+    for line in text.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_gateway_stores_requests_and_answers_them_back(cluster, model_repo, tmp_path):
+    lc = cluster(
+        gateway_args=[
+            "--store-results",
+            f"sqlite:///{tmp_path / 'results.db'}",
+            "--results-dir",
+            str(tmp_path / "results"),
+            "--results-max-age",
+            "1h",
+        ]
+    )
+    lc.add_worker("echo", repo=model_repo)
+    lc.add_worker("imgstat", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    lc.wait_workers("imgstat", 1)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    image = png(77)
+    with lc.client() as c:
+        # The client's own id is kept and echoed; without one, the response carries the stored id.
+        body, hl = build_infer_request({"x": x}, request_id="mine-1")
+        code, headers, data = c.request(
+            "POST", "/v2/models/echo/infer", body, {"Inference-Header-Content-Length": str(hl)}
+        )
+        assert code == 200
+        assert orjson.loads(data[: int(headers["inference-header-content-length"])])["id"] == "mine-1"
+        body, _ = build_infer_request({"x": x}, binary=False, binary_output=False)
+        code, _, data = c.request("POST", "/v2/models/echo/infer", body, {"Content-Type": "application/json"})
+        assert code == 200
+        generated = orjson.loads(data)["id"]
+        assert generated and generated != "mine-1"
+        assert np.array_equal(c.infer_raw("imgstat", image)["pixels"].shape, (1, 1, 28, 28))
+        with pytest.raises(InferError):
+            c.infer_raw("imgstat", b"not an image")  # the worker refuses it: stored with its status
+
+        rows = _wait_results(c, 4)
+        assert len(rows) == 4 and rows[0]["status"] == 400 and rows[0]["error"]
+        assert [r["request_id"] for r in _results(c, "?model=echo")] == [generated, "mine-1"]
+        assert len(_results(c, "?model=echo&limit=1")) == 1
+        older = _results(c, f"?model=echo&before={rows[-2]['id']}")
+        assert [r["request_id"] for r in older] == ["mine-1"]
+        assert _results(c, "?status=400")[0]["model"] == "imgstat"
+        assert _results(c, "?since=2000-01-01T00:00:00Z&until=" + str(time.time() + 60))
+        assert _results(c, f"?since={time.time() + 60}") == []
+
+        code, got = c.get_json("/v2/results/mine-1")
+        assert code == 200 and got["model"] == "echo" and got["status"] == 200
+        assert [i["name"] for i in got["inputs"]] == ["x"]
+        assert got["outputs"][0]["data"] == x.reshape(-1).tolist()
+        code, headers, raw = c.request("GET", "/v2/results/mine-1/inputs/x")
+        assert code == 200 and headers["content-type"] == "application/octet-stream"
+        assert np.array_equal(np.load(io.BytesIO(raw), allow_pickle=False), x)
+        code, _, raw = c.request("GET", f"/v2/results/{generated}/outputs/y")
+        assert code == 200 and np.array_equal(np.load(io.BytesIO(raw)), x)
+
+        img_id = _results(c, "?model=imgstat&status=200")[0]["request_id"]
+        code, headers, raw = c.request("GET", f"/v2/results/{img_id}/inputs/image")
+        assert code == 200 and raw == image and headers["content-type"] == "image/png"
+
+        assert c.get_json("/v2/results/no-such-id")[0] == 404
+        assert c.request("GET", "/v2/results/mine-1/inputs/nope")[0] == 404
+        assert c.request("GET", "/v2/results/mine-1/inputs/../../results.db")[0] == 404
+        code, err = c.get_json("/v2/results?limit=lots")
+        assert code == 400 and "limit" in err["error"]
+        assert c.get_json("/v2/results?colour=red")[0] == 400
+        assert c.request("DELETE", "/v2/results")[0] == 405
+        assert _metric(c, "shoal_results_stored_total") == 4
+        assert _metric(c, "shoal_results_errors_total") == 0
+    with OipHttpClient(lc.url) as anon:
+        assert anon.get_json("/v2/results")[0] == 401
+        assert anon.get_json("/v2/results/mine-1")[0] == 401
+
+
+def test_storage_failure_never_fails_a_request(cluster, model_repo, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the results folder should be")
+    # Configured through the environment, as an operator may.
+    monkeypatch.setenv("SHOAL_CLUSTER_STORE_RESULTS", f"sqlite:///{tmp_path / 'results.db'}")
+    monkeypatch.setenv("SHOAL_CLUSTER_RESULTS_DIR", str(blocker))
+    lc = cluster()
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    with lc.client() as c:
+        for i in range(50):
+            y = c.infer("echo", {"x": np.full((1, 4), i, np.float32)})["y"]
+            assert float(y[0, 0]) == i
+        end = time.monotonic() + 10
+        while _metric(c, "shoal_results_errors_total") < 50:
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        assert _metric(c, "shoal_results_stored_total") == 0
+        assert _results(c) == []
+    assert "result storage" in lc.gateway.tail(50)
+
+
+def test_results_api_says_when_storage_is_off(cluster):
+    lc = cluster()
+    with lc.client() as c:
+        code, body = c.get_json("/v2/results")
+        assert code == 404 and "--store-results" in body["error"]

@@ -14,7 +14,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shoal.gateway.pool import RequestFailed
-from shoal.gateway.results_api import client_of, handle_results
+from shoal.gateway.results_api import handle_results, record_request
 from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.oip import (
     HEADER_LENGTH,
@@ -221,18 +221,7 @@ class HttpApp:
                 )
             e.request_id = rid
             if self.gw.results is not None:
-                self.gw.results.record(
-                    rid,
-                    spec.name,
-                    spec.version,
-                    arrays,
-                    None,
-                    None,
-                    e.status,
-                    (time.monotonic() - t0) * 1000.0,
-                    str(e),
-                    client_of(headers.get(b"authorization")),
-                )
+                record_request(self.gw.results, rid, spec, arrays, None, e.status, t0, headers, str(e))
             raise
         if self.gw.results is None:
             out, hlen = encode_infer_response(
@@ -243,18 +232,7 @@ class HttpApp:
             out, hlen = encode_infer_response(
                 spec.name, spec.version, rid, outputs, req.outputs, req.binary_output
             )
-            self.gw.results.record(
-                rid,
-                spec.name,
-                spec.version,
-                arrays,
-                None,
-                outputs,
-                200,
-                (time.monotonic() - t0) * 1000.0,
-                None,
-                client_of(headers.get(b"authorization")),
-            )
+            record_request(self.gw.results, rid, spec, arrays, outputs, 200, t0, headers)
         ridh = (b"x-request-id", rid.encode("latin-1", "replace"))
         if hlen is None:
             await _reply(send, 200, out, [*_JSON, ridh])

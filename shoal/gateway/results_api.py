@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,9 @@ import orjson
 from shoal.protocol.oip import error_body
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from shoal.gateway.pool import ModelSpec
     from shoal.gateway.server import Gateway, GatewayConfig
     from shoal.gateway.storage import ResultStore
 
@@ -41,6 +45,32 @@ _clients: dict[bytes, str | None] = {}  # Authorization header -> who it is, for
 
 class BadQuery(ValueError):
     pass
+
+
+def record_request(
+    store: ResultStore,
+    rid: str,
+    spec: ModelSpec,
+    inputs: dict[str, np.ndarray],
+    outputs: dict[str, np.ndarray] | None,
+    status: int,
+    t0: float,
+    headers: dict[bytes, bytes],
+    error: str | None = None,
+) -> None:
+    """Hand one answered inference request to the store (called by the HTTP app only when it is on)."""
+    store.record(
+        rid,
+        spec.name,
+        spec.version,
+        inputs,
+        None,
+        outputs,
+        status,
+        (time.monotonic() - t0) * 1000.0,
+        error,
+        client_of(headers.get(b"authorization")),
+    )
 
 
 def client_of(authorization: bytes | None) -> str | None:
