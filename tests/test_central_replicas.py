@@ -102,3 +102,21 @@ def test_replicas_share_sqlite(tmp_path):
 
 def test_replicas_share_postgresql(tmp_path, pg_url):
     _replicas_share_one_database(tmp_path, pg_url)
+
+
+def test_database_gone_is_a_503_and_cached_devices_keep_routing(tmp_path, pg_url):
+    c = CentralProc(tmp_path, db=pg_url).start()
+    try:
+        cluster = c.account("cluster", "gone-site")
+        device = c.account("device", "gone-cam")
+        c.report(cluster, [model("gone-model")])
+        assert c.call("POST", "/v1/route", {"model": "gone-model"}, auth=device)[0] == 200
+        asyncio.run(_pg(f"DROP DATABASE {pg_url.rsplit('/', 1)[1]} WITH (FORCE)"))
+        # Credentials checked a moment ago need no database: routing goes on.
+        c.report(cluster, [model("gone-model")])
+        assert c.call("POST", "/v1/route", {"model": "gone-model"}, auth=device)[0] == 200
+        code, answer = c.call("POST", "/v1/route", {"model": "gone-model"}, auth=("gone-other", PW))
+        assert code == 503 and "database" in answer["error"]
+        assert c.proc is not None and c.proc.poll() is None
+    finally:
+        c.stop()

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 import uvicorn
+from sqlalchemy.exc import DBAPIError
 
 import shoal
 from shoal.central import passwords
@@ -405,6 +406,11 @@ class Central:
             status, payload = await r.handler(self, req)
         except HttpError as e:
             await _reply(send, e.status, orjson.dumps({"error": e.message}), e.headers)
+            return
+        except (DBAPIError, OSError, asyncio.TimeoutError) as e:
+            # The database is down or unreachable: say so, so clients retry or use another replica.
+            log.warning("database error answering %s %s: %s", method, path, str(e).splitlines()[0][:200])
+            await _reply(send, 503, orjson.dumps({"error": "the central database is unreachable; try again"}))
             return
         except Exception:
             log.exception("error answering %s %s", method, path)
