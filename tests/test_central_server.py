@@ -399,11 +399,15 @@ def test_an_operator_command_reaches_the_device_by_long_poll(central):
     assert central.call("GET", "/v1/commands?wait=999", auth=dev)[0] == 400
 
 
-def test_openapi_documents_every_route(central):
+def test_openapi_documents_every_route_and_metrics_are_served(central):
     code, doc = central.call("GET", "/v1/openapi.json", auth=None)
     assert code == 200 and doc["openapi"].startswith("3.")
     for method, pattern in endpoint_list():
         assert method.lower() in doc["paths"][pattern], (method, pattern)
+    code, text = central.call("GET", "/metrics")
+    assert code == 200 and b'shoal_central_routes_total{result="ok"}' in text
+    assert b"shoal_central_clusters_live" in text and b"shoal_central_auth_failures_total" in text
+    assert central.call("GET", "/metrics", auth=None)[0] == 401
     code, answer = central.call("GET", "/v1/nothing-here")
     assert code == 404 and "no such endpoint" in answer["error"]
     code, answer = central.call("GET", "/v1/route")

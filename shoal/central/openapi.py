@@ -178,6 +178,9 @@ def openapi_document(version: str) -> dict[str, Any]:
         },
         "paths": {
             "/": {"get": _op("the status page (HTML)", "operator", {"description": "HTML page"})},
+            "/metrics": {
+                "get": _op("Prometheus metrics (text format)", "operator", {"description": "Prometheus text"})
+            },
             "/v1/health": {"get": _op("liveness of this replica", None, _json(obj, "alive"))},
             "/v1/openapi.json": {"get": _op("this document", None, _json(obj, "OpenAPI 3"))},
             "/v1/login": {

@@ -32,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 import shoal
 from shoal.central import passwords
 from shoal.central.db import ACCOUNT_KINDS, AccountExists, Store, redact
+from shoal.central.metrics import central_registry
 from shoal.central.openapi import openapi_document
 from shoal.central.policy import ClusterInfo, ModelLoad, choose_cluster, is_live, load_of, version_key
 from shoal.security.tokens import TokenError, sign_token, verify_token
@@ -236,6 +237,7 @@ class Central:
         self._tasks: list[asyncio.Task] = []
         self._page = STATUS_PAGE.read_bytes()
         self._openapi = orjson.dumps(openapi_document(shoal.__version__))
+        self.metrics = central_registry(self)
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -668,6 +670,15 @@ async def health(c: Central, req: Request) -> tuple[int, Any]:
 async def openapi(c: Central, req: Request) -> tuple[int, Any]:
     req.no_body()
     return 200, (c._openapi, b"application/json")
+
+
+@route("GET", "/metrics")
+async def metrics(c: Central, req: Request) -> tuple[int, Any]:
+    # Operator credentials, like the rest of the status: Prometheus scrapes with basic_auth.
+    await c.authenticate(req, "operator")
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return 200, (generate_latest(c.metrics), CONTENT_TYPE_LATEST.encode())
 
 
 @route("POST", "/v1/login")

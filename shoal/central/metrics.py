@@ -1,0 +1,53 @@
+"""Prometheus metrics of a central replica, read from its counters when Prometheus scrapes, so they
+cost nothing per route."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from shoal.central.server import Central
+
+
+class _CentralState:
+    def __init__(self, central: Central) -> None:
+        self.c = central
+
+    def collect(self) -> Any:
+        c = self.c
+        routes = CounterMetricFamily("shoal_central_routes", "Route requests answered", labels=["result"])
+        routes.add_metric(["ok"], c.routes_answered)
+        routes.add_metric(["unserved"], c.routes_unserved)
+        yield routes
+        yield CounterMetricFamily("shoal_central_reports", "Cluster reports accepted", value=c.reports)
+        yield CounterMetricFamily("shoal_central_auth_failures", "Credentials refused", value=c.auth_failures)
+        hooks = CounterMetricFamily("shoal_central_webhook_posts", "Webhook posts", labels=["result"])
+        for k in ("sent", "failed", "skipped"):
+            hooks.add_metric([k], c.webhook_stats[k])
+        yield hooks
+        now = time.monotonic()
+        live = [x for x in c.clusters.values() if now - x.last_report < c.max_age_s]
+        yield GaugeMetricFamily("shoal_central_clusters_live", "Clusters in the route table", value=len(live))
+        yield GaugeMetricFamily(
+            "shoal_central_devices_live", "Devices seen in the last minute", value=len(c.devices)
+        )
+        load = GaugeMetricFamily(
+            "shoal_central_cluster_load",
+            "(in flight + queue) / capacity a live cluster reported",
+            labels=["cluster", "model", "version"],
+        )
+        for x in live:
+            for m in x.models:
+                if m.capacity > 0:
+                    load.add_metric([x.name, m.name, m.version], (m.in_flight + m.queue) / m.capacity)
+        yield load
+
+
+def central_registry(central: Central) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_CentralState(central))  # type: ignore[arg-type]
+    return reg
