@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             central.add_account("device", d, pw)
         for lc in clusters:
             lc.wait_workers(args.model, args.workers, timeout=60)
-        _wait_routable(central, [lc.name for lc in clusters], args.model)
+        central.wait_routable([lc.name for lc in clusters], args.model)
         print(
             f"shoal demo: central at {central.url}, {args.clusters} clusters x {args.workers} workers of {args.model}, "
             f"{args.devices} devices; up in {time.monotonic() - t_start:.1f} s (logs in {workdir})",
@@ -181,25 +181,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0 if summary["failed"] == 0 else 1
-
-
-def _wait_routable(central, names: list[str], model: str, timeout: float = 20.0) -> None:
-    """Until every cluster has reported its model as ready to central."""
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        code, body = central.call("GET", "/v1/clusters")
-        if code == 200:
-            live = {
-                c["name"]
-                for c in body.get("clusters", [])
-                if any(m["name"] == model and m.get("ready") for m in c.get("models", []))
-            }
-            if set(names) <= live:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"clusters {names} did not report {model} to central within {timeout:.0f} s")
 
 
 def _print_summary(s: dict, failures: list[str]) -> None:

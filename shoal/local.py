@@ -265,6 +265,31 @@ class LocalCentral:
         if code not in (200, 201):
             raise RuntimeError(f"central refused account {kind}/{name}: {code} {body}")
 
+    def routable(self, model: str) -> set[str]:
+        """Clusters central would route ``model`` to now (live, model reported ready)."""
+        code, body = self.call("GET", "/v1/clusters")
+        if code != 200:
+            return set()
+        return {
+            c["name"]
+            for c in body.get("clusters", [])
+            if any(m["name"] == model and m.get("ready") for m in c.get("models", []))
+        }
+
+    def wait_routable(self, names: set[str] | list[str], model: str, timeout: float = 20.0) -> float:
+        """Until every named cluster has reported ``model`` ready; returns the monotonic time then."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if set(names) <= self.routable(model):
+                    return time.monotonic()
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(
+            f"clusters {sorted(names)} did not report {model} to central within {timeout:.0f} s"
+        )
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()

@@ -35,28 +35,12 @@ def system(tmp_path, model_repo):
             central.add_account("device", d, pw)
         for lc in clusters:
             lc.wait_workers("echo", 2)
-        wait_live(central, {"cluster-a", "cluster-b"})
+        central.wait_routable({"cluster-a", "cluster-b"}, "echo")
         yield central, clusters, devices
     finally:
         for lc in clusters:
             lc.stop()
         central.stop()
-
-
-def wait_live(central, names, timeout=10.0):
-    end = time.monotonic() + timeout
-    live = set()
-    while time.monotonic() < end:
-        try:
-            code, body = central.call("GET", "/v1/clusters")
-        except OSError:
-            code = 0
-        if code == 200:
-            live = {c["name"] for c in body["clusters"] if any(m["ready"] for m in c["models"])}
-            if names <= live:
-                return time.monotonic()
-        time.sleep(0.05)
-    raise AssertionError(f"clusters live at central: {live}, wanted {names}")
 
 
 def drive(central, devices, n_each, on_progress=None):
@@ -128,7 +112,7 @@ def test_central_down_cached_routes_keep_working_and_restart_recovers(system):
             assert r.cluster == first.cluster
         t = time.monotonic()
         central.start(http_port=port)
-        back = wait_live(central, {"cluster-a", "cluster-b"}, timeout=10)
+        back = central.wait_routable({"cluster-a", "cluster-b"}, "echo", timeout=10)
         assert back - t < 3.0
         assert c.infer("echo", {"x": np.ones((1, 4), np.float32)}).outputs["y"].sum() == 4
 

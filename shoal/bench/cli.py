@@ -7,6 +7,11 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``link``       requests/s over the worker link alone (the real gateway pool driven in-process).
 * ``batching``   throughput of the MNIST CNN at saturation against its own batched speed in-process.
 * ``transfer``   3 MB payloads through a gateway, MB/s.
+* ``startup``    seconds from starting a worker to its first answer.
+* ``connections`` connections one gateway holds at once, each answered.
+* ``pipeline``   the read-digits pipeline: accuracy on generated multi-digit images, latency.
+* ``reroute``    how fast a device is re-routed when its cluster dies.
+* ``central``    routes answered per second by one central (SQLite, and PostgreSQL when available).
 """
 
 from __future__ import annotations
@@ -19,7 +24,18 @@ shoal bench                       # every suite, about two minutes
 shoal bench latency throughput --json results.json
 """
 
-SUITES = ("latency", "throughput", "link", "batching", "transfer")
+SUITES = (
+    "latency",
+    "throughput",
+    "link",
+    "batching",
+    "transfer",
+    "startup",
+    "connections",
+    "pipeline",
+    "reroute",
+    "central",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--seconds", type=float, default=8.0, help="measuring time per load run (default %(default)s)"
     )
     p.add_argument("--connections", type=int, default=64, help="keep-alive clients for throughput runs")
+    p.add_argument("--hold", type=int, default=10_000, help="connections for the connections suite")
+    p.add_argument("--pipeline-images", type=int, default=300, help="images for the pipeline suite")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="folder for process logs")
 

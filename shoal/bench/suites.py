@@ -280,3 +280,207 @@ def transfer(workdir: Path, args: Namespace) -> dict[str, Any]:
         "requests/s": round(res.rps, 1),
         "p50/p99 ms": f"{p50:.1f} / {p99:.1f}",
     }
+
+
+def connections(workdir: Path, args: Namespace) -> dict[str, Any]:
+    """Open many connections to one gateway, hold them all, then send one request on each."""
+    from shoal.gateway.server import raise_fd_limit
+
+    limit = raise_fd_limit()
+    want = min(args.hold, max(100, limit - 2000))  # keep descriptors for everything else
+    with LocalCluster(workdir) as lc:
+        lc.start()
+        lc.add_worker("echo")
+        lc.wait_workers("echo", 1)
+        rss0 = _rss_kb(lc.gateway.pid)
+        req = _infer_request(lc, "echo", {"x": np.zeros((1, 4), np.float32)})
+        result = asyncio.run(_hold_and_answer(lc.http_port, want, req))
+        rss1 = _rss_kb(lc.gateway.pid)
+        status = lc.status()
+    return {
+        "connections held at once": result["opened"],
+        "answered (one request each, all at once)": result["answered"],
+        "seconds to open all": round(result["open_s"], 2),
+        "seconds to answer all": round(result["answer_s"], 2),
+        "gateway memory growth, MB": round((rss1 - rss0) / 1024, 1),
+        "gateway still serving": bool(status["models"]),
+    }
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _hold_and_answer(port: int, n: int, req: bytes) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    sem = asyncio.Semaphore(256)
+
+    async def open_one() -> None:
+        async with sem:
+            conns.append(await asyncio.open_connection("127.0.0.1", port))
+
+    await asyncio.gather(*(open_one() for _ in range(n)))
+    t1 = time.perf_counter()
+
+    async def ask(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(req)
+        await w.drain()
+        head = await r.readuntil(b"\r\n\r\n")
+        cl = int(head.lower().split(b"\r\ncontent-length:")[1].split(b"\r\n")[0])
+        await r.readexactly(cl)
+        return head.startswith(b"HTTP/1.1 200")
+
+    answers = await asyncio.gather(*(ask(r, w) for r, w in conns), return_exceptions=True)
+    t2 = time.perf_counter()
+    for _, w in conns:
+        w.close()
+    return {
+        "opened": len(conns),
+        "answered": sum(1 for a in answers if a is True),
+        "open_s": t1 - t0,
+        "answer_s": t2 - t1,
+    }
+
+
+def startup(workdir: Path, args: Namespace) -> dict[str, Any]:
+    """Seconds from starting a worker process to its first answered request (MNIST CNN, ONNX)."""
+    from shoal.client.http import OipHttpClient
+
+    out = {}
+    with LocalCluster(workdir, gateway_args=["--max-queue", "64"]) as lc:
+        lc.start()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            w = lc.add_worker("mnist-cnn")
+            with OipHttpClient(lc.url, lc.api_key, timeout=30) as c:
+                while True:
+                    try:
+                        c.infer("mnist-cnn", {"image": _mnist_input()})
+                        break
+                    except Exception:  # not joined yet: 404 until its first registration
+                        time.sleep(0.005)
+            times.append(time.perf_counter() - t)
+            w.stop()
+            lc.workers.remove(w)
+        out["first answer after worker start, s (3 runs)"] = " / ".join(f"{x:.2f}" for x in times)
+    return out
+
+
+def pipeline(workdir: Path, args: Namespace) -> dict[str, Any]:
+    """The read-digits pipeline on generated multi-digit images: exact-number accuracy and latency."""
+    import yaml
+
+    from shoal.data.mnist import load_mnist
+    from shoal.examples.read_digits import MODELS, PIPELINE, make_number_image
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "cluster.yaml"
+    cfg.write_text(yaml.safe_dump({"pipelines": PIPELINE}))
+    images, labels = load_mnist("test")
+    rng = np.random.default_rng(2026)
+    n = args.pipeline_images
+    samples = [make_number_image(rng, images, labels) for _ in range(n)]
+    right = digits_right = digits_total = 0
+    lat = []
+    with LocalCluster(workdir, gateway_args=["--config", str(cfg)]) as lc:
+        lc.start()
+        for m in MODELS:
+            lc.add_worker(m)
+        for m in MODELS:
+            lc.wait_workers(m, 1)
+        with lc.client() as c:
+            for png, number, _ in samples:
+                t = time.perf_counter()
+                out = c.infer_raw("read-digits", png)
+                lat.append(time.perf_counter() - t)
+                got = out["number"].reshape(-1)[0]
+                got = got.decode() if isinstance(got, bytes) else str(got)
+                right += got == number
+                digits_total += len(number)
+                digits_right += (
+                    sum(a == b for a, b in zip(got, number, strict=False)) if len(got) == len(number) else 0
+                )
+    p50, p99 = _percentiles(lat)
+    return {
+        "images (2-5 digits each)": n,
+        "numbers read exactly": f"{right}/{n} = {right / n:.3f}",
+        "digits right (numbers of the right length)": f"{digits_right}/{digits_total} = {digits_right / digits_total:.3f}",
+        "latency p50/p99 ms (one at a time)": f"{p50:.1f} / {p99:.1f}",
+    }
+
+
+def reroute(workdir: Path, args: Namespace) -> dict[str, Any]:
+    """A device's cluster dies: how long until its next request is answered by another cluster, and
+    until central has dropped the dead cluster from its route table."""
+    import secrets
+    import signal
+
+    from shoal.client import Client
+    from shoal.local import LocalCentral
+
+    out: dict[str, Any] = {}
+    central = LocalCentral(workdir / "central").start()
+    clusters: list[LocalCluster] = []
+    try:
+        for name in ("cluster-a", "cluster-b"):
+            pw = secrets.token_hex(8)
+            central.add_account("cluster", name, pw)
+            lc = LocalCluster(
+                workdir / name, name=name, central_urls=[central.url], central_password=pw
+            ).start()
+            lc.add_worker("echo")
+            clusters.append(lc)
+        central.add_account("device", "bench-device", "bench-password")
+        for lc in clusters:
+            lc.wait_workers("echo", 1)
+        x = {"x": np.ones((1, 4), np.float32)}
+        rerouted, dropped = [], []
+        with Client(central.url, "bench-device", "bench-password", timeout=5) as c:
+            for _ in range(3):
+                central.wait_routable({"cluster-a", "cluster-b"}, "echo")
+                first = c.infer("echo", x).cluster
+                victim = next(lc for lc in clusters if lc.name == first)
+                t = time.perf_counter()
+                victim.gateway.signal(signal.SIGKILL)
+                victim.gateway.popen.wait(5)
+                r = c.infer("echo", x)
+                rerouted.append(time.perf_counter() - t)
+                assert r.cluster != first
+                while first in central.routable("echo"):
+                    time.sleep(0.02)
+                dropped.append(time.perf_counter() - t)
+                victim.start(http_port=victim.http_port, worker_port=victim.worker_port)
+                victim.wait_workers("echo", 1)
+        out["device re-routed after its cluster died, ms (3 runs)"] = " / ".join(
+            f"{x * 1000:.1f}" for x in rerouted
+        )
+        out["central dropped the dead cluster after, s"] = " / ".join(f"{x:.2f}" for x in dropped)
+    finally:
+        for lc in clusters:
+            lc.stop()
+        central.stop()
+    return out
+
+
+def central(workdir: Path, args: Namespace) -> dict[str, Any]:
+    """Routes answered per second by one central on SQLite, and on PostgreSQL when one is reachable."""
+    from shoal.central.bench import route_benchmark
+
+    out: dict[str, Any] = {}
+    for db in ("sqlite", "postgresql"):
+        try:
+            r = route_benchmark(db, duration_s=min(args.seconds, 5.0))
+        except (OSError, RuntimeError) as e:
+            out[f"{db}"] = f"skipped: {e}"
+            continue
+        for kind in ("basic", "session"):
+            fig = r[kind]
+            out[f"{db}, {kind} credentials"] = (
+                {k: v for k, v in fig.items()} if isinstance(fig, dict) else fig
+            )
+    return out

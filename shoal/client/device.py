@@ -11,7 +11,8 @@ Rules (the same for ``Client`` and ``AsyncClient``; ``_Core`` holds them, free o
 * A route (cluster URL and a token signed for that cluster) is cached per model and version and
   renewed shortly before its token expires.
 * The cluster cannot be reached, or answers 502/503/504: ask central for another route, excluding
-  that cluster, and send again (at most ``retries`` times, with a short back-off).
+  that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
+  retries of the default span the three seconds central takes to drop a dead cluster).
 * The cluster answers 401 (token expired or the cluster's key rotated): ask central for a fresh route.
 * Central cannot be reached: keep using the cached route (until its token expires).
 * Any other 4xx is the device's own mistake: raised at once with the cluster's message.
@@ -192,7 +193,7 @@ class Client:
         device: str,
         password: str,
         timeout: float = 10.0,
-        retries: int = 4,
+        retries: int = 6,
         ca_file: str | None = None,
         compress_above: int = 4096,
     ) -> None:
@@ -323,6 +324,7 @@ class Client:
                 last = f"cluster {r.cluster} unreachable: {e}"
                 exclude.add(r.cluster)
                 core.routes.pop((model, version), None)
+                time.sleep(core.backoff(attempt, None))
                 continue
             if status == 200:
                 return core.result(r, rh, data, t0)
@@ -347,7 +349,7 @@ class AsyncClient:
         device: str,
         password: str,
         timeout: float = 10.0,
-        retries: int = 4,
+        retries: int = 6,
         ca_file: str | None = None,
         compress_above: int = 4096,
     ) -> None:
@@ -451,6 +453,7 @@ class AsyncClient:
                 last = f"cluster {r.cluster} unreachable: {e}"
                 exclude.add(r.cluster)
                 core.routes.pop((model, version), None)
+                await asyncio.sleep(core.backoff(attempt, None))
                 continue
             if status == 200:
                 return core.result(r, rh, data, t0)

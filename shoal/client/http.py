@@ -60,18 +60,24 @@ class OipHttpClient:
         if self.token:
             h["Authorization"] = f"Bearer {self.token}"
         for attempt in range(2):
-            if self._conn is None:
+            fresh = self._conn is None
+            if fresh:
                 self._conn = self._make()
             try:
                 self._conn.request(method, self.base + path, body=body, headers=h)
                 r = self._conn.getresponse()
                 data = r.read()
+                if r.will_close:
+                    self.close()
                 return r.status, {k.lower(): v for k, v in r.getheaders()}, data
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 # A keep-alive connection the server closed while idle: reconnect once.
                 self.close()
-                if attempt:
+                if attempt or fresh:
                     raise
+            except BaseException:
+                self.close()  # never reuse a connection left half-way through an exchange
+                raise
         raise AssertionError("unreachable")
 
     def get_json(self, path: str) -> tuple[int, Any]:
