@@ -93,6 +93,41 @@ def test_resume_gives_the_same_weights_as_an_unbroken_run(tmp_path: Path, arch: 
     assert [h["train_loss"] for h in whole.state.history] == [h["train_loss"] for h in resumed.state.history]
 
 
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from shoal.train import mnist as trainer
+
+    common = dict(arch="mlp", epochs=2, train_subset=2000, test_subset=200)
+    whole = trainer.train(_cfg(tmp_path / "a", **common), log=_quiet)
+
+    calls = 0
+
+    def cross_entropy(*args: object, **kw: object) -> torch.Tensor:
+        nonlocal calls
+        if "reduction" not in kw:  # a training step, not evaluation
+            calls += 1
+            if calls == 27:
+                os.kill(os.getpid(), signal.SIGINT)  # as a user pressing Ctrl-C mid-step
+        return F.cross_entropy(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    part = trainer.train(_cfg(tmp_path / "b", **common), log=_quiet)
+    monkeypatch.undo()
+    assert not part.finished and part.state.global_step == 27
+    resumed = trainer.train(_cfg(tmp_path / "b", resume=True, **common), log=_quiet)
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_resume_refuses_other_hyperparameters(tmp_path: Path) -> None:
     from shoal.train.mnist import train
 

@@ -7,9 +7,9 @@ as one float tensor (188 MB for MNIST), so there is no data loader: a batch is a
 
 Reproducibility: the shuffling of epoch ``e`` comes from its own generator seeded with
 ``(seed, e)``, and the global RNG (weight init, dropout) is seeded once and saved in every
-checkpoint with the optimizer state and the position inside the epoch. Stopping at any step (Ctrl-C,
-``--max-steps``) and resuming therefore gives the same weights, bit for bit, as an unbroken run on
-the same machine and thread count.
+checkpoint with the optimizer state and the position inside the epoch. Stopping (Ctrl-C or
+``--max-steps``, both at a step boundary) and resuming therefore gives the same weights, bit for bit,
+as an unbroken run on the same machine and thread count.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import math
 import os
 import platform
 import shlex
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -317,6 +319,31 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Non
 # ---------------------------------------------------------------------------------------------- training
 
 
+class _StopOnCtrlC:
+    """First Ctrl-C asks the loop to stop at the next step boundary, so the checkpoint never holds
+    weights one step ahead of its step counter; a second Ctrl-C interrupts at once."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.requested = False
+        self._log = log
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._log("stopping after this step (Ctrl-C again to abort without a checkpoint)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train (or resume) as ``config`` says; checkpoints after every epoch and when stopped."""
     cfg = config.resolved()
@@ -360,8 +387,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     )
 
     stopped = False
+    ctrl_c = _StopOnCtrlC(log)
     try:
         from tqdm import tqdm
+
+        ctrl_c.__enter__()
 
         model.train()
         while not state.done and state.epoch < epochs:
@@ -377,7 +407,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
                 dynamic_ncols=True,
             )
             for i in range(state.step_in_epoch, steps_per_epoch):
-                if cfg.max_steps and state.global_step >= cfg.max_steps:
+                if ctrl_c.requested or (cfg.max_steps and state.global_step >= cfg.max_steps):
                     stopped = True
                     break
                 idx = perm[i * bs : (i + 1) * bs]
@@ -430,9 +460,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
                 state.done = True
             save_checkpoint(ckpt_path, cfg, model, opt, state)
     except KeyboardInterrupt:
-        stopped = True
-        log("interrupted")
+        # The second Ctrl-C may land mid-step: keep the last consistent checkpoint rather than this state.
+        log(f"aborted; the last checkpoint in {ckpt_path} (if any) is intact")
+        raise
     finally:
+        ctrl_c.__exit__()
         tb.close()
     if stopped:
         save_checkpoint(ckpt_path, cfg, model, opt, state)
