@@ -254,6 +254,11 @@ class Central:
                 log.info("created operator account %r", name)
             except AccountExists:
                 log.info("operator account %r already exists; left as it is", name)
+        if await self.store.count_accounts("operator") == 0:
+            log.warning(
+                "no operator account yet: add one with 'shoal central accounts add operator NAME' "
+                "or start with --bootstrap-operator NAME"
+            )
         family = socket.AF_INET6 if ":" in cfg.http_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
