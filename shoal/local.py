@@ -67,6 +67,7 @@ class LocalCluster:
     gateway_args: list[str] = field(default_factory=list)
     central_urls: list[str] = field(default_factory=list)  # report to these central replicas
     central_password: str = ""
+    tls: tuple[str, str, str] | None = None  # (certificate, key, CA file): TLS on both gateway ports
     http_port: int = 0
     worker_port: int = 0
     gateway: Child | None = None
@@ -75,7 +76,7 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     def spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None, cpu: int | None = None
@@ -104,6 +105,8 @@ class LocalCluster:
         central: list[str] = []
         for u in self.central_urls:
             central += ["--central", u]
+        if self.tls:
+            central += ["--tls-cert", self.tls[0], "--tls-key", self.tls[1], "--central-ca", self.tls[2]]
         self.gateway = self.spawn(
             self.name,
             [
@@ -151,6 +154,8 @@ class LocalCluster:
             args += ["--repo", str(repo)]
         if version:
             args += ["--version", version]
+        if self.tls:
+            args += ["--tls-ca", self.tls[2]]
         child = self.spawn(
             wid, args + list(extra or []), {"SHOAL_CLUSTER_SECRET": secret or self.secret}, cpu=cpu
         )
@@ -158,7 +163,9 @@ class LocalCluster:
         return child
 
     def client(self, timeout: float = 30.0) -> OipHttpClient:
-        return OipHttpClient(self.url, self.api_key, timeout=timeout)
+        return OipHttpClient(
+            self.url, self.api_key, timeout=timeout, ca_file=self.tls[2] if self.tls else None
+        )
 
     def status(self) -> dict[str, Any]:
         with self.client(5.0) as c:
@@ -211,12 +218,13 @@ class LocalCentral:
     operator: str = "operator"
     operator_password: str = field(default_factory=lambda: secrets.token_hex(16))
     extra_args: list[str] = field(default_factory=list)
+    tls: tuple[str, str, str] | None = None  # (certificate, key, CA file): serve HTTPS
     http_port: int = 0
     proc: Child | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     def start(self, http_port: int | None = None, timeout: float = 30.0) -> LocalCentral:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +245,7 @@ class LocalCentral:
                 str(ports),
                 "--bootstrap-operator",
                 self.operator,
+                *(["--tls-cert", self.tls[0], "--tls-key", self.tls[1]] if self.tls else []),
                 *self.extra_args,
             ],
             {"SHOAL_OPERATOR_PASSWORD": self.operator_password},
@@ -253,7 +262,7 @@ class LocalCentral:
         import base64
 
         auth = base64.b64encode(f"{self.operator}:{self.operator_password}".encode()).decode()
-        with OipHttpClient(self.url, timeout=30.0) as c:
+        with OipHttpClient(self.url, timeout=30.0, ca_file=self.tls[2] if self.tls else None) as c:
             data = json.dumps(body).encode() if body is not None else None
             code, _, raw = c.request(
                 method, path, data, {"Authorization": f"Basic {auth}", "Content-Type": "application/json"}

@@ -187,3 +187,41 @@ def test_operator_command_reaches_the_device(system):
         assert [g["command"] for g in got] == ["reboot"] and got[0]["args"] == {"delay_s": 5}
         c.ack(got[0]["id"], {"ok": True})
         assert c.commands(wait_s=0) == []
+
+
+def test_the_whole_system_over_tls(tmp_path, model_repo):
+    """Our own CA; TLS device-central, device-gateway, gateway-central and worker-gateway."""
+    from shoal.security.certs import make_ca, make_cert
+
+    pki = tmp_path / "pki"
+    ca, _ = make_ca(pki)
+    certs = {n: make_cert(pki, n, ["127.0.0.1", "localhost"], pki) for n in ("central", "site-a")}
+    central = LocalCentral(
+        tmp_path / "central", tls=(str(certs["central"][0]), str(certs["central"][1]), str(ca))
+    )
+    central.start()
+    lc = None
+    try:
+        central.add_account("cluster", "site-a", "cluster-pw-1")
+        central.add_account("device", "cam", "device-pw-1")
+        lc = LocalCluster(
+            tmp_path / "site-a",
+            name="site-a",
+            central_urls=[central.url],
+            central_password="cluster-pw-1",
+            tls=(str(certs["site-a"][0]), str(certs["site-a"][1]), str(ca)),
+        ).start()
+        lc.add_worker("echo", repo=model_repo)
+        lc.wait_workers("echo", 1)
+        central.wait_routable({"site-a"}, "echo")
+        with Client(central.url, "cam", "device-pw-1", ca_file=str(ca), timeout=5) as c:
+            r = c.infer("echo", {"x": np.arange(4, dtype=np.float32).reshape(1, 4)})
+            assert r.cluster == "site-a" and r.outputs["y"].tolist() == [[0, 1, 2, 3]]
+            assert c.route("echo").url.startswith("https://")
+        with Client(central.url, "cam", "device-pw-1", timeout=5) as untrusting:  # system CAs only
+            with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+                untrusting.infer("echo", {"x": np.ones((1, 4), np.float32)})
+    finally:
+        if lc is not None:
+            lc.stop()
+        central.stop()
