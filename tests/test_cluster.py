@@ -441,3 +441,47 @@ def test_request_ids_reach_the_worker_log_and_json_logs(cluster, model_repo):
     assert failed and failed[0]["level"] == "warning" and "not a decodable image" in failed[0]["msg"]
     gw_lines = [json.loads(x) for x in lc.gateway.log.read_text().splitlines() if x.startswith("{")]
     assert any("joined" in d["msg"] and d["component"] == "cluster" for d in gw_lines)
+
+
+def test_a_silent_worker_is_declared_dead_and_its_requests_go_elsewhere(cluster, model_repo):
+    """A worker that logs in, takes requests, then says nothing (hung, or its network cut without a
+    FIN): after the dead-peer timeout the gateway drops it and another worker answers."""
+    from shoal.protocol.frames import encode_frame
+    from shoal.security.tokens import login_proof
+
+    lc = cluster()
+    s = socket.create_connection(("127.0.0.1", lc.worker_port), timeout=10)
+    dec = FrameDecoder()
+    frames = []
+    while not frames:
+        frames = dec.feed(s.recv(4096))
+    nonce = frames[0].header["nonce"]
+    spec = {"name": "x", "datatype": "FP32", "shape": [-1, -1]}
+    hello = {
+        "protocol": 1,
+        "worker_id": "silent",
+        "proof": login_proof(lc.secret.encode(), nonce, "silent"),
+        "model": "echo",
+        "model_version": "1",
+        "runtime": "python",
+        "device": "cpu",
+        "capacity": 4,
+        "max_batch_size": 256,
+        "batch_delay_ms": 0,
+        "inputs": [spec],
+        "outputs": [{**spec, "name": "y"}],
+    }
+    s.sendall(b"".join(encode_frame(MsgType.HELLO, hello)))
+    lc.wait_workers("echo", 1)
+    results = []
+    t = threading.Thread(target=lambda: results.append(hammer(lc, 4, threads=4)))
+    t.start()
+    time.sleep(0.5)  # the four requests now sit on the silent worker
+    lc.add_worker("echo", repo=model_repo)
+    t0 = time.monotonic()
+    t.join(30)
+    s.close()
+    ok, failures = results[0]
+    assert failures == [] and ok == 4
+    assert 3.0 < time.monotonic() - t0 < 15.0  # answered once the silence passed the 5 s limit
+    assert "silent for" in lc.gateway.tail(30)
