@@ -151,8 +151,8 @@ def test_retention_by_age_removes_rows_files_and_orphans(tmp_path):
             store.record("old", "echo", "1", {"x": np.zeros((1, 4), np.float32)}, None, None, 200, 1.0)
             await settle(store)
             (row,) = await store.list()
-            folder = tmp_path / "files" / (await store._row("old"))["path"]
-            assert folder.is_dir() and store.stats["bytes"] > 0
+            batch_file = tmp_path / "files" / (await store._row("old"))["path"]
+            assert batch_file.is_file() and store.stats["bytes"] > 0
             await asyncio.sleep(0.4)
             store.record("new", "echo", "1", {"x": np.zeros((1, 4), np.float32)}, None, None, 200, 1.0)
             await settle(store)
@@ -160,7 +160,7 @@ def test_retention_by_age_removes_rows_files_and_orphans(tmp_path):
             while await store.get("old") is not None:
                 assert time.monotonic() < end
                 await asyncio.sleep(0.05)
-            assert not folder.exists()
+            assert not batch_file.exists()
             assert [r["request_id"] for r in await store.list()] == ["new"]
             assert not orphan.parent.exists() and (tmp_path / "files" / "keep-me").is_dir()
             assert store.stats["errors"] == 0
@@ -176,15 +176,27 @@ def test_retention_by_size_keeps_the_newest(tmp_path):
         store = store_in(tmp_path, max_age_s=None, max_bytes=3 * 4200, janitor_s=3600)
         await store.start()
         try:
-            for i in range(10):
+            for i in range(10):  # one write batch (one file) each
                 store.record(f"r{i}", "echo", "1", {"x": x}, None, None, 200, 1.0)
-            await settle(store)
+                await settle(store)
             assert store.stats["bytes"] > 10 * 4000
             assert await store.enforce_retention() == 7
             assert [r["request_id"] for r in await store.list()] == ["r9", "r8", "r7"]
             assert store.stats["bytes"] <= 3 * 4200
-            hour_dirs = [p for p in (tmp_path / "files").iterdir()]
-            assert sum(len(list(h.iterdir())) for h in hour_dirs) == 3
+            assert len(list((tmp_path / "files").rglob("*.results"))) == 3
+            # Requests written together (one file) go together: room for one request leaves none
+            # when the newest two share a file.
+            for i in range(10, 12):
+                store.record(f"r{i}", "echo", "1", {"x": x}, None, None, 200, 1.0)
+            await settle(store)
+            store.max_bytes = 4200
+            assert await store.enforce_retention() == 5
+            assert await store.list() == [] and store.stats["bytes"] == 0
+            assert list((tmp_path / "files").rglob("*.results")) == []
+            store.max_bytes = 3 * 4200
+            store.record("r12", "echo", "1", {"x": x}, None, None, 200, 1.0)
+            await settle(store)
+            assert 4000 < store.stats["bytes"] < 4200
         finally:
             await store.stop()
         # A restarted store finds the total it had.
