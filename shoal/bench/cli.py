@@ -12,6 +12,7 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``pipeline``   the read-digits pipeline: accuracy on generated multi-digit images, latency.
 * ``reroute``    how fast a device is re-routed when its cluster dies.
 * ``central``    routes answered per second by one central (SQLite, and PostgreSQL when available).
+* ``storage``    the throughput run with result storage off and on: requests/s, gateway CPU per request.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ SUITES = (
     "pipeline",
     "reroute",
     "central",
+    "storage",
 )
 
 
