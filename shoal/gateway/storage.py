@@ -177,7 +177,7 @@ class ResultStore:
             redact(self.url),
             self.folder,
             f"{self.max_age_s:g} s" if self.max_age_s else "none",
-            f"{self.max_bytes / 1e6:g} MB" if self.max_bytes else "none",
+            f"{self.max_bytes / 2**20:g} MB" if self.max_bytes else "none",
         )
 
     async def stop(self) -> None:
