@@ -178,6 +178,35 @@ class _Core:
             labels,
         )
 
+    def failed(
+        self,
+        r: Route,
+        exclude: set[str],
+        attempt: int,
+        status: int = 0,
+        data: bytes = b"",
+        retry_after: str | None = None,
+        error: Exception | None = None,
+    ) -> tuple[str, float]:
+        """After a failed attempt on route ``r``: what went wrong, and how long to wait before the
+        next attempt. Raises ``InferError`` when another attempt would not help (the device's own
+        mistake)."""
+        if error is not None:
+            self.forget(r, exclude)
+            return f"cluster {r.cluster} unreachable: {error}", self.backoff(attempt, None)
+        last = f"cluster {r.cluster}: HTTP {status}: {self.error_message(status, data)}"
+        if status == 401:  # token expired, or the cluster's key changed: a fresh route
+            self.routes.pop((r.model, r.version), None)
+            return last, 0.0
+        if status in RETRY_STATUSES:
+            self.forget(r, exclude)
+            return last, self.backoff(attempt, retry_after)
+        raise InferError(last, status)
+
+    def forget(self, r: Route, exclude: set[str]) -> None:
+        exclude.add(r.cluster)
+        self.routes.pop((r.model, r.version), None)
+
     @staticmethod
     def backoff(attempt: int, retry_after: str | None) -> float:
         hint = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else 0.0
@@ -321,22 +350,12 @@ class Client:
                     "POST", core.infer_path(model, version), body, headers
                 )
             except (OSError, http.client.HTTPException) as e:
-                last = f"cluster {r.cluster} unreachable: {e}"
-                exclude.add(r.cluster)
-                core.routes.pop((model, version), None)
-                time.sleep(core.backoff(attempt, None))
-                continue
-            if status == 200:
-                return core.result(r, rh, data, t0)
-            last = f"cluster {r.cluster}: HTTP {status}: {core.error_message(status, data)}"
-            if status == 401:
-                core.routes.pop((model, version), None)
-            elif status in RETRY_STATUSES:
-                exclude.add(r.cluster)
-                core.routes.pop((model, version), None)
-                time.sleep(core.backoff(attempt, rh.get("retry-after")))
+                last, wait = core.failed(r, exclude, attempt, error=e)
             else:
-                raise InferError(last, status)
+                if status == 200:
+                    return core.result(r, rh, data, t0)
+                last, wait = core.failed(r, exclude, attempt, status, data, rh.get("retry-after"))
+            time.sleep(wait)
         raise InferError(f"gave up after {core.retries + 1} attempts; last: {last}", 503)
 
 
@@ -450,20 +469,10 @@ class AsyncClient:
                     {**headers, "Authorization": f"Bearer {r.token}"},
                 )
             except (OSError, asyncio.TimeoutError) as e:
-                last = f"cluster {r.cluster} unreachable: {e}"
-                exclude.add(r.cluster)
-                core.routes.pop((model, version), None)
-                await asyncio.sleep(core.backoff(attempt, None))
-                continue
-            if status == 200:
-                return core.result(r, rh, data, t0)
-            last = f"cluster {r.cluster}: HTTP {status}: {core.error_message(status, data)}"
-            if status == 401:
-                core.routes.pop((model, version), None)
-            elif status in RETRY_STATUSES:
-                exclude.add(r.cluster)
-                core.routes.pop((model, version), None)
-                await asyncio.sleep(core.backoff(attempt, rh.get("retry-after")))
+                last, wait = core.failed(r, exclude, attempt, error=e)
             else:
-                raise InferError(last, status)
+                if status == 200:
+                    return core.result(r, rh, data, t0)
+                last, wait = core.failed(r, exclude, attempt, status, data, rh.get("retry-after"))
+            await asyncio.sleep(wait)
         raise InferError(f"gave up after {core.retries + 1} attempts; last: {last}", 503)

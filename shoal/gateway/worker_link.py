@@ -14,6 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from shoal.aio import CoalescingProtocol
 from shoal.gateway.pool import ModelPool, ModelSpec, Pending, RequestFailed
 from shoal.protocol.frames import (
     PROTOCOL_VERSION,
@@ -34,11 +35,11 @@ HANDSHAKE_TIMEOUT_S = 5.0
 MAX_CAPACITY = 100_000
 
 
-class WorkerConnection(asyncio.Protocol):
+class WorkerConnection(CoalescingProtocol):
     def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
         self.gw = gateway
         self.decoder = FrameDecoder(gateway.config.max_frame_size)
-        self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.nonce = new_nonce()
         self.state = "handshake"
@@ -54,19 +55,16 @@ class WorkerConnection(asyncio.Protocol):
         self.info: dict[str, Any] = {}
         self.served = 0
         self.connected_at = time.time()
-        self._out: list[Any] = []
-        self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------------------------- transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        super().connection_made(transport)
         pn = transport.get_extra_info("peername")
         self.peer = f"{pn[0]}:{pn[1]}" if isinstance(pn, tuple) else str(pn)
         self.gw.connections.add(self)
-        self._write(
+        self.send(
             encode_frame(
                 MsgType.CHALLENGE,
                 {"versions": list(SUPPORTED_VERSIONS), "nonce": self.nonce, "gateway": self.gw.config.name},
@@ -77,20 +75,6 @@ class WorkerConnection(asyncio.Protocol):
     def _handshake_expired(self) -> None:
         if self.state == "handshake":
             self._refuse(f"no HELLO within {HANDSHAKE_TIMEOUT_S:.0f} s")
-
-    def _write(self, parts: list[Any]) -> None:
-        # Coalesce the frames produced in one loop iteration into one write: under load this turns
-        # hundreds of small sends into a few large ones.
-        self._out.extend(parts)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._out))
-        self._out = []
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
@@ -176,7 +160,7 @@ class WorkerConnection(asyncio.Protocol):
         }
         self.state = "ready"
         self.accepting = True
-        self._write(
+        self.send(
             encode_frame(
                 MsgType.WELCOME,
                 {
@@ -202,8 +186,8 @@ class WorkerConnection(asyncio.Protocol):
 
     def _refuse(self, reason: str) -> None:
         log.warning("refused worker connection from %s: %s", self.peer, reason)
-        self._write(encode_frame(MsgType.REFUSE, {"reason": reason}))
-        self._flush()
+        self.send(encode_frame(MsgType.REFUSE, {"reason": reason}))
+        self.flush()
         self.state = "closed"
         if self.transport is not None:
             self.transport.close()
@@ -212,7 +196,7 @@ class WorkerConnection(asyncio.Protocol):
 
     def send_request(self, p: Pending) -> None:
         self.pending[p.id] = p
-        self._write(encode_frame(MsgType.REQUEST, p.header, p.buffers))
+        self.send(encode_frame(MsgType.REQUEST, p.header, p.buffers))
 
     def _on_result(self, h: dict[str, Any], payload: bytes | memoryview) -> None:
         p = self.pending.pop(h["id"], None)
@@ -247,7 +231,7 @@ class WorkerConnection(asyncio.Protocol):
         if now - self.last_seen > self.gw.config.dead_after_s:
             self._drop(f"silent for {now - self.last_seen:.1f} s")
             return
-        self._write(encode_frame(MsgType.PING, {"t": time.time()}))
+        self.send(encode_frame(MsgType.PING, {"t": time.time()}))
 
     def _drop(self, reason: str, quiet: bool = False) -> None:
         if not quiet:

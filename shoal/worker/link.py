@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shoal.aio import CoalescingProtocol
 from shoal.gateway.policy import backoff_delay
 from shoal.modelrepo.manifest import Manifest
 from shoal.protocol.frames import (
@@ -57,38 +58,17 @@ class WorkerConfig:
     backoff_cap_s: float = 2.0
 
 
-class GatewayLink(asyncio.Protocol):
+class GatewayLink(CoalescingProtocol):
     """One connection to the gateway."""
 
     def __init__(self, worker: Worker) -> None:
+        super().__init__()
         self.w = worker
         self.decoder = FrameDecoder(worker.config.max_frame_size)
-        self.transport: asyncio.Transport | None = None
         self.welcomed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.in_flight = 0
         self.last_seen = time.monotonic()
-        self._out: list[Any] = []
-        self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def send(self, parts: list[Any]) -> None:
-        self._out.extend(parts)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self._out))
-        self._out = []
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
@@ -379,6 +359,6 @@ class Worker:
             await asyncio.sleep(0.02)
         if self.link is not None and self.link.transport is not None:
             self.link.send(encode_frame(MsgType.GOODBYE, {"reason": "drained"}))
-            self.link._flush()
+            self.link.flush()
             self.link.transport.close()
         self._stop.set()
