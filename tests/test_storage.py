@@ -244,6 +244,28 @@ def test_broken_folder_and_database_count_errors_and_never_raise(tmp_path):
     asyncio.run(main())
 
 
+def test_storage_recovers_when_the_database_comes_back(tmp_path):
+    async def main() -> None:
+        where = tmp_path / "db"
+        where.write_text("a file where the database's folder should be")
+        x = np.zeros((1, 4), np.float32)
+        store = ResultStore(f"sqlite:///{where / 'r.db'}", tmp_path / "files", None, 10**9)
+        await store.start()
+        try:
+            store.record("lost", "echo", "1", {"x": x}, None, None, 200, 1.0)
+            await settle(store)
+            assert store.stats["errors"] >= 2 and store.stats["stored"] == 0  # start, then the batch
+            where.unlink()
+            where.mkdir()
+            store.record("kept", "echo", "1", {"x": x}, None, None, 200, 1.0)
+            await settle(store)
+            assert store.stats["stored"] == 1
+            assert [r["request_id"] for r in await store.list()] == ["kept"]
+            assert len(list((tmp_path / "files").rglob("*.results"))) == 1  # the failed batch's file went
+        finally:
+            await store.stop()
+
+
 def test_full_queue_drops_and_counts(tmp_path):
     async def main() -> None:
         store = store_in(tmp_path, max_age_s=None, max_bytes=None, queue_size=3, max_queue_bytes=10_000)

@@ -163,11 +163,6 @@ class ResultStore:
         try:
             await asyncio.to_thread(self.folder.mkdir, parents=True, exist_ok=True)
             await self._ensure_table()
-            async with self._engine.connect() as conn:
-                total = await conn.scalar(
-                    select(func.coalesce(func.sum(_t.bytes), 0)).where(_t.cluster == self.cluster)
-                )
-            self.bytes = int(total or 0)
         except Exception as e:
             self._fail(1, "cannot open result storage", e)
         self._writer = asyncio.create_task(self._write_loop(), name="results-writer")
@@ -338,7 +333,8 @@ class ResultStore:
         rows: list[dict[str, Any]] = []
         failed: list[Exception] = []
         pos = 0
-        with open(self.folder / rel, "wb") as fh:
+        fh = open(self.folder / rel, "wb")  # noqa: SIM115 (closed below; removed if anything fails)
+        try:
             for t, rid, model, version, inputs, raw, outputs, status, lat, error, client, _ in batch:
                 try:
                     parts: list[Any] = []
@@ -375,6 +371,13 @@ class ResultStore:
                     }
                 )
                 pos = end
+            fh.close()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fh.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.folder / rel)
+            raise
         return rel, rows, failed
 
     async def _ensure_table(self) -> None:
@@ -388,6 +391,12 @@ class ResultStore:
             # Another gateway on the same database may have created it between check and create.
             async with self._engine.begin() as conn:
                 await conn.run_sync(metadata.create_all)
+        # What this cluster stored before a restart counts toward the size limit.
+        async with self._engine.connect() as conn:
+            total = await conn.scalar(
+                select(func.coalesce(func.sum(_t.bytes), 0)).where(_t.cluster == self.cluster)
+            )
+        self.bytes += int(total or 0)
         self._table_ready = True
 
     # ---------------------------------------------------------------------------- retention
@@ -402,7 +411,7 @@ class ResultStore:
 
     async def enforce_retention(self) -> int:
         """Delete results older than the age limit, then the oldest beyond the size limit. Both work
-        on whole files (a write batch: requests recorded within milliseconds of each other). Returns
+        on whole files (a write batch: requests recorded within ``linger_s`` of each other). Returns
         how many rows went."""
         if not self._table_ready or self._engine is None:
             return 0
