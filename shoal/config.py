@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-SECRET_WORDS = ("secret", "password", "key", "token")
+SECRET_WORDS = ("secret", "password", "key")
+SECRET_NAMES = ("token",)
 
 
 class ConfigError(ValueError):
@@ -114,7 +115,7 @@ def printable(args: argparse.Namespace, parser: argparse.ArgumentParser, blocks:
     out: dict[str, Any] = {}
     for dest, action in _actions(parser).items():
         v = getattr(args, dest, None)
-        if v and any(w in dest for w in SECRET_WORDS):
+        if v and (any(w in dest for w in SECRET_WORDS) or dest in SECRET_NAMES):
             v = ["***"] * len(v) if isinstance(v, list) else "***"
         out[action.option_strings[-1].lstrip("-")] = v
     out.update(blocks)

@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from shoal.aio import add_logging_arguments
+from shoal.config import add_config_arguments
+
 HELP = "Run the central directory: accounts, live clusters, routes with signed tokens, status page."
 EXAMPLE = """
 SHOAL_OPERATOR_PASSWORD=... shoal central --http 0.0.0.0:7000 --db sqlite:///central.db --bootstrap-operator admin
@@ -56,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="create this operator account on start if missing; password from $SHOAL_OPERATOR_PASSWORD",
     )
     p.add_argument("--ports-file", default=None, help="write {http, pid} as JSON here once listening")
-    p.add_argument("--log-level", default="info")
+    add_logging_arguments(p)
+    add_config_arguments(p)
     sub = p.add_subparsers(dest="central_command", metavar="{accounts,migrate}")
     acc = sub.add_parser(
         "accounts",
@@ -172,14 +176,11 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import json
-    import signal
-
     from shoal.aio import run as aio_run
     from shoal.aio import setup_logging, split_hostport
+    from shoal.httpserver import wait_for_stop_signal, write_ports_file
 
-    setup_logging(args.log_level, "central")
+    setup_logging(args.log_level, "central", args.log_format)
     if args.central_command == "accounts":
         return aio_run(_accounts(args))
     if args.central_command == "migrate":
@@ -217,16 +218,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         await central.start()
-        if args.ports_file:
-            tmp = args.ports_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"http": central.http_port, "pid": os.getpid()}, f)
-            os.replace(tmp, args.ports_file)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        write_ports_file(args.ports_file, {"http": central.http_port})
+        await wait_for_stop_signal()
         await central.stop()
         return 0
 

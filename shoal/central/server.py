@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import logging
 import re
-import socket
 import time
 import urllib.parse
 import urllib.request
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import uvicorn
 from sqlalchemy.exc import DBAPIError
 
 import shoal
@@ -35,6 +33,7 @@ from shoal.central.db import ACCOUNT_KINDS, AccountExists, Store, redact
 from shoal.central.metrics import central_registry
 from shoal.central.openapi import openapi_document
 from shoal.central.policy import ClusterInfo, ModelLoad, choose_cluster, is_live, load_of, version_key
+from shoal.httpserver import EmbeddedHttpServer
 from shoal.security.tokens import TokenError, sign_token, verify_token
 
 log = logging.getLogger("shoal.central")
@@ -233,7 +232,7 @@ class Central:
         self._waiters: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}
         self._last_command_id = 0
-        self._uvicorn: uvicorn.Server | None = None
+        self._http: EmbeddedHttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._page = STATUS_PAGE.read_bytes()
         self._openapi = orjson.dumps(openapi_document(shoal.__version__))
@@ -259,33 +258,13 @@ class Central:
                 "no operator account yet: add one with 'shoal central accounts add operator NAME' "
                 "or start with --bootstrap-operator NAME"
             )
-        family = socket.AF_INET6 if ":" in cfg.http_host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((cfg.http_host, cfg.http_port))
-        sock.listen(cfg.backlog)
-        sock.setblocking(False)
-        self.http_port = sock.getsockname()[1]
-        ucfg = uvicorn.Config(
-            self,
-            http="httptools",
-            loop="none",
-            lifespan="off",
-            access_log=False,
-            log_level="warning",
-            backlog=cfg.backlog,
-            timeout_keep_alive=75,  # longer than a long poll, so devices keep their connection
-            ssl_certfile=cfg.tls_cert,
-            ssl_keyfile=cfg.tls_key,
-            server_header=False,
-            proxy_headers=False,
+        # Keep-alive longer than a long poll, so devices keep their connection between polls.
+        self._http = EmbeddedHttpServer(
+            self, cfg.http_host, cfg.http_port, cfg.backlog, cfg.tls_cert, cfg.tls_key, keep_alive_s=75
         )
-        self._uvicorn = uvicorn.Server(ucfg)
-        ucfg.load()
-        self._uvicorn.lifespan = ucfg.lifespan_class(ucfg)
-        await self._uvicorn.startup(sockets=[sock])
+        self.http_port = self._http.port
+        await self._http.start()
         self._tasks = [
-            asyncio.create_task(self._uvicorn.main_loop(), name="uvicorn-tick"),
             asyncio.create_task(self._command_poller(), name="command-poller"),
             asyncio.create_task(self._janitor(), name="janitor"),
         ]
@@ -301,20 +280,19 @@ class Central:
         )
 
     async def stop(self) -> None:
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
+        if self._http is not None:
+            self._http.server.should_exit = True
         for ev in self._waiters.values():
             ev.set()
         for t in self._tasks:
-            if t.get_name() != "uvicorn-tick":
-                t.cancel()
+            t.cancel()
         for t in self._tasks:
             try:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
-        if self._uvicorn is not None:
-            await self._uvicorn.shutdown()
+        if self._http is not None:
+            await self._http.stop()
         await self.store.close()
 
     # ------------------------------------------------------------------------------------ keys
@@ -566,7 +544,7 @@ class Central:
                 ev.clear()
                 cmds = await self.store.pending_commands(device)
                 left = deadline - time.monotonic()
-                if cmds or left <= 0 or (self._uvicorn is not None and self._uvicorn.should_exit):
+                if cmds or left <= 0 or (self._http is not None and self._http.stopping):
                     return cmds
                 try:
                     # Re-check now and then even without a wake-up: ids from other replicas may commit

@@ -106,16 +106,13 @@ def duration(value: str | float) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import json
-    import signal
-
     from shoal.aio import run as aio_run
     from shoal.aio import setup_logging, split_hostport
     from shoal.gateway.central_link import CentralConfig
     from shoal.gateway.pipeline import PipelineError, parse_pipelines
     from shoal.gateway.policy import parse_version_policy
     from shoal.gateway.server import Gateway, GatewayConfig
+    from shoal.httpserver import wait_for_stop_signal, write_ports_file
 
     setup_logging(args.log_level, "cluster", args.log_format)
     secret = args.secret or os.environ.get("SHOAL_CLUSTER_SECRET", "")
@@ -179,16 +176,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         await gw.start()
-        if args.ports_file:
-            tmp = args.ports_file + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"http": gw.http_port, "workers": gw.worker_port, "pid": os.getpid()}, f)
-            os.replace(tmp, args.ports_file)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        write_ports_file(args.ports_file, {"http": gw.http_port, "workers": gw.worker_port})
+        await wait_for_stop_signal()
         await gw.stop()
         return 0
 

@@ -11,14 +11,12 @@ import itertools
 import logging
 import os
 import resource
-import socket
 import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import uvicorn
 
 import shoal
 from shoal.gateway.central_link import CentralConfig, CentralReporter
@@ -28,6 +26,7 @@ from shoal.gateway.pipeline import Pipeline, PipelineSpec
 from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, rows_of
 from shoal.gateway.results_api import open_store
 from shoal.gateway.worker_link import WorkerConnection
+from shoal.httpserver import EmbeddedHttpServer, bind_tcp
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 
@@ -88,16 +87,6 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def _bind(host: str, port: int, backlog: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port))
-    s.listen(backlog)
-    s.setblocking(False)
-    return s
-
-
 class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         config.check()
@@ -111,7 +100,7 @@ class Gateway:
         self.http_port = 0
         self.worker_port = 0
         self._worker_server: asyncio.AbstractServer | None = None
-        self._uvicorn: uvicorn.Server | None = None
+        self._http: EmbeddedHttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self.on_change: list[Any] = []  # callbacks when workers join or leave
         self.reporter: CentralReporter | None = None
@@ -138,35 +127,17 @@ class Gateway:
             await self.results.start()
         loop = asyncio.get_running_loop()
         cfg = self.config
-        wsock = _bind(cfg.worker_host, cfg.worker_port, cfg.backlog)
+        wsock = bind_tcp(cfg.worker_host, cfg.worker_port, cfg.backlog)
         self.worker_port = wsock.getsockname()[1]
         self._worker_server = await loop.create_server(
             lambda: WorkerConnection(self), sock=wsock, ssl=self.ssl_context()
         )
-        hsock = _bind(cfg.http_host, cfg.http_port, cfg.backlog)
-        self.http_port = hsock.getsockname()[1]
-        ucfg = uvicorn.Config(
-            self.app,
-            http="httptools",
-            loop="none",
-            lifespan="off",
-            access_log=False,
-            log_level="warning",
-            backlog=cfg.backlog,
-            timeout_keep_alive=60,
-            ssl_certfile=cfg.tls_cert,
-            ssl_keyfile=cfg.tls_key,
-            server_header=False,
-            proxy_headers=False,  # the gateway is the public face; no proxy in front to trust by default
+        self._http = EmbeddedHttpServer(
+            self.app, cfg.http_host, cfg.http_port, cfg.backlog, cfg.tls_cert, cfg.tls_key
         )
-        self._uvicorn = uvicorn.Server(ucfg)
-        # uvicorn's serve() would also take over signal handling; the gateway owns its lifecycle,
-        # so it runs uvicorn's startup and tick loop itself.
-        ucfg.load()
-        self._uvicorn.lifespan = ucfg.lifespan_class(ucfg)
-        await self._uvicorn.startup(sockets=[hsock])
+        self.http_port = self._http.port
+        await self._http.start()
         self._tasks = [
-            asyncio.create_task(self._uvicorn.main_loop(), name="uvicorn-tick"),
             asyncio.create_task(self._heartbeats(), name="heartbeats"),
             asyncio.create_task(self._deadlines(), name="deadlines"),
         ]
@@ -189,18 +160,17 @@ class Gateway:
     async def stop(self) -> None:
         if self.reporter is not None:
             await self.reporter.stop()
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
+        if self._http is not None:
+            self._http.server.should_exit = True
         for t in self._tasks:
-            if t.get_name() != "uvicorn-tick":
-                t.cancel()
+            t.cancel()
         for t in self._tasks:
             try:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
-        if self._uvicorn is not None:
-            await self._uvicorn.shutdown()
+        if self._http is not None:
+            await self._http.stop()
         if self.results is not None:
             await self.results.stop()  # after the HTTP side: nothing records any more
         if self._worker_server is not None:
