@@ -73,13 +73,20 @@ def bench_engines(args: argparse.Namespace) -> dict[str, Any]:
     from shoal.fusion.experiment import Config
 
     cfg = Config(
-        dataset=args.dataset, split=args.split, peers=args.peers, topologies=args.topologies
+        dataset=args.dataset,
+        split=args.split,
+        peers=args.peers,
+        topologies=args.topologies,
+        lr=args.lr,
+        hidden=args.hidden,
+        batch=args.batch,
     ).resolved()
     data = datasets.load(args.dataset)
     shards = datasets.shard(data.y_train, cfg.split, cfg.peers or 8, seed=0, alpha=args.alpha)
     groups = [runner.Group(t, shards, 0, args.rate, args.every) for t in cfg.topologies]
     out: dict[str, Any] = {
         "dataset": args.dataset,
+        "batch": cfg.batch,
         "peers": sum(len(g.shards) for g in groups),
         "epochs": args.bench_engines,
     }
