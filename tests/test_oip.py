@@ -203,3 +203,21 @@ def test_fuzz_decompress(data, enc):
         decompress(data, enc, 10_000)
     except CompressionError:
         pass
+
+
+def test_binary_response_straight_from_a_result_frame():
+    from shoal.protocol.oip import binary_response
+    from shoal.protocol.tensors import pack_tensors
+
+    y = np.arange(6, dtype=np.float32).reshape(2, 3)
+    specs, bufs = pack_tensors({"y": y, "s": np.array([b"ab", b"c"], dtype=object)})
+    payload = b"".join(bytes(b) for b in bufs)
+    body, hl = binary_response("m", "1", "r1", specs, payload)
+    doc, arrays = parse_infer_response(body, hl)
+    assert doc["id"] == "r1" and doc["model_name"] == "m"
+    np.testing.assert_array_equal(arrays["y"], y)
+    bad = [dict(specs[0], size=4), specs[1]]
+    with pytest.raises(TensorError):
+        binary_response("m", "1", None, bad, payload)
+    with pytest.raises(TensorError):
+        binary_response("m", "1", None, specs, payload + b"x")

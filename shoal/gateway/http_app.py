@@ -19,12 +19,14 @@ from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.oip import (
     HEADER_LENGTH,
     ProtocolError,
+    binary_response,
     bind_inputs,
     encode_infer_response,
     error_body,
     parse_infer_request,
     parse_path,
 )
+from shoal.protocol.tensors import TensorError
 from shoal.security.tokens import TokenError, constant_time_in, verify_token
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.gateway")
 _JSON = [(b"content-type", b"application/json")]
+_BINARY = [(b"content-type", b"application/octet-stream")]
 _TOKEN_CACHE_MAX = 10_000
 
 
@@ -209,6 +212,26 @@ class HttpApp:
                 outputs = await pipeline.run(
                     arrays, t0 + timeout, lambda p, a, d: self.gw.call_model(p, a, d, None, rid)
                 )
+            elif req.outputs is None and req.binary_output and self.gw.results is None:
+                # The common binary case: the worker's result bytes become the response as they are.
+                assert pool is not None
+                h, payload = await self.gw.call_model(pool, arrays, t0 + timeout, None, rid, raw=True)
+                try:
+                    out, hlen = binary_response(spec.name, spec.version, req.id, h["outputs"], payload)
+                except (TensorError, KeyError) as e:
+                    raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
+                await _reply(
+                    send,
+                    200,
+                    out,
+                    [
+                        *_BINARY,
+                        (b"inference-header-content-length", str(hlen).encode()),
+                        (b"x-request-id", rid.encode("latin-1", "replace")),
+                    ],
+                )
+                self.gw.metrics.observe_response(spec, 200, time.monotonic() - t0)
+                return
             else:
                 assert pool is not None
                 names = [o.name for o in req.outputs] if req.outputs is not None else None

@@ -279,6 +279,8 @@ class ModelTable:
         if not versions:
             raise RequestFailed(f"unknown model '{model}'", 404)
         policy = self.version_policies.get(model)
+        if version is None and policy is None and len(versions) == 1:
+            return next(iter(versions.values()))  # the common case: one version, no policy
         if version is not None:
             pool = versions.get(version)
             if pool is None:

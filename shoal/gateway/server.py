@@ -215,8 +215,10 @@ class Gateway:
         deadline: float,
         outputs: list[str] | None = None,
         request_id: str | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Send one request to a model version's pool and wait for its outputs."""
+        raw: bool = False,
+    ) -> Any:
+        """Send one request to a model version's pool and wait for its outputs (as arrays; or, with
+        ``raw``, the worker's result header and payload untouched)."""
         specs, bufs = pack_tensors(arrays)
         rid = next(self._ids)
         header: dict[str, Any] = {"id": rid, "inputs": specs}
@@ -227,6 +229,8 @@ class Gateway:
         fut = asyncio.get_running_loop().create_future()
         pool.submit(Pending(rid, header, bufs, fut, deadline=deadline, rows=rows_of(arrays)))
         h, payload = await fut
+        if raw:
+            return h, payload
         try:
             return unpack_tensors(h["outputs"], payload)
         except TensorError as e:

@@ -363,6 +363,46 @@ def encode_infer_response(
     return b"".join([head, *blobs]), len(head)
 
 
+def binary_response(
+    model: str, version: str, request_id: str | None, specs: Any, payload: bytes | memoryview
+) -> tuple[bytes, int]:
+    """A binary response straight from a worker's result frame (tensor specs and their raw bytes, in
+    order), without turning the tensors into arrays and back. Checks that the specs describe exactly
+    the payload."""
+    if not isinstance(specs, list):
+        raise TensorError("result tensor specs must be a list")
+    outs = []
+    total = 0
+    for sp in specs:
+        if not isinstance(sp, dict):
+            raise TensorError("each result tensor spec must be a map")
+        size, dt, shape = sp.get("size"), sp.get("datatype"), check_shape(sp.get("shape"))
+        if not isinstance(size, int) or size < 0 or not isinstance(dt, str):
+            raise TensorError("result tensor spec needs a datatype and a size")
+        if dt != "BYTES":
+            item = NP_DTYPES.get(dt)
+            if item is None or element_count(shape) * item.itemsize != size:
+                raise TensorError(
+                    f"result tensor '{sp.get('name')}' {dt} {list(shape)} does not have {size} bytes"
+                )
+        total += size
+        outs.append(
+            {
+                "name": sp.get("name"),
+                "datatype": dt,
+                "shape": list(shape),
+                "parameters": {"binary_data_size": size},
+            }
+        )
+    if total != len(payload):
+        raise TensorError(f"result specs claim {total} bytes, the payload has {len(payload)}")
+    resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outs}
+    if request_id is not None:
+        resp["id"] = request_id
+    head = orjson.dumps(resp)
+    return head + bytes(payload), len(head)
+
+
 def parse_infer_response(
     body: bytes, header_length: int | None
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -438,6 +478,7 @@ __all__ = [
     "RequestedOutput",
     "Route",
     "bind_inputs",
+    "binary_response",
     "build_infer_request",
     "decode_bytes_elements",
     "encode_infer_response",
