@@ -223,7 +223,12 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
 
 
 def shape_matches(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
-    return len(shape) == len(spec) and all(s == -1 or s == d for s, d in zip(spec, shape, strict=True))
+    if len(shape) != len(spec):
+        return False
+    for d, s in zip(shape, spec):  # noqa: B905 (lengths checked above); a plain loop: this is per request
+        if s != -1 and s != d:
+            return False
+    return True
 
 
 def bind_inputs(
