@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,19 @@ def apply_config(
     return extra
 
 
+def _mask_url_password(v: Any) -> Any:
+    """``postgresql://user:pw@host/db`` -> ``postgresql://user:***@host/db``."""
+    if isinstance(v, str):
+        return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", v)
+    if isinstance(v, list):
+        return [_mask_url_password(x) for x in v]
+    return v
+
+
 def printable(args: argparse.Namespace, parser: argparse.ArgumentParser, blocks: dict[str, Any]) -> str:
     out: dict[str, Any] = {}
     for dest, action in _actions(parser).items():
-        v = getattr(args, dest, None)
+        v = _mask_url_password(getattr(args, dest, None))
         if v and (any(w in dest for w in SECRET_WORDS) or dest in SECRET_NAMES):
             v = ["***"] * len(v) if isinstance(v, list) else "***"
         out[action.option_strings[-1].lstrip("-")] = v

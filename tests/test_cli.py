@@ -61,3 +61,38 @@ def test_worker_with_unknown_model_says_where_it_looked(tmp_path):
         timeout=60,
     )
     assert r.returncode == 2 and "no versions of model 'nope'" in r.stdout
+
+
+def test_config_file_env_and_flags_with_secrets_masked(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("name: site-a\nmax-queue: 64\ntimeout: 5\nstore-results: postgresql://u:hunter2@db/x\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "cluster", "--config", str(cfg), "--timeout", "7", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "SHOAL_CLUSTER_SECRET": "s3cret-value",
+            "SHOAL_CLUSTER_MAX_QUEUE": "99",
+        },
+    )
+    assert r.returncode == 0, r.stderr
+    assert "name: site-a" in r.stdout and "max-queue: 99" in r.stdout and "timeout: 7.0" in r.stdout
+    assert "s3cret-value" not in r.stdout and "hunter2" not in r.stdout
+    cfg.write_text("max-queue: lots\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "cluster", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "key 'max-queue': expected int" in r.stderr
+    cfg.write_text("colour: blue\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "cluster", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "unknown key 'colour'" in r.stderr
