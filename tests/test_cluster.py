@@ -485,3 +485,32 @@ def test_a_silent_worker_is_declared_dead_and_its_requests_go_elsewhere(cluster,
     assert failures == [] and ok == 4
     assert 3.0 < time.monotonic() - t0 < 15.0  # answered once the silence passed the 5 s limit
     assert "silent for" in lc.gateway.tail(30)
+
+
+def test_malformed_http_and_slow_clients_do_not_disturb_others(cluster, model_repo):
+    lc = cluster()
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    slow = socket.create_connection(("127.0.0.1", lc.http_port), timeout=5)
+    slow.sendall(
+        b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
+    )  # then stalls
+    for junk in [
+        os.urandom(2000),
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"POST /v2 HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"\x16\x03\x01\x02\x00" + os.urandom(100),
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n",
+    ]:
+        with socket.create_connection(("127.0.0.1", lc.http_port), timeout=5) as s:
+            try:
+                s.sendall(junk)
+                answer = s.recv(4096)
+            except (ConnectionResetError, BrokenPipeError):
+                answer = b""
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 4")
+    with lc.client() as c:  # everyone else is served while the slow client still holds its connection
+        for _ in range(20):
+            assert c.infer("echo", {"x": np.ones((1, 4), np.float32)})["y"].shape == (1, 4)
+    slow.close()
+    assert lc.gateway.alive()

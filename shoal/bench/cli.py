@@ -12,6 +12,7 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``pipeline``   the read-digits pipeline: accuracy on generated multi-digit images, latency.
 * ``reroute``    how fast a device is re-routed when its cluster dies.
 * ``central``    routes answered per second by one central (SQLite, and PostgreSQL when available).
+* ``soak``       memory of a gateway and a worker over a long run with workers killed and replaced.
 * ``storage``    the throughput run with result storage off and on: requests/s, gateway CPU per request.
 """
 
@@ -37,6 +38,7 @@ SUITES = (
     "reroute",
     "central",
     "storage",
+    "soak",
 )
 
 
@@ -47,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--connections", type=int, default=64, help="keep-alive clients for throughput runs")
     p.add_argument("--hold", type=int, default=10_000, help="connections for the connections suite")
+    p.add_argument("--soak-seconds", type=float, default=120.0, help="length of the soak suite")
     p.add_argument("--pipeline-images", type=int, default=300, help="images for the pipeline suite")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="folder for process logs")
