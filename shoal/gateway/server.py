@@ -102,7 +102,6 @@ class Gateway:
         self._worker_server: asyncio.AbstractServer | None = None
         self._http: EmbeddedHttpServer | None = None
         self._tasks: list[asyncio.Task] = []
-        self.on_change: list[Any] = []  # callbacks when workers join or leave
         self.reporter: CentralReporter | None = None
         self.results = open_store(config)  # None unless --store-results: the request path checks this
         self.pipelines = {name: Pipeline(spec, self.models) for name, spec in config.pipelines.items()}
@@ -243,10 +242,6 @@ class Gateway:
                 f"pipeline '{name}' has no version '{version}' (it is version {p.spec.version})", 404
             )
         return p
-
-    def on_workers_changed(self) -> None:
-        for cb in self.on_change:
-            cb()
 
     # ---------------------------------------------------------------------------------- views
 

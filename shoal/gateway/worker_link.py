@@ -182,7 +182,6 @@ class WorkerConnection(CoalescingProtocol):
             cap,
         )
         pool.add_worker(self)
-        self.gw.on_workers_changed()
 
     def _refuse(self, reason: str) -> None:
         log.warning("refused worker connection from %s: %s", self.peer, reason)
@@ -265,7 +264,6 @@ class WorkerConnection(CoalescingProtocol):
             self.pool.on_worker_lost(self, pend, reason)
             self.gw.departed.append({**self.describe(), "left": reason, "left_at": time.time()})
             del self.gw.departed[:-100]  # keep the last hundred
-            self.gw.on_workers_changed()
 
     def describe(self) -> dict[str, Any]:
         return {
