@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "predict": "shoal.train.predict",
     "fuse": "shoal.fusion.cli",
     "central": "shoal.central.cli",
+    "multihead": "shoal.multihead.cli",
 }
 
 
