@@ -15,6 +15,58 @@ import socket
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+_TIMEOUT_BODY = b'{"error":"request not received in time"}'
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY
+)
+
+
+class ReadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a limit on how long a client may take to send one whole
+    request (headers and body), and to send anything at all after connecting. A client that trickles
+    bytes ("slowloris") gets 408 and a closed connection instead of holding it forever. Idle time
+    between requests stays under uvicorn's keep-alive timeout."""
+
+    read_timeout_s = 30.0
+    _read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _timed_out(self) -> None:
+        self._read_timer = None
+        if not self.transport.is_closing():
+            self.transport.write(_TIMEOUT_RESPONSE)
+            self.transport.close()
+
+
+def read_timeout_protocol(seconds: float) -> type[HttpToolsProtocol]:
+    return type("ReadTimeoutProtocol", (ReadTimeoutProtocol,), {"read_timeout_s": seconds})
 
 
 def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
@@ -37,12 +89,13 @@ class EmbeddedHttpServer:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         keep_alive_s: float = 60.0,
+        read_timeout_s: float = 30.0,
     ) -> None:
         self.sock = bind_tcp(host, port, backlog)
         self.port: int = self.sock.getsockname()[1]
         self.config = uvicorn.Config(
             app,
-            http="httptools",
+            http=read_timeout_protocol(read_timeout_s),
             loop="none",
             lifespan="off",
             access_log=False,

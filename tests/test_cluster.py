@@ -488,13 +488,16 @@ def test_a_silent_worker_is_declared_dead_and_its_requests_go_elsewhere(cluster,
 
 
 def test_malformed_http_and_slow_clients_do_not_disturb_others(cluster, model_repo):
-    lc = cluster()
+    lc = cluster(gateway_args=["--read-timeout", "1.5"])
     lc.add_worker("echo", repo=model_repo)
     lc.wait_workers("echo", 1)
     slow = socket.create_connection(("127.0.0.1", lc.http_port), timeout=5)
-    slow.sendall(
-        b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
-    )  # then stalls
+    slow.sendall(b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Le")  # stalls mid-headers
+    trickle = socket.create_connection(("127.0.0.1", lc.http_port), timeout=5)
+    trickle.sendall(  # whole headers, then a body that never comes
+        b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+        b"Authorization: Bearer " + lc.api_key.encode() + b"\r\n\r\n{"
+    )
     for junk in [
         os.urandom(2000),
         b"GET / HTTP/9.9\r\n\r\n",
@@ -512,5 +515,11 @@ def test_malformed_http_and_slow_clients_do_not_disturb_others(cluster, model_re
     with lc.client() as c:  # everyone else is served while the slow client still holds its connection
         for _ in range(20):
             assert c.infer("echo", {"x": np.ones((1, 4), np.float32)})["y"].shape == (1, 4)
-    slow.close()
+    # The stalled request and a connection that never says anything are cut after --read-timeout.
+    silent = socket.create_connection(("127.0.0.1", lc.http_port), timeout=5)
+    t = time.monotonic()
+    for s in (slow, trickle, silent):
+        assert s.recv(4096).startswith(b"HTTP/1.1 408")
+        s.close()
+    assert time.monotonic() - t < 4.0
     assert lc.gateway.alive()

@@ -47,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue", type=int, default=1024, help="requests per model waiting for a worker before 503"
     )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send one whole request (408 after)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="request deadline in seconds")
     p.add_argument(
         "--central",
@@ -160,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_size=int(args.max_body_mb * 1024 * 1024),
         max_queue=args.max_queue,
         request_timeout_s=args.timeout,
+        read_timeout_s=args.read_timeout,
         central=central,
         pipelines=pipelines,
         version_policies=policies,

@@ -55,6 +55,7 @@ class GatewayConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     backlog: int = 4096
+    read_timeout_s: float = 30.0  # a client must send a whole request within this (408 after)
     central: CentralConfig | None = None  # report to central (and get the route-token key from it)
     pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
     version_policies: dict[str, Any] = field(default_factory=dict)  # model -> parsed version policy
@@ -132,7 +133,13 @@ class Gateway:
             lambda: WorkerConnection(self), sock=wsock, ssl=self.ssl_context()
         )
         self._http = EmbeddedHttpServer(
-            self.app, cfg.http_host, cfg.http_port, cfg.backlog, cfg.tls_cert, cfg.tls_key
+            self.app,
+            cfg.http_host,
+            cfg.http_port,
+            cfg.backlog,
+            cfg.tls_cert,
+            cfg.tls_key,
+            read_timeout_s=cfg.read_timeout_s,
         )
         self.http_port = self._http.port
         await self._http.start()
