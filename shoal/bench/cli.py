@@ -22,7 +22,7 @@ import argparse
 
 HELP = "Measure the serving path: latency, throughput, worker link, dynamic batching, transfer."
 EXAMPLE = """
-shoal bench                       # every suite, about two minutes
+shoal bench                       # every suite, about ten minutes
 shoal bench latency throughput --json results.json
 """
 
