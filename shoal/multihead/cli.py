@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="frozen backbones to compare (default: both)",
     )
     d = p.add_argument_group("data (coloured digits, generated from MNIST; docs/multihead.md)")
-    d.add_argument("--train-images", type=int, default=6000, help="training images (default: 6000)")
-    d.add_argument("--test-images", type=int, default=3000, help="test images (default: 3000)")
+    d.add_argument("--train-images", type=int, default=10_000, help="training images (default: 10000)")
+    d.add_argument("--test-images", type=int, default=5000, help="test images (default: 5000)")
     d.add_argument(
         "--holdout", type=int, default=10, help="(digit, colour) pairs kept out of training (default: 10)"
     )
@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--image-size",
         type=int,
-        default=96,
-        help="EfficientNet-Lite0 input in pixels, upsampled from 28 (default: 96; ImageNet used 224)",
+        default=128,
+        help="EfficientNet-Lite0 input in pixels, upsampled from 28 (default: 128; ImageNet used 224)",
     )
     t.add_argument(
         "--pretrain-source",

@@ -47,11 +47,11 @@ APPROACHES = ("MH", "2M", "HC")
 @dataclass
 class Config:
     backbones: tuple[str, ...] = (SMALL_CNN, EFFICIENTNET)
-    train_images: int = 6000
-    test_images: int = 3000
+    train_images: int = 10_000
+    test_images: int = 5000
     holdout: int = 10  # (digit, colour) pairs never shown together in training
     seed: int = 0
-    image_size: int = 96  # EfficientNet-Lite0's input (224 in ImageNet training): 28x28 upsampled
+    image_size: int = 128  # EfficientNet-Lite0's input (224 in ImageNet training): 28x28 upsampled
     # Heads: trained on cached features with Adam.
     epochs: int = 30
     lr: float = 3e-3
@@ -151,15 +151,22 @@ def backbone_key(name: str, cfg: Config) -> str:
 
 
 def features(
-    backbone: nn.Module, ds: data.ColouredDigits, cache: Path | None, cfg: Config, desc: str
+    backbone: nn.Module, ds: data.ColouredDigits, cache: Path | None, cfg: Config, desc: str, onnx_path: Path
 ) -> np.ndarray:
-    """Pooled backbone features float32 [N, F], computed once per (backbone, data set) and cached."""
+    """Pooled backbone features float32 [N, F], computed once per (backbone, data set) and cached.
+    They are computed by ONNX Runtime from the exported backbone (``onnx_path``, made once): on a
+    busy 2-core machine it runs EfficientNet-Lite0 about nine times faster than eager PyTorch, and
+    agrees with it to about 1e-5."""
     if cache is not None and cache.exists():
         return np.load(cache)
+    if not onnx_path.exists():
+        tmp = onnx_path.with_suffix(".tmp.onnx")
+        measure.export_onnx(backbone, tmp, ["features"], INPUT_SHAPE)
+        tmp.rename(onnx_path)
+    sess = measure.ort_session(onnx_path, cfg.threads)
     out = []
-    with torch.inference_mode():
-        for i in _bar(range(0, len(ds), 128), cfg, desc=desc):
-            out.append(backbone(to_input(ds.images[i : i + 128])).numpy())
+    for i in _bar(range(0, len(ds), 128), cfg, desc=desc):
+        out.append(sess.run(None, {"image": to_input(ds.images[i : i + 128]).numpy()})[0])
     feats = np.concatenate(out).astype(np.float32)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -282,19 +289,18 @@ def run_backbone(
     key = backbone_key(name, cfg)
     root = cache_root(cfg)
     t0 = time.perf_counter()
-    f_train = features(
-        backbone,
-        train,
-        root / f"feat-{key}-{train.checksum()[:16]}-v{FEATURE_VERSION}.npy",
-        cfg,
-        f"{name} features (train)",
-    )
-    f_test = features(
-        backbone,
-        test,
-        root / f"feat-{key}-{test.checksum()[:16]}-v{FEATURE_VERSION}.npy",
-        cfg,
-        f"{name} features (test)",
+    root.mkdir(parents=True, exist_ok=True)
+    onnx_path = root / f"backbone-{key}-v{FEATURE_VERSION}.onnx"
+    f_train, f_test = (
+        features(
+            backbone,
+            ds,
+            root / f"feat-{key}-{ds.checksum()[:16]}-v{FEATURE_VERSION}.npy",
+            cfg,
+            f"{name} features ({split})",
+            onnx_path,
+        )
+        for split, ds in (("train", train), ("test", test))
     )
     res["seconds_features"] = round(time.perf_counter() - t0, 1)
     res["features"] = int(f_train.shape[1])
@@ -416,6 +422,16 @@ def check_parity(model: Classifier, path: Path, x: torch.Tensor, atol: float = 1
     return diff
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def run(cfg: Config, log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, Trained]]:
     """The whole comparison; returns the results (JSON-ready) and the trained networks per backbone."""
     torch.set_num_threads(max(1, cfg.threads))
@@ -433,6 +449,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> tuple[dict[str, Any]
         "data": {"train": data.describe(train), "test": data.describe(test)},
         "machine": {
             "platform": platform.platform(),
+            "cpu": _cpu_model(),
             "cpus": os.cpu_count(),
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__,

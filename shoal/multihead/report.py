@@ -152,7 +152,8 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
         f"test images of the pairs seen in training. Heads: {cfg['epochs']} epochs of Adam (lr {cfg['lr']}) on "
         f"frozen features; loss weights {cfg['loss_weights']}. EfficientNet-Lite0 input {cfg['image_size']} px. "
         f"Latency: ONNX Runtime, one image, one pinned core, one thread, median of {cfg['latency_runs']} runs "
-        f"(load average {load[0]:.1f} on {results['machine']['cpus']} cores at the start)."
+        f"on {results['machine'].get('cpu', 'this CPU')} (load average {load[0]:.1f} on "
+        f"{results['machine']['cpus']} cores at the start, shared with other jobs)."
         if load
         else "",
         f"Whole run: {results['seconds']:.0f} s.",
@@ -192,11 +193,11 @@ def charts(results: dict[str, Any], out: Path) -> list[Path]:
                 v = 0.0 if not s else (s[a]["both"] if cat == "both" else s[a][cat]["accuracy"])
                 vals.append(v)
             ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=a, color=colours[a])
-        ax.set_xticks(x, [f"{n}\n{cat}" for n, cat in groups], fontsize=7)
+        ax.set_xticks(x, [f"{n.replace('efficientnet-', '')}\n{cat}" for n, cat in groups], fontsize=8)
         ax.set_title(f"test accuracy, {title}")
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
+    axes[1].legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     paths.append(out / "accuracy.png")
     fig.savefig(paths[-1], dpi=110)
