@@ -12,8 +12,8 @@ from typing import Any
 HELP = "Train peers that average weights (paper 003): one experiment or a sweep, with tables and plots."
 EXAMPLE = """shoal fuse --dataset mnist --split one-class --epochs 30 --seeds 3 --out runs/fuse-mnist
 shoal fuse --dataset vowel --split random --sweep rate --epochs 200 --out runs/fuse-vowel-rate
-shoal fuse --dataset vowel --sweep every --everys 1 2 5 10 20 50 100 --out runs/fuse-vowel-every
-shoal fuse --dataset vowel --bench-engines 3    # speed-up of the batched engine over a loop
+shoal fuse --dataset vowel --split random --sweep every --everys 1 2 5 10 20 50 100 --out runs/fuse-vowel-every
+shoal fuse --dataset vowel --split random --bench-engines 3    # speed-up of the batched engine over a loop
 # peers on separate machines (Flower, TLS): python -m shoal.fusion.flower_app --help"""
 
 RATE_SWEEP = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
