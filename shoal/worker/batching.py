@@ -125,8 +125,10 @@ class InferenceEngine:
         self.on_done = on_done
         self.q: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self.stats = EngineStats()
-        self.queued = 0  # items submitted and not yet done (read from the loop, written from both)
-        self._lock = threading.Lock()
+        # Items submitted and not yet done: two counters, each written by one thread only, so
+        # neither thread ever waits on the other for a lock.
+        self._submitted = 0
+        self._finished = 0
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     def start(self) -> None:
@@ -136,9 +138,12 @@ class InferenceEngine:
         self.q.put(None)
         self._thread.join(timeout=5)
 
+    @property
+    def queued(self) -> int:
+        return self._submitted - self._finished
+
     def submit(self, item: Item) -> None:
-        with self._lock:
-            self.queued += 1
+        self._submitted += 1
         self.q.put(item)
 
     # ------------------------------------------------------------------------------ the thread
@@ -224,6 +229,5 @@ class InferenceEngine:
         return done
 
     def _finish(self, done: list[Done]) -> None:
-        with self._lock:
-            self.queued -= len(done)
+        self._finished += len(done)
         self.post(self.on_done, done)
