@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shoal.multihead import data, measure
-from shoal.multihead.latency import latency_ms
+from shoal.multihead.latency import latency_table
 from shoal.multihead.models import (
     EFFICIENTNET,
     SMALL_CNN,
@@ -373,8 +373,9 @@ def costs(name: str, trained: Trained, cfg: Config, out: Path, sample: np.ndarra
             "trained_parameters": sum(count_parameters(m.heads) for m in ms),
             "macs": sum(measure.count_macs(m, INPUT_SHAPE) for m in ms),
             "trained_macs": head_macs,
-            "latency": latency_ms(files[approach], sample, cfg.latency_runs),
         }
+    for approach, lat in latency_table(files, sample, cfg.latency_runs).items():
+        out_costs[approach]["latency"] = lat
     return out_costs
 
 
@@ -402,8 +403,9 @@ def int8(name: str, cfg: Config, out: Path, test: data.ColouredDigits, sample: n
                     "colour": float(right_c[mask].mean()),
                     "both": float((right_d & right_c)[mask].mean()),
                 }
-        r["latency"] = latency_ms([path], sample, cfg.latency_runs)
         res[label] = r
+    for label, lat in latency_table({"fp32": [fp32], "int8": [q]}, sample, cfg.latency_runs).items():
+        res[label]["latency"] = lat
     return res
 
 

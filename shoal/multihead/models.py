@@ -82,6 +82,9 @@ class EfficientNetLite0(nn.Module):
         # image_size fixes the static "same" padding of every convolution for this resolution.
         net = EfficientNet.from_name(EFFICIENTNET, image_size=image_size)
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        # The ImageNet classifier (1.28M parameters) is never run: drop it so parameter counts and
+        # the exported graph hold only what a device executes.
+        net._fc = nn.Identity()
         self.image_size = image_size
         self.net = net
 
