@@ -185,3 +185,16 @@ def test_efficientnet_lite0_loads_its_shipped_imagenet_weights():
     with torch.no_grad():
         f = net(torch.rand(2, 3, 28, 28))
     assert f.shape == (2, EfficientNetLite0.features) and torch.isfinite(f).all()
+
+
+def test_small_cnn_pretraining_is_reproducible(tmp_path):
+    def pretrain(cache: str) -> dict:
+        cfg = compare.Config(
+            pretrain_source="mnist", pretrain_images=256, pretrain_epochs=1, cache_dir=cache, progress=False
+        )
+        net, info = compare.pretrain_small_cnn(cfg)
+        assert "cached" not in info
+        return net.state_dict()
+
+    a, b = pretrain(str(tmp_path / "a")), pretrain(str(tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -39,7 +39,7 @@ from shoal.multihead.models import (
 )
 
 # Bump when the generator or a backbone changes what a cached feature file holds.
-FEATURE_VERSION = 3
+FEATURE_VERSION = 4
 INPUT_SHAPE = (3, data.SIZE, data.SIZE)
 APPROACHES = ("MH", "2M", "HC")
 
@@ -99,6 +99,7 @@ def pretrain_small_cnn(cfg: Config) -> tuple[SmallCNN, dict[str, Any]]:
     setting = (cfg.pretrain_source, cfg.pretrain_images, cfg.pretrain_epochs, cfg.seed, FEATURE_VERSION)
     path = cache_root(cfg) / f"smallcnn-{_key(*setting)}.pt"
     info = {"source": cfg.pretrain_source, "images": cfg.pretrain_images, "epochs": cfg.pretrain_epochs}
+    torch.manual_seed(cfg.seed)  # the backbone's initial weights too: the same settings, the same net
     net = SmallCNN()
     if path.exists():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -108,7 +109,6 @@ def pretrain_small_cnn(cfg: Config) -> tuple[SmallCNN, dict[str, Any]]:
     src = data.glyphs_in_random_hues(
         cfg.pretrain_source, cfg.pretrain_images, cfg.seed, data_dir=cfg.data_dir
     )
-    torch.manual_seed(cfg.seed)
     heads = make_heads(SmallCNN.features, src.classes)
     model = Classifier(net, heads)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
