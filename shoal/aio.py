@@ -111,3 +111,14 @@ class CoalescingProtocol(asyncio.Protocol):
         if self._out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(self._out))
         self._out = []
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task]) -> None:
+    """Cancel background tasks and wait until each has ended, whatever it raised."""
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        try:
+            await t
+        except (asyncio.CancelledError, Exception):
+            pass

@@ -28,6 +28,7 @@ import orjson
 from sqlalchemy.exc import DBAPIError
 
 import shoal
+from shoal.aio import cancel_and_wait
 from shoal.central import passwords
 from shoal.central.db import ACCOUNT_KINDS, AccountExists, Store, redact
 from shoal.central.metrics import central_registry
@@ -284,13 +285,7 @@ class Central:
             self._http.server.should_exit = True
         for ev in self._waiters.values():
             ev.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._tasks)
         if self._http is not None:
             await self._http.stop()
         await self.store.close()

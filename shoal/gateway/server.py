@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import shoal
+from shoal.aio import cancel_and_wait
 from shoal.gateway.central_link import CentralConfig, CentralReporter
 from shoal.gateway.http_app import HttpApp
 from shoal.gateway.metrics import GatewayMetrics
@@ -168,13 +169,7 @@ class Gateway:
             await self.reporter.stop()
         if self._http is not None:
             self._http.server.should_exit = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._tasks)
         if self._http is not None:
             await self._http.stop()
         if self.results is not None:

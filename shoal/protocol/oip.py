@@ -306,6 +306,16 @@ def bind_inputs(
 # ------------------------------------------------------------------------------------ responses
 
 
+def _binary_tensor(name: Any, datatype: str, shape: Any, size: int) -> dict[str, Any]:
+    """A tensor's JSON description whose contents follow the JSON as ``size`` binary bytes."""
+    return {
+        "name": name,
+        "datatype": datatype,
+        "shape": list(shape),
+        "parameters": {"binary_data_size": size},
+    }
+
+
 def _json_data(arr: np.ndarray) -> Any:
     if arr.dtype == object:
         return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
@@ -339,14 +349,7 @@ def encode_infer_response(
         arr = outputs[name]
         if binary:
             dt, shape, buf = to_buffer(arr)
-            out_json.append(
-                {
-                    "name": name,
-                    "datatype": dt,
-                    "shape": list(shape),
-                    "parameters": {"binary_data_size": len(buf)},
-                }
-            )
+            out_json.append(_binary_tensor(name, dt, shape, len(buf)))
             blobs.append(buf)
         else:
             out_json.append(
@@ -391,14 +394,7 @@ def binary_response(
                     f"result tensor '{sp.get('name')}' {dt} {list(shape)} does not have {size} bytes"
                 )
         total += size
-        outs.append(
-            {
-                "name": sp.get("name"),
-                "datatype": dt,
-                "shape": list(shape),
-                "parameters": {"binary_data_size": size},
-            }
-        )
+        outs.append(_binary_tensor(sp.get("name"), dt, shape, size))
     if total != len(payload):
         raise TensorError(f"result specs claim {total} bytes, the payload has {len(payload)}")
     resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outs}
@@ -450,14 +446,7 @@ def build_infer_request(
     for name, arr in inputs.items():
         dt, shape, buf = to_buffer(np.asarray(arr) if not isinstance(arr, np.ndarray) else arr)
         if binary:
-            ins.append(
-                {
-                    "name": name,
-                    "datatype": dt,
-                    "shape": list(shape),
-                    "parameters": {"binary_data_size": len(buf)},
-                }
-            )
+            ins.append(_binary_tensor(name, dt, shape, len(buf)))
             blobs.append(buf)
         else:
             ins.append({"name": name, "datatype": dt, "shape": list(shape), "data": _json_data(arr)})
