@@ -12,6 +12,7 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``pipeline``   the read-digits pipeline: accuracy on generated multi-digit images, latency.
 * ``reroute``    how fast a device is re-routed when its cluster dies.
 * ``central``    routes answered per second by one central (SQLite, and PostgreSQL when available).
+* ``http-stacks`` the same tiny endpoint on raw ASGI, Starlette and aiohttp: why the gateway is raw ASGI.
 * ``soak``       memory of a gateway and a worker over a long run with workers killed and replaced.
 * ``storage``    the throughput run with result storage off and on: requests/s, gateway CPU per request.
 """
@@ -39,6 +40,7 @@ SUITES = (
     "central",
     "storage",
     "soak",
+    "http-stacks",
 )
 
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     }
     for name in chosen:
         print(f"== {name}", flush=True)
-        res = getattr(suites, name)(workdir / name, args)
+        res = getattr(suites, name.replace("-", "_"))(workdir / name, args)
         results[name] = res
         for k, v in res.items():
             print(f"  {k:<36} {v}")

@@ -654,3 +654,51 @@ def soak(workdir: Path, args: Namespace) -> dict[str, Any]:
         "gateway RSS MB after warm-up: first / max / last": f"{gw[0] / 1024:.1f} / {max(gw) / 1024:.1f} / {gw[-1] / 1024:.1f}",
         "worker RSS MB after warm-up: first / max / last": f"{wk[0] / 1024:.1f} / {max(wk) / 1024:.1f} / {wk[-1] / 1024:.1f}",
     }
+
+
+def http_stacks(workdir: Path, args: Namespace) -> dict[str, Any]:
+    """Requests/s of the same tiny endpoint on each HTTP server stack, one core each, 64 clients."""
+    import importlib.util
+    import socket
+    import subprocess
+    import sys
+
+    from shoal.bench.loadgen import LoadGenerator
+
+    out: dict[str, Any] = {}
+    pinned = _two_cores()
+    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,1],"data":[1]}]}'
+    req = http_request("/v2/models/echo/infer", body, {"Content-Type": "application/json"})
+    for stack, needs in (("raw-asgi", "uvicorn"), ("starlette", "starlette"), ("aiohttp", "aiohttp")):
+        if importlib.util.find_spec(needs) is None:
+            out[stack] = f"skipped: {needs} is not installed"
+            continue
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "shoal.bench.http_stacks", stack, str(port)]
+        if pinned:
+            cmd = ["taskset", "-c", str(BENCH_CPU_GATEWAY), *cmd]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            end = time.monotonic() + 15
+            while time.monotonic() < end:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            if pinned:
+                _pin_self(BENCH_CPU_CLIENT)
+            gen = LoadGenerator("127.0.0.1", port, lambda i: req, args.connections, duration_s=1.0)
+            asyncio.run(gen.run())
+            gen = LoadGenerator(
+                "127.0.0.1", port, lambda i: req, args.connections, duration_s=args.seconds / 2
+            )
+            res = asyncio.run(gen.run())
+            out[f"{stack}, requests/s on one core"] = round(res.rps)
+        finally:
+            _unpin_self()
+            proc.terminate()
+            proc.wait(10)
+    return out
