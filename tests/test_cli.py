@@ -1,5 +1,6 @@
 """The command line: every command has --help with an example, and the serving side never imports torch."""
 
+import json
 import subprocess
 import sys
 
@@ -96,3 +97,32 @@ def test_config_file_env_and_flags_with_secrets_masked(tmp_path):
         timeout=60,
     )
     assert r.returncode == 2 and "unknown key 'colour'" in r.stderr
+
+
+def test_bench_runs_and_writes_its_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shoal",
+            "bench",
+            "startup",
+            "transfer",
+            "--seconds",
+            "1",
+            "--json",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["machine"]["cpus"] >= 1
+    assert figures["transfer"]["MB/s (3 MB requests, 8 clients)"] > 0
+    runs = [float(x) for x in figures["startup"]["first answer after worker start, s (3 runs)"].split(" / ")]
+    assert len(runs) == 3 and all(0 < x < 30 for x in runs)
