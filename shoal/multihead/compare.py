@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
@@ -386,7 +387,13 @@ def int8(name: str, cfg: Config, out: Path, test: data.ColouredDigits, sample: n
 
     fp32 = out / "onnx" / f"{name}-mh.onnx"
     q = out / "onnx" / f"{name}-mh.int8.onnx"
-    quantize_dynamic(str(fp32), str(q), weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it logs a generic pre-processing hint through the root logger
+    try:
+        quantize_dynamic(str(fp32), str(q), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     n = min(cfg.int8_eval_images, len(test))
     sub = test.subset(np.arange(len(test)) < n)
     x = to_input(sub.images).numpy()
