@@ -5,43 +5,14 @@ PostgreSQL server of this machine (127.0.0.1:5432; skipped with the reason when 
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
-import uuid
 from typing import Any
 
-import pytest
+from conftest import _pg
 from test_central_server import OPERATOR, PW, CentralProc, key_of, model
 
 from shoal.security.tokens import verify_token
-
-PG_ADMIN = os.environ.get("SHOAL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-async def _pg(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN, timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def pg_url():
-    try:
-        import asyncpg  # noqa: F401
-    except ImportError:
-        pytest.skip("asyncpg is not installed (pip install -e '.[central]')")
-    name = f"shoal_test_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_pg(f"CREATE DATABASE {name}"))
-    except Exception as e:  # no server, no driver for it, or no right to create a database
-        pytest.skip(f"no PostgreSQL server to test against at {PG_ADMIN}: {e}")
-    yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-    asyncio.run(_pg(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 def _replicas_share_one_database(tmp_path, db: str) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,6 @@ from PIL import Image
 from shoal.client.http import InferError, OipHttpClient
 from shoal.gateway.storage import ResultStore
 from shoal.protocol.oip import build_infer_request
-
-PG_ADMIN = os.environ.get("SHOAL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def png(value: int = 200) -> bytes:
@@ -312,31 +308,6 @@ def test_bad_database_url_is_refused_at_once(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ PostgreSQL
-
-
-async def _pg(sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(PG_ADMIN, timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def pg_url():
-    try:
-        import asyncpg  # noqa: F401
-    except ImportError:
-        pytest.skip("asyncpg is not installed (pip install -e '.[storage]')")
-    name = f"shoal_results_{uuid.uuid4().hex[:12]}"
-    try:
-        asyncio.run(_pg(f"CREATE DATABASE {name}"))
-    except Exception as e:  # no server, or no right to create a database
-        pytest.skip(f"no PostgreSQL server to test against at {PG_ADMIN}: {e}")
-    yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-    asyncio.run(_pg(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 def test_round_trip_postgresql(tmp_path, pg_url):
