@@ -98,10 +98,8 @@ def run(args: argparse.Namespace) -> int:
         central.start()
         for c in range(args.clusters):
             name = f"cluster-{chr(ord('a') + c)}"
-            pw = secrets.token_hex(12)
-            central.add_account("cluster", name, pw)
-            lc = LocalCluster(workdir / name, name=name, central_urls=[central.url], central_password=pw)
-            clusters.append(lc.start())
+            lc = central.start_cluster(workdir / name, name)
+            clusters.append(lc)
             for _ in range(args.workers):
                 lc.add_worker(args.model, repo=repo)
         device_pw = {f"device-{i:03d}": secrets.token_hex(8) for i in range(args.devices)}

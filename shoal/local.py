@@ -274,6 +274,14 @@ class LocalCentral:
         if code not in (200, 201):
             raise RuntimeError(f"central refused account {kind}/{name}: {code} {body}")
 
+    def start_cluster(self, workdir: Path, name: str, **kwargs: Any) -> LocalCluster:
+        """Give a cluster an account here and start its gateway reporting to this central."""
+        password = secrets.token_hex(12)
+        self.add_account("cluster", name, password)
+        return LocalCluster(
+            workdir, name=name, central_urls=[self.url], central_password=password, **kwargs
+        ).start()
+
     def routable(self, model: str) -> set[str]:
         """Clusters central would route ``model`` to now (live, model reported ready)."""
         code, body = self.call("GET", "/v1/clusters")

@@ -23,11 +23,7 @@ def system(tmp_path, model_repo):
     devices = {f"dev{i}": secrets.token_hex(6) for i in range(6)}
     try:
         for name in ("cluster-a", "cluster-b"):
-            pw = secrets.token_hex(8)
-            central.add_account("cluster", name, pw)
-            lc = LocalCluster(
-                tmp_path / name, name=name, central_urls=[central.url], central_password=pw
-            ).start()
+            lc = central.start_cluster(tmp_path / name, name)
             clusters.append(lc)
             for _ in range(2):
                 lc.add_worker("echo", repo=model_repo)

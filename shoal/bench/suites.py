@@ -462,7 +462,6 @@ def pipeline(workdir: Path, args: Namespace) -> dict[str, Any]:
 def reroute(workdir: Path, args: Namespace) -> dict[str, Any]:
     """A device's cluster dies: how long until its next request is answered by another cluster, and
     until central has dropped the dead cluster from its route table."""
-    import secrets
     import signal
 
     from shoal.client import Client
@@ -473,11 +472,7 @@ def reroute(workdir: Path, args: Namespace) -> dict[str, Any]:
     clusters: list[LocalCluster] = []
     try:
         for name in ("cluster-a", "cluster-b"):
-            pw = secrets.token_hex(8)
-            central.add_account("cluster", name, pw)
-            lc = LocalCluster(
-                workdir / name, name=name, central_urls=[central.url], central_password=pw
-            ).start()
+            lc = central.start_cluster(workdir / name, name)
             lc.add_worker("echo")
             clusters.append(lc)
         central.add_account("device", "bench-device", "bench-password")
