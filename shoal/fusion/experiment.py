@@ -1,30 +1,40 @@
 """Paper 003's experiments on the in-process runner: build the groups, run them, summarise with intervals.
 
-An experiment runs every topology (and every swept fusion rate or frequency) for several seeds at
-once in one batched engine, plus two baselines per seed: the *single-shard* peers (topology
-``none``: the same shards, no fusion) and one *all-data* model trained on the union of the shards.
-The all-data models run in a second engine because one pass over all the data takes ``n`` times the
-steps of a shard.
+An experiment runs every topology (and every swept fusion rate, interval and reading) for several
+seeds, plus two baselines per seed: the *single-shard* peers (topology ``none``: the same shards, no
+fusion) and one *all-data* model trained on the union of the shards. The all-data models run in a
+second engine because one pass over all the data takes ``n`` times the steps of a shard.
+
+The work is cut into *cells*: one seed's baselines, and one seed's fused runs per fusion interval.
+Each finished cell is written to ``<out>/cells/<cell>.json`` at once, and a cell already there is not
+run again: an interrupted sweep keeps what it finished, and the same command continues it. The
+summary (curves and final errors with 95% intervals over seeds) is computed from the cells.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shoal.fusion import datasets
-from shoal.fusion.topology import TOPOLOGIES
+from shoal.fusion.algorithm import UPDATES
+from shoal.fusion.strategy import AVERAGE, Interval
+from shoal.fusion.topology import HYPERCUBE_EDGES, TOPOLOGIES
 
 ALL_DATA = "all-data"
 SINGLE_SHARD = "single-shard"
 
 # Two-sided 95% Student t quantiles by degrees of freedom (scipy is not a dependency).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+Progress = Callable[[str, int], Callable[[int, np.ndarray], None] | None]
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
@@ -44,7 +54,9 @@ class Config:
     peers: int | None = None  # default: one per class for one-class, else 8
     topologies: list[str] = field(default_factory=lambda: list(TOPOLOGIES))
     rates: list[float] = field(default_factory=lambda: [0.55])
-    everys: list[int] = field(default_factory=lambda: [1])
+    intervals: list[str] = field(default_factory=lambda: ["1epoch"])
+    updates: list[str] = field(default_factory=lambda: ["sequential"])
+    hypercube_edges: list[str] = field(default_factory=lambda: ["twice"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 30
     lr: float | None = None
@@ -56,14 +68,24 @@ class Config:
     engine: str = "batched"
 
     def resolved(self) -> Config:
-        """Fill the per-data-set defaults (paper 003's architectures and rates, see ``datasets``)."""
+        """Check the choices and fill the per-data-set defaults (paper 003's architectures and rates)."""
         d = datasets
+        for name, values, known in (
+            ("topology", self.topologies, (*TOPOLOGIES, AVERAGE)),
+            ("update order", self.updates, UPDATES),
+            ("hypercube reading", self.hypercube_edges, HYPERCUBE_EDGES),
+        ):
+            bad = [v for v in values if v not in known]
+            if bad or not values:
+                raise ValueError(f"unknown {name} {bad or values}: use one of {', '.join(known)}")
+        intervals = [str(Interval.parse(i)) for i in self.intervals]
         peers = self.peers
         if peers is None:
             peers = d.load(self.dataset).n_classes if self.split == "one-class" else 8
         return Config(
             **{
                 **asdict(self),
+                "intervals": intervals,
                 "peers": peers,
                 "lr": self.lr if self.lr is not None else d.LEARNING_RATE[self.dataset],
                 "hidden": list(self.hidden) if self.hidden else list(d.HIDDEN[self.dataset]),
@@ -72,84 +94,137 @@ class Config:
         )
 
 
-def run_experiment(
-    cfg: Config, progress: Callable[[str, int], Callable[[int, np.ndarray], None]] | None = None
-) -> dict[str, Any]:
-    """Run ``cfg`` and return a JSON-ready result: per-run curves, final errors with 95% intervals.
+def run_label(topology: str, rate: float, interval: str, update: str, edges: str) -> str:
+    """The name of one fused run in tables and plots, with every parameter that tells it apart."""
+    if topology == AVERAGE:
+        return f"average every {interval}"
+    label = f"{topology} F={rate:g} every {interval} {update}"
+    return label + (f" edges {edges}" if topology == "hypercube" else "")
 
-    ``progress(name, epochs)`` may return a per-epoch callback (the CLI's progress bar).
-    """
+
+def cells(cfg: Config) -> list[tuple[str, int, str | None]]:
+    """The cells of an experiment: ``(name, seed, interval)``, interval None for a seed's baselines."""
+    out: list[tuple[str, int, str | None]] = []
+    for seed in cfg.seeds:
+        if cfg.baselines:
+            out.append((f"seed{seed}-baselines", seed, None))
+        for interval in cfg.intervals:
+            out.append((f"seed{seed}-every{interval}", seed, interval))
+    return out
+
+
+def run_cell(
+    cfg: Config, seed: int, interval: str | None, progress: Progress | None = None, name: str = ""
+) -> dict[str, Any]:
+    """Run one cell; returns ``{label: {params, "curve": mean over peers per epoch, "final_peers"}}``."""
     from shoal.fusion import runner
 
-    cfg = cfg.resolved()
     assert cfg.peers is not None and cfg.hidden is not None and cfg.lr is not None and cfg.batch is not None
     data = datasets.load(cfg.dataset)
-    groups: list[runner.Group] = []
-    for seed in cfg.seeds:
-        shards = datasets.shard(data.y_train, cfg.split, cfg.peers, seed=seed, alpha=cfg.alpha)
+    shards = datasets.shard(data.y_train, cfg.split, cfg.peers, seed=seed, alpha=cfg.alpha)
+    engines: list[list[runner.Group]] = []
+    if interval is None:
+        engines.append([runner.Group("none", shards, seed, 0.0, 1, cfg.shared_init, SINGLE_SHARD)])
+        rows = np.sort(np.concatenate(shards))
+        engines.append([runner.Group("none", [rows], seed, 0.0, 1, True, ALL_DATA)])
+    else:
+        groups = []
         for topo in cfg.topologies:
-            for rate in cfg.rates:
-                for every in cfg.everys:
-                    label = f"{topo} F={rate:g} K={every}"
-                    groups.append(runner.Group(topo, shards, seed, rate, every, cfg.shared_init, label))
-        if cfg.baselines:
-            groups.append(runner.Group("none", shards, seed, 0.0, 1, cfg.shared_init, SINGLE_SHARD))
-    base_groups = []
-    if cfg.baselines:
-        for seed in cfg.seeds:
-            rows = np.sort(
-                np.concatenate(datasets.shard(data.y_train, cfg.split, cfg.peers, seed, cfg.alpha))
-            )
-            base_groups.append(runner.Group("none", [rows], seed, 0.0, 1, True, ALL_DATA))
-
-    traces = []
-    t0 = time.perf_counter()
-    for name, gs in (("peers", groups), (ALL_DATA, base_groups)):
-        if not gs:
-            continue
-        cb = progress(f"{cfg.dataset} {name}", cfg.epochs) if progress else None
-        traces.append(
-            runner.run(data, gs, cfg.hidden, cfg.lr, cfg.epochs, cfg.batch, engine=cfg.engine, on_epoch=cb)
-        )
-    seconds = time.perf_counter() - t0
-
-    # Per label: per-seed curve of the peers' mean error, and each seed's final per-peer errors.
-    by_label: dict[str, dict[str, Any]] = {}
-    for tr in traces:
+            for rate in cfg.rates if topo != AVERAGE else [0.0]:
+                for update in cfg.updates if topo != AVERAGE else ["sequential"]:
+                    for edges in cfg.hypercube_edges if topo == "hypercube" else ["twice"]:
+                        label = run_label(topo, rate, interval, update, edges)
+                        groups.append(
+                            runner.Group(
+                                topo, shards, seed, rate, interval, cfg.shared_init, label, {}, update, edges
+                            )
+                        )
+        engines.append(groups)
+    out: dict[str, Any] = {}
+    for gs in engines:
+        cb = progress(f"{name or cfg.dataset} {gs[0].label}", cfg.epochs) if progress else None
+        tr = runner.run(data, gs, cfg.hidden, cfg.lr, cfg.epochs, cfg.batch, engine=cfg.engine, on_epoch=cb)
         for g_i, g in enumerate(tr.groups):
             errs = tr.group_errors(g_i)
-            entry = by_label.setdefault(
-                g.label,
-                {"topology": g.topology, "rate": g.rate, "every": g.every, "curves": [], "final_peers": []},
-            )
-            entry["curves"].append(errs.mean(1))
-            entry["final_peers"].append(errs[-1].tolist())
+            out[g.label] = {
+                "topology": g.topology if g.label not in (ALL_DATA, SINGLE_SHARD) else g.label,
+                "rate": g.rate,
+                "every": str(g.interval),
+                "update": g.update,
+                "hypercube_edges": g.hypercube_edges,
+                "curve": errs.mean(1).tolist(),
+                "final_peers": errs[-1].tolist(),
+                "seconds": tr.seconds,
+            }
+    return out
+
+
+def run_experiment(
+    cfg: Config,
+    progress: Progress | None = None,
+    out: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` cell by cell and return a JSON-ready summary with 95% intervals over seeds.
+
+    With ``out``, each finished cell is saved under ``out/cells/`` and cells found there are reused
+    (only when they were run with the same settings), so an interrupted run continues where it stopped.
+    ``progress(name, epochs)`` may return a per-epoch callback (the CLI's progress bar).
+    """
+    cfg = cfg.resolved()
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "intervals", "engine")}
+    for name, seed, interval in cells(cfg):
+        path = out / "cells" / f"{name}.json" if out is not None else None
+        cell = None
+        if path is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == settings:
+                cell = saved["runs"]
+                if log:
+                    log(f"{name}: reusing {path}")
+        if cell is None:
+            cell = run_cell(cfg, seed, interval, progress, name)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"settings": settings, "seed": seed, "runs": cell}))
+                tmp.replace(path)
+        results[name] = cell
+    return summarise(cfg, results, time.perf_counter() - t0)
+
+
+def summarise(cfg: Config, cell_results: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Per label: the per-seed curves (mean over peers), their mean with a 95% band, final errors."""
+    by_label: dict[str, dict[str, Any]] = {}
+    for cell in cell_results.values():
+        for label, r in cell.items():
+            e = by_label.setdefault(label, {**{k: r[k] for k in r if k not in ("curve", "final_peers")}})
+            e.setdefault("curves", []).append(r["curve"])
+            e.setdefault("final_peers", []).append(r["final_peers"])
     runs = []
-    for label, e in by_label.items():
-        curves = np.stack(e["curves"])  # [seeds, epochs + 1]
+    baselines_last = sorted(by_label.items(), key=lambda kv: kv[0] in (SINGLE_SHARD, ALL_DATA))
+    for label, e in baselines_last:
+        curves = np.array(e.pop("curves"))  # [seeds, epochs + 1]
         lo_hi = [mean_ci(curves[:, k]) for k in range(curves.shape[1])]
         final = mean_ci(curves[:, -1])
+        e.pop("seconds", None)
         runs.append(
             {
                 "label": label,
-                "topology": e["topology"] if label not in (ALL_DATA, SINGLE_SHARD) else label,
-                "rate": e["rate"],
-                "every": e["every"],
+                **e,
                 "final_error": final[0],
                 "final_ci95": [final[1], final[2]],
                 "final_per_seed": curves[:, -1].tolist(),
-                "final_per_peer": e["final_peers"],
+                "final_per_peer": e.pop("final_peers"),
+                "curves_per_seed": curves.tolist(),
                 "curve_mean": [x[0] for x in lo_hi],
                 "curve_lo": [x[1] for x in lo_hi],
                 "curve_hi": [x[2] for x in lo_hi],
             }
         )
-    return {
-        "config": asdict(cfg),
-        "seconds": seconds,
-        "peers_per_engine": [sum(len(g.shards) for g in tr.groups) for tr in traces],
-        "runs": runs,
-    }
+    return {"config": asdict(cfg), "seconds": seconds, "runs": runs}
 
 
 def gap_to_all_data(result: dict[str, Any], run: dict[str, Any]) -> tuple[float, float, float] | None:
@@ -158,7 +233,7 @@ def gap_to_all_data(result: dict[str, Any], run: dict[str, Any]) -> tuple[float,
     Each seed's runs share the shards, so the paired difference is tighter than comparing two intervals.
     """
     ref = next((r for r in result["runs"] if r["label"] == ALL_DATA), None)
-    if ref is None:
+    if ref is None or len(ref["final_per_seed"]) != len(run["final_per_seed"]):
         return None
     diffs = [100 * (a - b) for a, b in zip(run["final_per_seed"], ref["final_per_seed"], strict=True)]
     return mean_ci(diffs)

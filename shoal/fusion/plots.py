@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.fusion.experiment import ALL_DATA, SINGLE_SHARD
+from shoal.fusion.strategy import Interval
 
 COLOURS = {
     ALL_DATA: "tab:blue",
@@ -13,6 +14,7 @@ COLOURS = {
     "ring": "tab:green",
     "random": "tab:orange",
     "hypercube": "tab:purple",
+    "average": "tab:gray",
 }
 
 
@@ -68,8 +70,8 @@ def plot_sweep(result: dict[str, Any], key: str, path: Path) -> None:
         else:
             by_topo.setdefault(r["topology"], []).append(r)
     for topo, runs in by_topo.items():
-        runs.sort(key=lambda r: r[key])
-        xs = [r[key] for r in runs]
+        runs.sort(key=lambda r: _sweep_x(r, key))
+        xs = [_sweep_x(r, key) for r in runs]
         ax.plot(xs, [100 * r["final_error"] for r in runs], "o-", ms=3, color=COLOURS.get(topo), label=topo)
         ax.fill_between(
             xs,
@@ -80,10 +82,77 @@ def plot_sweep(result: dict[str, Any], key: str, path: Path) -> None:
             lw=0,
         )
     ax.set_xlabel("fusion rate F" if key == "rate" else "fusion frequency K (epochs between fusions)")
+    if key == "every":
+        ax.set_xscale("log")
     ax.set_ylabel(f"test error after {cfg['epochs']} epochs (%)")
     ax.set_title(f"{cfg['dataset']}: {cfg['peers']} peers, {cfg['split']} split, seeds {len(cfg['seeds'])}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sweep_x(run: dict[str, Any], key: str) -> float:
+    if key == "every":
+        return Interval.parse(run["every"]).count
+    return float(run[key])
+
+
+def plot_grid(result: dict[str, Any], path: Path) -> None:
+    """Error against epoch, one panel per fusion interval: a line per topology and reading.
+
+    Colour is the topology; line style the reading (solid: sequential as printed, dashed:
+    simultaneous; for the hypercube, thick: every edge twice as printed, thin: once). The
+    baselines are in every panel.
+    """
+    plt = _pyplot()
+    cfg = result["config"]
+    intervals = cfg["intervals"]
+    cols = min(3, len(intervals))
+    rows = -(-len(intervals) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4 * rows), sharey=True, squeeze=False)
+    for ax, interval in zip(axes.flat, intervals, strict=False):
+        for r in result["runs"]:
+            if r["topology"] not in (ALL_DATA, SINGLE_SHARD) and r["every"] != interval:
+                continue
+            epochs = range(len(r["curve_mean"]))
+            colour = COLOURS.get(r["topology"])
+            dashed = r.get("update") == "simultaneous" and r["topology"] not in (
+                ALL_DATA,
+                SINGLE_SHARD,
+                "average",
+            )
+            thin = r["topology"] == "hypercube" and r.get("hypercube_edges") == "once"
+            ax.plot(
+                epochs,
+                [100 * v for v in r["curve_mean"]],
+                color=colour,
+                ls="--" if dashed else "-",
+                lw=0.9 if thin else 1.6,
+                label=r["label"].replace(f" every {interval}", ""),
+            )
+            ax.fill_between(
+                epochs,
+                [100 * v for v in r["curve_lo"]],
+                [100 * v for v in r["curve_hi"]],
+                color=colour,
+                alpha=0.08,
+                lw=0,
+            )
+        ax.set_title(f"fuse every {interval}")
+        ax.set_xlabel("epoch")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes.flat[len(intervals) :]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("test error (%)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(
+        f"{cfg['dataset']}: {cfg['peers']} peers, {cfg['split']} split, F={cfg['rates'][0]:g}, "
+        f"batch {cfg['batch']}, {len(cfg['seeds'])} seeds (mean, 95% band)"
+    )
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * ((len(labels) + 2) // 3), 1, 0.96))
+    fig.savefig(path, dpi=110)
     plt.close(fig)

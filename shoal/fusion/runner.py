@@ -12,9 +12,17 @@ the learning rate is a per-example step, so batch 1 is exactly the paper's onlin
 from ``(seed, peer, epoch)``; peers with smaller shards sit out the last steps of an epoch (masked),
 so every peer sees exactly its shard once per epoch, as it would if trained alone.
 
-An epoch is: every peer trains one pass over its shard; then, every ``every`` epochs, the group runs
-one fusion round (round ``r`` = the number of rounds run before) over its topology; then every peer
-is evaluated on the test set.
+Time runs in *ticks*: one tick is one optimizer step of every peer at once. An engine epoch is ``T``
+ticks, the steps of one pass over the largest shard. A group fuses on its interval (its strategy's
+``every``):
+
+- every ``K`` epochs: each peer trains one pass over its shard per engine epoch (peers with smaller
+  shards sit out the last ticks, masked); after every ``K``-th engine epoch the group runs a round;
+- every ``k`` steps: each peer walks its own epochs back to back (a peer with a smaller shard starts
+  its next epoch sooner, nothing is masked), and the group runs a round after every ``k``-th tick.
+
+Round ``r`` (0-based) is the ``r``-th round the group runs. Every peer is evaluated on the test set at
+the end of each engine epoch; that is the "epoch" of the error curves.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ import numpy as np
 import torch
 
 from shoal.fusion.algorithm import fuse
-from shoal.fusion.topology import schedule
+from shoal.fusion.strategy import AVERAGE, Interval, PeerFusion
+from shoal.fusion.topology import parallel_stages
 
 # Lists of per-peer weight arrays, in layer order: W1 [in, h1], b1 [h1], W2, b2, ...
 PeerWeights = list[np.ndarray]
@@ -59,16 +68,59 @@ def epoch_order(shard: np.ndarray, seed: int, peer: int, epoch: int) -> np.ndarr
     return shard[np.random.default_rng([seed, peer, epoch, 0x0DE5]).permutation(len(shard))]
 
 
-def epoch_batches(orders: Sequence[np.ndarray], batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stack the peers' orders into ``idx [steps, peers, batch]`` and ``mask`` (0 where a peer is done)."""
-    steps = max(math.ceil(len(o) / batch) for o in orders)
-    idx = np.zeros((steps * batch, len(orders)), np.int64)
-    mask = np.zeros((steps * batch, len(orders)), np.float32)
-    for p, o in enumerate(orders):
-        idx[: len(o), p] = o
-        mask[: len(o), p] = 1.0
-    shape = (steps, batch, len(orders))
-    return idx.reshape(shape).transpose(0, 2, 1).copy(), mask.reshape(shape).transpose(0, 2, 1).copy()
+def steps_per_epoch(n_rows: int, batch: int) -> int:
+    return max(1, math.ceil(n_rows / batch))
+
+
+def _own_epoch(
+    shard: np.ndarray, seed: int, peer: int, epoch: int, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One of a peer's own epochs as ``idx, mask [steps, batch]`` (the last batch may be short)."""
+    order = epoch_order(shard, seed, peer, epoch)
+    steps = steps_per_epoch(len(order), batch)
+    idx = np.zeros(steps * batch, np.int64)
+    mask = np.zeros(steps * batch, np.float32)
+    idx[: len(order)] = order
+    mask[: len(order)] = 1.0
+    return idx.reshape(steps, batch), mask.reshape(steps, batch)
+
+
+def peer_epoch_batches(
+    shard: np.ndarray, seed: int, peer: int, batch: int, epoch: int, ticks: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Peer ``peer``'s epoch ``epoch`` (1-based) as ``idx, mask [ticks, batch]``, masked after its last step."""
+    idx, mask = _own_epoch(shard, seed, peer, epoch, batch)
+    ticks = len(idx) if ticks is None else ticks
+    out_i = np.zeros((ticks, batch), np.int64)
+    out_m = np.zeros((ticks, batch), np.float32)
+    out_i[: len(idx)] = idx
+    out_m[: len(idx)] = mask
+    return out_i, out_m
+
+
+def peer_step_batches(
+    shard: np.ndarray, seed: int, peer: int, batch: int, start: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Peer ``peer``'s optimizer steps ``start .. start+count-1`` (0-based) with its epochs back to back."""
+    per_epoch = steps_per_epoch(len(shard), batch)
+    idx_parts, mask_parts = [], []
+    first = start // per_epoch
+    last = (start + count - 1) // per_epoch
+    for e in range(first, last + 1):
+        i, m = _own_epoch(shard, seed, peer, e + 1, batch)
+        idx_parts.append(i)
+        mask_parts.append(m)
+    offset = start - first * per_epoch
+    idx = np.concatenate(idx_parts)[offset : offset + count]
+    mask = np.concatenate(mask_parts)[offset : offset + count]
+    return idx, mask
+
+
+def stack_peers(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-peer ``[ticks, batch]`` arrays into the engine's ``idx, mask [ticks, peers, batch]``."""
+    idx = np.stack([p[0] for p in parts], axis=1)
+    mask = np.stack([p[1] for p in parts], axis=1)
+    return np.ascontiguousarray(idx), np.ascontiguousarray(mask)
 
 
 class BatchedEngine:
@@ -101,8 +153,8 @@ class BatchedEngine:
     def n_peers(self) -> int:
         return int(self.flat.shape[0])
 
-    def train_epoch(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray, mask: np.ndarray) -> None:
-        """One SGD pass: step ``s`` trains peer ``p`` on rows ``idx[s, p]`` (weighted by ``mask``)."""
+    def train_steps(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray, mask: np.ndarray) -> None:
+        """SGD steps: step ``s`` trains peer ``p`` on rows ``idx[s, p]`` (weighted by ``mask``)."""
         idx_t = torch.from_numpy(idx)
         mask_t = torch.from_numpy(mask).to(self.dtype).unsqueeze(-1)
         n_layers = len(self.weights)
@@ -146,14 +198,25 @@ class BatchedEngine:
     def errors(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
         return (self.predict(x) != y).to(torch.float64).mean(1).numpy()
 
-    def fuse_steps(self, steps: Sequence[tuple[list[int], list[int], list[float]]]) -> None:
-        """Run fusions: each step fuses rows ``a[k]`` with ``b[k]`` at rate ``f[k]`` (all distinct rows)."""
-        for a, b, f in steps:
-            ia, ib = torch.tensor(a), torch.tensor(b)
-            rate = torch.tensor(f, dtype=self.dtype).unsqueeze(1)
-            new_a, new_b = fuse(self.flat[ia], self.flat[ib], rate)
-            self.flat[ia] = new_a
-            self.flat[ib] = new_b
+    def fuse_steps(self, steps: Sequence[FusionStep]) -> None:
+        """Run fusions: each step fuses rows ``a[k]`` with ``b[k]`` at rate ``f[k]`` by rule ``u[k]``.
+
+        Rows within one step are all distinct, so each rule's pairs fuse as one vectorised call.
+        """
+        for a, b, f, u in steps:
+            for update in set(u):
+                k = [i for i, x in enumerate(u) if x == update]
+                ia, ib = torch.tensor([a[i] for i in k]), torch.tensor([b[i] for i in k])
+                rate = torch.tensor([f[i] for i in k], dtype=self.dtype).unsqueeze(1)
+                new_a, new_b = fuse(self.flat[ia], self.flat[ib], rate, update)
+                self.flat[ia] = new_a
+                self.flat[ib] = new_b
+
+    def average(self, rows: Sequence[list[int]]) -> None:
+        """Set each list of rows to its mean (the ``average`` reference topology)."""
+        for r in rows:
+            i = torch.tensor(r)
+            self.flat[i] = self.flat[i].mean(0, keepdim=True)
 
     def peer_weights(self, p: int) -> PeerWeights:
         row = self.flat[p].numpy().astype(np.float64)
@@ -189,12 +252,12 @@ class LoopEngine:
     def n_peers(self) -> int:
         return len(self.models)
 
-    def train_epoch(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray, mask: np.ndarray) -> None:
+    def train_steps(self, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray, mask: np.ndarray) -> None:
         for p, model in enumerate(self.models):
             for s in range(idx.shape[0]):
                 rows = torch.from_numpy(idx[s, p][mask[s, p] > 0])
                 if len(rows) == 0:
-                    break
+                    continue
                 loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="sum")
                 model.zero_grad()
                 loss.backward()
@@ -206,14 +269,22 @@ class LoopEngine:
         with torch.no_grad():
             return np.array([(m(x).argmax(-1) != y).to(torch.float64).mean().item() for m in self.models])
 
-    def fuse_steps(self, steps: Sequence[tuple[list[int], list[int], list[float]]]) -> None:
-        for a, b, f in steps:
-            for i, j, rate in zip(a, b, f, strict=True):
+    def fuse_steps(self, steps: Sequence[FusionStep]) -> None:
+        for a, b, f, u in steps:
+            for i, j, rate, update in zip(a, b, f, u, strict=True):
                 with torch.no_grad():
                     for pa, pb in zip(self.models[i].parameters(), self.models[j].parameters(), strict=True):
-                        na, nb = fuse(pa.detach().clone(), pb.detach().clone(), rate)
+                        na, nb = fuse(pa.detach().clone(), pb.detach().clone(), rate, update)
                         pa.copy_(na)
                         pb.copy_(nb)
+
+    def average(self, rows: Sequence[list[int]]) -> None:
+        with torch.no_grad():
+            for r in rows:
+                for params in zip(*(self.models[i].parameters() for i in r), strict=True):
+                    mean = torch.stack([q.detach() for q in params]).mean(0)
+                    for q in params:
+                        q.copy_(mean)
 
     def peer_weights(self, p: int) -> PeerWeights:
         out = []
@@ -231,16 +302,35 @@ ENGINES: dict[str, type[BatchedEngine] | type[LoopEngine]] = {"batched": Batched
 
 @dataclass
 class Group:
-    """Peers that fuse with each other: one topology, rate, frequency and seed."""
+    """Peers that fuse with each other: one topology, rate, interval, reading and seed."""
 
-    topology: str  # ring, random, hypercube, or none (peers train alone)
+    topology: str  # ring, random, hypercube, average (reference), or none (peers train alone)
     shards: list[np.ndarray]  # each peer's training rows
     seed: int = 0
     rate: float = 0.55
-    every: int = 1
+    every: Interval | int | str = 1  # an int or a bare number: epochs
     shared_init: bool = True
     label: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    update: str = "sequential"
+    hypercube_edges: str = "twice"
+
+    def __post_init__(self) -> None:
+        self.every = Interval.parse(self.every)
+        self.strategy = PeerFusion(
+            len(self.shards),
+            self.topology,
+            self.rate,
+            self.update,
+            self.hypercube_edges,
+            self.every,
+            self.seed,
+        )
+
+    @property
+    def interval(self) -> Interval:
+        assert isinstance(self.every, Interval)
+        return self.every
 
 
 @dataclass
@@ -252,32 +342,85 @@ class Trace:
     offsets: list[int]  # first row of each group in the peer dimension
     weights: list[PeerWeights]
     seconds: float
+    ticks_per_epoch: int = 0
 
     def group_errors(self, g: int) -> np.ndarray:
         start = self.offsets[g]
         return self.errors[:, start : start + len(self.groups[g].shards)]
 
 
-def fusion_steps(
-    groups: Sequence[Group], offsets: Sequence[int], epoch: int
-) -> list[tuple[list[int], list[int], list[float]]]:
-    """Merge the groups that fuse after ``epoch`` (1-based) into steps of disjoint pairs.
+# One vectorised fusion: rows a[k] and b[k] fuse at rate f[k] by update rule u[k]; all rows distinct.
+FusionStep = tuple[list[int], list[int], list[float], list[str]]
 
-    Step ``k`` holds the ``k``-th pair of every group's schedule; groups are disjoint, so one step's
-    pairs touch distinct peers and run as one vectorised fusion.
+
+def round_due(group: Group, tick: int, ticks_per_epoch: int) -> int | None:
+    """The round ``group`` runs after ``tick`` ticks (1-based count), or None if it does not fuse then."""
+    every = group.interval
+    if group.topology == "none":
+        return None
+    if every.unit == "steps":
+        return tick // every.count - 1 if tick % every.count == 0 else None
+    if tick % ticks_per_epoch:
+        return None
+    epoch = tick // ticks_per_epoch
+    return epoch // every.count - 1 if epoch % every.count == 0 else None
+
+
+def fusion_steps(
+    groups: Sequence[Group], offsets: Sequence[int], tick: int, ticks_per_epoch: int
+) -> tuple[list[FusionStep], list[list[int]]]:
+    """What fuses after ``tick``: pair steps merged across groups, and the row sets to average.
+
+    Each group's round is cut into runs of pairs on distinct peers (``parallel_stages``); step ``k``
+    holds run ``k`` of every group. Groups are disjoint, so one step's pairs touch distinct peers and
+    run as one vectorised fusion, and the result equals fusing every pair one by one in order.
     """
-    per_group = []
+    per_group: list[list[FusionStep]] = []
+    averages: list[list[int]] = []
     for g, off in zip(groups, offsets, strict=True):
-        if g.topology == "none" or epoch % g.every:
+        r = round_due(g, tick, ticks_per_epoch)
+        if r is None:
             continue
-        round_ = epoch // g.every - 1
-        sched = schedule(g.topology, len(g.shards), g.seed, round_)
-        per_group.append([(off + i, off + j, g.rate) for i, j in sched])
-    steps = []
+        if g.topology == AVERAGE:
+            averages.append([off + p for p in range(len(g.shards))])
+            continue
+        stages = parallel_stages(g.strategy.pairs(r))
+        per_group.append(
+            [
+                ([off + i for i, _ in st], [off + j for _, j in st], [g.rate] * len(st), [g.update] * len(st))
+                for st in stages
+            ]
+        )
+    steps: list[FusionStep] = []
     for k in range(max((len(s) for s in per_group), default=0)):
-        pairs = [s[k] for s in per_group if k < len(s)]
-        steps.append(([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]))
-    return steps
+        parts = [s[k] for s in per_group if k < len(s)]
+        steps.append(
+            (
+                [i for p in parts for i in p[0]],
+                [j for p in parts for j in p[1]],
+                [f for p in parts for f in p[2]],
+                [u for p in parts for u in p[3]],
+            )
+        )
+    return steps, averages
+
+
+def engine_epoch(
+    groups: Sequence[Group], seeds: Sequence[int], peer_ids: Sequence[int], batch: int, epoch: int, ticks: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``idx, mask [ticks, peers, batch]`` of engine epoch ``epoch`` (1-based) for every peer."""
+    parts = []
+    k = 0
+    for g in groups:
+        for shard in g.shards:
+            if g.interval.unit == "steps":
+                parts.append(
+                    peer_step_batches(shard, seeds[k], peer_ids[k], batch, (epoch - 1) * ticks, ticks)
+                )
+            else:
+                parts.append(peer_epoch_batches(shard, seeds[k], peer_ids[k], batch, epoch, ticks))
+            k += 1
+    return stack_peers(parts)
 
 
 def run(
@@ -292,7 +435,7 @@ def run(
     start: Sequence[PeerWeights] | None = None,
     on_epoch: Callable[[int, np.ndarray], None] | None = None,
 ) -> Trace:
-    """Train every group's peers for ``epochs`` epochs in one engine; fuse and evaluate as described above.
+    """Train every group's peers for ``epochs`` engine epochs in one engine; fuse and evaluate as above.
 
     ``dataset`` has ``x_train, y_train, x_test, y_test, n_classes`` (see ``datasets.Dataset``).
     ``start`` overrides the initial weights (one list per peer, all groups in order).
@@ -307,7 +450,7 @@ def run(
             peer_ids.append(p)
     if start is not None:
         peers = [list(p) for p in start]
-    shards = [s for g in groups for s in g.shards]
+    ticks = max(steps_per_epoch(len(s), batch) for g in groups for s in g.shards)
     eng = ENGINES[engine](peers, lr, dtype)
     x = torch.tensor(dataset.x_train, dtype=dtype)
     y = torch.tensor(dataset.y_train, dtype=torch.int64)
@@ -315,18 +458,30 @@ def run(
     yt = torch.tensor(dataset.y_test, dtype=torch.int64)
     errors = np.zeros((epochs + 1, len(peers)))
     errors[0] = eng.errors(xt, yt)
+    step_counts = sorted(
+        {g.interval.count for g in groups if g.interval.unit == "steps" and g.topology != "none"}
+    )
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        orders = [epoch_order(s, sd, p, epoch) for s, sd, p in zip(shards, seeds, peer_ids, strict=True)]
-        idx, mask = epoch_batches(orders, batch)
-        eng.train_epoch(x, y, idx, mask)
-        eng.fuse_steps(fusion_steps(groups, offsets, epoch))
+        idx, mask = engine_epoch(groups, seeds, peer_ids, batch, epoch, ticks)
+        first = (epoch - 1) * ticks
+        # Ticks of this epoch after which some group fuses, and the epoch's end.
+        cuts = {ticks} | {
+            t - first for t in range(first + 1, first + ticks + 1) if any(t % k == 0 for k in step_counts)
+        }
+        done = 0
+        for cut in sorted(c for c in cuts if c > 0):
+            eng.train_steps(x, y, idx[done:cut], mask[done:cut])
+            done = cut
+            pair_steps, averages = fusion_steps(groups, offsets, first + cut, ticks)
+            eng.fuse_steps(pair_steps)
+            eng.average(averages)
         errors[epoch] = eng.errors(xt, yt)
         if on_epoch is not None:
             on_epoch(epoch, errors[epoch])
     seconds = time.perf_counter() - t0
     weights = [eng.peer_weights(p) for p in range(len(peers))]
-    return Trace(list(groups), errors, offsets, weights, seconds)
+    return Trace(list(groups), errors, offsets, weights, seconds, ticks)
 
 
 def train_peer(
@@ -335,21 +490,60 @@ def train_peer(
     weights: PeerWeights,
     seed: int,
     peer: int,
-    epochs: Sequence[int],
+    work: Interval | dict[str, Any] | Sequence[int],
     hidden: Sequence[int],
     lr: float,
     batch: int = 1,
     dtype: torch.dtype = torch.float32,
 ) -> PeerWeights:
-    """Train one peer alone over the given (1-based, global) epochs: what a Flower node runs locally.
+    """Train one peer alone: what a site runs between two fusions.
 
-    Uses the same data order and step as :func:`run`, so a peer on another machine computes the
-    weights the in-process runner would.
+    ``work`` is a strategy's ``local_work(round)`` (``{"unit", "start", "count"}``) or a list of
+    1-based epochs. Uses the same data order and step as :func:`run`, so a peer on another machine
+    computes the weights the in-process runner would.
     """
     eng = BatchedEngine([weights], lr, dtype)
     x = torch.tensor(dataset.x_train, dtype=dtype)
     y = torch.tensor(dataset.y_train, dtype=torch.int64)
+    if isinstance(work, dict) and work["unit"] == "steps":
+        parts = [peer_step_batches(shard, seed, peer, batch, int(work["start"]), int(work["count"]))]
+        eng.train_steps(x, y, *stack_peers(parts))
+        return eng.peer_weights(0)
+    if isinstance(work, dict):
+        epochs: Sequence[int] = range(int(work["start"]) + 1, int(work["start"]) + int(work["count"]) + 1)
+    else:
+        epochs = list(work)  # type: ignore[arg-type]
     for epoch in epochs:
-        idx, mask = epoch_batches([epoch_order(shard, seed, peer, epoch)], batch)
-        eng.train_epoch(x, y, idx, mask)
+        eng.train_steps(x, y, *stack_peers([peer_epoch_batches(shard, seed, peer, batch, epoch)]))
     return eng.peer_weights(0)
+
+
+def replay(
+    dataset: Any,
+    shards: Sequence[np.ndarray],
+    strategy: PeerFusion,
+    rounds: int,
+    hidden: Sequence[int],
+    lr: float,
+    batch: int = 1,
+    absent: dict[int, set[int]] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[int, PeerWeights]:
+    """Cooperative learning one peer and one round at a time, as a federation runs it.
+
+    Round ``r`` (0-based): every peer not in ``absent[r]`` trains ``strategy.local_work(r)`` from its
+    last fused weights, then ``strategy.fuse`` runs over those present. The batched :func:`run`
+    computes the same weights for one group with no absences (tested); the Flower engine computes
+    exactly this.
+    """
+    sizes = layer_sizes(dataset.x_train.shape[1], hidden, dataset.n_classes)
+    weights = {p: init_weights(sizes, strategy.seed, p) for p in range(len(shards))}
+    for r in range(rounds):
+        present = [p for p in range(len(shards)) if p not in (absent or {}).get(r, set())]
+        work = strategy.local_work(r)
+        received = {
+            p: train_peer(dataset, shards[p], weights[p], strategy.seed, p, work, hidden, lr, batch, dtype)
+            for p in present
+        }
+        weights.update(strategy.fuse(r, received))
+    return weights

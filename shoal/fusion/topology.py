@@ -14,6 +14,8 @@ Pair = tuple[int, int]
 Schedule = list[Pair]
 
 TOPOLOGIES = ("ring", "random", "hypercube")
+# The two readings of Algorithm 4: every edge fused twice per stage as printed, or once.
+HYPERCUBE_EDGES = ("twice", "once")
 
 
 def ring(n: int) -> Schedule:
@@ -48,39 +50,72 @@ def random_pairs(n: int, seed: int, round_: int) -> Schedule:
     return schedule
 
 
-def hypercube_stages(n: int) -> list[Schedule]:
-    """Algorithm 4 by stage: stage ``x`` pairs every peer ``s`` with ``s`` xor ``2**x`` once, lower index as A.
+def hypercube_stages(n: int, edges: str = "twice") -> list[Schedule]:
+    """Algorithm 4 by stage: stage ``x`` fuses every peer ``s`` with its neighbour ``s`` xor ``2**x``.
 
-    Algorithm 4 loops over every ``s`` and so would fuse each edge twice per stage (once from each
-    end); shoal fuses each edge once per stage with the lower-numbered peer as ``A``, which is what a
-    hypercube exchange does. When ``n`` is not a power of two the peers sit on the first ``n``
-    corners of the smallest cube that holds them and an edge to a missing corner is skipped (that
-    peer sits the stage out). The graph stays connected: clearing one bit of a present corner
-    always gives a present corner.
+    Two readings, by ``edges``:
+
+    - ``"twice"`` (the default, Algorithm 4 as printed): the inner loop runs over every ``s`` with
+      ``N_s`` as A, so each edge is fused twice per stage, once from each end: ``(s, b)`` when the
+      loop reaches ``s`` and ``(b, s)`` when it reaches ``b``.
+    - ``"once"``: each edge once per stage, the lower-numbered peer as A (a hypercube exchange).
+
+    When ``n`` is not a power of two the peers sit on the first ``n`` corners of the smallest cube
+    that holds them and an edge to a missing corner is skipped (that peer sits the stage out). The
+    graph stays connected: clearing one bit of a present corner always gives a present corner.
     """
+    check_hypercube(edges)
     if n < 2:
         return []
     dims = (n - 1).bit_length()
     stages = []
     for x in range(dims):
         bit = 1 << x
-        stages.append([(s, s ^ bit) for s in range(n) if s & bit == 0 and s ^ bit < n])
+        if edges == "twice":
+            stages.append([(s, s ^ bit) for s in range(n) if s ^ bit < n])
+        else:
+            stages.append([(s, s ^ bit) for s in range(n) if s & bit == 0 and s ^ bit < n])
     return stages
 
 
-def hypercube(n: int) -> Schedule:
+def hypercube(n: int, edges: str = "twice") -> Schedule:
     """Algorithm 4: the stages of :func:`hypercube_stages` one after another."""
-    return [pair for stage in hypercube_stages(n) for pair in stage]
+    return [pair for stage in hypercube_stages(n, edges) for pair in stage]
 
 
-def schedule(topology: str, n: int, seed: int = 0, round_: int = 0) -> Schedule:
+def check_hypercube(edges: str) -> str:
+    if edges not in HYPERCUBE_EDGES:
+        raise ValueError(f"unknown hypercube reading {edges!r}: use one of {', '.join(HYPERCUBE_EDGES)}")
+    return edges
+
+
+def parallel_stages(sched: Schedule) -> list[Schedule]:
+    """Cut a schedule into consecutive runs of pairs that touch distinct peers.
+
+    Pairs within a run do not interact, so an engine may fuse them at once; the runs stay in order,
+    so the result equals fusing the pairs one by one.
+    """
+    out: list[Schedule] = []
+    seen: set[int] = set()
+    for a, b in sched:
+        if not out or a in seen or b in seen:
+            out.append([])
+            seen = set()
+        out[-1].append((a, b))
+        seen.update((a, b))
+    return out
+
+
+def schedule(
+    topology: str, n: int, seed: int = 0, round_: int = 0, hypercube_edges: str = "twice"
+) -> Schedule:
     """The schedule of one fusion round of ``topology`` over ``n`` peers (``none``: no fusion)."""
     if topology == "ring":
         return ring(n)
     if topology == "random":
         return random_pairs(n, seed, round_)
     if topology == "hypercube":
-        return hypercube(n)
+        return hypercube(n, hypercube_edges)
     if topology == "none":
         return []
     raise ValueError(f"unknown topology {topology!r}: use one of {', '.join(TOPOLOGIES)} or none")
