@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "fuse": "shoal.fusion.cli",
     "central": "shoal.central.cli",
     "multihead": "shoal.multihead.cli",
+    "devices": "shoal.devices",
 }
 
 

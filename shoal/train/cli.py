@@ -1,4 +1,9 @@
-"""``shoal train``: train a model, watch it, stop and resume it, export it to a model repository.
+"""``shoal train``: train a model of the catalogue, watch it, stop and resume it, export it to a model
+repository; on several processes or machines with ``--nproc`` / ``--nnodes`` / ``--rdzv``.
+
+``shoal train FAMILY [options]``: the family picks the options. The MNIST trainer has its own
+(``shoal train mnist --help``); every other family's options are the fields of the ``Config`` at the
+top of its file, turned into flags here, with the comment beside each field as its help.
 
 Importing this module is cheap (no torch): ``shoal --help`` imports every command module.
 """
@@ -6,21 +11,49 @@ Importing this module is cheap (no torch): ``shoal --help`` imports every comman
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import re
+import shlex
 import sys
+from pathlib import Path
+from typing import Any
 
-HELP = "train the MNIST softmax / MLP / CNN models, with checkpoints, plots and export to a model repository"
+from shoal.train.catalogue import FAMILIES, RESULTS, Family
+
+HELP = "train paper 002's model catalogue and paper 004's MNIST models; export them to a model repository"
 EXAMPLE = """\
-shoal train mnist --arch cnn --export models/          # ~4 epochs, 99%+, then models/mnist-cnn/<next>/
-shoal train mnist --arch mlp --activation relu --epochs 10 --lr 0.001
-shoal train mnist --arch softmax --optimizer sgd --lr 0.1 --target-train-acc 0.92
-shoal train mnist --arch cnn --resume                   # continue runs/mnist-cnn/checkpoint.pt
-tensorboard --logdir runs/                              # curves while it trains"""
+shoal train list                                    # every family, its data set, the metric reached here
+shoal train mnist --arch cnn --export models/       # ~4 epochs, 99%+, then models/mnist-cnn/<next>/
+shoal train kmeans --data circles --export models/  # any family: 'shoal train FAMILY --help'
+shoal train feedforward --data wine --epochs 300 --device auto
+shoal train mnist --arch cnn --nproc 2 --threads 1  # two data-parallel workers (torch.distributed, gloo)
+shoal train mnist --nnodes 2 --nproc 4 --rdzv 10.0.0.5:29400  # on each of two machines
+shoal train pi --nproc 2                            # the book's distributed pi
+tensorboard --logdir runs/                          # MNIST curves while it trains"""
 
-TASKS = ("mnist", "fashion-mnist")
+MNIST_TASKS = ("mnist", "fashion-mnist")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=TASKS, help="dataset to train on")
+    p.add_argument(
+        "family",
+        metavar="FAMILY",
+        choices=["list", *FAMILIES],
+        help=f"list, or one of: {', '.join(FAMILIES)}",
+    )
+    p.add_argument(
+        "options", nargs=argparse.REMAINDER, help="the family's options: 'shoal train FAMILY --help'"
+    )
+
+
+# -------------------------------------------------------------------------------------- options
+
+
+def add_mnist_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=("softmax", "mlp", "cnn"), default="cnn", help="model (default: cnn)")
     p.add_argument(
         "--activation",
@@ -61,78 +94,258 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--data-dir", help="folder with the original IDX files (also: SHOAL_DATA_DIR)")
     d.add_argument("--download", action="store_true", help="download the original files if not found locally")
-    e = p.add_argument_group("export")
-    e.add_argument(
-        "--export", metavar="REPO", help="when done, export to REPO/<task>-<arch>/<version>/ as ONNX"
+    add_device_arguments(p)
+    add_export_arguments(p, "when done, export to REPO/<task>-<arch>/<version>/ as ONNX")
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices and distributed training (torch.distributed, elastic launcher)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    g.add_argument(
+        "--nproc", type=int, help="data-parallel worker processes on this machine, started by the elastic launcher"
     )
+    g.add_argument("--nnodes", default="1", help="machines taking part: N, or MIN:MAX (default: 1)")
+    g.add_argument("--rdzv", default="", help="HOST:PORT where the machines' agents meet (several machines)")
+    g.add_argument(
+        "--max-restarts", type=int, default=3, help="restarts of the worker group after a failure (default: 3)"
+    )
+    g.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (default: each epoch)"
+    )
+
+
+def add_export_arguments(p: argparse.ArgumentParser, export_help: str) -> None:
+    e = p.add_argument_group("export and record")
+    e.add_argument("--export", metavar="REPO", help=export_help)
     e.add_argument("--version", help="version folder to export to (default: next integer)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
+    e.add_argument(
+        "--record",
+        nargs="?",
+        const=str(RESULTS),
+        metavar="FILE",
+        help="store the figures reached in FILE (default: the results 'shoal train list' prints)",
+    )
+
+
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^=#]*=[^#]*#\s*(.+)$")
+
+
+def field_help(config: type) -> dict[str, str]:
+    """The comment beside each field of a family's ``Config``, as its help text."""
+    try:
+        src = inspect.getsource(config)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in map(_FIELD_COMMENT.match, src.splitlines()) if m}
+
+
+def add_config_arguments(p: argparse.ArgumentParser, fam: Family, config: type) -> None:
+    helps = field_help(config)
+    g = p.add_argument_group(f"{fam.name} settings (the Config at the top of {fam.module.replace('.', '/')}.py)")
+    for f in dataclasses.fields(config):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        text = helps.get(f.name, "")
+        if f.name == "data":
+            choices = ", ".join(f"{k}: {v}" for k, v in fam.data.items())
+            g.add_argument(flag, choices=list(fam.data), default=default, help=f"data set ({choices})")
+        elif isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            kind = type(default) if default is not None else str
+            g.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+
+
+def family_parser(fam: Family) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"shoal train {fam.name}",
+        description=f"paper 002, chapter {fam.chapter}: " + "; ".join(fam.data.values()),
+    )
+    if fam.name in MNIST_TASKS:
+        add_mnist_arguments(p)
+        return p
+    mod = importlib.import_module(fam.module)
+    add_config_arguments(p, fam, mod.Config)
+    r = p.add_argument_group("run")
+    r.add_argument("--out", default="", help="run folder: plots, checkpoint, result (default: runs/<family>-<data>)")
+    r.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-plot", action="store_true", help="write no plots")
+    if fam.torch:
+        r.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+        add_device_arguments(p)
+    if fam.export:
+        add_export_arguments(p, "when done, publish to REPO/<model>/<version>/ as ONNX")
+    return p
+
+
+# -------------------------------------------------------------------------------------- running
 
 
 def run(args: argparse.Namespace) -> int:
     from shoal.data.mnist import DatasetError
 
+    if args.family == "list":
+        from shoal.train.catalogue import table
+
+        print(table())
+        return 0
+    fam = FAMILIES[args.family]
     try:
-        return _run(args)
+        opts = family_parser(fam).parse_args(args.options)
+        if getattr(opts, "nproc", None) is not None and "LOCAL_RANK" not in os.environ:
+            return _launch(fam, args.options, opts)
+        if fam.name in MNIST_TASKS:
+            return _run_mnist(fam, args.options, opts)
+        return _run_family(fam, args.options, opts)
     except (DatasetError, ValueError, FileNotFoundError) as e:
         print(f"shoal train: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
+def _launch(fam: Family, options: list[str], opts: argparse.Namespace) -> int:
+    """Start this very command as ``--nproc`` workers under torch's elastic agent."""
+    from shoal.train import distributed
+
+    argv = ["train", fam.name, *options]
+    if "--threads" not in options:  # share this machine's cores among its workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        argv += ["--threads", str(max(1, cores // max(1, opts.nproc)))]
+    return distributed.launch(argv, opts.nproc, opts.nnodes, opts.rdzv, opts.max_restarts)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _finish(fam: Family, options: list[str], opts: argparse.Namespace, trained: Any, out: Path) -> int:
+    """Rank 0: print the outcome, keep it in the run folder, publish it, record it."""
+    from shoal.train import catalogue
+
+    o = trained.outcome
+    command = shlex.join(["shoal", "train", fam.name, *options])
+    print(o.line() + f" ({o.seconds:.1f} s on {o.device}); run folder {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps({"command": command, **dataclasses.asdict(o)}, indent=1) + "\n")
+    if getattr(opts, "export", None):
+        if trained.publish is None:
+            raise ValueError(f"{o.model} cannot be exported")
+        dest = trained.publish(opts.export, opts.version, opts.overwrite, catalogue.provenance(o, command))
+        print(f"exported {dest}")
+    if getattr(opts, "record", None):
+        catalogue.record(o, command, Path(opts.record))
+        print(f"recorded {o.model} in {opts.record}")
+    return 0
+
+
+def _run_family(fam: Family, options: list[str], opts: argparse.Namespace) -> int:
+    from shoal.train.catalogue import Run
+
+    mod = importlib.import_module(fam.module)
+    cfg = mod.Config(**{f.name: getattr(opts, f.name) for f in dataclasses.fields(mod.Config)})
+    out = Path(opts.out or Path("runs") / f"{fam.name}-{getattr(cfg, 'data', fam.name)}")
+    run_opts = Run(
+        out_dir=str(out),
+        device=getattr(opts, "device", "cpu"),
+        threads=opts.threads,
+        progress=not opts.no_progress and sys.stderr.isatty(),
+        plot=not opts.no_plot,
+        resume=getattr(opts, "resume", False),
+        checkpoint_every=getattr(opts, "checkpoint_every", 0),
+    )
+    trained = mod.train(cfg, run_opts)
+    if not _is_main():
+        return 0
+    return _finish(fam, options, opts, trained, out)
+
+
+def _run_mnist(fam: Family, options: list[str], opts: argparse.Namespace) -> int:
     # torch is imported here, not at module level.
+    from shoal.train.catalogue import Outcome
     from shoal.train.mnist import TrainConfig, provenance, train
 
     cfg = TrainConfig(
-        dataset=args.task,
-        arch=args.arch,
-        activation=args.activation,
-        dropout=args.dropout,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        target_train_acc=args.target_train_acc,
-        seed=args.seed,
-        train_subset=args.train_subset,
-        test_subset=args.test_subset,
-        max_steps=args.max_steps,
-        out_dir=args.out,
-        data_dir=args.data_dir,
-        download=args.download,
-        threads=args.threads,
-        progress=not args.no_progress and sys.stderr.isatty(),
-        tensorboard=not args.no_tensorboard,
-        plot=not args.no_plot,
-        resume=args.resume,
+        dataset=fam.name,
+        arch=opts.arch,
+        activation=opts.activation,
+        dropout=opts.dropout,
+        optimizer=opts.optimizer,
+        lr=opts.lr,
+        batch_size=opts.batch_size,
+        epochs=opts.epochs,
+        target_train_acc=opts.target_train_acc,
+        seed=opts.seed,
+        train_subset=opts.train_subset,
+        test_subset=opts.test_subset,
+        max_steps=opts.max_steps,
+        out_dir=opts.out,
+        data_dir=opts.data_dir,
+        download=opts.download,
+        threads=opts.threads,
+        device=opts.device,
+        checkpoint_every=opts.checkpoint_every,
+        progress=not opts.no_progress and sys.stderr.isatty(),
+        tensorboard=not opts.no_tensorboard,
+        plot=not opts.no_plot,
+        resume=opts.resume,
     )
     result = train(cfg)
+    if not _is_main():
+        return 0
     out = result.config.out_dir
     print(
         f"test accuracy {result.test_acc:.4f} (loss {result.test_loss:.4f}) after {result.state.epoch} epochs, "
-        f"{result.state.train_seconds:.1f} s of training; run folder {out}"
+        f"{result.state.train_seconds:.1f} s of training on {result.device}"
+        + (f" with {result.workers} workers" if result.workers > 1 else "")
+        + f"; run folder {out}"
     )
     if not result.finished:
         return 0
-    if args.export:
+    if opts.export:
         from shoal.train.export import export_to_repo
 
         if result.config.test_subset:
             print("shoal train: export needs the full test set (drop --test-subset)", file=sys.stderr)
             return 2
-        export_args = f" --export {args.export}" + (f" --version {args.version}" if args.version else "")
+        export_args = f" --export {opts.export}" + (f" --version {opts.version}" if opts.version else "")
         dest, parity = export_to_repo(
             result.model,
-            args.export,
+            opts.export,
             result.config.dataset,
             result.config.arch,
             provenance(result, export_args),
-            version=args.version,
-            overwrite=args.overwrite,
+            version=opts.version,
+            overwrite=opts.overwrite,
             data_dir=result.config.data_dir,
         )
         print(
             f"exported {dest} (ONNX matches PyTorch on {parity.images} test images, "
             f"max |diff| {parity.max_abs_diff:.1e})"
         )
+    if opts.record:
+        from shoal.train import catalogue
+
+        hist = result.state.history
+        samples = (result.config.train_subset or 60000) * result.state.epoch
+        outcome = Outcome(
+            family=fam.name,
+            data=fam.name,
+            model=f"{fam.name}-{result.config.arch}",
+            dataset=next(iter(fam.data.values())),
+            metric="test accuracy",
+            value=result.test_acc,
+            details={
+                "test_loss": round(result.test_loss, 6),
+                "epochs": result.state.epoch,
+                "workers": result.workers,
+                "samples_per_s": round(samples / max(result.state.train_seconds, 1e-9), 1),
+                "history": hist,
+            },
+            data_sha256=result.data_checksums,
+            seconds=result.state.train_seconds,
+            device=result.device,
+        )
+        catalogue.record(outcome, result.config.command(), Path(opts.record))
+        print(f"recorded {outcome.model} in {opts.record}")
     return 0

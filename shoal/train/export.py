@@ -8,9 +8,6 @@ changed its answers never reaches the repository.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +18,12 @@ from torch import nn
 
 import shoal  # noqa: F401  (sets ORT_DISABLE_TELEMETRY before onnxruntime is imported)
 from shoal.data import mnist as mnist_data
-from shoal.modelrepo import ImageSpec, Manifest, ManifestError, TensorSpec, list_versions, write_manifest
+from shoal.modelrepo import ImageSpec, Manifest, TensorSpec
 from shoal.train.mnist_models import MEAN, STD
+from shoal.train.publish import OPSET, export_torch, next_version, publish
 
-OPSET = 17
+__all__ = ["export_to_repo", "next_version"]
+
 MODEL_FILE = "model.onnx"
 MAX_BATCH_SIZE = 64
 BATCH_DELAY_MS = 2.0
@@ -43,27 +42,9 @@ def model_name(dataset: str, arch: str) -> str:
     return f"{dataset}-{arch}"
 
 
-def next_version(repo: str | Path, name: str) -> str:
-    numeric = [int(v) for v in list_versions(repo, name) if v.isdigit()]
-    return str(max(numeric, default=0) + 1)
-
-
 def export_onnx(model: nn.Module, path: Path) -> None:
-    """ONNX with a variable batch dimension; the TorchScript-based exporter needs no onnxscript."""
-    model.eval()
-    dummy = torch.zeros(1, 1, 28, 28)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation on every call
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    """ONNX with a variable batch dimension."""
+    export_torch(model, path, {"image": torch.zeros(1, 1, 28, 28)}, ["logits"])
 
 
 def check_parity(model: nn.Module, onnx_path: Path, x: torch.Tensor) -> ParityReport:
@@ -121,29 +102,18 @@ def export_to_repo(
     from shoal.train.mnist import to_tensor
 
     name = model_name(dataset, arch)
-    version = version or next_version(repo, name)
-    dest = Path(repo) / name / version
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise ManifestError(f"{dest} already exists; pick another --version or pass --overwrite")
     images, _ = mnist_data.load(dataset, "test", data_dir)
     x = to_tensor(images[:parity_images])
-    # Build in a scratch folder next to the destination, then move: a half-written version is never
-    # visible to a worker scanning the repository.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; workers run as other users
-    try:
-        export_onnx(model, tmp / MODEL_FILE)
-        report = check_parity(model, tmp / MODEL_FILE, x)
+    classes = list(mnist_data.get_dataset(dataset).classes)
+    reports: list[ParityReport] = []
+
+    def build(folder: Path, version: str) -> Manifest:
+        export_onnx(model, folder / MODEL_FILE)
+        report = check_parity(model, folder / MODEL_FILE, x)
+        reports.append(report)
         prov = dict(provenance)
         prov["onnx_parity"] = {"images": report.images, "max_abs_diff": float(f"{report.max_abs_diff:.3g}")}
         prov["onnx_opset"] = OPSET
-        classes = list(mnist_data.get_dataset(dataset).classes)
-        write_manifest(tmp, build_manifest(name, version, classes, prov))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return dest, report
+        return build_manifest(name, version, classes, prov)
+
+    return publish(repo, name, version, overwrite, build), reports[0]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.data import mnist as mnist_data
+from shoal.train import distributed
 from shoal.train.mnist_models import ARCHS, MEAN, STD, build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -71,6 +72,8 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     threads: int = 2
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    checkpoint_every: int = 0  # also checkpoint every N steps (an elastic restart loses at most N)
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
@@ -106,6 +109,8 @@ class TrainConfig:
             parts += ["--train-subset", str(c.train_subset)]
         if c.threads != 2:
             parts += ["--threads", str(c.threads)]
+        if c.device != "cpu":
+            parts += ["--device", c.device]
         return shlex.join(parts)
 
 
@@ -145,6 +150,8 @@ class TrainResult:
     test_acc: float
     checkpoint: Path
     data_checksums: dict[str, str]
+    device: str = "cpu"
+    workers: int = 1  # data-parallel processes
 
     @property
     def finished(self) -> bool:
@@ -192,13 +199,27 @@ def evaluate(
     """(mean cross-entropy, accuracy) over a whole split, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
+    dev = next(model.parameters()).device
     loss, correct = 0.0, 0
     for i in range(0, len(x), batch_size):
-        logits = model(x[i : i + batch_size])
-        loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
-        correct += int((logits.argmax(1) == y[i : i + batch_size]).sum())
+        logits = model(x[i : i + batch_size].to(dev))
+        yb = y[i : i + batch_size].to(dev)
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += int((logits.argmax(1) == yb).sum())
     model.train(was_training)
     return loss / len(x), correct / len(x)
+
+
+def evaluate_shared(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: distributed.Context
+) -> tuple[float, float]:
+    """:func:`evaluate`, each data-parallel worker taking every world-th example."""
+    if not ctx.distributed:
+        return evaluate(model, x, y)
+    xs, ys = x[ctx.rank :: ctx.world], y[ctx.rank :: ctx.world]
+    loss, acc = evaluate(model, xs, ys)
+    total_loss, correct, n = distributed.all_sum([loss * len(xs), acc * len(xs), float(len(xs))], ctx)
+    return total_loss / n, correct / n
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -352,10 +373,14 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     ckpt_path = out / CHECKPOINT
     torch.set_num_threads(max(1, cfg.threads))
     torch.manual_seed(cfg.seed)
+    # Several workers when started by the elastic launcher: rank 0 alone prints and writes.
+    ctx = distributed.context(cfg.device)
+    if not ctx.main:
+        log = _silent
 
     state = TrainState()
     saved = None
-    if cfg.resume and ckpt_path.is_file():
+    if (cfg.resume or ctx.restart > 0) and ckpt_path.is_file():
         saved = load_checkpoint(ckpt_path)
         cfg = _merge_resume(cfg, saved["config"], config)
     elif cfg.resume:
@@ -365,7 +390,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     x_test, y_test = load_split(cfg, "test", cfg.test_subset)
     checksums = mnist_data.data_checksums(cfg.dataset, cfg.data_dir)
 
-    model = build_model(cfg.arch, cfg.activation, cfg.dropout)
+    model = build_model(cfg.arch, cfg.activation, cfg.dropout).to(ctx.device)
     opt = make_optimizer(cfg, model)
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -380,11 +405,13 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     bs = int(cfg.batch_size or 1)
     steps_per_epoch = math.ceil(n / bs)
     epochs = int(cfg.epochs or 0)
-    tb = _TensorBoard(out / "tensorboard" if cfg.tensorboard else None, log)
+    tb = _TensorBoard(out / "tensorboard" if cfg.tensorboard and ctx.main else None, log)
     log(
         f"{cfg.dataset} {cfg.arch}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{n} training images, {steps_per_epoch} steps of {bs} per epoch, {cfg.optimizer} lr {cfg.lr:g}"
     )
+    log(f"training on {distributed.describe(ctx, cfg.threads)}")
+    net = distributed.wrap(model, ctx)
 
     stopped = False
     ctrl_c = _StopOnCtrlC(log)
@@ -402,7 +429,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
                 total=steps_per_epoch,
                 initial=state.step_in_epoch,
                 desc=f"epoch {epoch + 1}/{epochs}",
-                disable=not cfg.progress,
+                disable=not (cfg.progress and ctx.main),
                 leave=False,
                 dynamic_ncols=True,
             )
@@ -410,9 +437,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
                 if ctrl_c.requested or (cfg.max_steps and state.global_step >= cfg.max_steps):
                     stopped = True
                     break
-                idx = perm[i * bs : (i + 1) * bs]
-                xb, yb = x_train[idx], y_train[idx]
-                logits = model(xb)
+                idx = distributed.shard(perm[i * bs : (i + 1) * bs], ctx)
+                xb, yb = x_train[idx].to(ctx.device), y_train[idx].to(ctx.device)
+                logits = net(xb)
                 loss = F.cross_entropy(logits, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -422,6 +449,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
                 state.seen += len(idx)
                 state.step_in_epoch = i + 1
                 state.global_step += 1
+                if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and ctx.main:
+                    save_checkpoint(ckpt_path, cfg, model, opt, state)
                 if state.global_step % 50 == 0:
                     tb.scalar("batch/train_loss", loss.item(), state.global_step)
                 bar.update(1)
@@ -432,8 +461,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
             state.train_seconds += time.perf_counter() - t0
             if stopped:
                 break
+            if ctx.distributed:
+                sums = distributed.all_sum([state.sum_loss, state.sum_correct, state.seen], ctx)
+                state.sum_loss, state.sum_correct, state.seen = sums[0], int(sums[1]), int(sums[2])
             train_loss, train_acc = state.sum_loss / state.seen, state.sum_correct / state.seen
-            test_loss, test_acc = evaluate(model, x_test, y_test)
+            test_loss, test_acc = evaluate_shared(model, x_test, y_test, ctx)
             state.epoch = epoch + 1
             state.step_in_epoch, state.sum_loss, state.sum_correct, state.seen = 0, 0.0, 0, 0
             state.history.append(
@@ -458,7 +490,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
                         f"training accuracy {train_acc:.4f} reached the target {cfg.target_train_acc}; stopping"
                     )
                 state.done = True
-            save_checkpoint(ckpt_path, cfg, model, opt, state)
+            if ctx.main:
+                save_checkpoint(ckpt_path, cfg, model, opt, state)
     except KeyboardInterrupt:
         # The second Ctrl-C may land mid-step: keep the last consistent checkpoint rather than this state.
         log(f"aborted; the last checkpoint in {ckpt_path} (if any) is intact")
@@ -466,21 +499,29 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     finally:
         ctrl_c.__exit__()
         tb.close()
-    if stopped:
+    if stopped and ctx.main:
         save_checkpoint(ckpt_path, cfg, model, opt, state)
         log(
             f"stopped at epoch {state.epoch}, step {state.step_in_epoch}; checkpoint {ckpt_path} "
             f"(continue with --resume)"
         )
-    elif saved is not None and state.done:
+    elif saved is not None and state.done and ctx.main:
         save_checkpoint(ckpt_path, cfg, model, opt, state)  # keeps the merged config of this invocation
 
-    (out / HISTORY).write_text(json.dumps({"config": asdict(cfg), "history": state.history}, indent=1) + "\n")
-    if cfg.plot and state.history:
+    if ctx.main:
+        (out / HISTORY).write_text(json.dumps({"config": asdict(cfg), "history": state.history}, indent=1) + "\n")
+    if cfg.plot and state.history and ctx.main:
         plot_history(state.history, out / PLOT, f"{cfg.dataset} {cfg.arch} ({cfg.optimizer}, lr {cfg.lr:g})")
-    test_loss, test_acc = evaluate(model, x_test, y_test)
-    model.eval()
-    return TrainResult(cfg, state, model, test_loss, test_acc, ckpt_path, checksums)
+    test_loss, test_acc = evaluate_shared(model, x_test, y_test, ctx)
+    distributed.barrier(ctx)
+    model.eval().to("cpu")  # exported and served from the CPU copy
+    return TrainResult(
+        cfg, state, model, test_loss, test_acc, ckpt_path, checksums, str(ctx.device), ctx.world
+    )
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _target_reached(cfg: TrainConfig, state: TrainState) -> bool:
@@ -506,5 +547,6 @@ def provenance(result: TrainResult, export_args: str = "") -> dict[str, Any]:
         "seed": cfg.seed,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {cfg.threads} threads, cpu",
+        "machine": f"{platform.machine()}, {cfg.threads} threads, {result.device}"
+        + (f", {result.workers} data-parallel workers" if result.workers > 1 else ""),
     }
