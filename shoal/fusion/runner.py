@@ -208,9 +208,11 @@ class BatchedEngine:
                 k = [i for i, x in enumerate(u) if x == update]
                 ia, ib = torch.tensor([a[i] for i in k]), torch.tensor([b[i] for i in k])
                 rate = torch.tensor([f[i] for i in k], dtype=self.dtype).unsqueeze(1)
-                new_a, new_b = fuse(self.flat[ia], self.flat[ib], rate, update)
-                self.flat[ia] = new_a
-                self.flat[ib] = new_b
+                new_a, new_b = fuse(
+                    self.flat.index_select(0, ia), self.flat.index_select(0, ib), rate, update
+                )
+                self.flat.index_copy_(0, ia, new_a)
+                self.flat.index_copy_(0, ib, new_b)
 
     def average(self, rows: Sequence[list[int]]) -> None:
         """Set each list of rows to its mean (the ``average`` reference topology)."""
