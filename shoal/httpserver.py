@@ -14,40 +14,125 @@ import signal
 import socket
 from typing import Any
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-_TIMEOUT_BODY = b'{"error":"request not received in time"}'
-_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b"content-length: " + str(len(_TIMEOUT_BODY)).encode() + b"\r\n\r\n" + _TIMEOUT_BODY
+# Limits on a request's head (request line and headers), checked as bytes arrive, before the parser
+# assembles anything: without them a 128 MB URL or header value is accumulated by repeated
+# concatenation (quadratic time) while every other client of the event loop waits. The figures follow
+# common servers: nginx's default buffers take 8 KiB per line; Apache allows 100 header fields; h11
+# refuses a head over 16 KiB. Inference headers are few and short; tokens are under 4 KiB.
+MAX_URL = 8 * 1024
+MAX_HEAD = 64 * 1024
+MAX_HEADERS = 100
+
+
+def _error_response(status: int, reason: str, message: str) -> bytes:
+    body = b'{"error":"' + message.encode() + b'"}'
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+
+_TIMEOUT_RESPONSE = _error_response(408, "Request Timeout", "request not received in time")
+_URL_TOO_LONG = _error_response(414, "URI Too Long", f"request line longer than {MAX_URL} bytes")
+_HEAD_TOO_LARGE = _error_response(
+    431,
+    "Request Header Fields Too Large",
+    f"request headers larger than {MAX_HEAD} bytes or more than {MAX_HEADERS} fields",
 )
+_BAD_REQUEST = _error_response(400, "Bad Request", "malformed HTTP request")
 
 
-class ReadTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a limit on how long a client may take to send one whole
-    request (headers and body), and to send anything at all after connecting. A client that trickles
-    bytes ("slowloris") gets 408 and a closed connection instead of holding it forever. Idle time
-    between requests stays under uvicorn's keep-alive timeout."""
+class _HeadTooLarge(Exception):
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with bounds on what a client may make the server hold:
+
+    * the head of a request: a URL over ``MAX_URL`` bytes is 414, a head over ``MAX_HEAD`` bytes or
+      with more than ``MAX_HEADERS`` fields is 431, each answered at once and the connection closed;
+    * time: a client must send one whole request (head and body) within ``read_timeout_s`` of starting
+      it, and send something within that time of connecting, or it gets 408 and a closed connection
+      ("slowloris"). Idle time between requests stays under uvicorn's keep-alive timeout.
+
+    Errors are JSON like every other error of shoal's servers."""
 
     read_timeout_s = 30.0
     _read_timer: asyncio.TimerHandle | None = None
+    _in_head = True  # between the end of one request's head and the start of the next: False
+    _head_bytes = 0
+    _url_bytes = 0  # the URL so far, then the URL and header fields so far
+    _header_count = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[arg-type]
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if self._in_head:
+            # Counted before parsing: a head arriving in many pieces is refused once it is too big,
+            # however it is split. (Body bytes arriving with the head's end may count too: harmless.)
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._refuse(cause.response if isinstance(cause, _HeadTooLarge) else _BAD_REQUEST)
+            return
+        except httptools.HttpParserUpgrade:
+            self._refuse(_BAD_REQUEST)  # no upgrades (websockets) on shoal's servers
+            return
+        except httptools.HttpParserError:
+            self._refuse(_BAD_REQUEST)
+            return
+        if self._in_head and self._head_bytes > MAX_HEAD:
+            self._refuse(_URL_TOO_LONG if self._header_count == 0 else _HEAD_TOO_LARGE)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._url_bytes = 0
+        self._header_count = 0
         self._arm()
+
+    def on_url(self, url: bytes) -> None:
+        self._url_bytes += len(url)
+        if self._url_bytes > MAX_URL and self._header_count == 0:
+            raise _HeadTooLarge(_URL_TOO_LONG)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._url_bytes += len(name) + len(value)  # the whole head, in one count (URL first)
+        if self._header_count > MAX_HEADERS or self._url_bytes > MAX_HEAD:
+            raise _HeadTooLarge(_HEAD_TOO_LARGE)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._in_head = True
         self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def _refuse(self, response: bytes) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
 
     def _arm(self) -> None:
         self._disarm()
@@ -60,13 +145,11 @@ class ReadTimeoutProtocol(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         self._read_timer = None
-        if not self.transport.is_closing():
-            self.transport.write(_TIMEOUT_RESPONSE)
-            self.transport.close()
+        self._refuse(_TIMEOUT_RESPONSE)
 
 
-def read_timeout_protocol(seconds: float) -> type[HttpToolsProtocol]:
-    return type("ReadTimeoutProtocol", (ReadTimeoutProtocol,), {"read_timeout_s": seconds})
+def bounded_protocol(read_timeout_s: float) -> type[HttpToolsProtocol]:
+    return type("BoundedHttpProtocol", (BoundedHttpProtocol,), {"read_timeout_s": read_timeout_s})
 
 
 def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
@@ -95,7 +178,7 @@ class EmbeddedHttpServer:
         self.port: int = self.sock.getsockname()[1]
         self.config = uvicorn.Config(
             app,
-            http=read_timeout_protocol(read_timeout_s),
+            http=bounded_protocol(read_timeout_s),
             loop="none",
             lifespan="off",
             access_log=False,

@@ -142,7 +142,7 @@ def key_of(answer: dict) -> bytes:
 
 @pytest.fixture(scope="module")
 def central(tmp_path_factory):
-    c = CentralProc(tmp_path_factory.mktemp("central")).start()
+    c = CentralProc(tmp_path_factory.mktemp("central"), extra=["--startup-grace", "0"]).start()
     yield c
     c.stop()
 

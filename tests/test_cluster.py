@@ -104,7 +104,7 @@ def test_worker_joining_under_load_gets_traffic_within_a_second(cluster, model_r
 
 
 def test_readiness_follows_live_workers(cluster, model_repo):
-    lc = cluster()
+    lc = cluster(gateway_args=["--startup-grace", "0"])
     with lc.client() as c:
         assert c.get_json("/v2/health/ready")[0] == 503  # no model at all yet
         w = lc.add_worker("echo", repo=model_repo)
@@ -137,7 +137,7 @@ def test_credentials(cluster, model_repo):
         assert code == 401 and "credentials" in body["error"]
         with pytest.raises(InferError, match="401"):
             anon.infer("echo", x)
-    good = sign_token({"aud": "cluster", "sub": "dev1"}, b"tk", ttl_s=60)
+    good = sign_token({"aud": "cluster", "sub": "dev1", "model": "echo"}, b"tk", ttl_s=60)
     with OipHttpClient(lc.url, good) as c:
         assert c.infer("echo", x)["y"].shape == (1, 4)
     for bad, why in [

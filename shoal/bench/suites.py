@@ -153,6 +153,7 @@ async def _link(workdir: Path, args: Namespace) -> dict[str, Any]:
 
     from shoal.gateway.pool import Pending
     from shoal.gateway.server import Gateway, GatewayConfig
+    from shoal.protocol.frames import MsgType, encode_frame
     from shoal.protocol.tensors import pack_tensors
 
     secret = secrets.token_hex(8)
@@ -183,7 +184,10 @@ async def _link(workdir: Path, args: Namespace) -> dict[str, Any]:
                 i = next(ids)
                 t = time.perf_counter()
                 p = Pending(
-                    i, {"id": i, "inputs": specs}, bufs, loop.create_future(), deadline=time.monotonic() + 30
+                    i,
+                    encode_frame(MsgType.REQUEST, {"id": i, "inputs": specs}, bufs),
+                    loop.create_future(),
+                    deadline=time.monotonic() + 30,
                 )
                 pool.submit(p)
                 await p.future

@@ -58,6 +58,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="create this operator account on start if missing; password from $SHOAL_OPERATOR_PASSWORD",
     )
+    p.add_argument(
+        "--db-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a database query may take before the request is answered 503 (default %(default)s)",
+    )
+    p.add_argument(
+        "--startup-grace",
+        type=float,
+        default=None,
+        help="seconds after start during which a route nobody serves yet is 503 'try again' rather than "
+        "404, while clusters send their first reports (default: three report intervals)",
+    )
     p.add_argument("--ports-file", default=None, help="write {http, pid} as JSON here once listening")
     add_logging_arguments(p)
     add_config_arguments(p)
@@ -209,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         bootstrap_operator=bootstrap,
+        db_timeout_s=args.db_timeout,
+        startup_grace_s=args.startup_grace,
     )
     try:
         central = Central(cfg)

@@ -8,14 +8,19 @@ clusters is not here: every replica keeps its own, since clusters report to each
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import functools
 import json
+import logging
 import os
+import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -36,7 +41,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+log = logging.getLogger("shoal.central")
+
 ACCOUNT_KINDS = ("device", "cluster", "operator")
+DEFAULT_TIMEOUT_S = 5.0  # every query; a hung database makes requests 503 instead of hanging them
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "shoal_alembic_version"
 # Any constant works; it names the PostgreSQL advisory lock replicas take while migrating.
@@ -126,14 +134,52 @@ def _sqlite_path(url: str) -> str | None:
     return rest[1:].split("?")[0]
 
 
-def _run_upgrade(connection: Any, revision: str) -> None:
-    import logging
+class DatabaseTimeout(asyncio.TimeoutError):
+    """The database did not answer in time (hung, overloaded, or a lock held too long)."""
 
+
+_R = TypeVar("_R")
+
+
+def _bounded(fn: Callable[..., Awaitable[_R]]) -> Callable[..., Awaitable[_R]]:
+    """Give up on a query after the store's ``timeout_s``: callers answer 503 instead of waiting on a
+    database that does not answer (PostgreSQL behind a dead link, a stuck lock)."""
+
+    @functools.wraps(fn)
+    async def run(self: Store, *args: Any, **kwargs: Any) -> _R:
+        try:
+            return await asyncio.wait_for(fn(self, *args, **kwargs), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise DatabaseTimeout(f"the database did not answer within {self.timeout_s:g} s") from None
+
+    return run
+
+
+def _private_sqlite_file(path: str) -> None:
+    """The central database holds the master secret every route token derives from: create it
+    readable by its owner only (SQLite gives its -wal and -shm files the same mode), and say so
+    when an existing file is readable by others."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        return
+    except FileExistsError:
+        pass
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        log.warning(
+            "central database %s is readable by other users (mode %o): it holds the master secret; "
+            "chmod 600 it",
+            path,
+            mode,
+        )
+
+
+def _run_upgrade(connection: Any, revision: str) -> None:
+    # Alembic narrates every plugin at INFO as it is imported; central logs what it migrates itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
     from alembic.config import Config
-
-    # Alembic narrates every plugin at INFO; central logs one line per migration itself.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -144,14 +190,21 @@ def _run_upgrade(connection: Any, revision: str) -> None:
 class Store:
     """Every database access central makes. One per process; methods are coroutines."""
 
-    def __init__(self, url: str, echo: bool = False) -> None:
+    def __init__(self, url: str, echo: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.url = async_url(url)
         self.dialect = dialect_of(self.url)
+        self.timeout_s = timeout_s
         kw: dict[str, Any] = {"echo": echo}
         if self.dialect == "sqlite":
-            kw["connect_args"] = {"timeout": 30}
+            kw["connect_args"] = {"timeout": timeout_s}
         else:
-            kw.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+            kw.update(
+                pool_size=10,
+                max_overflow=10,
+                pool_pre_ping=True,
+                pool_timeout=timeout_s,
+                connect_args={"timeout": timeout_s, "command_timeout": timeout_s},
+            )
         self.engine: AsyncEngine = create_async_engine(self.url, **kw)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
@@ -180,6 +233,7 @@ class Store:
             yield
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _private_sqlite_file(path)
         with open(path + ".migrate-lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -189,6 +243,7 @@ class Store:
 
     # ------------------------------------------------------------------------------- secrets
 
+    @_bounded
     async def master_secret(self) -> bytes:
         """The secret every replica derives cluster keys from; created by whichever replica comes first."""
         async with self.sessions() as s:
@@ -207,6 +262,7 @@ class Store:
 
     # ------------------------------------------------------------------------------ accounts
 
+    @_bounded
     async def add_account(self, kind: str, name: str, password_hash: str) -> None:
         try:
             async with self.sessions.begin() as s:
@@ -214,12 +270,14 @@ class Store:
         except IntegrityError:
             raise AccountExists(f"a {kind} account named {name!r} already exists") from None
 
+    @_bounded
     async def password_hash(self, kind: str, name: str) -> str | None:
         async with self.sessions() as s:
             return await s.scalar(
                 select(Account.password_hash).where(Account.kind == kind, Account.name == name)
             )
 
+    @_bounded
     async def list_accounts(self, kind: str | None = None) -> list[AccountRow]:
         q = select(Account.kind, Account.name, Account.created_at).order_by(Account.kind, Account.name)
         if kind is not None:
@@ -227,11 +285,13 @@ class Store:
         async with self.sessions() as s:
             return [AccountRow(*r) for r in (await s.execute(q)).all()]
 
+    @_bounded
     async def count_accounts(self, kind: str) -> int:
         async with self.sessions() as s:
             q = select(func.count()).select_from(Account).where(Account.kind == kind)
             return int(await s.scalar(q) or 0)
 
+    @_bounded
     async def remove_account(self, kind: str, name: str) -> bool:
         async with self.sessions.begin() as s:
             r = await s.execute(delete(Account).where(Account.kind == kind, Account.name == name))
@@ -239,6 +299,7 @@ class Store:
 
     # ------------------------------------------------------------------------------ commands
 
+    @_bounded
     async def add_command(self, device: str, command: str, args: dict[str, Any], by: str) -> int:
         async with self.sessions.begin() as s:
             row = Command(
@@ -248,6 +309,7 @@ class Store:
             await s.flush()
             return int(row.id)
 
+    @_bounded
     async def pending_commands(self, device: str, limit: int = 100) -> list[dict[str, Any]]:
         """Commands for ``device`` not acknowledged yet, oldest first; marks them delivered."""
         async with self.sessions.begin() as s:
@@ -274,6 +336,7 @@ class Store:
                 for r in rows
             ]
 
+    @_bounded
     async def ack_command(self, device: str, command_id: int, result: Any) -> bool:
         async with self.sessions.begin() as s:
             r = await s.execute(
@@ -283,6 +346,7 @@ class Store:
             )
             return (r.rowcount or 0) > 0
 
+    @_bounded
     async def commands_since(self, last_id: int) -> list[tuple[int, str]]:
         async with self.sessions() as s:
             rows = await s.execute(
@@ -290,10 +354,12 @@ class Store:
             )
             return [(int(i), d) for i, d in rows.all()]
 
+    @_bounded
     async def last_command_id(self) -> int:
         async with self.sessions() as s:
             return int(await s.scalar(select(func.max(Command.id))) or 0)
 
+    @_bounded
     async def command_counts(self) -> dict[str, int]:
         async with self.sessions() as s:
             n = select(func.count()).select_from(Command)
@@ -301,6 +367,7 @@ class Store:
             acked = await s.scalar(n.where(Command.acked_at.is_not(None)))
         return {"pending": int(pending or 0), "acked": int(acked or 0)}
 
+    @_bounded
     async def acked_since(self, since: float) -> list[dict[str, Any]]:
         """Commands acknowledged after ``since`` (unix seconds) with their results, for the webhook."""
         async with self.sessions() as s:

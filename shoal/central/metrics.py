@@ -25,6 +25,11 @@ class _CentralState:
         yield routes
         yield CounterMetricFamily("shoal_central_reports", "Cluster reports accepted", value=c.reports)
         yield CounterMetricFamily("shoal_central_auth_failures", "Credentials refused", value=c.auth_failures)
+        yield CounterMetricFamily(
+            "shoal_central_auth_throttled",
+            "Logins refused at once (429) for too many recent failures of the account or address",
+            value=c.auth_throttled,
+        )
         hooks = CounterMetricFamily("shoal_central_webhook_posts", "Webhook posts", labels=["result"])
         for k in ("sent", "failed", "skipped"):
             hooks.add_metric([k], c.webhook_stats[k])

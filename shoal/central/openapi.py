@@ -21,6 +21,8 @@ _ERR = _json(_ref("Error"), "error")
 _ERRORS = {
     "400": {**_ERR, "description": "malformed JSON or an invalid field"},
     "401": {**_ERR, "description": "missing or wrong credentials"},
+    "429": {**_ERR, "description": "too many failed logins for this account or address; see Retry-After"},
+    "503": {**_ERR, "description": "the database did not answer in time; try again or another replica"},
 }
 
 _SCHEMAS: dict[str, Any] = {
@@ -143,6 +145,8 @@ def _op(
         op["description"] = f"Credentials: {who}."
         op["security"] = [{"basic": []}, {"session": []}] if who.startswith("device") else [{"basic": []}]
         op["responses"]["401"] = _ERRORS["401"]
+        op["responses"]["429"] = _ERRORS["429"]
+        op["responses"]["503"] = _ERRORS["503"]
     else:
         op["security"] = []
     if body is not None:

@@ -35,6 +35,7 @@ from shoal.central.metrics import central_registry
 from shoal.central.openapi import openapi_document
 from shoal.central.policy import ClusterInfo, ModelLoad, choose_cluster, is_live, load_of, version_key
 from shoal.httpserver import EmbeddedHttpServer
+from shoal.security.throttle import Throttle
 from shoal.security.tokens import TokenError, sign_token, verify_token
 
 log = logging.getLogger("shoal.central")
@@ -67,6 +68,8 @@ class CentralConfig:
     max_wait_s: float = 60.0  # longest long poll a device may ask for
     command_poll_s: float = 1.0  # how often a replica looks for commands other replicas stored
     backlog: int = 2048
+    db_timeout_s: float = 5.0  # a query that takes longer is given up: the request is 503
+    startup_grace_s: float | None = None  # routes "not yet" (503) until clusters report; None: 3 reports
 
     def check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -200,6 +203,9 @@ def _parse_basic(value: bytes) -> tuple[str, str]:
     return name, password
 
 
+_RETRY_1 = [(b"retry-after", b"1")]
+
+
 def _challenge(kind: str) -> list[tuple[bytes, bytes]]:
     return [(b"www-authenticate", f'Basic realm="shoal central ({kind})", charset="UTF-8"'.encode())]
 
@@ -211,9 +217,10 @@ class Central:
     def __init__(self, config: CentralConfig, store: Store | None = None) -> None:
         config.check()
         self.config = config
-        self.store = store or Store(config.db_url)
+        self.store = store or Store(config.db_url, timeout_s=config.db_timeout_s)
         self.replica = uuid.uuid4().hex[:12]
         self.started_at = time.time()
+        self.listening_since = time.monotonic()
         self.http_port = 0
         self.clusters: dict[str, ClusterInfo] = {}
         self.cluster_first_seen: dict[str, float] = {}
@@ -223,6 +230,11 @@ class Central:
         self.routes_unserved = 0
         self.reports = 0
         self.auth_failures = 0
+        self.auth_throttled = 0
+        # Failed logins, per account and per source address: see security/throttle.py. An address
+        # may fail more often than an account (several devices behind one NAT).
+        self.account_throttle = Throttle(free=3, base_s=2.0, cap_s=300.0)
+        self.address_throttle = Throttle(free=10, base_s=1.0, cap_s=300.0)
         self.webhook_stats = {"sent": 0, "failed": 0, "skipped": 0, "last_error": None, "last_ok_at": None}
         self.verified = passwords.VerifiedCache(config.auth_cache_s)
         self._kdf_slots = asyncio.Semaphore(4)  # bound memory (16 MiB each) and CPU spent on scrypt
@@ -265,6 +277,7 @@ class Central:
         )
         self.http_port = self._http.port
         await self._http.start()
+        self.listening_since = time.monotonic()
         self._tasks = [
             asyncio.create_task(self._command_poller(), name="command-poller"),
             asyncio.create_task(self._janitor(), name="janitor"),
@@ -341,6 +354,17 @@ class Central:
         name, password = _parse_basic(value)
         if self.verified.hit(kind, name, password):
             return name
+        # Throttled before the slow hash runs: a guessing client costs a 429, not a KDF.
+        now = time.monotonic()
+        account, address = (kind, name[:128]), req.client.rpartition(":")[0]
+        wait = max(self.account_throttle.retry_after(account, now), self.address_throttle.retry_after(address, now))
+        if wait > 0:
+            self.auth_throttled += 1
+            raise HttpError(
+                429,
+                f"too many failed logins; try again in {wait:.0f} s",
+                [(b"retry-after", str(max(1, round(wait))).encode())],
+            )
         stored = await self.store.password_hash(kind, name) if len(name) <= 128 else None
         async with self._kdf_slots:
             if stored is None:
@@ -350,8 +374,19 @@ class Central:
                 ok = await asyncio.to_thread(passwords.verify_password, password, stored)
         if not ok:
             self.auth_failures += 1
-            log.warning("refused %s credentials for %r from %s", kind, name[:128], req.client)
+            now = time.monotonic()
+            by_account = self.account_throttle.failed(account, now)
+            by_address = self.address_throttle.failed(address, now)
+            # One line per throttled source, not one per guess.
+            if by_account.failures == 1:
+                log.warning("refused %s credentials for %r from %s", kind, name[:128], req.client)
+            for v, what in ((by_account, f"{kind} account {name[:128]!r}"), (by_address, f"address {address}")):
+                if v.newly_blocked:
+                    log.warning(
+                        "%d failed logins for %s; refusing its logins for %.0f s", v.failures, what, v.blocked_s
+                    )
             raise HttpError(401, f"wrong name or password for a {kind} account", _challenge(kind))
+        self.account_throttle.succeeded(account)
         self.verified.add(kind, name, password)
         return name
 
@@ -490,6 +525,7 @@ class Central:
             "routes": {"answered": self.routes_answered, "unserved": self.routes_unserved},
             "reports": self.reports,
             "auth_failures": self.auth_failures,
+            "auth_throttled": self.auth_throttled,
             "commands": await self.store.command_counts(),
             "webhook": {"url_set": bool(self.config.webhook_url), **self.webhook_stats},
         }
@@ -693,13 +729,22 @@ async def route_device(c: Central, req: Request) -> tuple[int, Any]:
         c.routes_unserved += 1
         what = f"model '{model}'" + (f" version '{version}'" if version is not None else "")
         extra = f" (excluding {', '.join(exclude)})" if exclude else ""
+        grace = c.max_age_s if c.config.startup_grace_s is None else c.config.startup_grace_s
+        if time.monotonic() - c.listening_since < grace:
+            # Just started: clusters are still sending their first reports. Not "no", but "not yet".
+            raise HttpError(
+                503, f"central has just started and clusters are reporting; no route for {what} yet", _RETRY_1
+            )
         raise HttpError(404, f"no live cluster serves {what}{extra}")
     name = choice.cluster.name
     c.assigned[name] = c.assigned.get(name, 0.0) + 1.0
     c.routes_answered += 1
     now = time.time()
     ttl = c.config.token_ttl_s
-    token = sign_token({"aud": name, "sub": device, "model": model}, c.token_key(name), ttl, now=now)
+    claims = {"aud": name, "sub": device, "model": model}
+    if version is not None:
+        claims["version"] = version  # the token then opens that version only
+    token = sign_token(claims, c.token_key(name), ttl, now=now)
     return 200, {
         "cluster": name,
         "url": choice.cluster.address,

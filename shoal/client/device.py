@@ -14,7 +14,11 @@ Rules (the same for ``Client`` and ``AsyncClient``; ``_Core`` holds them, free o
   that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
   retries of the default span the three seconds central takes to drop a dead cluster).
 * The cluster answers 401 (token expired or the cluster's key rotated): ask central for a fresh route.
-* Central cannot be reached: keep using the cached route (until its token expires).
+* Central cannot be reached: keep using the last route it gave for the model (until its token
+  expires), even one whose cluster just failed, retrying it with back-off: a cluster that restarts
+  while central is down is back in a second, and it is the only route there is.
+* Central has no route yet (404 "no live cluster", or 503 right after central or a cluster starts):
+  ask again with back-off for the same few seconds, then give up with central's message.
 * Any other 4xx is the device's own mistake: raised at once with the cluster's message.
 
 Images (PNG/JPEG bytes) are sent as they are and decoded in the cluster; tensors travel with the
@@ -43,11 +47,16 @@ RENEW_BEFORE_S = 10.0
 
 
 class RouteError(Exception):
-    """No route: central refused, knows no cluster for the model, or cannot be reached."""
+    """No route: central refused, knows no cluster for the model, or cannot be reached (status None)."""
 
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        """Worth asking again shortly: central unreachable, no live cluster yet, or overloaded."""
+        return self.status in (None, 404, 502, 503, 504)
 
 
 @dataclass
@@ -103,6 +112,7 @@ class _Core:
         self.retries = retries
         self.compress_above = compress_above
         self.routes: dict[tuple[str, str | None], Route] = {}
+        self.last_routes: dict[tuple[str, str | None], Route] = {}  # kept after a failure, for outages
         self.metadata: dict[
             tuple[str, str, str], dict[str, list[str]]
         ] = {}  # (cluster, model, version) -> labels
@@ -137,6 +147,23 @@ class _Core:
 
     def fresh(self, r: Route | None) -> bool:
         return r is not None and time.time() < r.expires_at - RENEW_BEFORE_S
+
+    def remember(self, r: Route) -> None:
+        self.routes[(r.model, r.version)] = r
+        self.last_routes[(r.model, r.version)] = r
+
+    def fallback(self, model: str, version: str | None) -> Route | None:
+        """The route to use while central cannot be reached: the last one it gave, failed or not,
+        as long as its token is valid."""
+        r = self.routes.get((model, version)) or self.last_routes.get((model, version))
+        return r if r is not None and time.time() < r.expires_at else None
+
+    def route_failed(self, e: RouteError, attempt: int) -> float:
+        """After central gave no route: how long to wait before asking again; raises ``e`` when
+        asking again would not help or the attempts are spent."""
+        if not e.retryable or attempt >= self.retries:
+            raise e
+        return self.backoff(attempt, None)
 
     def infer_body(
         self, inputs: dict[str, np.ndarray] | None, image: bytes | None
@@ -269,11 +296,12 @@ class Client:
                 if e.status == 404 and exclude:  # every cluster failed once: try them all again
                     return self.route(model, version, set())
                 raise
-            core.routes[(model, version)] = r
+            core.remember(r)
             self._labels(r)
             return r
-        if cached is not None and time.time() < cached.expires_at:
-            return cached  # central is down: the cached route still works until its token expires
+        fb = core.fallback(model, version)
+        if fb is not None:
+            return fb  # central is down: the last route still works until its token expires
         raise RouteError(f"no central reachable ({last}) and no usable cached route for '{model}'")
 
     def _cluster(self, r: Route) -> OipHttpClient:
@@ -343,7 +371,12 @@ class Client:
         exclude: set[str] = set()
         last = ""
         for attempt in range(core.retries + 1):
-            r = self.route(model, version, exclude)
+            try:
+                r = self.route(model, version, exclude)
+            except RouteError as e:
+                last = str(e)
+                time.sleep(core.route_failed(e, attempt))
+                continue
             t0 = time.perf_counter()
             try:
                 status, rh, data = self._cluster(r).request(
@@ -426,11 +459,12 @@ class AsyncClient:
                 if e.status == 404 and exclude:  # every cluster failed once: try them all again
                     return await self.route(model, version, set())
                 raise
-            core.routes[(model, version)] = r
+            core.remember(r)
             await self._labels(r)
             return r
-        if cached is not None and time.time() < cached.expires_at:
-            return cached
+        fb = core.fallback(model, version)
+        if fb is not None:
+            return fb
         raise RouteError(f"no central reachable ({last}) and no usable cached route for '{model}'")
 
     async def _labels(self, r: Route) -> None:
@@ -459,7 +493,12 @@ class AsyncClient:
         exclude: set[str] = set()
         last = ""
         for attempt in range(core.retries + 1):
-            r = await self.route(model, version, exclude)
+            try:
+                r = await self.route(model, version, exclude)
+            except RouteError as e:
+                last = str(e)
+                await asyncio.sleep(core.route_failed(e, attempt))
+                continue
             t0 = time.perf_counter()
             try:
                 status, rh, data = await self._cluster(r).request(

@@ -106,9 +106,7 @@ class CentralReporter:
             key = answer.get("token_key")
             if isinstance(key, str) and key:
                 raw = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
-                if raw != self.gw.config.token_key:
-                    self.gw.config.token_key = raw
-                    log.info("route-token key received from central %s", r.url)
+                self.gw.set_token_key(raw, f"central {r.url}")
             iv = answer.get("report_interval_s")
             if isinstance(iv, (int, float)) and 0.1 <= iv <= 60:
                 self.cfg.interval_s = float(iv)

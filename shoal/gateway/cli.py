@@ -10,9 +10,9 @@ from shoal.config import add_config_arguments
 
 HELP = "Run a cluster gateway: devices over HTTP (Open Inference Protocol), workers dial in."
 EXAMPLE = """
-SHOAL_CLUSTER_SECRET=s3cret SHOAL_API_KEYS=devkey shoal cluster --http 0.0.0.0:8000 --workers 0.0.0.0:8001
+SHOAL_CLUSTER_SECRET=s3cret SHOAL_API_KEYS=operator:opkey,scrape:promkey shoal cluster --http 0.0.0.0:8000 --workers 0.0.0.0:8001
 SHOAL_CENTRAL_PASSWORD=pw shoal cluster --name site-a --central https://central:7000 --public-url https://gw-a:8000 ...
-curl -H 'Authorization: Bearer devkey' localhost:8000/v2/health/ready
+curl -H 'Authorization: Bearer opkey' localhost:8000/v2/health/ready
 """
 
 
@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=[],
-        help="static bearer token accepted from clients (repeatable; also $SHOAL_API_KEYS, comma separated)",
+        help="static bearer key with its role: operator:KEY, scrape:KEY (metrics only) or "
+        "device:MODEL[+MODEL...]:KEY (repeatable; also $SHOAL_API_KEYS, comma separated)",
     )
     p.add_argument(
         "--token-key",
@@ -94,6 +95,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="keep stored results' files under this many MB, deleting the oldest (default: no limit)",
     )
     p.add_argument(
+        "--state-dir",
+        default=None,
+        help="folder where the gateway keeps central's route-token key across restarts "
+        "(default: $XDG_STATE_HOME/shoal or ~/.local/state/shoal; 'none' keeps nothing)",
+    )
+    p.add_argument(
+        "--startup-grace",
+        type=float,
+        default=10.0,
+        help="seconds after start during which an unknown model is 503 'try again' (its workers are "
+        "rejoining), not 404 (default %(default)s)",
+    )
+    p.add_argument(
         "--ports-file", default=None, help="write the bound ports as JSON here (useful with port 0)"
     )
     add_logging_arguments(p)
@@ -118,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from shoal.gateway.pipeline import PipelineError, parse_pipelines
     from shoal.gateway.policy import parse_version_policy
     from shoal.gateway.server import Gateway, GatewayConfig
+    from shoal.gateway.state import default_state_dir
     from shoal.httpserver import wait_for_stop_signal, write_ports_file
 
     setup_logging(args.log_level, "cluster", args.log_format)
@@ -174,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         results_dir=args.results_dir,
         results_max_age_s=args.results_max_age,
         results_max_bytes=int(args.results_max_mb * 1024 * 1024) if args.results_max_mb is not None else None,
+        state_dir=None if args.state_dir == "none" else (args.state_dir or default_state_dir()),
+        startup_grace_s=args.startup_grace,
     )
     try:
         gw = Gateway(cfg)

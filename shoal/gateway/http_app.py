@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shoal.gateway.auth import OPEN, AuthError, Principal, permit
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.results_api import handle_results, record_request
 from shoal.protocol.compression import CompressionError, decompress
@@ -25,9 +26,9 @@ from shoal.protocol.oip import (
     error_body,
     parse_infer_request,
     parse_path,
+    valid_request_id,
 )
 from shoal.protocol.tensors import TensorError
-from shoal.security.tokens import TokenError, constant_time_in, verify_token
 
 if TYPE_CHECKING:
     from shoal.gateway.server import Gateway
@@ -35,10 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.gateway")
 _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
-_TOKEN_CACHE_MAX = 10_000
+_ROUTE_ACTION = {"ready": "server", "server": "server", "model": "model", "model_ready": "model", "infer": "infer"}
 
 
-class BodyTooLarge(Exception):
+class Forbidden(Exception):
     pass
 
 
@@ -46,11 +47,20 @@ class HttpApp:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.cfg = gw.config
-        self._tokens: dict[str, float] = {}  # verified token -> expiry
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        try:
+            await self._handle(scope, receive, send)
+        except Exception:  # a bug must cost one request a JSON 500, never a traceback to the client
+            log.exception("error answering %s %s", scope.get("method"), scope.get("path"))
+            try:
+                await _reply(send, 500, error_body("internal error (see the gateway's log)"))
+            except Exception:  # the response had started, or the client left: nothing more to say
+                pass
+
+    async def _handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         t0 = time.monotonic()
         path = scope["path"]
         method = scope["method"]
@@ -59,29 +69,21 @@ class HttpApp:
             await _reply(send, 200, b'{"live":true}')
             return
         headers = dict(scope["headers"])
-        err = self._authorize(headers.get(b"authorization"))
-        if err is not None:
-            self.gw.metrics.http_errors.labels("401").inc()
-            await _reply(send, 401, error_body(err), [(b"www-authenticate", b'Bearer realm="shoal"')])
-            return
-        if route is None:
-            if path == "/metrics" and method == "GET":
-                await _reply(
-                    send,
-                    200,
-                    generate_latest(self.gw.metrics.registry),
-                    [(b"content-type", CONTENT_TYPE_LATEST.encode())],
-                )
-            elif path == "/v2/status" and method == "GET":
-                await _reply(send, 200, orjson.dumps(self.gw.status()))
-            elif not await handle_results(self.gw, method, path, scope.get("query_string", b""), send):
-                await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
+        try:
+            who = self.gw.auth.principal(headers.get(b"authorization"))
+        except AuthError as e:
+            self.gw.metrics.auth_refused.labels("401").inc()
+            await _reply(send, 401, error_body(str(e)), [(b"www-authenticate", b'Bearer realm="shoal"')])
             return
         try:
+            if route is None:
+                await self._other(who, method, path, scope, receive, send)
+                return
+            self._check(who, _ROUTE_ACTION[route.kind], route.model or None, route.version)
             if route.kind == "infer":
                 if method != "POST":
                     raise ProtocolError("infer takes POST", 405)
-                await self._infer(route.model, route.version, headers, receive, send, t0)
+                await self._infer(who, route.model, route.version, headers, receive, send, t0)
                 return
             if method != "GET":
                 raise ProtocolError(f"{path} takes GET", 405)
@@ -107,36 +109,38 @@ class HttpApp:
                 ok = pool.ready
                 body = {"name": route.model, "version": pool.spec.version, "ready": ok}
                 await _reply(send, 200 if ok else 503, orjson.dumps(body))
+        except Forbidden as e:
+            self.gw.metrics.auth_refused.labels("403").inc()
+            await _reply(send, 403, error_body(str(e)))
         except (ProtocolError, RequestFailed) as e:
             await self._fail(send, e)
 
-    # ------------------------------------------------------------------------------------ auth
+    def _check(self, who: Principal, action: str, model: str | None = None, version: str | None = None) -> None:
+        if who is OPEN:
+            return
+        why = permit(who, action, model, version)
+        if why is not None:
+            raise Forbidden(why)
 
-    def _authorize(self, value: bytes | None) -> str | None:
-        """None when the request may go on, else the reason it may not."""
-        cfg = self.cfg
-        if cfg.no_auth:
-            return None
-        if not value or not value.startswith(b"Bearer "):
-            return "missing credentials: send 'Authorization: Bearer <token>'"
-        token = value[7:].decode("latin-1").strip()
-        exp = self._tokens.get(token)
-        if exp is not None:
-            if time.time() <= exp:
-                return None
-            del self._tokens[token]
-        if cfg.api_keys and constant_time_in(token, cfg.api_keys):
-            return None
-        if cfg.token_key:
-            try:
-                claims = verify_token(token, cfg.token_key, audience=cfg.name)
-            except TokenError as e:
-                return f"invalid token: {e}"
-            if len(self._tokens) >= _TOKEN_CACHE_MAX:
-                self._tokens.clear()
-            self._tokens[token] = float(claims["exp"])
-            return None
-        return "invalid credentials"
+    async def _other(
+        self, who: Principal, method: str, path: str, scope: dict[str, Any], receive: Any, send: Any
+    ) -> None:
+        """Everything that is not the Open Inference Protocol: metrics, status, stored results."""
+        if path == "/metrics" and method == "GET":
+            self._check(who, "metrics")
+            await _reply(
+                send,
+                200,
+                generate_latest(self.gw.metrics.registry),
+                [(b"content-type", CONTENT_TYPE_LATEST.encode())],
+            )
+        elif path == "/v2/status" and method == "GET":
+            self._check(who, "status")
+            await _reply(send, 200, orjson.dumps(self.gw.status()))
+        elif not await handle_results(
+            self.gw, who, self._check, method, path, scope.get("query_string", b""), send
+        ):
+            await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
 
     # ----------------------------------------------------------------------------------- infer
 
@@ -168,7 +172,14 @@ class HttpApp:
         return b"".join(parts)
 
     async def _infer(
-        self, model: str, version: str | None, headers: dict[bytes, bytes], receive: Any, send: Any, t0: float
+        self,
+        who: Principal,
+        model: str,
+        version: str | None,
+        headers: dict[bytes, bytes],
+        receive: Any,
+        send: Any,
+        t0: float,
     ) -> None:
         pipeline = self.gw.pipeline(model, version) if model in self.gw.pipelines else None
         pool = None
@@ -192,7 +203,7 @@ class HttpApp:
             hl = int(hl_raw) if hl_raw is not None else None
         except ValueError:
             raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
-        req = parse_infer_request(body, hl)
+        req = parse_infer_request(body, hl, self.cfg.max_body_size)
         arrays = bind_inputs(req, spec.inputs, spec.image_input, spec.max_batch_size)
         if req.outputs is not None:
             known = {o.name for o in spec.outputs}
@@ -206,7 +217,13 @@ class HttpApp:
         if isinstance(t, (int, float)) and t > 0:
             timeout = min(timeout, t / 1000.0)
         xrid = headers.get(b"x-request-id")
-        rid = req.id or (xrid.decode("latin-1")[:128] if xrid else None) or self.gw.new_request_id()
+        if xrid is not None and not req.id:
+            xs = xrid.decode("latin-1")
+            if not valid_request_id(xs):
+                raise ProtocolError("X-Request-Id must be 1 to 256 printable ASCII characters")
+            rid = xs
+        else:
+            rid = req.id or self.gw.new_request_id()
         try:
             if pipeline is not None:
                 outputs = await pipeline.run(
@@ -244,7 +261,7 @@ class HttpApp:
                 )
             e.request_id = rid
             if self.gw.results is not None:
-                record_request(self.gw.results, rid, spec, arrays, None, e.status, t0, headers, str(e))
+                record_request(self.gw.results, rid, spec, arrays, None, e.status, t0, who.who, str(e))
             raise
         if self.gw.results is None:
             out, hlen = encode_infer_response(
@@ -255,7 +272,7 @@ class HttpApp:
             out, hlen = encode_infer_response(
                 spec.name, spec.version, rid, outputs, req.outputs, req.binary_output
             )
-            record_request(self.gw.results, rid, spec, arrays, outputs, 200, t0, headers)
+            record_request(self.gw.results, rid, spec, arrays, outputs, 200, t0, who.who)
         ridh = (b"x-request-id", rid.encode("latin-1", "replace"))
         if hlen is None:
             await _reply(send, 200, out, [*_JSON, ridh])

@@ -120,6 +120,18 @@ class GatewayMetrics:
         self.retries = Counter(
             "shoal_retries", "Requests sent again after their worker died or refused", ["model"], registry=r
         )
+        self.worker_logins = Counter(
+            "shoal_worker_logins",
+            "Logins on the worker port, by result (ok, failed, throttled, refused_busy)",
+            ["result"],
+            registry=r,
+        )
+        self.auth_refused = Counter(
+            "shoal_auth_refused",
+            "HTTP requests refused for their credentials: 401 (none or invalid) or 403 (not allowed)",
+            ["code"],
+            registry=r,
+        )
         r.register(_LiveState(gw))
         r.register(_ResultStats(gw))
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}

@@ -34,17 +34,19 @@ class WorkerHandle(Protocol):
     capacity: int
     latency_ewma_ms: float
     accepting: bool
+    max_frame_size: int
 
     def send_request(self, p: Pending) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
 class Pending:
-    """One request between its arrival and its answer (kept whole so it can be sent again)."""
+    """One request between its arrival and its answer (kept whole so it can be sent again): its
+    REQUEST frame is encoded once, before it is queued, so a request the link cannot carry fails
+    before it touches any worker."""
 
     id: int
-    header: dict[str, Any]
-    buffers: list[Any]
+    frame: list[Any]  # the encoded REQUEST frame's buffers, written as they are
     future: asyncio.Future
     deadline: float
     rows: int = 1
@@ -127,6 +129,10 @@ class ModelPool:
     @property
     def in_flight(self) -> int:
         return sum(w.in_flight for w in self.workers)
+
+    def max_frame_size(self, default: int) -> int:
+        """The largest request frame every live worker of this version accepts."""
+        return min((w.max_frame_size for w in self.workers), default=default)
 
     def latency_ms(self) -> float:
         lat = [w.latency_ewma_ms for w in self.workers if w.latency_ewma_ms > 0]
@@ -253,6 +259,26 @@ class ModelTable:
         self.max_queue = max_queue
         self.max_attempts = max_attempts
         self.version_policies = version_policies or {}  # model -> parsed policy (policy.parse_version_policy)
+        self.expected: set[str] = set()
+        self.grace_until = 0.0
+
+    def expect(self, models: set[str], grace_s: float) -> None:
+        """Models the configuration names, and how long after start any model may be missing only
+        because its workers have not rejoined yet: a request for those is 503 (try again), not 404."""
+        self.expected = set(models)
+        self.grace_until = time.monotonic() + grace_s
+
+    def unknown(self, model: str) -> RequestFailed:
+        if model in self.expected:
+            return RequestFailed(f"model '{model}' has no live worker yet", 503, 1)
+        if time.monotonic() < self.grace_until:
+            return RequestFailed(
+                f"model '{model}' is not here yet: the gateway has just started and its workers are "
+                "joining; try again",
+                503,
+                1,
+            )
+        return RequestFailed(f"unknown model '{model}'", 404)
 
     def served_versions(self, model: str) -> set[str]:
         """Versions of a model this gateway routes to: those with live workers, under the model's policy."""
@@ -277,7 +303,7 @@ class ModelTable:
     def find(self, model: str, version: str | None) -> ModelPool:
         versions = self.models.get(model)
         if not versions:
-            raise RequestFailed(f"unknown model '{model}'", 404)
+            raise self.unknown(model)
         policy = self.version_policies.get(model)
         if version is None and policy is None and len(versions) == 1:
             return next(iter(versions.values()))  # the common case: one version, no policy

@@ -9,8 +9,6 @@ HTTP app like every other endpoint.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +22,7 @@ from shoal.protocol.oip import error_body
 if TYPE_CHECKING:
     import numpy as np
 
+    from shoal.gateway.auth import Principal
     from shoal.gateway.pool import ModelSpec
     from shoal.gateway.server import Gateway, GatewayConfig
     from shoal.gateway.storage import ResultStore
@@ -39,10 +38,6 @@ _TYPES = {
 }
 
 
-_CLIENTS_MAX = 10_000
-_clients: dict[bytes, str | None] = {}  # Authorization header -> who it is, for stored results
-
-
 class BadQuery(ValueError):
     pass
 
@@ -55,7 +50,7 @@ def record_request(
     outputs: dict[str, np.ndarray] | None,
     status: int,
     t0: float,
-    headers: dict[bytes, bytes],
+    who: str,
     error: str | None = None,
 ) -> None:
     """Hand one answered inference request to the store (called by the HTTP app only when it is on)."""
@@ -69,32 +64,8 @@ def record_request(
         status,
         (time.monotonic() - t0) * 1000.0,
         error,
-        client_of(headers.get(b"authorization")),
+        who,
     )
-
-
-def client_of(authorization: bytes | None) -> str | None:
-    """Who sent a request, for its stored record: ``device:<name>`` for a route token (already
-    verified by the HTTP app), ``key:<8 hex of its SHA-256>`` for a static key (never the key)."""
-    if not authorization:
-        return None
-    who = _clients.get(authorization)
-    if who is not None:
-        return who
-    token = authorization[7:].strip()
-    who = "key:" + hashlib.sha256(token).hexdigest()[:8]
-    if token.count(b".") == 1:
-        try:
-            part = token.split(b".")[0]
-            claims = orjson.loads(base64.urlsafe_b64decode(part + b"=" * (-len(part) % 4)))
-            if isinstance(claims, dict) and isinstance(claims.get("sub"), str):
-                who = "device:" + claims["sub"][:200]
-        except ValueError:
-            pass
-    if len(_clients) >= _CLIENTS_MAX:
-        _clients.clear()
-    _clients[authorization] = who
-    return who
 
 
 def open_store(cfg: GatewayConfig) -> ResultStore | None:
@@ -117,10 +88,18 @@ def open_store(cfg: GatewayConfig) -> ResultStore | None:
     )
 
 
-async def handle_results(gw: Gateway, method: str, path: str, query: bytes, send: Any) -> bool:
-    """Answer ``path`` if it is under /v2/results; False (nothing sent) for any other path."""
+async def handle_results(
+    gw: Gateway, who: Principal, check: Any, method: str, path: str, query: bytes, send: Any
+) -> bool:
+    """Answer ``path`` if it is under /v2/results; False (nothing sent) for any other path.
+
+    ``check(who, action)`` raises when the caller may not: listing needs the operator role; one
+    result (and its files) may be read by an operator or by the device that sent the request. A
+    device asking for another's result is told it does not exist, so ids cannot be probed."""
     if path != PREFIX and not path.startswith(PREFIX + "/"):
         return False
+    parts = [p for p in path[len(PREFIX) :].split("/") if p]
+    check(who, "result" if parts else "results")
     store = gw.results
     if store is None:
         await _reply(
@@ -132,20 +111,20 @@ async def handle_results(gw: Gateway, method: str, path: str, query: bytes, send
     if method != "GET":
         await _reply(send, 405, error_body(f"{path} takes GET"))
         return True
-    parts = [p for p in path[len(PREFIX) :].split("/") if p]
+    owner = None if who.role == "operator" else who.who
     try:
         if not parts:
             rows = await store.list(**_list_args(query))
             await _reply(send, 200, orjson.dumps(rows))
         elif len(parts) == 1:
             got = await store.get(parts[0])
-            if got is None:
+            if got is None or (owner is not None and got.get("client") != owner):
                 await _reply(send, 404, error_body(f"no stored result with request id '{parts[0]}'"))
             else:
                 await _reply(send, 200, orjson.dumps(got))
         elif len(parts) == 3 and parts[1] in ("inputs", "outputs"):
             kind = parts[1][:-1]
-            found = await store.payload_file(parts[0], kind, parts[2])
+            found = await store.payload_file(parts[0], kind, parts[2], owner)
             if found is None:
                 await _reply(
                     send,

@@ -20,15 +20,18 @@ import numpy as np
 
 import shoal
 from shoal.aio import cancel_and_wait
+from shoal.gateway.auth import Authenticator, parse_api_key
 from shoal.gateway.central_link import CentralConfig, CentralReporter
 from shoal.gateway.http_app import HttpApp
+from shoal.gateway.logins import LoginGuard
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pipeline import Pipeline, PipelineSpec
 from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, rows_of
 from shoal.gateway.results_api import open_store
+from shoal.gateway.state import TokenKeyFile
 from shoal.gateway.worker_link import WorkerConnection
 from shoal.httpserver import EmbeddedHttpServer, bind_tcp
-from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
+from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameError, MsgType, encode_frame
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 
 log = logging.getLogger("shoal.gateway")
@@ -42,7 +45,7 @@ class GatewayConfig:
     worker_host: str = "127.0.0.1"
     worker_port: int = 8001
     secret: bytes = b""  # cluster secret workers prove they know
-    api_keys: list[str] = field(default_factory=list)  # static bearer tokens (operators, Prometheus, tools)
+    api_keys: list[str] = field(default_factory=list)  # static bearer keys, "role:key" (auth.parse_api_key)
     token_key: bytes | None = None  # key shared with central to verify signed route tokens
     no_auth: bool = False
     max_body_size: int = 64 * 1024 * 1024
@@ -64,6 +67,9 @@ class GatewayConfig:
     results_dir: str = "shoal-results"  # ... and their tensors as files here
     results_max_age_s: float | None = None
     results_max_bytes: int | None = None
+    state_dir: str | None = None  # keeps central's route-token key across restarts (None: not kept)
+    startup_grace_s: float = 10.0  # after start, an unknown model is 503 "not yet" (workers rejoining)
+    expected_models: set[str] = field(default_factory=set)  # configured models: 503, never 404, if absent
 
     def check(self) -> None:
         if not self.secret:
@@ -75,6 +81,8 @@ class GatewayConfig:
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
+        for k in self.api_keys:
+            parse_api_key(k)  # raises ValueError naming what is wrong
 
 
 def raise_fd_limit() -> int:
@@ -94,9 +102,18 @@ class Gateway:
         config.check()
         self.config = config
         self.models = ModelTable(config.max_queue, config.max_attempts, config.version_policies)
+        named = {step.model for spec in config.pipelines.values() for step in spec.steps}
+        self.models.expect(
+            config.expected_models | set(config.version_policies) | named, config.startup_grace_s
+        )
+        self.auth = Authenticator(config.api_keys, config.token_key, config.name, config.no_auth)
+        self.key_file = (
+            TokenKeyFile(config.state_dir, config.name) if config.state_dir and config.central else None
+        )
         self.connections: set[WorkerConnection] = set()
         self.departed: list[dict[str, Any]] = []  # workers that left, newest last
         self.metrics = GatewayMetrics(self)
+        self.logins = LoginGuard(self.metrics)
         self.app = HttpApp(self)
         self.started_at = time.time()
         self.http_port = 0
@@ -122,8 +139,31 @@ class Gateway:
         ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         return ctx
 
+    def set_token_key(self, key: bytes, source: str) -> None:
+        """The key route tokens are verified with (from central's report answers); kept in the
+        state folder so a restarted gateway verifies tokens before central answers again."""
+        if key == self.auth.token_key:
+            return
+        self.auth.set_token_key(key)
+        log.info("route-token key from %s", source)
+        if self.key_file is not None and source != self.key_file.path:
+            try:
+                self.key_file.save(key)
+            except OSError as e:
+                log.warning("cannot keep the route-token key in %s: %s", self.key_file.path, e)
+
     async def start(self) -> None:
         raise_fd_limit()
+        if self.auth.undeclared:
+            log.warning(
+                "%d API key(s) given without a role are treated as operator keys; declare each as "
+                "operator:KEY, scrape:KEY or device:MODEL[+MODEL...]:KEY (docs/security.md)",
+                self.auth.undeclared,
+            )
+        if self.key_file is not None and self.auth.token_key is None:
+            key = self.key_file.load()
+            if key is not None:
+                self.set_token_key(key, str(self.key_file.path))
         if self.results is not None:
             await self.results.start()
         loop = asyncio.get_running_loop()
@@ -227,8 +267,21 @@ class Gateway:
             header["outputs"] = outputs
         if request_id is not None:
             header["rid"] = request_id  # carried to the worker for its logs
+        try:
+            frame = encode_frame(MsgType.REQUEST, header, bufs)
+        except FrameError as e:
+            raise RequestFailed(f"request too large for the worker link: {e}", 413) from None
+        size = sum(len(b) for b in frame)
+        limit = pool.max_frame_size(self.config.max_frame_size)
+        if size > limit:
+            # Never sent: a worker would drop the whole connection (and every request on it).
+            raise RequestFailed(
+                f"request of {size} bytes exceeds the {limit} bytes the workers of "
+                f"'{pool.spec.name}' accept in one frame",
+                413,
+            )
         fut = asyncio.get_running_loop().create_future()
-        pool.submit(Pending(rid, header, bufs, fut, deadline=deadline, rows=rows_of(arrays)))
+        pool.submit(Pending(rid, frame, fut, deadline=deadline, rows=rows_of(arrays)))
         h, payload = await fut
         if raw:
             return h, payload

@@ -588,14 +588,17 @@ class ResultStore:
                 o["missing"] = True
         return outs
 
-    async def payload_file(self, request_id: str, kind: str, name: str) -> tuple[str, bytes] | None:
+    async def payload_file(
+        self, request_id: str, kind: str, name: str, owner: str | None = None
+    ) -> tuple[str, bytes] | None:
         """(file name, bytes) of one stored input or output, by its file name or by tensor name
         (when the tensor is one file): ``.npy`` bytes for numeric tensors, the bytes themselves for
-        BYTES elements. Only the ranges the row lists are ever read."""
+        BYTES elements. Only the ranges the row lists are ever read. With ``owner``, only a request
+        that client sent is found."""
         if kind not in ("input", "output"):
             raise ValueError("kind is 'input' or 'output'")
         r = await self._row(request_id)
-        if r is None:
+        if r is None or (owner is not None and r["client"] != owner):
             return None
         chosen = None
         for t in orjson.loads(r["inputs" if kind == "input" else "outputs"]):

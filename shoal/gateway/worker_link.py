@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 from shoal.aio import CoalescingProtocol
 from shoal.gateway.pool import ModelPool, ModelSpec, Pending, RequestFailed
 from shoal.protocol.frames import (
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_HEADER_SIZE,
+    PREFIX_SIZE,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     FrameDecoder,
@@ -33,14 +36,20 @@ log = logging.getLogger("shoal.gateway")
 
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_CAPACITY = 100_000
+# Before a peer has logged in, it may send one HELLO: a header-only frame. Buffering more for a peer
+# nobody has authenticated would let anyone make the gateway hold the largest frame per connection.
+LOGIN_MAX_FRAME = PREFIX_SIZE + MAX_HEADER_SIZE
+MIN_WORKER_FRAME = 1024 * 1024  # a worker that accepts less than this cannot take useful requests
 
 
 class WorkerConnection(CoalescingProtocol):
     def __init__(self, gateway: Gateway) -> None:
         super().__init__()
         self.gw = gateway
-        self.decoder = FrameDecoder(gateway.config.max_frame_size)
+        self.decoder = FrameDecoder(LOGIN_MAX_FRAME)
         self.peer = "?"
+        self.peer_host = "?"
+        self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # the largest frame this worker accepts
         self.nonce = new_nonce()
         self.state = "handshake"
         self.worker_id = ""
@@ -63,7 +72,13 @@ class WorkerConnection(CoalescingProtocol):
         super().connection_made(transport)
         pn = transport.get_extra_info("peername")
         self.peer = f"{pn[0]}:{pn[1]}" if isinstance(pn, tuple) else str(pn)
+        self.peer_host = str(pn[0]) if isinstance(pn, tuple) else str(pn)
         self.gw.connections.add(self)
+        logins = self.gw.logins
+        if not logins.admit(self):
+            self.state = "closed"
+            transport.abort()
+            return
         self.send(
             encode_frame(
                 MsgType.CHALLENGE,
@@ -118,6 +133,10 @@ class WorkerConnection(CoalescingProtocol):
     # ------------------------------------------------------------------------------ handshake
 
     def _on_hello(self, t: MsgType, h: dict[str, Any]) -> None:
+        wait = self.gw.logins.retry_after(self.peer_host)
+        if wait > 0:
+            self._refuse(f"too many failed logins from {self.peer_host}; retry in {wait:.0f} s", wait)
+            return
         if t is not MsgType.HELLO:
             self._refuse(f"expected HELLO, got {t.name}")
             return
@@ -137,14 +156,20 @@ class WorkerConnection(CoalescingProtocol):
             cap = int(h.get("capacity", 1))
             if not 1 <= cap <= MAX_CAPACITY:
                 raise ValueError(f"capacity {cap} outside [1, {MAX_CAPACITY}]")
+            max_frame = int(h.get("max_frame_size", DEFAULT_MAX_FRAME_SIZE))
+            if max_frame < MIN_WORKER_FRAME:
+                raise ValueError(f"max_frame_size {max_frame} below {MIN_WORKER_FRAME}")
             pool = self.gw.models.pool_for_worker(spec)
         except (KeyError, TypeError, ValueError) as e:
-            self._refuse(f"bad registration: {e}")
+            self._refuse(f"bad registration: {e}", failed_login=False)
             return
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        self.gw.logins.logged_in(self)
         self.worker_id = wid
         self.capacity = cap
+        self.max_frame_size = max_frame
+        self.decoder.max_frame_size = self.gw.config.max_frame_size
         self.info = {
             k: h.get(k)
             for k in (
@@ -168,6 +193,7 @@ class WorkerConnection(CoalescingProtocol):
                     "gateway": self.gw.config.name,
                     "heartbeat_s": self.gw.config.heartbeat_s,
                     "dead_after_s": self.gw.config.dead_after_s,
+                    "max_frame_size": self.gw.config.max_frame_size,
                 },
             )
         )
@@ -183,9 +209,17 @@ class WorkerConnection(CoalescingProtocol):
         )
         pool.add_worker(self)
 
-    def _refuse(self, reason: str) -> None:
-        log.warning("refused worker connection from %s: %s", self.peer, reason)
-        self.send(encode_frame(MsgType.REFUSE, {"reason": reason}))
+    def _refuse(self, reason: str, retry_after: float | None = None, failed_login: bool = True) -> None:
+        """Refuse the login and close. Refusals before a valid proof count as failed logins of the
+        peer's address (throttled, and logged once per run of failures instead of once each)."""
+        if failed_login:
+            self.gw.logins.failed(self, reason)
+        else:
+            log.warning("refused worker connection from %s: %s", self.peer, reason)
+        msg: dict[str, Any] = {"reason": reason}
+        if retry_after is not None:
+            msg["retry_after_s"] = round(retry_after, 1)
+        self.send(encode_frame(MsgType.REFUSE, msg))
         self.flush()
         self.state = "closed"
         if self.transport is not None:
@@ -195,7 +229,7 @@ class WorkerConnection(CoalescingProtocol):
 
     def send_request(self, p: Pending) -> None:
         self.pending[p.id] = p
-        self.send(encode_frame(MsgType.REQUEST, p.header, p.buffers))
+        self.send(p.frame)
 
     def _on_result(self, h: dict[str, Any], payload: bytes | memoryview) -> None:
         p = self.pending.pop(h["id"], None)
@@ -244,6 +278,7 @@ class WorkerConnection(CoalescingProtocol):
             return
         was_ready = self.state == "ready"
         self.state = "gone"
+        self.gw.logins.left(self)
         self.accepting = False
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()

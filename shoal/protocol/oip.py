@@ -29,6 +29,13 @@ from shoal.protocol.tensors import (
 
 HEADER_LENGTH = "inference-header-content-length"
 MAX_TENSORS = 64  # inputs or outputs named in one request
+# A request id comes back in the X-Request-Id header and goes into logs: printable ASCII only (a CR or
+# LF would split the header), and short (Triton and KServe clients send UUIDs: 36 characters).
+MAX_REQUEST_ID = 256
+
+
+def valid_request_id(rid: str) -> bool:
+    return 0 < len(rid) <= MAX_REQUEST_ID and rid.isascii() and rid.isprintable()
 
 
 class ProtocolError(ValueError):
@@ -130,6 +137,12 @@ def _json_tensor(t: dict[str, Any], i: int) -> tuple[str, str, tuple[int, ...], 
 
 def _array_from_json(name: str, dt: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
     count = element_count(shape)
+    # A flat list must hold every element, a nested one a row per batch entry: checked before numpy
+    # builds anything, so a short shape cannot be paired with a huge list.
+    if isinstance(data, list) and shape and len(data) not in (count, shape[0]):
+        raise ProtocolError(
+            f"input '{name}': shape {list(shape)} needs {count} elements, data has {len(data)} entries"
+        )
     try:
         if dt == "BYTES":
             flat = np.asarray(data, dtype=object).reshape(-1)
@@ -147,10 +160,17 @@ def _array_from_json(name: str, dt: str, shape: tuple[int, ...], data: Any) -> n
     return arr.reshape(shape)
 
 
-def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
+def parse_infer_request(
+    body: bytes, header_length: int | None, max_tensor_bytes: int = 1 << 62
+) -> InferRequest:
     """Parse an infer body. ``header_length`` is the Inference-Header-Content-Length header (None if
-    absent: the body is all JSON; 0: the body is the raw single input)."""
+    absent: the body is all JSON; 0: the body is the raw single input). The tensors a request
+    declares may hold at most ``max_tensor_bytes`` in all, checked from their shapes before any is
+    built: JSON numbers decode to several times their text size (``1,`` is two bytes of text and
+    eight of FP64)."""
     if header_length == 0:
+        if not body:
+            raise ProtocolError("empty body: send the input (for example an encoded image) as the body")
         return InferRequest(None, {}, None, raw=body)
     if header_length is None:
         jpart, binpart = body, memoryview(b"")
@@ -170,18 +190,27 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     if len(inputs) > MAX_TENSORS:
         raise ProtocolError(f"at most {MAX_TENSORS} inputs per request")
     rid = req.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise ProtocolError("'id' must be a string")
+    if rid is not None and not (isinstance(rid, str) and valid_request_id(rid)):
+        raise ProtocolError(f"'id' must be a string of 1 to {MAX_REQUEST_ID} printable ASCII characters")
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
         raise ProtocolError("'parameters' must be an object")
     arrays: dict[str, np.ndarray] = {}
     pos = 0
     used_binary = False
+    declared = 0
     for i, t in enumerate(inputs):
         name, dt, shape, tparams = _json_tensor(t, i)
         if name in arrays:
             raise ProtocolError(f"input '{name}' given twice")
+        if dt != "BYTES":  # BYTES elements are no larger decoded than in the body
+            declared += element_count(shape) * NP_DTYPES[dt].itemsize
+            if declared > max_tensor_bytes:
+                raise ProtocolError(
+                    f"the inputs declare more than {max_tensor_bytes} bytes of tensors (input '{name}' "
+                    f"is {dt} {list(shape)})",
+                    413,
+                )
         size = tparams.get("binary_data_size")
         if size is not None:
             used_binary = True
@@ -242,6 +271,8 @@ def bind_inputs(
     """
     by_name = {s.name: s for s in specs}
     if req.raw is not None:
+        if not req.raw:
+            raise ProtocolError("empty body: send the input (for example an encoded image) as the body")
         if len(specs) != 1:
             raise ProtocolError(
                 f"a raw binary request needs a model with exactly one input; this one has {len(specs)}"
@@ -278,6 +309,8 @@ def bind_inputs(
     batch = None
     for name, arr in req.inputs.items():
         spec = by_name[name]
+        if arr.size == 0:
+            raise ProtocolError(f"input '{name}' is empty (shape {list(arr.shape)}): send at least one row")
         dt = "BYTES" if arr.dtype == object else None
         if name == image_input and dt == "BYTES":
             if arr.ndim != 1:

@@ -113,8 +113,9 @@ class InferenceEngine:
         self,
         runtime: Runtime,
         manifest: Manifest,
-        post: Callable[[Callable[..., Any], Any], Any],
+        post: Callable[..., Any],
         on_done: Callable[[list[Done]], None],
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.runtime = runtime
         self.manifest = manifest
@@ -123,6 +124,9 @@ class InferenceEngine:
         self.image = manifest.image
         self.post = post
         self.on_done = on_done
+        self.on_fatal = on_fatal or (lambda reason: None)
+        self.dead: str | None = None  # why the inference thread stopped, if it failed
+        self._running: list[Item] = []  # the batch in the model right now
         self.q: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self.stats = EngineStats()
         # Items submitted and not yet done: two counters, each written by one thread only, so
@@ -149,19 +153,27 @@ class InferenceEngine:
     # ------------------------------------------------------------------------------ the thread
 
     def _prepare(self, item: Item, errors: list[Done]) -> bool:
-        """Decode images into the input tensor; compute the batch signature. False when it failed."""
+        """Decode images into the input tensor; compute the batch signature. False when it failed:
+        whatever goes wrong here is that request's 400, and the thread goes on."""
         img = self.image
-        if img is not None:
-            a = item.inputs.get(img.input)
-            if a is not None and a.dtype == object:
-                try:
-                    item.inputs[img.input] = decode_images(a, img)
-                except ImageError as e:
-                    errors.append(Done(item, error=f"input '{img.input}': {e}", status=400))
-                    return False
-        first = next(iter(item.inputs.values()), None)
-        item.rows = int(first.shape[0]) if first is not None and first.ndim else 1
-        item.signature = signature(item.inputs)
+        try:
+            if img is not None:
+                a = item.inputs.get(img.input)
+                if a is not None and a.dtype == object:
+                    try:
+                        item.inputs[img.input] = decode_images(a, img)
+                    except ImageError as e:
+                        errors.append(Done(item, error=f"input '{img.input}': {e}", status=400))
+                        return False
+            first = next(iter(item.inputs.values()), None)
+            item.rows = int(first.shape[0]) if first is not None and first.ndim else 1
+            if item.rows == 0:
+                errors.append(Done(item, error="the request has no rows (an empty batch)", status=400))
+                return False
+            item.signature = signature(item.inputs)
+        except Exception as e:
+            errors.append(Done(item, error=f"cannot prepare the inputs: {type(e).__name__}: {e}", status=400))
+            return False
         return True
 
     def _pull(self, pending: deque[Item], errors: list[Done], block: bool, timeout: float | None) -> bool:
@@ -178,6 +190,12 @@ class InferenceEngine:
 
     def _run(self) -> None:
         pending: deque[Item] = deque()
+        try:
+            self._serve(pending)
+        except BaseException as e:  # a bug in this thread: never die silently with requests held
+            self._fatal(e, pending)
+
+    def _serve(self, pending: deque[Item]) -> None:
         running = True
         while running or pending:
             errors: list[Done] = []
@@ -199,7 +217,34 @@ class InferenceEngine:
             if not pending:
                 continue
             batch = take_batch(pending, self.max_rows)
-            self._finish(self._run_batch(batch))
+            self._running = batch
+            done = self._run_batch(batch)
+            self._running = []
+            self._finish(done)
+
+    def _fatal(self, e: BaseException, pending: deque[Item]) -> None:
+        """Last resort: fail the batch that was running (it may be what broke the thread), hand every
+        other held request back to be sent elsewhere (503), and tell the worker, which takes itself
+        out of service."""
+        reason = f"inference thread failed: {type(e).__name__}: {e}"
+        running = {id(it) for it in self._running}
+        done = [Done(it, error=reason, status=500) for it in self._running]
+        held = [it for it in pending if id(it) not in running]
+        while True:
+            try:
+                it = self.q.get_nowait()
+            except queue.Empty:
+                break
+            if it is not None:
+                held.append(it)
+        done += [Done(it, error="worker out of service", status=503) for it in held]
+        self._running = []
+        self.dead = reason
+        try:
+            self._finish(done)
+            self.post(self.on_fatal, reason)
+        except RuntimeError:  # the event loop is gone too: the process is ending anyway
+            pass
 
     def _run_batch(self, batch: list[Item]) -> list[Done]:
         t = time.perf_counter()

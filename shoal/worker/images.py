@@ -4,9 +4,10 @@ says. Runs in the worker, so devices send images as they are and the cluster doe
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from shoal.modelrepo.manifest import ImageSpec
 
@@ -14,6 +15,9 @@ from shoal.modelrepo.manifest import ImageSpec
 # PNG that expands to gigabytes). 40 MP covers the 3 MB HD frames of the source paper many times.
 MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# A malformed file makes Pillow warn as well as fail; the failure is the request's answer, and a
+# warning per hostile request would flood the worker's log.
+warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 class ImageError(ValueError):
@@ -21,7 +25,14 @@ class ImageError(ValueError):
 
 
 def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
-    """One encoded image -> float32 array [C, H, W] (NCHW) or [H, W, C] (NHWC)."""
+    """One encoded image -> float32 array [C, H, W] (NCHW) or [H, W, C] (NHWC).
+
+    Every failure is an ``ImageError``: Pillow's decoders raise a zoo of exception types on hostile
+    input (``SyntaxError`` from PNG chunks, ``NotImplementedError`` from DDS pixel formats,
+    ``TypeError`` and ``struct.error`` from TIFF tags, ...), and any of them is that one request's
+    fault, never the worker's."""
+    if not data:
+        raise ImageError("empty image")
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -31,10 +42,10 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
             if im.size != tuple(spec.size):
                 im = im.resize(tuple(spec.size), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.float32)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
-        if isinstance(e, ImageError):
-            raise
-        raise ImageError(f"not a decodable image: {e}") from None
+    except ImageError:
+        raise
+    except Exception as e:  # see the docstring: anything a decoder raises is a bad image
+        raise ImageError(f"not a decodable image: {type(e).__name__}: {e}"[:300]) from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     arr = arr * np.float32(spec.scale)
@@ -48,4 +59,6 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
 
 def decode_images(items: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """A BYTES tensor of n encoded images -> float32 batch [n, ...]."""
+    if items.size == 0:
+        raise ImageError("no images in the batch (the tensor is empty)")
     return np.stack([decode_image(bytes(b), spec) for b in items.reshape(-1)])

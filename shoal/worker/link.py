@@ -38,8 +38,22 @@ from shoal.worker.runtimes import Runtime
 log = logging.getLogger("shoal.worker")
 
 
+def error_text(e: BaseException) -> str:
+    """An exception as a log line: some (TLS handshake failures, timeouts) have an empty message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class Refused(Exception):
     """The gateway refused this worker; retrying would not help."""
+
+
+class RefusedForNow(ConnectionError):
+    """The gateway refused this login for a while (too many failed logins from this address)."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -70,6 +84,7 @@ class GatewayLink(CoalescingProtocol):
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.in_flight = 0
         self.last_seen = time.monotonic()
+        self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # the gateway's, from WELCOME
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
@@ -88,12 +103,19 @@ class GatewayLink(CoalescingProtocol):
             elif t is MsgType.CHALLENGE:
                 self.w.on_challenge(self, f.header)
             elif t is MsgType.WELCOME:
+                mf = f.header.get("max_frame_size")
+                if isinstance(mf, int) and mf > 0:
+                    self.max_frame_size = mf
                 if not self.welcomed.done():
                     self.welcomed.set_result(f.header)
             elif t is MsgType.REFUSE:
                 reason = str(f.header.get("reason", "no reason given"))
+                wait = f.header.get("retry_after_s")
                 if not self.welcomed.done():
-                    self.welcomed.set_exception(Refused(reason))
+                    if isinstance(wait, (int, float)) and wait > 0:
+                        self.welcomed.set_exception(RefusedForNow(reason, float(wait)))
+                    else:
+                        self.welcomed.set_exception(Refused(reason))
             elif t is MsgType.GOODBYE:
                 self.abort()
             # Anything else from a gateway is ignored: newer gateways may send more.
@@ -126,6 +148,7 @@ class Worker:
         self.served = 0
         self.started = time.monotonic()
         self.first_served_at: float | None = None
+        self.exit_code = 0
         self._stop = asyncio.Event()
 
     # ----------------------------------------------------------------------------- handshake
@@ -149,6 +172,7 @@ class Worker:
             "labels": m.labels,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "max_frame_size": self.config.max_frame_size,
         }
 
     def on_challenge(self, link: GatewayLink, h: dict[str, Any]) -> None:
@@ -173,6 +197,9 @@ class Worker:
             link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": f"bad tensors: {e}", "status": 400}))
             return
         assert self.engine is not None
+        if self.engine.dead is not None or self.draining:
+            link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": "worker out of service", "status": 503}))
+            return
         if link.in_flight >= self.capacity:
             link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": "worker full", "status": 503}))
             return
@@ -196,32 +223,49 @@ class Worker:
             link.in_flight -= 1
             if link.transport is None or link.transport.is_closing():
                 continue  # that connection is gone; its gateway has sent the request elsewhere
-            if d.error is not None:
-                rq = d.item.request_id
-                log.warning(
-                    "request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status}
-                )
+            try:
+                self._answer(link, d)
+            except Exception as e:  # an output the link cannot carry: that request fails, alone
+                log.warning("cannot send the result of request %s: %s", d.item.request_id, e)
                 link.send(
-                    encode_frame(MsgType.ERROR, {"id": d.item.id, "error": d.error, "status": d.status})
+                    encode_frame(
+                        MsgType.ERROR,
+                        {"id": d.item.id, "error": f"cannot send the result: {e}"[:500], "status": 500},
+                    )
                 )
-                continue
-            specs, bufs = pack_tensors(d.outputs or {})
-            link.send(
-                encode_frame(
-                    MsgType.RESULT,
-                    {
-                        "id": d.item.id,
-                        "outputs": specs,
-                        "compute_ms": round(d.compute_ms, 4),
-                        "batch": d.batch_rows,
-                    },
-                    bufs,
-                )
+
+    def _answer(self, link: GatewayLink, d: Done) -> None:
+        if d.error is not None:
+            rq = d.item.request_id
+            if d.status != 503:
+                log.warning("request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status})
+            link.send(encode_frame(MsgType.ERROR, {"id": d.item.id, "error": d.error, "status": d.status}))
+            return
+        specs, bufs = pack_tensors(d.outputs or {})
+        size = sum(len(b) for b in bufs)
+        if size > link.max_frame_size - 65536:
+            raise ValueError(
+                f"result of {size} bytes exceeds the {link.max_frame_size} byte frame limit of the gateway"
             )
-            self.served += 1
-            if self.first_served_at is None:
-                self.first_served_at = time.monotonic()
-                log.info("first request served %.3f s after start", self.first_served_at - self.started)
+        link.send(
+            encode_frame(
+                MsgType.RESULT,
+                {"id": d.item.id, "outputs": specs, "compute_ms": round(d.compute_ms, 4), "batch": d.batch_rows},
+                bufs,
+            )
+        )
+        self.served += 1
+        if self.first_served_at is None:
+            self.first_served_at = time.monotonic()
+            log.info("first request served %.3f s after start", self.first_served_at - self.started)
+
+    def on_fatal(self, reason: str) -> None:
+        """The inference thread died (a bug, not a bad request: those are answered one by one). The
+        worker cannot serve any more: it leaves visibly, so the gateway stops sending to it, and
+        exits with status 70 for its supervisor (an engine, systemd, Kubernetes) to replace it."""
+        log.critical("%s; leaving the gateway and exiting to be replaced", reason)
+        self.exit_code = 70
+        self.begin_drain()
 
     def load_report(self) -> dict[str, Any]:
         s = self.engine.stats if self.engine else None
@@ -271,7 +315,9 @@ class Worker:
         # model idles while the loop decodes the next requests.
         sys.setswitchinterval(0.0005)
         loop = asyncio.get_running_loop()
-        self.engine = InferenceEngine(self.runtime, self.manifest, loop.call_soon_threadsafe, self.on_done)
+        self.engine = InferenceEngine(
+            self.runtime, self.manifest, loop.call_soon_threadsafe, self.on_done, self.on_fatal
+        )
         self.engine.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -291,12 +337,14 @@ class Worker:
                     break
                 except (OSError, asyncio.TimeoutError, ConnectionError) as e:
                     d = backoff_delay(attempt, c.backoff_base_s, c.backoff_cap_s, random.random())
+                    if isinstance(e, RefusedForNow):
+                        d = max(d, e.retry_after_s)
                     if attempt == 0 or attempt % 10 == 0:
                         log.warning(
                             "cannot reach gateway %s:%d (%s); retrying in %.2f s",
                             c.gateway_host,
                             c.gateway_port,
-                            e,
+                            error_text(e),
                             d,
                         )
                     attempt += 1
@@ -323,7 +371,7 @@ class Worker:
                     log.warning("lost the gateway; reconnecting")
         finally:
             self.engine.stop()
-        return rc
+        return rc or self.exit_code
 
     async def _serve(self, link: GatewayLink) -> None:
         """Report load every heartbeat until the link closes or a drain completes."""
