@@ -176,7 +176,7 @@ def fit(
         figures = evaluate(model)
         epoch, step_in_epoch = epoch + 1, 0
         hist.epochs.append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1), **figures})
-        if ctx.main:
+        if ctx.main and (epoch % max(1, cfg.epochs // 20) == 0 or epoch == cfg.epochs):
             shown = "  ".join(f"{k} {v:.4g}" for k, v in hist.epochs[-1].items() if k != "epoch")
             log(f"epoch {epoch:3d}/{cfg.epochs}  {shown}  ({hist.seconds:.1f} s)")
         checkpoint()

@@ -1,0 +1,69 @@
+"""What the catalogue's regression and classification families on feature tables share: the split,
+the standardisation kept inside the network (so the served model takes raw features, as a device
+has them), the test figures, and the start of a run (threads, seed, device, workers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shoal.train import distributed
+from shoal.train.catalogue import Run
+from shoal.train.distributed import Context
+
+
+class Standardise(nn.Module):
+    """(x - mean) / std with the training set's statistics, as constants of the graph."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        super().__init__()
+        std = x.std(0)
+        self.register_buffer("mean", torch.tensor(x.mean(0), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(np.where(std > 1e-9, std, 1.0), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled train and test row indices; the same seed, the same split."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(n * test_fraction)))
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def start(run: Run, seed: int) -> Context:
+    torch.set_num_threads(max(1, run.threads))
+    torch.manual_seed(seed)  # every worker builds the same initial weights
+    return distributed.context(run.device)
+
+
+def f32(a: np.ndarray) -> torch.Tensor:
+    return torch.tensor(a, dtype=torch.float32)
+
+
+@torch.no_grad()
+def regression_figures(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    model.eval()
+    dev = next(model.parameters()).device
+    pred = model(x.to(dev)).cpu().reshape(-1)
+    err = pred - y.reshape(-1)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {
+        "test_rmse": float(err.pow(2).mean().sqrt()),
+        "test_mae": float(err.abs().mean()),
+        "test_r2": 1.0 - float(err.pow(2).sum()) / ss_tot if ss_tot else 0.0,
+    }
+
+
+@torch.no_grad()
+def classification_figures(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    model.eval()
+    dev = next(model.parameters()).device
+    logits = model(x.to(dev)).cpu()
+    return {
+        "test_loss": float(F.cross_entropy(logits, y)),
+        "test_accuracy": float((logits.argmax(1) == y).float().mean()),
+    }
