@@ -114,11 +114,12 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_export_arguments(p: argparse.ArgumentParser, export_help: str) -> None:
+def add_export_arguments(p: argparse.ArgumentParser, export_help: str | None) -> None:
     e = p.add_argument_group("export and record")
-    e.add_argument("--export", metavar="REPO", help=export_help)
-    e.add_argument("--version", help="version folder to export to (default: next integer)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
+    if export_help:
+        e.add_argument("--export", metavar="REPO", help=export_help)
+        e.add_argument("--version", help="version folder to export to (default: next integer)")
+        e.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
     e.add_argument(
         "--record",
         nargs="?",
@@ -175,8 +176,7 @@ def family_parser(fam: Family) -> argparse.ArgumentParser:
     if fam.torch:
         r.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
         add_device_arguments(p)
-    if fam.export:
-        add_export_arguments(p, "when done, publish to REPO/<model>/<version>/ as ONNX")
+    add_export_arguments(p, "when done, publish to REPO/<model>/<version>/ as ONNX" if fam.export else None)
     return p
 
 
