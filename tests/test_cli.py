@@ -126,3 +126,42 @@ def test_bench_runs_and_writes_its_figures(tmp_path):
     assert figures["transfer"]["MB/s (3 MB requests, 8 clients)"] > 0
     runs = [float(x) for x in figures["startup"]["first answer after worker start, s (3 runs)"].split(" / ")]
     assert len(runs) == 3 and all(0 < x < 30 for x in runs)
+
+
+def test_tour_commands_say_what_to_do(tmp_path):
+    # `shoal bench` bare means every suite; a wrong name is refused saying the right ones.
+    r = shoal("bench", "no-such-suite")
+    assert r.returncode == 2 and "latency" in r.stdout
+    import argparse
+
+    from shoal.bench.cli import SUITES, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args([]).suites == [] and list(SUITES)
+    # `shoal certs` without the TLS extra names the extra instead of a traceback.
+    code = "import sys; sys.modules['cryptography'] = None; from shoal.cli import main; sys.exit(main(['certs', '--out', 'x']))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and "shoal[tls]" in r.stdout and "Traceback" not in r.stderr
+    # Adding an account prints one line, not the migration tool's narration.
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "central", "accounts", "add", "device", "cam-1", "--db", f"sqlite:///{tmp_path}/c.db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "SHOAL_PASSWORD": "a-long-password"},
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "added device cam-1" and r.stderr == "", r.stderr
+    assert oct((tmp_path / "c.db").stat().st_mode & 0o777) == "0o600"  # it holds the master secret
+
+
+def test_bad_api_key_declarations_are_refused_at_start():
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "cluster", "--http", "127.0.0.1:0", "--workers", "127.0.0.1:0",
+         "--api-key", "device::k"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "SHOAL_CLUSTER_SECRET": "x"},
+    )
+    assert r.returncode == 2 and "device:MODEL" in r.stdout

@@ -45,7 +45,8 @@ SUITES = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suites", nargs="*", choices=SUITES, help="suites to run (default: all)")
+    # Checked in run(): argparse refuses an empty list against choices (a known argparse bug).
+    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all): {', '.join(SUITES)}")
     p.add_argument(
         "--seconds", type=float, default=8.0, help="measuring time per load run (default %(default)s)"
     )
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
 
     from shoal.bench import suites
 
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        print(f"shoal bench: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+        return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-bench-"))
     chosen = args.suites or list(SUITES)
     results: dict[str, object] = {

@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-body-mb", type=float, default=64.0, help="largest request body (default %(default)s MB)"
     )
     p.add_argument(
+        "--max-frame-mb",
+        type=float,
+        default=64.0,
+        help="largest result a worker may send back, in MB (default %(default)s)",
+    )
+    p.add_argument(
         "--max-queue", type=int, default=1024, help="requests per model waiting for a worker before 503"
     )
     p.add_argument(
@@ -179,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         max_body_size=int(args.max_body_mb * 1024 * 1024),
+        max_frame_size=int(args.max_frame_mb * 1024 * 1024),
         max_queue=args.max_queue,
         request_timeout_s=args.timeout,
         read_timeout_s=args.read_timeout,

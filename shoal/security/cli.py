@@ -24,13 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
     from pathlib import Path
 
-    try:
-        from shoal.security.certs import make_ca, make_cert
-    except ImportError:
+    if importlib.util.find_spec("cryptography") is None:
         print("shoal certs: needs the cryptography package: pip install 'shoal[tls]'")
         return 2
+    from shoal.security.certs import make_ca, make_cert
+
     out = Path(args.out)
     if not (out / "ca.pem").exists():
         ca, _ = make_ca(out)

@@ -47,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for held requests"
     )
+    p.add_argument(
+        "--max-frame-mb",
+        type=float,
+        default=64.0,
+        help="largest request this worker accepts from the gateway, in MB; told to the gateway, which "
+        "answers larger requests 413 itself (default %(default)s)",
+    )
     add_logging_arguments(p)
 
 
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         tls_server_name=args.tls_server_name,
         drain_timeout_s=args.drain_timeout,
+        max_frame_size=int(args.max_frame_mb * 1024 * 1024),
     )
 
     async def main() -> int:

@@ -1,0 +1,303 @@
+"""Hostile and broken input against a real gateway and real workers: no request poisons a worker,
+every limit is checked before anything large is allocated, and the one bad request is the only one
+that fails. Each case here was once a way to hang or crash shoal."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from shoal.client.http import InferError
+from shoal.data import load_mnist
+from shoal.modelrepo.manifest import ImageSpec
+from shoal.protocol.frames import FrameDecoder, MsgType, encode_frame_bytes
+from shoal.worker.images import ImageError, decode_image, decode_images
+
+BAD_IMAGES = Path(__file__).parent / "data" / "bad-images"
+RAW = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}
+JSON = {"Content-Type": "application/json"}
+
+
+def _png(arr: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(arr).save(b, "PNG")
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digit() -> tuple[bytes, int]:
+    images, labels = load_mnist("test")
+    return _png(images[0]), int(labels[0])
+
+
+def _mutated_tiff() -> bytes:
+    """A TIFF whose strip-offsets tag claims a type Pillow does not expect."""
+    b = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(b, "TIFF")
+    d = bytearray(b.getvalue())
+    (ifd,) = struct.unpack_from("<I", d, 4)
+    (n,) = struct.unpack_from("<H", d, ifd)
+    for i in range(n):
+        at = ifd + 2 + 12 * i
+        tag, _typ = struct.unpack_from("<HH", d, at)
+        if tag in (273, 279):  # StripOffsets, StripByteCounts
+            struct.pack_into("<H", d, at + 2, 12)  # DOUBLE
+    return bytes(d)
+
+
+def _status_of(c, model: str) -> dict:
+    code, st_ = c.get_json("/v2/status")
+    assert code == 200
+    return next(m for m in st_["models"] if m["name"] == model)
+
+
+def test_bad_images_are_that_requests_400_and_the_same_worker_answers_next(cluster, digit):
+    lc = cluster()
+    lc.add_worker("mnist-cnn")
+    lc.wait_workers("mnist-cnn", 1)
+    good, label = digit
+    bad_raw = {
+        "broken PNG chunk": (BAD_IMAGES / "broken-chunk.png").read_bytes(),
+        "DDS with unknown pixel flags": (BAD_IMAGES / "unknown-pixel-format.dds").read_bytes(),
+        "mutated TIFF": _mutated_tiff(),
+        "not an image": b"\x89PNG\r\n\x1a\nnot really",
+    }
+    with lc.client() as c:
+        wid = _status_of(c, "mnist-cnn")["workers"][0]["worker_id"]
+        for what, body in bad_raw.items():
+            code, _, data = c.request("POST", "/v2/models/mnist-cnn/infer", body, RAW)
+            assert code == 400, (what, data)
+            assert "image" in json.loads(data)["error"], what
+            out = c.infer_raw("mnist-cnn", good)
+            assert int(np.argmax(out["logits"])) == label, what
+        for what, body, headers in [
+            ("empty image batch", b'{"inputs":[{"name":"image","datatype":"BYTES","shape":[0],"data":[]}]}', JSON),
+            ("empty raw body", b"", RAW),
+            (
+                "zero-row tensor",
+                json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [0, 1, 28, 28], "data": []}]}).encode(),
+                JSON,
+            ),
+        ]:
+            code, rh, data = c.request("POST", "/v2/models/mnist-cnn/infer", body, headers)
+            assert code == 400 and rh["content-type"] == "application/json", (what, data)
+            assert json.loads(data)["error"], what
+            assert int(np.argmax(c.infer_raw("mnist-cnn", good)["logits"])) == label, what
+        after = _status_of(c, "mnist-cnn")
+        assert [w["worker_id"] for w in after["workers"]] == [wid]  # the same worker, never dropped
+        assert after["in_flight"] == 0
+    assert "Traceback" not in lc.gateway.tail(200)
+
+
+def test_a_dead_inference_thread_fails_its_request_and_takes_the_worker_out(cluster, model_repo):
+    lc = cluster()
+    w = lc.add_worker("fragile", repo=model_repo)
+    lc.wait_workers("fragile", 1)
+    x = np.ones((1, 4), np.float32)
+    with lc.client() as c:
+        assert np.array_equal(c.infer("fragile", {"x": x})["y"], x)
+        with pytest.raises(InferError) as e:
+            c.infer("fragile", {"x": x * 13})
+        assert e.value.status == 500 and "inference thread failed" in str(e.value)
+        assert w.popen.wait(30) == 70  # it left, to be replaced by its supervisor
+        status = c.get_json("/v2/status")[1]
+        assert not any(m["ready"] for m in status["models"] if m["name"] == "fragile")
+        assert any(d["worker_id"] == w.name for d in status["departed_workers"])
+    assert "inference thread failed" in w.tail(50)
+
+
+# ------------------------------------------------------------------------------- image fuzzing
+
+
+def _seed(fmt: str) -> bytes:
+    rng = np.random.default_rng(7)
+    b = io.BytesIO()
+    Image.fromarray((rng.random((12, 12, 3)) * 255).astype(np.uint8)).save(b, fmt)
+    return b.getvalue()
+
+
+SEEDS = {f: _seed(f) for f in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "DDS")}
+SEEDS["PNG-broken"] = (BAD_IMAGES / "broken-chunk.png").read_bytes()
+SEEDS["DDS-unknown"] = (BAD_IMAGES / "unknown-pixel-format.dds").read_bytes()
+
+
+@st.composite
+def mutated_image(draw) -> bytes:
+    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
+    for _ in range(draw(st.integers(1, 8))):
+        i = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["flip", "set", "cut", "insert"]))
+        if op == "flip":
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set":
+            data[i] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF]))
+        elif op == "cut":
+            del data[i : i + draw(st.integers(1, 32))]
+        else:
+            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+        if not data:
+            break
+    return bytes(data)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_image())
+def test_image_decoding_fails_only_with_image_error(data):
+    spec = ImageSpec("image")
+    try:
+        out = decode_image(data, spec)
+    except ImageError:
+        return
+    assert out.shape == (1, 28, 28) and out.dtype == np.float32
+
+
+def test_an_empty_image_batch_is_an_image_error():
+    with pytest.raises(ImageError, match="no images"):
+        decode_images(np.empty(0, dtype=object), ImageSpec("image"))
+
+
+# -------------------------------------------------------------------------------- size limits
+
+
+def _raw_http(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send bytes, return everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+        return out
+
+
+def test_oversized_heads_are_refused_at_once_and_others_are_served(cluster, model_repo):
+    lc = cluster()
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    auth = f"Authorization: Bearer {lc.api_key}\r\n".encode()
+    long_url = b"GET /v2/" + b"a" * (4 << 20) + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert _raw_http(lc.http_port, long_url).startswith(b"HTTP/1.1 414 ")
+    big_header = b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + auth + b"X-Big: " + b"b" * (16 << 20) + b"\r\n\r\n"
+    answer = _raw_http(lc.http_port, big_header)
+    assert answer.startswith(b"HTTP/1.1 431 ") and b'"error"' in answer
+    many = b"GET /v2 HTTP/1.1\r\nHost: x\r\n" + auth + b"".join(b"X-%d: 1\r\n" % i for i in range(5000)) + b"\r\n"
+    assert _raw_http(lc.http_port, many).startswith(b"HTTP/1.1 431 ")
+    with lc.client() as c:
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        assert np.array_equal(c.infer("echo", {"x": x})["y"], x)
+
+
+def test_tensor_size_is_bounded_before_decoding_and_oversized_frames_never_reach_a_worker(cluster, model_repo):
+    lc = cluster(gateway_args=["--max-body-mb", "8"])
+    lc.add_worker("echo", repo=model_repo, extra=["--max-frame-mb", "2"])
+    lc.wait_workers("echo", 1)
+    with lc.client() as c:
+        wid = _status_of(c, "echo")["workers"][0]["worker_id"]
+        # A short JSON body that declares 64 MB of FP64 numbers: refused from its shape.
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP64", "shape": [8192, 1024], "data": [0]}]})
+        code, _, data = c.request("POST", "/v2/models/echo/infer", body.encode(), JSON)
+        assert code == 413 and "declare" in json.loads(data)["error"]
+        # A shape of one element paired with a long list: refused before numpy builds it.
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [0.5] * 100_000}]})
+        code, _, data = c.request("POST", "/v2/models/echo/infer", body.encode(), JSON)
+        assert code == 400 and "entries" in json.loads(data)["error"]
+        # 3 MB of tensor: within the body limit, beyond the worker's frame limit: 413, never sent.
+        with pytest.raises(InferError) as e:
+            c.infer("echo", {"x": np.zeros((4, 196_608), np.float32)})
+        assert e.value.status == 413 and "accept" in str(e.value)
+        x = np.ones((2, 4), np.float32)
+        assert np.array_equal(c.infer("echo", {"x": x})["y"], x)
+        st_ = c.get_json("/v2/status")[1]
+        assert [w["worker_id"] for w in _status_of(c, "echo")["workers"]] == [wid]
+        assert st_["departed_workers"] == []
+
+
+@pytest.mark.parametrize(
+    "rid, why",
+    [("a\r\nX-Evil: 1", "CR/LF"), ("nul\x00id", "NUL"), ("x" * 1_000_000, "1 MB")],
+)
+def test_bad_request_ids_are_refused_up_front(cluster, model_repo, rid, why):
+    lc = cluster()
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    body = json.dumps({"id": rid, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]})
+    with lc.client() as c:
+        code, _, data = c.request("POST", "/v2/models/echo/infer", body.encode(), JSON)
+        assert code == 400 and "'id'" in json.loads(data)["error"], why
+        ok = json.dumps({"id": "fine-1", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]})
+        code, rh, data = c.request("POST", "/v2/models/echo/infer", ok.encode(), JSON)
+        assert code == 200 and rh["x-request-id"] == "fine-1"
+        assert _status_of(c, "echo")["in_flight"] == 0
+        assert c.get_json("/v2/status")[1]["departed_workers"] == []
+
+
+# ----------------------------------------------------------------------------- the worker port
+
+
+def _read_frames(s: socket.socket, until: MsgType, limit: float = 10.0) -> list:
+    dec = FrameDecoder()
+    frames: list = []
+    end = time.monotonic() + limit
+    s.settimeout(limit)
+    while time.monotonic() < end:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        frames += dec.feed(chunk)
+        if any(f.type is until for f in frames):
+            break
+    return frames
+
+
+def test_strangers_on_the_worker_port_cannot_make_the_gateway_buffer(cluster, model_repo):
+    lc = cluster()
+    # A frame header announcing 60 MB from a peer that has not logged in: closed at once.
+    for _ in range(8):
+        with socket.create_connection(("127.0.0.1", lc.worker_port), timeout=10) as s:
+            assert _read_frames(s, MsgType.CHALLENGE)[0].type is MsgType.CHALLENGE
+            s.sendall(struct.pack("!IBBI", 60 << 20, 1, int(MsgType.HELLO), 100) + b"\0" * 65536)
+            s.settimeout(10)
+            try:
+                rest = s.recv(65536)
+            except ConnectionResetError:
+                rest = b""
+            assert rest == b""  # closed without reading the rest
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)  # real workers still log in
+
+
+def test_failed_worker_logins_are_throttled_and_logged_once(cluster, model_repo):
+    lc = cluster()
+    refusals = []
+    for _ in range(30):
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))  # the guesser's own address; the real worker dials from 127.0.0.1
+            s.connect(("127.0.0.1", lc.worker_port))
+            nonce = _read_frames(s, MsgType.CHALLENGE)[0].header["nonce"]
+            assert isinstance(nonce, bytes)
+            hello = {"protocol": 1, "worker_id": "guess", "proof": b"\0" * 32, "model": "echo", "model_version": "1"}
+            s.sendall(encode_frame_bytes(MsgType.HELLO, hello))
+            got = _read_frames(s, MsgType.REFUSE)
+            refusals.append(next(f for f in got if f.type is MsgType.REFUSE).header)
+    assert "wrong cluster secret" in refusals[0]["reason"]
+    throttled = [r for r in refusals if "too many failed logins" in r["reason"]]
+    assert len(throttled) >= 20 and all(r["retry_after_s"] > 0 for r in throttled)
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)  # another address is not throttled
+    log = lc.gateway.tail(400)
+    assert log.count("guess") + log.count("127.0.0.2") <= 3, log

@@ -1,0 +1,272 @@
+"""Credentials carry only what they need (the role matrix of docs/security.md, enforced by a real
+gateway), login guessing is throttled at central without starving legitimate devices, and a hung
+database makes central answer 503 instead of hanging."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from shoal.client.http import OipHttpClient
+from shoal.local import LocalCentral
+from shoal.security.tokens import sign_token
+
+X = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}).encode()
+CK = json.dumps({"inputs": [{"name": "data", "datatype": "UINT8", "shape": [1, 2], "data": [1, 2]}]}).encode()
+JSON = {"Content-Type": "application/json"}
+
+
+def _token(sub: str, model: str, version: str | None = None) -> str:
+    claims = {"aud": "cluster", "sub": sub, "model": model}
+    if version:
+        claims["version"] = version
+    return sign_token(claims, b"tk", ttl_s=120)
+
+
+def _call(lc, token: str | None, method: str, path: str, body: bytes | None = None, scheme: str = "Bearer"):
+    with OipHttpClient(lc.url) as c:
+        headers = dict(JSON)
+        if token:
+            headers["Authorization"] = f"{scheme} {token}"
+        code, rh, data = c.request(method, path, body, headers)
+    return code, json.loads(data) if data and rh.get("content-type", "").startswith("application/json") else data
+
+
+@pytest.fixture
+def scoped(cluster, model_repo, tmp_path):
+    lc = cluster(
+        gateway_args=[
+            "--token-key",
+            "tk",
+            "--api-key",
+            "scrape:scrape-key-1",
+            "--api-key",
+            "device:echo:device-key-1",
+            "--store-results",
+            f"sqlite:///{tmp_path / 'results.db'}",
+            "--results-dir",
+            str(tmp_path / "results"),
+        ]
+    )
+    lc.add_worker("echo", repo=model_repo)
+    lc.add_worker("checksum")
+    lc.wait_workers("echo", 1)
+    lc.wait_workers("checksum", 1)
+    return lc
+
+
+def test_each_role_reaches_only_its_endpoints(scoped):
+    lc = scoped
+    op = lc.api_key
+    dev = _token("cam-a", "echo")
+    pinned = _token("cam-a", "echo", version="1")
+    matrix = [
+        # (credential, method, path, body, expected status)
+        (None, "GET", "/v2/health/live", None, 200),
+        (None, "GET", "/v2/health/ready", None, 401),
+        (None, "POST", "/v2/models/echo/infer", X, 401),
+        (dev, "GET", "/v2/health/ready", None, 200),
+        (dev, "GET", "/v2", None, 200),
+        (dev, "GET", "/v2/models/echo", None, 200),
+        (dev, "GET", "/v2/models/echo/ready", None, 200),
+        (dev, "POST", "/v2/models/echo/infer", X, 200),
+        (dev, "POST", "/v2/models/checksum/infer", CK, 403),
+        (dev, "GET", "/v2/models/checksum", None, 403),
+        (dev, "GET", "/v2/status", None, 403),
+        (dev, "GET", "/metrics", None, 403),
+        (dev, "GET", "/v2/results", None, 403),
+        (pinned, "POST", "/v2/models/echo/versions/1/infer", X, 200),
+        (pinned, "POST", "/v2/models/echo/versions/7/infer", X, 403),
+        ("device-key-1", "POST", "/v2/models/echo/infer", X, 200),
+        ("device-key-1", "POST", "/v2/models/checksum/infer", CK, 403),
+        ("device-key-1", "GET", "/v2/status", None, 403),
+        ("scrape-key-1", "GET", "/metrics", None, 200),
+        ("scrape-key-1", "GET", "/v2/health/ready", None, 403),
+        ("scrape-key-1", "POST", "/v2/models/echo/infer", X, 403),
+        ("scrape-key-1", "GET", "/v2/status", None, 403),
+        ("scrape-key-1", "GET", "/v2/results", None, 403),
+        (op, "GET", "/v2/status", None, 200),
+        (op, "GET", "/metrics", None, 200),
+        (op, "GET", "/v2/results", None, 200),
+        (op, "POST", "/v2/models/checksum/infer", CK, 200),
+        ("wrong-key", "GET", "/v2/health/ready", None, 401),
+    ]
+    got = [(who, m, p, _call(lc, who, m, p, b)[0], want) for who, m, p, b, want in matrix]
+    assert [g for g in got if g[3] != g[4]] == []
+    code, body = _call(lc, dev, "GET", "/v2/status")
+    assert code == 403 and "operator" in body["error"] and "device" in body["error"]
+    code, body = _call(lc, dev, "POST", "/v2/models/checksum/infer", CK)
+    assert "echo" in body["error"] and "checksum" in body["error"]
+    assert _call(lc, dev, "GET", "/v2/health/ready", scheme="bearer")[0] == 200  # any case
+
+
+def test_a_device_reads_its_own_stored_result_and_nothing_else(scoped):
+    lc = scoped
+    mine, other = _token("cam-a", "echo"), _token("cam-b", "echo")
+    code, answer = _call(lc, mine, "POST", "/v2/models/echo/infer", X)
+    assert code == 200
+    rid = answer["id"]
+    end = time.monotonic() + 20
+    while _call(lc, lc.api_key, "GET", f"/v2/results/{rid}")[0] != 200:  # written in the background
+        assert time.monotonic() < end, "the result was never stored"
+        time.sleep(0.05)
+    code, stored = _call(lc, mine, "GET", f"/v2/results/{rid}")
+    assert code == 200 and stored["client"] == "device:cam-a" and stored["outputs"][0]["data"] == [1, 2]
+    assert _call(lc, mine, "GET", f"/v2/results/{rid}/inputs/x")[0] == 200
+    assert _call(lc, other, "GET", f"/v2/results/{rid}")[0] == 404  # as if it did not exist
+    assert _call(lc, other, "GET", f"/v2/results/{rid}/inputs/x")[0] == 404
+    assert _call(lc, mine, "GET", "/v2/results?model=echo")[0] == 403
+
+
+# ------------------------------------------------------------------------------ login guessing
+
+ATTACKER = textwrap.dedent(
+    """
+    import base64, http.client, json, sys, time
+    port, seconds = int(sys.argv[1]), float(sys.argv[2])
+    auth = "Basic " + base64.b64encode(b"cam-victim:guess-0000").decode()
+    counts = {}
+    conn = None
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if conn is None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=("127.0.0.2", 0))
+        conn.request("POST", "/v1/route", b'{"model": "echo"}', {"Authorization": auth})
+        r = conn.getresponse()
+        r.read()
+        counts[r.status] = counts.get(r.status, 0) + 1
+        if r.will_close:
+            conn.close()
+            conn = None
+    print(json.dumps(counts))
+    """
+)
+
+
+def _first_route(port: int, device: str) -> float:
+    auth = "Basic " + base64.b64encode(f"{device}:device-password".encode()).decode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    t = time.perf_counter()
+    conn.request("POST", "/v1/route", b'{"model": "echo"}', {"Authorization": auth, **JSON})
+    r = conn.getresponse()
+    r.read()
+    dt = time.perf_counter() - t
+    conn.close()
+    assert r.status == 404, r.status  # authenticated (no cluster serves echo here)
+    return dt
+
+
+def test_password_guessing_is_throttled_and_others_keep_their_speed(tmp_path):
+    with LocalCentral(tmp_path, extra_args=["--startup-grace", "0"]).start() as central:
+        central.add_account("device", "cam-victim", "the-real-password")
+        for i in range(16):
+            central.add_account("device", f"cam-{i}", "device-password")
+        quiet = [_first_route(central.http_port, f"cam-{i}") for i in range(8)]
+        attacker = subprocess.Popen(
+            [sys.executable, "-c", ATTACKER, str(central.http_port), "12"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            time.sleep(2.0)  # let the attack reach full speed first
+            busy = [_first_route(central.http_port, f"cam-{i}") for i in range(8, 16)]
+        finally:
+            out, _ = attacker.communicate(timeout=60)
+        counts = {int(k): v for k, v in json.loads(out).items()}
+        status = central.call("GET", "/v1/status")[1]
+    # The guesser got a handful of hash checks; everything else was refused at once.
+    assert status["auth_failures"] <= 7, (status["auth_failures"], counts)
+    assert counts.get(429, 0) >= 10 * counts.get(401, 0), counts
+    assert status["auth_throttled"] == counts.get(429, 0)
+    # Legitimate first routes (a slow hash each) kept their speed while it ran.
+    ratio = statistics.median(busy) / statistics.median(quiet)
+    assert ratio < 3.0, (ratio, quiet, busy)
+
+
+# ---------------------------------------------------------------------------- a hung database
+
+
+class FreezableProxy:
+    """A TCP relay to PostgreSQL that can stop relaying (connections stay open, nothing moves): what a
+    hung database server or a dead network path looks like to central."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.moving = threading.Event()
+        self.moving.set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            b = socket.create_connection(self.target)
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                self.moving.wait()
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.moving.set()
+        self.listener.close()
+
+
+def test_a_hung_database_makes_routes_503_not_hang(tmp_path, pg_url):
+    from urllib.parse import urlsplit
+
+    u = urlsplit(pg_url)
+    proxy = FreezableProxy((u.hostname or "127.0.0.1", u.port or 5432))
+    db = pg_url.replace(f"{u.hostname}:{u.port or 5432}", f"127.0.0.1:{proxy.port}")
+    try:
+        with LocalCentral(tmp_path, db=db, extra_args=["--db-timeout", "1", "--startup-grace", "0"]).start() as c:
+            c.add_account("device", "cam-new", "device-password")
+            proxy.moving.clear()
+            t = time.monotonic()
+            auth = "Basic " + base64.b64encode(b"cam-new:device-password").decode()
+            conn = http.client.HTTPConnection("127.0.0.1", c.http_port, timeout=60)
+            conn.request("POST", "/v1/route", b'{"model": "echo"}', {"Authorization": auth, **JSON})
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            waited = time.monotonic() - t
+            assert r.status == 503 and "database" in body["error"], (r.status, body)
+            assert waited < 30  # answered, not hung (the bound is the client's, generous)
+            proxy.moving.set()
+            end = time.monotonic() + 30
+            while True:  # the database back: routes work again
+                conn.request("POST", "/v1/route", b'{"model": "echo"}', {"Authorization": auth, **JSON})
+                r = conn.getresponse()
+                r.read()
+                if r.status == 404:
+                    break
+                assert time.monotonic() < end, r.status
+                time.sleep(0.2)
+            conn.close()
+    finally:
+        proxy.close()
+
