@@ -26,7 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name (a folder of the repository)")
     p.add_argument("--version", default=None, help="model version (default: the newest in the repository)")
     p.add_argument("--secret", default=None, help="cluster secret (default: $SHOAL_CLUSTER_SECRET)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda:N (default %(default)s)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:N or auto (CUDA when there is one); a device not here is refused (default %(default)s)",
+    )
     p.add_argument(
         "--capacity",
         type=int,
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         gateway_port=port,
         secret=secret.encode(),
         worker_id=args.worker_id,
-        device=args.device,
+        device=runtime.device,  # what it resolved to ("auto" -> cpu or cuda:0)
         capacity=args.capacity,
         tls=args.tls,
         tls_ca=args.tls_ca,

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 import shoal  # noqa: F401  (sets telemetry opt-outs before any framework is imported)
+from shoal.devices import CUDA_EP, DeviceError, choose_onnx, torch_device
 from shoal.modelrepo.manifest import Manifest
 
 
@@ -36,14 +37,6 @@ class Runtime(ABC):
         """Run one batch: named input arrays in, named output arrays out."""
 
 
-def _cuda_index(device: str) -> int | None:
-    if device.startswith("cuda"):
-        return int(device.split(":", 1)[1]) if ":" in device else 0
-    if device != "cpu":
-        raise ValueError(f"unknown device '{device}': use cpu or cuda:N")
-    return None
-
-
 class OnnxRuntime(Runtime):
     name = "onnx"
 
@@ -55,14 +48,19 @@ class OnnxRuntime(Runtime):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        idx = _cuda_index(device)
-        if idx is not None:
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError_(f"device {device} asked for, but this onnxruntime has no CUDA provider")
-            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
+        try:
+            choice, providers = choose_onnx(device, ort.get_available_providers())
+        except DeviceError as e:
+            raise RuntimeError_(str(e)) from None
         self.session = ort.InferenceSession(str(model_dir / manifest.file), so, providers=providers)
+        # ONNX Runtime falls back to the CPU when CUDA cannot start (no driver, no such GPU): refuse
+        # rather than serve from a device nobody asked for.
+        if choice.kind == "cuda" and self.session.get_providers()[0] != CUDA_EP:
+            raise RuntimeError_(
+                f"device {device}: the CUDA provider did not start (no NVIDIA driver or no GPU {choice}); "
+                "'shoal devices' lists what is here"
+            )
+        self.device = str(choice)
         self.output_names = [o.name for o in self.session.get_outputs()]
         names = {i.name for i in self.session.get_inputs()}
         want = {t.name for t in manifest.inputs}
@@ -85,7 +83,11 @@ class TorchScriptRuntime(Runtime):
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.dev = torch.device(device)
+        try:
+            self.dev = torch_device(device)
+        except DeviceError as e:
+            raise RuntimeError_(str(e)) from None
+        self.device = str(self.dev)
         self.model = torch.jit.load(str(model_dir / manifest.file), map_location=self.dev).eval()
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
