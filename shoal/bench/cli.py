@@ -15,6 +15,8 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``http-stacks`` the same tiny endpoint on raw ASGI, Starlette and aiohttp: why the gateway is raw ASGI.
 * ``soak``       memory of a gateway and a worker over a long run with workers killed and replaced.
 * ``storage``    the throughput run with result storage off and on: requests/s, gateway CPU per request.
+* ``login-guessing`` a client guessing one device's password at full speed: hash checks it gets, and
+  the first-route latency of other devices meanwhile.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ SUITES = (
     "storage",
     "soak",
     "http-stacks",
+    "login-guessing",
 )
 
 
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from shoal.bench import suites
+    from shoal.bench import security, suites
 
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
@@ -81,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     }
     for name in chosen:
         print(f"== {name}", flush=True)
-        res = getattr(suites, name.replace("-", "_"))(workdir / name, args)
+        fn = name.replace("-", "_")
+        res = getattr(suites if hasattr(suites, fn) else security, fn)(workdir / name, args)
         results[name] = res
         for k, v in res.items():
             print(f"  {k:<36} {v}")
