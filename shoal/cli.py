@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "shoal.train.cli",
     "predict": "shoal.train.predict",
     "fuse": "shoal.fusion.cli",
+    "federation": "shoal.fusion.federation",
     "central": "shoal.central.cli",
     "multihead": "shoal.multihead.cli",
     "devices": "shoal.devices",

@@ -1,381 +1,494 @@
-"""Cooperative learning across machines on Flower: every peer is a Flower node, the server runs the schedule.
+"""Cooperative learning across sites on Flower's application model: a ServerApp and a ClientApp.
 
-Each node holds its own shard and its own model; raw data never leaves it, only weights cross the
-network, over TLS. One Flower round is one fusion period: the server sends every connected peer *its
-own* last fused weights (not one global model), each peer trains ``every`` epochs on its shard, sends
-its weights back, and the server runs the round's fusion schedule (``topology.schedule``) over the
-peers that answered with the pure rule ``algorithm.apply_schedule``. A pair with a peer that did not
-answer (dropped out, crashed, timed out) is skipped for that round; the missing peer keeps its last
-fused weights on the server and gets them back when it rejoins.
+Flower runs these under its deployment runtime (``shoal federation`` starts it): the SuperLink runs
+:data:`server_app` in a process of its own, and each site's SuperNode runs :data:`client_app` for
+every message it gets. One Flower round is one fusion round:
 
-Peers run the same code path as the in-process runner (``runner.train_peer``: same initial weights,
-data order and SGD step), so for the same seeds the weights match ``shoal fuse``'s to float tolerance.
+1. the ServerApp sends every site that is online **its own** last fused weights (Flower's
+   strategies send one global model; fusion keeps one model per site) and the local work of the
+   round: ``fuse_every`` optimizer steps or epochs (``PeerFusion.local_work``);
+2. each site trains on its own data (``sources.load_site``) and replies with its weights and its
+   error on its own held-out rows;
+3. the strategy fuses the weights it got with the round's schedule (``PeerFusion.fuse``); a site that
+   did not answer (offline, dropped out, timed out) sits the round out and keeps its weights on the
+   server, which it gets back when it returns.
 
-Processes (the server binds to the address it is given; use a routable one between machines)::
+After the last round the ServerApp averages the sites' models into one, asks every site for its
+accuracy on its own held-out rows, and publishes that model into a model repository as a new
+version (``export.export_fused``) with the sites, schedule, rounds and metric as provenance.
 
-    python -m shoal.fusion.flower_app certs --out certs --host server.example.org
-    python -m shoal.fusion.flower_app server --address 0.0.0.0:9092 --certs certs --peers 8 --rounds 50
-    python -m shoal.fusion.flower_app node --server server.example.org:9092 --ca certs/ca.pem --peer 3 --peers 8
+**What the server sees**: each site's model weights after every round, the site's registered name,
+and two numbers per site and round (its held-out error and how many held-out rows it has); at the
+end, each site's held-out accuracy and row count. **What it never sees**: any input, any label, any
+count of training rows, any gradient of a single example. The weights are a function of the
+site's data, so they are not anonymous; fusion shares models, not data.
 
-Flower is imported inside the functions, after ``shoal`` (which turns Flower's telemetry off).
+The strategy is :class:`PeerFusionStrategy`, a Flower ``Strategy`` around the transport-free
+:class:`shoal.fusion.strategy.PeerFusion` (schedule and rule as parameters). Importing this module
+imports flwr; ``import shoal`` first turns Flower's telemetry and update check off.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import ipaddress
 import json
 import os
-import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import shoal  # noqa: F401  (sets FLWR_TELEMETRY_ENABLED=0 before flwr is imported)
-from shoal.fusion import datasets
-from shoal.fusion.algorithm import apply_schedule
-from shoal.fusion.topology import schedule
+import shoal  # noqa: F401  (FLWR_TELEMETRY_ENABLED=0 and FLWR_DISABLE_UPDATE_CHECK=1 before flwr)
+from shoal.fusion.strategy import Interval, PeerFusion
+
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import Result, Strategy  # noqa: E402
 
 PeerWeights = list[np.ndarray]
 
+# Keys of the run configuration (``shoal federation run`` sets them; pyproject's [tool.flwr.app.config]).
+RUN_DEFAULTS: dict[str, Any] = {
+    "sites": "",  # registered site names, space separated: site i is peer i
+    "rounds": 10,
+    "topology": "ring",
+    "rate": 0.55,
+    "update": "sequential",
+    "hypercube-edges": "twice",
+    "fuse-every": "1epoch",
+    "seed": 0,
+    "hidden": "80 30",
+    "lr": 0.01,
+    "batch": 10,
+    "split": "random",  # for paper:<data set> sources
+    "template": "",  # the manifest (JSON) whose input, outputs and labels the model takes
+    "wait": 30.0,  # seconds to wait at the start for every site to be online
+    "round-wait": 10.0,  # seconds to wait at each later round for sites that are missing
+    "round-timeout": 600.0,
+    "log": "",  # a JSON-lines file with one line per round
+    "export-repo": "",
+    "export-name": "",
+    "command": "",
+}
 
-def round_schedule(
-    topology: str, n_peers: int, seed: int, server_round: int, present: set[int]
-) -> list[tuple[int, int]]:
-    """Flower round ``r`` (1-based) is the runner's fusion round ``r-1``; pairs with an absent peer are skipped."""
-    return [
-        (a, b)
-        for a, b in schedule(topology, n_peers, seed, server_round - 1)
-        if a in present and b in present
-    ]
+
+def _f32(ws: Iterable[np.ndarray]) -> PeerWeights:
+    return [np.ascontiguousarray(w, np.float32) for w in ws]
 
 
-def fuse_round(
-    topology: str, n_peers: int, seed: int, rate: float, server_round: int, received: dict[int, PeerWeights]
-) -> dict[int, PeerWeights]:
-    """The server's work in one round: fuse the weights the peers sent; returns each present peer's new weights."""
-    pairs = round_schedule(topology, n_peers, seed, server_round, set(received))
-    table: list[Sequence[np.ndarray]] = [received.get(p, []) for p in range(n_peers)]
-    fused = apply_schedule(table, pairs, rate)
-    return {p: fused[p] for p in received}
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.2) -> list[Message]:
+    """Send and wait for replies, giving up on a destination once it is offline or ``timeout`` passes.
+
+    Flower's ``send_and_receive`` polls every 3 seconds and waits the whole timeout for a site that
+    went away; rounds here are seconds long, and a site that left will not answer.
+    """
+    if not messages:
+        return []
+    ids = [i for i in grid.push_messages(messages) if i]
+    dest = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=False)}
+    pending = set(ids)
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    last_check = time.monotonic()
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(pending)))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if pending and time.monotonic() - last_check > 1.0:
+            last_check = time.monotonic()
+            online = {n.node_id for n in grid.get_nodes() if n.status == "online"}
+            pending = {mid for mid in pending if dest[mid] in online}
+        if pending:
+            time.sleep(poll)
+    return replies
 
 
-def reference_rounds(
-    data: Any,
-    shards: Sequence[np.ndarray],
-    seed: int,
-    topology: str,
-    rate: float,
-    every: int,
-    rounds: int,
-    hidden: Sequence[int],
-    lr: float,
-    batch: int,
-    absent: dict[int, set[int]] | None = None,
-) -> dict[int, PeerWeights]:
-    """What the Flower engine computes, in one process: ``absent[r]`` are the peers missing in round ``r``."""
-    from shoal.fusion import runner
+class PeerFusionStrategy(Strategy):
+    """Paper 003's fusion as a Flower ``Strategy``: one model per site, fused pairwise each round.
 
-    sizes = runner.layer_sizes(data.x_train.shape[1], hidden, data.n_classes)
-    weights = {p: _f32(runner.init_weights(sizes, seed, p)) for p in range(len(shards))}
-    for r in range(1, rounds + 1):
-        present = [p for p in range(len(shards)) if p not in (absent or {}).get(r, set())]
-        epochs = range((r - 1) * every + 1, r * every + 1)
-        received = {
-            p: _f32(runner.train_peer(data, shards[p], weights[p], seed, p, epochs, hidden, lr, batch))
-            for p in present
+    ``fusion`` is the schedule and rule; ``sites`` the registered names in peer order (site ``i`` is
+    peer ``i``); ``initial`` the shared initial weights; ``train_config`` what every site needs to
+    train (the model's template, hidden sizes, learning rate, batch, seed).
+    """
+
+    def __init__(
+        self,
+        fusion: PeerFusion,
+        sites: Sequence[str],
+        initial: PeerWeights,
+        train_config: dict[str, Any],
+        round_timeout: float = 600.0,
+        log_path: str | Path | None = None,
+        round_wait: float = 0.0,
+    ) -> None:
+        if len(sites) != fusion.peers or len(set(sites)) != len(sites):
+            raise ValueError(f"need {fusion.peers} distinct site names, got {list(sites)}")
+        self.fusion = fusion
+        self.sites = list(sites)
+        self.weights: dict[int, PeerWeights] = {p: _f32(initial) for p in range(fusion.peers)}
+        self.train_config = dict(train_config)
+        self.round_timeout = round_timeout
+        self.round_wait = round_wait
+        self.log_path = Path(log_path) if log_path else None
+        self.node_peer: dict[int, int] = {}
+        self.rounds: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------ who is there
+
+    def online_peers(self, grid: Grid) -> dict[int, int]:
+        """``{node id: peer}`` of the online nodes that are enrolled sites of this federation.
+
+        A node's site is the name it was registered with (``flwr supernode register --name``), bound
+        to its key; nodes registered without a name are asked for the ``site`` of their settings.
+        """
+        nodes = [n for n in grid.get_nodes() if n.status == "online"]
+        unnamed = []
+        for n in nodes:
+            if n.node_id in self.node_peer:
+                continue
+            if n.name:
+                if n.name in self.sites:
+                    self.node_peer[n.node_id] = self.sites.index(n.name)
+            else:
+                unnamed.append(n.node_id)
+        if unnamed:
+            ask = [Message(RecordDict(), dst_node_id=i, message_type="query") for i in unnamed]
+            for reply in exchange(grid, ask, timeout=60):
+                if reply.has_content() and "site" in reply.content:
+                    site = str(reply.content["site"]["name"])
+                    if site in self.sites:
+                        self.node_peer[reply.metadata.src_node_id] = self.sites.index(site)
+        online = {n.node_id for n in nodes}
+        out: dict[int, int] = {}
+        for node, peer in self.node_peer.items():
+            if node in online and peer not in out.values():
+                out[node] = peer
+        return out
+
+    def wait_for_sites(self, grid: Grid, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while len(self.online_peers(grid)) < len(self.sites) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    # ------------------------------------------------------------------------------ Strategy API
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        work = self.fusion.local_work(server_round - 1)
+        out = []
+        for node, peer in sorted(self.online_peers(grid).items(), key=lambda kv: kv[1]):
+            cfg = ConfigRecord(
+                {
+                    **config,
+                    **self.train_config,
+                    "round": server_round,
+                    "peer": peer,
+                    "peers": self.fusion.peers,
+                    "work-unit": str(work["unit"]),
+                    "work-start": int(work["start"]),
+                    "work-count": int(work["count"]),
+                }
+            )
+            content = RecordDict({"arrays": ArrayRecord(self.weights[peer]), "config": cfg})
+            out.append(Message(content, dst_node_id=node, message_type="train"))
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        received: dict[int, PeerWeights] = {}
+        errors: dict[int, float] = {}
+        failures = 0
+        for reply in replies:
+            if reply.has_error() or not reply.has_content():
+                failures += 1
+                continue
+            peer = int(reply.content["metrics"]["peer"])
+            received[peer] = _f32(reply.content["arrays"].to_numpy_ndarrays())
+            errors[peer] = float(reply.content["metrics"]["test-error"])
+        self.weights.update({p: _f32(w) for p, w in self.fusion.fuse(server_round - 1, received).items()})
+        entry = {
+            "round": server_round,
+            "peers": sorted(received),
+            "sites": [self.sites[p] for p in sorted(received)],
+            "failures": failures,
+            "pairs": self.fusion.pairs(server_round - 1, set(received)),
+            "local_errors": {str(p): e for p, e in sorted(errors.items())},
+            "time": time.time(),
         }
-        weights.update(fuse_round(topology, len(shards), seed, rate, r, received))
-    return weights
+        self.rounds.append(entry)
+        self._log(entry)
+        mean_err = float(np.mean(list(errors.values()))) if errors else float("nan")
+        return None, MetricRecord({"sites": len(received), "mean-local-error": mean_err})
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Ask every online site to measure ``arrays`` (the model to publish) on its held-out rows."""
+        cfg = ConfigRecord({**config, **self.train_config, "peers": self.fusion.peers})
+        out = []
+        for node, peer in self.online_peers(grid).items():
+            c = ConfigRecord({**cfg, "peer": peer})
+            out.append(
+                Message(
+                    RecordDict({"arrays": arrays, "config": c}), dst_node_id=node, message_type="evaluate"
+                )
+            )
+        return out
 
-def _f32(ws: Sequence[np.ndarray]) -> PeerWeights:
-    # Weights travel as float32, the dtype the engines train in.
-    return [np.asarray(w, np.float32) for w in ws]
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        per_site: dict[str, dict[str, float]] = {}
+        for reply in replies:
+            if reply.has_error() or not reply.has_content():
+                continue
+            m = reply.content["metrics"]
+            per_site[self.sites[int(m["peer"])]] = {
+                "accuracy": float(m["accuracy"]),
+                "examples": int(m["examples"]),
+            }
+        total = sum(s["examples"] for s in per_site.values())
+        if not total:
+            return None
+        acc = sum(s["accuracy"] * s["examples"] for s in per_site.values()) / total
+        self.evaluation = {"accuracy": acc, "examples": total, "sites": per_site}
+        return MetricRecord({"accuracy": acc, "examples": total})
+
+    def summary(self) -> None:
+        print(f"PeerFusionStrategy: {self.fusion.describe()}, sites {self.sites}", flush=True)
+
+    def consensus(self) -> PeerWeights:
+        """The published model: the plain mean of the sites' last fused weights."""
+        return [
+            np.mean(np.stack(ws), axis=0).astype(np.float32)
+            for ws in zip(*self.weights.values(), strict=True)
+        ]
+
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int = 3,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Any = None,
+    ) -> Result:
+        """Run ``num_rounds`` fusion rounds, then evaluate the consensus model on every site."""
+        result = Result()
+        timeout = self.round_timeout if timeout is None else timeout
+        self.summary()
+        for rnd in range(1, num_rounds + 1):
+            if rnd > 1 and self.round_wait > 0:
+                self.wait_for_sites(grid, self.round_wait)  # a site that is restarting gets a moment
+            msgs = list(self.configure_train(rnd, ArrayRecord(), train_config or ConfigRecord(), grid))
+            _, metrics = self.aggregate_train(rnd, exchange(grid, msgs, timeout))
+            if metrics is not None:
+                result.train_metrics_clientapp[rnd] = metrics
+            print(f"round {rnd}/{num_rounds}: {dict(metrics or {})}", flush=True)
+        result.arrays = ArrayRecord(self.consensus())
+        msgs = list(
+            self.configure_evaluate(num_rounds, result.arrays, evaluate_config or ConfigRecord(), grid)
+        )
+        metrics = self.aggregate_evaluate(num_rounds, exchange(grid, msgs, timeout))
+        if metrics is not None:
+            result.evaluate_metrics_clientapp[num_rounds] = metrics
+            print(f"consensus model on the sites' held-out rows: {dict(metrics)}", flush=True)
+        return result
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        if self.log_path is not None:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- server
 
+server_app = ServerApp()
 
-def make_strategy(n_peers: int, topology: str, rate: float, every: int, seed: int, wait_s: float) -> Any:
-    """A Flower ``Strategy`` that keeps one model per peer and fuses them with the round's schedule."""
-    from flwr.common import (
-        FitIns,
-        GetPropertiesIns,
-        Parameters,
-        ndarrays_to_parameters,
-        parameters_to_ndarrays,
+
+def strategy_from_config(run_config: dict[str, Any]) -> PeerFusionStrategy:
+    """Build the strategy, the shared initial weights and the sites' training settings from a run config."""
+    from shoal.fusion import runner
+    from shoal.fusion.export import classes, input_size
+    from shoal.modelrepo.manifest import parse_manifest
+
+    cfg = {**RUN_DEFAULTS, **run_config}
+    sites = str(cfg["sites"]).split()
+    if not sites:
+        raise ValueError("the run config names no sites: set sites = 'name-0 name-1 ...'")
+    if not cfg["template"]:
+        raise ValueError("the run config has no template manifest (the model's input and classes)")
+    template = parse_manifest(json.loads(str(cfg["template"])), "template")
+    hidden = [int(h) for h in str(cfg["hidden"]).split()]
+    fusion = PeerFusion(
+        len(sites),
+        str(cfg["topology"]),
+        float(cfg["rate"]),
+        str(cfg["update"]),
+        str(cfg["hypercube-edges"]),
+        Interval.parse(str(cfg["fuse-every"])),
+        int(cfg["seed"]),
     )
-    from flwr.server.strategy import Strategy
-
-    class FusionStrategy(Strategy):
-        def __init__(self) -> None:
-            self.weights: dict[int, PeerWeights] = {}  # each peer's last fused weights
-            self.peer_of: dict[str, int] = {}  # Flower client id -> peer index
-            self.rounds: list[dict[str, Any]] = []
-
-        def _peer(self, client: Any) -> int | None:
-            if client.cid not in self.peer_of:
-                try:
-                    res = client.get_properties(GetPropertiesIns(config={}), timeout=30, group_id=None)
-                    self.peer_of[client.cid] = int(res.properties["peer"])
-                except Exception:  # a node that cannot say who it is sits the round out
-                    return None
-            return self.peer_of[client.cid]
-
-        def initialize_parameters(self, client_manager: Any) -> Parameters:
-            return Parameters(tensors=[], tensor_type="numpy.ndarray")  # no global model
-
-        def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
-            # Give dropped peers a moment to come back, then go on with whoever is there.
-            client_manager.wait_for(n_peers, timeout=wait_s)
-            config = {"round": server_round, "first_epoch": (server_round - 1) * every + 1, "epochs": every}
-            out = []
-            for client in client_manager.all().values():
-                peer = self._peer(client)
-                if peer is None or not 0 <= peer < n_peers:
-                    continue
-                out.append((client, FitIns(ndarrays_to_parameters(self.weights.get(peer, [])), dict(config))))
-            return out
-
-        def aggregate_fit(
-            self, server_round: int, results: list[Any], failures: list[Any]
-        ) -> tuple[None, dict]:
-            received = {
-                int(res.metrics["peer"]): _f32(parameters_to_ndarrays(res.parameters)) for _, res in results
-            }
-            self.weights.update(fuse_round(topology, n_peers, seed, rate, server_round, received))
-            self.rounds.append(
-                {
-                    "round": server_round,
-                    "peers": sorted(received),
-                    "failures": len(failures),
-                    "pairs": round_schedule(topology, n_peers, seed, server_round, set(received)),
-                    "local_errors": {
-                        int(res.metrics["peer"]): float(res.metrics["error"]) for _, res in results
-                    },
-                }
-            )
-            return None, {"peers": len(received)}
-
-        def configure_evaluate(
-            self, server_round: int, parameters: Parameters, client_manager: Any
-        ) -> list[Any]:
-            return []  # peers report their test error with their fit results
-
-        def aggregate_evaluate(
-            self, server_round: int, results: list[Any], failures: list[Any]
-        ) -> tuple[None, dict]:
-            return None, {}
-
-        def evaluate(self, server_round: int, parameters: Parameters) -> None:
-            return None  # the server holds no data
-
-    return FusionStrategy()
-
-
-def run_server(args: argparse.Namespace) -> int:
-    import flwr
-
-    strategy = make_strategy(args.peers, args.topology, args.rate, args.every, args.seed, args.wait)
-    certs = None
-    if args.certs:
-        d = Path(args.certs)
-        certs = (
-            (d / "ca.pem").read_bytes(),
-            (d / "server.pem").read_bytes(),
-            (d / "server.key").read_bytes(),
-        )
-    flwr.server.start_server(
-        server_address=args.address,
-        strategy=strategy,
-        config=flwr.server.ServerConfig(num_rounds=args.rounds, round_timeout=args.round_timeout),
-        certificates=certs,
+    sizes = runner.layer_sizes(input_size(template), hidden, len(classes(template)))
+    initial = runner.init_weights(sizes, fusion.seed)
+    train_config = {
+        "template": str(cfg["template"]),
+        "hidden": " ".join(map(str, hidden)),
+        "lr": float(cfg["lr"]),
+        "batch": int(cfg["batch"]),
+        "seed": fusion.seed,
+        "split": str(cfg["split"]),
+    }
+    return PeerFusionStrategy(
+        fusion,
+        sites,
+        initial,
+        train_config,
+        float(cfg["round-timeout"]),
+        cfg["log"] or None,
+        float(cfg["round-wait"]),
     )
-    if args.out:
-        out = Path(args.out)
-        np.savez(out, **{f"peer{p}_{k}": w for p, ws in strategy.weights.items() for k, w in enumerate(ws)})
-        out.with_suffix(".json").write_text(json.dumps({"rounds": strategy.rounds}, indent=1))
-    return 0
 
 
-# ---------------------------------------------------------------------------------------------- node
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    from shoal.fusion.export import export_fused
+    from shoal.modelrepo.manifest import parse_manifest
+
+    cfg = {**RUN_DEFAULTS, **dict(context.run_config)}
+    strategy = strategy_from_config(cfg)
+    strategy.wait_for_sites(grid, float(cfg["wait"]))
+    result = strategy.start(grid, num_rounds=int(cfg["rounds"]))
+    if not cfg["export-repo"]:
+        return
+    evaluation = getattr(strategy, "evaluation", None)
+    template = parse_manifest(json.loads(str(cfg["template"])), "template")
+    provenance = {
+        "command": str(cfg["command"]),
+        "trained_by": "cooperative learning (paper 003): weighted-average model fusion on Flower",
+        "sites": strategy.sites,
+        "schedule": strategy.fusion.describe(),
+        "rounds": len(strategy.rounds),
+        "rounds_with_every_site": sum(len(r["peers"]) == len(strategy.sites) for r in strategy.rounds),
+        "model": {
+            "hidden": strategy.train_config["hidden"],
+            "activation": "tanh",
+            "published": "mean of the sites' models",
+        },
+        "metric": evaluation or {"accuracy": None, "note": "no site answered the evaluation"},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "flwr": _flwr_version(),
+    }
+    path = export_fused(
+        str(cfg["export-repo"]),
+        str(cfg["export-name"]) or template.name,
+        result.arrays.to_numpy_ndarrays(),
+        template,
+        provenance,
+    )
+    print(f"published {path}", flush=True)
+    strategy._log({"published": str(path), "metric": provenance["metric"]})
 
 
-def make_node(args: argparse.Namespace) -> Any:
-    """A Flower ``NumPyClient`` for one peer: its shard, its own weights, local training and test error."""
+def _flwr_version() -> str:
+    from importlib.metadata import version
+
+    return version("flwr")
+
+
+# ---------------------------------------------------------------------------------------------- site
+
+client_app = ClientApp()
+
+# The site's own settings (``flower-supernode --node-config``): where its data is.
+SITE_KEYS = ("site", "data", "test-data", "holdout", "results-dir", "labels", "model", "threads")
+
+
+def site_options(context: Context) -> dict[str, Any]:
+    return {k.replace("-", "_"): v for k, v in dict(context.node_config).items() if k in SITE_KEYS}
+
+
+def _site_data(cfg: ConfigRecord, context: Context) -> Any:
+    from shoal.fusion.sources import load_site
+    from shoal.modelrepo.manifest import parse_manifest
+
+    template = parse_manifest(json.loads(str(cfg["template"])), "template")
+    return load_site(
+        site_options(context),
+        template,
+        int(cfg["peer"]),
+        int(cfg["peers"]),
+        int(cfg["seed"]),
+        str(cfg["split"]),
+    )
+
+
+def _threads(context: Context) -> None:
     import torch
-    from flwr.client import NumPyClient
 
+    torch.set_num_threads(int(context.node_config.get("threads", 1)))
+
+
+@client_app.query()
+def site_identity(msg: Message, context: Context) -> Message:
+    """Which site this node is (asked only of nodes registered without a name)."""
+    return Message(
+        RecordDict({"site": ConfigRecord({"name": str(context.node_config.get("site", ""))})}), reply_to=msg
+    )
+
+
+@client_app.train()
+def site_train(msg: Message, context: Context) -> Message:
+    """Train this site's model from the weights the server sent, on this site's data only."""
     from shoal.fusion import runner
 
-    torch.set_num_threads(args.threads)
-    data = datasets.load(args.dataset)
-    # The node derives its own shard; only this peer's rows are ever used here.
-    shard = datasets.shard(data.y_train, args.split, args.peers, seed=args.seed, alpha=args.alpha)[args.peer]
-    hidden = args.hidden or list(datasets.HIDDEN[args.dataset])
-    lr = args.lr if args.lr is not None else datasets.LEARNING_RATE[args.dataset]
-    batch = args.batch if args.batch is not None else datasets.BATCH[args.dataset]
-    sizes = runner.layer_sizes(data.n_features, hidden, data.n_classes)
-    x_test = torch.tensor(data.x_test)
-    y_test = torch.tensor(data.y_test)
-
-    class FusionNode(NumPyClient):
-        def __init__(self) -> None:
-            self.weights = _f32(runner.init_weights(sizes, args.seed, args.peer))
-
-        def get_properties(self, config: dict) -> dict:
-            return {"peer": args.peer}
-
-        def get_parameters(self, config: dict) -> list[np.ndarray]:
-            return self.weights
-
-        def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
-            if args.crash_in_round == int(config["round"]):
-                os._exit(3)  # a site that dies mid-round (for tests of dropping out)
-            if parameters:  # the server's fused weights for this peer; none before its first fusion
-                self.weights = _f32(parameters)
-            first = int(config["first_epoch"])
-            epochs = range(first, first + int(config["epochs"]))
-            self.weights = _f32(
-                runner.train_peer(data, shard, self.weights, args.seed, args.peer, epochs, hidden, lr, batch)
-            )
-            error = float(runner.BatchedEngine([self.weights], lr).errors(x_test, y_test)[0])
-            return self.weights, len(shard), {"peer": args.peer, "error": error}
-
-    return FusionNode()
-
-
-def run_node(args: argparse.Namespace) -> int:
-    import flwr
-
-    root = Path(args.ca).read_bytes() if args.ca else None
-    flwr.client.start_client(
-        server_address=args.server,
-        client=make_node(args).to_client(),
-        root_certificates=root,
-        insecure=root is None,
-        max_retries=args.max_retries,
-        max_wait_time=args.max_wait,
-    )
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------- TLS
-
-
-def make_certificates(out: Path, hosts: Sequence[str], days: int = 365) -> None:
-    """Write ``ca.pem`` (give it to the nodes), ``server.pem`` and ``server.key`` for the given host names/IPs."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shoal fusion CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            names.append(x509.DNSName(h))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (out / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = out / "server.key"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    _threads(context)
+    cfg = msg.content["config"]
+    data = _site_data(cfg, context)
+    weights = _f32(msg.content["arrays"].to_numpy_ndarrays())
+    work = {"unit": str(cfg["work-unit"]), "start": int(cfg["work-start"]), "count": int(cfg["work-count"])}
+    hidden = [int(h) for h in str(cfg["hidden"]).split()]
+    shard = np.arange(len(data.y_train))
+    new = _f32(
+        runner.train_peer(
+            data,
+            shard,
+            weights,
+            int(cfg["seed"]),
+            int(cfg["peer"]),
+            work,
+            hidden,
+            float(cfg["lr"]),
+            int(cfg["batch"]),
         )
     )
-    key_path.chmod(0o600)
+    error = _error(new, data.x_test, data.y_test)
+    metrics = MetricRecord({"peer": int(cfg["peer"]), "test-error": error, "test-examples": len(data.y_test)})
+    return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
+@client_app.evaluate()
+def site_evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy of the given model on this site's held-out rows."""
+    _threads(context)
+    cfg = msg.content["config"]
+    data = _site_data(cfg, context)
+    error = _error(_f32(msg.content["arrays"].to_numpy_ndarrays()), data.x_test, data.y_test)
+    metrics = MetricRecord({"peer": int(cfg["peer"]), "accuracy": 1.0 - error, "examples": len(data.y_test)})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shoal.fusion.flower_app", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="role", required=True)
-
-    s = sub.add_parser("server", help="run the fusion schedule over the peers' weights")
-    s.add_argument("--address", default="127.0.0.1:9092", help="host:port to listen on")
-    s.add_argument(
-        "--certs", help="folder with ca.pem, server.pem, server.key (TLS); omit only for local tests"
-    )
-    s.add_argument("--peers", type=int, required=True)
-    s.add_argument("--rounds", type=int, default=10, help="fusion rounds")
-    s.add_argument("--every", type=int, default=1, help="local epochs per round (fusion frequency)")
-    s.add_argument("--topology", choices=["ring", "random", "hypercube"], default="ring")
-    s.add_argument("--rate", type=float, default=0.55)
-    s.add_argument("--seed", type=int, default=0, help="seed of the random topology (same as the nodes')")
-    s.add_argument("--wait", type=float, default=30.0, help="seconds to wait for all peers at each round")
-    s.add_argument(
-        "--round-timeout", type=float, default=600.0, help="seconds before a silent peer is skipped"
-    )
-    s.add_argument("--out", help="write every peer's final weights here (.npz) and a round log (.json)")
-
-    n = sub.add_parser("node", help="one peer: its shard, its model, local training")
-    n.add_argument("--server", default="127.0.0.1:9092", help="server host:port")
-    n.add_argument("--ca", help="the server's CA certificate (ca.pem); omit only for local tests")
-    n.add_argument("--peer", type=int, required=True, help="this peer's index, 0..peers-1")
-    n.add_argument("--peers", type=int, required=True)
-    n.add_argument("--dataset", choices=datasets.DATASETS, default="mnist")
-    n.add_argument("--split", choices=datasets.SPLITS, default="random")
-    n.add_argument("--alpha", type=float, default=0.5)
-    n.add_argument("--seed", type=int, default=0, help="initial weights, shards and data order")
-    n.add_argument("--hidden", type=int, nargs="+", default=None)
-    n.add_argument("--lr", type=float, default=None)
-    n.add_argument("--batch", type=int, default=None)
-    n.add_argument("--threads", type=int, default=1)
-    n.add_argument("--max-retries", type=int, default=None, help="connection attempts before giving up")
-    n.add_argument("--max-wait", type=float, default=None, help="seconds of retrying before giving up")
-    n.add_argument("--crash-in-round", type=int, default=0, help=argparse.SUPPRESS)
-
-    c = sub.add_parser("certs", help="make a CA and a server certificate for TLS")
-    c.add_argument("--out", default="certs")
-    c.add_argument(
-        "--host", action="append", default=None, help="server name or IP (repeat); default 127.0.0.1"
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.role == "server":
-        return run_server(args)
-    if args.role == "node":
-        return run_node(args)
-    make_certificates(Path(args.out), args.host or ["127.0.0.1", "localhost"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _error(weights: PeerWeights, x: np.ndarray, y: np.ndarray) -> float:
+    if len(y) == 0:
+        return float("nan")
+    h = np.asarray(x, np.float32)
+    for k in range(0, len(weights), 2):
+        h = h @ weights[k] + weights[k + 1]
+        if k + 2 < len(weights):
+            h = np.tanh(h)
+    return float((h.argmax(1) != y).mean())
