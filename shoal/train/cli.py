@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_mnist_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=("softmax", "mlp", "cnn"), default="cnn", help="model (default: cnn)")
     p.add_argument(
+        "--recipe",
+        choices=("shoal", "paper"),
+        default="shoal",
+        help="paper: paper 004 as printed (softmax, mlp; docs/training.md); default: shoal's recipe",
+    )
+    p.add_argument(
         "--activation",
         choices=("sigmoid", "relu"),
         default="sigmoid",
@@ -269,6 +275,7 @@ def _run_mnist(fam: Family, options: list[str], opts: argparse.Namespace) -> int
         dataset=fam.name,
         arch=opts.arch,
         activation=opts.activation,
+        recipe=opts.recipe,
         dropout=opts.dropout,
         optimizer=opts.optimizer,
         lr=opts.lr,

@@ -76,9 +76,34 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class UnitPixels(nn.Module):
+    """Undo the input normalisation: paper 004's models see pixels in [0, 1] (TensorFlow's
+    ``input_data``), while shoal's pipeline and manifest feed ``(pixel - MEAN) / STD``. As the first
+    layer of a ``--recipe paper`` model it keeps the paper's training dynamics and the usual input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * STD + MEAN
+
+
+def normal_init_(model: nn.Module) -> nn.Module:
+    """Every weight and bias from N(0, 1), as ``tf.random_normal`` in paper 004's MLP."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 1.0)
+            nn.init.normal_(m.bias, 0.0, 1.0)
+    return model
+
+
 def build_model(
-    arch: str, activation: str = "sigmoid", dropout: float = 0.5, num_classes: int = 10
+    arch: str, activation: str = "sigmoid", dropout: float = 0.5, num_classes: int = 10, recipe: str = "shoal"
 ) -> nn.Module:
+    if recipe == "paper":  # paper 004 as printed: [0, 1] pixels; MLP N(0, 1), softmax zeros
+        if arch == "mlp":
+            mlp = normal_init_(MLP(activation=activation, num_classes=num_classes))
+            return nn.Sequential(UnitPixels(), mlp)
+        if arch == "softmax":
+            return nn.Sequential(UnitPixels(), SoftmaxRegression(num_classes))
+        raise ValueError(f"the paper recipe covers softmax and mlp, not '{arch}'")
     if arch == "softmax":
         return SoftmaxRegression(num_classes)
     if arch == "mlp":
