@@ -31,7 +31,6 @@ imports flwr; ``import shoal`` first turns Flower's telemetry and update check o
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -42,12 +41,12 @@ import numpy as np
 import shoal  # noqa: F401  (FLWR_TELEMETRY_ENABLED=0 and FLWR_DISABLE_UPDATE_CHECK=1 before flwr)
 from shoal.fusion.strategy import Interval, PeerFusion
 
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-from flwr.serverapp.strategy import Result, Strategy  # noqa: E402
+# isort: split
+# flwr reads its telemetry setting when imported, so it comes after shoal.
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result, Strategy
 
 PeerWeights = list[np.ndarray]
 
