@@ -204,4 +204,5 @@ def test_cli_writes_results_table_and_plot_and_continues_from_its_cells(
     assert all(len(r["curve_mean"]) == 3 and len(r["final_per_seed"]) == 2 for r in res["runs"])
     assert (out / "curves.png").stat().st_size > 1000
     assert "| all-data |" in (out / "table.md").read_text()
+    assert "| ring simultaneous |" in (out / "grid.md").read_text()  # a row per reading, a column per interval
     assert main(["fuse", "--fuse-every", "often", "--out", str(tmp_path / "bad")]) == 2

@@ -171,7 +171,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from shoal.fusion.experiment import markdown_table, run_experiment
+    from shoal.fusion.experiment import markdown_grid, markdown_table, run_experiment
     from shoal.fusion.plots import plot_curves, plot_grid, plot_sweep
 
     torch.set_num_threads(args.threads)
@@ -199,7 +199,14 @@ def run(args: argparse.Namespace) -> int:
     if args.sweep != "none":
         plot_sweep(result, args.sweep, args.out / f"sweep_{args.sweep}.png")
     elif len(cfg.intervals) > 1 or len(cfg.updates) > 1 or len(cfg.hypercube_edges) > 1:
-        plot_grid(result, args.out / "curves.png")
+        fig2 = (
+            (3.0, "paper 003 Fig. 2: about 3%")
+            if (cfg.dataset, cfg.split) == ("mnist", "one-class")
+            else None
+        )
+        plot_grid(result, args.out / "curves.png", fig2)
+        marks = [e for e in (5, 10, 20) if e < cfg.epochs]
+        (args.out / "grid.md").write_text(markdown_grid(result, marks))
     else:
         plot_curves(result, args.out / "curves.png")
     print(table)

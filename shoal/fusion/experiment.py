@@ -255,3 +255,42 @@ def markdown_table(result: dict[str, Any]) -> str:
         gap_s = f"{gap[0]:+.2f} [{gap[1]:+.2f}, {gap[2]:+.2f}]" if gap else ""
         lines.append(f"| {r['label']} | {r['final_error']:.4f} | [{lo:.4f}, {hi:.4f}] | {gap_s} |")
     return "\n".join(lines) + "\n"
+
+
+def reading_label(run: dict[str, Any]) -> str:
+    """A fused run's topology and reading without its interval (the row of :func:`markdown_grid`)."""
+    if run["topology"] in (ALL_DATA, SINGLE_SHARD, AVERAGE):
+        return run["topology"] if run["topology"] != AVERAGE else "average (reference)"
+    label = f"{run['topology']} {run['update']}"
+    return label + (f", edges {run['hypercube_edges']}" if run["topology"] == "hypercube" else "")
+
+
+def markdown_grid(result: dict[str, Any], epochs: Sequence[int] = ()) -> str:
+    """Final error in % (95% interval) with a row per topology and reading, a column per interval.
+
+    ``epochs`` adds, per interval, the mean error after those epochs (how fast it falls).
+    """
+    intervals = result["config"]["intervals"]
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in result["runs"]:
+        rows.setdefault(reading_label(r), {})[
+            r["every"] if r["topology"] not in (ALL_DATA, SINGLE_SHARD) else "*"
+        ] = r
+    head = ["run"]
+    for iv in intervals:
+        head += [f"every {iv}: epoch {e}" for e in epochs] + [
+            f"every {iv}: epoch {result['config']['epochs']}"
+        ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, by in rows.items():
+        cells = [name]
+        for iv in intervals:
+            r = by.get(iv) or by.get("*")
+            if r is None:
+                cells += [""] * (len(epochs) + 1)
+                continue
+            cells += [f"{100 * r['curve_mean'][e]:.1f}" for e in epochs]
+            lo, hi = r["final_ci95"]
+            cells.append(f"{100 * r['final_error']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -99,14 +99,16 @@ def _sweep_x(run: dict[str, Any], key: str) -> float:
     return float(run[key])
 
 
-def plot_grid(result: dict[str, Any], path: Path) -> None:
+def plot_grid(result: dict[str, Any], path: Path, reference: tuple[float, str] | None = None) -> None:
     """Error against epoch, one panel per fusion interval: a line per topology and reading.
 
     Colour is the topology; line style the reading (solid: sequential as printed, dashed:
     simultaneous; for the hypercube, thick: every edge twice as printed, thin: once). The
-    baselines are in every panel.
+    baselines are in every panel; ``reference`` draws a horizontal line ``(error %, label)``.
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     cfg = result["config"]
     intervals = cfg["intervals"]
     cols = min(3, len(intervals))
@@ -140,6 +142,9 @@ def plot_grid(result: dict[str, Any], path: Path) -> None:
                 alpha=0.08,
                 lw=0,
             )
+        if reference is not None:
+            ax.axhline(reference[0], color="black", ls=":", lw=1, label=reference[1])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"fuse every {interval}")
         ax.set_xlabel("epoch")
         ax.set_yscale("log")
