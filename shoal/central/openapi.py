@@ -38,6 +38,11 @@ _SCHEMAS: dict[str, Any] = {
             "name": {"type": "string"},
             "version": {"type": "string"},
             "ready": {"type": "boolean", "default": True},
+            "asleep": {
+                "type": "boolean",
+                "default": False,
+                "description": "no worker now; the cluster starts one for the first request",
+            },
             "in_flight": {"type": "number", "minimum": 0},
             "capacity": {"type": "number", "minimum": 0, "default": 1},
             "queue": {"type": "number", "minimum": 0},

@@ -1,7 +1,9 @@
 """Which cluster a device is sent to: a pure function of the live table, with no I/O and no clock.
 
 Among clusters that reported recently and have a ready entry for the model (and the version, when the
-device names one; otherwise the newest version any of them serves), the least loaded wins. Load is
+device names one; otherwise the newest version any of them serves), the least loaded wins. A cluster
+where the model is asleep (no worker, one started for the first request) is a candidate too, chosen
+only when no cluster has it awake. Load is
 ``(in_flight + queue + assigned) / capacity``: ``assigned`` counts the routes central handed out for
 that cluster since its last report, so a burst of new devices within one report interval spreads over
 the clusters instead of all landing on the one that looked idle a second ago. Ties go to the lower
@@ -25,6 +27,7 @@ class ModelLoad:
     queue: float = 0.0
     latency_ms: float = 0.0
     workers: int = 0
+    asleep: bool = False  # no worker now, but the cluster starts one for the first request
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def choose_cluster(
         if c.name in skip or not is_live(c, now, max_age_s):
             continue
         for m in c.models:
-            if m.name == model and m.ready and (version is None or m.version == version):
+            if m.name == model and (m.ready or m.asleep) and (version is None or m.version == version):
                 candidates.append((c, m))
     if not candidates:
         return None
@@ -84,6 +87,11 @@ def choose_cluster(
         candidates = [(c, m) for c, m in candidates if m.version == newest]
     best = min(
         candidates,
-        key=lambda cm: (load_of(cm[1], assigned.get(cm[0].name, 0.0)), cm[1].latency_ms, cm[0].name),
+        key=lambda cm: (
+            not cm[1].ready,  # awake first
+            load_of(cm[1], assigned.get(cm[0].name, 0.0)),
+            cm[1].latency_ms,
+            cm[0].name,
+        ),
     )
     return Choice(best[0], best[1], load_of(best[1], assigned.get(best[0].name, 0.0)))

@@ -470,6 +470,7 @@ class Central:
                 "name": m.name,
                 "version": m.version,
                 "ready": m.ready,
+                "asleep": m.asleep,
                 "in_flight": m.in_flight,
                 "capacity": m.capacity,
                 "queue": m.queue,
@@ -772,9 +773,9 @@ async def report(c: Central, req: Request) -> tuple[int, Any]:
         if not isinstance(m, dict):
             raise HttpError(400, f"models[{i}] must be an object")
         try:
-            ready = m.get("ready", True)
-            if not isinstance(ready, bool):
-                raise HttpError(400, "field 'ready' must be true or false")
+            ready, asleep = m.get("ready", True), m.get("asleep", False)
+            if not isinstance(ready, bool) or not isinstance(asleep, bool):
+                raise HttpError(400, "fields 'ready' and 'asleep' must be true or false")
             workers = m.get("workers", 0)
             if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
                 raise HttpError(400, "field 'workers' must be a non-negative integer")
@@ -788,6 +789,7 @@ async def report(c: Central, req: Request) -> tuple[int, Any]:
                     queue=_num(m, "queue"),
                     latency_ms=_num(m, "latency_ms"),
                     workers=workers,
+                    asleep=asleep,
                 )
             )
         except HttpError as e:

@@ -55,6 +55,7 @@ def report_body(gw: Gateway, public_url: str) -> dict[str, Any]:
                 "name": pool.spec.name,
                 "version": pool.spec.version,
                 "ready": served,
+                "asleep": pool.asleep,
                 "in_flight": pool.in_flight,
                 "capacity": pool.capacity,
                 "queue": len(pool.queue),

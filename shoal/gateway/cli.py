@@ -13,10 +13,17 @@ EXAMPLE = """
 SHOAL_CLUSTER_SECRET=s3cret SHOAL_API_KEYS=operator:opkey,scrape:promkey shoal cluster --http 0.0.0.0:8000 --workers 0.0.0.0:8001
 SHOAL_CENTRAL_PASSWORD=pw shoal cluster --name site-a --central https://central:7000 --public-url https://gw-a:8000 ...
 curl -H 'Authorization: Bearer opkey' localhost:8000/v2/health/ready
+
+Workers started and stopped by load (gw.yaml, then shoal cluster --config gw.yaml):
+  autoscale:
+    engine: local            # local | ray | kubernetes
+    models:
+      mnist-cnn: {min: 1, max: 4, target_utilisation: 0.7}
+      echo: {min: 0, max: 2, idle_to_zero_s: 60}     # sleeps when idle, woken by a request
 """
 
 
-CONFIG_BLOCKS = ("pipelines", "versions")
+CONFIG_BLOCKS = ("pipelines", "versions", "autoscale")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,6 +141,7 @@ def duration(value: str | float) -> float:
 def run(args: argparse.Namespace) -> int:
     from shoal.aio import run as aio_run
     from shoal.aio import setup_logging, split_hostport
+    from shoal.autoscale.config import AutoscaleError, parse_autoscale
     from shoal.gateway.central_link import CentralConfig
     from shoal.gateway.pipeline import PipelineError, parse_pipelines
     from shoal.gateway.policy import parse_version_policy
@@ -167,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(versions_block, dict):
             raise PipelineError("versions: must map model names to version policies")
         policies = {str(m): parse_version_policy(d, f"versions.{m}") for m, d in versions_block.items()}
-    except (PipelineError, ValueError) as e:
+        autoscale = parse_autoscale(blocks["autoscale"]) if "autoscale" in blocks else None
+    except (PipelineError, AutoscaleError, ValueError) as e:
         print(f"shoal cluster: {args.config}: {e}")
         return 2
     hh, hp = split_hostport(args.http, 8000)
@@ -198,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         results_max_bytes=int(args.results_max_mb * 1024 * 1024) if args.results_max_mb is not None else None,
         state_dir=None if args.state_dir == "none" else (args.state_dir or default_state_dir()),
         startup_grace_s=args.startup_grace,
+        autoscale=autoscale,
     )
     try:
         gw = Gateway(cfg)

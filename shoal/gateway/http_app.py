@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shoal.gateway import repository
 from shoal.gateway.auth import OPEN, AuthError, Principal, permit
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.results_api import handle_results, record_request
@@ -137,6 +139,9 @@ class HttpApp:
         elif path == "/v2/status" and method == "GET":
             self._check(who, "status")
             await _reply(send, 200, orjson.dumps(self.gw.status()))
+        elif path.startswith("/v2/repository/"):
+            self._check(who, "repository")
+            await self._repository(method, path, receive, send)
         elif not await handle_results(
             self.gw, who, self._check, method, path, scope.get("query_string", b""), send
         ):
@@ -288,6 +293,32 @@ class HttpApp:
                 ],
             )
         self.gw.metrics.observe_response(spec, 200, time.monotonic() - t0)
+
+    async def _repository(self, method: str, path: str, receive: Any, send: Any) -> None:
+        """Model management (Triton's repository extension): index, load, unload."""
+        if method != "POST":
+            raise ProtocolError(f"{path} takes POST", 405)
+        body = await self._read_body({}, receive)
+        try:
+            doc = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError as e:
+            raise ProtocolError(f"malformed JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise ProtocolError("the body must be a JSON object")
+        parts = path[len("/v2/repository/") :].split("/")
+        try:
+            if parts == ["index"]:
+                rows = repository.index(self.gw, bool(doc.get("ready", False)))
+                await _reply(send, 200, orjson.dumps(rows))
+                return
+            if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload") and parts[1]:
+                name = unquote(parts[1])
+                await (repository.load if parts[2] == "load" else repository.unload)(self.gw, name)
+                await _reply(send, 200, b"{}")
+                return
+        except repository.RepositoryError as e:
+            raise ProtocolError(str(e), e.status) from None
+        await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
 
     async def _fail(self, send: Any, e: ProtocolError | RequestFailed) -> None:
         extra = []

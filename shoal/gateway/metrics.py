@@ -50,6 +50,50 @@ class _LiveState:
         yield from (workers, queue, ready, inflight, cap)
 
 
+class _Autoscale:
+    """What the autoscaler decided and from what, per managed model version: the numbers KEDA or the
+    HPA act on (``shoal_autoscale_desired_workers``) and the inputs behind them."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Any:
+        scaler = getattr(self.gw, "autoscaler", None)
+        asleep = GaugeMetricFamily(
+            "shoal_model_asleep",
+            "1 while a model version has no worker and one is started for its first request",
+            labels=["model", "version"],
+        )
+        for pool in self.gw.models.pools():
+            if pool.wakeable:
+                asleep.add_metric([pool.spec.name, pool.spec.version], 1.0 if pool.asleep else 0.0)
+        yield asleep
+        if scaler is None:
+            return
+        labels = ["model", "version"]
+        fams = {
+            "desired": GaugeMetricFamily(
+                "shoal_autoscale_desired_workers", "Workers the autoscaling policy wants", labels=labels
+            ),
+            "load_workers": GaugeMetricFamily(
+                "shoal_autoscale_demand_workers", "Load in workers, the policy's input", labels=labels
+            ),
+            "ready": GaugeMetricFamily("shoal_autoscale_ready_workers", "Workers taking requests", labels=labels),
+            "starting": GaugeMetricFamily(
+                "shoal_autoscale_starting_workers", "Workers launched, not joined yet", labels=labels
+            ),
+        }
+        for m in scaler.managed.values():
+            d = scaler.describe_model(m)
+            for k, fam in fams.items():
+                fam.add_metric([m.name, m.version], float(d[k]))
+        yield from fams.values()
+        events = CounterMetricFamily("shoal_autoscale_events", "Scale events, by kind", labels=["kind"])
+        for kind, n in scaler.counts.items():
+            events.add_metric([kind], n)
+        yield events
+
+
 class _ResultStats:
     """Result storage counters (``--store-results``), read from the store when Prometheus scrapes."""
 
@@ -133,6 +177,7 @@ class GatewayMetrics:
             registry=r,
         )
         r.register(_LiveState(gw))
+        r.register(_Autoscale(gw))
         r.register(_ResultStats(gw))
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._codes: dict[tuple[str, str, int], Any] = {}

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from shoal.gateway.policy import ewma, newest_version, pick_worker, visible_versions
-from shoal.modelrepo.manifest import TensorSpec
+from shoal.modelrepo.manifest import Manifest, TensorSpec
 
 
 class RequestFailed(Exception):
@@ -88,6 +89,10 @@ class ModelSpec:
             runtime=str(h.get("runtime", "")),
         )
 
+    @staticmethod
+    def from_manifest(m: Manifest) -> ModelSpec:
+        return ModelSpec.from_hello(m.interface())
+
     def same_interface(self, other: ModelSpec) -> bool:
         return (self.inputs, self.outputs, self.max_batch_size, self.image_input) == (
             other.inputs,
@@ -117,10 +122,24 @@ class ModelPool:
         self.max_queue = max_queue
         self.max_attempts = max_attempts
         self.no_worker_since: float | None = time.monotonic()
+        # An engine can start workers for this version: requests wait for one (up to their deadline)
+        # instead of failing when none is live. Unloaded by an operator: refused at once.
+        self.wakeable = False
+        self.unloaded = False
+        # Load as the autoscaler reads it: counters it differentiates over its sampling interval.
+        self.arrivals = 0
+        self.busy_ms = 0.0  # model time spent on this version's requests
+        self.service_ms = 0.0  # recent model time of one request (its share of its batch)
+        self.on_wait: Callable[[], None] | None = None
 
     @property
     def ready(self) -> bool:
         return any(w.accepting for w in self.workers)
+
+    @property
+    def asleep(self) -> bool:
+        """No worker now, but an engine starts one for the first request: servable after a delay."""
+        return self.wakeable and not self.unloaded and not any(w.accepting for w in self.workers)
 
     @property
     def capacity(self) -> int:
@@ -143,11 +162,14 @@ class ModelPool:
     def submit(self, p: Pending) -> None:
         """Send now to the least-loaded worker with room, else queue; refuse when the queue is full."""
         p.t_enqueued = time.monotonic()
+        self.arrivals += 1
         if not self.queue:
             i = pick_worker(self.workers)
             if i is not None:
                 self._send(self.workers[i], p)
                 return
+        if not self.workers and self.on_wait is not None:
+            self.on_wait()  # a sleeping model: tell whoever can wake it, now
         if len(self.queue) >= self.max_queue:
             from shoal.gateway.policy import retry_after_s
 
@@ -187,10 +209,16 @@ class ModelPool:
         self.no_worker_since = None
         self.dispatch()
 
-    def on_result(self, w: WorkerHandle, p: Pending, result: Any, compute_ms: float | None) -> None:
+    def on_result(
+        self, w: WorkerHandle, p: Pending, result: Any, compute_ms: float | None, batch_rows: int = 0
+    ) -> None:
         w.in_flight -= 1
         elapsed_ms = (time.monotonic() - p.t_sent) * 1000.0
         w.latency_ewma_ms = ewma(w.latency_ewma_ms, compute_ms if compute_ms is not None else elapsed_ms)
+        if compute_ms is not None and batch_rows > 0:
+            share = compute_ms * p.rows / batch_rows  # this request's part of its batch's model time
+            self.busy_ms += share
+            self.service_ms = ewma(self.service_ms, share)
         if not p.future.done():
             if isinstance(result, BaseException):
                 p.future.set_exception(result)
@@ -227,7 +255,11 @@ class ModelPool:
         """Fail requests past their deadline, and queued ones when the model has had no live worker
         for ``unserved_wait_s``. Returns how many were failed."""
         n = 0
-        orphaned = self.no_worker_since is not None and now - self.no_worker_since > unserved_wait_s
+        orphaned = (
+            not self.wakeable
+            and self.no_worker_since is not None
+            and now - self.no_worker_since > unserved_wait_s
+        )
         if self.queue:
             keep: deque[Pending] = deque()
             for p in self.queue:
@@ -300,7 +332,20 @@ class ModelTable:
             pool.spec = spec  # no live worker: the newcomer defines the interface
         return pool
 
+    def declare(self, spec: ModelSpec) -> ModelPool:
+        """A model version an engine serves, known before any worker joins (its interface read from
+        the model repository), so requests for it are checked and queued while a worker starts."""
+        pool = self.pool_for_worker(spec)
+        pool.wakeable = True
+        return pool
+
     def find(self, model: str, version: str | None) -> ModelPool:
+        pool = self._find(model, version)
+        if pool.unloaded:
+            raise RequestFailed(f"model '{model}' version {pool.spec.version} is unloaded", 404)
+        return pool
+
+    def _find(self, model: str, version: str | None) -> ModelPool:
         versions = self.models.get(model)
         if not versions:
             raise self.unknown(model)
@@ -324,8 +369,10 @@ class ModelTable:
         return [p for vs in self.models.values() for p in vs.values()]
 
     def all_ready(self) -> bool:
-        pools = self.pools()
-        return bool(pools) and all(any(p.ready for p in vs.values()) for vs in self.models.values())
+        """Every model can be served: a live worker, or an engine that starts one for the first request
+        (asleep). Unloaded models do not count."""
+        live = [vs for vs in self.models.values() if any(not p.unloaded for p in vs.values())]
+        return bool(live) and all(any(p.ready or p.wakeable for p in vs.values()) for vs in live)
 
 
 def rows_of(arrays: dict[str, np.ndarray]) -> int:

@@ -14,25 +14,30 @@ import resource
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import shoal
 from shoal.aio import cancel_and_wait
+from shoal.autoscale.config import AutoscaleConfig
 from shoal.gateway.auth import Authenticator, parse_api_key
 from shoal.gateway.central_link import CentralConfig, CentralReporter
 from shoal.gateway.http_app import HttpApp
 from shoal.gateway.logins import LoginGuard
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pipeline import Pipeline, PipelineSpec
-from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, rows_of
+from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, Pending, RequestFailed, rows_of
 from shoal.gateway.results_api import open_store
 from shoal.gateway.state import TokenKeyFile
 from shoal.gateway.worker_link import WorkerConnection
 from shoal.httpserver import EmbeddedHttpServer, bind_tcp
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameError, MsgType, encode_frame
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
+
+if TYPE_CHECKING:
+    from shoal.autoscale.config import ModelScale
+    from shoal.autoscale.controller import Autoscaler
 
 log = logging.getLogger("shoal.gateway")
 
@@ -68,6 +73,7 @@ class GatewayConfig:
     results_max_age_s: float | None = None
     results_max_bytes: int | None = None
     state_dir: str | None = None  # keeps central's route-token key across restarts (None: not kept)
+    autoscale: AutoscaleConfig | None = None  # an engine starts and stops workers by load
     startup_grace_s: float = 10.0  # after start, an unknown model is 503 "not yet" (workers rejoining)
     expected_models: set[str] = field(default_factory=set)  # configured models: 503, never 404, if absent
 
@@ -124,9 +130,53 @@ class Gateway:
         self.reporter: CentralReporter | None = None
         self.results = open_store(config)  # None unless --store-results: the request path checks this
         self.pipelines = {name: Pipeline(spec, self.models) for name, spec in config.pipelines.items()}
+        self.autoscaler: Autoscaler | None = None
+        if config.autoscale is not None:
+            self._autoscaler(config.autoscale)
         self._ids = itertools.count(1)
         self._rids = itertools.count(1)
         self._rid_prefix = os.urandom(4).hex() + "-"
+
+    def _autoscaler(self, acfg: AutoscaleConfig) -> Autoscaler:
+        """The autoscaler and the pools of the versions it manages (a model the repository lacks is a
+        ValueError, like any other bad setting)."""
+        from shoal.autoscale.controller import Autoscaler
+        from shoal.autoscale.engines import make_engine
+        from shoal.worker.cli import bundled_repo
+
+        repo = acfg.repo or bundled_repo()
+        self.autoscaler = Autoscaler(
+            acfg, make_engine(acfg), self._worker_address, self.config.secret, repo, self.config.name
+        )
+        for name, scale in acfg.models.items():
+            self.manage_model(name, scale)
+        return self.autoscaler
+
+    def manage_model(self, name: str, scale: ModelScale | None = None) -> None:
+        """Put a model version of the engine's repository under the autoscaler: its pool is declared
+        from the manifest, so requests are checked and queued before any worker joins."""
+        from shoal.autoscale.config import ModelScale
+        from shoal.modelrepo.manifest import ManifestError, resolve
+
+        scaler = self.autoscaler
+        assert scaler is not None
+        scale = scale or ModelScale()
+        try:
+            _, manifest = resolve(scaler.repo, name, scale.version)
+        except ManifestError as e:
+            raise ValueError(f"autoscale.models.{name}: {e}") from None
+        pool = self.models.declare(ModelSpec.from_manifest(manifest))
+        pool.on_wait = scaler.poke
+        self.models.expected.add(name)
+        scaler.manage(name, manifest.version, scale, pool, max(2, 2 * manifest.max_batch_size))
+
+    def _worker_address(self) -> str:
+        """Where the workers an engine starts dial this gateway."""
+        acfg = self.config.autoscale
+        if acfg is not None and acfg.worker_gateway:
+            return acfg.worker_gateway
+        host = self.config.worker_host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{self.worker_port}"
 
     def new_request_id(self) -> str:
         """A request id unique across gateways and restarts: a random prefix and a counter."""
@@ -188,6 +238,8 @@ class Gateway:
             asyncio.create_task(self._heartbeats(), name="heartbeats"),
             asyncio.create_task(self._deadlines(), name="deadlines"),
         ]
+        if self.autoscaler is not None:
+            await self.autoscaler.start()
         if cfg.central is not None:
             if not cfg.central.public_url:
                 scheme = "https" if cfg.tls_cert else "http"
@@ -207,6 +259,8 @@ class Gateway:
     async def stop(self) -> None:
         if self.reporter is not None:
             await self.reporter.stop()
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()  # the workers an engine started here end with the gateway
         if self._http is not None:
             self._http.server.should_exit = True
         await cancel_and_wait(self._tasks)
@@ -315,6 +369,8 @@ class Gateway:
                     "name": pool.spec.name,
                     "version": pool.spec.version,
                     "ready": pool.ready,
+                    "asleep": pool.asleep,
+                    "unloaded": pool.unloaded,
                     "queue": len(pool.queue),
                     "in_flight": pool.in_flight,
                     "capacity": pool.capacity,
@@ -333,6 +389,7 @@ class Gateway:
                 {"name": n, "version": p.spec.version, "ready": p.ready} for n, p in self.pipelines.items()
             ],
             "departed_workers": self.departed,
+            "autoscale": self.autoscaler.describe() if self.autoscaler else None,
             "central": self.reporter.describe() if self.reporter else [],
             "results": self.results.describe() if self.results else None,
         }

@@ -64,6 +64,8 @@ class WorkerConnection(CoalescingProtocol):
         self.info: dict[str, Any] = {}
         self.served = 0
         self.connected_at = time.time()
+        self.joined_at = time.monotonic()
+        self.draining_since: float | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------------------------- transport
@@ -185,6 +187,7 @@ class WorkerConnection(CoalescingProtocol):
         }
         self.state = "ready"
         self.accepting = True
+        self.joined_at = time.monotonic()
         self.send(
             encode_frame(
                 MsgType.WELCOME,
@@ -237,7 +240,8 @@ class WorkerConnection(CoalescingProtocol):
             return
         self.served += 1
         assert self.pool is not None
-        self.pool.on_result(self, p, (h, payload), h.get("compute_ms"))
+        b = h.get("batch")
+        self.pool.on_result(self, p, (h, payload), h.get("compute_ms"), b if isinstance(b, int) else 0)
         self.gw.metrics.observe_result(self.pool.spec, h, p)
 
     def _on_error(self, h: dict[str, Any]) -> None:
@@ -255,6 +259,18 @@ class WorkerConnection(CoalescingProtocol):
             f"worker {self.worker_id}: {h.get('error', 'failed')}", status if 400 <= status < 600 else 500
         )
         self.pool.on_result(self, p, err, None)
+
+    def drain(self) -> None:
+        """Ask this worker to leave: nothing new is sent to it from now; it finishes what it holds,
+        says goodbye and exits (the autoscaler's scale-in, and model unloading)."""
+        if self.state != "ready":
+            return
+        self.accepting = False
+        self.draining_since = time.monotonic()
+        self.send(encode_frame(MsgType.DRAIN, {}))
+        log.info("draining worker %s (%s)", self.worker_id, self.peer)
+        if self.pool is not None:
+            self.pool.dispatch()
 
     # ------------------------------------------------------------------------------ liveness
 

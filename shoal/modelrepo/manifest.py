@@ -86,6 +86,21 @@ class Manifest:
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
+    def interface(self) -> dict[str, Any]:
+        """What a worker of this version announces when it joins a gateway (and what a gateway knows
+        of a version before any worker joins): names, tensors, batching, labels."""
+        return {
+            "model": self.name,
+            "model_version": self.version,
+            "runtime": self.runtime,
+            "max_batch_size": self.max_batch_size,
+            "batch_delay_ms": self.batch_delay_ms,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "image_input": self.image.input if self.image else None,
+            "labels": self.labels,
+        }
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "name": self.name,

@@ -116,6 +116,8 @@ class GatewayLink(CoalescingProtocol):
                         self.welcomed.set_exception(RefusedForNow(reason, float(wait)))
                     else:
                         self.welcomed.set_exception(Refused(reason))
+            elif t is MsgType.DRAIN:  # the gateway scales in: leave once what is held is done
+                self.w.begin_drain()
             elif t is MsgType.GOODBYE:
                 self.abort()
             # Anything else from a gateway is ignored: newer gateways may send more.
@@ -154,22 +156,13 @@ class Worker:
     # ----------------------------------------------------------------------------- handshake
 
     def hello(self, nonce: bytes) -> dict[str, Any]:
-        m = self.manifest
         return {
             "protocol": PROTOCOL_VERSION,
             "worker_id": self.worker_id,
             "proof": login_proof(self.config.secret, nonce, self.worker_id),
-            "model": m.name,
-            "model_version": m.version,
-            "runtime": m.runtime,
+            **self.manifest.interface(),
             "device": self.config.device,
             "capacity": self.capacity,
-            "max_batch_size": m.max_batch_size,
-            "batch_delay_ms": m.batch_delay_ms,
-            "inputs": [t.to_json() for t in m.inputs],
-            "outputs": [t.to_json() for t in m.outputs],
-            "image_input": m.image.input if m.image else None,
-            "labels": m.labels,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "max_frame_size": self.config.max_frame_size,
@@ -197,7 +190,7 @@ class Worker:
             link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": f"bad tensors: {e}", "status": 400}))
             return
         assert self.engine is not None
-        if self.engine.dead is not None or self.draining:
+        if self.engine.dead is not None:
             link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": "worker out of service", "status": 503}))
             return
         if link.in_flight >= self.capacity:

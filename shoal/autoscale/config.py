@@ -1,0 +1,115 @@
+"""The ``autoscale`` block of a gateway's configuration: which engine starts workers, and each
+model's scaling policy. Declared once as typed structures and validated by msgspec, so an error
+names the field path (``autoscale.models.mnist-cnn.min: Expected `int`, got `str```).
+
+```yaml
+autoscale:
+  engine: local              # local | ray | kubernetes
+  repo: /models              # the model repository workers load from (default: the bundled models)
+  models:
+    mnist-cnn:
+      version: "1"           # default: the newest in the repository
+      min: 1
+      max: 4
+      target_utilisation: 0.7
+      idle_to_zero_s: null   # with min 0: seconds without a request before the model sleeps
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from shoal.autoscale.policy import ScalePolicy
+
+
+class Resources(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What one worker needs where an engine places workers by resources (Ray)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_mb: int | None = None
+    custom: dict[str, float] = {}  # e.g. {site-a: 1}: only nodes that offer the resource
+
+
+class ModelScale(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    version: str | None = None
+    min: int = 1
+    max: int = 4
+    target_utilisation: float = 0.7
+    scale_up_window_s: float = 1.0
+    scale_down_window_s: float = 30.0
+    cooldown_s: float = 10.0
+    max_step: int = 2
+    idle_to_zero_s: float | None = None
+    start_timeout_s: float = 60.0
+    worker_args: list[str] = []  # extra `shoal worker` options (e.g. --threads 2, --tls-ca ca.pem)
+    resources: Resources = Resources()
+
+    def policy(self) -> ScalePolicy:
+        return ScalePolicy(
+            min_workers=self.min,
+            max_workers=self.max,
+            target_utilisation=self.target_utilisation,
+            scale_up_window_s=self.scale_up_window_s,
+            scale_down_window_s=self.scale_down_window_s,
+            cooldown_s=self.cooldown_s,
+            max_step=self.max_step,
+            idle_to_zero_s=self.idle_to_zero_s,
+            start_timeout_s=self.start_timeout_s,
+        )
+
+
+class RayOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    address: str = "auto"  # the Ray cluster to join ("auto": the one this machine is part of)
+    namespace: str = "shoal"
+
+
+class AutoscaleConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    engine: Literal["local", "ray", "kubernetes"] = "local"
+    repo: str | None = None
+    interval_s: float = 0.5  # how often load is sampled and the policy consulted
+    worker_gateway: str | None = None  # address workers dial (default: the worker port as bound)
+    workdir: str | None = None  # local engine: where worker logs go (default: a temporary folder)
+    drain_timeout_s: float = 30.0  # a drained worker that has not left by then is stopped
+    ray: RayOptions = RayOptions()
+    models: dict[str, ModelScale] = {}
+
+
+class AutoscaleError(ValueError):
+    pass
+
+
+def _convert(value: Any, typ: type, where: str) -> Any:
+    try:
+        return msgspec.convert(value, typ, str_keys=True)
+    except msgspec.ValidationError as e:
+        text, _, path = str(e).rpartition(" - at `$")
+        if not text:
+            text, path = str(e), ""
+        raise AutoscaleError(f"{where}{path.rstrip('`')}: {text}") from None
+
+
+def parse_autoscale(block: Any, where: str = "autoscale") -> AutoscaleConfig:
+    """The validated block; ``AutoscaleError`` naming the field otherwise."""
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise AutoscaleError(f"{where}: must be a map (engine, repo, models ...)")
+    raw_models = block.get("models") or {}
+    if not isinstance(raw_models, dict):
+        raise AutoscaleError(f"{where}.models: must map model names to their policies")
+    cfg = _convert({k: v for k, v in block.items() if k != "models"}, AutoscaleConfig, where)
+    models = {}
+    for name, m in raw_models.items():
+        at = f"{where}.models.{name}"
+        scale = _convert(m or {}, ModelScale, at)
+        problems = scale.policy().problems()
+        if problems:
+            raise AutoscaleError(f"{at}.{problems[0]}")
+        models[str(name)] = scale
+    if cfg.interval_s <= 0 or cfg.drain_timeout_s <= 0:
+        raise AutoscaleError(f"{where}: interval_s and drain_timeout_s must be positive")
+    return msgspec.structs.replace(cfg, models=models)

@@ -1,0 +1,200 @@
+"""Capacity that follows load, with real processes on loopback: the local engine starts and drains
+``shoal worker`` processes as a gateway's autoscaler decides, a model at zero is woken by a request,
+a model that cannot start is retried with back-off, and operators load and unload models by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from shoal.client.http import InferError, OipHttpClient
+from shoal.security.tokens import sign_token
+
+
+def _config(tmp_path: Path, repo: Path, models: dict, **extra) -> Path:
+    doc = {"autoscale": {"engine": "local", "repo": str(repo), "workdir": str(tmp_path / "workers"),
+                         "interval_s": 0.25, "models": models, **extra}}
+    p = tmp_path / "gateway.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def _autoscale(lc) -> dict:
+    return lc.status()["autoscale"]
+
+
+def _connected(lc, model: str) -> int:
+    """Workers of a model connected to the gateway, draining ones included."""
+    return sum(len(m["workers"]) for m in lc.status()["models"] if m["name"] == model)
+
+
+def _wait(cond, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+class Load:
+    """Closed-loop clients of the ``slow`` model (50 ms of model time per request, no CPU burnt)."""
+
+    def __init__(self, lc, clients: int, pause_s: float = 0.0) -> None:
+        self.lc = lc
+        self.pause_s = pause_s
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failed: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        x = {"x": np.full((1, 1), 0.05, np.float32)}
+        with self.lc.client(timeout=60) as c:
+            while not self.stop.is_set():
+                try:
+                    c.infer("slow", x)
+                    with self.lock:
+                        self.ok += 1
+                    self.stop.wait(self.pause_s)
+                except Exception as e:  # counted; the tests assert there are none
+                    with self.lock:
+                        self.failed.append(repr(e))
+
+    def end(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def test_workers_follow_the_load_up_and_down_and_nothing_is_lost(cluster, model_repo, tmp_path):
+    cfg = _config(tmp_path, model_repo, {"slow": {"min": 1, "max": 3, "scale_up_window_s": 0.5,
+                                                  "scale_down_window_s": 2, "cooldown_s": 1}})
+    lc = cluster(gateway_args=["--config", str(cfg)])
+    lc.wait_workers("slow", 1)
+    rounds = 3
+    for _ in range(rounds):
+        busy = Load(lc, 8)
+        try:
+            _wait(lambda: lc.live_workers("slow") >= 3, 30, "no scale-out under load")
+            busy.stop.wait(1.0)  # the new workers take traffic for a while
+        finally:
+            busy.end()
+        quiet = Load(lc, 1, pause_s=0.2)  # about a fifth of one worker
+        try:
+            _wait(lambda: _connected(lc, "slow") == 1, 30, "no scale-in at low load")
+        finally:
+            quiet.end()
+        assert busy.failed == [] and quiet.failed == []
+    st = lc.status()
+    counts = st["autoscale"]["counts"]
+    assert counts["up"] >= rounds and counts["down"] >= rounds
+    gone = [d for d in st["departed_workers"] if d["model"] == "slow"]
+    assert len(gone) >= 2 * rounds
+    assert all(d["left"] == "worker said goodbye" for d in gone)  # drained, never dropped
+    assert sum(d["served"] for d in gone) > 0  # scaled-out workers took traffic before leaving
+
+
+def test_a_model_at_zero_is_woken_by_its_first_request_and_sleeps_again(cluster, model_repo, tmp_path):
+    cfg = _config(tmp_path, model_repo, {"checksum": {"min": 0, "max": 2, "idle_to_zero_s": 2,
+                                                      "scale_down_window_s": 2, "cooldown_s": 0.5}})
+    lc = cluster(gateway_args=["--config", str(cfg)])
+    with lc.client() as c:
+        assert c.get_json("/v2/health/ready") == (200, {"ready": True})  # asleep counts as servable
+        model = next(m for m in lc.status()["models"] if m["name"] == "checksum")
+        assert model["asleep"] and model["workers"] == []
+        out = c.infer("checksum", {"data": np.arange(5, dtype=np.uint8).reshape(1, 5)})
+        assert int(out["sum"][0]) == 10
+        assert _autoscale(lc)["counts"]["wake"] == 1
+        _wait(lambda: next(m for m in lc.status()["models"] if m["name"] == "checksum")["asleep"], 30,
+              "the model never went back to sleep")
+        assert _autoscale(lc)["counts"]["sleep"] >= 1
+        assert int(c.infer("checksum", {"data": np.ones((1, 3), np.uint8)})["sum"][0]) == 3
+        assert _autoscale(lc)["counts"]["wake"] == 2
+
+
+def test_a_model_that_cannot_start_is_retried_with_back_off_and_reported(cluster, model_repo, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "handler.py").write_text('raise RuntimeError("the weights are missing")\n')
+    (repo / "broken" / "1" / "manifest.json").write_text(json.dumps({
+        "name": "broken", "version": "1", "runtime": "python", "file": "handler.py",
+        "handler": "handler:Broken", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1]}], "max_batch_size": 4,
+    }))
+    cfg = _config(tmp_path, repo, {"broken": {"min": 1, "max": 2}})
+    lc = cluster(gateway_args=["--config", str(cfg)])
+    t0 = time.monotonic()
+    st = _wait(lambda: (m := _autoscale(lc)["models"]["broken:1"])["start_failures"] >= 3 and m, 60,
+               "failed starts were not reported")
+    elapsed = time.monotonic() - t0
+    assert "before joining" in st["last_error"] and "log:" in st["last_error"]
+    assert st["next_start_in_s"] > 0
+    # Back-off: 1 + 2 s between the first three attempts at least, not a crash loop.
+    assert elapsed >= 3.0
+    launched = len(list((tmp_path / "workers").glob("*.log")))
+    assert launched <= 2 + int(elapsed)  # far fewer than one per tick
+    assert lc.gateway.alive()
+
+
+def test_operators_load_and_unload_models_and_nobody_else_can(cluster, model_repo, tmp_path):
+    cfg = _config(tmp_path, model_repo, {"echo": {"min": 1, "max": 2}})
+    lc = cluster(gateway_args=["--config", str(cfg), "--token-key", "tk"])
+    lc.wait_workers("echo", 1)
+    device = sign_token({"aud": "cluster", "sub": "cam", "model": "echo"}, b"tk", ttl_s=60)
+    with OipHttpClient(lc.url, device) as dev:
+        code, _, body = dev.request("POST", "/v2/repository/models/echo/unload")
+        assert code == 403 and b"operator" in body
+    with OipHttpClient(lc.url) as anon:
+        assert anon.request("POST", "/v2/repository/index")[0] == 401
+    with lc.client() as c:
+        code, _, body = c.request("POST", "/v2/repository/index")
+        rows = {r["name"]: r for r in json.loads(body)}
+        assert code == 200 and rows["echo"]["state"] == "READY" and rows["mnist-cnn"]["state"] == "UNAVAILABLE"
+        code, _, body = c.request("POST", "/v2/repository/models/no-such-model/load")
+        assert code == 404 and b"no-such-model" in body
+        assert c.request("POST", "/v2/repository/models/echo/unload")[0] == 200
+        assert lc.live_workers("echo") == 0
+        with pytest.raises(InferError) as e:
+            c.infer("echo", {"x": np.ones((1, 2), np.float32)})
+        assert e.value.status == 404 and "unloaded" in str(e.value)
+        assert c.request("POST", "/v2/repository/models/echo/load")[0] == 200
+        assert c.infer("echo", {"x": np.ones((1, 2), np.float32)})["y"].shape == (1, 2)
+        # A model of the repository the configuration did not name: loaded on request.
+        code, _, body = c.request("POST", "/v2/repository/models/checksum/load")
+        assert code == 200, body
+        assert int(c.infer("checksum", {"data": np.ones((1, 4), np.uint8)})["sum"][0]) == 4
+
+
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"engine": "nope"}, "autoscale.engine"),
+        ({"models": {"echo": {"min": 3, "max": 2}}}, "autoscale.models.echo.min: 3 is above max 2"),
+        ({"models": {"echo": {"scale_down_window_s": -5}}}, "autoscale.models.echo.scale_down_window_s"),
+        ({"models": {"echo": {"min": "one"}}}, "autoscale.models.echo.min: Expected `int`"),
+        ({"models": {"no-such-model": {}}}, "autoscale.models.no-such-model"),
+    ],
+)
+def test_an_invalid_autoscale_block_is_refused_naming_the_field(tmp_path, block, message):
+    p = tmp_path / "gw.yaml"
+    p.write_text(yaml.safe_dump({"autoscale": block}))
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "cluster", "--config", str(p), "--http", "127.0.0.1:0",
+         "--workers", "127.0.0.1:0", "--no-auth", "--state-dir", "none"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "SHOAL_CLUSTER_SECRET": "x"},
+    )
+    assert r.returncode == 2 and message in r.stdout, r.stdout + r.stderr
