@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "central": "shoal.central.cli",
     "multihead": "shoal.multihead.cli",
     "devices": "shoal.devices",
+    "models": "shoal.client.models_cli",
 }
 
 

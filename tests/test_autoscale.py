@@ -177,6 +177,14 @@ def test_operators_load_and_unload_models_and_nobody_else_can(cluster, model_rep
         code, _, body = c.request("POST", "/v2/repository/models/checksum/load")
         assert code == 200, body
         assert int(c.infer("checksum", {"data": np.ones((1, 4), np.uint8)})["sum"][0]) == 4
+    # The same from the command line.
+    r = subprocess.run([sys.executable, "-m", "shoal", "models", "unload", "checksum", "--url", lc.url,
+                        "--token", lc.api_key], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "unloaded checksum" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "shoal", "models", "list", "--url", lc.url, "--token", lc.api_key],
+                       capture_output=True, text=True, timeout=60)
+    states = {line.split()[0]: line.split()[2] for line in r.stdout.splitlines()}
+    assert r.returncode == 0 and states["echo"] == "READY" and states["checksum"] == "UNAVAILABLE"
 
 
 @pytest.mark.parametrize(

@@ -301,3 +301,36 @@ def test_failed_worker_logins_are_throttled_and_logged_once(cluster, model_repo)
     lc.wait_workers("echo", 1)  # another address is not throttled
     log = lc.gateway.tail(400)
     assert log.count("guess") + log.count("127.0.0.2") <= 3, log
+
+
+def test_a_workers_health_endpoint_follows_its_login(cluster, model_repo):
+    import urllib.error
+    import urllib.request
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    hp = port.getsockname()[1]
+    port.close()
+    lc = cluster()
+    w = lc.add_worker("echo", repo=model_repo, extra=["--health", f"127.0.0.1:{hp}"])
+    lc.wait_workers("echo", 1)
+
+    def get(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{hp}{path}", timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    end = time.monotonic() + 10
+    while get("/ready") != 200 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert (get("/live"), get("/ready"), get("/other")) == (200, 200, 404)
+    assert _raw_http(hp, b"BREW /ready HTCPCP/1.0\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    lc.gateway.signal(15)
+    lc.gateway.popen.wait(10)
+    end = time.monotonic() + 10
+    while get("/ready") != 503 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert (get("/live"), get("/ready")) == (200, 503)  # alive, but not serving without its gateway
+    assert w.alive()

@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for held requests"
     )
     p.add_argument(
+        "--health",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve GET /live and /ready here for an orchestrator's probes (default: off)",
+    )
+    p.add_argument(
         "--max-frame-mb",
         type=float,
         default=64.0,
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         tls_server_name=args.tls_server_name,
         drain_timeout_s=args.drain_timeout,
         max_frame_size=int(args.max_frame_mb * 1024 * 1024),
+        health=split_hostport(args.health, 8002) if args.health else None,
     )
 
     async def main() -> int:

@@ -71,6 +71,7 @@ class WorkerConfig:
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     backoff_base_s: float = 0.1
     backoff_cap_s: float = 2.0
+    health: tuple[str, int] | None = None  # serve GET /live and /ready here (orchestrators' probes)
 
 
 class GatewayLink(CoalescingProtocol):
@@ -312,6 +313,11 @@ class Worker:
             self.runtime, self.manifest, loop.call_soon_threadsafe, self.on_done, self.on_fatal
         )
         self.engine.start()
+        health = None
+        if self.config.health is not None:
+            from shoal.worker.health import serve_health
+
+            health = await serve_health(*self.config.health, self.ready)
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self.begin_drain)
@@ -364,6 +370,8 @@ class Worker:
                     log.warning("lost the gateway; reconnecting")
         finally:
             self.engine.stop()
+            if health is not None:
+                health.close()
         return rc or self.exit_code
 
     async def _serve(self, link: GatewayLink) -> None:
@@ -378,6 +386,20 @@ class Worker:
                 log.warning("gateway silent for %.1f s; reconnecting", time.monotonic() - link.last_seen)
                 link.abort()
                 break
+
+    def ready(self) -> bool:
+        """Logged in to the gateway and serving (the health endpoint's /ready)."""
+        link = self.link
+        return (
+            link is not None
+            and link.welcomed.done()
+            and not link.welcomed.cancelled()
+            and link.welcomed.exception() is None
+            and not link.closed.done()
+            and not self.draining
+            and self.engine is not None
+            and self.engine.dead is None
+        )
 
     def begin_drain(self) -> None:
         """SIGTERM: accept nothing new, finish what is held, say goodbye, exit."""
