@@ -10,6 +10,8 @@
   Secret keys, the drain timeout against the grace period, the autoscalers' metric, labels and
   bounds against the gateway's own configuration, and every container's arguments and SHOAL_*
   variables against shoal's real command-line parser.
+* The gateway and a worker run as real processes with the Deployments' own command lines,
+  environment and configuration (addresses on loopback): probes, the metric KEDA queries, the drain.
 * The systemd units pass `systemd-analyze verify` and `security --offline`.
 """
 
@@ -22,8 +24,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -31,13 +38,17 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+import shoal
 from shoal.cli import build_parser
+from shoal.local import Child, LocalCluster
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra)")
 jsonschema = pytest.importorskip("jsonschema")
 
 ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MODELS = Path(shoal.__file__).parent / "bundled" / "models"
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
@@ -318,7 +329,8 @@ def test_selectors_services_and_ports_line_up(rendered, target):
         assert targets, f"{_where(svc)} selects no pod"
         for port in svc["spec"]["ports"]:
             for w in targets:
-                assert port["targetPort"] in _port_names(w), f"{_where(svc)}: {port['targetPort']} not on {_where(w)}"
+                target = port["targetPort"]
+                assert target in _port_names(w), f"{_where(svc)}: {target} not on {_where(w)}"
     for pdb in _of(docs, "PodDisruptionBudget"):
         hit = [w for w, labels in pods if _matches(pdb["spec"]["selector"]["matchLabels"], labels)]
         assert len(hit) == 1, f"{_where(pdb)} covers {len(hit)} workloads"
@@ -354,7 +366,8 @@ def test_network_policies_let_workers_in_and_nobody_else(rendered, target):
                     assert rule.get("from"), "the worker port must not be open to everyone"
                     for w in workers:
                         froms = [f["podSelector"]["matchLabels"] for f in rule["from"]]
-                        assert any(_matches(f, _pod_labels(w)) for f in froms), f"{_where(pol)} shuts out {_where(w)}"
+                        shut_out = not any(_matches(f, _pod_labels(w)) for f in froms)
+                        assert not shut_out, f"{_where(pol)} shuts out {_where(w)}"
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -464,6 +477,105 @@ def test_the_gateway_configuration_is_valid_and_names_every_worker_deployment(
     args[args.index("--config") + 1] = str(path)
     assert main(args) == 0, capsys.readouterr().err
     assert yaml.safe_load(capsys.readouterr().out)["autoscale"]["engine"] == "kubernetes"
+
+
+def _http(url: str, token: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def _until(what: str, check: Any, child: Child, timeout: float = 30.0) -> Any:
+    """Poll until check() gives something true (the process must stay up meanwhile)."""
+    end = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert child.alive(), f"{child.name} exited while waiting for {what}:\n{child.tail()}"
+        assert time.monotonic() < end, f"no {what} after {timeout} s:\n{child.tail()}"
+        time.sleep(0.05)
+
+
+def _container_env(c: dict, secrets: dict[str, str]) -> dict[str, str]:
+    """The environment Kubernetes would give the container, with these Secret values."""
+    env: dict[str, str] = {}
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        value = secrets[ref["key"]] if ref else e["value"]
+        env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+    return env
+
+
+def _set(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def test_the_shipped_gateway_and_worker_run_as_the_manifests_say(rendered, tmp_path):
+    """The gateway and a worker started with the manifests' own command lines, environment and
+    configuration (addresses moved to loopback, the repository to the bundled models): the probes
+    answer without credentials, Prometheus' key reads the very series each ScaledObject queries,
+    and SIGTERM ends the worker well inside its grace period."""
+    docs = rendered["add-model"]
+    secrets = {k: f"test-{k}" for k in _secret_keys()[("shoal", "shoal-secrets")]}
+    config = _gateway_config(docs)
+    config.update(http="127.0.0.1:0", workers="127.0.0.1:0")
+    config["autoscale"]["repo"] = str(BUNDLED_MODELS)
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+    gw = _named(docs, "Deployment", "shoal-gateway")["spec"]["template"]["spec"]["containers"][0]
+    args = _set(gw["args"], "--config", str(tmp_path / "gateway.yaml"))
+    args = [*_set(args, "--state-dir", str(tmp_path / "state")), "--ports-file", str(tmp_path / "ports.json")]
+    processes = LocalCluster(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+    gateway = processes.spawn("gateway", args, {**env, **_container_env(gw, secrets)})
+    try:
+        _until("ports file", lambda: (tmp_path / "ports.json").exists(), gateway)
+        ports = json.loads((tmp_path / "ports.json").read_text())
+        url = f"http://127.0.0.1:{ports['http']}"
+        for kind in ("liveness", "readiness"):
+            path = gw[f"{kind}Probe"]["httpGet"]["path"]
+            assert _until(f"gateway {kind}", lambda p=path: _http(url + p)[0] == 200, gateway)
+        assert _http(url + "/metrics")[0] == 401, "metrics need the scrape key"
+        scrape = secrets["scrape-key"]
+        queries = [so["spec"]["triggers"][0]["metadata"]["query"] for so in _of(docs, "ScaledObject")]
+
+        def series() -> list[dict[str, str]]:
+            code, text = _http(url + "/metrics", scrape)
+            assert code == 200, text
+            families = text_string_to_metric_families(text)
+            return [s.labels for f in families if f.name == METRIC for s in f.samples]
+
+        exported = _until(METRIC, series, gateway)
+        for labels in map(_query_labels, queries):
+            # Prometheus adds namespace; the rest of the query's labels are the gateway's own.
+            assert {k: v for k, v in labels.items() if k != "namespace"} in exported, exported
+
+        worker_spec = _named(docs, "Deployment", "shoal-worker-mnist-cnn-v1")["spec"]["template"]["spec"]
+        (wc,) = worker_spec["containers"]
+        with socket.socket() as s:  # a free port for the worker's health endpoint
+            s.bind(("127.0.0.1", 0))
+            health = s.getsockname()[1]
+        wargs = _set(wc["args"], "--gateway", f"127.0.0.1:{ports['workers']}")
+        wargs = _set(_set(wargs, "--repo", str(BUNDLED_MODELS)), "--health", f"127.0.0.1:{health}")
+        worker = processes.spawn("worker", wargs, {**env, **_container_env(wc, secrets)})
+        try:
+            for kind in ("liveness", "readiness"):
+                path = wc[f"{kind}Probe"]["httpGet"]["path"]
+                probe = f"http://127.0.0.1:{health}{path}"
+                assert _until(f"worker {kind}", lambda u=probe: _http(u)[0] == 200, worker)
+            worker.signal(signal.SIGTERM)
+            assert worker.popen.wait(worker_spec["terminationGracePeriodSeconds"]) == 0, worker.tail()
+        finally:
+            worker.stop()
+    finally:
+        gateway.stop()
 
 
 # ------------------------------------------------------------------------------- autoscalers
