@@ -27,6 +27,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _band(ax: Any, run: dict[str, Any], colour: str | None, alpha: float) -> None:
+    """A run's 95% band over seeds, in percent."""
+    epochs = range(len(run["curve_mean"]))
+    lo = [100 * v for v in run["curve_lo"]]
+    hi = [100 * v for v in run["curve_hi"]]
+    ax.fill_between(epochs, lo, hi, color=colour, alpha=alpha, lw=0)
+
+
 def plot_curves(result: dict[str, Any], path: Path) -> None:
     """Test error against epoch per run, mean over seeds with the 95% band (paper 003, Fig. 2-4)."""
     plt = _pyplot()
@@ -36,14 +44,7 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
         epochs = range(len(r["curve_mean"]))
         colour = COLOURS.get(r["topology"])
         ax.plot(epochs, [100 * v for v in r["curve_mean"]], label=r["label"], color=colour, lw=1.4)
-        ax.fill_between(
-            epochs,
-            [100 * v for v in r["curve_lo"]],
-            [100 * v for v in r["curve_hi"]],
-            color=colour,
-            alpha=0.15,
-            lw=0,
-        )
+        _band(ax, r, colour, 0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%)")
     ax.set_yscale("log")
@@ -134,14 +135,7 @@ def plot_grid(result: dict[str, Any], path: Path, reference: tuple[float, str] |
                 lw=0.9 if thin else 1.6,
                 label=r["label"].replace(f" every {interval}", ""),
             )
-            ax.fill_between(
-                epochs,
-                [100 * v for v in r["curve_lo"]],
-                [100 * v for v in r["curve_hi"]],
-                color=colour,
-                alpha=0.08,
-                lw=0,
-            )
+            _band(ax, r, colour, 0.08)
         if reference is not None:
             ax.axhline(reference[0], color="black", ls=":", lw=1, label=reference[1])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -23,12 +23,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shoal.fusion.datasets import Dataset
 from shoal.modelrepo.manifest import ImageSpec, Manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -36,21 +36,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 class SourceError(ValueError):
     """A data source that cannot be read; the message says which file or row and why."""
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """Rows flattened to ``[N, D]`` float32 and integer labels; the runner's dataset interface."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    n_classes: int
-
-    @property
-    def n_features(self) -> int:
-        return int(self.x_train.shape[1])
 
 
 def class_index(label: Any, classes: list[str], where: str) -> int:
@@ -231,7 +216,7 @@ def read_source(spec: str, manifest: Manifest, options: dict[str, Any]) -> tuple
 
 def load_site(
     options: dict[str, Any], manifest: Manifest, peer: int, peers: int, seed: int, split: str = "random"
-) -> SiteData:
+) -> Dataset:
     """A site's training rows and held-out rows, from its settings (``data``, ``test_data``, ``holdout``).
 
     ``paper:<name>`` takes this peer's shard of a bundled data set and its standard test set; other
@@ -245,11 +230,11 @@ def load_site(
 
         d = datasets.load(spec.removeprefix("paper:"))
         rows = datasets.shard(d.y_train, split, peers, seed=seed)[peer]
-        return SiteData(d.x_train[rows], d.y_train[rows], d.x_test, d.y_test, d.n_classes)
+        return Dataset(d.name, d.x_train[rows], d.y_train[rows], d.x_test, d.y_test, d.n_classes)
     x, y = read_source(spec, manifest, options)
     n_classes = len(manifest.labels[manifest.outputs[0].name])
     if options.get("test_data"):
         xt, yt = read_source(str(options["test_data"]), manifest, options)
-        return SiteData(x, y, xt, yt, n_classes)
+        return Dataset(spec, x, y, xt, yt, n_classes)
     test = holdout(len(x), float(options.get("holdout", 0.1)), seed)
-    return SiteData(x[~test], y[~test], x[test], y[test], n_classes)
+    return Dataset(spec, x[~test], y[~test], x[test], y[test], n_classes)
