@@ -42,7 +42,7 @@ TELEMETRY_OFF = {
 }
 # How often a SuperNode's or SuperLink's executor looks for a ClientApp/ServerApp to start (Flower's
 # default is 1 s); a fusion round starts one ClientApp per site, so this is round latency.
-TASK_POLL_S = "0.2"
+TASK_POLL_S = "0.5"
 
 
 def flower_env(flwr_home: str | Path | None = None) -> dict[str, str]:

@@ -79,7 +79,7 @@ def _f32(ws: Iterable[np.ndarray]) -> PeerWeights:
     return [np.ascontiguousarray(w, np.float32) for w in ws]
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.2) -> list[Message]:
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.5) -> list[Message]:
     """Send and wait for replies, giving up on a destination once it is offline or ``timeout`` passes.
 
     Flower's ``send_and_receive`` polls every 3 seconds and waits the whole timeout for a site that
@@ -363,6 +363,10 @@ def server_main(grid: Grid, context: Context) -> None:
     strategy = strategy_from_config(cfg)
     strategy.wait_for_sites(grid, float(cfg["wait"]))
     result = strategy.start(grid, num_rounds=int(cfg["rounds"]))
+    if not any(r["peers"] for r in strategy.rounds):
+        raise RuntimeError(
+            f"no site of {strategy.sites} took part in any round: nothing trained, nothing published"
+        )
     if not cfg["export-repo"]:
         return
     evaluation = getattr(strategy, "evaluation", None)
