@@ -99,8 +99,9 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     def evaluate(m: nn.Module) -> dict[str, float]:
         if cfg.data == "line":  # the fitted line in the original units, for the figure
             s, lin = m[0], m[1]
-            w = float(lin.weight[0, 0] / s.std[0])
-            lines.append((w, float(lin.bias[0] - w * s.mean[0])))
+            w = float(lin.weight[0, 0].detach() / s.std[0])
+            b = float(lin.bias[0].detach() - w * s.mean[0])
+            lines.append((w, b))
         return regression_figures(m, xte, yte)
 
     out = Path(run.out_dir)
