@@ -218,6 +218,6 @@ def test_family_options_come_from_its_config_with_help(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(["train", "knn", "--out", str(out), "--record", str(tmp_path / "results.json")]) == 0
     saved = json.loads((out / "result.json").read_text())
-    assert saved["command"] == f"shoal train knn --out {out} --record {tmp_path / 'results.json'}"
+    assert saved["command"] == "shoal train knn"  # where its files went is not part of what it learnt
     recorded = json.loads((tmp_path / "results.json").read_text())["knn-circles"]
     assert recorded["family"] == "knn" and recorded["value"] == saved["value"]

@@ -221,6 +221,26 @@ def _launch(fam: Family, options: list[str], opts: argparse.Namespace) -> int:
     return distributed.launch(argv, opts.nproc, opts.nnodes, opts.rdzv, opts.max_restarts)
 
 
+# Options that say where a run's files go, not what it learns: left out of the recorded command.
+_RUN_ONLY = {"--out": 1, "--record": 1, "--no-progress": 0, "--no-plot": 0, "--resume": 0}
+
+
+def reproducible(options: list[str]) -> list[str]:
+    """The options that decide what a run learns (and where it publishes), for its provenance."""
+    out, i = [], 0
+    while i < len(options):
+        name = options[i].split("=", 1)[0]
+        if name in _RUN_ONLY:
+            takes = _RUN_ONLY[name] if "=" not in options[i] else 0
+            if name == "--record" and (i + 1 >= len(options) or options[i + 1].startswith("--")):
+                takes = 0  # --record without a file
+            i += 1 + takes
+            continue
+        out.append(options[i])
+        i += 1
+    return out
+
+
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -230,7 +250,7 @@ def _finish(fam: Family, options: list[str], opts: argparse.Namespace, trained: 
     from shoal.train import catalogue
 
     o = trained.outcome
-    command = shlex.join(["shoal", "train", fam.name, *options])
+    command = shlex.join(["shoal", "train", fam.name, *reproducible(options)])
     print(o.line() + f" ({o.seconds:.1f} s on {o.device}); run folder {out}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps({"command": command, **dataclasses.asdict(o)}, indent=1) + "\n")
