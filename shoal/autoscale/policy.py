@@ -9,8 +9,10 @@ Load is measured in *workers*, the larger of
   fraction of time their models computed, summed) stands in for it. Busy time alone would overstate
   the demand while a backlog drains (every worker busy, so more wanted, so more added);
 * request slots in use: requests held by workers or waiting for one, over one worker's announced
-  capacity. This catches a backlog, and workers saturated by per-request overhead while their model
-  idles (a trivial model).
+  capacity. This catches a backlog;
+* processor time in use: the fraction of a core each worker's process used (its model, batching and
+  link; a worker computes on one core at a time), summed. This catches workers saturated by
+  per-request overhead while their model idles (a small or trivial model).
 
 The wanted number is ``ceil(load / target_utilisation)``. It takes effect:
 
@@ -82,6 +84,7 @@ class LoadSample:
     queue: int = 0  # requests waiting at the gateway for a worker with room
     in_flight: int = 0  # requests held by workers
     busy: float = 0.0  # model time per second, summed over workers (1.0: one worker always computing)
+    cpu: float = 0.0  # processor time per second of the workers' processes, summed
     ready: int = 0  # workers taking requests
     starting: int = 0  # workers launched that have not joined yet
     draining: int = 0  # workers finishing what they hold before they leave
@@ -96,7 +99,7 @@ class LoadSample:
         """The load in workers (see the module's docstring)."""
         slots = (self.in_flight + self.queue) / max(1, self.worker_capacity)
         model_time = self.arrivals_per_s * self.service_s if self.service_s > 0 else self.busy
-        return max(model_time, slots)
+        return max(model_time, slots, self.cpu)
 
     def idle(self) -> bool:
         return self.arrivals_per_s == 0 and self.queue == 0 and self.in_flight == 0

@@ -66,6 +66,8 @@ class WorkerConnection(CoalescingProtocol):
         self.connected_at = time.time()
         self.joined_at = time.monotonic()
         self.draining_since: float | None = None
+        self.cpu_rate = 0.0  # fraction of a core the worker's process used recently (from LOAD)
+        self._load_at = 0.0
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------------------------- transport
@@ -113,7 +115,7 @@ class WorkerConnection(CoalescingProtocol):
                 elif t is MsgType.ERROR:
                     self._on_error(f.header)
                 elif t is MsgType.LOAD:
-                    self.load = f.header
+                    self._on_load(f.header)
                 elif t is MsgType.PONG:
                     pass
                 elif t is MsgType.DRAIN:
@@ -259,6 +261,18 @@ class WorkerConnection(CoalescingProtocol):
             f"worker {self.worker_id}: {h.get('error', 'failed')}", status if 400 <= status < 600 else 500
         )
         self.pool.on_result(self, p, err, None)
+
+    def _on_load(self, h: dict[str, Any]) -> None:
+        """A load report: kept for the status, and the worker's CPU use turned into a rate (the
+        fraction of one core its process used since the previous report) for the autoscaler."""
+        cpu = h.get("cpu_s")
+        now = time.monotonic()
+        if isinstance(cpu, (int, float)):
+            prev = self.load.get("cpu_s")
+            if isinstance(prev, (int, float)) and now > self._load_at and cpu >= prev:
+                self.cpu_rate = (cpu - prev) / (now - self._load_at)
+            self._load_at = now
+        self.load = h
 
     def drain(self) -> None:
         """Ask this worker to leave: nothing new is sent to it from now; it finishes what it holds,

@@ -271,6 +271,7 @@ class Worker:
             "batches": s.batches if s else 0,
             "rows": s.rows if s else 0,
             "busy_s": round(s.busy_s, 4) if s else 0.0,
+            "cpu_s": round(time.process_time(), 4),  # the whole process: model, batching and the link
             "draining": self.draining,
         }
 
