@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,20 +59,30 @@ def first_route_s(port: int, device: str) -> float:
 
 
 def measure_login_guessing(workdir: Path, seconds: float = 12.0, devices: int = 8) -> dict[str, Any]:
-    """Quiet first routes, then the same number while a guesser hammers one account from 127.0.0.2."""
+    """First routes of new devices with a guesser hammering one account from 127.0.0.2, and with the
+    guesser paused (SIGSTOP), in alternation: both halves of each pair see the same background load
+    of the machine, so their ratio is the guesser's own cost."""
     with LocalCentral(workdir, extra_args=["--startup-grace", "0"]).start() as central:
         central.add_account("device", "cam-victim", "the-real-password")
         for i in range(2 * devices):
             central.add_account("device", f"cam-{i}", DEVICE_PASSWORD)
-        quiet = [first_route_s(central.http_port, f"cam-{i}") for i in range(devices)]
         guesser = subprocess.Popen(
             [sys.executable, "-c", GUESSER, str(central.http_port), str(seconds), "127.0.0.2"],
             stdout=subprocess.PIPE,
             text=True,
         )
+        quiet: list[float] = []
+        busy: list[float] = []
         try:
             time.sleep(min(2.0, seconds / 4))  # at full speed before measuring
-            busy = [first_route_s(central.http_port, f"cam-{i}") for i in range(devices, 2 * devices)]
+            for i in range(devices):
+                os.kill(guesser.pid, signal.SIGSTOP)
+                try:
+                    quiet.append(first_route_s(central.http_port, f"cam-{2 * i}"))
+                finally:
+                    os.kill(guesser.pid, signal.SIGCONT)
+                time.sleep(0.2)
+                busy.append(first_route_s(central.http_port, f"cam-{2 * i + 1}"))
         finally:
             out, _ = guesser.communicate(timeout=seconds + 60)
         counts = {int(k): v for k, v in json.loads(out).items()}
