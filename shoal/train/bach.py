@@ -36,7 +36,7 @@ from torch import nn
 from shoal.data.mnist import DatasetError, cache_dir
 from shoal.modelrepo import TensorSpec
 from shoal.train.catalogue import Outcome, Run, Trained
-from shoal.train.loop import Fit, fit, plot_history
+from shoal.train.loop import fit, plot_history, settings
 from shoal.train.publish import torch_publisher
 from shoal.train.tabular import start
 
@@ -293,19 +293,7 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
         f"{len(tunes)} chorales as ABC: {len(train_text):,} training and {len(test_text):,} test characters, "
         f"{len(chars)} distinct; {sum(p.numel() for p in model.parameters()):,} parameters"
     )
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fit_cfg = Fit(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        checkpoint=out / "checkpoint.pt",
-        checkpoint_every=run.checkpoint_every,
-        resume=run.resume,
-        progress=run.progress,
-        desc="bach lstm",
-    )
+    out, fit_cfg = settings(run, "bach lstm", cfg)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return {"test_bits_per_char": bits_per_char(model, test_ids, cfg.length, ctx.device)}

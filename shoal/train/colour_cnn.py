@@ -31,7 +31,7 @@ from torch import nn
 from shoal.modelrepo import ImageSpec, TensorSpec
 from shoal.train.catalogue import Outcome, Run, Trained
 from shoal.train.data import Images, coloured_fashion
-from shoal.train.loop import Fit, fit, plot_history
+from shoal.train.loop import fit, plot_history, settings
 from shoal.train.publish import torch_publisher
 from shoal.train.tabular import start
 
@@ -139,19 +139,7 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     tr = coloured_fashion("train", cfg.train_images, cfg.seed, cfg.data_dir or None)
     te = coloured_fashion("test", cfg.test_images, cfg.seed, cfg.data_dir or None)
     model = Net(cfg.dropout, len(tr.classes))
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fit_cfg = Fit(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        checkpoint=out / "checkpoint.pt",
-        checkpoint_every=run.checkpoint_every,
-        resume=run.resume,
-        progress=run.progress,
-        desc="colour-cnn",
-    )
+    out, fit_cfg = settings(run, "colour-cnn", cfg)
     log(f"coloured Fashion-MNIST: {len(tr)} training, {len(te)} test images; {sum(p.numel() for p in model.parameters()):,} parameters")
     t0 = time.perf_counter()
     hist = fit(model, Batches(tr, cfg.flip), F.cross_entropy, lambda m: evaluate(m, te, ctx.device), fit_cfg, ctx, log)

@@ -32,7 +32,7 @@ from torch import nn
 from shoal.modelrepo import TensorSpec
 from shoal.train.catalogue import Outcome, Run, Trained
 from shoal.train.data import TAYLOR_SHA256, taylor
-from shoal.train.loop import Fit, fit, plot_history
+from shoal.train.loop import fit, plot_history, settings
 from shoal.train.publish import torch_publisher
 from shoal.train.tabular import start
 
@@ -128,19 +128,7 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
         m.eval()
         return errors(m(x_test.to(ctx.device)).cpu().numpy()[:, 0], truth)
 
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fit_cfg = Fit(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        checkpoint=out / "checkpoint.pt",
-        checkpoint_every=run.checkpoint_every,
-        resume=run.resume,
-        progress=run.progress,
-        desc="energy lstm",
-    )
+    out, fit_cfg = settings(run, "energy lstm", cfg)
     t0 = time.perf_counter()
     scale = float(train_part.std())
 

@@ -29,7 +29,7 @@ from torch import nn
 from shoal.modelrepo import TensorSpec
 from shoal.train.catalogue import Outcome, Run, Trained
 from shoal.train.data import Table, array_sha256, cars, sklearn_set
-from shoal.train.loop import Fit, Tensors, fit, plot_history
+from shoal.train.loop import Tensors, fit, plot_history, settings
 from shoal.train.publish import torch_publisher
 from shoal.train.tabular import Standardise, classification_figures, f32, regression_figures, split, start
 
@@ -134,21 +134,7 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     else:
         y_train, yte = f32(t.y[tr]).unsqueeze(1), f32(t.y[te])
         loss, figures = F.mse_loss, regression_figures
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fit_cfg = Fit(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        optimizer=cfg.optimizer,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        checkpoint=out / "checkpoint.pt",
-        checkpoint_every=run.checkpoint_every,
-        resume=run.resume,
-        progress=run.progress,
-        desc=f"feedforward {cfg.data}",
-    )
+    out, fit_cfg = settings(run, f"feedforward {cfg.data}", cfg)
     t0 = time.perf_counter()
     hist = fit(net, Tensors(f32(t.x[tr]), y_train), loss, lambda m: figures(m, xte, yte), fit_cfg, ctx, log)
     seconds = time.perf_counter() - t0

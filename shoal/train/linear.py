@@ -27,7 +27,7 @@ from torch import nn
 from shoal.modelrepo import TensorSpec
 from shoal.train.catalogue import Outcome, Run, Trained
 from shoal.train.data import Table, array_sha256, sklearn_set
-from shoal.train.loop import Fit, Tensors, fit, plot_history
+from shoal.train.loop import Tensors, fit, plot_history, settings
 from shoal.train.publish import torch_publisher
 from shoal.train.tabular import Standardise, f32, regression_figures, split, start
 
@@ -104,20 +104,7 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
             lines.append((w, b))
         return regression_figures(m, xte, yte)
 
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fit_cfg = Fit(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        optimizer=cfg.optimizer,
-        seed=cfg.seed,
-        checkpoint=out / "checkpoint.pt",
-        checkpoint_every=run.checkpoint_every,
-        resume=run.resume,
-        progress=run.progress,
-        desc=f"linear {cfg.data}",
-    )
+    out, fit_cfg = settings(run, f"linear {cfg.data}", cfg)
     t0 = time.perf_counter()
     hist = fit(model, Tensors(f32(t.x[tr]), f32(t.y[tr]).unsqueeze(1)), F.mse_loss, evaluate, fit_cfg, ctx, log)
     seconds = time.perf_counter() - t0

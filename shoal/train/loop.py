@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from shoal.train import distributed
+from shoal.train.catalogue import Run
 from shoal.train.distributed import Context
 
 CHECKPOINT_FORMAT = "shoal.train.loop/1"
@@ -76,6 +77,24 @@ class History:
     @property
     def samples_per_s(self) -> float:
         return self.samples / self.seconds if self.seconds else 0.0
+
+
+def settings(run: Run, desc: str, config: object) -> tuple[Path, Fit]:
+    """The run folder, made, and the loop's settings: the hyperparameters a family's ``Config`` has
+    (epochs, batch size, learning rate, optimizer, weight decay, seed), checkpoints and progress as
+    the run says."""
+    out = Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "seed")
+    hyper = {k: getattr(config, k) for k in names if hasattr(config, k)}
+    return out, Fit(
+        **hyper,
+        checkpoint=out / "checkpoint.pt",
+        checkpoint_every=run.checkpoint_every,
+        resume=run.resume,
+        progress=run.progress,
+        desc=desc,
+    )
 
 
 def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

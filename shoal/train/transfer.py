@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from shoal.modelrepo import ImageSpec, TensorSpec
 from shoal.train.catalogue import Outcome, Run, Trained
 from shoal.train.colour_cnn import plot_predictions, to_input
 from shoal.train.data import coloured_fashion
-from shoal.train.loop import Fit, Tensors, fit, plot_history
+from shoal.train.loop import Tensors, fit, plot_history, settings
 from shoal.train.publish import torch_publisher
 from shoal.train.tabular import classification_figures, start
 
@@ -91,19 +90,7 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     log(f"EfficientNet-Lite0 features of {len(tr) + len(te)} images: {feature_seconds:.0f} s (cached after)")
     head = nn.Linear(feats["train"].shape[1], len(tr.classes))
     x_test, y_test = torch.from_numpy(feats["test"]), torch.from_numpy(te.labels)
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fit_cfg = Fit(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        checkpoint=out / "checkpoint.pt",
-        checkpoint_every=run.checkpoint_every,
-        resume=run.resume,
-        progress=run.progress,
-        desc="transfer head",
-    )
+    out, fit_cfg = settings(run, "transfer head", cfg)
     t0 = time.perf_counter()
     train_set = Tensors(torch.from_numpy(feats["train"]), torch.from_numpy(tr.labels))
     hist = fit(head, train_set, F.cross_entropy, lambda m: classification_figures(m, x_test, y_test), fit_cfg, ctx, log)
