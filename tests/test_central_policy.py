@@ -104,3 +104,12 @@ def test_verified_cache_expires_and_keys_on_the_password():
     assert not c.hit("cluster", "cam", "pw", now=5)
     assert not c.hit("device", "cam", "pw", now=11)
     assert all(b"pw" not in k for k in c._entries)
+
+
+def test_a_cluster_where_the_model_sleeps_is_chosen_only_when_none_has_it_awake():
+    asleep = ModelLoad("mnist", "1", ready=False, capacity=0, asleep=True)
+    busy = cluster("busy", m(in_flight=9, capacity=10))
+    sleepy = cluster("sleepy", asleep)
+    assert pick([sleepy, busy]) == ("busy", "1")  # awake, even nearly full, before waking another
+    assert pick([sleepy]) == ("sleepy", "1")  # the only one that can serve it: it will wake it
+    assert pick([sleepy, cluster("down", ModelLoad("mnist", "1", ready=False))]) == ("sleepy", "1")
