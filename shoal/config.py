@@ -8,6 +8,7 @@ plus a few blocks that have no flag (the gateway's ``pipelines``). Environment v
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 from pathlib import Path
@@ -42,8 +43,22 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return out
 
 
-def _given(action: argparse.Action, argv: list[str]) -> bool:
-    return any(arg == opt or arg.startswith(opt + "=") for opt in action.option_strings for arg in argv)
+def _given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options the command line set, as argparse itself reads them (so ``--max-q 5``, an
+    abbreviation argparse accepts, counts as ``--max-queue``): a parser with the same options and
+    every default suppressed parses the command line; what it returns was given."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=parser.allow_abbrev)
+    for a in parser._actions:  # argparse has no public accessor for a parser's actions
+        if a.option_strings and not isinstance(a, argparse._HelpAction):
+            quiet = copy.copy(a)
+            quiet.default = argparse.SUPPRESS
+            quiet.required = False
+            probe._add_action(quiet)
+    try:
+        given, _ = probe.parse_known_args(argv)
+    except SystemExit:  # cannot happen for a command line the real parser accepted
+        return set()
+    return set(vars(given))
 
 
 def _convert(action: argparse.Action, value: Any, where: str) -> Any:
@@ -82,6 +97,7 @@ def apply_config(
     """Fill ``args`` from the file and the environment where no flag was given. Returns the blocks
     (keys without a flag, such as ``pipelines``) found in the file."""
     actions = _actions(parser)
+    given = _given_dests(parser, argv)
     extra: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
@@ -102,12 +118,12 @@ def apply_config(
             if action is None:
                 known = sorted({a.option_strings[-1].lstrip("-") for a in actions.values()} | set(blocks))
                 raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join(known)})")
-            if not _given(action, argv):
+            if dest not in given:
                 setattr(args, dest, _convert(action, value, f"{path}: key '{key}'"))
     prefix = f"SHOAL_{command.upper()}_"
     for dest, action in actions.items():
         env = prefix + dest.upper()
-        if env in os.environ and not _given(action, argv):
+        if env in os.environ and dest not in given:
             setattr(args, dest, _convert(action, os.environ[env], f"environment variable {env}"))
     return extra
 

@@ -165,3 +165,14 @@ def test_bad_api_key_declarations_are_refused_at_start():
         env={"PATH": "/usr/bin:/bin", "SHOAL_CLUSTER_SECRET": "x"},
     )
     assert r.returncode == 2 and "device:MODEL" in r.stdout
+
+
+def test_an_abbreviated_flag_beats_the_config_file(tmp_path):
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("max-queue: 77\nname: from-file\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "cluster", "--config", str(cfg), "--max-q", "5", "--print-config"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "SHOAL_CLUSTER_MAX_QUEUE": "9"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert "max-queue: 5" in r.stdout and "name: from-file" in r.stdout

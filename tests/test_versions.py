@@ -1,5 +1,6 @@
 """Several versions at once, version policies, and a rolling upgrade under load."""
 
+import json
 import shutil
 import signal
 import threading
@@ -88,3 +89,36 @@ def test_version_policy_latest_hides_older_versions(cluster, two_version_repo, t
         with pytest.raises(InferError) as e:
             c.infer("echo", x, version="1")
         assert e.value.status == 404 and "version policy" in str(e.value)
+
+
+def test_one_order_of_versions_for_repository_gateway_and_central(tmp_path):
+    """With versions 2, 10 and beta, every part of shoal calls 10 the newest: central routes and books
+    load for the version the gateway serves."""
+    from shoal.central.policy import ClusterInfo, ModelLoad, choose_cluster
+    from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable
+    from shoal.modelrepo.manifest import list_versions
+
+    for v in ("2", "10", "beta"):
+        (tmp_path / "m" / v).mkdir(parents=True)
+        (tmp_path / "m" / v / "manifest.json").write_text(json.dumps({
+            "name": "m", "version": v, "runtime": "python", "file": "manifest.json", "handler": "h:H",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1]}],
+        }))
+    assert list_versions(tmp_path, "m")[-1] == "10"
+
+    class Live:
+        worker_id, in_flight, capacity, latency_ewma_ms, accepting, max_frame_size = "w", 0, 1, 0.0, True, 1 << 20
+
+        def send_request(self, p):
+            pass
+
+    table = ModelTable()
+    for v in ("2", "10", "beta"):
+        spec = ModelSpec("m", v, (), (), 0, None)
+        pool: ModelPool = table.pool_for_worker(spec)
+        pool.workers.append(Live())
+    assert table.find("m", None).spec.version == "10"
+    entries = tuple(ModelLoad("m", v) for v in ("2", "10", "beta"))
+    choice = choose_cluster([ClusterInfo("a", "http://a", entries, 0.0)], "m", now=0.0)
+    assert choice is not None and choice.entry.version == "10"

@@ -16,6 +16,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from shoal.modelrepo.versions import version_key
+
 
 @dataclass(frozen=True)
 class ModelLoad:
@@ -47,11 +49,6 @@ class Choice:
 
 def is_live(c: ClusterInfo, now: float, max_age_s: float) -> bool:
     return now - c.last_report < max_age_s
-
-
-def version_key(v: str) -> tuple[int, int, str]:
-    """Order versions: numeric ones by value (so "10" > "9"), above any non-numeric, which sort by text."""
-    return (1, int(v), v) if v.isdigit() else (0, 0, v)
 
 
 def load_of(entry: ModelLoad, assigned: float = 0.0) -> float:

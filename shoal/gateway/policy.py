@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from shoal.modelrepo.versions import newest_version, version_key  # noqa: F401 (the one order, used here)
+
 
 class WorkerLoadView(Protocol):
     in_flight: int
@@ -29,16 +31,6 @@ def pick_worker(workers: Sequence[WorkerLoadView]) -> int | None:
         if key < best_key:
             best, best_key = i, key
     return best
-
-
-def version_key(v: str) -> tuple[int, int | str]:
-    """Numeric versions sort numerically and after nothing else; other names sort as text."""
-    return (0, int(v)) if v.isdigit() else (1, v)
-
-
-def newest_version(versions: Iterable[str]) -> str | None:
-    vs = sorted(versions, key=version_key)
-    return vs[-1] if vs else None
 
 
 def ewma(previous: float, sample: float, alpha: float = 0.2) -> float:

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.modelrepo.versions import version_key
+
 MANIFEST_NAME = "manifest.json"
 RUNTIMES = ("onnx", "torchscript", "sklearn", "python")
 
@@ -264,17 +266,13 @@ def write_manifest(version_dir: str | Path, manifest: Manifest) -> Path:
     return path
 
 
-def _version_key(v: str) -> tuple[int, int | str]:
-    return (0, int(v)) if v.isdigit() else (1, v)
-
-
 def list_versions(repo: str | Path, model: str) -> list[str]:
     """Versions of a model present in a repository, oldest first (numeric versions sort numerically)."""
     d = Path(repo) / model
     if not d.is_dir():
         return []
     vs = [p.name for p in d.iterdir() if (p / MANIFEST_NAME).is_file()]
-    return sorted(vs, key=_version_key)
+    return sorted(vs, key=version_key)
 
 
 def resolve(repo: str | Path, model: str, version: str | None = None) -> tuple[Path, Manifest]:
