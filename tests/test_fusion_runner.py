@@ -120,6 +120,19 @@ def test_fusion_every_k_steps_equals_round_by_round_replay() -> None:
                 np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
 
 
+def test_errors_are_measured_right_after_the_last_round_and_right_before_it() -> None:
+    data = blobs()
+    shards = datasets.shard(data.y_train, "one-class", 3)
+    group = runner.Group("average", shards, seed=0, every="7steps")  # rounds fall mid-epoch
+    tr = runner.run(data, [group], (6,), 0.05, 3, batch=2)
+    assert tr.ticks_per_epoch % 7  # the epoch does not end on a round
+    after, before = tr.group_errors(0), tr.group_errors(0, before=True)
+    for e in range(1, 4):
+        assert len(set(after[e])) == 1  # averaged peers are one model: the same error
+        assert not np.isnan(before[e]).any()
+    assert np.isnan(before[0]).all()
+
+
 def test_step_batches_walk_epochs_back_to_back() -> None:
     shard = np.arange(100, 107)  # 7 rows, batch 3: steps of 3, 3, 1 rows per epoch
     idx, mask = runner.peer_step_batches(shard, seed=0, peer=0, batch=3, start=2, count=3)
@@ -204,5 +217,7 @@ def test_cli_writes_results_table_and_plot_and_continues_from_its_cells(
     assert all(len(r["curve_mean"]) == 3 and len(r["final_per_seed"]) == 2 for r in res["runs"])
     assert (out / "curves.png").stat().st_size > 1000
     assert "| all-data |" in (out / "table.md").read_text()
-    assert "| ring simultaneous |" in (out / "grid.md").read_text()  # a row per reading, a column per interval
+    assert (
+        "| ring simultaneous |" in (out / "grid.md").read_text()
+    )  # a row per reading, a column per interval
     assert main(["fuse", "--fuse-every", "often", "--out", str(tmp_path / "bad")]) == 2

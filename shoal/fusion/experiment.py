@@ -28,6 +28,8 @@ from shoal.fusion.algorithm import UPDATES
 from shoal.fusion.strategy import AVERAGE, Interval
 from shoal.fusion.topology import HYPERCUBE_EDGES, TOPOLOGIES
 
+# Cells written by an older shoal (errors measured at another point) are run again, not mixed in.
+CELL_FORMAT = 2
 ALL_DATA = "all-data"
 SINGLE_SHARD = "single-shard"
 
@@ -146,6 +148,7 @@ def run_cell(
         tr = runner.run(data, gs, cfg.hidden, cfg.lr, cfg.epochs, cfg.batch, engine=cfg.engine, on_epoch=cb)
         for g_i, g in enumerate(tr.groups):
             errs = tr.group_errors(g_i)
+            before = tr.group_errors(g_i, before=True)
             out[g.label] = {
                 "topology": g.topology if g.label not in (ALL_DATA, SINGLE_SHARD) else g.label,
                 "rate": g.rate,
@@ -153,6 +156,8 @@ def run_cell(
                 "update": g.update,
                 "hypercube_edges": g.hypercube_edges,
                 "curve": errs.mean(1).tolist(),
+                # Right before the last fusion round of each epoch (None: no round that epoch).
+                "curve_before": [None if np.isnan(v).all() else float(np.nanmean(v)) for v in before],
                 "final_peers": errs[-1].tolist(),
                 "seconds": tr.seconds,
             }
@@ -175,6 +180,7 @@ def run_experiment(
     t0 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("seeds", "intervals", "engine")}
+    settings["cell_format"] = CELL_FORMAT
     for name, seed, interval in cells(cfg):
         path = out / "cells" / f"{name}.json" if out is not None else None
         cell = None
@@ -200,13 +206,18 @@ def summarise(cfg: Config, cell_results: dict[str, dict[str, Any]], seconds: flo
     by_label: dict[str, dict[str, Any]] = {}
     for cell in cell_results.values():
         for label, r in cell.items():
-            e = by_label.setdefault(label, {**{k: r[k] for k in r if k not in ("curve", "final_peers")}})
+            skip = ("curve", "curve_before", "final_peers")
+            e = by_label.setdefault(label, {**{k: r[k] for k in r if k not in skip}})
             e.setdefault("curves", []).append(r["curve"])
+            e.setdefault("befores", []).append(
+                [np.nan if v is None else v for v in r.get("curve_before", [])]
+            )
             e.setdefault("final_peers", []).append(r["final_peers"])
     runs = []
     baselines_last = sorted(by_label.items(), key=lambda kv: kv[0] in (SINGLE_SHARD, ALL_DATA))
     for label, e in baselines_last:
         curves = np.array(e.pop("curves"))  # [seeds, epochs + 1]
+        befores = np.array(e.pop("befores"), dtype=np.float64)
         lo_hi = [mean_ci(curves[:, k]) for k in range(curves.shape[1])]
         final = mean_ci(curves[:, -1])
         e.pop("seconds", None)
@@ -222,9 +233,17 @@ def summarise(cfg: Config, cell_results: dict[str, dict[str, Any]], seconds: flo
                 "curve_mean": [x[0] for x in lo_hi],
                 "curve_lo": [x[1] for x in lo_hi],
                 "curve_hi": [x[2] for x in lo_hi],
+                "curve_before": _nanmean_columns(befores),
             }
         )
     return {"config": asdict(cfg), "seconds": seconds, "runs": runs}
+
+
+def _nanmean_columns(a: np.ndarray) -> list[float | None]:
+    """Mean over seeds per epoch, None where no seed has a value."""
+    if a.size == 0:
+        return []
+    return [None if np.isnan(col).all() else float(np.nanmean(col)) for col in a.T]
 
 
 def gap_to_all_data(result: dict[str, Any], run: dict[str, Any]) -> tuple[float, float, float] | None:
@@ -276,21 +295,23 @@ def markdown_grid(result: dict[str, Any], epochs: Sequence[int] = ()) -> str:
         rows.setdefault(reading_label(r), {})[
             r["every"] if r["topology"] not in (ALL_DATA, SINGLE_SHARD) else "*"
         ] = r
+    last = result["config"]["epochs"]
     head = ["run"]
     for iv in intervals:
-        head += [f"every {iv}: epoch {e}" for e in epochs] + [
-            f"every {iv}: epoch {result['config']['epochs']}"
-        ]
+        head += [f"every {iv}: epoch {e}" for e in epochs]
+        head += [f"every {iv}: epoch {last}", f"every {iv}: epoch {last}, before its last round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, by in rows.items():
         cells = [name]
         for iv in intervals:
             r = by.get(iv) or by.get("*")
             if r is None:
-                cells += [""] * (len(epochs) + 1)
+                cells += [""] * (len(epochs) + 2)
                 continue
             cells += [f"{100 * r['curve_mean'][e]:.1f}" for e in epochs]
             lo, hi = r["final_ci95"]
             cells.append(f"{100 * r['final_error']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            before = (r.get("curve_before") or [None])[-1]
+            cells.append("" if before is None else f"{100 * before:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

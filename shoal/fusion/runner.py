@@ -21,8 +21,10 @@ ticks, the steps of one pass over the largest shard. A group fuses on its interv
 - every ``k`` steps: each peer walks its own epochs back to back (a peer with a smaller shard starts
   its next epoch sooner, nothing is masked), and the group runs a round after every ``k``-th tick.
 
-Round ``r`` (0-based) is the ``r``-th round the group runs. Every peer is evaluated on the test set at
-the end of each engine epoch; that is the "epoch" of the error curves.
+Round ``r`` (0-based) is the ``r``-th round the group runs. Every peer is evaluated on the test set
+once per engine epoch (the "epoch" of the error curves): right after its group's last fusion round of
+that epoch, so that curves of different intervals all show fused models, and also right before that
+round, which measures the drift since the previous round.
 """
 
 from __future__ import annotations
@@ -182,21 +184,24 @@ class BatchedEngine:
                     self.biases[k].sub_(d.sum(dim=1, keepdim=True), alpha=lr)
                     d = d_prev
 
-    def predict(self, x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-        """Predicted classes ``[P, N]`` of every peer on the same rows ``x [N, D]``."""
+    def predict(self, x: torch.Tensor, rows: Sequence[int] | None = None, chunk: int = 2048) -> torch.Tensor:
+        """Predicted classes ``[P, N]`` of every peer (or of ``rows``) on the same inputs ``x [N, D]``."""
+        sel = torch.tensor(list(rows)) if rows is not None else None
+        weights = [w if sel is None else w[sel] for w in self.weights]
+        biases = [b if sel is None else b[sel] for b in self.biases]
         out = []
         with torch.no_grad():
             for start in range(0, x.shape[0], chunk):
                 h = x[start : start + chunk]
-                for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
                     h = torch.matmul(h, w) + b
-                    if k < len(self.weights) - 1:
+                    if k < len(weights) - 1:
                         h = torch.tanh(h)
                 out.append(h.argmax(-1))
         return torch.cat(out, dim=1)
 
-    def errors(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-        return (self.predict(x) != y).to(torch.float64).mean(1).numpy()
+    def errors(self, x: torch.Tensor, y: torch.Tensor, rows: Sequence[int] | None = None) -> np.ndarray:
+        return (self.predict(x, rows) != y).to(torch.float64).mean(1).numpy()
 
     def fuse_steps(self, steps: Sequence[FusionStep]) -> None:
         """Run fusions: each step fuses rows ``a[k]`` with ``b[k]`` at rate ``f[k]`` by rule ``u[k]``.
@@ -267,9 +272,10 @@ class LoopEngine:
                     for param in model.parameters():
                         param.sub_(param.grad, alpha=self.lr)
 
-    def errors(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    def errors(self, x: torch.Tensor, y: torch.Tensor, rows: Sequence[int] | None = None) -> np.ndarray:
+        models = self.models if rows is None else [self.models[r] for r in rows]
         with torch.no_grad():
-            return np.array([(m(x).argmax(-1) != y).to(torch.float64).mean().item() for m in self.models])
+            return np.array([(m(x).argmax(-1) != y).to(torch.float64).mean().item() for m in models])
 
     def fuse_steps(self, steps: Sequence[FusionStep]) -> None:
         for a, b, f, u in steps:
@@ -337,7 +343,13 @@ class Group:
 
 @dataclass
 class Trace:
-    """What a run produced: ``errors[e][p]`` after epoch ``e`` (row 0: before training), final weights."""
+    """What a run produced: per-peer test errors by epoch (row 0: before training), final weights.
+
+    ``errors[e][p]``: right after peer ``p``'s group's last fusion round of epoch ``e`` (at the end
+    of the epoch if the group did not fuse in it). ``errors_before[e][p]``: right before that round
+    (NaN if none), so ``errors_before - errors`` is what the round undid of the drift since the
+    previous one.
+    """
 
     groups: list[Group]
     errors: np.ndarray  # [epochs + 1, total peers]
@@ -345,10 +357,13 @@ class Trace:
     weights: list[PeerWeights]
     seconds: float
     ticks_per_epoch: int = 0
+    errors_before: np.ndarray | None = None
 
-    def group_errors(self, g: int) -> np.ndarray:
+    def group_errors(self, g: int, before: bool = False) -> np.ndarray:
         start = self.offsets[g]
-        return self.errors[:, start : start + len(self.groups[g].shards)]
+        errs = self.errors_before if before else self.errors
+        assert errs is not None
+        return errs[:, start : start + len(self.groups[g].shards)]
 
 
 # One vectorised fusion: rows a[k] and b[k] fuse at rate f[k] by update rule u[k]; all rows distinct.
@@ -459,31 +474,47 @@ def run(
     xt = torch.tensor(dataset.x_test, dtype=dtype)
     yt = torch.tensor(dataset.y_test, dtype=torch.int64)
     errors = np.zeros((epochs + 1, len(peers)))
+    errors_before = np.full((epochs + 1, len(peers)), np.nan)
     errors[0] = eng.errors(xt, yt)
     step_counts = sorted(
         {g.interval.count for g in groups if g.interval.unit == "steps" and g.topology != "none"}
     )
+    rows_of = [list(range(off, off + len(g.shards))) for g, off in zip(groups, offsets, strict=True)]
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         idx, mask = engine_epoch(groups, seeds, peer_ids, batch, epoch, ticks)
         first = (epoch - 1) * ticks
         # Ticks of this epoch after which some group fuses, and the epoch's end.
-        cuts = {ticks} | {
-            t - first for t in range(first + 1, first + ticks + 1) if any(t % k == 0 for k in step_counts)
+        cuts = sorted(
+            {ticks}
+            | {t - first for t in range(first + 1, first + ticks + 1) if any(t % k == 0 for k in step_counts)}
+        )
+        # Each group is measured right before and after its last round of the epoch, so every curve
+        # shows the fused state whatever its interval, and the gap shows the drift in between.
+        last = {
+            g_i: max((c for c in cuts if round_due(g, first + c, ticks) is not None), default=ticks)
+            for g_i, g in enumerate(groups)
         }
         done = 0
-        for cut in sorted(c for c in cuts if c > 0):
+        for cut in cuts:
             eng.train_steps(x, y, idx[done:cut], mask[done:cut])
             done = cut
+            due = [g_i for g_i, c in last.items() if c == cut]
+            fusing = [g_i for g_i in due if round_due(groups[g_i], first + cut, ticks) is not None]
+            rows = [r for g_i in fusing for r in rows_of[g_i]]
+            if rows:
+                errors_before[epoch, rows] = eng.errors(xt, yt, rows)
             pair_steps, averages = fusion_steps(groups, offsets, first + cut, ticks)
             eng.fuse_steps(pair_steps)
             eng.average(averages)
-        errors[epoch] = eng.errors(xt, yt)
+            rows = [r for g_i in due for r in rows_of[g_i]]
+            if rows:
+                errors[epoch, rows] = eng.errors(xt, yt, rows)
         if on_epoch is not None:
             on_epoch(epoch, errors[epoch])
     seconds = time.perf_counter() - t0
     weights = [eng.peer_weights(p) for p in range(len(peers))]
-    return Trace(list(groups), errors, offsets, weights, seconds, ticks)
+    return Trace(list(groups), errors, offsets, weights, seconds, ticks, errors_before)
 
 
 def train_peer(
