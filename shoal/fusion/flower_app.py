@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,28 +79,50 @@ def _f32(ws: Iterable[np.ndarray]) -> PeerWeights:
     return [np.ascontiguousarray(w, np.float32) for w in ws]
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.5) -> list[Message]:
-    """Send and wait for replies, giving up on a destination once it is offline or ``timeout`` passes.
+PUSH_ATTEMPTS = 3
+
+
+def exchange(
+    grid: Grid, make: Callable[[], list[Message]], timeout: float, poll: float = 0.5
+) -> list[Message]:
+    """Send ``make()``'s messages and wait for replies; give up on a site once it is offline or
+    ``timeout`` passes.
 
     Flower's ``send_and_receive`` polls every 3 seconds and waits the whole timeout for a site that
-    went away; rounds here are seconds long, and a site that left will not answer.
+    went away; rounds here are seconds long, and a site that left will not answer. A push the
+    SuperLink does not take (overloaded, restarting) is tried again with fresh messages, a failed
+    poll is simply polled again: one slow moment must not end a federation's run.
     """
-    if not messages:
-        return []
-    ids = [i for i in grid.push_messages(messages) if i]
+    for attempt in range(PUSH_ATTEMPTS):
+        messages = make()
+        if not messages:
+            return []
+        try:
+            ids = [i for i in grid.push_messages(messages) if i]
+            break
+        except Exception as e:
+            if attempt + 1 == PUSH_ATTEMPTS:
+                raise
+            print(
+                f"pushing {len(messages)} messages failed ({type(e).__name__}: {e}); trying again", flush=True
+            )
+            time.sleep(2.0 * (attempt + 1))
     dest = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=False)}
     pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     last_check = time.monotonic()
     while pending and time.monotonic() < deadline:
-        got = list(grid.pull_messages(list(pending)))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if pending and time.monotonic() - last_check > 1.0:
-            last_check = time.monotonic()
-            online = {n.node_id for n in grid.get_nodes() if n.status == "online"}
-            pending = {mid for mid in pending if dest[mid] in online}
+        try:
+            got = list(grid.pull_messages(list(pending)))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending and time.monotonic() - last_check > 1.0:
+                last_check = time.monotonic()
+                online = {n.node_id for n in grid.get_nodes() if n.status == "online"}
+                pending = {mid for mid in pending if dest[mid] in online}
+        except Exception as e:
+            print(f"polling for replies failed ({type(e).__name__}: {e}); polling again", flush=True)
         if pending:
             time.sleep(poll)
     return replies
@@ -155,7 +177,10 @@ class PeerFusionStrategy(Strategy):
             else:
                 unnamed.append(n.node_id)
         if unnamed:
-            ask = [Message(RecordDict(), dst_node_id=i, message_type="query") for i in unnamed]
+
+            def ask() -> list[Message]:
+                return [Message(RecordDict(), dst_node_id=i, message_type="query") for i in unnamed]
+
             for reply in exchange(grid, ask, timeout=60):
                 if reply.has_content() and "site" in reply.content:
                     site = str(reply.content["site"]["name"])
@@ -284,16 +309,22 @@ class PeerFusionStrategy(Strategy):
         for rnd in range(1, num_rounds + 1):
             if rnd > 1 and self.round_wait > 0:
                 self.wait_for_sites(grid, self.round_wait)  # a site that is restarting gets a moment
-            msgs = list(self.configure_train(rnd, ArrayRecord(), train_config or ConfigRecord(), grid))
-            _, metrics = self.aggregate_train(rnd, exchange(grid, msgs, timeout))
+            cfg = train_config or ConfigRecord()
+
+            def train_messages(rnd: int = rnd, cfg: ConfigRecord = cfg) -> list[Message]:
+                return list(self.configure_train(rnd, ArrayRecord(), cfg, grid))
+
+            _, metrics = self.aggregate_train(rnd, exchange(grid, train_messages, timeout))
             if metrics is not None:
                 result.train_metrics_clientapp[rnd] = metrics
             print(f"round {rnd}/{num_rounds}: {dict(metrics or {})}", flush=True)
         result.arrays = ArrayRecord(self.consensus())
-        msgs = list(
-            self.configure_evaluate(num_rounds, result.arrays, evaluate_config or ConfigRecord(), grid)
-        )
-        metrics = self.aggregate_evaluate(num_rounds, exchange(grid, msgs, timeout))
+        arrays, ecfg = result.arrays, evaluate_config or ConfigRecord()
+
+        def evaluate_messages() -> list[Message]:
+            return list(self.configure_evaluate(num_rounds, arrays, ecfg, grid))
+
+        metrics = self.aggregate_evaluate(num_rounds, exchange(grid, evaluate_messages, timeout))
         if metrics is not None:
             result.evaluate_metrics_clientapp[num_rounds] = metrics
             print(f"consensus model on the sites' held-out rows: {dict(metrics)}", flush=True)
