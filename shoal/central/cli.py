@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from shoal.aio import add_logging_arguments
@@ -70,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds after start during which a route nobody serves yet is 503 'try again' rather than "
         "404, while clusters send their first reports (default: three report intervals)",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        help="longest long poll (GET /v1/commands?wait=) a device may ask for, in seconds (default %(default)s)",
     )
     p.add_argument("--ports-file", default=None, help="write {http, pid} as JSON here once listening")
     add_logging_arguments(p)
@@ -138,7 +145,7 @@ def _read_password() -> str | None:
 async def _accounts(args: argparse.Namespace) -> int:
     from shoal.central import passwords
     from shoal.central.db import AccountExists, Store
-    from shoal.central.server import NAME_RE
+    from shoal.protocol.central_messages import NAME_PATTERN
 
     store = Store(_db(args))
     try:
@@ -156,7 +163,7 @@ async def _accounts(args: argparse.Namespace) -> int:
                 return 1
             print(f"removed {args.kind} {args.name}")
             return 0
-        if not NAME_RE.match(args.name):
+        if not re.match(NAME_PATTERN, args.name):
             print(f"shoal central: {args.name!r} is not a valid name", file=sys.stderr)
             return 2
         password = args.password or os.environ.get("SHOAL_PASSWORD") or _read_password()
@@ -177,7 +184,8 @@ async def _accounts(args: argparse.Namespace) -> int:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from shoal.central.db import Store, redact
+    from shoal.central.db import Store
+    from shoal.database import redact
 
     store = Store(_db(args))
     try:
@@ -224,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         bootstrap_operator=bootstrap,
         db_timeout_s=args.db_timeout,
         startup_grace_s=args.startup_grace,
+        max_wait_s=args.max_wait,
     )
     try:
         central = Central(cfg)

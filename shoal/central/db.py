@@ -9,16 +9,12 @@ clusters is not here: every replica keeps its own, since clusters report to each
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import functools
 import json
 import logging
 import os
-import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,18 +28,20 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     delete,
-    event,
     func,
     select,
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from shoal.database import async_url, create_engine, dialect_of, migrate, private_sqlite_file, sqlite_path
+from shoal.protocol.central_messages import Account, AckedCommand, CommandCounts
+from shoal.protocol.central_messages import Command as CommandMessage
 
 log = logging.getLogger("shoal.central")
 
-ACCOUNT_KINDS = ("device", "cluster", "operator")
 DEFAULT_TIMEOUT_S = 5.0  # every query; a hung database makes requests 503 instead of hanging them
 MIGRATIONS = Path(__file__).parent / "migrations"
 VERSION_TABLE = "shoal_alembic_version"
@@ -59,7 +57,7 @@ class Base(DeclarativeBase):
 _Id = BigInteger().with_variant(Integer(), "sqlite")
 
 
-class Account(Base):
+class AccountRow(Base):
     __tablename__ = "shoal_accounts"
     __table_args__ = (UniqueConstraint("kind", "name", name="uq_shoal_accounts_kind_name"),)
     id: Mapped[int] = mapped_column(_Id, primary_key=True, autoincrement=True)
@@ -69,13 +67,13 @@ class Account(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
-class Secret(Base):
+class SecretRow(Base):
     __tablename__ = "shoal_secrets"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-class Command(Base):
+class CommandRow(Base):
     __tablename__ = "shoal_commands"
     __table_args__ = (Index("ix_shoal_commands_device_acked", "device", "acked_at"),)
     id: Mapped[int] = mapped_column(_Id, primary_key=True, autoincrement=True)
@@ -91,47 +89,6 @@ class Command(Base):
 
 class AccountExists(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class AccountRow:
-    kind: str
-    name: str
-    created_at: float
-
-
-def async_url(url: str) -> str:
-    """Accept plain ``sqlite:///`` and ``postgresql://`` URLs and pick the async drivers for them."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ValueError(f"not a database URL: {url!r} (e.g. sqlite:///central.db, postgresql://host/db)")
-    base = scheme.split("+")[0]
-    if base == "sqlite":
-        return f"sqlite+aiosqlite://{rest}"
-    if base in ("postgresql", "postgres"):
-        return f"postgresql+asyncpg://{rest}"
-    raise ValueError(f"unsupported database {scheme!r}: use sqlite:/// or postgresql://")
-
-
-def dialect_of(url: str) -> str:
-    return "sqlite" if url.startswith("sqlite") else "postgresql"
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and the status API."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = creds.split(":")[0]
-    return f"{scheme}{sep}{user}:***@{host}"
-
-
-def _sqlite_path(url: str) -> str | None:
-    rest = url.partition("://")[2]
-    if not rest.startswith("/") or rest in ("/", "/:memory:"):
-        return None
-    return rest[1:].split("?")[0]
 
 
 class DatabaseTimeout(asyncio.TimeoutError):
@@ -155,59 +112,14 @@ def _bounded(fn: Callable[..., Awaitable[_R]]) -> Callable[..., Awaitable[_R]]:
     return run
 
 
-def _private_sqlite_file(path: str) -> None:
-    """The central database holds the master secret every route token derives from: create it
-    readable by its owner only (SQLite gives its -wal and -shm files the same mode), and say so
-    when an existing file is readable by others."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
-        return
-    except FileExistsError:
-        pass
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
-        log.warning(
-            "central database %s is readable by other users (mode %o): it holds the master secret; "
-            "chmod 600 it",
-            path,
-            mode,
-        )
-
-
-def _run_upgrade(connection: Any, revision: str) -> None:
-    # Alembic narrates every plugin at INFO as it is imported; central logs what it migrates itself.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.attributes["connection"] = connection
-    command.upgrade(cfg, revision)
-
-
 class Store:
     """Every database access central makes. One per process; methods are coroutines."""
 
-    def __init__(self, url: str, echo: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.url = async_url(url)
         self.dialect = dialect_of(self.url)
         self.timeout_s = timeout_s
-        kw: dict[str, Any] = {"echo": echo}
-        if self.dialect == "sqlite":
-            kw["connect_args"] = {"timeout": timeout_s}
-        else:
-            kw.update(
-                pool_size=10,
-                max_overflow=10,
-                pool_pre_ping=True,
-                pool_timeout=timeout_s,
-                connect_args={"timeout": timeout_s, "command_timeout": timeout_s},
-            )
-        self.engine: AsyncEngine = create_async_engine(self.url, **kw)
-        if self.dialect == "sqlite":
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.engine: AsyncEngine = create_engine(self.url, timeout_s=timeout_s)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     async def open(self) -> None:
@@ -217,29 +129,12 @@ class Store:
         await self.engine.dispose()
 
     async def migrate(self, revision: str = "head") -> None:
-        with self._file_lock():
-            async with self.engine.begin() as conn:
-                if self.dialect == "postgresql":
-                    from sqlalchemy import text
-
-                    await conn.execute(text(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})"))
-                await conn.run_sync(_run_upgrade, revision)
-
-    @contextlib.contextmanager
-    def _file_lock(self) -> Any:
-        # SQLite has no advisory locks; a lock file next to the database serialises replicas' migrations.
-        path = _sqlite_path(self.url) if self.dialect == "sqlite" else None
-        if path is None:
-            yield
-            return
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        _private_sqlite_file(path)
-        with open(path + ".migrate-lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        path = sqlite_path(self.url)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Every route token derives from the master secret this file holds.
+            private_sqlite_file(path, "central database", "it holds the master secret")
+        await migrate(self.engine, MIGRATIONS, _PG_MIGRATION_LOCK, revision)
 
     # ------------------------------------------------------------------------------- secrets
 
@@ -247,16 +142,16 @@ class Store:
     async def master_secret(self) -> bytes:
         """The secret every replica derives cluster keys from; created by whichever replica comes first."""
         async with self.sessions() as s:
-            row = await s.get(Secret, "master")
+            row = await s.get(SecretRow, "master")
             if row is not None:
                 return row.value
         try:
             async with self.sessions.begin() as s:
-                s.add(Secret(name="master", value=os.urandom(32)))
+                s.add(SecretRow(name="master", value=os.urandom(32)))
         except IntegrityError:
             pass  # another replica created it first: use theirs
         async with self.sessions() as s:
-            row = await s.get(Secret, "master")
+            row = await s.get(SecretRow, "master")
             assert row is not None
             return row.value
 
@@ -266,7 +161,7 @@ class Store:
     async def add_account(self, kind: str, name: str, password_hash: str) -> None:
         try:
             async with self.sessions.begin() as s:
-                s.add(Account(kind=kind, name=name, password_hash=password_hash, created_at=time.time()))
+                s.add(AccountRow(kind=kind, name=name, password_hash=password_hash, created_at=time.time()))
         except IntegrityError:
             raise AccountExists(f"a {kind} account named {name!r} already exists") from None
 
@@ -274,27 +169,29 @@ class Store:
     async def password_hash(self, kind: str, name: str) -> str | None:
         async with self.sessions() as s:
             return await s.scalar(
-                select(Account.password_hash).where(Account.kind == kind, Account.name == name)
+                select(AccountRow.password_hash).where(AccountRow.kind == kind, AccountRow.name == name)
             )
 
     @_bounded
-    async def list_accounts(self, kind: str | None = None) -> list[AccountRow]:
-        q = select(Account.kind, Account.name, Account.created_at).order_by(Account.kind, Account.name)
+    async def list_accounts(self, kind: str | None = None) -> list[Account]:
+        q = select(AccountRow.kind, AccountRow.name, AccountRow.created_at).order_by(
+            AccountRow.kind, AccountRow.name
+        )
         if kind is not None:
-            q = q.where(Account.kind == kind)
+            q = q.where(AccountRow.kind == kind)
         async with self.sessions() as s:
-            return [AccountRow(*r) for r in (await s.execute(q)).all()]
+            return [Account(*r) for r in (await s.execute(q)).all()]
 
     @_bounded
     async def count_accounts(self, kind: str) -> int:
         async with self.sessions() as s:
-            q = select(func.count()).select_from(Account).where(Account.kind == kind)
+            q = select(func.count()).select_from(AccountRow).where(AccountRow.kind == kind)
             return int(await s.scalar(q) or 0)
 
     @_bounded
     async def remove_account(self, kind: str, name: str) -> bool:
         async with self.sessions.begin() as s:
-            r = await s.execute(delete(Account).where(Account.kind == kind, Account.name == name))
+            r = await s.execute(delete(AccountRow).where(AccountRow.kind == kind, AccountRow.name == name))
             return (r.rowcount or 0) > 0
 
     # ------------------------------------------------------------------------------ commands
@@ -302,7 +199,7 @@ class Store:
     @_bounded
     async def add_command(self, device: str, command: str, args: dict[str, Any], by: str) -> int:
         async with self.sessions.begin() as s:
-            row = Command(
+            row = CommandRow(
                 device=device, command=command, args=json.dumps(args), created_by=by, created_at=time.time()
             )
             s.add(row)
@@ -310,38 +207,31 @@ class Store:
             return int(row.id)
 
     @_bounded
-    async def pending_commands(self, device: str, limit: int = 100) -> list[dict[str, Any]]:
+    async def pending_commands(self, device: str, limit: int = 100) -> list[CommandMessage]:
         """Commands for ``device`` not acknowledged yet, oldest first; marks them delivered."""
         async with self.sessions.begin() as s:
             rows = (
                 await s.scalars(
-                    select(Command)
-                    .where(Command.device == device, Command.acked_at.is_(None))
-                    .order_by(Command.id)
+                    select(CommandRow)
+                    .where(CommandRow.device == device, CommandRow.acked_at.is_(None))
+                    .order_by(CommandRow.id)
                     .limit(limit)
                 )
             ).all()
             now = time.time()
             fresh = [r.id for r in rows if r.delivered_at is None]
             if fresh:
-                await s.execute(update(Command).where(Command.id.in_(fresh)).values(delivered_at=now))
+                await s.execute(update(CommandRow).where(CommandRow.id.in_(fresh)).values(delivered_at=now))
             return [
-                {
-                    "id": r.id,
-                    "command": r.command,
-                    "args": json.loads(r.args),
-                    "created_at": r.created_at,
-                    "created_by": r.created_by,
-                }
-                for r in rows
+                CommandMessage(r.id, r.command, json.loads(r.args), r.created_at, r.created_by) for r in rows
             ]
 
     @_bounded
     async def ack_command(self, device: str, command_id: int, result: Any) -> bool:
         async with self.sessions.begin() as s:
             r = await s.execute(
-                update(Command)
-                .where(Command.id == command_id, Command.device == device, Command.acked_at.is_(None))
+                update(CommandRow)
+                .where(CommandRow.id == command_id, CommandRow.device == device, CommandRow.acked_at.is_(None))
                 .values(acked_at=time.time(), result=json.dumps(result))
             )
             return (r.rowcount or 0) > 0
@@ -350,45 +240,31 @@ class Store:
     async def commands_since(self, last_id: int) -> list[tuple[int, str]]:
         async with self.sessions() as s:
             rows = await s.execute(
-                select(Command.id, Command.device).where(Command.id > last_id).order_by(Command.id)
+                select(CommandRow.id, CommandRow.device).where(CommandRow.id > last_id).order_by(CommandRow.id)
             )
             return [(int(i), d) for i, d in rows.all()]
 
     @_bounded
     async def last_command_id(self) -> int:
         async with self.sessions() as s:
-            return int(await s.scalar(select(func.max(Command.id))) or 0)
+            return int(await s.scalar(select(func.max(CommandRow.id))) or 0)
 
     @_bounded
-    async def command_counts(self) -> dict[str, int]:
+    async def command_counts(self) -> CommandCounts:
         async with self.sessions() as s:
-            n = select(func.count()).select_from(Command)
-            pending = await s.scalar(n.where(Command.acked_at.is_(None)))
-            acked = await s.scalar(n.where(Command.acked_at.is_not(None)))
-        return {"pending": int(pending or 0), "acked": int(acked or 0)}
+            n = select(func.count()).select_from(CommandRow)
+            pending = await s.scalar(n.where(CommandRow.acked_at.is_(None)))
+            acked = await s.scalar(n.where(CommandRow.acked_at.is_not(None)))
+        return CommandCounts(int(pending or 0), int(acked or 0))
 
     @_bounded
-    async def acked_since(self, since: float) -> list[dict[str, Any]]:
+    async def acked_since(self, since: float) -> list[AckedCommand]:
         """Commands acknowledged after ``since`` (unix seconds) with their results, for the webhook."""
         async with self.sessions() as s:
-            rows = (
-                await s.scalars(select(Command).where(Command.acked_at > since).order_by(Command.acked_at))
-            ).all()
+            q = select(CommandRow).where(CommandRow.acked_at > since).order_by(CommandRow.acked_at)
+            rows = (await s.scalars(q)).all()
         return [
-            {
-                "id": r.id,
-                "device": r.device,
-                "command": r.command,
-                "acked_at": r.acked_at,
-                "result": json.loads(r.result) if r.result else None,
-            }
+            AckedCommand(r.id, r.device, r.command, r.acked_at or 0.0, json.loads(r.result) if r.result else None)
             for r in rows
         ]
 
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # WAL lets readers (other replicas, the CLI) work while one replica writes.
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()

@@ -18,27 +18,26 @@ class _CentralState:
         self.c = central
 
     def collect(self) -> Any:
-        c = self.c
+        d, auth, hook = self.c.directory, self.c.auth, self.c.webhook
         routes = CounterMetricFamily("shoal_central_routes", "Route requests answered", labels=["result"])
-        routes.add_metric(["ok"], c.routes_answered)
-        routes.add_metric(["unserved"], c.routes_unserved)
+        routes.add_metric(["ok"], d.routes_answered)
+        routes.add_metric(["unserved"], d.routes_unserved)
         yield routes
-        yield CounterMetricFamily("shoal_central_reports", "Cluster reports accepted", value=c.reports)
-        yield CounterMetricFamily("shoal_central_auth_failures", "Credentials refused", value=c.auth_failures)
+        yield CounterMetricFamily("shoal_central_reports", "Cluster reports accepted", value=d.reports)
+        yield CounterMetricFamily("shoal_central_auth_failures", "Credentials refused", value=auth.failures)
         yield CounterMetricFamily(
             "shoal_central_auth_throttled",
             "Logins refused at once (429) for too many recent failures of the account or address",
-            value=c.auth_throttled,
+            value=auth.throttled,
         )
         hooks = CounterMetricFamily("shoal_central_webhook_posts", "Webhook posts", labels=["result"])
-        for k in ("sent", "failed", "skipped"):
-            hooks.add_metric([k], c.webhook_stats[k])
+        for k, v in (("sent", hook.sent), ("failed", hook.failed), ("skipped", hook.skipped)):
+            hooks.add_metric([k], v)
         yield hooks
-        now = time.monotonic()
-        live = [x for x in c.clusters.values() if now - x.last_report < c.max_age_s]
+        live = d.live(time.monotonic())
         yield GaugeMetricFamily("shoal_central_clusters_live", "Clusters in the route table", value=len(live))
         yield GaugeMetricFamily(
-            "shoal_central_devices_live", "Devices seen in the last minute", value=len(c.devices)
+            "shoal_central_devices_live", "Devices seen in the last minute", value=len(d.devices)
         )
         load = GaugeMetricFamily(
             "shoal_central_cluster_load",

@@ -17,19 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from shoal.modelrepo.versions import version_key
-
-
-@dataclass(frozen=True)
-class ModelLoad:
-    name: str
-    version: str
-    ready: bool = True
-    in_flight: float = 0.0
-    capacity: float = 1.0
-    queue: float = 0.0
-    latency_ms: float = 0.0
-    workers: int = 0
-    asleep: bool = False  # no worker now, but the cluster starts one for the first request
+from shoal.protocol.central_messages import ModelLoad
 
 
 @dataclass(frozen=True)

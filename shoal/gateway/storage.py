@@ -52,7 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from shoal.central.db import async_url, redact
+from shoal.database import async_url, redact
 from shoal.protocol.tensors import datatype_of
 
 log = logging.getLogger("shoal.gateway.storage")

@@ -1,0 +1,296 @@
+"""What each of central's operations does, and the route table that declares them.
+
+Handlers get a ``Call`` whose credentials, body, query and path parameters the application has
+already checked and decoded (``app.py``), and return a message of ``protocol/central_messages.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+from starlette.responses import Response
+
+from shoal.central.app import Call, Credentials, Operation, RouteTable, respond
+from shoal.central.config import CentralConfig
+from shoal.central.db import AccountExists
+from shoal.central.errors import RETRY_SOON, HttpError
+from shoal.protocol.central_messages import (
+    AccountAdded,
+    AccountKind,
+    AccountList,
+    AccountRemoved,
+    Ack,
+    AckAnswer,
+    ClusterList,
+    CommandAdded,
+    CommandList,
+    Health,
+    Name,
+    NewAccount,
+    NewCommand,
+    Report,
+    ReportAnswer,
+    Route,
+    RouteRequest,
+    Session,
+    Status,
+)
+from shoal.security.tokens import sign_token
+
+if TYPE_CHECKING:
+    from shoal.central.server import Central
+
+log = logging.getLogger("shoal.central")
+
+OPERATOR = Credentials("operator")
+CLUSTER = Credentials("cluster")
+DEVICE = Credentials("device")
+DEVICE_OR_SESSION = Credentials("device", session=True)
+
+
+# ------------------------------------------------------------------------------------- public
+
+
+async def status_page(c: Central, call: Call) -> Response:
+    # Behind operator Basic auth: the browser asks once, then sends the same credentials with the
+    # page's own requests to /v1/status.
+    return respond(c.page, media_type="text/html; charset=utf-8")
+
+
+async def metrics(c: Central, call: Call) -> Response:
+    # Operator credentials, like the rest of the status: Prometheus scrapes with basic_auth.
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return respond(generate_latest(c.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+async def health(c: Central, call: Call) -> Health:
+    return Health(ok=True, replica=c.replica)
+
+
+async def openapi(c: Central, call: Call) -> Response:
+    return respond(c.openapi)
+
+
+# ------------------------------------------------------------------------------------- devices
+
+
+async def login(c: Central, call: Call) -> Session:
+    c.directory.seen(call.who)
+    return c.auth.session(call.who)
+
+
+async def route(c: Central, call: Call) -> Route:
+    req: RouteRequest = call.body
+    c.directory.seen(call.who)
+    now = time.monotonic()
+    choice = c.directory.choose(req.model, req.version, req.exclude, now)
+    if choice is None:
+        what = f"model '{req.model}'" + (f" version '{req.version}'" if req.version is not None else "")
+        if c.directory.starting(now):
+            raise HttpError(
+                503, f"central has just started and clusters are reporting; no route for {what} yet", RETRY_SOON
+            )
+        extra = f" (excluding {', '.join(req.exclude)})" if req.exclude else ""
+        raise HttpError(404, f"no live cluster serves {what}{extra}")
+    name = choice.cluster.name
+    wall = time.time()
+    ttl = c.config.token_ttl_s
+    claims = {"aud": name, "sub": call.who, "model": req.model}
+    if req.version is not None:
+        claims["version"] = req.version  # the token then opens that version only
+    token = sign_token(claims, c.keys.route(name), ttl, now=wall)
+    return Route(name, choice.cluster.address, token, int(wall + ttl), req.model, choice.entry.version)
+
+
+async def get_commands(c: Central, call: Call) -> CommandList:
+    c.directory.seen(call.who)
+    cmds = await c.commands.wait(call.who, call.query.get("wait", 0.0))
+    c.directory.seen(call.who)
+    return CommandList(cmds)
+
+
+async def ack_command(c: Central, call: Call) -> AckAnswer:
+    cid: int = call.params["id"]
+    ack: Ack = call.body
+    if not await c.store.ack_command(call.who, cid, ack.result):
+        raise HttpError(404, f"no unacknowledged command {cid} for device {call.who!r}")
+    c.directory.seen(call.who)
+    return AckAnswer(ok=True, id=cid)
+
+
+# ------------------------------------------------------------------------------------ clusters
+
+
+async def report(c: Central, call: Call) -> ReportAnswer:
+    rep: Report = call.body
+    if c.directory.report(call.who, rep, time.monotonic()):
+        log.info("cluster %r is live at %s with %d model versions", call.who, rep.address, len(rep.models))
+    key = base64.urlsafe_b64encode(c.keys.route(call.who)).decode("ascii")
+    return ReportAnswer(ok=True, cluster=call.who, token_key=key, report_interval_s=c.config.report_interval_s)
+
+
+# ------------------------------------------------------------------------------------ operators
+
+
+async def clusters(c: Central, call: Call) -> ClusterList:
+    return ClusterList(c.directory.live_views(), c.config.report_interval_s)
+
+
+async def status(c: Central, call: Call) -> Status:
+    return await c.status()
+
+
+async def add_account(c: Central, call: Call) -> AccountAdded:
+    new: NewAccount = call.body
+    if len(new.password.encode("utf-8")) > 1024:
+        raise HttpError(400, "invalid body: password must be at most 1024 bytes - at `$.password`")
+    try:
+        await c.store.add_account(new.kind, new.name, await c.auth.hash(new.password))
+    except AccountExists as e:
+        raise HttpError(409, str(e)) from None
+    log.info("operator %r added %s account %r", call.who, new.kind, new.name)
+    return AccountAdded(new.kind, new.name)
+
+
+async def list_accounts(c: Central, call: Call) -> AccountList:
+    return AccountList(await c.store.list_accounts(call.query.get("kind")))
+
+
+async def remove_account(c: Central, call: Call) -> AccountRemoved:
+    kind, name = call.params["kind"], call.params["name"]
+    if kind == "operator" and await c.store.count_accounts("operator") <= 1:
+        if await c.store.password_hash(kind, name) is not None:
+            raise HttpError(409, "refusing to remove the last operator account")
+    if not await c.store.remove_account(kind, name):
+        raise HttpError(404, f"no {kind} account named {name!r}")
+    c.auth.forget()
+    if kind == "cluster":
+        c.directory.forget(name)
+    log.info("operator %r removed %s account %r", call.who, kind, name)
+    return AccountRemoved(removed=True, kind=kind, name=name)
+
+
+async def post_command(c: Central, call: Call) -> CommandAdded:
+    device: str = call.params["name"]
+    new: NewCommand = call.body
+    if await c.store.password_hash("device", device) is None:
+        raise HttpError(404, f"no device account named {device!r}")
+    cid = await c.commands.add(device, new.command, new.args, call.who)
+    return CommandAdded(cid, device, new.command)
+
+
+# --------------------------------------------------------------------------------------- table
+
+
+def route_table(config: CentralConfig) -> RouteTable:
+    wait = Annotated[
+        float,
+        msgspec.Meta(ge=0, le=config.max_wait_s, description="seconds to wait for a command (long poll)"),
+    ]
+    return RouteTable(
+        [
+            Operation("GET", "/", "the status page (HTML)", status_page, OPERATOR, media_type="text/html"),
+            Operation("GET", "/metrics", "Prometheus metrics (text format)", metrics, OPERATOR, media_type="text/plain"),
+            Operation("GET", "/v1/health", "liveness of this replica", health, None, answer=Health),
+            Operation("GET", "/v1/openapi.json", "this document (OpenAPI 3.1)", openapi, None),
+            Operation("POST", "/v1/login", "a device session token", login, DEVICE, answer=Session),
+            Operation(
+                "POST",
+                "/v1/route",
+                "the least-loaded live cluster serving a model, with a route token for it",
+                route,
+                DEVICE_OR_SESSION,
+                body=RouteRequest,
+                answer=Route,
+                errors=(404,),
+            ),
+            Operation(
+                "POST",
+                "/v1/clusters/report",
+                "a cluster's report (every report_interval_s); the account name is the cluster name",
+                report,
+                CLUSTER,
+                body=Report,
+                answer=ReportAnswer,
+            ),
+            Operation(
+                "GET", "/v1/clusters", "the live clusters, their models and load", clusters, OPERATOR, answer=ClusterList
+            ),
+            Operation(
+                "GET",
+                "/v1/status",
+                "clusters, models, load, devices seen recently, counters",
+                status,
+                OPERATOR,
+                answer=Status,
+            ),
+            Operation(
+                "POST",
+                "/v1/accounts",
+                "add an account",
+                add_account,
+                OPERATOR,
+                body=NewAccount,
+                answer=AccountAdded,
+                status=201,
+                errors=(409,),
+            ),
+            Operation(
+                "GET",
+                "/v1/accounts",
+                "accounts (never their secrets)",
+                list_accounts,
+                OPERATOR,
+                answer=AccountList,
+                query={"kind": AccountKind},
+            ),
+            Operation(
+                "DELETE",
+                "/v1/accounts/{kind}/{name}",
+                "remove an account",
+                remove_account,
+                OPERATOR,
+                answer=AccountRemoved,
+                errors=(404, 409),
+                params={"kind": AccountKind, "name": str},
+            ),
+            Operation(
+                "POST",
+                "/v1/devices/{name}/commands",
+                "post a command for a device",
+                post_command,
+                OPERATOR,
+                body=NewCommand,
+                answer=CommandAdded,
+                status=201,
+                errors=(404,),
+                params={"name": Name},
+            ),
+            Operation(
+                "GET",
+                "/v1/commands",
+                "this device's unacknowledged commands; waits up to `wait` seconds for one (long poll)",
+                get_commands,
+                DEVICE_OR_SESSION,
+                answer=CommandList,
+                query={"wait": wait},
+            ),
+            Operation(
+                "POST",
+                "/v1/commands/{id}/ack",
+                'acknowledge a command, optionally with {"result": ...}',
+                ack_command,
+                DEVICE_OR_SESSION,
+                body=Ack,
+                body_optional=True,
+                answer=AckAnswer,
+                errors=(404,),
+                params={"id": int},
+            ),
+        ]
+    )
