@@ -3,6 +3,7 @@
 import struct
 
 import msgpack
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from shoal.protocol.frames import (
     MsgType,
     encode_frame_bytes,
 )
+from shoal.protocol.link_messages import TensorDesc, decode_header
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 
 
@@ -29,7 +31,8 @@ def test_round_trip_with_tensors():
     wire = encode_frame_bytes(MsgType.REQUEST, {"id": 7, "inputs": specs}, bufs)
     frames = FrameDecoder().feed(wire)
     assert len(frames) == 1 and frames[0].type is MsgType.REQUEST and frames[0].header["id"] == 7
-    out = unpack_tensors(frames[0].header["inputs"], frames[0].payload)
+    req = decode_header(MsgType.REQUEST, frames[0].raw_header)  # as the link's state machine reads it
+    out = unpack_tensors(req.inputs, frames[0].payload)
     np.testing.assert_array_equal(out["a"], arrays["a"])
     np.testing.assert_array_equal(out["b"], arrays["b"])
     assert list(out["s"]) == [b"hello", b"", b"\x00\xff"]
@@ -80,14 +83,13 @@ def test_header_must_be_a_map():
 
 def test_tensor_sizes_must_agree():
     specs, bufs = pack_tensors({"a": np.zeros((2, 2), np.float32)})
-    specs[0]["shape"] = [3, 2]
+    wrong = [msgspec.structs.replace(specs[0], shape=[3, 2])]
     with pytest.raises(TensorError):
-        unpack_tensors(specs, b"".join(bytes(b) for b in bufs))
-    specs[0]["shape"] = [2, 2]
+        unpack_tensors(wrong, b"".join(bytes(b) for b in bufs))
     with pytest.raises(TensorError, match="not claimed"):
         unpack_tensors(specs, b"".join(bytes(b) for b in bufs) + b"extra")
     with pytest.raises(TensorError):
-        unpack_tensors([{"name": "x", "datatype": "BYTES", "shape": [2], "size": 4}], b"\x09\x00\x00\x00")
+        unpack_tensors([TensorDesc("x", "BYTES", [2], 4)], b"\x09\x00\x00\x00")
 
 
 @settings(max_examples=400, deadline=None)

@@ -2,6 +2,7 @@
 
 import json
 
+import msgspec
 import numpy as np
 import orjson
 import pytest
@@ -216,7 +217,7 @@ def test_binary_response_straight_from_a_result_frame():
     doc, arrays = parse_infer_response(body, hl)
     assert doc["id"] == "r1" and doc["model_name"] == "m"
     np.testing.assert_array_equal(arrays["y"], y)
-    bad = [dict(specs[0], size=4), specs[1]]
+    bad = [msgspec.structs.replace(specs[0], size=4), specs[1]]
     with pytest.raises(TensorError):
         binary_response("m", "1", None, bad, payload)
     with pytest.raises(TensorError):

@@ -189,7 +189,7 @@ async def _link(workdir: Path, args: Namespace) -> dict[str, Any]:
                     loop.create_future(),
                     deadline=time.monotonic() + 30,
                 )
-                pool.submit(p)
+                gw.dispatcher.submit(pool, p, time.monotonic())
                 await p.future
                 lat.append(time.perf_counter() - t)
                 n += 1

@@ -239,7 +239,7 @@ class HttpApp:
                 assert pool is not None
                 h, payload = await self.gw.call_model(pool, arrays, t0 + timeout, None, rid, raw=True)
                 try:
-                    out, hlen = binary_response(spec.name, spec.version, req.id, h["outputs"], payload)
+                    out, hlen = binary_response(spec.name, spec.version, req.id, h.outputs, payload)
                 except (TensorError, KeyError) as e:
                     raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
                 await _reply(

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 if TYPE_CHECKING:
     from shoal.gateway.pool import ModelSpec, Pending
     from shoal.gateway.server import Gateway
+    from shoal.protocol.link_messages import Result
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -196,17 +197,17 @@ class GatewayMetrics:
             )
         return c
 
-    def observe_result(self, spec: ModelSpec, h: dict[str, Any], p: Pending) -> None:
-        _, queue, compute, batch, retries = self._model(spec)
+    def observe_result(self, spec: ModelSpec, r: Result, p: Pending) -> None:
+        _, queue, compute, batch, _ = self._model(spec)
         queue.observe(max(0.0, p.t_sent - p.t_enqueued))
-        cm = h.get("compute_ms")
-        if cm is not None:
-            compute.observe(cm / 1000.0)
-        b = h.get("batch")
-        if b is not None:
-            batch.observe(b)
-        if p.attempts > 1:
-            retries.inc(p.attempts - 1)
+        if r.compute_ms is not None:
+            compute.observe(r.compute_ms / 1000.0)
+        if r.batch:
+            batch.observe(r.batch)
+
+    def count_retry(self, pool: Any) -> None:
+        """A request sent again after its worker died or turned it away."""
+        self._model(pool.spec)[4].inc()
 
     def observe_response(self, spec: ModelSpec, code: int, seconds: float) -> None:
         key = (spec.name, spec.version, code)

@@ -1,7 +1,6 @@
-"""Pools of workers per model and version, the pending requests they hold, and the dispatch rules.
-
-No sockets here: a worker is anything with ``send_request(pending)``. The worker link
-(``worker_link.py``) calls ``on_result`` / ``on_worker_lost``; the HTTP side calls ``submit``.
+"""Pools of workers per model and version: what the gateway knows of each model version (its
+interface, its workers, its queue, its load), and the table of all of them. State only: what happens
+to a request, from arrival to answer, is the dispatcher's (``dispatch.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +14,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shoal.gateway.policy import ewma, newest_version, pick_worker, visible_versions
+from shoal.gateway.policy import newest_version, visible_versions
 from shoal.modelrepo.manifest import Manifest, TensorSpec
+from shoal.protocol.link_messages import Hello, TensorSpecMsg
 
 
 class RequestFailed(Exception):
@@ -30,6 +30,9 @@ class RequestFailed(Exception):
 
 
 class WorkerHandle(Protocol):
+    """A worker as the dispatcher sees it. ``in_flight`` and ``latency_ewma_ms`` are the dispatcher's
+    to change; the link adapter writes the frames it is given and says when the worker goes."""
+
     worker_id: str
     in_flight: int
     capacity: int
@@ -37,7 +40,7 @@ class WorkerHandle(Protocol):
     accepting: bool
     max_frame_size: int
 
-    def send_request(self, p: Pending) -> None: ...
+    def send_frame(self, parts: list[Any]) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -55,6 +58,7 @@ class Pending:
     t_enqueued: float = 0.0
     t_sent: float = 0.0
     worker: Any = None
+    pool: Any = None
 
 
 @dataclass(frozen=True)
@@ -71,27 +75,33 @@ class ModelSpec:
     runtime: str = ""
 
     @staticmethod
-    def from_hello(h: dict[str, Any]) -> ModelSpec:
-        def specs(items: Any) -> tuple[TensorSpec, ...]:
-            return tuple(
-                TensorSpec(str(t["name"]), str(t["datatype"]), tuple(int(x) for x in t["shape"]))
-                for t in items
-            )
+    def from_hello(h: Hello) -> ModelSpec:
+        def specs(items: list[TensorSpecMsg]) -> tuple[TensorSpec, ...]:
+            return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in items)
 
         return ModelSpec(
-            name=str(h["model"]),
-            version=str(h["model_version"]),
-            inputs=specs(h["inputs"]),
-            outputs=specs(h["outputs"]),
-            max_batch_size=int(h.get("max_batch_size", 0)),
-            image_input=h.get("image_input"),
-            labels=dict(h.get("labels") or {}),
-            runtime=str(h.get("runtime", "")),
+            name=h.model,
+            version=h.model_version,
+            inputs=specs(h.inputs),
+            outputs=specs(h.outputs),
+            max_batch_size=h.max_batch_size,
+            image_input=h.image_input,
+            labels=dict(h.labels),
+            runtime=h.runtime,
         )
 
     @staticmethod
     def from_manifest(m: Manifest) -> ModelSpec:
-        return ModelSpec.from_hello(m.interface())
+        return ModelSpec(
+            name=m.name,
+            version=m.version,
+            inputs=tuple(m.inputs),
+            outputs=tuple(m.outputs),
+            max_batch_size=m.max_batch_size,
+            image_input=m.image.input if m.image else None,
+            labels=dict(m.labels),
+            runtime=m.runtime,
+        )
 
     def same_interface(self, other: ModelSpec) -> bool:
         return (self.inputs, self.outputs, self.max_batch_size, self.image_input) == (
@@ -156,130 +166,6 @@ class ModelPool:
     def latency_ms(self) -> float:
         lat = [w.latency_ewma_ms for w in self.workers if w.latency_ewma_ms > 0]
         return sum(lat) / len(lat) if lat else 0.0
-
-    # -------------------------------------------------------------------------------- arrivals
-
-    def submit(self, p: Pending) -> None:
-        """Send now to the least-loaded worker with room, else queue; refuse when the queue is full."""
-        p.t_enqueued = time.monotonic()
-        self.arrivals += 1
-        if not self.queue:
-            i = pick_worker(self.workers)
-            if i is not None:
-                self._send(self.workers[i], p)
-                return
-        if not self.workers and self.on_wait is not None:
-            self.on_wait()  # a sleeping model: tell whoever can wake it, now
-        if len(self.queue) >= self.max_queue:
-            from shoal.gateway.policy import retry_after_s
-
-            raise RequestFailed(
-                f"model '{self.spec.name}' version {self.spec.version} is saturated: "
-                f"{len(self.queue)} requests already queued",
-                503,
-                retry_after_s(len(self.queue), self.capacity, self.latency_ms()),
-            )
-        self.queue.append(p)
-
-    def _send(self, w: WorkerHandle, p: Pending) -> None:
-        p.worker = w
-        p.attempts += 1
-        p.t_sent = time.monotonic()
-        w.in_flight += 1
-        w.send_request(p)
-
-    def dispatch(self) -> None:
-        """Move queued requests to workers while any has room."""
-        q = self.queue
-        while q:
-            p = q[0]
-            if p.future.done():  # timed out or cancelled while waiting
-                q.popleft()
-                continue
-            i = pick_worker(self.workers)
-            if i is None:
-                return
-            q.popleft()
-            self._send(self.workers[i], p)
-
-    # ------------------------------------------------------------------------------ worker events
-
-    def add_worker(self, w: WorkerHandle) -> None:
-        self.workers.append(w)
-        self.no_worker_since = None
-        self.dispatch()
-
-    def on_result(
-        self, w: WorkerHandle, p: Pending, result: Any, compute_ms: float | None, batch_rows: int = 0
-    ) -> None:
-        w.in_flight -= 1
-        elapsed_ms = (time.monotonic() - p.t_sent) * 1000.0
-        w.latency_ewma_ms = ewma(w.latency_ewma_ms, compute_ms if compute_ms is not None else elapsed_ms)
-        if compute_ms is not None and batch_rows > 0:
-            share = compute_ms * p.rows / batch_rows  # this request's part of its batch's model time
-            self.busy_ms += share
-            self.service_ms = ewma(self.service_ms, share)
-        if not p.future.done():
-            if isinstance(result, BaseException):
-                p.future.set_exception(result)
-            else:
-                p.future.set_result(result)
-        self.dispatch()
-
-    def requeue(self, p: Pending, reason: str) -> None:
-        """Send a request again (its worker died or turned it away), at the head of the queue."""
-        if p.future.done():
-            return
-        if p.attempts >= self.max_attempts:
-            p.future.set_exception(
-                RequestFailed(
-                    f"request failed on {p.attempts} workers of '{self.spec.name}' (last: {reason})", 502
-                )
-            )
-            return
-        self.queue.appendleft(p)
-
-    def on_worker_lost(self, w: WorkerHandle, pendings: list[Pending], reason: str) -> None:
-        if w in self.workers:
-            self.workers.remove(w)
-        if not self.workers:
-            self.no_worker_since = time.monotonic()
-        # Oldest first ends up at the head of the queue.
-        for p in reversed(pendings):
-            self.requeue(p, reason)
-        self.dispatch()
-
-    # --------------------------------------------------------------------------------- deadlines
-
-    def expire(self, now: float, unserved_wait_s: float) -> int:
-        """Fail requests past their deadline, and queued ones when the model has had no live worker
-        for ``unserved_wait_s``. Returns how many were failed."""
-        n = 0
-        orphaned = (
-            not self.wakeable
-            and self.no_worker_since is not None
-            and now - self.no_worker_since > unserved_wait_s
-        )
-        if self.queue:
-            keep: deque[Pending] = deque()
-            for p in self.queue:
-                if p.future.done():
-                    continue
-                if now > p.deadline:
-                    p.future.set_exception(RequestFailed("request timed out waiting for a worker", 504))
-                    n += 1
-                elif orphaned:
-                    p.future.set_exception(
-                        RequestFailed(
-                            f"model '{self.spec.name}' version {self.spec.version} has no live worker", 503, 1
-                        )
-                    )
-                    n += 1
-                else:
-                    keep.append(p)
-            self.queue = keep
-        return n
-
 
 class ModelTable:
     """All pools of a gateway: model name -> version -> pool."""

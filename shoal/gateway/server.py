@@ -23,6 +23,7 @@ from shoal.aio import cancel_and_wait
 from shoal.autoscale.config import AutoscaleConfig
 from shoal.gateway.auth import Authenticator, parse_api_key
 from shoal.gateway.central_link import CentralConfig, CentralReporter
+from shoal.gateway.dispatch import Dispatcher
 from shoal.gateway.http_app import HttpApp
 from shoal.gateway.logins import LoginGuard
 from shoal.gateway.metrics import GatewayMetrics
@@ -30,9 +31,10 @@ from shoal.gateway.pipeline import Pipeline, PipelineSpec
 from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, Pending, RequestFailed, rows_of
 from shoal.gateway.results_api import open_store
 from shoal.gateway.state import TokenKeyFile
-from shoal.gateway.worker_link import WorkerConnection
+from shoal.gateway.worker_link import LinkSite, WorkerConnection
 from shoal.httpserver import EmbeddedHttpServer, bind_tcp
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameError, MsgType, encode_frame
+from shoal.protocol.link_messages import Request
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 
 if TYPE_CHECKING:
@@ -116,10 +118,21 @@ class Gateway:
         self.key_file = (
             TokenKeyFile(config.state_dir, config.name) if config.state_dir and config.central else None
         )
-        self.connections: set[WorkerConnection] = set()
-        self.departed: list[dict[str, Any]] = []  # workers that left, newest last
+        self.dispatcher = Dispatcher(self.models, config.unserved_wait_s)
         self.metrics = GatewayMetrics(self)
+        self.dispatcher.on_retry = self.metrics.count_retry
         self.logins = LoginGuard(self.metrics)
+        self.site = LinkSite(
+            name=config.name,
+            secret=config.secret,
+            models=self.models,
+            dispatcher=self.dispatcher,
+            logins=self.logins,
+            observe_result=self.metrics.observe_result,
+            heartbeat_s=config.heartbeat_s,
+            dead_after_s=config.dead_after_s,
+            max_frame_size=config.max_frame_size,
+        )
         self.app = HttpApp(self)
         self.started_at = time.time()
         self.http_port = 0
@@ -221,7 +234,7 @@ class Gateway:
         wsock = bind_tcp(cfg.worker_host, cfg.worker_port, cfg.backlog)
         self.worker_port = wsock.getsockname()[1]
         self._worker_server = await loop.create_server(
-            lambda: WorkerConnection(self), sock=wsock, ssl=self.ssl_context()
+            lambda: WorkerConnection(self.site), sock=wsock, ssl=self.ssl_context()
         )
         self._http = EmbeddedHttpServer(
             self.app,
@@ -270,7 +283,7 @@ class Gateway:
             await self.results.stop()  # after the HTTP side: nothing records any more
         if self._worker_server is not None:
             self._worker_server.close()
-        for c in list(self.connections):
+        for c in list(self.site.connections):
             if c.transport is not None:
                 c.transport.close()
         for pool in self.models.pools():
@@ -282,7 +295,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
             now = time.monotonic()
-            for c in list(self.connections):
+            for c in list(self.site.connections):
                 c.heartbeat(now)
 
     async def _deadlines(self) -> None:
@@ -290,18 +303,7 @@ class Gateway:
         # deadline is kept to within 50 ms.
         while True:
             await asyncio.sleep(0.05)
-            now = time.monotonic()
-            for pool in self.models.pools():
-                pool.expire(now, self.config.unserved_wait_s)
-                for w in pool.workers:
-                    for p in getattr(w, "pending", {}).values():
-                        if not p.future.done() and now > p.deadline:
-                            p.future.set_exception(
-                                RequestFailed(
-                                    f"request timed out after {self.config.request_timeout_s:.0f} s on worker {w.worker_id}",
-                                    504,
-                                )
-                            )
+            self.dispatcher.expire(time.monotonic())
 
     async def call_model(
         self,
@@ -316,11 +318,8 @@ class Gateway:
         ``raw``, the worker's result header and payload untouched)."""
         specs, bufs = pack_tensors(arrays)
         rid = next(self._ids)
-        header: dict[str, Any] = {"id": rid, "inputs": specs}
-        if outputs is not None:
-            header["outputs"] = outputs
-        if request_id is not None:
-            header["rid"] = request_id  # carried to the worker for its logs
+        # The device's request id goes to the worker for its logs.
+        header = Request(rid, specs, outputs, request_id)
         try:
             frame = encode_frame(MsgType.REQUEST, header, bufs)
         except FrameError as e:
@@ -335,12 +334,12 @@ class Gateway:
                 413,
             )
         fut = asyncio.get_running_loop().create_future()
-        pool.submit(Pending(rid, frame, fut, deadline=deadline, rows=rows_of(arrays)))
+        self.dispatcher.submit(pool, Pending(rid, frame, fut, deadline=deadline, rows=rows_of(arrays)), time.monotonic())
         h, payload = await fut
         if raw:
             return h, payload
         try:
-            return unpack_tensors(h["outputs"], payload)
+            return unpack_tensors(h.outputs, payload)
         except TensorError as e:
             raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
 
@@ -388,7 +387,7 @@ class Gateway:
             "pipelines": [
                 {"name": n, "version": p.spec.version, "ready": p.ready} for n, p in self.pipelines.items()
             ],
-            "departed_workers": self.departed,
+            "departed_workers": self.site.departed,
             "autoscale": self.autoscaler.describe() if self.autoscaler else None,
             "central": self.reporter.describe() if self.reporter else [],
             "results": self.results.describe() if self.results else None,

@@ -1,10 +1,13 @@
-"""The gateway's side of the worker link: one asyncio protocol per dialled-in worker.
+"""The gateway's side of the worker link: a thin asyncio adapter around the link's state machine
+(``protocol/link.py``), one per dialled-in worker. The state machine decides which message may come
+when; the dispatcher (``dispatch.py``) owns the requests; this file moves bytes between the socket
+and them, checks a worker's login, and keeps what the status shows about the worker.
 
-Life of a connection: the gateway sends CHALLENGE (a nonce); the worker answers HELLO with an HMAC
-proof of the cluster secret and its registration; the gateway answers WELCOME and adds the worker to
-its model's pool, or REFUSE with a reason (logged in one line) and closes. Then REQUEST frames go out,
-RESULT / ERROR / LOAD / PONG come back. A connection that closes, breaks the codec or falls silent for
-``dead_after_s`` takes its in-flight requests back to the pool, which sends them to another worker.
+Life of a connection: CHALLENGE (a nonce) out; HELLO with an HMAC proof of the cluster secret and the
+registration in; WELCOME out and the worker joins its model's pool, or REFUSE with a reason and
+close. Then REQUEST frames out; RESULT, ERROR, LOAD, PONG, DRAIN and GOODBYE in. A connection that
+closes, breaks the protocol or falls silent for ``dead_after_s`` leaves: the dispatcher sends what it
+held to other workers.
 """
 
 from __future__ import annotations
@@ -12,54 +15,78 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from shoal.aio import CoalescingProtocol
-from shoal.gateway.pool import ModelPool, ModelSpec, Pending, RequestFailed
-from shoal.protocol.frames import (
-    DEFAULT_MAX_FRAME_SIZE,
-    MAX_HEADER_SIZE,
-    PREFIX_SIZE,
-    PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
-    FrameDecoder,
-    FrameError,
-    MsgType,
-    encode_frame,
+from shoal.gateway.dispatch import Dispatcher
+from shoal.gateway.logins import LoginGuard
+from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, RequestFailed
+from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, SUPPORTED_VERSIONS
+from shoal.protocol.link import (
+    Challenge,
+    Drain,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    LinkConnection,
+    LinkError,
+    Load,
+    Ping,
+    Pong,
+    Refuse,
+    Result,
+    Role,
+    State,
+    Welcome,
 )
 from shoal.security.tokens import check_login_proof, new_nonce
-
-if TYPE_CHECKING:
-    from shoal.gateway.server import Gateway
 
 log = logging.getLogger("shoal.gateway")
 
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_CAPACITY = 100_000
-# Before a peer has logged in, it may send one HELLO: a header-only frame. Buffering more for a peer
-# nobody has authenticated would let anyone make the gateway hold the largest frame per connection.
-LOGIN_MAX_FRAME = PREFIX_SIZE + MAX_HEADER_SIZE
 MIN_WORKER_FRAME = 1024 * 1024  # a worker that accepts less than this cannot take useful requests
+DEPARTED_KEPT = 100
+
+
+@dataclass
+class LinkSite:
+    """What a worker connection needs of its gateway, and nothing more."""
+
+    name: str
+    secret: bytes
+    models: ModelTable
+    dispatcher: Dispatcher
+    logins: LoginGuard
+    observe_result: Callable[[ModelSpec, Result, Any], None]
+    heartbeat_s: float = 1.0
+    dead_after_s: float = 5.0
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    connections: set[WorkerConnection] = field(default_factory=set)
+    departed: list[dict[str, Any]] = field(default_factory=list)  # workers that left, newest last
 
 
 class WorkerConnection(CoalescingProtocol):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, site: LinkSite) -> None:
         super().__init__()
-        self.gw = gateway
-        self.decoder = FrameDecoder(LOGIN_MAX_FRAME)
+        self.site = site
+        self.link = LinkConnection(Role.GATEWAY, site.max_frame_size)
+        self.heartbeat_clock = Heartbeat(site.dead_after_s, time.monotonic())
         self.peer = "?"
         self.peer_host = "?"
-        self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # the largest frame this worker accepts
         self.nonce = new_nonce()
-        self.state = "handshake"
         self.worker_id = ""
         self.pool: ModelPool | None = None
+        # What the dispatcher reads and writes (the WorkerHandle protocol).
         self.in_flight = 0
         self.capacity = 1
         self.latency_ewma_ms = 0.0
         self.accepting = False
-        self.pending: dict[int, Pending] = {}
-        self.last_seen = time.monotonic()
+        self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # the largest frame this worker accepts
+        # What the status and the autoscaler read.
         self.load: dict[str, Any] = {}
         self.info: dict[str, Any] = {}
         self.served = 0
@@ -67,7 +94,8 @@ class WorkerConnection(CoalescingProtocol):
         self.joined_at = time.monotonic()
         self.draining_since: float | None = None
         self.cpu_rate = 0.0  # fraction of a core the worker's process used recently (from LOAD)
-        self._load_at = 0.0
+        self._cpu: tuple[float, float] | None = None  # (when, cpu_s) of the last LOAD
+        self._gone = False
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------------------------- transport
@@ -77,58 +105,49 @@ class WorkerConnection(CoalescingProtocol):
         pn = transport.get_extra_info("peername")
         self.peer = f"{pn[0]}:{pn[1]}" if isinstance(pn, tuple) else str(pn)
         self.peer_host = str(pn[0]) if isinstance(pn, tuple) else str(pn)
-        self.gw.connections.add(self)
-        logins = self.gw.logins
-        if not logins.admit(self):
-            self.state = "closed"
+        self.site.connections.add(self)
+        if not self.site.logins.admit(self):
+            self._gone = True
+            self.site.connections.discard(self)
             transport.abort()
             return
-        self.send(
-            encode_frame(
-                MsgType.CHALLENGE,
-                {"versions": list(SUPPORTED_VERSIONS), "nonce": self.nonce, "gateway": self.gw.config.name},
-            )
-        )
+        self.send(self.link.send(Challenge(list(SUPPORTED_VERSIONS), self.nonce, self.site.name)))
         self._handshake_timer = self._loop.call_later(HANDSHAKE_TIMEOUT_S, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
-        if self.state == "handshake":
+        if self.link.state is State.HANDSHAKE:
             self._refuse(f"no HELLO within {HANDSHAKE_TIMEOUT_S:.0f} s")
 
     def data_received(self, data: bytes) -> None:
-        self.last_seen = time.monotonic()
+        now = time.monotonic()
+        self.heartbeat_clock.seen(now)
         try:
-            frames = self.decoder.feed(data)
-        except FrameError as e:
-            self._drop(f"bad frame: {e}")
+            messages = self.link.receive_data(data)
+        except LinkError as e:
+            if self.pool is None:  # a stranger: a failed login, throttled and logged once per run
+                self._refuse(str(e))
+            else:
+                self._drop(str(e))
             return
-        for f in frames:
-            if self.state == "handshake":
-                self._on_hello(f.type, f.header)
-                if self.state != "ready":
+        for msg, payload in messages:
+            if isinstance(msg, Result):
+                self._on_result(msg, payload, now)
+            elif isinstance(msg, Error):
+                self._on_error(msg, now)
+            elif isinstance(msg, Load):
+                self._on_load(msg, now)
+            elif isinstance(msg, Pong):
+                pass
+            elif isinstance(msg, Hello):
+                self._on_hello(msg, now)
+                if self.link.state is not State.READY:
                     return
-                continue
-            t = f.type
-            try:
-                if t is MsgType.RESULT:
-                    self._on_result(f.header, f.payload)
-                elif t is MsgType.ERROR:
-                    self._on_error(f.header)
-                elif t is MsgType.LOAD:
-                    self._on_load(f.header)
-                elif t is MsgType.PONG:
-                    pass
-                elif t is MsgType.DRAIN:
-                    self.accepting = False
+            elif isinstance(msg, Drain):
+                if self.pool is not None and self.accepting:
                     log.info("worker %s (%s) is draining", self.worker_id, self.peer)
-                elif t is MsgType.GOODBYE:
-                    self._drop("worker said goodbye", quiet=True)
-                    return
-                else:
-                    self._drop(f"unexpected {t.name} frame from a worker")
-                    return
-            except (KeyError, TypeError, ValueError) as e:
-                self._drop(f"malformed {t.name} frame: {e}")
+                    self.site.dispatcher.worker_stopped_taking(self.pool, self, now)
+            elif isinstance(msg, Goodbye):
+                self._drop("worker said goodbye", quiet=True)
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -136,165 +155,131 @@ class WorkerConnection(CoalescingProtocol):
 
     # ------------------------------------------------------------------------------ handshake
 
-    def _on_hello(self, t: MsgType, h: dict[str, Any]) -> None:
-        wait = self.gw.logins.retry_after(self.peer_host)
+    def _on_hello(self, h: Hello, now: float) -> None:
+        wait = self.site.logins.retry_after(self.peer_host)
         if wait > 0:
-            self._refuse(f"too many failed logins from {self.peer_host}; retry in {wait:.0f} s", wait)
+            self._refuse(f"too many failed logins from {self.peer_host}; retry in {wait:.1f} s", wait)
             return
-        if t is not MsgType.HELLO:
-            self._refuse(f"expected HELLO, got {t.name}")
+        if h.protocol not in SUPPORTED_VERSIONS:
+            self._refuse(
+                f"protocol version {h.protocol!r} not supported (gateway speaks {list(SUPPORTED_VERSIONS)})"
+            )
             return
-        v = h.get("protocol")
-        if v not in SUPPORTED_VERSIONS:
-            self._refuse(f"protocol version {v!r} not supported (gateway speaks {list(SUPPORTED_VERSIONS)})")
-            return
-        wid = h.get("worker_id")
-        if not isinstance(wid, str) or not wid or len(wid) > 200:
+        if not h.worker_id or len(h.worker_id) > 200:
             self._refuse("HELLO needs a worker_id")
             return
-        if not check_login_proof(self.gw.config.secret, self.nonce, wid, h.get("proof")):
+        if not h.model or not h.model_version:
+            self._refuse("HELLO needs a model and a model_version")
+            return
+        if not check_login_proof(self.site.secret, self.nonce, h.worker_id, h.proof):
             self._refuse("login failed: wrong cluster secret")
             return
         try:
-            spec = ModelSpec.from_hello(h)
-            cap = int(h.get("capacity", 1))
-            if not 1 <= cap <= MAX_CAPACITY:
-                raise ValueError(f"capacity {cap} outside [1, {MAX_CAPACITY}]")
-            max_frame = int(h.get("max_frame_size", DEFAULT_MAX_FRAME_SIZE))
+            if not 1 <= h.capacity <= MAX_CAPACITY:
+                raise ValueError(f"capacity {h.capacity} outside [1, {MAX_CAPACITY}]")
+            max_frame = h.max_frame_size or DEFAULT_MAX_FRAME_SIZE
             if max_frame < MIN_WORKER_FRAME:
                 raise ValueError(f"max_frame_size {max_frame} below {MIN_WORKER_FRAME}")
-            pool = self.gw.models.pool_for_worker(spec)
-        except (KeyError, TypeError, ValueError) as e:
+            spec = ModelSpec.from_hello(h)
+            pool = self.site.models.pool_for_worker(spec)
+        except ValueError as e:
             self._refuse(f"bad registration: {e}", failed_login=False)
             return
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        self.gw.logins.logged_in(self)
-        self.worker_id = wid
-        self.capacity = cap
+        self.site.logins.logged_in(self)
+        self.worker_id = h.worker_id
+        self.capacity = h.capacity
         self.max_frame_size = max_frame
-        self.decoder.max_frame_size = self.gw.config.max_frame_size
         self.info = {
-            k: h.get(k)
-            for k in (
-                "model",
-                "model_version",
-                "runtime",
-                "device",
-                "max_batch_size",
-                "batch_delay_ms",
-                "pid",
-                "host",
-            )
+            "model": h.model,
+            "model_version": h.model_version,
+            "runtime": h.runtime,
+            "device": h.device,
+            "max_batch_size": h.max_batch_size,
+            "batch_delay_ms": h.batch_delay_ms,
+            "pid": h.pid,
+            "host": h.host,
         }
-        self.state = "ready"
         self.accepting = True
-        self.joined_at = time.monotonic()
-        self.send(
-            encode_frame(
-                MsgType.WELCOME,
-                {
-                    "version": PROTOCOL_VERSION,
-                    "gateway": self.gw.config.name,
-                    "heartbeat_s": self.gw.config.heartbeat_s,
-                    "dead_after_s": self.gw.config.dead_after_s,
-                    "max_frame_size": self.gw.config.max_frame_size,
-                },
-            )
-        )
+        self.joined_at = now
+        s = self.site
+        welcome = Welcome(PROTOCOL_VERSION, s.name, s.heartbeat_s, s.dead_after_s, s.max_frame_size)
+        self.send(self.link.send(welcome))
         self.pool = pool
         log.info(
             "worker %s joined from %s: %s v%s on %s, capacity %d",
-            wid,
+            h.worker_id,
             self.peer,
             spec.name,
             spec.version,
-            h.get("device"),
-            cap,
+            h.device,
+            h.capacity,
         )
-        pool.add_worker(self)
+        s.dispatcher.worker_joined(pool, self, now)
 
     def _refuse(self, reason: str, retry_after: float | None = None, failed_login: bool = True) -> None:
         """Refuse the login and close. Refusals before a valid proof count as failed logins of the
         peer's address (throttled, and logged once per run of failures instead of once each)."""
         if failed_login:
-            self.gw.logins.failed(self, reason)
+            self.site.logins.failed(self, reason)
         else:
             log.warning("refused worker connection from %s: %s", self.peer, reason)
-        msg: dict[str, Any] = {"reason": reason}
-        if retry_after is not None:
-            msg["retry_after_s"] = round(retry_after, 1)
-        self.send(encode_frame(MsgType.REFUSE, msg))
+        msg = Refuse(reason, max(0.1, round(retry_after, 1)) if retry_after is not None else None)
+        self.send(self.link.send(msg))
         self.flush()
-        self.state = "closed"
         if self.transport is not None:
             self.transport.close()
 
     # ---------------------------------------------------------------------------- requests
 
-    def send_request(self, p: Pending) -> None:
-        self.pending[p.id] = p
-        self.send(p.frame)
+    def send_frame(self, parts: list[Any]) -> None:
+        """The dispatcher's way to send a request (encoded once, when it arrived)."""
+        self.send(parts)
 
-    def _on_result(self, h: dict[str, Any], payload: bytes | memoryview) -> None:
-        p = self.pending.pop(h["id"], None)
-        if p is None:  # late result of a request we already gave up on
-            return
-        self.served += 1
-        assert self.pool is not None
-        b = h.get("batch")
-        self.pool.on_result(self, p, (h, payload), h.get("compute_ms"), b if isinstance(b, int) else 0)
-        self.gw.metrics.observe_result(self.pool.spec, h, p)
+    def _on_result(self, r: Result, payload: bytes | memoryview, now: float) -> None:
+        p = self.site.dispatcher.on_result(self, r.id, (r, payload), r.compute_ms, r.batch, now)
+        if p is not None:
+            self.served += 1
+            assert self.pool is not None
+            self.site.observe_result(self.pool.spec, r, p)
 
-    def _on_error(self, h: dict[str, Any]) -> None:
-        p = self.pending.pop(h["id"], None)
-        if p is None:
+    def _on_error(self, e: Error, now: float) -> None:
+        if e.status == 503:  # the worker turned it away (draining, full): another worker may take it
+            self.site.dispatcher.on_refused(self, e.id, e.error, now)
             return
-        assert self.pool is not None
-        status = int(h.get("status", 500))
-        if status == 503:  # the worker turned it away (draining, full): another worker may take it
-            self.in_flight -= 1
-            self.pool.requeue(p, str(h.get("error", "refused")))
-            self.pool.dispatch()
-            return
-        err = RequestFailed(
-            f"worker {self.worker_id}: {h.get('error', 'failed')}", status if 400 <= status < 600 else 500
-        )
-        self.pool.on_result(self, p, err, None)
+        status = e.status if 400 <= e.status < 600 else 500
+        self.site.dispatcher.on_failed(self, e.id, RequestFailed(f"worker {self.worker_id}: {e.error}", status), now)
 
-    def _on_load(self, h: dict[str, Any]) -> None:
+    def _on_load(self, m: Load, now: float) -> None:
         """A load report: kept for the status, and the worker's CPU use turned into a rate (the
         fraction of one core its process used since the previous report) for the autoscaler."""
-        cpu = h.get("cpu_s")
-        now = time.monotonic()
-        if isinstance(cpu, (int, float)):
-            prev = self.load.get("cpu_s")
-            if isinstance(prev, (int, float)) and now > self._load_at and cpu >= prev:
-                self.cpu_rate = (cpu - prev) / (now - self._load_at)
-            self._load_at = now
-        self.load = h
+        if m.cpu_s is not None:
+            if self._cpu is not None and now > self._cpu[0] and m.cpu_s >= self._cpu[1]:
+                self.cpu_rate = (m.cpu_s - self._cpu[1]) / (now - self._cpu[0])
+            self._cpu = (now, m.cpu_s)
+        self.load = {f: getattr(m, f) for f in m.__struct_fields__}
 
     def drain(self) -> None:
         """Ask this worker to leave: nothing new is sent to it from now; it finishes what it holds,
         says goodbye and exits (the autoscaler's scale-in, and model unloading)."""
-        if self.state != "ready":
+        if self.link.state is not State.READY or self.pool is None:
             return
-        self.accepting = False
-        self.draining_since = time.monotonic()
-        self.send(encode_frame(MsgType.DRAIN, {}))
+        now = time.monotonic()
+        self.draining_since = now
+        self.send(self.link.send(Drain()))
         log.info("draining worker %s (%s)", self.worker_id, self.peer)
-        if self.pool is not None:
-            self.pool.dispatch()
+        self.site.dispatcher.worker_stopped_taking(self.pool, self, now)
 
     # ------------------------------------------------------------------------------ liveness
 
     def heartbeat(self, now: float) -> None:
-        if self.state != "ready":
+        if self.link.state not in (State.READY, State.DRAINING):
             return
-        if now - self.last_seen > self.gw.config.dead_after_s:
-            self._drop(f"silent for {now - self.last_seen:.1f} s")
+        if self.heartbeat_clock.dead(now):
+            self._drop(f"silent for {self.heartbeat_clock.silent_for(now):.1f} s")
             return
-        self.send(encode_frame(MsgType.PING, {"t": time.time()}))
+        self.send(self.link.send(Ping(time.time())))
 
     def _drop(self, reason: str, quiet: bool = False) -> None:
         if not quiet:
@@ -304,31 +289,27 @@ class WorkerConnection(CoalescingProtocol):
         self._teardown(reason)
 
     def _teardown(self, reason: str) -> None:
-        if self.state == "gone":
+        if self._gone:
             return
-        was_ready = self.state == "ready"
-        self.state = "gone"
-        self.gw.logins.left(self)
-        self.accepting = False
+        self._gone = True
+        self.site.logins.left(self)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        self.gw.connections.discard(self)
-        if was_ready and self.pool is not None:
-            pend = sorted(self.pending.values(), key=lambda p: p.id)
-            self.pending.clear()
-            self.in_flight = 0
-            if pend:
-                log.warning(
-                    "worker %s left with %d requests in flight (%s); sending them to other workers",
-                    self.worker_id,
-                    len(pend),
-                    reason,
-                )
-            else:
-                log.info("worker %s left (%s)", self.worker_id, reason)
-            self.pool.on_worker_lost(self, pend, reason)
-            self.gw.departed.append({**self.describe(), "left": reason, "left_at": time.time()})
-            del self.gw.departed[:-100]  # keep the last hundred
+        self.site.connections.discard(self)
+        if self.pool is None:
+            return
+        held = self.site.dispatcher.worker_left(self.pool, self, reason, time.monotonic())
+        if held:
+            log.warning(
+                "worker %s left with %d requests in flight (%s); sending them to other workers",
+                self.worker_id,
+                held,
+                reason,
+            )
+        else:
+            log.info("worker %s left (%s)", self.worker_id, reason)
+        self.site.departed.append({**self.describe(), "left": reason, "left_at": time.time()})
+        del self.site.departed[:-DEPARTED_KEPT]
 
     def describe(self) -> dict[str, Any]:
         return {

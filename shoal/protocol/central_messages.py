@@ -28,6 +28,7 @@ Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Amount = Annotated[float, msgspec.Meta(ge=0)]  # JSON has no NaN, and 1e999 is refused as out of range
 Count = Annotated[int, msgspec.Meta(ge=0)]
+CommandId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # a 64-bit database id
 Url = Annotated[
     str,
     msgspec.Meta(

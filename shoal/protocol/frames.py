@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-import msgpack
+import msgspec
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -70,21 +70,24 @@ class FrameError(ValueError):
 @dataclass(slots=True)
 class Frame:
     type: MsgType
-    header: dict[str, Any]
+    header: Any  # the header as a map; None when the decoder leaves it to a typed decoder (raw_header)
     payload: bytes | memoryview = b""
+    raw_header: bytes = b""
 
 
-_packer_default = msgpack.Packer(use_bin_type=True)
+_encoder = msgspec.msgpack.Encoder()
+_map_decoder = msgspec.msgpack.Decoder(dict)
 
 
 def encode_frame(
     msg_type: MsgType,
-    header: dict[str, Any],
+    header: Any,
     payload: bytes | memoryview | list[bytes | memoryview] = b"",
     version: int = PROTOCOL_VERSION,
 ) -> list[bytes | memoryview]:
-    """Encode one frame as a list of buffers to write in order (payload buffers are not copied)."""
-    hdr = msgpack.packb(header, use_bin_type=True)
+    """Encode one frame as a list of buffers to write in order (payload buffers are not copied). The
+    header is a map or a message structure (``link_messages``), encoded as a MessagePack map."""
+    hdr = _encoder.encode(header)
     if len(hdr) > MAX_HEADER_SIZE:
         raise FrameError(f"header of {len(hdr)} bytes exceeds the {MAX_HEADER_SIZE} byte limit")
     parts = payload if isinstance(payload, list) else [payload]
@@ -94,16 +97,20 @@ def encode_frame(
 
 
 def encode_frame_bytes(
-    msg_type: MsgType, header: dict[str, Any], payload: bytes | list[bytes | memoryview] = b""
+    msg_type: MsgType, header: Any, payload: bytes | list[bytes | memoryview] = b""
 ) -> bytes:
     return b"".join(encode_frame(msg_type, header, payload))
 
 
 class FrameDecoder:
-    """Feed bytes with ``feed``; get complete frames back. Raises ``FrameError`` on bad input."""
+    """Feed bytes with ``feed``; get complete frames back. Raises ``FrameError`` on bad input.
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    With ``decode_headers`` (the default) each header is decoded into a map here; without, it is left
+    as bytes in ``raw_header`` for a typed decoder (the link's state machine does that)."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, decode_headers: bool = True) -> None:
         self.max_frame_size = max_frame_size
+        self.decode_headers = decode_headers
         self._buf = bytearray()
         self._broken = False
 
@@ -137,15 +144,14 @@ class FrameDecoder:
                 if end > n:
                     break
                 hstart = pos + PREFIX_SIZE
-                try:
-                    header = msgpack.unpackb(
-                        bytes(buf[hstart : hstart + hlen]), raw=False, strict_map_key=True
-                    )
-                except Exception as e:  # msgpack raises several exception types for bad data
-                    raise FrameError(f"malformed frame header: {e}") from None
-                if not isinstance(header, dict):
-                    raise FrameError("frame header must be a map")
-                frames.append(Frame(mt, header, bytes(buf[hstart + hlen : end])))
+                raw = bytes(buf[hstart : hstart + hlen])
+                header = None
+                if self.decode_headers:
+                    try:
+                        header = _map_decoder.decode(raw)
+                    except msgspec.DecodeError as e:
+                        raise FrameError(f"malformed frame header (it must be a map): {e}") from None
+                frames.append(Frame(mt, header, bytes(buf[hstart + hlen : end]), raw))
                 pos = end
         except FrameError:
             self._broken = True

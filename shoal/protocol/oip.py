@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from shoal.modelrepo.manifest import TensorSpec
+from shoal.protocol.link_messages import TensorDesc
 from shoal.protocol.tensors import (
     NP_DTYPES,
     TensorError,
@@ -405,29 +406,23 @@ def encode_infer_response(
 
 
 def binary_response(
-    model: str, version: str, request_id: str | None, specs: Any, payload: bytes | memoryview
+    model: str, version: str, request_id: str | None, specs: list[TensorDesc], payload: bytes | memoryview
 ) -> tuple[bytes, int]:
     """A binary response straight from a worker's result frame (tensor specs and their raw bytes, in
     order), without turning the tensors into arrays and back. Checks that the specs describe exactly
     the payload."""
-    if not isinstance(specs, list):
-        raise TensorError("result tensor specs must be a list")
     outs = []
     total = 0
     for sp in specs:
-        if not isinstance(sp, dict):
-            raise TensorError("each result tensor spec must be a map")
-        size, dt, shape = sp.get("size"), sp.get("datatype"), check_shape(sp.get("shape"))
-        if not isinstance(size, int) or size < 0 or not isinstance(dt, str):
-            raise TensorError("result tensor spec needs a datatype and a size")
+        size, dt, shape = sp.size, sp.datatype, check_shape(sp.shape)
+        if size < 0:
+            raise TensorError(f"result tensor '{sp.name}' has a negative size")
         if dt != "BYTES":
             item = NP_DTYPES.get(dt)
             if item is None or element_count(shape) * item.itemsize != size:
-                raise TensorError(
-                    f"result tensor '{sp.get('name')}' {dt} {list(shape)} does not have {size} bytes"
-                )
+                raise TensorError(f"result tensor '{sp.name}' {dt} {list(shape)} does not have {size} bytes")
         total += size
-        outs.append(_binary_tensor(sp.get("name"), dt, shape, size))
+        outs.append(_binary_tensor(sp.name, dt, shape, size))
     if total != len(payload):
         raise TensorError(f"result specs claim {total} bytes, the payload has {len(payload)}")
     resp: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outs}

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from shoal.modelrepo.manifest import DATATYPES
+from shoal.protocol.link_messages import TensorDesc
 
 NP_DTYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in DATATYPES.items() if k != "BYTES"}
 DATATYPE_OF: dict[np.dtype, str] = {v: k for k, v in NP_DTYPES.items()}
@@ -105,34 +106,31 @@ def from_buffer(datatype: str, shape: tuple[int, ...], buf: bytes | memoryview) 
     return np.frombuffer(buf, dtype=dt.newbyteorder("<")).reshape(shape)
 
 
-def pack_tensors(arrays: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], list[bytes | memoryview]]:
-    """Specs for a frame header and the buffers for its payload, in the same order."""
-    specs: list[dict[str, Any]] = []
+def pack_tensors(arrays: dict[str, np.ndarray]) -> tuple[list[TensorDesc], list[bytes | memoryview]]:
+    """Descriptions for a frame header and the buffers for its payload, in the same order."""
+    specs: list[TensorDesc] = []
     bufs: list[bytes | memoryview] = []
     for name, arr in arrays.items():
         dt, shape, buf = to_buffer(np.asarray(arr) if not isinstance(arr, np.ndarray) else arr)
-        specs.append({"name": name, "datatype": dt, "shape": list(shape), "size": len(buf)})
+        specs.append(TensorDesc(name, dt, list(shape), len(buf)))
         bufs.append(buf)
     return specs, bufs
 
 
-def unpack_tensors(specs: Any, payload: bytes | memoryview) -> dict[str, np.ndarray]:
-    """Inverse of ``pack_tensors``; sizes must add up to the payload exactly."""
-    if not isinstance(specs, list):
-        raise TensorError("tensor specs must be a list")
+def unpack_tensors(specs: list[TensorDesc], payload: bytes | memoryview) -> dict[str, np.ndarray]:
+    """Inverse of ``pack_tensors``; sizes must add up to the payload exactly. (The descriptions'
+    types were checked when their header was decoded; sizes and shapes are checked here.)"""
     mv = memoryview(payload)
     out: dict[str, np.ndarray] = {}
     pos = 0
     for s in specs:
-        if not isinstance(s, dict):
-            raise TensorError("each tensor spec must be a map")
-        name, dt, size = s.get("name"), s.get("datatype"), s.get("size")
-        if not isinstance(name, str) or not isinstance(dt, str) or not isinstance(size, int) or size < 0:
-            raise TensorError("tensor spec needs name, datatype and a non-negative size")
-        shape = check_shape(s.get("shape"))
+        size = s.size
+        if size < 0:
+            raise TensorError(f"tensor '{s.name}' has a negative size")
+        shape = check_shape(s.shape)
         if pos + size > len(mv):
-            raise TensorError(f"tensor '{name}' claims {size} bytes beyond the payload")
-        out[name] = from_buffer(dt, shape, mv[pos : pos + size])
+            raise TensorError(f"tensor '{s.name}' claims {size} bytes beyond the payload")
+        out[s.name] = from_buffer(s.datatype, shape, mv[pos : pos + size])
         pos += size
     if pos != len(mv):
         raise TensorError(f"payload has {len(mv) - pos} bytes not claimed by any tensor")

@@ -1,7 +1,7 @@
 """The worker process: dial the gateway, log in, register, serve requests, report load, reconnect.
 
-One process serves one model version. It needs numpy, msgpack and its framework; nothing of the
-gateway's HTTP stack.
+One process serves one model version. It needs numpy, msgspec and its framework; nothing of the
+gateway's HTTP stack. The link's rules are in ``protocol/link.py``; this file is the asyncio side.
 """
 
 from __future__ import annotations
@@ -19,16 +19,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from shoal.aio import CoalescingProtocol
 from shoal.gateway.policy import backoff_delay
 from shoal.modelrepo.manifest import Manifest
-from shoal.protocol.frames import (
-    DEFAULT_MAX_FRAME_SIZE,
-    PROTOCOL_VERSION,
-    FrameDecoder,
-    FrameError,
-    MsgType,
-    encode_frame,
+from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION
+from shoal.protocol.link import (
+    Challenge,
+    Drain,
+    Error,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    LinkConnection,
+    LinkError,
+    Load,
+    Ping,
+    Pong,
+    Refuse,
+    Request,
+    Result,
+    Role,
+    State,
+    Welcome,
 )
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 from shoal.security.tokens import login_proof
@@ -75,53 +89,56 @@ class WorkerConfig:
 
 
 class GatewayLink(CoalescingProtocol):
-    """One connection to the gateway."""
+    """One connection to the gateway: a thin adapter around the link's state machine
+    (``protocol/link.py``), which says which message may come when."""
 
     def __init__(self, worker: Worker) -> None:
         super().__init__()
         self.w = worker
-        self.decoder = FrameDecoder(worker.config.max_frame_size)
+        self.link = LinkConnection(Role.WORKER, worker.config.max_frame_size)
         self.welcomed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.in_flight = 0
-        self.last_seen = time.monotonic()
-        self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # the gateway's, from WELCOME
+        self.heartbeat_clock = Heartbeat(5.0, time.monotonic())
+
+    @property
+    def max_frame_size(self) -> int:
+        """The largest frame the gateway accepts (from its WELCOME)."""
+        return self.link.peer_max_frame_size
+
+    def say(self, msg: Any, payload: Any = b"") -> None:
+        """Send one message, unless the link is closing (the gateway has gone or said goodbye)."""
+        if self.link.state in (State.READY, State.DRAINING, State.HANDSHAKE):
+            self.send(self.link.send(msg, payload))
 
     def data_received(self, data: bytes) -> None:
-        self.last_seen = time.monotonic()
+        self.heartbeat_clock.seen(time.monotonic())
         try:
-            frames = self.decoder.feed(data)
-        except FrameError as e:
-            log.warning("gateway sent a bad frame (%s); reconnecting", e)
+            messages = self.link.receive_data(data)
+        except LinkError as e:
+            log.warning("gateway broke the link protocol (%s); reconnecting", e)
             self.abort()
             return
-        for f in frames:
-            t = f.type
-            if t is MsgType.REQUEST:
-                self.w.on_request(self, f.header, f.payload)
-            elif t is MsgType.PING:
-                self.send(encode_frame(MsgType.PONG, {"t": f.header.get("t")}))
-            elif t is MsgType.CHALLENGE:
-                self.w.on_challenge(self, f.header)
-            elif t is MsgType.WELCOME:
-                mf = f.header.get("max_frame_size")
-                if isinstance(mf, int) and mf > 0:
-                    self.max_frame_size = mf
+        for msg, payload in messages:
+            if isinstance(msg, Request):
+                self.w.on_request(self, msg, payload)
+            elif isinstance(msg, Ping):
+                self.say(Pong(msg.t))
+            elif isinstance(msg, Challenge):
+                self.w.on_challenge(self, msg)
+            elif isinstance(msg, Welcome):
                 if not self.welcomed.done():
-                    self.welcomed.set_result(f.header)
-            elif t is MsgType.REFUSE:
-                reason = str(f.header.get("reason", "no reason given"))
-                wait = f.header.get("retry_after_s")
+                    self.welcomed.set_result(msg)
+            elif isinstance(msg, Refuse):
                 if not self.welcomed.done():
-                    if isinstance(wait, (int, float)) and wait > 0:
-                        self.welcomed.set_exception(RefusedForNow(reason, float(wait)))
+                    if msg.retry_after_s is not None:  # refused for a while, not for good
+                        self.welcomed.set_exception(RefusedForNow(msg.reason, msg.retry_after_s))
                     else:
-                        self.welcomed.set_exception(Refused(reason))
-            elif t is MsgType.DRAIN:  # the gateway scales in: leave once what is held is done
+                        self.welcomed.set_exception(Refused(msg.reason))
+            elif isinstance(msg, Drain):  # the gateway scales in: leave once what is held is done
                 self.w.begin_drain()
-            elif t is MsgType.GOODBYE:
+            elif isinstance(msg, Goodbye):
                 self.abort()
-            # Anything else from a gateway is ignored: newer gateways may send more.
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.welcomed.done():
@@ -156,60 +173,49 @@ class Worker:
 
     # ----------------------------------------------------------------------------- handshake
 
-    def hello(self, nonce: bytes) -> dict[str, Any]:
-        return {
-            "protocol": PROTOCOL_VERSION,
-            "worker_id": self.worker_id,
-            "proof": login_proof(self.config.secret, nonce, self.worker_id),
-            **self.manifest.interface(),
-            "device": self.config.device,
-            "capacity": self.capacity,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "max_frame_size": self.config.max_frame_size,
-        }
+    def hello(self, nonce: bytes) -> Hello:
+        return msgspec.convert(
+            {
+                "protocol": PROTOCOL_VERSION,
+                "worker_id": self.worker_id,
+                "proof": login_proof(self.config.secret, nonce, self.worker_id),
+                **self.manifest.interface(),
+                "device": self.config.device,
+                "capacity": self.capacity,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "max_frame_size": self.config.max_frame_size,
+            },
+            Hello,
+        )
 
-    def on_challenge(self, link: GatewayLink, h: dict[str, Any]) -> None:
-        nonce = h.get("nonce")
-        if not isinstance(nonce, bytes) or PROTOCOL_VERSION not in (h.get("versions") or []):
+    def on_challenge(self, link: GatewayLink, c: Challenge) -> None:
+        if PROTOCOL_VERSION not in c.versions:
             link.welcomed.set_exception(
-                Refused(
-                    f"gateway speaks protocol versions {h.get('versions')}, this worker {PROTOCOL_VERSION}"
-                )
+                Refused(f"gateway speaks protocol versions {c.versions}, this worker {PROTOCOL_VERSION}")
             )
             link.abort()
             return
-        link.send(encode_frame(MsgType.HELLO, self.hello(nonce)))
+        link.say(self.hello(c.nonce))
 
     # ------------------------------------------------------------------------------ requests
 
-    def on_request(self, link: GatewayLink, h: dict[str, Any], payload: bytes | memoryview) -> None:
-        rid = h.get("id")
+    def on_request(self, link: GatewayLink, r: Request, payload: bytes | memoryview) -> None:
+        rid = r.id
         try:
-            inputs = unpack_tensors(h.get("inputs"), payload)
+            inputs = unpack_tensors(r.inputs, payload)
         except TensorError as e:
-            link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": f"bad tensors: {e}", "status": 400}))
+            link.say(Error(rid, f"bad tensors: {e}", 400))
             return
         assert self.engine is not None
         if self.engine.dead is not None:
-            link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": "worker out of service", "status": 503}))
+            link.say(Error(rid, "worker out of service", 503))
             return
         if link.in_flight >= self.capacity:
-            link.send(encode_frame(MsgType.ERROR, {"id": rid, "error": "worker full", "status": 503}))
+            link.say(Error(rid, "worker full", 503))
             return
         link.in_flight += 1
-        outs = h.get("outputs")
-        rq = h.get("rid")
-        self.engine.submit(
-            Item(
-                rid,
-                inputs,
-                outs if isinstance(outs, list) else None,
-                link,
-                t_received=time.monotonic(),
-                request_id=rq if isinstance(rq, str) else None,
-            )
-        )
+        self.engine.submit(Item(rid, inputs, r.outputs, link, t_received=time.monotonic(), request_id=r.rid))
 
     def on_done(self, done: list[Done]) -> None:
         for d in done:
@@ -221,19 +227,14 @@ class Worker:
                 self._answer(link, d)
             except Exception as e:  # an output the link cannot carry: that request fails, alone
                 log.warning("cannot send the result of request %s: %s", d.item.request_id, e)
-                link.send(
-                    encode_frame(
-                        MsgType.ERROR,
-                        {"id": d.item.id, "error": f"cannot send the result: {e}"[:500], "status": 500},
-                    )
-                )
+                link.say(Error(d.item.id, f"cannot send the result: {e}"[:500], 500))
 
     def _answer(self, link: GatewayLink, d: Done) -> None:
         if d.error is not None:
             rq = d.item.request_id
             if d.status != 503:
                 log.warning("request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status})
-            link.send(encode_frame(MsgType.ERROR, {"id": d.item.id, "error": d.error, "status": d.status}))
+            link.say(Error(d.item.id, d.error, d.status))
             return
         specs, bufs = pack_tensors(d.outputs or {})
         size = sum(len(b) for b in bufs)
@@ -241,13 +242,7 @@ class Worker:
             raise ValueError(
                 f"result of {size} bytes exceeds the {link.max_frame_size} byte frame limit of the gateway"
             )
-        link.send(
-            encode_frame(
-                MsgType.RESULT,
-                {"id": d.item.id, "outputs": specs, "compute_ms": round(d.compute_ms, 4), "batch": d.batch_rows},
-                bufs,
-            )
-        )
+        link.say(Result(d.item.id, specs, round(d.compute_ms, 4), d.batch_rows), bufs)
         self.served += 1
         if self.first_served_at is None:
             self.first_served_at = time.monotonic()
@@ -261,19 +256,19 @@ class Worker:
         self.exit_code = 70
         self.begin_drain()
 
-    def load_report(self) -> dict[str, Any]:
+    def load_report(self) -> Load:
         s = self.engine.stats if self.engine else None
-        return {
-            "in_flight": self.link.in_flight if self.link else 0,
-            "queued": self.engine.queued if self.engine else 0,
-            "capacity": self.capacity,
-            "served": self.served,
-            "batches": s.batches if s else 0,
-            "rows": s.rows if s else 0,
-            "busy_s": round(s.busy_s, 4) if s else 0.0,
-            "cpu_s": round(time.process_time(), 4),  # the whole process: model, batching and the link
-            "draining": self.draining,
-        }
+        return Load(
+            in_flight=self.link.in_flight if self.link else 0,
+            queued=self.engine.queued if self.engine else 0,
+            capacity=self.capacity,
+            served=self.served,
+            batches=s.batches if s else 0,
+            rows=s.rows if s else 0,
+            busy_s=round(s.busy_s, 4) if s else 0.0,
+            cpu_s=round(time.process_time(), 4),  # the whole process: model, batching and the link
+            draining=self.draining,
+        )
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -300,8 +295,9 @@ class Worker:
         except BaseException:
             link.abort()
             raise
-        self.dead_after_s = float(welcome.get("dead_after_s", 5.0))
-        self.heartbeat_s = float(welcome.get("heartbeat_s", 1.0))
+        self.dead_after_s = welcome.dead_after_s
+        self.heartbeat_s = welcome.heartbeat_s
+        link.heartbeat_clock.dead_after_s = welcome.dead_after_s
         return link
 
     async def run(self) -> int:
@@ -322,7 +318,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self.begin_drain)
-            except (NotImplementedError, RuntimeError):
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (a Ray actor)
                 pass
         attempt = 0
         rc = 0
@@ -365,7 +361,7 @@ class Worker:
                     c.gateway_port,
                 )
                 if self.draining:
-                    self.link.send(encode_frame(MsgType.DRAIN, {}))
+                    self.link.say(Drain())
                 await self._serve(self.link)
                 if not self._stop.is_set():
                     log.warning("lost the gateway; reconnecting")
@@ -378,13 +374,14 @@ class Worker:
     async def _serve(self, link: GatewayLink) -> None:
         """Report load every heartbeat until the link closes or a drain completes."""
         while not link.closed.done():
-            link.send(encode_frame(MsgType.LOAD, self.load_report()))
+            link.say(self.load_report())
             try:
                 await asyncio.wait_for(asyncio.shield(link.closed), self.heartbeat_s)
             except asyncio.TimeoutError:
                 pass
-            if time.monotonic() - link.last_seen > self.dead_after_s:
-                log.warning("gateway silent for %.1f s; reconnecting", time.monotonic() - link.last_seen)
+            now = time.monotonic()
+            if link.heartbeat_clock.dead(now):
+                log.warning("gateway silent for %.1f s; reconnecting", link.heartbeat_clock.silent_for(now))
                 link.abort()
                 break
 
@@ -411,7 +408,7 @@ class Worker:
             "draining: finishing %d requests, accepting no more", self.link.in_flight if self.link else 0
         )
         if self.link is not None:
-            self.link.send(encode_frame(MsgType.DRAIN, {}))
+            self.link.say(Drain())
         asyncio.get_running_loop().create_task(self._finish_drain())
 
     async def _finish_drain(self) -> None:
@@ -427,7 +424,7 @@ class Worker:
                 break
             await asyncio.sleep(0.02)
         if self.link is not None and self.link.transport is not None:
-            self.link.send(encode_frame(MsgType.GOODBYE, {"reason": "drained"}))
+            self.link.say(Goodbye("drained"))
             self.link.flush()
             self.link.transport.close()
         self._stop.set()

@@ -1,0 +1,207 @@
+"""The one owner of every pending request, from arrival to answer: queueing, the choice of worker,
+in-flight counts, deadlines (queued and in flight alike), sending again when a worker dies or turns a
+request away, and dropping results that come too late. No sockets and no clock: every method takes
+``now``; workers are anything with ``send_frame(parts)`` (the worker link's adapter), and the
+choice among them is ``policy.pick_worker``.
+
+A request's life: ``submit`` sends it to the least-loaded worker with room, or queues it (503 when
+the queue is full). ``on_result`` / ``on_failed`` answer it; ``on_refused`` (the worker was full or
+draining) and ``worker_left`` put it back at the head of its queue, to be sent elsewhere, at most
+``max_attempts`` times. ``expire`` fails what is past its deadline, queued or in flight; a request
+timed out in flight keeps its place on its worker until the worker answers (so no worker is sent more
+than it said it can hold), and the late answer is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from shoal.gateway.policy import ewma, pick_worker, retry_after_s
+from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, WorkerHandle
+
+
+class Dispatcher:
+    def __init__(self, table: ModelTable, unserved_wait_s: float = 3.0) -> None:
+        self.table = table
+        self.unserved_wait_s = unserved_wait_s
+        self.in_flight: dict[int, Pending] = {}  # requests sent to a worker, by the gateway's id
+        self.on_retry: Any = None  # called with the pool when a request is sent again (metrics)
+
+    # --------------------------------------------------------------------------------- arrivals
+
+    def submit(self, pool: ModelPool, p: Pending, now: float) -> None:
+        """Send now to the least-loaded worker with room, else queue; ``RequestFailed`` (503) when the
+        queue is full."""
+        p.t_enqueued = now
+        p.pool = pool
+        pool.arrivals += 1
+        if not pool.queue:
+            i = pick_worker(pool.workers)
+            if i is not None:
+                self._send(pool.workers[i], p, now)
+                return
+        if not pool.workers and pool.on_wait is not None:
+            pool.on_wait()  # a sleeping model: tell whoever can wake it, now
+        if len(pool.queue) >= pool.max_queue:
+            raise RequestFailed(
+                f"model '{pool.spec.name}' version {pool.spec.version} is saturated: "
+                f"{len(pool.queue)} requests already queued",
+                503,
+                retry_after_s(len(pool.queue), pool.capacity, pool.latency_ms()),
+            )
+        pool.queue.append(p)
+
+    def _send(self, w: WorkerHandle, p: Pending, now: float) -> None:
+        p.worker = w
+        p.attempts += 1
+        p.t_sent = now
+        w.in_flight += 1
+        self.in_flight[p.id] = p
+        w.send_frame(p.frame)
+
+    def dispatch(self, pool: ModelPool, now: float) -> None:
+        """Move queued requests to workers while any has room."""
+        q = pool.queue
+        while q:
+            p = q[0]
+            if p.future.done():  # timed out or cancelled while waiting
+                q.popleft()
+                continue
+            i = pick_worker(pool.workers)
+            if i is None:
+                return
+            q.popleft()
+            self._send(pool.workers[i], p, now)
+
+    # ---------------------------------------------------------------------------- answers
+
+    def _take(self, w: WorkerHandle, rid: int) -> Pending | None:
+        """The request ``w`` answers, out of the in-flight table; None for one it does not hold (an
+        id it was never sent, or one sent elsewhere since)."""
+        p = self.in_flight.get(rid)
+        if p is None or p.worker is not w:
+            return None
+        del self.in_flight[rid]
+        w.in_flight -= 1
+        return p
+
+    def on_result(
+        self, w: WorkerHandle, rid: int, result: Any, compute_ms: float | None, batch_rows: int, now: float
+    ) -> Pending | None:
+        """A worker answered: the request gets its result (unless its deadline passed, when the late
+        answer is dropped). Returns the request, or None when there was none to answer."""
+        p = self._take(w, rid)
+        if p is None:
+            return None
+        pool: ModelPool = p.pool
+        w.latency_ewma_ms = ewma(w.latency_ewma_ms, compute_ms if compute_ms is not None else (now - p.t_sent) * 1e3)
+        if compute_ms is not None and batch_rows > 0:
+            share = compute_ms * p.rows / batch_rows  # this request's part of its batch's model time
+            pool.busy_ms += share
+            pool.service_ms = ewma(pool.service_ms, share)
+        if not p.future.done():
+            p.future.set_result(result)
+        self.dispatch(pool, now)
+        return p
+
+    def on_failed(self, w: WorkerHandle, rid: int, error: RequestFailed, now: float) -> Pending | None:
+        """The worker could not compute it (bad input, model error): that is the request's answer."""
+        p = self._take(w, rid)
+        if p is None:
+            return None
+        if not p.future.done():
+            p.future.set_exception(error)
+        self.dispatch(p.pool, now)
+        return p
+
+    def on_refused(self, w: WorkerHandle, rid: int, reason: str, now: float) -> None:
+        """The worker turned it away (full, draining, out of service): another worker may take it."""
+        p = self._take(w, rid)
+        if p is not None:
+            self._again(p, reason)
+            self.dispatch(p.pool, now)
+
+    def _again(self, p: Pending, reason: str) -> None:
+        """Back at the head of its queue, unless it is answered already or has had its attempts."""
+        if p.future.done():
+            return
+        pool: ModelPool = p.pool
+        if p.attempts >= pool.max_attempts:
+            p.future.set_exception(
+                RequestFailed(f"request failed on {p.attempts} workers of '{pool.spec.name}' (last: {reason})", 502)
+            )
+            return
+        if self.on_retry is not None:
+            self.on_retry(pool)
+        pool.queue.appendleft(p)
+
+    # ------------------------------------------------------------------------------ workers
+
+    def worker_joined(self, pool: ModelPool, w: WorkerHandle, now: float) -> None:
+        pool.workers.append(w)
+        pool.no_worker_since = None
+        self.dispatch(pool, now)
+
+    def worker_stopped_taking(self, pool: ModelPool, w: WorkerHandle, now: float) -> None:
+        """It drains: nothing new goes to it; what it holds it still answers."""
+        w.accepting = False
+        self.dispatch(pool, now)
+
+    def worker_left(self, pool: ModelPool, w: WorkerHandle, reason: str, now: float) -> int:
+        """It is gone (closed, dropped, silent): what it held goes to other workers, oldest first.
+        Returns how many requests it held."""
+        if w in pool.workers:
+            pool.workers.remove(w)
+        if not pool.workers:
+            pool.no_worker_since = now
+        held = sorted((p for p in self.in_flight.values() if p.worker is w), key=lambda p: p.id)
+        for p in held:
+            del self.in_flight[p.id]
+        w.in_flight = 0
+        w.accepting = False
+        for p in reversed(held):  # the oldest ends up at the head of the queue
+            self._again(p, reason)
+        self.dispatch(pool, now)
+        return len(held)
+
+    # ---------------------------------------------------------------------------- deadlines
+
+    def expire(self, now: float) -> int:
+        """Fail requests past their deadline, queued or in flight, and queued ones when their model has
+        had no live worker for ``unserved_wait_s`` (unless an engine can start one). Returns how many."""
+        n = 0
+        for p in self.in_flight.values():
+            if not p.future.done() and now > p.deadline:
+                w = p.worker
+                p.future.set_exception(
+                    RequestFailed(f"request timed out on worker {w.worker_id} after {now - p.t_enqueued:.0f} s", 504)
+                )
+                n += 1
+        for pool in self.table.pools():
+            n += self._expire_queue(pool, now)
+        return n
+
+    def _expire_queue(self, pool: ModelPool, now: float) -> int:
+        if not pool.queue:
+            return 0
+        orphaned = (
+            not pool.wakeable and pool.no_worker_since is not None and now - pool.no_worker_since > self.unserved_wait_s
+        )
+        n = 0
+        keep: deque[Pending] = deque()
+        for p in pool.queue:
+            if p.future.done():
+                continue
+            if now > p.deadline:
+                p.future.set_exception(RequestFailed("request timed out waiting for a worker", 504))
+                n += 1
+            elif orphaned:
+                p.future.set_exception(
+                    RequestFailed(f"model '{pool.spec.name}' version {pool.spec.version} has no live worker", 503, 1)
+                )
+                n += 1
+            else:
+                keep.append(p)
+        pool.queue = keep
+        return n

@@ -1,0 +1,157 @@
+"""The worker link's messages, each declared once as a typed structure (msgspec): the frame's header
+is the structure encoded as a MessagePack map, field names as below, so the wire is what it was when
+these were plain maps (protocol version 1). Decoding validates types and names the field on error
+(``HELLO: Expected `int`, got `str` - at `$.capacity```).
+
+Frame type numbers and the frame layout are in ``frames.py``; which message may come when is in
+``link.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from shoal.protocol.frames import MsgType
+
+
+class TensorDesc(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A tensor in a header; its bytes follow in the payload, in header order."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    size: int = 0
+
+
+class TensorSpecMsg(msgspec.Struct, frozen=True):
+    """A model's input or output as a worker announces it (``-1``: any size)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class Challenge(msgspec.Struct, frozen=True):
+    versions: list[int]
+    nonce: bytes
+    gateway: str = ""
+
+
+class Hello(msgspec.Struct, frozen=True, omit_defaults=True):
+    # Only the version is required to decode: a worker of another protocol version is refused by
+    # the gateway with a reason that says so, whatever else its HELLO holds.
+    protocol: int
+    worker_id: str = ""
+    proof: bytes = b""
+    model: str = ""
+    model_version: str = ""
+    inputs: list[TensorSpecMsg] = []
+    outputs: list[TensorSpecMsg] = []
+    runtime: str = ""
+    device: str = "cpu"
+    capacity: int = 1
+    max_batch_size: int = 0
+    batch_delay_ms: float = 0.0
+    image_input: str | None = None
+    labels: dict[str, list[str]] = {}
+    pid: int | None = None
+    host: str | None = None
+    max_frame_size: int | None = None
+
+
+class Welcome(msgspec.Struct, frozen=True, omit_defaults=True):
+    version: int
+    gateway: str = ""
+    heartbeat_s: float = 1.0
+    dead_after_s: float = 5.0
+    max_frame_size: int | None = None
+
+
+class Refuse(msgspec.Struct, frozen=True, omit_defaults=True):
+    reason: str
+    retry_after_s: float | None = None
+
+
+class Request(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: int
+    inputs: list[TensorDesc]
+    outputs: list[str] | None = None
+    rid: str | None = None  # the device's request id, for the worker's logs
+
+
+class Result(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: int
+    outputs: list[TensorDesc]
+    compute_ms: float | None = None
+    batch: int = 0  # rows of the batch the request ran in
+
+
+class Error(msgspec.Struct, frozen=True):
+    id: int
+    error: str
+    status: int = 500
+
+
+class Load(msgspec.Struct, frozen=True, omit_defaults=True):
+    in_flight: int = 0
+    queued: int = 0
+    capacity: int = 0
+    served: int = 0
+    batches: int = 0
+    rows: int = 0
+    busy_s: float = 0.0
+    cpu_s: float | None = None
+    draining: bool = False
+
+
+class Ping(msgspec.Struct, frozen=True):
+    t: float | None = None
+
+
+class Pong(msgspec.Struct, frozen=True):
+    t: float | None = None
+
+
+class Drain(msgspec.Struct, frozen=True):
+    pass
+
+
+class Goodbye(msgspec.Struct, frozen=True, omit_defaults=True):
+    reason: str = ""
+
+
+Message = Challenge | Hello | Welcome | Refuse | Request | Result | Error | Load | Ping | Pong | Drain | Goodbye
+
+TYPE_OF: dict[type, MsgType] = {
+    Challenge: MsgType.CHALLENGE,
+    Hello: MsgType.HELLO,
+    Welcome: MsgType.WELCOME,
+    Refuse: MsgType.REFUSE,
+    Request: MsgType.REQUEST,
+    Result: MsgType.RESULT,
+    Error: MsgType.ERROR,
+    Load: MsgType.LOAD,
+    Ping: MsgType.PING,
+    Pong: MsgType.PONG,
+    Drain: MsgType.DRAIN,
+    Goodbye: MsgType.GOODBYE,
+}
+DECODERS: dict[MsgType, msgspec.msgpack.Decoder[Any]] = {t: msgspec.msgpack.Decoder(c) for c, t in TYPE_OF.items()}
+ENCODER = msgspec.msgpack.Encoder()
+
+
+class MessageError(ValueError):
+    """A header that does not match its message's declaration; the text names the field."""
+
+
+def decode_header(mtype: MsgType, header: bytes | memoryview) -> Message:
+    try:
+        return DECODERS[mtype].decode(header)
+    except msgspec.DecodeError as e:
+        raise MessageError(f"{mtype.name}: {e}") from None
+
+
+def encode_header(msg: Message) -> bytes:
+    return ENCODER.encode(msg)
