@@ -174,6 +174,10 @@ _any_object = msgspec.json.Decoder(dict[str, Any])
 
 
 def convert(values: Mapping[str, str], types: Mapping[str, Any], where: str) -> dict[str, Any]:
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        known = ", ".join(types) or "none"
+        raise HttpError(400, f"unknown {where}(s) {', '.join(map(repr, unknown))}; known: {known}")
     out = {}
     for name, typ in types.items():
         if name not in values:
@@ -207,7 +211,7 @@ def _endpoint(central: Central, op: Operation) -> Callable[[Request], Awaitable[
                     op.credentials.session,
                 )
             params = convert(request.path_params, op.params, "path parameter") if op.params else {}
-            query = convert(request.query_params, op.query, "query parameter") if op.query else {}
+            query = convert(request.query_params, op.query, "query parameter")
             value = decode_body(decoder, body, op.body_optional)
             answer = await op.handler(central, Call(request, who, value, params, query))
         except HttpError as e:

@@ -27,6 +27,7 @@ from shoal.protocol.central_messages import (
     AckAnswer,
     ClusterList,
     CommandAdded,
+    CommandId,
     CommandList,
     Health,
     Name,
@@ -290,7 +291,7 @@ def route_table(config: CentralConfig) -> RouteTable:
                 body_optional=True,
                 answer=AckAnswer,
                 errors=(404,),
-                params={"id": int},
+                params={"id": CommandId},
             ),
         ]
     )
