@@ -40,6 +40,7 @@ class Launch:
     launched_at: float
     joined: bool = False
     drain_at: float | None = None
+    rejoining: bool = False  # it joined, left without ending, and is expected back
 
 
 @dataclass
@@ -235,20 +236,24 @@ class Autoscaler:
         joined = {w.worker_id for w in m.pool.workers}
         for wid, x in list(m.launches.items()):
             if not x.joined and wid in joined:
-                x.joined = True
+                x.joined, x.rejoining = True, False
                 m.failures = 0
             code = x.handle.exit_code()
             if code is not None:
                 del m.launches[wid]
-                if not x.joined:
+                if not x.joined and not x.rejoining:
                     self._failed(m, now, f"worker {wid} exited with status {code} before joining ({_where(x)})")
                 elif x.drain_at is None and code != 0:
                     self._failed(m, now, f"worker {wid} exited with status {code} ({_where(x)})")
                 continue
+            if x.joined and x.drain_at is None and wid not in joined:
+                # Gone from the pool yet still running: it is being restarted (Ray restarts an actor
+                # whose node died) or reconnects, and rejoins by itself. Starting again, not replaced.
+                x.joined, x.rejoining, x.launched_at = False, True, now
             if not x.joined and now - x.launched_at > m.policy.start_timeout_s:
                 await self.engine.terminate(x.handle)
                 del m.launches[wid]
-                self._failed(m, now, f"worker {wid} did not join within {m.policy.start_timeout_s:g} s")
+                self._failed(m, now, f"worker {wid} did not join within {m.policy.start_timeout_s:g} s ({_where(x)})")
             elif x.drain_at is not None and now - x.drain_at > self.cfg.drain_timeout_s + 10.0:
                 await self.engine.terminate(x.handle)  # it was told to leave long ago
                 del m.launches[wid]
@@ -345,4 +350,4 @@ class Autoscaler:
 
 def _where(x: Launch) -> str:
     d = x.handle.describe()
-    return f"log: {d['log']}" if "log" in d else ", ".join(f"{k}={v}" for k, v in d.items())
+    return f"log: {d['log']}" if "log" in d else ", ".join(f"{k}={v}" for k, v in d.items() if k != "worker_id")

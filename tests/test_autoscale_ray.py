@@ -1,0 +1,163 @@
+"""The Ray engine against a real Ray head on loopback: workers start as Ray actors and serve, scale-in
+drains them and their actors end, an actor whose process is killed is restarted by Ray and serves
+again under the same worker id (not replaced by another), and a worker no node can host is reported,
+not waited on for ever. One head and one gateway for the whole file: Ray is heavy on two cores."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import yaml
+from test_autoscale import Load, _connected, _wait
+
+from shoal.autoscale.ray_engine import LocalRayHead, import_ray, placement_problem
+from shoal.local import LocalCluster
+
+NAMESPACE = "shoal-test"
+GiB = 1024.0**3
+
+
+def _nodes(**resources: float) -> list[dict]:
+    return [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 8 * GiB, **resources}}]
+
+
+def test_placement_problem_names_what_no_node_offers():
+    assert placement_problem({"CPU": 1.0}, _nodes()) == ""
+    assert placement_problem({"CPU": 1.0, "site-a": 1.0}, _nodes(**{"site-a": 2.0})) == ""
+    why = placement_problem({"CPU": 1.0, "site-a": 1.0}, _nodes())
+    assert why == 'no node offers {"site-a": 1}; Ray\'s autoscaler adds one if configured'
+    assert placement_problem({"CPU": 4.0, "memory": 16 * GiB}, _nodes()).startswith(
+        'no node offers {"cpus": 4, "memory_mb": 16384}'
+    )
+    two = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"GPU": 1.0}}]
+    assert "no node offers all of" in placement_problem({"CPU": 1.0, "GPU": 1.0}, two)
+    dead = [{"Alive": False, "Resources": {"CPU": 8.0}}]
+    assert placement_problem({"CPU": 1.0}, dead).startswith("the cluster has no live node")
+
+
+# ------------------------------------------------------------------------------ with a real head
+
+# Whether Ray is installed, without importing it: it must only be imported after quiet_ray_env.
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install -e '.[ray]')"
+)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    h = LocalRayHead(tmp_path_factory.mktemp("ray"), cpus=2)
+    h.start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(head, model_repo, tmp_path_factory):
+    """A gateway whose autoscaler starts ``slow`` workers as actors of half a CPU each, and ``echo``
+    workers only on nodes offering a ``site-a`` resource (none here)."""
+    wd = tmp_path_factory.mktemp("gateway")
+    cfg = wd / "gateway.yaml"
+    cfg.write_text(yaml.safe_dump({"autoscale": {
+        "engine": "ray", "ray": {"address": head.address, "namespace": NAMESPACE}, "repo": str(model_repo),
+        "interval_s": 0.25,
+        "models": {
+            "slow": {"min": 1, "max": 2, "scale_up_window_s": 0.5, "scale_down_window_s": 2, "cooldown_s": 1,
+                     "resources": {"cpus": 0.5}},
+            "echo": {"min": 1, "max": 1, "start_timeout_s": 3, "resources": {"custom": {"site-a": 1}}},
+        },
+    }}))
+    lc = LocalCluster(wd, gateway_args=["--config", str(cfg)])
+    lc.start(timeout=120)  # the gateway joins the Ray cluster before it answers
+    yield lc
+    lc.stop()
+
+
+@pytest.fixture(scope="module")
+def driver(head):
+    """This process as a Ray driver of the same cluster, to look actors up."""
+    ray = import_ray()
+    ray.init(address=head.address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def _workers(lc: LocalCluster, model: str = "slow") -> dict[str, dict]:
+    return {w["worker_id"]: w for m in lc.status()["models"] if m["name"] == model for w in m["workers"]}
+
+
+def _events(lc: LocalCluster, kind: str, since: float = 0.0, model: str = "slow") -> list[dict]:
+    return [e for e in lc.status()["autoscale"]["events"]
+            if e["model"] == model and e["kind"] == kind and e["time"] >= since]
+
+
+def _actor_gone(ray, name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return True
+    return False
+
+
+@needs_ray
+def test_workers_run_as_actors_serve_and_scale_in_drains_them(gateway, driver):
+    lc = gateway
+    lc.wait_workers("slow", 1, timeout=90)
+    first = next(iter(_workers(lc)))
+    actor = driver.get_actor(first, namespace=NAMESPACE)  # the worker is the actor named after it
+    assert driver.get(actor.where.remote(), timeout=30)["pid"] == _workers(lc)[first]["pid"]
+    with lc.client() as c:
+        assert c.infer("slow", {"x": np.full((1, 1), 0.25, np.float32)})["y"][0, 0] == pytest.approx(0.25)
+
+    busy = Load(lc, 8)
+    try:
+        _wait(lambda: lc.live_workers("slow") >= 2, 90, "no scale-out under load")
+        busy.stop.wait(1.0)  # the new actor takes traffic for a while
+    finally:
+        busy.end()
+    quiet = Load(lc, 1, pause_s=0.2)
+    try:
+        _wait(lambda: _connected(lc, "slow") == 1, 60, "no scale-in at low load")
+    finally:
+        quiet.end()
+    assert busy.failed == [] and quiet.failed == []
+    assert len(_events(lc, "up")) >= 2 and len(_events(lc, "down")) >= 1
+    st = lc.status()
+    gone = [d for d in st["departed_workers"] if d["model"] == "slow"]
+    assert gone and all(d["left"] == "worker said goodbye" for d in gone)  # drained, never dropped
+    for d in gone:
+        _wait(lambda d=d: _actor_gone(driver, d["worker_id"]), 30, f"actor {d['worker_id']} outlived its drain")
+
+
+@needs_ray
+def test_a_killed_actor_is_restarted_by_ray_and_serves_again(gateway, driver):
+    lc = gateway
+    lc.wait_workers("slow", 1, timeout=90)
+    wid, w = next(iter(_workers(lc).items()))
+    killed_at = time.time()
+    os.kill(w["pid"], signal.SIGKILL)  # the actor's process, as when its node dies
+    back = _wait(lambda: (x := _workers(lc).get(wid)) and x["accepting"] and x["pid"] != w["pid"] and x, 90,
+                 "Ray did not restart the killed actor")
+    assert driver.get(driver.get_actor(wid, namespace=NAMESPACE).where.remote(), timeout=30)["pid"] == back["pid"]
+    with lc.client() as c:
+        assert c.infer("slow", {"x": np.full((1, 1), 0.5, np.float32)})["y"][0, 0] == pytest.approx(0.5)
+    assert _events(lc, "up", since=killed_at) == []  # restarted by Ray, not replaced by the autoscaler
+    assert set(_workers(lc)) == {wid}
+    assert lc.status()["autoscale"]["models"]["slow:1"]["start_failures"] == 0
+
+
+@needs_ray
+def test_a_worker_no_node_can_host_is_reported_and_given_up(gateway, driver):
+    lc = gateway
+    m = _wait(lambda: (x := lc.status()["autoscale"]["models"]["echo:1"])["start_failures"] >= 1 and x, 60,
+              "the unplaceable worker was not reported")
+    assert "did not join within 3 s" in m["last_error"]
+    assert 'no node offers {"site-a": 1}' in m["last_error"]
+    wid = m["last_error"].split()[1]
+    _wait(lambda: _actor_gone(driver, wid), 30, "the actor that could not be placed was not removed")
+    assert lc.gateway.alive() and lc.live_workers("echo") == 0
+    assert lc.status()["autoscale"]["models"]["slow:1"]["ready"] >= 1  # the others are not disturbed
