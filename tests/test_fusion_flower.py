@@ -232,7 +232,7 @@ def test_a_site_not_enrolled_is_refused(federation: Any) -> None:
 
 def test_fused_weights_follow_the_schedule_on_each_sites_own_data(federation: Any) -> None:
     """Replay the run in one process, round by round with the logged absences: same model."""
-    from shoal.fusion import runner
+    from shoal.fusion import peer
     from shoal.fusion.export import load_template
     from shoal.fusion.sources import load_site
     from shoal.fusion.strategy import PeerFusion
@@ -248,17 +248,12 @@ def test_fused_weights_follow_the_schedule_on_each_sites_own_data(federation: An
     assert [len(d.y_train) for d in data.values()] == [90, 90, 90]  # 10% of each site's 100 held out
     fusion = PeerFusion(3, "ring", 0.55, "sequential", "twice", EVERY, SEED)
     weights = {
-        p: [w.astype(np.float32) for w in runner.init_weights([784, *HIDDEN, 10], SEED)] for p in range(3)
+        p: [w.astype(np.float32) for w in peer.init_weights([784, *HIDDEN, 10], SEED)] for p in range(3)
     }
     for r in (r for r in federation["log"] if "round" in r):
         work = fusion.local_work(r["round"] - 1)
         got = {
-            p: [
-                w.astype(np.float32)
-                for w in runner.train_peer(
-                    data[p], np.arange(90), weights[p], SEED, p, work, HIDDEN, LR, BATCH
-                )
-            ]
+            p: peer.train_local(data[p], np.arange(90), weights[p], SEED, p, work, LR, BATCH)
             for p in r["peers"]
         }
         weights.update(

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from shoal.fusion import datasets, runner  # noqa: E402
+from shoal.fusion import datasets, peer, runner  # noqa: E402
 from shoal.fusion.algorithm import apply_schedule  # noqa: E402
 from shoal.fusion.topology import schedule  # noqa: E402
 
@@ -108,7 +108,7 @@ def test_fusion_every_k_steps_equals_round_by_round_replay() -> None:
         trace = runner.run(data, [group], (6,), 0.05, 3, batch=2, dtype=torch.float64)
         ticks = trace.ticks_per_epoch
         rounds = 3 * ticks // 7 if every == "7steps" else 3
-        want = runner.replay(data, shards, group.strategy, rounds, (6,), 0.05, batch=2, dtype=torch.float64)
+        want = runner.replay(data, shards, group.strategy, rounds, (6,), 0.05, batch=2, dtype=np.float64)
         if every == "7steps" and (3 * ticks) % 7:  # the run trained past its last round
             left = {"unit": "steps", "start": rounds * 7, "count": 3 * ticks - rounds * 7}
             want = {
@@ -183,8 +183,10 @@ def test_train_peer_matches_runner() -> None:
     w = runner.train_peer(data, shard, start, 5, 0, [1, 2, 3], (6,), 0.05, batch=2, dtype=torch.float64)
     work = {"unit": "epochs", "start": 0, "count": 3}
     w2 = runner.train_peer(data, shard, start, 5, 0, work, (6,), 0.05, batch=2, dtype=torch.float64)
-    for x, y in zip(w, w2, strict=True):
+    site = peer.train_local(data, shard, start, 5, 0, work, 0.05, batch=2)  # a site's numpy trainer
+    for x, y, z in zip(w, w2, site, strict=True):
         np.testing.assert_array_equal(x, y)
+        np.testing.assert_allclose(z, x, rtol=1e-10, atol=1e-12)
     for x, y in zip(w, tr.weights[0], strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
 

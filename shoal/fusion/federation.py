@@ -232,7 +232,7 @@ def run_superlink(args: argparse.Namespace) -> int:
     return 0
 
 
-SITE_OPTIONS = ("site", "data", "test_data", "holdout", "results_dir", "labels", "model", "threads")
+SITE_OPTIONS = ("site", "data", "test_data", "holdout", "results_dir", "labels", "model")
 
 
 def site_node_config(args: argparse.Namespace) -> str:
@@ -375,7 +375,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     n.add_argument("--results-dir", help="for results: data, the gateway's --results-dir")
     n.add_argument("--labels", help="for results: data, a CSV of request_id,label")
     n.add_argument("--model", help="for results: data, only this model's requests")
-    n.add_argument("--threads", type=int, default=None, help="torch threads for training (default 1)")
     n.add_argument(
         "--runtime-port", type=int, default=0, help="port of the SuperNode's local API (default: free)"
     )

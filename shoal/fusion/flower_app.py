@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 import shoal  # noqa: F401  (FLWR_TELEMETRY_ENABLED=0 and FLWR_DISABLE_UPDATE_CHECK=1 before flwr)
+from shoal.fusion import peer as one_peer
 from shoal.fusion.strategy import Interval, PeerFusion
 
 # isort: split
@@ -343,7 +344,6 @@ server_app = ServerApp()
 
 def strategy_from_config(run_config: dict[str, Any]) -> PeerFusionStrategy:
     """Build the strategy, the shared initial weights and the sites' training settings from a run config."""
-    from shoal.fusion import runner
     from shoal.fusion.export import classes, input_size
     from shoal.modelrepo.manifest import parse_manifest
 
@@ -364,8 +364,8 @@ def strategy_from_config(run_config: dict[str, Any]) -> PeerFusionStrategy:
         Interval.parse(str(cfg["fuse-every"])),
         int(cfg["seed"]),
     )
-    sizes = runner.layer_sizes(input_size(template), hidden, len(classes(template)))
-    initial = runner.init_weights(sizes, fusion.seed)
+    sizes = one_peer.layer_sizes(input_size(template), hidden, len(classes(template)))
+    initial = one_peer.init_weights(sizes, fusion.seed)
     train_config = {
         "template": str(cfg["template"]),
         "hidden": " ".join(map(str, hidden)),
@@ -440,7 +440,7 @@ def _flwr_version() -> str:
 client_app = ClientApp()
 
 # The site's own settings (``flower-supernode --node-config``): where its data is.
-SITE_KEYS = ("site", "data", "test-data", "holdout", "results-dir", "labels", "model", "threads")
+SITE_KEYS = ("site", "data", "test-data", "holdout", "results-dir", "labels", "model")
 
 
 def site_options(context: Context) -> dict[str, Any]:
@@ -462,12 +462,6 @@ def _site_data(cfg: ConfigRecord, context: Context) -> Any:
     )
 
 
-def _threads(context: Context) -> None:
-    import torch
-
-    torch.set_num_threads(int(context.node_config.get("threads", 1)))
-
-
 @client_app.query()
 def site_identity(msg: Message, context: Context) -> Message:
     """Which site this node is (asked only of nodes registered without a name)."""
@@ -478,30 +472,25 @@ def site_identity(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def site_train(msg: Message, context: Context) -> Message:
-    """Train this site's model from the weights the server sent, on this site's data only."""
-    from shoal.fusion import runner
-
-    _threads(context)
+    """Train this site's model from the weights the server sent, on this site's data only (numpy)."""
     cfg = msg.content["config"]
     data = _site_data(cfg, context)
     weights = _f32(msg.content["arrays"].to_numpy_ndarrays())
     work = {"unit": str(cfg["work-unit"]), "start": int(cfg["work-start"]), "count": int(cfg["work-count"])}
-    hidden = [int(h) for h in str(cfg["hidden"]).split()]
     shard = np.arange(len(data.y_train))
     new = _f32(
-        runner.train_peer(
+        one_peer.train_local(
             data,
             shard,
             weights,
             int(cfg["seed"]),
             int(cfg["peer"]),
             work,
-            hidden,
             float(cfg["lr"]),
             int(cfg["batch"]),
         )
     )
-    error = _error(new, data.x_test, data.y_test)
+    error = one_peer.error(new, data.x_test, data.y_test)
     metrics = MetricRecord({"peer": int(cfg["peer"]), "test-error": error, "test-examples": len(data.y_test)})
     return Message(RecordDict({"arrays": ArrayRecord(new), "metrics": metrics}), reply_to=msg)
 
@@ -509,20 +498,8 @@ def site_train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def site_evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the given model on this site's held-out rows."""
-    _threads(context)
     cfg = msg.content["config"]
     data = _site_data(cfg, context)
-    error = _error(_f32(msg.content["arrays"].to_numpy_ndarrays()), data.x_test, data.y_test)
+    error = one_peer.error(_f32(msg.content["arrays"].to_numpy_ndarrays()), data.x_test, data.y_test)
     metrics = MetricRecord({"peer": int(cfg["peer"]), "accuracy": 1.0 - error, "examples": len(data.y_test)})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
-
-
-def _error(weights: PeerWeights, x: np.ndarray, y: np.ndarray) -> float:
-    if len(y) == 0:
-        return float("nan")
-    h = np.asarray(x, np.float32)
-    for k in range(0, len(weights), 2):
-        h = h @ weights[k] + weights[k + 1]
-        if k + 2 < len(weights):
-            h = np.tanh(h)
-    return float((h.argmax(1) != y).mean())

@@ -29,7 +29,6 @@ round, which measures the drift since the previous round.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,83 +38,19 @@ import numpy as np
 import torch
 
 from shoal.fusion.algorithm import fuse
+from shoal.fusion.peer import (  # noqa: F401  (the engine's data order and start, shared with sites)
+    PeerWeights,
+    epoch_order,
+    init_weights,
+    layer_sizes,
+    peer_epoch_batches,
+    peer_step_batches,
+    steps_per_epoch,
+    train_local,
+    work_batches,
+)
 from shoal.fusion.strategy import AVERAGE, Interval, PeerFusion
 from shoal.fusion.topology import parallel_stages
-
-# Lists of per-peer weight arrays, in layer order: W1 [in, h1], b1 [h1], W2, b2, ...
-PeerWeights = list[np.ndarray]
-
-
-def layer_sizes(n_features: int, hidden: Sequence[int], n_classes: int) -> list[int]:
-    return [n_features, *hidden, n_classes]
-
-
-def init_weights(sizes: Sequence[int], seed: int, peer: int = 0, shared: bool = True) -> PeerWeights:
-    """Glorot-uniform weights (suited to tanh), zero biases. Shared init: every peer gets the same draw.
-
-    Averaging only helps peers that start from the same weights (their hidden units then line up);
-    ``shared=False`` gives each peer its own draw to show what happens without it.
-    """
-    rng = np.random.default_rng([seed, 0x1417, 0 if shared else peer + 1])
-    out: PeerWeights = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
-        limit = math.sqrt(6.0 / (fan_in + fan_out))
-        out.append(rng.uniform(-limit, limit, size=(fan_in, fan_out)))
-        out.append(np.zeros(fan_out))
-    return out
-
-
-def epoch_order(shard: np.ndarray, seed: int, peer: int, epoch: int) -> np.ndarray:
-    """The order in which peer ``peer`` visits its shard in ``epoch`` (same in every engine)."""
-    return shard[np.random.default_rng([seed, peer, epoch, 0x0DE5]).permutation(len(shard))]
-
-
-def steps_per_epoch(n_rows: int, batch: int) -> int:
-    return max(1, math.ceil(n_rows / batch))
-
-
-def _own_epoch(
-    shard: np.ndarray, seed: int, peer: int, epoch: int, batch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """One of a peer's own epochs as ``idx, mask [steps, batch]`` (the last batch may be short)."""
-    order = epoch_order(shard, seed, peer, epoch)
-    steps = steps_per_epoch(len(order), batch)
-    idx = np.zeros(steps * batch, np.int64)
-    mask = np.zeros(steps * batch, np.float32)
-    idx[: len(order)] = order
-    mask[: len(order)] = 1.0
-    return idx.reshape(steps, batch), mask.reshape(steps, batch)
-
-
-def peer_epoch_batches(
-    shard: np.ndarray, seed: int, peer: int, batch: int, epoch: int, ticks: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Peer ``peer``'s epoch ``epoch`` (1-based) as ``idx, mask [ticks, batch]``, masked after its last step."""
-    idx, mask = _own_epoch(shard, seed, peer, epoch, batch)
-    ticks = len(idx) if ticks is None else ticks
-    out_i = np.zeros((ticks, batch), np.int64)
-    out_m = np.zeros((ticks, batch), np.float32)
-    out_i[: len(idx)] = idx
-    out_m[: len(idx)] = mask
-    return out_i, out_m
-
-
-def peer_step_batches(
-    shard: np.ndarray, seed: int, peer: int, batch: int, start: int, count: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Peer ``peer``'s optimizer steps ``start .. start+count-1`` (0-based) with its epochs back to back."""
-    per_epoch = steps_per_epoch(len(shard), batch)
-    idx_parts, mask_parts = [], []
-    first = start // per_epoch
-    last = (start + count - 1) // per_epoch
-    for e in range(first, last + 1):
-        i, m = _own_epoch(shard, seed, peer, e + 1, batch)
-        idx_parts.append(i)
-        mask_parts.append(m)
-    offset = start - first * per_epoch
-    idx = np.concatenate(idx_parts)[offset : offset + count]
-    mask = np.concatenate(mask_parts)[offset : offset + count]
-    return idx, mask
 
 
 def stack_peers(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -538,16 +473,8 @@ def train_peer(
     eng = BatchedEngine([weights], lr, dtype)
     x = torch.tensor(dataset.x_train, dtype=dtype)
     y = torch.tensor(dataset.y_train, dtype=torch.int64)
-    if isinstance(work, dict) and work["unit"] == "steps":
-        parts = [peer_step_batches(shard, seed, peer, batch, int(work["start"]), int(work["count"]))]
-        eng.train_steps(x, y, *stack_peers(parts))
-        return eng.peer_weights(0)
-    if isinstance(work, dict):
-        epochs: Sequence[int] = range(int(work["start"]) + 1, int(work["start"]) + int(work["count"]) + 1)
-    else:
-        epochs = list(work)  # type: ignore[arg-type]
-    for epoch in epochs:
-        eng.train_steps(x, y, *stack_peers([peer_epoch_batches(shard, seed, peer, batch, epoch)]))
+    for idx, mask in work_batches(shard, seed, peer, batch, work):
+        eng.train_steps(x, y, *stack_peers([(idx, mask)]))
     return eng.peer_weights(0)
 
 
@@ -560,23 +487,24 @@ def replay(
     lr: float,
     batch: int = 1,
     absent: dict[int, set[int]] | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: type[np.floating[Any]] = np.float32,
 ) -> dict[int, PeerWeights]:
     """Cooperative learning one peer and one round at a time, as a federation runs it.
 
     Round ``r`` (0-based): every peer not in ``absent[r]`` trains ``strategy.local_work(r)`` from its
-    last fused weights, then ``strategy.fuse`` runs over those present. The batched :func:`run`
-    computes the same weights for one group with no absences (tested); the Flower engine computes
-    exactly this.
+    last fused weights with a site's trainer (``peer.train_local``, numpy), then ``strategy.fuse``
+    runs over those present. The batched :func:`run` computes the same weights for one group with
+    no absences (tested).
     """
     sizes = layer_sizes(dataset.x_train.shape[1], hidden, dataset.n_classes)
-    weights = {p: init_weights(sizes, strategy.seed, p) for p in range(len(shards))}
+    weights = {
+        p: [w.astype(dtype) for w in init_weights(sizes, strategy.seed, p)] for p in range(len(shards))
+    }
     for r in range(rounds):
         present = [p for p in range(len(shards)) if p not in (absent or {}).get(r, set())]
         work = strategy.local_work(r)
         received = {
-            p: train_peer(dataset, shards[p], weights[p], strategy.seed, p, work, hidden, lr, batch, dtype)
-            for p in present
+            p: train_local(dataset, shards[p], weights[p], strategy.seed, p, work, lr, batch) for p in present
         }
         weights.update(strategy.fuse(r, received))
     return weights
