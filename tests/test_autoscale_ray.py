@@ -1,7 +1,8 @@
 """The Ray engine against a real Ray head on loopback: workers start as Ray actors and serve, scale-in
 drains them and their actors end, an actor whose process is killed is restarted by Ray and serves
-again under the same worker id (not replaced by another), and a worker no node can host is reported,
-not waited on for ever. One head and one gateway for the whole file: Ray is heavy on two cores."""
+again under the same worker id (not replaced by another), an actor killed for good is an exit the
+autoscaler replaces, and a worker no node can host is reported, not waited on for ever. One head and
+one gateway for the whole file: Ray is heavy on two cores."""
 
 from __future__ import annotations
 
@@ -161,3 +162,17 @@ def test_a_worker_no_node_can_host_is_reported_and_given_up(gateway, driver):
     _wait(lambda: _actor_gone(driver, wid), 30, "the actor that could not be placed was not removed")
     assert lc.gateway.alive() and lc.live_workers("echo") == 0
     assert lc.status()["autoscale"]["models"]["slow:1"]["ready"] >= 1  # the others are not disturbed
+
+
+@needs_ray
+def test_an_actor_killed_for_good_is_an_exit_and_is_replaced(gateway, driver):
+    lc = gateway
+    lc.wait_workers("slow", 1, timeout=90)
+    wid = next(iter(_workers(lc)))
+    driver.kill(driver.get_actor(wid, namespace=NAMESPACE), no_restart=True)  # as an operator might
+    _wait(lambda: (ws := _workers(lc)) and wid not in ws and any(w["accepting"] for w in ws.values()), 90,
+          "no new worker replaced the actor killed for good")
+    m = lc.status()["autoscale"]["models"]["slow:1"]
+    assert m["last_error"].startswith(f"worker {wid} exited with status 1")
+    with lc.client() as c:
+        assert c.infer("slow", {"x": np.full((1, 1), 0.75, np.float32)})["y"][0, 0] == pytest.approx(0.75)

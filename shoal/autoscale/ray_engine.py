@@ -32,6 +32,7 @@ this engine, the tests and the benchmarks; see docs/elastic.md, "Ray").
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +147,25 @@ def placement_problem(demand: dict[str, float], nodes: list[dict[str, Any]]) -> 
 # ---------------------------------------------------------------------------------------- actor
 
 
+class _Tail(io.TextIOBase):
+    """Writes through to ``stream`` and keeps the last lines written: why a worker ended, for the
+    status, as the local engine points at its log file."""
+
+    def __init__(self, stream: Any, lines: deque[str], lock: threading.Lock) -> None:
+        self.stream = stream
+        self.lines = lines
+        self.lock = lock
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        with self.lock:
+            self.lines.extend(line.strip() for line in text.splitlines() if line.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 class WorkerActor:
     """The body of each worker's Ray actor: ``shoal worker`` in a thread of the actor's process.
 
@@ -155,6 +176,11 @@ class WorkerActor:
         os.environ["SHOAL_CLUSTER_SECRET"] = secret  # this process runs this one worker only
         self.code: int | None = None
         self.done = threading.Event()
+        self.lines: deque[str] = deque(maxlen=4)
+        self.lock = threading.Lock()
+        # The worker's log handler is made after this, on sys.stderr: it writes through the tail too.
+        sys.stdout = _Tail(sys.stdout, self.lines, self.lock)
+        sys.stderr = _Tail(sys.stderr, self.lines, self.lock)
         threading.Thread(target=self._run, args=(argv,), name="shoal-worker", daemon=True).start()
 
     def _run(self, argv: list[str]) -> None:
@@ -170,10 +196,12 @@ class WorkerActor:
         self.code = int(code or 0)
         self.done.set()
 
-    def ping(self) -> int:
-        """Answers once the worker has ended: its exit status."""
+    def ping(self) -> tuple[int, str]:
+        """Answers once the worker has ended: its exit status and its last lines of output."""
         self.done.wait()
-        return self.code if self.code is not None else 1
+        with self.lock:
+            output = " | ".join(self.lines)[-600:]
+        return (self.code if self.code is not None else 1), output
 
     def where(self) -> dict[str, Any]:
         import ray
@@ -210,7 +238,10 @@ class RayWorker(EngineWorker):
         if not ray.wait([self.ping], timeout=0)[0]:
             return None
         try:
-            self.code = int(ray.get(self.ping, timeout=0))
+            code, output = ray.get(self.ping, timeout=0)
+            self.code = int(code)
+            if self.code != 0:
+                self.error = output
         except ray.exceptions.RayActorError as e:  # dead for good: killed, or it could not start
             self.code, self.error = 1, _first_line(e)
         except ray.exceptions.RayError as e:
