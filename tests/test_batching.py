@@ -46,3 +46,65 @@ def test_concat_and_split_round_trip():
 def test_split_refuses_outputs_without_the_batch_rows():
     with pytest.raises(ValueError, match="rows"):
         split_outputs({"y": np.zeros(3)}, [item(0, 2), item(1, 2)])
+
+
+# ------------------------------------------------------------------- when to run a batch
+
+
+def _rate_of(arrivals: list[tuple[float, int]], now: float) -> float:
+    from shoal.worker.batch_policy import ArrivalRate
+
+    r = ArrivalRate()
+    for t, rows in arrivals:
+        r.observe(t, rows)
+    return r.rate(now)
+
+
+def test_one_client_at_a_time_never_waits_for_a_window():
+    from shoal.worker.batch_policy import wait_s
+
+    # One closed-loop client: a request every 0.5 ms (its round trip), one row each.
+    rate = _rate_of([(i * 0.0005, 1) for i in range(200)], 0.1)
+    assert rate == pytest.approx(2000, rel=0.01)
+    assert wait_s(1, 32, 0.003, rate) == 0.0  # 31 more rows would take 15.5 ms: run now
+
+
+def test_a_burst_waits_just_until_the_batch_is_predicted_full():
+    from shoal.worker.batch_policy import wait_s
+
+    rate = _rate_of([(i * 0.00005, 1) for i in range(100)], 0.005)  # 20 000 rows/s
+    assert wait_s(1, 32, 0.003, rate) == pytest.approx(31 / 20000, rel=0.02)
+    assert wait_s(32, 32, 0.003, rate) == 0.0  # full: at once
+    assert wait_s(1, 0, 0.003, rate) == 0.0  # a model that does not batch
+    assert wait_s(1, 32, 0.0, rate) == 0.0  # no window
+
+
+def test_sparse_and_stale_arrivals_say_nothing():
+    assert _rate_of([(0.0, 1)], 0.1) == 0.0
+    assert _rate_of([(0.0, 1), (0.01, 1)], 5.0) == 0.0  # older than the horizon
+
+
+def test_an_idle_model_runs_a_lone_request_without_waiting_out_its_window():
+    import threading
+    import time
+
+    from shoal.modelrepo.manifest import Manifest, TensorSpec
+    from shoal.worker.batching import InferenceEngine
+
+    class Identity:
+        def infer(self, inputs):
+            return {"y": inputs["x"]}
+
+    spec = TensorSpec("x", "FP32", (-1, 1))
+    m = Manifest("m", "1", "python", "h.py", (spec,), (TensorSpec("y", "FP32", (-1, 1)),),
+                 max_batch_size=32, batch_delay_ms=60_000.0)  # a one-minute window
+    got = threading.Event()
+    done: list = []
+    engine = InferenceEngine(Identity(), m, lambda fn, arg: fn(arg), lambda d: (done.extend(d), got.set()))
+    engine.start()
+    try:
+        engine.submit(Item(1, {"x": np.ones((1, 1), np.float32)}, None, None, t_received=time.monotonic()))
+        assert got.wait(10.0), "the request waited for its batch window"
+        assert done[0].error is None and done[0].batch_rows == 1
+    finally:
+        engine.stop()

@@ -1,9 +1,11 @@
 """Dynamic batching: the prefetch queue (paper 000's data cache queue) and the inference thread.
 
 The event loop puts decoded requests on a queue and goes back to I/O at once; one inference thread
-takes what is queued, up to ``max_batch_size`` rows, waits at most ``batch_delay`` for more, runs one
-batch, splits the outputs per request and hands them back to the loop. So the model never waits for
-the network, and heartbeats never wait for the model.
+takes what is queued, up to ``max_batch_size`` rows, runs one batch, splits the outputs per request
+and hands them back to the loop. So the model never waits for the network, and heartbeats never wait
+for the model. Requests that arrive while a batch runs form the next one; the thread waits for more
+(at most ``batch_delay``) only when the recent arrival rate says the batch will fill within that time
+(``batch_policy.py``): an idle model with one request runs it at once.
 
 ``take_batch``, ``concat_inputs`` and ``split_outputs`` are pure and tested on their own.
 """
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from shoal.modelrepo.manifest import Manifest
+from shoal.worker.batch_policy import ArrivalRate, wait_s
 from shoal.worker.images import ImageError, decode_images
 from shoal.worker.runtimes import Runtime
 
@@ -129,6 +132,7 @@ class InferenceEngine:
         self._running: list[Item] = []  # the batch in the model right now
         self.q: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self.stats = EngineStats()
+        self.arrivals = ArrivalRate()
         # Items submitted and not yet done: two counters, each written by one thread only, so
         # neither thread ever waits on the other for a lock.
         self._submitted = 0
@@ -186,6 +190,7 @@ class InferenceEngine:
             return False
         if self._prepare(it, errors):
             pending.append(it)
+            self.arrivals.observe(it.t_received, it.rows)
         return True
 
     def _run(self) -> None:
@@ -204,14 +209,18 @@ class InferenceEngine:
             # Everything already waiting joins at once (no cost to latency).
             while running and not self.q.empty():
                 running = self._pull(pending, errors, False, None)
-            # Not a full batch yet: wait up to the batch delay for more.
-            if running and self.max_rows > 0 and self.delay_s > 0 and pending:
-                end = time.monotonic() + self.delay_s
-                while running and sum(i.rows for i in pending) < self.max_rows:
+            # Not a full batch yet: wait for more only if they are about to come.
+            if running and pending:
+                now = time.monotonic()
+                rows = sum(i.rows for i in pending)
+                wait = wait_s(rows, self.max_rows, self.delay_s, self.arrivals.rate(now))
+                end = now + wait
+                while running and wait > 0 and rows < self.max_rows:
                     left = end - time.monotonic()
                     if left <= 0:
                         break
                     running = self._pull(pending, errors, True, left)
+                    rows = sum(i.rows for i in pending)
             if errors:
                 self._finish(errors)
             if not pending:
