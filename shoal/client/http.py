@@ -1,51 +1,106 @@
-"""A small synchronous Open Inference Protocol client over one keep-alive HTTP/1.1 connection.
+"""HTTP for the device side, on httpx: connection pools with keep-alive, timeouts, TLS verified
+against the system's CAs (or ``ca_file``); ``send`` and ``asend`` make one ``core.Call``, blocking
+or in asyncio, and answer a ``core.Reply`` or raise ``Unreachable``.
 
-Standard library and numpy only, so it installs on a Raspberry Pi. Not thread-safe: one per thread.
+``OipHttpClient`` talks the Open Inference Protocol to one gateway directly (no central).
+
+Plain HTTP/1.1: shoal's servers (uvicorn) do not speak HTTP/2, and a device holds few connections.
+Proxy variables of the environment are not read: a device talks to the addresses it is given.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import ssl
 from typing import Any
-from urllib.parse import quote, urlsplit
 
+import httpx
 import numpy as np
 
+import shoal
+from shoal.client.core import Call, InferError, Reply, Unreachable, error_message, model_path
 from shoal.protocol.oip import build_infer_request, parse_infer_response
 
+__all__ = ["InferError", "OipHttpClient", "Unreachable", "asend", "new_async_client", "new_client", "send"]
 
-class InferError(Exception):
-    """The cluster answered with an error; ``status`` is the HTTP status, ``retry_after`` its hint."""
+USER_AGENT = f"shoal-client/{shoal.__version__}"
+# Requests in flight at once per client (and per host); a device rarely needs more than a few.
+MAX_CONNECTIONS = 100
 
-    def __init__(self, message: str, status: int, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
+
+def _options(timeout: float, ca_file: str | None) -> dict[str, Any]:
+    # The system's trust store, as the standard library uses (httpx would use certifi's).
+    return {
+        "timeout": timeout,
+        "verify": ssl.create_default_context(cafile=ca_file),
+        "trust_env": False,
+        "headers": {"user-agent": USER_AGENT},
+        "limits": httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
+    }
+
+
+def new_client(timeout: float = 30.0, ca_file: str | None = None) -> httpx.Client:
+    return httpx.Client(**_options(timeout, ca_file))
+
+
+def new_async_client(timeout: float = 30.0, ca_file: str | None = None) -> httpx.AsyncClient:
+    return httpx.AsyncClient(**_options(timeout, ca_file))
+
+
+def _request(call: Call) -> dict[str, Any]:
+    kw: dict[str, Any] = {"content": call.body, "headers": call.headers}
+    if call.timeout is not None:
+        kw["timeout"] = call.timeout
+    return kw
+
+
+def _unreachable(call: Call, e: httpx.TransportError) -> Unreachable:
+    failure = Unreachable(f"{call.method} {call.url}: {e or type(e).__name__}")
+    failure.__cause__ = e
+    return failure
+
+
+# No retry of a request on a connection the server closed while it was idle: httpx checks a pooled
+# connection before sending on it (the standard library's client did not, so shoal retried once).
+
+
+def send(client: httpx.Client, call: Call) -> Reply | Unreachable:
+    """One exchange. A failure is answered, not raised, so that a flow can be handed it."""
+    try:
+        r = client.request(call.method, call.url, **_request(call))
+    except httpx.TransportError as e:
+        return _unreachable(call, e)
+    return Reply(r.status_code, r.headers, r.content)
+
+
+async def asend(client: httpx.AsyncClient, call: Call) -> Reply | Unreachable:
+    try:
+        r = await client.request(call.method, call.url, **_request(call))
+    except httpx.TransportError as e:
+        return _unreachable(call, e)
+    return Reply(r.status_code, r.headers, r.content)
 
 
 class OipHttpClient:
+    """A synchronous Open Inference Protocol client for one gateway, over a keep-alive pool."""
+
     def __init__(
         self, base_url: str, token: str | None = None, timeout: float = 30.0, ca_file: str | None = None
     ) -> None:
-        u = urlsplit(base_url)
-        self.base = u.path.rstrip("/")
+        self.base = base_url.rstrip("/")
         self.token = token
-        self.timeout = timeout
-        if u.scheme == "https":
-            ctx = ssl.create_default_context(cafile=ca_file)
-            self._make = lambda: http.client.HTTPSConnection(
-                u.hostname, u.port or 443, timeout=self.timeout, context=ctx
-            )
-        else:
-            self._make = lambda: http.client.HTTPConnection(u.hostname, u.port or 80, timeout=self.timeout)
-        self._conn: http.client.HTTPConnection | None = None
+        self._http = new_client(timeout, ca_file)
+
+    @property
+    def timeout(self) -> float | None:
+        return self._http.timeout.read
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._http.timeout = httpx.Timeout(seconds)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._http.close()
 
     def __enter__(self) -> OipHttpClient:
         return self
@@ -56,49 +111,27 @@ class OipHttpClient:
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body); ``Unreachable`` (an ``OSError``) when the
+        gateway cannot be reached."""
         h = dict(headers or {})
         if self.token:
             h["Authorization"] = f"Bearer {self.token}"
-        for attempt in range(2):
-            fresh = self._conn is None
-            if fresh:
-                self._conn = self._make()
-            try:
-                self._conn.request(method, self.base + path, body=body, headers=h)
-                r = self._conn.getresponse()
-                data = r.read()
-                if r.will_close:
-                    self.close()
-                return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                # A keep-alive connection the server closed while idle: reconnect once.
-                self.close()
-                if attempt or fresh:
-                    raise
-            except BaseException:
-                self.close()  # never reuse a connection left half-way through an exchange
-                raise
-        raise AssertionError("unreachable")
+        reply = send(self._http, Call(method, self.base + path, body, h))
+        if isinstance(reply, Unreachable):
+            raise reply
+        return reply.status, dict(reply.headers), reply.data
 
     def get_json(self, path: str) -> tuple[int, Any]:
         status, _, data = self.request("GET", path)
         return status, json.loads(data) if data else None
 
-    @staticmethod
-    def _model_path(model: str, version: str | None) -> str:
-        p = f"/v2/models/{quote(model, safe='')}"
-        if version:
-            p += f"/versions/{quote(version, safe='')}"
-        return p
-
-    def _check(self, status: int, headers: dict[str, str], data: bytes) -> None:
+    def _answer(self, model: str, version: str | None, body: bytes, headers: dict[str, str]) -> dict[str, np.ndarray]:
+        status, rh, data = self.request("POST", model_path(model, version) + "/infer", body, headers)
         if status != 200:
-            try:
-                msg = json.loads(data).get("error", data[:200].decode("utf-8", "replace"))
-            except (ValueError, AttributeError):
-                msg = data[:200].decode("utf-8", "replace")
-            ra = headers.get("retry-after")
-            raise InferError(f"HTTP {status}: {msg}", status, float(ra) if ra else None)
+            ra = rh.get("retry-after")
+            raise InferError(f"HTTP {status}: {error_message(data)}", status, float(ra) if ra else None)
+        hl = rh.get("inference-header-content-length")
+        return parse_infer_response(data, int(hl) if hl else None)[1]
 
     def infer(
         self,
@@ -112,15 +145,9 @@ class OipHttpClient:
         headers = {"Content-Type": "application/octet-stream" if hl is not None else "application/json"}
         if hl is not None:
             headers["Inference-Header-Content-Length"] = str(hl)
-        status, rh, data = self.request("POST", self._model_path(model, version) + "/infer", body, headers)
-        self._check(status, rh, data)
-        hl_out = rh.get("inference-header-content-length")
-        return parse_infer_response(data, int(hl_out) if hl_out else None)[1]
+        return self._answer(model, version, body, headers)
 
     def infer_raw(self, model: str, payload: bytes, version: str | None = None) -> dict[str, np.ndarray]:
         """Send one input as the raw body (for example a PNG or JPEG file's bytes)."""
         headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}
-        status, rh, data = self.request("POST", self._model_path(model, version) + "/infer", payload, headers)
-        self._check(status, rh, data)
-        hl_out = rh.get("inference-header-content-length")
-        return parse_infer_response(data, int(hl_out) if hl_out else None)[1]
+        return self._answer(model, version, payload, headers)

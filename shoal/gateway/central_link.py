@@ -1,9 +1,10 @@
 """The gateway's reports to central: every second, to every central replica, its public address and
-per model version the load (in flight, capacity, queue, recent latency, workers). Central answers with
-the key this cluster verifies route tokens with; the gateway starts accepting tokens once it has it.
+per model version the load (in flight, capacity, queue, recent latency, workers), as a ``Report``
+(``protocol/central_messages.py``). Central answers with the key this cluster verifies route tokens
+with; the gateway starts accepting tokens once it has it.
 
 A central that is down costs nothing but a logged line now and then: devices with a route keep
-coming, and reports resume when it is back.
+coming, and reports resume when it is back. One httpx client keeps a connection to each replica.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
+import httpx
+import msgspec
 
-from shoal.client.aio_http import AsyncHttpConnection, HttpError
+import shoal
+from shoal.protocol.central_messages import ModelLoad, Report, ReportAnswer
 
 if TYPE_CHECKING:
     from shoal.gateway.server import Gateway
@@ -39,43 +43,47 @@ class CentralConfig:
 @dataclass
 class _Replica:
     url: str
-    conn: AsyncHttpConnection
     ok_since: float | None = None
     failures: int = 0
     last_error: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def report_body(gw: Gateway, public_url: str) -> dict[str, Any]:
+def report_body(gw: Gateway, public_url: str) -> Report:
     models = []
     for pool in gw.models.pools():
         served = pool.spec.version in gw.models.served_versions(pool.spec.name)
         models.append(
-            {
-                "name": pool.spec.name,
-                "version": pool.spec.version,
-                "ready": served,
-                "asleep": pool.asleep,
-                "in_flight": pool.in_flight,
-                "capacity": pool.capacity,
-                "queue": len(pool.queue),
-                "latency_ms": round(pool.latency_ms(), 3),
-                "workers": sum(1 for w in pool.workers if w.accepting),
-            }
+            ModelLoad(
+                name=pool.spec.name,
+                version=pool.spec.version,
+                ready=served,
+                asleep=pool.asleep,
+                in_flight=pool.in_flight,
+                capacity=pool.capacity,
+                queue=len(pool.queue),
+                latency_ms=round(pool.latency_ms(), 3),
+                workers=sum(1 for w in pool.workers if w.accepting),
+            )
         )
-    return {"address": public_url, "models": models}
+    return Report(address=public_url, models=models)
 
 
 class CentralReporter:
     def __init__(self, gw: Gateway, cfg: CentralConfig) -> None:
         self.gw = gw
         self.cfg = cfg
+        self.interval_s = cfg.interval_s  # central may ask for another in its answers
         auth = base64.b64encode(f"{cfg.user}:{cfg.password}".encode()).decode()
-        self.headers = {"Authorization": f"Basic {auth}", "Content-Type": "application/json"}
-        self.replicas = [
-            _Replica(u, AsyncHttpConnection(u, timeout=cfg.timeout_s, ca_file=cfg.ca_file, max_body=1 << 20))
-            for u in cfg.urls
-        ]
+        self.headers = {
+            "Authorization": f"Basic {auth}",
+            "Content-Type": "application/json",
+            "User-Agent": f"shoal-gateway/{shoal.__version__}",
+        }
+        self.replicas = [_Replica(u.rstrip("/")) for u in cfg.urls]
+        self._answers = msgspec.json.Decoder(ReportAnswer)
+        self._http = httpx.AsyncClient(
+            timeout=cfg.timeout_s, verify=ssl.create_default_context(cafile=cfg.ca_file), trust_env=False
+        )
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -88,40 +96,38 @@ class CentralReporter:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for r in self.replicas:
-            await r.conn.close()
+        await self._http.aclose()
 
     async def _loop(self) -> None:
         while True:
             t = time.monotonic()
-            body = orjson.dumps(report_body(self.gw, self.cfg.public_url))
+            body = msgspec.json.encode(report_body(self.gw, self.cfg.public_url))
             await asyncio.gather(*(self._report(r, body) for r in self.replicas))
-            await asyncio.sleep(max(0.05, self.cfg.interval_s - (time.monotonic() - t)))
+            await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - t)))
 
     async def _report(self, r: _Replica, body: bytes) -> None:
         try:
-            status, _, data = await r.conn.request("POST", "/v1/clusters/report", body, self.headers)
-            if status != 200:
-                raise HttpError(f"HTTP {status}: {data[:200].decode('utf-8', 'replace')}")
-            answer = orjson.loads(data)
-            key = answer.get("token_key")
-            if isinstance(key, str) and key:
+            resp = await self._http.post(r.url + "/v1/clusters/report", content=body, headers=self.headers)
+            if resp.status_code != 200:
+                raise OSError(f"HTTP {resp.status_code}: {resp.content[:200].decode('utf-8', 'replace')}")
+            answer = self._answers.decode(resp.content)
+            key = answer.token_key
+            if key:
                 raw = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
                 self.gw.set_token_key(raw, f"central {r.url}")
-            iv = answer.get("report_interval_s")
-            if isinstance(iv, (int, float)) and 0.1 <= iv <= 60:
-                self.cfg.interval_s = float(iv)
+            if 0.1 <= answer.report_interval_s <= 60:
+                self.interval_s = answer.report_interval_s
             if r.ok_since is None:
                 log.info("reporting to central %s as cluster %s", r.url, self.cfg.user)
                 r.ok_since = time.monotonic()
             r.failures = 0
-        except (OSError, asyncio.TimeoutError, ValueError) as e:
+        except (OSError, httpx.TransportError, msgspec.DecodeError, ValueError) as e:
             r.failures += 1
             r.ok_since = None
-            r.last_error = str(e)
+            r.last_error = str(e) or type(e).__name__
             # One line when it starts failing, then one every 30 failed reports.
             if r.failures == 1 or r.failures % 30 == 0:
-                log.warning("central %s unreachable (%d failed reports): %s", r.url, r.failures, e)
+                log.warning("central %s unreachable (%d failed reports): %s", r.url, r.failures, r.last_error)
 
     def describe(self) -> list[dict[str, Any]]:
         return [

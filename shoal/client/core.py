@@ -1,0 +1,376 @@
+"""The device client's rules, free of I/O: what to ask whom, what an answer means, when to retry,
+where to fail over. Written once; ``device.py`` runs them with a blocking and an asyncio driver.
+
+Each operation (``route``, ``infer``, ``commands``, ``ack``) is a generator that yields what it needs
+done, a ``Call`` (one HTTP exchange) or a ``Sleep``, and is sent back a ``Reply`` for a ``Call`` (or
+has ``Unreachable`` thrown in when the exchange failed); its return value is the operation's result.
+So the rules are tested by feeding replies to a generator (tests/test_client_core.py), no sockets.
+
+Rules:
+
+* A route (cluster URL and a token signed for that cluster) is cached per model and version and
+  renewed shortly before its token expires.
+* The cluster cannot be reached, or answers 502/503/504: ask central for another route, excluding
+  that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
+  retries of the default span the three seconds central takes to drop a dead cluster).
+* The cluster answers 401 (token expired or the cluster's key rotated): ask central for a fresh route.
+* Central cannot be reached: keep using the last route it gave for the model (until its token
+  expires), even one whose cluster just failed, retrying it with back-off: a cluster that restarts
+  while central is down is back in a second, and it is the only route there is.
+* Central has no route yet (404 "no live cluster", or 503 right after central or a cluster starts):
+  ask again with back-off for the same few seconds, then give up with central's message.
+* Any other 4xx is the device's own mistake: raised at once with the cluster's message.
+
+Images (PNG/JPEG bytes) are sent as they are and decoded in the cluster; tensors travel with the
+binary tensor extension, compressed with zstd when larger than ``compress_above`` bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import numpy as np
+
+from shoal.protocol.compression import compress
+from shoal.protocol.oip import build_infer_request, parse_infer_response
+
+RETRY_STATUSES = (502, 503, 504)
+RENEW_BEFORE_S = 10.0
+
+
+class InferError(Exception):
+    """The cluster answered with an error; ``status`` is the HTTP status, ``retry_after`` its hint."""
+
+    def __init__(self, message: str, status: int, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class RouteError(Exception):
+    """No route: central refused, knows no cluster for the model, or cannot be reached (status None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        """Worth asking again shortly: central unreachable, no live cluster yet, or overloaded."""
+        return self.status in (None, 404, 502, 503, 504)
+
+
+class Unreachable(OSError):
+    """The peer could not be reached, or the exchange broke off (refused, reset, timed out, TLS)."""
+
+
+# ----------------------------------------------------------------------------- what flows yield
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP exchange for the driver to make."""
+
+    method: str
+    url: str
+    body: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout: float | None = None  # None: the client's own
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: Mapping[str, str]  # names in lower case
+    data: bytes
+
+
+T = TypeVar("T")
+Flow = Generator["Call | Sleep", "Reply | None", T]
+
+
+@dataclass(frozen=True)
+class Finished:
+    value: Any
+
+
+def resume(flow: Flow[Any], outcome: Reply | Unreachable | None) -> Call | Sleep | Finished:
+    """Hand a flow the outcome of its last step (nothing to start it or after a sleep, the reply to
+    a call, or the failure of a call, raised inside it); its next step, or ``Finished``."""
+    try:
+        if isinstance(outcome, Unreachable):
+            return flow.throw(outcome)
+        return flow.send(outcome)
+    except StopIteration as done:
+        return Finished(done.value)
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Route:
+    cluster: str
+    url: str
+    token: str
+    expires_at: float
+    model: str
+    version: str | None
+
+
+@dataclass
+class InferResult:
+    outputs: dict[str, np.ndarray]
+    model: str
+    version: str
+    cluster: str
+    latency_ms: float
+    labels: dict[str, list[str]] = field(default_factory=dict)
+
+    def label(self, output: str | None = None, row: int = 0) -> str | int:
+        """The top class of an output (its label when the model has labels, else its index)."""
+        name = output or next(iter(self.outputs))
+        scores = self.outputs[name].reshape(self.outputs[name].shape[0], -1)[row]
+        i = int(np.argmax(scores))
+        names = self.labels.get(name)
+        return names[i] if names and i < len(names) else i
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "model": self.model,
+            "version": self.version,
+            "cluster": self.cluster,
+            "latency_ms": round(self.latency_ms, 2),
+        }
+        d["labels"] = {k: self.label(k) for k in self.outputs if k in self.labels}
+        d["outputs"] = {k: v.tolist() for k, v in self.outputs.items()}
+        return d
+
+
+def error_message(data: bytes) -> str:
+    """The ``error`` of a JSON error answer, else the start of the body."""
+    try:
+        return str(json.loads(data)["error"])
+    except (ValueError, KeyError, TypeError):
+        return data[:200].decode("utf-8", "replace")
+
+
+def model_path(model: str, version: str | None) -> str:
+    p = f"/v2/models/{quote(model, safe='')}"
+    return p + (f"/versions/{quote(version, safe='')}" if version else "")
+
+
+def backoff(attempt: int, retry_after: str | None) -> float:
+    """Seconds before attempt ``attempt + 1``: doubling from 50 ms to 2 s, or the server's hint."""
+    hint = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else 0.0
+    return min(2.0, max(hint if attempt else 0.0, 0.05 * (2**attempt)))
+
+
+class ClientCore:
+    """The state both clients keep (routes, labels) and the flows that use it."""
+
+    def __init__(
+        self,
+        central: str | list[str],
+        device: str,
+        password: str,
+        retries: int = 6,
+        compress_above: int = 4096,
+        clock: Any = time.time,
+    ) -> None:
+        self.centrals = [u.rstrip("/") for u in ([central] if isinstance(central, str) else list(central))]
+        if not self.centrals:
+            raise ValueError("give at least one central URL")
+        self.auth = "Basic " + base64.b64encode(f"{device}:{password}".encode()).decode()
+        self.device = device
+        self.retries = retries
+        self.compress_above = compress_above
+        self.clock = clock
+        self.routes: dict[tuple[str, str | None], Route] = {}
+        self.last_routes: dict[tuple[str, str | None], Route] = {}  # kept after a failure, for outages
+        self.labels: dict[tuple[str, str, str], dict[str, list[str]]] = {}  # (cluster, model, version)
+
+    # ---------------------------------------------------------------------------------- routes
+
+    def route(self, model: str, version: str | None = None, exclude: set[str] | None = None) -> Flow[Route]:
+        """A route for the model: cached, else from central (each replica in turn), else, while
+        central cannot be reached, the last one it gave."""
+        exclude = exclude or set()
+        cached = self.routes.get((model, version))
+        if cached is not None and cached.cluster not in exclude and self.clock() < cached.expires_at - RENEW_BEFORE_S:
+            return cached
+        body: dict[str, Any] = {"model": model}
+        if version:
+            body["version"] = version
+        if exclude:
+            body["exclude"] = sorted(exclude)
+        headers = {"Authorization": self.auth, "Content-Type": "application/json"}
+        last: Exception | None = None
+        for url in self.centrals:
+            try:
+                reply = yield Call("POST", url + "/v1/route", json.dumps(body).encode(), headers)
+            except Unreachable as e:
+                last = e
+                continue
+            assert reply is not None
+            if reply.status == 404 and exclude:  # every cluster failed once: try them all again
+                return (yield from self.route(model, version, set()))
+            r = self._parse_route(reply, model, version)
+            self.routes[(model, version)] = self.last_routes[(model, version)] = r
+            yield from self._fetch_labels(r)
+            return r
+        fallback = self.routes.get((model, version)) or self.last_routes.get((model, version))
+        if fallback is not None and self.clock() < fallback.expires_at:
+            return fallback  # central is down: the last route works until its token expires
+        raise RouteError(f"no central reachable ({last}) and no usable cached route for '{model}'")
+
+    @staticmethod
+    def _parse_route(reply: Reply, model: str, version: str | None) -> Route:
+        if reply.status != 200:
+            raise RouteError(f"central: HTTP {reply.status}: {error_message(reply.data)}", reply.status)
+        try:
+            doc = json.loads(reply.data)
+            return Route(
+                doc["cluster"], doc["url"].rstrip("/"), doc["token"], float(doc["expires_at"]), model, version
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise RouteError("central answered a route without cluster, url, token and expires_at") from None
+
+    def _fetch_labels(self, r: Route) -> Flow[None]:
+        """The model's class labels from the cluster's metadata, for ``InferResult.label``; none on failure."""
+        try:
+            reply = yield Call("GET", r.url + model_path(r.model, None), None, {"Authorization": f"Bearer {r.token}"})
+        except Unreachable:
+            return
+        assert reply is not None
+        if reply.status != 200:
+            return
+        try:
+            meta = json.loads(reply.data)
+            labels = (meta.get("parameters") or {}).get("labels") or {}
+            for v in meta.get("versions", []):
+                self.labels[(r.cluster, r.model, v)] = labels
+        except (ValueError, AttributeError, TypeError):
+            return
+
+    # ----------------------------------------------------------------------------------- infer
+
+    def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray] | None = None,
+        image: bytes | None = None,
+        version: str | None = None,
+    ) -> Flow[InferResult]:
+        body, headers = self.infer_body(inputs, image)
+        path = model_path(model, version) + "/infer"
+        exclude: set[str] = set()
+        last = ""
+        for attempt in range(self.retries + 1):
+            try:
+                r = yield from self.route(model, version, exclude)
+            except RouteError as e:
+                if not e.retryable or attempt >= self.retries:
+                    raise
+                last = str(e)
+                yield Sleep(backoff(attempt, None))
+                continue
+            t0 = time.perf_counter()
+            try:
+                reply = yield Call("POST", r.url + path, body, {**headers, "Authorization": f"Bearer {r.token}"})
+            except Unreachable as e:
+                self._forget(r, exclude)
+                last, wait = f"cluster {r.cluster} unreachable: {e}", backoff(attempt, None)
+            else:
+                assert reply is not None
+                if reply.status == 200:
+                    return self._result(r, reply, t0)
+                last, wait = self._failed(r, reply, exclude, attempt)
+            yield Sleep(wait)
+        raise InferError(f"gave up after {self.retries + 1} attempts; last: {last}", 503)
+
+    def infer_body(self, inputs: dict[str, np.ndarray] | None, image: bytes | None) -> tuple[bytes, dict[str, str]]:
+        if image is not None:
+            return image, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}
+        if not inputs:
+            raise ValueError("give inputs (a dict of arrays) or image (encoded bytes)")
+        body, hl = build_infer_request(inputs, binary=True, binary_output=True)
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hl)}
+        if self.compress_above and len(body) > self.compress_above:
+            body = compress(body, "zstd", level=1)
+            headers["Content-Encoding"] = "zstd"
+        return body, headers
+
+    def _result(self, route: Route, reply: Reply, t0: float) -> InferResult:
+        hl = reply.headers.get("inference-header-content-length")
+        doc, outputs = parse_infer_response(reply.data, int(hl) if hl else None)
+        version = str(doc.get("model_version", route.version or ""))
+        return InferResult(
+            outputs,
+            str(doc.get("model_name", route.model)),
+            version,
+            route.cluster,
+            (time.perf_counter() - t0) * 1000.0,
+            self.labels.get((route.cluster, route.model, version), {}),
+        )
+
+    def _failed(self, r: Route, reply: Reply, exclude: set[str], attempt: int) -> tuple[str, float]:
+        """After the cluster answered an error: what went wrong and how long to wait before the next
+        attempt; ``InferError`` when another attempt would not help (the device's own mistake)."""
+        last = f"cluster {r.cluster}: HTTP {reply.status}: {error_message(reply.data)}"
+        if reply.status == 401:  # token expired, or the cluster's key changed: a fresh route
+            self.routes.pop((r.model, r.version), None)
+            return last, 0.0
+        if reply.status in RETRY_STATUSES:
+            self._forget(r, exclude)
+            return last, backoff(attempt, reply.headers.get("retry-after"))
+        raise InferError(last, reply.status)
+
+    def _forget(self, r: Route, exclude: set[str]) -> None:
+        exclude.add(r.cluster)
+        self.routes.pop((r.model, r.version), None)
+
+    # -------------------------------------------------------------------------------- commands
+
+    def commands(self, wait_s: float, timeout: float) -> Flow[list[dict[str, Any]]]:
+        """Commands an operator posted for this device (long poll: central waits up to ``wait_s``)."""
+        last: Exception | None = None
+        for url in self.centrals:
+            try:
+                reply = yield Call(
+                    "GET", f"{url}/v1/commands?wait={wait_s:g}", None, {"Authorization": self.auth}, wait_s + timeout
+                )
+            except Unreachable as e:
+                last = e
+                continue
+            assert reply is not None
+            if reply.status != 200:
+                raise RouteError(f"central: HTTP {reply.status}: {error_message(reply.data)}", reply.status)
+            return list(json.loads(reply.data).get("commands", []))
+        raise RouteError(f"no central reachable: {last}")
+
+    def ack(self, command_id: int, result: Any = None) -> Flow[None]:
+        """Tell central a command was carried out (with an optional result)."""
+        body = json.dumps({"result": result}).encode()
+        headers = {"Authorization": self.auth, "Content-Type": "application/json"}
+        for url in self.centrals:
+            try:
+                reply = yield Call("POST", f"{url}/v1/commands/{int(command_id)}/ack", body, headers)
+            except Unreachable:
+                continue
+            assert reply is not None
+            if reply.status != 200:
+                raise RouteError(f"central: HTTP {reply.status}: {error_message(reply.data)}", reply.status)
+            return
+        raise RouteError("no central reachable to acknowledge the command")

@@ -1,0 +1,278 @@
+"""The device client's rules (shoal/client/core.py) driven in memory: scripted answers from central
+and clusters, no sockets, no sleeping; the calls and waits the rules ask for are what is checked."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from shoal.client.core import (
+    Call,
+    ClientCore,
+    Finished,
+    InferError,
+    Reply,
+    RouteError,
+    Sleep,
+    Unreachable,
+    resume,
+)
+from shoal.protocol.oip import encode_infer_response
+
+CENTRAL = "http://central:7000"
+NOW = 1_000_000.0
+X = {"x": np.ones((1, 4), np.float32)}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = NOW
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def route_reply(cluster: str, ttl: float = 300.0, now: float = NOW) -> Reply:
+    doc = {"cluster": cluster, "url": f"http://{cluster}:8000", "token": f"tok-{cluster}",
+           "expires_at": now + ttl, "model": "m", "version": "1"}
+    return Reply(200, {}, json.dumps(doc).encode())
+
+
+def infer_ok(value: float = 1.0) -> Reply:
+    out, hl = encode_infer_response("m", "1", "", {"y": np.full((1, 4), value, np.float32)}, None, True)
+    return Reply(200, {"inference-header-content-length": str(hl)}, out)
+
+
+def error(status: int, message: str, retry_after: str | None = None) -> Reply:
+    headers = {"retry-after": retry_after} if retry_after else {}
+    return Reply(status, headers, json.dumps({"error": message}).encode())
+
+
+class Script:
+    """Answers each call by the first rule whose (method, url part) matches; records calls and sleeps."""
+
+    def __init__(self, rules: dict[tuple[str, str], list[Reply | Unreachable] | Callable[[Call], Reply]]) -> None:
+        self.rules = rules
+        self.calls: list[Call] = []
+        self.sleeps: list[float] = []
+
+    def answer(self, call: Call) -> Reply | Unreachable:
+        self.calls.append(call)
+        for (method, part), answers in self.rules.items():
+            if call.method == method and part in call.url:
+                if callable(answers):
+                    return answers(call)
+                return answers.pop(0) if len(answers) > 1 else answers[0]
+        raise AssertionError(f"unexpected call {call.method} {call.url}")
+
+    def run(self, flow):
+        outcome = None
+        while not isinstance(step := resume(flow, outcome), Finished):
+            if isinstance(step, Sleep):
+                self.sleeps.append(step.seconds)
+                outcome = None
+            else:
+                outcome = self.answer(step)
+        return step.value
+
+    def urls(self, method: str = "POST", part: str = "") -> list[str]:
+        return [c.url for c in self.calls if c.method == method and part in c.url]
+
+    def route_bodies(self) -> list[dict]:
+        return [json.loads(c.body) for c in self.calls if c.url.endswith("/v1/route")]
+
+
+NO_META = {("GET", "/v2/models/"): [error(404, "no metadata")]}
+
+
+def core(clock: Clock | None = None, centrals: list[str] | None = None, retries: int = 6) -> ClientCore:
+    return ClientCore(centrals or [CENTRAL], "cam", "pw", retries=retries, clock=clock or Clock())
+
+
+def test_a_route_is_asked_once_then_cached_until_shortly_before_it_expires():
+    clock = Clock()
+    c = core(clock)
+    s = Script({("POST", "/v1/route"): [route_reply("a", ttl=60)], ("POST", "/infer"): [infer_ok()], **NO_META})
+    for _ in range(3):
+        r = s.run(c.infer("m", X))
+        assert r.cluster == "a" and r.outputs["y"].tolist() == [[1, 1, 1, 1]]
+    assert len(s.urls(part="/v1/route")) == 1
+    first = s.calls[0]
+    assert first.headers["Authorization"].startswith("Basic ") and json.loads(first.body) == {"model": "m"}
+    infer = next(c for c in s.calls if c.url.endswith("/infer"))
+    assert infer.url == "http://a:8000/v2/models/m/infer" and infer.headers["Authorization"] == "Bearer tok-a"
+    clock.t += 51  # ten seconds before expiry: renewed
+    s.run(c.infer("m", X))
+    assert len(s.urls(part="/v1/route")) == 2
+
+
+def test_an_unreachable_cluster_is_excluded_and_the_next_route_avoids_it():
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): lambda call: route_reply("b" if "exclude" in json.loads(call.body) else "a"),
+            ("POST", "http://a:8000"): [Unreachable("connection refused")],
+            ("POST", "http://b:8000"): [infer_ok(2.0)],
+            **NO_META,
+        }
+    )
+    r = s.run(c.infer("m", X))
+    assert r.cluster == "b" and r.outputs["y"][0, 0] == 2.0
+    assert s.route_bodies() == [{"model": "m"}, {"model": "m", "exclude": ["a"]}]
+    assert s.sleeps == [0.05]
+
+
+def test_503_waits_as_the_cluster_says_and_goes_elsewhere():
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): lambda call: route_reply("b" if "exclude" in json.loads(call.body) else "a"),
+            ("POST", "http://a:8000"): [error(503, "queue full", retry_after="1")],
+            ("POST", "http://b:8000"): [error(503, "queue full", retry_after="1"), infer_ok()],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "b"
+    # The first attempt waits the minimum; later ones honour Retry-After.
+    assert s.sleeps == [0.05, 1.0]
+
+
+def test_401_asks_for_a_fresh_route_at_once():
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): [route_reply("a"), route_reply("a")],
+            ("POST", "http://a:8000"): [error(401, "invalid token: token expired"), infer_ok()],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "a"
+    assert len(s.urls(part="/v1/route")) == 2 and s.sleeps == [0.0]
+
+
+def test_the_devices_own_mistake_is_raised_at_once_with_the_clusters_message():
+    c = core()
+    s = Script({("POST", "/v1/route"): [route_reply("a")], ("POST", "http://a:8000"): [error(400, "bad shape")], **NO_META})
+    with pytest.raises(InferError, match="bad shape") as e:
+        s.run(c.infer("m", X))
+    assert e.value.status == 400 and s.sleeps == []
+
+
+def test_central_down_keeps_the_last_route_even_one_whose_cluster_failed():
+    clock = Clock()
+    c = core(clock)
+    down = Unreachable("central: connection refused")
+    s = Script(
+        {
+            ("POST", "/v1/route"): [route_reply("a", ttl=60), down],
+            ("POST", "http://a:8000"): [infer_ok(), Unreachable("restarting"), infer_ok(3.0)],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "a"
+    r = s.run(c.infer("m", X))  # the cluster drops once; central is down: the same route again
+    assert r.cluster == "a" and r.outputs["y"][0, 0] == 3.0 and s.sleeps == [0.05]
+    clock.t += 61  # the token has expired: nothing usable is left
+    with pytest.raises(RouteError, match="no central reachable"):
+        s.run(c.infer("m", X))
+
+
+def test_no_route_yet_is_asked_again_then_given_up_with_centrals_message():
+    c = core(retries=3)
+    s = Script({("POST", "/v1/route"): [error(404, "no live cluster serves model 'm'")]})
+    with pytest.raises(RouteError, match="no live cluster serves model 'm'") as e:
+        s.run(c.infer("m", X))
+    assert e.value.status == 404 and len(s.urls(part="/v1/route")) == 4
+    assert s.sleeps == [0.05, 0.1, 0.2]
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): [error(503, "central has just started"), route_reply("a")],
+            ("POST", "http://a:8000"): [infer_ok()],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "a" and s.sleeps == [0.05]
+    c = core()
+    s = Script({("POST", "/v1/route"): [error(401, "wrong name or password for a device account")]})
+    with pytest.raises(RouteError, match="401"):
+        s.run(c.infer("m", X))
+    assert s.sleeps == []  # wrong credentials: asking again would not help
+
+
+def test_every_cluster_failed_once_then_all_are_tried_again():
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): lambda call: (
+                error(404, "no live cluster serves model 'm' (excluding a)")
+                if "exclude" in json.loads(call.body)
+                else route_reply("a")
+            ),
+            ("POST", "http://a:8000"): [error(502, "worker died"), infer_ok()],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "a"
+    assert s.route_bodies() == [{"model": "m"}, {"model": "m", "exclude": ["a"]}, {"model": "m"}]
+
+
+def test_replicas_are_tried_in_turn():
+    c = core(centrals=["http://c1:7000", "http://c2:7000/"])
+    s = Script(
+        {
+            ("POST", "http://c1:7000/v1/route"): [Unreachable("down")],
+            ("POST", "http://c2:7000/v1/route"): [route_reply("a")],
+            ("POST", "http://a:8000"): [infer_ok()],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "a"
+    assert s.urls(part="/v1/route") == ["http://c1:7000/v1/route", "http://c2:7000/v1/route"]
+
+
+def test_labels_come_from_the_clusters_metadata():
+    c = core()
+    meta = {"name": "m", "versions": ["1"], "parameters": {"labels": {"y": ["a", "b", "c", "d"]}}}
+    s = Script(
+        {
+            ("POST", "/v1/route"): [route_reply("a")],
+            ("GET", "/v2/models/m"): [Reply(200, {}, json.dumps(meta).encode())],
+            ("POST", "http://a:8000"): [infer_ok()],
+        }
+    )
+    r = s.run(c.infer("m", {"x": np.ones((1, 4), np.float32)}))
+    assert r.labels == {"y": ["a", "b", "c", "d"]} and r.label("y") == "a"
+    assert r.to_json()["labels"] == {"y": "a"}
+
+
+def test_images_go_as_they_are_and_large_tensors_compressed():
+    c = core()
+    body, headers = c.infer_body(None, b"\x89PNG...")
+    assert body == b"\x89PNG..." and headers["Inference-Header-Content-Length"] == "0"
+    body, headers = c.infer_body({"x": np.zeros((1, 10_000), np.float32)}, None)
+    assert headers["Content-Encoding"] == "zstd" and len(body) < 10_000
+    with pytest.raises(ValueError, match="inputs"):
+        c.infer_body(None, None)
+
+
+def test_commands_long_poll_and_ack():
+    c = core()
+    cmd = {"id": 7, "command": "reboot", "args": {}, "created_at": 1.0, "created_by": "op"}
+    s = Script(
+        {
+            ("GET", "/v1/commands"): [Reply(200, {}, json.dumps({"commands": [cmd]}).encode())],
+            ("POST", "/v1/commands/7/ack"): [Reply(200, {}, b'{"ok": true, "id": 7}')],
+        }
+    )
+    assert s.run(c.commands(25.0, 10.0)) == [cmd]
+    poll = s.calls[0]
+    assert poll.url.endswith("/v1/commands?wait=25") and poll.timeout == 35.0  # longer than the poll
+    assert s.run(c.ack(7, {"ok": True})) is None
+    assert json.loads(s.calls[1].body) == {"result": {"ok": True}}
+    s = Script({("POST", "/ack"): [error(404, "no unacknowledged command 7")]})
+    with pytest.raises(RouteError, match="no unacknowledged"):
+        s.run(c.ack(7))
