@@ -23,6 +23,7 @@ from typing import Any, Literal
 import msgspec
 
 from shoal.autoscale.policy import ScalePolicy
+from shoal.typed import convert
 
 
 class Resources(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -82,16 +83,6 @@ class AutoscaleError(ValueError):
     pass
 
 
-def _convert(value: Any, typ: type, where: str) -> Any:
-    try:
-        return msgspec.convert(value, typ, str_keys=True)
-    except msgspec.ValidationError as e:
-        text, _, path = str(e).rpartition(" - at `$")
-        if not text:
-            text, path = str(e), ""
-        raise AutoscaleError(f"{where}{path.rstrip('`')}: {text}") from None
-
-
 def parse_autoscale(block: Any, where: str = "autoscale") -> AutoscaleConfig:
     """The validated block; ``AutoscaleError`` naming the field otherwise."""
     if block is None:
@@ -101,11 +92,11 @@ def parse_autoscale(block: Any, where: str = "autoscale") -> AutoscaleConfig:
     raw_models = block.get("models") or {}
     if not isinstance(raw_models, dict):
         raise AutoscaleError(f"{where}.models: must map model names to their policies")
-    cfg = _convert({k: v for k, v in block.items() if k != "models"}, AutoscaleConfig, where)
+    cfg = convert({k: v for k, v in block.items() if k != "models"}, AutoscaleConfig, where, AutoscaleError)
     models = {}
     for name, m in raw_models.items():
         at = f"{where}.models.{name}"
-        scale = _convert(m or {}, ModelScale, at)
+        scale = convert(m or {}, ModelScale, at, AutoscaleError)
         problems = scale.policy().problems()
         if problems:
             raise AutoscaleError(f"{at}.{problems[0]}")

@@ -24,10 +24,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, RequestFailed
 from shoal.modelrepo.manifest import TensorSpec
+from shoal.typed import convert
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 REQUEST = "request"
@@ -56,8 +58,23 @@ class PipelineSpec:
     max_in_flight_per_step: int = DEFAULT_STEP_IN_FLIGHT
 
 
-def _ref(value: Any, where: str, known: set[str]) -> tuple[str, str]:
-    if not isinstance(value, str) or value.count(".") < 1:
+class _StepDoc(msgspec.Struct, forbid_unknown_fields=True):
+    model: str
+    inputs: dict[str, str]
+    name: str | None = None
+    version: str | int | None = None
+    fanout: str | None = None
+
+
+class _PipelineDoc(msgspec.Struct, forbid_unknown_fields=True):
+    steps: list[_StepDoc]
+    outputs: dict[str, str] = {}
+    version: str | int = "1"
+    max_in_flight_per_step: int = DEFAULT_STEP_IN_FLIGHT
+
+
+def _ref(value: str, where: str, known: set[str]) -> tuple[str, str]:
+    if value.count(".") < 1:
         raise PipelineError(f"{where}: '{value}' must be 'request.<input>' or '<step>.<output>'")
     src, _, tensor = value.partition(".")
     if src != REQUEST and src not in known:
@@ -68,7 +85,8 @@ def _ref(value: Any, where: str, known: set[str]) -> tuple[str, str]:
 
 
 def parse_pipelines(block: Any, where: str = "pipelines") -> dict[str, PipelineSpec]:
-    """Validate the ``pipelines`` block of a gateway configuration."""
+    """Validate the ``pipelines`` block of a gateway configuration: types by msgspec (errors name the
+    key), then the meaning (names, references to earlier steps, fan-out)."""
     if block is None:
         return {}
     if not isinstance(block, dict):
@@ -78,47 +96,32 @@ def parse_pipelines(block: Any, where: str = "pipelines") -> dict[str, PipelineS
         w = f"{where}.{pname}"
         if not isinstance(pname, str) or not _NAME.match(pname):
             raise PipelineError(f"{w}: pipeline names are 1-128 letters, digits, '_', '.', '-'")
-        if not isinstance(decl, dict):
-            raise PipelineError(f"{w}: must be a map with steps and outputs")
-        unknown = set(decl) - {"version", "steps", "outputs", "max_in_flight_per_step"}
-        if unknown:
-            raise PipelineError(f"{w}: unknown key(s) {', '.join(sorted(unknown))}")
-        steps_raw = decl.get("steps")
-        if not isinstance(steps_raw, list) or not steps_raw:
+        doc = convert(decl, _PipelineDoc, w, PipelineError)
+        if not doc.steps:
             raise PipelineError(f"{w}.steps: must be a non-empty list")
         steps: list[Step] = []
         seen: set[str] = set()
-        for i, s in enumerate(steps_raw):
+        for i, s in enumerate(doc.steps):
             sw = f"{w}.steps[{i}]"
-            if not isinstance(s, dict):
-                raise PipelineError(f"{sw}: must be a map with model and inputs")
-            unknown = set(s) - {"name", "model", "version", "inputs", "fanout"}
-            if unknown:
-                raise PipelineError(f"{sw}: unknown key(s) {', '.join(sorted(unknown))}")
-            model = s.get("model")
-            if not isinstance(model, str) or not _NAME.match(model):
+            if not _NAME.match(s.model):
                 raise PipelineError(f"{sw}.model: must name a model")
-            name = str(s.get("name") or model)
+            name = s.name or s.model
             if name in seen or name == REQUEST:
                 raise PipelineError(f"{sw}.name: '{name}' is used twice or reserved")
-            inputs = s.get("inputs")
-            if not isinstance(inputs, dict) or not inputs:
+            if not s.inputs:
                 raise PipelineError(f"{sw}.inputs: must map the model's inputs to sources")
-            refs = {str(k): _ref(v, f"{sw}.inputs.{k}", seen) for k, v in inputs.items()}
-            fanout = s.get("fanout")
-            if fanout is not None and fanout not in refs:
-                raise PipelineError(f"{sw}.fanout: '{fanout}' is not one of the step's inputs")
-            version = s.get("version")
-            steps.append(Step(name, model, str(version) if version is not None else None, refs, fanout))
+            refs = {k: _ref(v, f"{sw}.inputs.{k}", seen) for k, v in s.inputs.items()}
+            if s.fanout is not None and s.fanout not in refs:
+                raise PipelineError(f"{sw}.fanout: '{s.fanout}' is not one of the step's inputs")
+            version = str(s.version) if s.version is not None else None
+            steps.append(Step(name, s.model, version, refs, s.fanout))
             seen.add(name)
-        outs = decl.get("outputs")
-        if not isinstance(outs, dict) or not outs:
+        if not doc.outputs:
             raise PipelineError(f"{w}.outputs: must map output names to '<step>.<output>'")
-        outputs = {str(k): _ref(v, f"{w}.outputs.{k}", seen) for k, v in outs.items()}
-        mif = decl.get("max_in_flight_per_step", DEFAULT_STEP_IN_FLIGHT)
-        if not isinstance(mif, int) or mif < 1:
+        outputs = {k: _ref(v, f"{w}.outputs.{k}", seen) for k, v in doc.outputs.items()}
+        if doc.max_in_flight_per_step < 1:
             raise PipelineError(f"{w}.max_in_flight_per_step: must be a positive integer")
-        out[pname] = PipelineSpec(pname, str(decl.get("version", "1")), tuple(steps), outputs, mif)
+        out[pname] = PipelineSpec(pname, str(doc.version), tuple(steps), outputs, doc.max_in_flight_per_step)
     return out
 
 

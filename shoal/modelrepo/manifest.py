@@ -17,7 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from shoal.modelrepo.versions import version_key
+from shoal.typed import convert
 
 MANIFEST_NAME = "manifest.json"
 RUNTIMES = ("onnx", "torchscript", "sklearn", "python")
@@ -127,30 +130,54 @@ class Manifest:
         return d
 
 
-def _req(d: dict[str, Any], key: str, where: str) -> Any:
-    if key not in d:
-        raise ManifestError(f"{where}: missing key '{key}'")
-    return d[key]
+class _TensorDoc(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    datatype: str
+    shape: list[int]
 
 
-def _tensors(items: Any, where: str) -> tuple[TensorSpec, ...]:
-    if not isinstance(items, list) or not items:
+class _ImageDoc(msgspec.Struct, forbid_unknown_fields=True):
+    input: str
+    mode: str = "L"
+    size: tuple[int, int] = (28, 28)
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    layout: str = "NCHW"
+
+
+class _ManifestDoc(msgspec.Struct, kw_only=True):
+    """``manifest.json`` as a document: types checked by msgspec (its errors name the key), meaning
+    checked by ``parse_manifest``. Unknown keys are allowed: tools may add their own."""
+
+    name: str
+    version: str | int
+    runtime: str
+    inputs: list[_TensorDoc]
+    outputs: list[_TensorDoc]
+    file: str = ""
+    max_batch_size: int = 0
+    batch_delay_ms: float = 0.0
+    labels: dict[str, list[str]] | list[str] | None = None
+    image: _ImageDoc | None = None
+    handler: str | None = None
+    provenance: dict[str, Any] | None = None
+    platform: str = ""
+
+
+def _tensors(items: list[_TensorDoc], where: str) -> tuple[TensorSpec, ...]:
+    if not items:
         raise ManifestError(f"{where}: must be a non-empty list of tensors")
     out = []
     for i, t in enumerate(items):
         w = f"{where}[{i}]"
-        if not isinstance(t, dict):
-            raise ManifestError(f"{w}: must be an object with name, datatype, shape")
-        name = _req(t, "name", w)
-        dt = _req(t, "datatype", w)
-        shape = _req(t, "shape", w)
-        if not isinstance(name, str) or not name:
+        if not t.name:
             raise ManifestError(f"{w}.name: must be a non-empty string")
-        if dt not in DATATYPES:
-            raise ManifestError(f"{w}.datatype: '{dt}' is not one of {', '.join(DATATYPES)}")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= -1 for s in shape):
+        if t.datatype not in DATATYPES:
+            raise ManifestError(f"{w}.datatype: '{t.datatype}' is not one of {', '.join(DATATYPES)}")
+        if not all(s >= -1 for s in t.shape):
             raise ManifestError(f"{w}.shape: must be a list of integers, -1 for a variable dimension")
-        out.append(TensorSpec(name, dt, tuple(shape)))
+        out.append(TensorSpec(t.name, t.datatype, tuple(t.shape)))
     if len({t.name for t in out}) != len(out):
         raise ManifestError(f"{where}: tensor names must be unique")
     return tuple(out)
@@ -160,24 +187,22 @@ def parse_manifest(d: Any, where: str = "manifest") -> Manifest:
     """Validate a decoded manifest; every error names the key that is wrong."""
     if not isinstance(d, dict):
         raise ManifestError(f"{where}: must be a JSON object")
-    name = _req(d, "name", where)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    doc = convert(d, _ManifestDoc, where, ManifestError)
+    name, version, runtime, file = doc.name, str(doc.version), doc.runtime, doc.file
+    if not _NAME_RE.match(name):
         raise ManifestError(f"{where}.name: '{name}' must be 1-128 letters, digits, '_', '.', '-'")
-    version = str(_req(d, "version", where))
     if not _NAME_RE.match(version):
         raise ManifestError(f"{where}.version: '{version}' must be 1-128 letters, digits, '_', '.', '-'")
-    runtime = _req(d, "runtime", where)
     if runtime not in RUNTIMES:
         raise ManifestError(f"{where}.runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
-    file = d.get("file", "")
     if runtime != "python" and not file:
         raise ManifestError(f"{where}.file: the {runtime} runtime needs a model file")
     if file and (Path(file).is_absolute() or ".." in Path(file).parts):
         raise ManifestError(f"{where}.file: must be a path inside the version folder")
-    inputs = _tensors(_req(d, "inputs", where), f"{where}.inputs")
-    outputs = _tensors(_req(d, "outputs", where), f"{where}.outputs")
-    mbs = d.get("max_batch_size", 0)
-    if not isinstance(mbs, int) or mbs < 0:
+    inputs = _tensors(doc.inputs, f"{where}.inputs")
+    outputs = _tensors(doc.outputs, f"{where}.outputs")
+    mbs = doc.max_batch_size
+    if mbs < 0:
         raise ManifestError(f"{where}.max_batch_size: must be an integer >= 0")
     if mbs > 0:
         for t in inputs + outputs:
@@ -186,44 +211,23 @@ def parse_manifest(d: Any, where: str = "manifest") -> Manifest:
                     f"{where}: tensor '{t.name}' must have -1 as its first (batch) dimension "
                     "when max_batch_size > 0"
                 )
-    delay = d.get("batch_delay_ms", 0.0)
-    if not isinstance(delay, (int, float)) or delay < 0 or delay > 10_000:
+    if not 0 <= doc.batch_delay_ms <= 10_000:
         raise ManifestError(f"{where}.batch_delay_ms: must be a number of milliseconds in [0, 10000]")
-    labels = d.get("labels", {}) or {}
+    labels = doc.labels or {}
     if isinstance(labels, list):  # shorthand: labels of the first output
         labels = {outputs[0].name: labels}
-    if not isinstance(labels, dict) or not all(
-        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in labels.values()
-    ):
-        raise ManifestError(f"{where}.labels: must map output names to lists of strings")
     for k in labels:
         if k not in {t.name for t in outputs}:
             raise ManifestError(f"{where}.labels: '{k}' is not an output")
     image = None
-    if d.get("image") is not None:
-        im = d["image"]
-        w = f"{where}.image"
-        if not isinstance(im, dict):
-            raise ManifestError(f"{w}: must be an object")
-        inp = _req(im, "input", w)
-        if inp not in {t.name for t in inputs}:
-            raise ManifestError(f"{w}.input: '{inp}' is not an input")
-        try:
-            image = ImageSpec(
-                input=inp,
-                mode=str(im.get("mode", "L")),
-                size=tuple(int(x) for x in im.get("size", (28, 28))),  # type: ignore[arg-type]
-                scale=float(im.get("scale", 1 / 255)),
-                mean=tuple(float(x) for x in im.get("mean", (0.0,))),
-                std=tuple(float(x) for x in im.get("std", (1.0,))),
-                layout=str(im.get("layout", "NCHW")),
-            )
-        except (TypeError, ValueError) as e:
-            raise ManifestError(f"{w}: {e}") from None
-        if image.mode not in ("L", "RGB") or image.layout not in ("NCHW", "NHWC") or len(image.size) != 2:
+    if doc.image is not None:
+        im, w = doc.image, f"{where}.image"
+        if im.input not in {t.name for t in inputs}:
+            raise ManifestError(f"{w}.input: '{im.input}' is not an input")
+        if im.mode not in ("L", "RGB") or im.layout not in ("NCHW", "NHWC"):
             raise ManifestError(f"{w}: mode must be L or RGB, layout NCHW or NHWC, size [width, height]")
-    handler = d.get("handler")
-    if runtime == "python" and not handler:
+        image = ImageSpec(im.input, im.mode, im.size, im.scale, tuple(im.mean), tuple(im.std), im.layout)
+    if runtime == "python" and not doc.handler:
         raise ManifestError(f"{where}.handler: the python runtime needs 'module:Class'")
     return Manifest(
         name=name,
@@ -233,12 +237,12 @@ def parse_manifest(d: Any, where: str = "manifest") -> Manifest:
         inputs=inputs,
         outputs=outputs,
         max_batch_size=mbs,
-        batch_delay_ms=float(delay),
+        batch_delay_ms=float(doc.batch_delay_ms),
         labels=labels,
         image=image,
-        handler=handler,
-        provenance=d.get("provenance", {}) or {},
-        platform=str(d.get("platform", "")),
+        handler=doc.handler,
+        provenance=doc.provenance or {},
+        platform=doc.platform,
     )
 
 
