@@ -249,4 +249,6 @@ async def _routing_error(request: Request, exc: Exception) -> Response:
 
 def build_app(central: Central, table: RouteTable, lifespan: Any) -> Starlette:
     routes = [Route(op.path, _endpoint(central, op), methods=[op.method]) for op in table]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _routing_error}, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _routing_error}, lifespan=lifespan)
+    app.router.redirect_slashes = False  # an unknown path is 404, not a redirect
+    return app

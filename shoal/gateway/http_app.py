@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from shoal.gateway import repository
 from shoal.gateway.auth import OPEN, AuthError, Principal, permit
 from shoal.gateway.pool import RequestFailed
-from shoal.gateway.results_api import handle_results, record_request
+from shoal.gateway.results_api import record_request, results_action, serve_results
 from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.oip import (
     HEADER_LENGTH,
@@ -142,9 +142,10 @@ class HttpApp:
         elif path.startswith("/v2/repository/"):
             self._check(who, "repository")
             await self._repository(method, path, receive, send)
-        elif not await handle_results(
-            self.gw, who, self._check, method, path, scope.get("query_string", b""), send
-        ):
+        elif (action := results_action(path)) is not None:
+            self._check(who, action)
+            await serve_results(self.gw.results, who, scope, receive, send)
+        else:
             await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
 
     # ----------------------------------------------------------------------------------- infer

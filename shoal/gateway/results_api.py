@@ -1,21 +1,32 @@
-"""The gateway's HTTP API to stored results (``shoal cluster --store-results``).
+"""The gateway's HTTP API to stored results (``shoal cluster --store-results``), a Starlette
+application the gateway's raw ASGI app hands ``/v2/results...`` to once it has authenticated the
+caller and checked the role may read results (``results_action``).
 
 ``GET /v2/results`` lists them (filters: model, version, since, until, status, request_id; newest
 first, ``limit`` at most 1000, paging with ``before`` = the last ``id`` seen), ``GET
 /v2/results/{request_id}`` answers one with its outputs as JSON, and ``.../inputs/{name}`` and
-``.../outputs/{name}`` answer a stored file's bytes. Not on the inference hot path; authorised by the
-HTTP app like every other endpoint.
+``.../outputs/{name}`` answer a stored file's bytes. An operator reads every result; a device only
+those of its own requests, and is told any other does not exist, so ids cannot be probed. Not on the
+inference hot path.
+
+Also the gateway's two hooks into the store: ``open_store`` at start and ``record_request`` after
+each answered inference request.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from typing import TYPE_CHECKING, Annotated, Any
 
-import orjson
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from shoal.protocol.oip import error_body
 
@@ -24,22 +35,167 @@ if TYPE_CHECKING:
 
     from shoal.gateway.auth import Principal
     from shoal.gateway.pool import ModelSpec
-    from shoal.gateway.server import Gateway, GatewayConfig
+    from shoal.gateway.server import GatewayConfig
     from shoal.gateway.storage import ResultStore
 
 PREFIX = "/v2/results"
-_LIST_PARAMS = ("model", "version", "since", "until", "status", "limit", "before", "request_id")
 _TYPES = {
-    ".npy": b"application/octet-stream",
-    ".png": b"image/png",
-    ".jpg": b"image/jpeg",
-    ".gif": b"image/gif",
-    ".webp": b"image/webp",
+    ".npy": "application/octet-stream",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
 }
 
 
 class BadQuery(ValueError):
     pass
+
+
+class ListQuery(msgspec.Struct, forbid_unknown_fields=True):
+    """The query of ``GET /v2/results``; times are unix seconds or ISO 8601 (UTC unless they say)."""
+
+    model: str | None = None
+    version: str | None = None
+    since: str | None = None
+    until: str | None = None
+    status: int | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    before: int | None = None
+    request_id: str | None = None
+
+    def store_args(self) -> dict[str, Any]:
+        args = {k: getattr(self, k) for k in ("model", "version", "status", "limit", "request_id")}
+        args["before_id"] = self.before
+        args["since"] = parse_time(self.since, "since") if self.since is not None else None
+        args["until"] = parse_time(self.until, "until") if self.until is not None else None
+        return args
+
+
+def results_action(path: str) -> str | None:
+    """The action (``gateway.auth.ACTIONS``) reading ``path`` needs, or None when it is not a results
+    path: listing is "results" (operators), one result and its files "result" (the device too)."""
+    if path == PREFIX or path == PREFIX + "/":
+        return "results"
+    if path.startswith(PREFIX + "/"):
+        return "result"
+    return None
+
+
+async def serve_results(
+    store: ResultStore | None, who: Principal, scope: dict[str, Any], receive: Any, send: Any
+) -> None:
+    """Answer a results request whose caller ``who`` is already allowed its action."""
+    if store is None:
+        body = error_body("result storage is off on this cluster (start it with --store-results DB_URL)")
+        await _json(404, body)(scope, receive, send)
+        return
+    state = {**scope.get("state", {}), "principal": who, "store": store}
+    await _app()({**scope, "state": state}, receive, send)
+
+
+# ----------------------------------------------------------------------------------- endpoints
+
+
+def _json(status: int, body: bytes) -> Response:
+    return Response(body, status, media_type="application/json")
+
+
+def _not_found(message: str) -> Response:
+    return _json(404, error_body(message))
+
+
+def _owner(request: Request) -> str | None:
+    who: Principal = request.state.principal
+    return None if who.role == "operator" else who.who
+
+
+async def list_results(request: Request) -> Response:
+    try:
+        query = msgspec.convert(dict(request.query_params), ListQuery, strict=False)
+        args = query.store_args()
+    except msgspec.ValidationError as e:
+        raise BadQuery(f"invalid query: {e}") from None
+    return _json(200, msgspec.json.encode(await request.state.store.list(**args)))
+
+
+async def get_result(request: Request) -> Response:
+    rid = request.path_params["request_id"]
+    got = await request.state.store.get(rid)
+    owner = _owner(request)
+    if got is None or (owner is not None and got.get("client") != owner):
+        return _not_found(f"no stored result with request id '{rid}'")
+    return _json(200, msgspec.json.encode(got))
+
+
+async def get_file(request: Request) -> Response:
+    rid, kinds, name = (request.path_params[k] for k in ("request_id", "kind", "name"))
+    if kinds not in ("inputs", "outputs"):
+        return _not_found(f"no such endpoint: GET {request.url.path}")
+    kind = kinds[:-1]
+    found = await request.state.store.payload_file(rid, kind, name, _owner(request))
+    if found is None:
+        return _not_found(f"request '{rid}' has no stored {kind} '{name}' (see /v2/results/{rid})")
+    fname, data = found
+    headers = {"content-disposition": f'attachment; filename="{fname}"'}
+    return Response(data, 200, headers, _TYPES.get(fname[fname.rfind(".") :], "application/octet-stream"))
+
+
+def _guarded(endpoint: Any) -> Any:
+    """Bad queries are 400; a database or folder that fails is 503 (counted), never a crash."""
+
+    @functools.wraps(endpoint)
+    async def run(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except BadQuery as e:
+            return _json(400, error_body(str(e)))
+        except Exception as e:
+            request.state.store.count_error("cannot read stored results", e)
+            return _json(503, error_body(f"result storage unavailable: {type(e).__name__}"))
+
+    return run
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if exc.status_code == 405:
+        return _json(405, error_body(f"{path} takes GET"))
+    return _json(exc.status_code, error_body(f"no such endpoint: {request.method} {path}"))
+
+
+@functools.cache
+def _app() -> Starlette:
+    routes = [
+        Route(PREFIX, _guarded(list_results), methods=["GET"]),
+        Route(PREFIX + "/", _guarded(list_results), methods=["GET"]),
+        Route(PREFIX + "/{request_id}", _guarded(get_result), methods=["GET"]),
+        Route(PREFIX + "/{request_id}/{kind}/{name}", _guarded(get_file), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _routing_error})
+    app.router.redirect_slashes = False  # an unknown path is 404, not a redirect
+    return app
+
+
+def parse_time(value: str, what: str = "time") -> float:
+    """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadQuery(
+            f"'{what}' must be unix seconds or an ISO 8601 time such as 2026-11-25T14:00:00Z, got {value!r}"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.timestamp()
+
+
+# ---------------------------------------------------------------------------- the gateway's hooks
 
 
 def record_request(
@@ -86,115 +242,3 @@ def open_store(cfg: GatewayConfig) -> ResultStore | None:
         cfg.results_max_bytes,
         cluster=cfg.name,
     )
-
-
-async def handle_results(
-    gw: Gateway, who: Principal, check: Any, method: str, path: str, query: bytes, send: Any
-) -> bool:
-    """Answer ``path`` if it is under /v2/results; False (nothing sent) for any other path.
-
-    ``check(who, action)`` raises when the caller may not: listing needs the operator role; one
-    result (and its files) may be read by an operator or by the device that sent the request. A
-    device asking for another's result is told it does not exist, so ids cannot be probed."""
-    if path != PREFIX and not path.startswith(PREFIX + "/"):
-        return False
-    parts = [p for p in path[len(PREFIX) :].split("/") if p]
-    check(who, "result" if parts else "results")
-    store = gw.results
-    if store is None:
-        await _reply(
-            send,
-            404,
-            error_body("result storage is off on this cluster (start it with --store-results DB_URL)"),
-        )
-        return True
-    if method != "GET":
-        await _reply(send, 405, error_body(f"{path} takes GET"))
-        return True
-    owner = None if who.role == "operator" else who.who
-    try:
-        if not parts:
-            rows = await store.list(**_list_args(query))
-            await _reply(send, 200, orjson.dumps(rows))
-        elif len(parts) == 1:
-            got = await store.get(parts[0])
-            if got is None or (owner is not None and got.get("client") != owner):
-                await _reply(send, 404, error_body(f"no stored result with request id '{parts[0]}'"))
-            else:
-                await _reply(send, 200, orjson.dumps(got))
-        elif len(parts) == 3 and parts[1] in ("inputs", "outputs"):
-            kind = parts[1][:-1]
-            found = await store.payload_file(parts[0], kind, parts[2], owner)
-            if found is None:
-                await _reply(
-                    send,
-                    404,
-                    error_body(
-                        f"request '{parts[0]}' has no stored {kind} '{parts[2]}' (see /v2/results/{parts[0]})"
-                    ),
-                )
-            else:
-                name, data = found
-                ctype = _TYPES.get(name[name.rfind(".") :], b"application/octet-stream")
-                disp = f'attachment; filename="{name}"'.encode()
-                await _reply(send, 200, data, [(b"content-type", ctype), (b"content-disposition", disp)])
-        else:
-            await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
-    except BadQuery as e:
-        await _reply(send, 400, error_body(str(e)))
-    except Exception as e:  # the database or the folder failed: say so, never crash the app
-        store.count_error("cannot read stored results", e)
-        await _reply(send, 503, error_body(f"result storage unavailable: {type(e).__name__}"))
-    return True
-
-
-def _list_args(query: bytes) -> dict[str, Any]:
-    try:
-        q = {k: v[-1] for k, v in parse_qs(query.decode("latin-1"), strict_parsing=False).items()}
-    except ValueError as e:
-        raise BadQuery(f"malformed query string: {e}") from None
-    unknown = sorted(set(q) - set(_LIST_PARAMS))
-    if unknown:
-        raise BadQuery(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(_LIST_PARAMS)}")
-    args: dict[str, Any] = {}
-    for k in ("model", "version", "request_id"):
-        if k in q:
-            args[k] = q[k]
-    for k in ("since", "until"):
-        if k in q:
-            args[k] = parse_time(q[k], k)
-    for k, dest in (("status", "status"), ("limit", "limit"), ("before", "before_id")):
-        if k in q:
-            try:
-                args[dest] = int(q[k])
-            except ValueError:
-                raise BadQuery(f"'{k}' must be an integer, got {q[k]!r}") from None
-    if "limit" in args and not 1 <= args["limit"] <= 1000:
-        raise BadQuery("'limit' must be between 1 and 1000")
-    return args
-
-
-def parse_time(value: str, what: str = "time") -> float:
-    """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadQuery(
-            f"'{what}' must be unix seconds or an ISO 8601 time such as 2026-11-25T14:00:00Z, got {value!r}"
-        ) from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
-    return t.timestamp()
-
-
-async def _reply(
-    send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    headers = headers or [(b"content-type", b"application/json")]
-    headers = [*headers, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
