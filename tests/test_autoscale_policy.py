@@ -30,7 +30,12 @@ class Run:
 
 
 def simulate(
-    rates: list[float], policy: ScalePolicy, start_ticks: int = 1, ready0: int | None = None, never_ready: bool = False
+    rates: list[float],
+    policy: ScalePolicy,
+    start_ticks: int = 1,
+    ready0: int | None = None,
+    never_ready: bool = False,
+    lead_s: float = 0.0,
 ) -> Run:
     """One tick = one second. The controller samples, decides and acts once a tick."""
     ready = policy.min_workers if ready0 is None else ready0
@@ -57,7 +62,7 @@ def simulate(
             )
         )
         samples = samples[-600:]
-        d = decide(samples, policy, now, last_scale)
+        d = decide(samples, policy, now, last_scale, lead_s)
         run.decisions.append(d)
         present = ready + len(starting)
         if d.desired > present:
@@ -179,3 +184,18 @@ def test_scale_in_drains_the_least_loaded_newest_workers():
     ws = [WorkerView("a", 3, 10.0), WorkerView("b", 0, 5.0), WorkerView("c", 0, 20.0), WorkerView("d", 1, 1.0)]
     assert workers_to_stop(ws, 2) == ["c", "b"]
     assert workers_to_stop(ws, 0) == []
+
+
+def test_a_rising_load_is_met_ahead_by_a_workers_start_up_time():
+    """Workers that take three seconds to start: projecting the trend that far ahead keeps the queue
+    of a ramp short, where reacting to the load as it is lets it grow."""
+
+    def run(lead: float) -> Run:
+        rates = [20.0 * t for t in range(40)] + [800.0] * 20  # up to 8 workers of model time
+        policy = ScalePolicy(min_workers=1, max_workers=12, scale_up_window_s=1.0, scale_down_window_s=30,
+                             cooldown_s=10, max_step=3)
+        return simulate(rates, policy, start_ticks=3, lead_s=lead)
+
+    reactive, ahead = run(0.0), run(3.0)
+    assert max(ahead.queue) < 0.5 * max(reactive.queue)
+    assert ahead.worker_seconds <= 1.2 * reactive.worker_seconds  # not by keeping a big fleet

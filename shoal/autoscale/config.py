@@ -46,6 +46,7 @@ class ModelScale(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     max_step: int = 2
     idle_to_zero_s: float | None = None
     start_timeout_s: float = 60.0
+    lead_s: float | None = None  # scale up for the load this far ahead (None: a worker's measured start-up; 0: off)
     worker_args: list[str] = []  # extra `shoal worker` options (e.g. --threads 2, --tls-ca ca.pem)
     resources: Resources = Resources()
 

@@ -64,6 +64,7 @@ class Managed:
     next_launch_t: float = 0.0
     last_error: str = ""
     prev: tuple[float, int, float] | None = None  # (t, arrivals, busy_ms) at the last sample
+    startup_s: float = 1.0  # how long its workers took from launch to join, recently
 
     @property
     def key(self) -> str:
@@ -151,7 +152,8 @@ class Autoscaler:
             if m.unloaded:
                 m.desired, m.reason = 0, "unloaded by an operator"
             else:
-                d = decide(m.samples, m.policy, now, m.last_scale_t)
+                lead = m.scale.lead_s if m.scale.lead_s is not None else min(10.0, m.startup_s)
+                d = decide(m.samples, m.policy, now, m.last_scale_t, lead)
                 m.desired, m.reason, m.load = d.desired, d.reason, d.load
             if not self.engine.external:
                 await self._act(m, sample, now)
@@ -236,6 +238,8 @@ class Autoscaler:
         joined = {w.worker_id for w in m.pool.workers}
         for wid, x in list(m.launches.items()):
             if not x.joined and wid in joined:
+                if not x.rejoining:
+                    m.startup_s += 0.3 * ((now - x.launched_at) - m.startup_s)
                 x.joined, x.rejoining = True, False
                 m.failures = 0
             code = x.handle.exit_code()
@@ -326,6 +330,7 @@ class Autoscaler:
             "desired": m.desired,
             "reason": m.reason,
             "load_workers": round(m.load, 3),
+            "startup_s": round(m.startup_s, 2),
             "min": m.policy.min_workers,
             "max": m.policy.max_workers,
             "ready": s.ready if s else 0,

@@ -22,6 +22,11 @@ The wanted number is ``ceil(load / target_utilisation)``. It takes effect:
   below the current one), no sooner than ``cooldown_s`` after the last scale event, by at most
   ``max_step``. Up fast, down slowly: load that flaps around a threshold settles on the higher count.
 
+A rising load is met ahead of time: the trend of the load over the last ``max(1, lead)`` seconds
+(a least-squares slope) is projected ``lead`` seconds ahead, the time a worker takes to start, and
+the scale-up asks for what the projection wants. Falling load is never projected: scaling in waits
+for the load itself.
+
 Workers still starting count as present, so a worker that never becomes ready does not make the
 policy ask for more and more (the controller gives it up after ``start_timeout_s`` and tries again
 with back-off). A model whose policy allows zero goes to zero after ``idle_to_zero_s`` with no request
@@ -123,8 +128,22 @@ def _within(samples: Sequence[LoadSample], now: float, window_s: float) -> tuple
     return inside, covered
 
 
-def decide(samples: Sequence[LoadSample], policy: ScalePolicy, now: float, last_scale_t: float) -> Decision:
-    """The number of workers this model version should have now, and why, in one line."""
+def trend(samples: Sequence[LoadSample]) -> float:
+    """Least-squares slope of the load over the samples, in workers per second (0 for fewer than 3)."""
+    if len(samples) < 3:
+        return 0.0
+    ts = [s.t for s in samples]
+    ls = [s.load() for s in samples]
+    mt, ml = sum(ts) / len(ts), sum(ls) / len(ls)
+    var = sum((t - mt) ** 2 for t in ts)
+    return sum((t - mt) * (x - ml) for t, x in zip(ts, ls, strict=True)) / var if var > 0 else 0.0
+
+
+def decide(
+    samples: Sequence[LoadSample], policy: ScalePolicy, now: float, last_scale_t: float, lead_s: float = 0.0
+) -> Decision:
+    """The number of workers this model version should have now, and why, in one line. ``lead_s``:
+    how long a new worker takes to start (0: react to the load as it is)."""
     p = policy
     if not samples:
         return Decision(max(p.min_workers, 0), "no load measured yet: the minimum")
@@ -147,13 +166,21 @@ def decide(samples: Sequence[LoadSample], policy: ScalePolicy, now: float, last_
 
     up_window, _ = _within(samples, now, p.scale_up_window_s)
     up_to = min(wanted(s, p.target_utilisation) for s in up_window)
+    ahead = ""
+    if lead_s > 0:
+        recent, _ = _within(samples, now, max(1.0, lead_s))
+        slope = trend(recent)
+        if slope > 0:
+            projected = math.ceil((load + slope * lead_s) / p.target_utilisation - 1e-9)
+            if projected > up_to and up_to >= current:
+                up_to, ahead = projected, f", {load + slope * lead_s:.2f} expected in {lead_s:.1f} s"
     down_window, down_covered = _within(samples, now, p.scale_down_window_s)
     down_to = max(wanted(s, p.target_utilisation) for s in down_window)
 
     desired, why = current, "steady"
     if up_to > current:
         desired = min(current + p.max_step, up_to)
-        why = f"up: load {load:.2f} workers over {p.scale_up_window_s:g} s wants {up_to}"
+        why = f"up: load {load:.2f} workers over {p.scale_up_window_s:g} s{ahead} wants {up_to}"
     elif down_to < current and down_covered and now - last_scale_t >= p.cooldown_s:
         desired = max(current - p.max_step, down_to)
         why = f"down: at most {down_to} wanted over {p.scale_down_window_s:g} s"
