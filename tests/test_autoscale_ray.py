@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -39,6 +41,26 @@ def test_placement_problem_names_what_no_node_offers():
     assert "no node offers all of" in placement_problem({"CPU": 1.0, "GPU": 1.0}, two)
     dead = [{"Alive": False, "Resources": {"CPU": 8.0}}]
     assert placement_problem({"CPU": 1.0}, dead).startswith("the cluster has no live node")
+
+
+def test_a_gateway_that_cannot_reach_its_ray_cluster_says_so_and_exits(tmp_path):
+    from shoal.autoscale.ray_engine import free_port
+
+    cfg = tmp_path / "gw.yaml"
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    cfg.write_text(yaml.safe_dump({"autoscale": {"engine": "ray", "ray": {"address": address},
+                                                 "models": {"echo": {}}}}))
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "cluster", "--config", str(cfg), "--http", "127.0.0.1:0",
+         "--workers", "127.0.0.1:0", "--no-auth", "--state-dir", "none"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "SHOAL_CLUSTER_SECRET": "x", "HOME": str(tmp_path)},
+    )
+    if importlib.util.find_spec("ray") is None:
+        expected = "pip install 'shoal[ray]'"
+    else:
+        expected = f"cannot join the Ray cluster at '{address}': nothing answers there"
+    assert r.returncode == 2 and expected in r.stdout, r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------------------ with a real head

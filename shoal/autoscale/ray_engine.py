@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shoal.aio import split_hostport
 from shoal.autoscale.config import AutoscaleConfig, Resources
 from shoal.autoscale.engines import Engine, EngineError, EngineWorker, WorkerLaunch, worker_argv
 
@@ -242,9 +243,7 @@ class RayWorker(EngineWorker):
             self.code = int(code)
             if self.code != 0:
                 self.error = output
-        except ray.exceptions.RayActorError as e:  # dead for good: killed, or it could not start
-            self.code, self.error = 1, _first_line(e)
-        except ray.exceptions.RayError as e:
+        except ray.exceptions.RayError as e:  # an actor dead for good (killed, or it could not start)
             self.code, self.error = 1, _first_line(e)
         self.engine.kill_soon(self)  # its worker has ended: free the actor's resources
         return self.code
@@ -256,6 +255,17 @@ class RayWorker(EngineWorker):
         if self.error:
             d["error"] = self.error
         return d
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Ray waits minutes on a ``host:port`` where no cluster answers: find out first."""
+    if address == "auto" or "://" in address:
+        return  # auto fails at once when there is no cluster; Ray Client has its own timeout
+    host, port = split_hostport(address, 6379)
+    try:
+        socket.create_connection((host, port), timeout_s).close()
+    except OSError as e:
+        raise EngineError(f"cannot join the Ray cluster at {address!r}: nothing answers there ({e})") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -279,6 +289,7 @@ class RayEngine(Engine):
         opts = self.cfg.ray
 
         def connect() -> None:
+            _check_reachable(opts.address)
             # In a thread: Ray then leaves this process's SIGTERM handler (the gateway's drain) alone,
             # and says so; that is what is wanted here.
             logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler" not in r.getMessage())
@@ -294,6 +305,8 @@ class RayEngine(Engine):
 
         try:
             await asyncio.to_thread(connect)
+        except EngineError:
+            raise
         except Exception as e:  # ConnectionError, ValueError, RuntimeError from Ray
             raise EngineError(f"cannot join the Ray cluster at {opts.address!r}: {_first_line(e)}") from None
         self.ray = ray
@@ -303,7 +316,7 @@ class RayEngine(Engine):
             opts.address,
             opts.namespace,
             self._nodes,
-            ", ".join(f"{k} {v:g}" for k, v in sorted(self._resources.items()) if "node:" not in k),
+            json.dumps(_config_names({k: v for k, v in self._resources.items() if ":" not in k and "object_store" not in k})),
         )
 
     async def launch(self, req: WorkerLaunch) -> EngineWorker:

@@ -216,7 +216,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> int:
-        await gw.start()
+        from shoal.autoscale.engines import EngineError
+
+        try:
+            await gw.start()
+        except EngineError as e:  # the engine cannot reach where workers run (a Ray cluster)
+            print(f"shoal cluster: {e}")
+            await gw.stop()
+            return 2
         write_ports_file(args.ports_file, {"http": gw.http_port, "workers": gw.worker_port})
         await wait_for_stop_signal()
         await gw.stop()
