@@ -9,7 +9,9 @@ model would) through a gateway whose autoscaler starts and drains workers with t
   requests answered within two seconds of a scale event against the others of the same run;
 * day: the day-shaped trace (shoal.autoscale.traces) once autoscaled and once on a static fleet sized
   for the autoscaled run's peak: worker-seconds and p99 of each;
-* wake: a model at zero workers, woken by one request, three times: that request's latency.
+* wake: a model at zero workers, woken by one request, three times: that request's latency;
+* ray: the step and the wake again with the ray engine (workers as actors of a Ray head started on
+  loopback for the run), where Ray is installed.
 """
 
 from __future__ import annotations
@@ -88,12 +90,14 @@ def _drive(port: int, req: bytes, clients: int, active, seconds: float, on_tick=
     return answers
 
 
-def _gateway(workdir: Path, models: dict) -> LocalCluster:
+def _gateway(workdir: Path, models: dict, engine: dict | None = None) -> LocalCluster:
+    """A gateway autoscaling ``models``; ``engine``: keys of the autoscale block that choose another
+    engine than local (``{"engine": "ray", "ray": {...}}``)."""
     cfg = workdir / "gateway.yaml"
     workdir.mkdir(parents=True, exist_ok=True)
     cfg.write_text(yaml.safe_dump({"autoscale": {"engine": "local", "workdir": str(workdir / "workers"),
-                                                 "interval_s": 0.25, "models": models}}))
-    return LocalCluster(workdir, gateway_args=["--config", str(cfg)]).start()
+                                                 "interval_s": 0.25, "models": models, **(engine or {})}}))
+    return LocalCluster(workdir, gateway_args=["--config", str(cfg)]).start(timeout=120)
 
 
 def _policy(**kw: Any) -> dict[str, Any]:
@@ -129,8 +133,8 @@ def _settle(lc: LocalCluster, n: int, timeout: float = 60.0) -> None:
         time.sleep(POLL_S)
 
 
-def step(workdir: Path, high: int = 16, steps: int = 3) -> dict[str, Any]:
-    lc = _gateway(workdir, {MODEL: _policy()})
+def step(workdir: Path, high: int = 16, steps: int = 3, engine: dict | None = None, **policy: Any) -> dict[str, Any]:
+    lc = _gateway(workdir, {MODEL: _policy(**policy)}, engine)
     try:
         lc.wait_workers(MODEL, 1, timeout=60)
         req = _request(lc)
@@ -229,8 +233,9 @@ def day(workdir: Path, day_s: float = 60.0, peak: int = 16) -> dict[str, Any]:
     return out
 
 
-def wake(workdir: Path, times: int = 3) -> dict[str, Any]:
-    lc = _gateway(workdir, {MODEL: _policy(min=0, idle_to_zero_s=2, scale_down_window_s=1, cooldown_s=0.5)})
+def wake(workdir: Path, times: int = 3, engine: dict | None = None, **policy: Any) -> dict[str, Any]:
+    lc = _gateway(workdir, {MODEL: _policy(min=0, idle_to_zero_s=2, scale_down_window_s=1, cooldown_s=0.5, **policy)},
+                  engine)
     try:
         req = _request(lc)
         waits: list[float] = []
@@ -246,10 +251,30 @@ def wake(workdir: Path, times: int = 3) -> dict[str, Any]:
         lc.stop()
 
 
+def on_ray(workdir: Path) -> dict[str, Any]:
+    """The step and the wake-up again with the ray engine, against a Ray head started here on loopback
+    (two CPUs, workers of half a CPU each): keys prefixed ``ray_``."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        return {"ray": "not run: Ray is not installed (pip install 'shoal[ray]')"}
+    from shoal.autoscale.ray_engine import LocalRayHead
+
+    head = LocalRayHead(workdir / "head", cpus=2).start()
+    try:
+        engine = {"engine": "ray", "ray": {"address": head.address, "namespace": "shoal-bench"}}
+        res = {**step(workdir / "step", engine=engine, resources={"cpus": 0.5}),
+               **wake(workdir / "wake", engine=engine, resources={"cpus": 0.5})}
+    finally:
+        head.stop()
+    return {f"ray_{k}": v for k, v in res.items()}
+
+
 def autoscale(workdir: Path, args: Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"engine": "local"}
     res.update(step(workdir / "step"))
     res.update(wake(workdir / "wake"))
     res.update(cycles(workdir / "cycles"))
     res.update(day(workdir / "day"))
+    res.update(on_ray(workdir / "ray"))
     return res
