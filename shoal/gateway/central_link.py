@@ -14,6 +14,7 @@ import base64
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ import shoal
 from shoal.protocol.central_messages import ModelLoad, Report, ReportAnswer
 
 if TYPE_CHECKING:
-    from shoal.gateway.server import Gateway
+    from shoal.gateway.pool import ModelTable
 
 log = logging.getLogger("shoal.gateway")
 
@@ -48,10 +49,10 @@ class _Replica:
     last_error: str = ""
 
 
-def report_body(gw: Gateway, public_url: str) -> Report:
+def report_body(table: ModelTable, public_url: str) -> Report:
     models = []
-    for pool in gw.models.pools():
-        served = pool.spec.version in gw.models.served_versions(pool.spec.name)
+    for pool in table.pools():
+        served = pool.spec.version in table.served_versions(pool.spec.name)
         models.append(
             ModelLoad(
                 name=pool.spec.name,
@@ -69,9 +70,20 @@ def report_body(gw: Gateway, public_url: str) -> Report:
 
 
 class CentralReporter:
-    def __init__(self, gw: Gateway, cfg: CentralConfig) -> None:
-        self.gw = gw
+    """Reports ``table``'s load as ``public_url`` to every replica; hands each token key central
+    sends to ``on_token_key(key, source)``."""
+
+    def __init__(
+        self,
+        table: ModelTable,
+        cfg: CentralConfig,
+        public_url: str,
+        on_token_key: Callable[[bytes, str], None],
+    ) -> None:
+        self.table = table
         self.cfg = cfg
+        self.public_url = public_url
+        self.on_token_key = on_token_key
         self.interval_s = cfg.interval_s  # central may ask for another in its answers
         auth = base64.b64encode(f"{cfg.user}:{cfg.password}".encode()).decode()
         self.headers = {
@@ -101,7 +113,7 @@ class CentralReporter:
     async def _loop(self) -> None:
         while True:
             t = time.monotonic()
-            body = msgspec.json.encode(report_body(self.gw, self.cfg.public_url))
+            body = msgspec.json.encode(report_body(self.table, self.public_url))
             await asyncio.gather(*(self._report(r, body) for r in self.replicas))
             await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - t)))
 
@@ -114,7 +126,7 @@ class CentralReporter:
             key = answer.token_key
             if key:
                 raw = base64.urlsafe_b64decode(key + "=" * (-len(key) % 4))
-                self.gw.set_token_key(raw, f"central {r.url}")
+                self.on_token_key(raw, f"central {r.url}")
             if 0.1 <= answer.report_interval_s <= 60:
                 self.interval_s = answer.report_interval_s
             if r.ok_since is None:

@@ -254,10 +254,9 @@ class Gateway:
         if self.autoscaler is not None:
             await self.autoscaler.start()
         if cfg.central is not None:
-            if not cfg.central.public_url:
-                scheme = "https" if cfg.tls_cert else "http"
-                cfg.central.public_url = f"{scheme}://{cfg.http_host}:{self.http_port}"
-            self.reporter = CentralReporter(self, cfg.central)
+            scheme = "https" if cfg.tls_cert else "http"
+            public = cfg.central.public_url or f"{scheme}://{cfg.http_host}:{self.http_port}"
+            self.reporter = CentralReporter(self.models, cfg.central, public, self.set_token_key)
             self.reporter.start()
         log.info(
             "cluster %s serving HTTP on %s:%d, workers on %s:%d%s",
