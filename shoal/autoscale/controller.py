@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shoal.aio import cancel_and_wait
 from shoal.autoscale.config import AutoscaleConfig, ModelScale
 from shoal.autoscale.engines import Engine, EngineError, EngineWorker, WorkerLaunch
 from shoal.autoscale.policy import LoadSample, ScalePolicy, WorkerView, decide, workers_to_stop
@@ -116,11 +117,7 @@ class Autoscaler:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait([self._task])
         mine = [x.handle for m in self.managed.values() for x in m.launches.values()]
         await self.engine.stop(mine)
 

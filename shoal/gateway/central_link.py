@@ -22,6 +22,7 @@ import httpx
 import msgspec
 
 import shoal
+from shoal.aio import cancel_and_wait
 from shoal.protocol.central_messages import ModelLoad, Report, ReportAnswer
 
 if TYPE_CHECKING:
@@ -103,11 +104,7 @@ class CentralReporter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait([self._task])
         await self._http.aclose()
 
     async def _loop(self) -> None:
