@@ -23,7 +23,7 @@ def test_every_command_has_help_with_an_example():
 
 def test_serving_side_and_cli_do_not_import_torch():
     code = (
-        "import sys, shoal.cli, shoal.gateway.server, shoal.worker.link, shoal.client.http, shoal.demo, shoal.bench.suites;"
+        "import sys, shoal.cli, shoal.gateway.server, shoal.worker.link, shoal.client.http, shoal.demo, shoal.bench.serving, shoal.bench.central;"
         "shoal.cli.build_parser();"
         "bad = [m for m in ('torch', 'matplotlib', 'flwr', 'tensorboard') if m in sys.modules];"
         "assert not bad, bad"

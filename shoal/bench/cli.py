@@ -11,7 +11,8 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``connections`` connections one gateway holds at once, each answered.
 * ``pipeline``   the read-digits pipeline: accuracy on generated multi-digit images, latency.
 * ``reroute``    how fast a device is re-routed when its cluster dies.
-* ``central``    routes answered per second by one central (SQLite, and PostgreSQL when available).
+* ``central``    routes answered per second by one central (SQLite, and PostgreSQL when available);
+  with ``--baseline DIR``, against another source tree's central in alternating runs.
 * ``http-stacks`` the same tiny endpoint on raw ASGI, Starlette and aiohttp: why the gateway is raw ASGI.
 * ``soak``       memory of a gateway and a worker over a long run with workers killed and replaced.
 * ``storage``    the throughput run with result storage off and on: requests/s, gateway CPU per request.
@@ -29,6 +30,7 @@ HELP = "Measure the serving path: latency, throughput, worker link, dynamic batc
 EXAMPLE = """
 shoal bench                       # every suite, about ten minutes
 shoal bench latency throughput --json results.json
+git worktree add /tmp/before HEAD~5 && shoal bench central --baseline /tmp/before
 """
 
 SUITES = (
@@ -48,8 +50,20 @@ SUITES = (
     "login-guessing",
     "autoscale",
 )
-# Suites that live in their own module (the rest are in shoal.bench.suites).
-MODULES = {"login-guessing": "shoal.bench.security", "autoscale": "shoal.bench.autoscale"}
+# The module of each suite, by subject.
+MODULES = {
+    **dict.fromkeys(
+        ("latency", "throughput", "link", "batching", "transfer", "startup", "connections", "pipeline"),
+        "shoal.bench.serving",
+    ),
+    "reroute": "shoal.bench.system",
+    "central": "shoal.bench.central",
+    "storage": "shoal.bench.storage",
+    "soak": "shoal.bench.soak",
+    "http-stacks": "shoal.bench.http_stacks",
+    "login-guessing": "shoal.bench.security",
+    "autoscale": "shoal.bench.autoscale",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hold", type=int, default=10_000, help="connections for the connections suite")
     p.add_argument("--soak-seconds", type=float, default=120.0, help="length of the soak suite")
     p.add_argument("--pipeline-images", type=int, default=300, help="images for the pipeline suite")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="DIR",
+        help="central suite: also run the central of this shoal source tree (e.g. a git worktree of an "
+        "older commit), alternating with this one",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="folder for process logs")
 
@@ -88,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     }
     for name in chosen:
         print(f"== {name}", flush=True)
-        mod = importlib.import_module(MODULES.get(name, "shoal.bench.suites"))
+        mod = importlib.import_module(MODULES[name])
         res = getattr(mod, name.replace("-", "_"))(workdir / name, args)
         results[name] = res
         for k, v in res.items():

@@ -5,7 +5,18 @@ serve, or through ``shoal bench http-stacks``."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import socket
+import subprocess
 import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+from shoal.bench.loadgen import LoadGenerator, http_request
+from shoal.bench.process import CPU_CLIENT, CPU_SERVER, pin_self, two_cores, unpin_self
 
 ANSWER = b'{"model_name":"echo","outputs":[1,2,3]}'
 
@@ -68,6 +79,47 @@ def serve(stack: str, port: int) -> None:
         access_log=False,
         log_level="warning",
     )
+
+
+def http_stacks(workdir: Path, args: Namespace) -> dict[str, Any]:
+    """Requests/s of the same tiny endpoint on each HTTP server stack, one core each, 64 clients."""
+    out: dict[str, Any] = {}
+    pinned = two_cores()
+    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,1],"data":[1]}]}'
+    req = http_request("/v2/models/echo/infer", body, {"Content-Type": "application/json"})
+    for stack, needs in (("raw-asgi", "uvicorn"), ("starlette", "starlette"), ("aiohttp", "aiohttp")):
+        if importlib.util.find_spec(needs) is None:
+            out[stack] = f"skipped: {needs} is not installed"
+            continue
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "shoal.bench.http_stacks", stack, str(port)]
+        if pinned:
+            cmd = ["taskset", "-c", str(CPU_SERVER), *cmd]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            end = time.monotonic() + 15
+            while time.monotonic() < end:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            if pinned:
+                pin_self(CPU_CLIENT)
+            gen = LoadGenerator("127.0.0.1", port, lambda i: req, args.connections, duration_s=1.0)
+            asyncio.run(gen.run())
+            gen = LoadGenerator(
+                "127.0.0.1", port, lambda i: req, args.connections, duration_s=args.seconds / 2
+            )
+            res = asyncio.run(gen.run())
+            out[f"{stack}, requests/s on one core"] = round(res.rps)
+        finally:
+            unpin_self()
+            proc.terminate()
+            proc.wait(10)
+    return out
 
 
 if __name__ == "__main__":

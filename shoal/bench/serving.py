@@ -1,9 +1,11 @@
-"""The benchmark suites behind ``shoal bench``. Each returns a flat dict of figures."""
+"""Suites that measure the serving path: one connection's latency against the model in-process,
+throughput at many connections, the worker link alone, dynamic batching, large transfers, a
+worker's start, many connections held at once, a pipeline. Each starts its own gateway and workers
+as real processes and returns a flat dict of figures."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -12,29 +14,23 @@ from typing import Any
 import numpy as np
 
 from shoal.bench.loadgen import LoadGenerator, LoadResult, http_request
+from shoal.bench.process import (
+    CPU_CLIENT,
+    CPU_SERVER,
+    cpu_seconds,
+    percentiles,
+    pin_self,
+    rss_kb,
+    two_cores,
+    unpin_self,
+)
 from shoal.local import LocalCluster
 from shoal.protocol.oip import build_infer_request
 from shoal.worker.cli import bundled_repo
 
-BENCH_CPU_GATEWAY = 0  # the core the measured server side is pinned to, where pinning is asked for
-BENCH_CPU_CLIENT = 1
 
-
-def _pin_self(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
-        os.sched_setaffinity(0, {cpu})
-
-
-def _unpin_self() -> None:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-
-
-def _two_cores() -> bool:
-    return hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2
-
-
-def _infer_request(lc: LocalCluster, model: str, inputs: dict[str, np.ndarray]) -> bytes:
+def infer_request(lc: LocalCluster, model: str, inputs: dict[str, np.ndarray]) -> bytes:
+    """A whole HTTP request (bytes) inferring ``inputs`` on the cluster's model, with its key."""
     body, hl = build_infer_request(inputs)
     headers = {"Authorization": f"Bearer {lc.api_key}", "Content-Type": "application/octet-stream"}
     if hl is not None:
@@ -42,7 +38,7 @@ def _infer_request(lc: LocalCluster, model: str, inputs: dict[str, np.ndarray]) 
     return http_request(f"/v2/models/{model}/infer", body, headers)
 
 
-def _load(
+def run_load(
     lc: LocalCluster,
     req: bytes,
     connections: int,
@@ -60,16 +56,11 @@ def _load(
     return res
 
 
-def _mnist_input() -> np.ndarray:
+def mnist_input() -> np.ndarray:
     from shoal.data.mnist import load_mnist
 
     images, _ = load_mnist("test")
     return ((images[:1].astype(np.float32) / 255.0 - 0.1307) / 0.3081).reshape(1, 1, 28, 28)
-
-
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    a = np.asarray(samples) * 1000.0
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
 # ------------------------------------------------------------------------------------ suites
@@ -82,7 +73,7 @@ def latency(workdir: Path, args: Namespace) -> dict[str, Any]:
     from shoal.modelrepo.manifest import resolve
 
     model_dir, manifest = resolve(bundled_repo(), "mnist-cnn")
-    x = _mnist_input()
+    x = mnist_input()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
@@ -103,13 +94,13 @@ def latency(workdir: Path, args: Namespace) -> dict[str, Any]:
         lc.add_worker("echo")
         lc.wait_workers("mnist-cnn", 1)
         lc.wait_workers("echo", 1)
-        res = _load(lc, _infer_request(lc, "mnist-cnn", {"image": x}), 1, total=n + 200, warmup=200)
-        echo = _load(
-            lc, _infer_request(lc, "echo", {"x": np.zeros((1, 16), np.float32)}), 1, total=n + 200, warmup=200
+        res = run_load(lc, infer_request(lc, "mnist-cnn", {"image": x}), 1, total=n + 200, warmup=200)
+        echo = run_load(
+            lc, infer_request(lc, "echo", {"x": np.zeros((1, 16), np.float32)}), 1, total=n + 200, warmup=200
         )
-    p50_in, p99_in = _percentiles(inproc)
-    p50_gw, p99_gw = _percentiles(res.latencies_s)
-    p50_e, p99_e = _percentiles(echo.latencies_s)
+    p50_in, p99_in = percentiles(inproc)
+    p50_gw, p99_gw = percentiles(res.latencies_s)
+    p50_e, p99_e = percentiles(echo.latencies_s)
     out["mnist-cnn in-process p50/p99 ms"] = f"{p50_in:.3f} / {p99_in:.3f}"
     out["mnist-cnn via gateway p50/p99 ms"] = f"{p50_gw:.3f} / {p99_gw:.3f}"
     out["added by serving path p50 ms"] = round(p50_gw - p50_in, 3)
@@ -120,21 +111,21 @@ def latency(workdir: Path, args: Namespace) -> dict[str, Any]:
 
 def throughput(workdir: Path, args: Namespace) -> dict[str, Any]:
     """Trivial model, 64 keep-alive clients; gateway and worker share ONE core, clients on the other."""
-    pinned = _two_cores()
-    cpu = BENCH_CPU_GATEWAY if pinned else None
+    pinned = two_cores()
+    cpu = CPU_SERVER if pinned else None
     with LocalCluster(workdir) as lc:
         lc.start(cpu=cpu)
         lc.add_worker("echo", cpu=cpu)
         lc.wait_workers("echo", 1)
         if pinned:
-            _pin_self(BENCH_CPU_CLIENT)
+            pin_self(CPU_CLIENT)
         try:
-            req = _infer_request(lc, "echo", {"x": np.zeros((1, 16), np.float32)})
-            _load(lc, req, args.connections, seconds=1.0)
-            res = _load(lc, req, args.connections, seconds=args.seconds)
+            req = infer_request(lc, "echo", {"x": np.zeros((1, 16), np.float32)})
+            run_load(lc, req, args.connections, seconds=1.0)
+            res = run_load(lc, req, args.connections, seconds=args.seconds)
         finally:
-            _unpin_self()
-    p50, p99 = _percentiles(res.latencies_s)
+            unpin_self()
+    p50, p99 = percentiles(res.latencies_s)
     return {
         "requests/s (HTTP, 64 clients)": round(res.rps),
         "p50/p99 ms": f"{p50:.2f} / {p99:.2f}",
@@ -163,10 +154,10 @@ async def _link(workdir: Path, args: Namespace) -> dict[str, Any]:
     await gw.start()
     lc = LocalCluster(workdir, secret=secret)
     lc.worker_port = gw.worker_port
-    pinned = _two_cores()
+    pinned = two_cores()
     if pinned:
-        _pin_self(BENCH_CPU_GATEWAY)
-    lc.add_worker("echo", cpu=BENCH_CPU_GATEWAY if pinned else None, extra=["--capacity", "512"])
+        pin_self(CPU_SERVER)
+    lc.add_worker("echo", cpu=CPU_SERVER if pinned else None, extra=["--capacity", "512"])
     try:
         while not gw.models.models.get("echo"):
             await asyncio.sleep(0.02)
@@ -201,10 +192,10 @@ async def _link(workdir: Path, args: Namespace) -> dict[str, Any]:
         counts = await asyncio.gather(*(client(t0 + args.seconds, lat) for _ in range(window)))
         elapsed = time.perf_counter() - t0
     finally:
-        _unpin_self()
+        unpin_self()
         lc.stop()
         await gw.stop()
-    p50, p99 = _percentiles(lat)
+    p50, p99 = percentiles(lat)
     return {
         "requests/s (worker link, 64 in flight)": round(sum(counts) / elapsed),
         "p50/p99 ms": f"{p50:.2f} / {p99:.2f}",
@@ -229,14 +220,14 @@ def batching(workdir: Path, args: Namespace) -> dict[str, Any]:
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(model_dir / manifest.file), so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    xb = np.repeat(_mnist_input(), mb, axis=0)
-    pinned = _two_cores()
+    xb = np.repeat(mnist_input(), mb, axis=0)
+    pinned = two_cores()
     round_s = max(1.5, args.seconds / 4)
 
     def own_speed() -> tuple[float, float]:
         """Images per second of wall time and per second of this process's CPU time."""
         if pinned:
-            _pin_self(BENCH_CPU_GATEWAY)
+            pin_self(CPU_SERVER)
         t = time.perf_counter()
         c = time.process_time()
         n = 0
@@ -250,32 +241,32 @@ def batching(workdir: Path, args: Namespace) -> dict[str, Any]:
     own_cpu: list[float] = []
     cluster_cpu: list[float] = []
     with LocalCluster(workdir) as lc:
-        lc.start(cpu=BENCH_CPU_CLIENT if pinned else None)
+        lc.start(cpu=CPU_CLIENT if pinned else None)
         lc.add_worker(
-            "mnist-cnn", cpu=BENCH_CPU_GATEWAY if pinned else None, extra=["--capacity", str(4 * mb)]
+            "mnist-cnn", cpu=CPU_SERVER if pinned else None, extra=["--capacity", str(4 * mb)]
         )
         lc.wait_workers("mnist-cnn", 1)
-        req = _infer_request(lc, "mnist-cnn", {"image": _mnist_input()})
+        req = infer_request(lc, "mnist-cnn", {"image": mnist_input()})
         try:
             for _ in range(3):
                 sess.run(None, {name: xb})
             if pinned:
-                _pin_self(BENCH_CPU_CLIENT)
-            _load(lc, req, 4 * mb, seconds=1.0)
+                pin_self(CPU_CLIENT)
+            run_load(lc, req, 4 * mb, seconds=1.0)
             worker = lc.workers[0].pid
             for _ in range(4):
                 wall, cpu = own_speed()
                 own_runs.append(wall)
                 own_cpu.append(cpu)
                 if pinned:
-                    _pin_self(BENCH_CPU_CLIENT)
-                c0 = _cpu_seconds(worker)
-                res = _load(lc, req, 4 * mb, seconds=round_s)
+                    pin_self(CPU_CLIENT)
+                c0 = cpu_seconds(worker)
+                res = run_load(lc, req, 4 * mb, seconds=round_s)
                 cluster_runs.append(res.rps)
-                cluster_cpu.append(res.count / max(1e-9, _cpu_seconds(worker) - c0))
+                cluster_cpu.append(res.count / max(1e-9, cpu_seconds(worker) - c0))
             st = lc.status()
         finally:
-            _unpin_self()
+            unpin_self()
     w = st["models"][0]["workers"][0]["load"]
     own = float(np.median(own_runs))
     through = float(np.median(cluster_runs))
@@ -307,10 +298,10 @@ def transfer(workdir: Path, args: Namespace) -> dict[str, Any]:
             got = int(c.infer("checksum", {"data": data})["sum"][0])
         if got != int(data.sum(dtype=np.uint64)):
             raise RuntimeError("checksum mismatch: payload corrupted in transit")
-        req = _infer_request(lc, "checksum", {"data": data})
-        _load(lc, req, 8, total=16)
-        res = _load(lc, req, 8, seconds=args.seconds)
-    p50, p99 = _percentiles(res.latencies_s)
+        req = infer_request(lc, "checksum", {"data": data})
+        run_load(lc, req, 8, total=16)
+        res = run_load(lc, req, 8, seconds=args.seconds)
+    p50, p99 = percentiles(res.latencies_s)
     return {
         "MB/s (3 MB requests, 8 clients)": round(res.count * size / 1e6 / res.elapsed_s, 1),
         "requests/s": round(res.rps, 1),
@@ -329,10 +320,10 @@ def connections(workdir: Path, args: Namespace) -> dict[str, Any]:
         lc.start()
         lc.add_worker("echo")
         lc.wait_workers("echo", 1)
-        rss0 = _rss_kb(lc.gateway.pid)
-        req = _infer_request(lc, "echo", {"x": np.zeros((1, 4), np.float32)})
+        rss0 = rss_kb(lc.gateway.pid)
+        req = infer_request(lc, "echo", {"x": np.zeros((1, 4), np.float32)})
         result = asyncio.run(_hold_and_answer(lc.http_port, want, req))
-        rss1 = _rss_kb(lc.gateway.pid)
+        rss1 = rss_kb(lc.gateway.pid)
         status = lc.status()
     return {
         "connections held at once": result["opened"],
@@ -343,19 +334,6 @@ def connections(workdir: Path, args: Namespace) -> dict[str, Any]:
         "gateway memory growth, MB": round((rss1 - rss0) / 1024, 1),
         "gateway still serving": bool(status["models"]),
     }
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 async def _hold_and_answer(port: int, n: int, req: bytes) -> dict[str, Any]:
@@ -409,7 +387,7 @@ def startup(workdir: Path, args: Namespace) -> dict[str, Any]:
             with OipHttpClient(lc.url, lc.api_key, timeout=30) as c:
                 while True:
                     try:
-                        c.infer("mnist-cnn", {"image": _mnist_input()})
+                        c.infer("mnist-cnn", {"image": mnist_input()})
                         break
                     except Exception:  # not joined yet: 404 until its first registration
                         time.sleep(0.005)
@@ -454,250 +432,10 @@ def pipeline(workdir: Path, args: Namespace) -> dict[str, Any]:
                 digits_right += (
                     sum(a == b for a, b in zip(got, number, strict=False)) if len(got) == len(number) else 0
                 )
-    p50, p99 = _percentiles(lat)
+    p50, p99 = percentiles(lat)
     return {
         "images (2-5 digits each)": n,
         "numbers read exactly": f"{right}/{n} = {right / n:.3f}",
         "digits right (numbers of the right length)": f"{digits_right}/{digits_total} = {digits_right / digits_total:.3f}",
         "latency p50/p99 ms (one at a time)": f"{p50:.1f} / {p99:.1f}",
     }
-
-
-def reroute(workdir: Path, args: Namespace) -> dict[str, Any]:
-    """A device's cluster dies: how long until its next request is answered by another cluster, and
-    until central has dropped the dead cluster from its route table."""
-    import signal
-
-    from shoal.client import Client
-    from shoal.local import LocalCentral
-
-    out: dict[str, Any] = {}
-    central = LocalCentral(workdir / "central").start()
-    clusters: list[LocalCluster] = []
-    try:
-        for name in ("cluster-a", "cluster-b"):
-            lc = central.start_cluster(workdir / name, name)
-            lc.add_worker("echo")
-            clusters.append(lc)
-        central.add_account("device", "bench-device", "bench-password")
-        for lc in clusters:
-            lc.wait_workers("echo", 1)
-        x = {"x": np.ones((1, 4), np.float32)}
-        rerouted, dropped = [], []
-        with Client(central.url, "bench-device", "bench-password", timeout=5) as c:
-            for _ in range(3):
-                central.wait_routable({"cluster-a", "cluster-b"}, "echo")
-                first = c.infer("echo", x).cluster
-                victim = next(lc for lc in clusters if lc.name == first)
-                t = time.perf_counter()
-                victim.gateway.signal(signal.SIGKILL)
-                victim.gateway.popen.wait(5)
-                r = c.infer("echo", x)
-                rerouted.append(time.perf_counter() - t)
-                assert r.cluster != first
-                while first in central.routable("echo"):
-                    time.sleep(0.02)
-                dropped.append(time.perf_counter() - t)
-                victim.start(http_port=victim.http_port, worker_port=victim.worker_port)
-                victim.wait_workers("echo", 1)
-        out["device re-routed after its cluster died, ms (3 runs)"] = " / ".join(
-            f"{x * 1000:.1f}" for x in rerouted
-        )
-        out["central dropped the dead cluster after, s"] = " / ".join(f"{x:.2f}" for x in dropped)
-    finally:
-        for lc in clusters:
-            lc.stop()
-        central.stop()
-    return out
-
-
-def central(workdir: Path, args: Namespace) -> dict[str, Any]:
-    """Routes answered per second by one central on SQLite, and on PostgreSQL when one is reachable."""
-    from shoal.central.bench import route_benchmark
-
-    out: dict[str, Any] = {}
-    for db in ("sqlite", "postgresql"):
-        try:
-            r = route_benchmark(db, duration_s=min(args.seconds, 5.0))
-        except (OSError, RuntimeError) as e:
-            out[f"{db}"] = f"skipped: {e}"
-            continue
-        for kind in ("basic", "session"):
-            fig = r[kind]
-            out[f"{db}, {kind} credentials"] = (
-                {k: v for k, v in fig.items()} if isinstance(fig, dict) else fig
-            )
-    return out
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _metric(lc: LocalCluster, name: str) -> float | None:
-    with lc.client(5.0) as c:
-        _, _, text = c.request("GET", "/metrics")
-    for line in text.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
-def storage(workdir: Path, args: Namespace) -> dict[str, Any]:
-    """The throughput run with result storage off and on (SQLite, files in the work folder),
-    alternating twice; gateway CPU per request from /proc, and the latency at one connection."""
-    pinned = _two_cores()
-    cpu = BENCH_CPU_GATEWAY if pinned else None
-    runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-    stored = dropped = 0.0
-    for i in range(2):
-        for on in (False, True):
-            d = workdir / f"{'on' if on else 'off'}-{i}"
-            store = ["--store-results", f"sqlite:///{d / 'results.db'}", "--results-dir", str(d / "results")]
-            with LocalCluster(d, gateway_args=store if on else []) as lc:
-                lc.start(cpu=cpu)
-                lc.add_worker("echo", cpu=cpu)
-                lc.wait_workers("echo", 1)
-                assert lc.gateway is not None
-                req = _infer_request(lc, "echo", {"x": np.zeros((1, 16), np.float32)})
-                if pinned:
-                    _pin_self(BENCH_CPU_CLIENT)
-                try:
-                    _load(lc, req, args.connections, seconds=1.0)
-                    c0 = _cpu_s(lc.gateway.pid)
-                    res = _load(lc, req, args.connections, seconds=args.seconds)
-                    c1 = _cpu_s(lc.gateway.pid)
-                    one = _load(lc, req, 1, total=2200, warmup=200)
-                finally:
-                    _unpin_self()
-                if on:
-                    time.sleep(0.5)  # the last batch
-                    stored += _metric(lc, "shoal_results_stored_total") or 0.0
-                    dropped += _metric(lc, "shoal_results_dropped_total") or 0.0
-            runs[on].append(
-                {
-                    "rps": res.rps,
-                    "cpu_us": (c1 - c0) / max(1, res.count) * 1e6,
-                    "p50_1": _percentiles(one.latencies_s)[0],
-                }
-            )
-
-    def fig(on: bool, key: str, fmt: str) -> str:
-        return " / ".join(format(r[key], fmt) for r in runs[on])
-
-    off_cpu = sum(r["cpu_us"] for r in runs[False]) / 2
-    on_cpu = sum(r["cpu_us"] for r in runs[True]) / 2
-    return {
-        "requests/s, storage off (two runs)": fig(False, "rps", ".0f"),
-        "requests/s, storage on (two runs)": fig(True, "rps", ".0f"),
-        "gateway CPU us/request, off": fig(False, "cpu_us", ".1f"),
-        "gateway CPU us/request, on": fig(True, "cpu_us", ".1f"),
-        "storage CPU us/request (mean on - off)": round(on_cpu - off_cpu, 1),
-        "p50 ms at one connection, off": fig(False, "p50_1", ".3f"),
-        "p50 ms at one connection, on": fig(True, "p50_1", ".3f"),
-        "stored / dropped (storage on)": f"{stored:.0f} / {dropped:.0f}",
-        "gateway+worker pinned to one core": pinned,
-    }
-
-
-def soak(workdir: Path, args: Namespace) -> dict[str, Any]:
-    """Steady load for ``--soak-seconds`` with a worker killed and replaced every so often; the
-    gateway's and a long-lived worker's memory sampled throughout: it should stay flat."""
-    import signal
-    import threading
-
-    total_s = args.soak_seconds
-    samples: list[tuple[float, int, int]] = []
-    with LocalCluster(workdir, gateway_args=["--max-queue", "4096"]) as lc:
-        lc.start()
-        keeper = lc.add_worker("echo")
-        lc.add_worker("echo")
-        lc.wait_workers("echo", 2)
-        req = _infer_request(lc, "echo", {"x": np.zeros((1, 64), np.float32)})
-        stop = threading.Event()
-        kills = [0]
-
-        def churn() -> None:
-            # Every 10 s: SIGKILL the newest worker and start a fresh one, as a failing host would.
-            while not stop.wait(10.0):
-                victim = lc.workers[-1]
-                victim.signal(signal.SIGKILL)
-                victim.popen.wait(5)
-                lc.workers.remove(victim)
-                lc.add_worker("echo")
-                kills[0] += 1
-
-        def sample() -> None:
-            t0 = time.monotonic()
-            while not stop.wait(2.0):
-                samples.append((time.monotonic() - t0, _rss_kb(lc.gateway.pid), _rss_kb(keeper.pid)))
-
-        threads = [threading.Thread(target=churn, daemon=True), threading.Thread(target=sample, daemon=True)]
-        for t in threads:
-            t.start()
-        try:
-            res = _load(lc, req, 32, seconds=total_s)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(15)
-    warm = [s for s in samples if s[0] >= total_s * 0.2] or samples
-    gw = [s[1] for s in warm]
-    wk = [s[2] for s in warm]
-    return {
-        "seconds under load": total_s,
-        "requests (all answered 200)": res.count,
-        "workers killed and replaced": kills[0],
-        "gateway RSS MB after warm-up: first / max / last": f"{gw[0] / 1024:.1f} / {max(gw) / 1024:.1f} / {gw[-1] / 1024:.1f}",
-        "worker RSS MB after warm-up: first / max / last": f"{wk[0] / 1024:.1f} / {max(wk) / 1024:.1f} / {wk[-1] / 1024:.1f}",
-    }
-
-
-def http_stacks(workdir: Path, args: Namespace) -> dict[str, Any]:
-    """Requests/s of the same tiny endpoint on each HTTP server stack, one core each, 64 clients."""
-    import importlib.util
-    import socket
-    import subprocess
-    import sys
-
-    from shoal.bench.loadgen import LoadGenerator
-
-    out: dict[str, Any] = {}
-    pinned = _two_cores()
-    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,1],"data":[1]}]}'
-    req = http_request("/v2/models/echo/infer", body, {"Content-Type": "application/json"})
-    for stack, needs in (("raw-asgi", "uvicorn"), ("starlette", "starlette"), ("aiohttp", "aiohttp")):
-        if importlib.util.find_spec(needs) is None:
-            out[stack] = f"skipped: {needs} is not installed"
-            continue
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "shoal.bench.http_stacks", stack, str(port)]
-        if pinned:
-            cmd = ["taskset", "-c", str(BENCH_CPU_GATEWAY), *cmd]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            end = time.monotonic() + 15
-            while time.monotonic() < end:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            if pinned:
-                _pin_self(BENCH_CPU_CLIENT)
-            gen = LoadGenerator("127.0.0.1", port, lambda i: req, args.connections, duration_s=1.0)
-            asyncio.run(gen.run())
-            gen = LoadGenerator(
-                "127.0.0.1", port, lambda i: req, args.connections, duration_s=args.seconds / 2
-            )
-            res = asyncio.run(gen.run())
-            out[f"{stack}, requests/s on one core"] = round(res.rps)
-        finally:
-            _unpin_self()
-            proc.terminate()
-            proc.wait(10)
-    return out

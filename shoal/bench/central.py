@@ -3,7 +3,9 @@
 ``route_benchmark()`` starts ``shoal central`` as a child process on a fresh database, registers two
 clusters that keep reporting, warms the credential cache of a set of devices, then sends
 ``POST /v1/route`` over keep-alive connections for a fixed time (``shoal.bench.loadgen``) and returns
-the figures as a dict. Run it alone with ``python -m shoal.central.bench [--pg URL]``.
+the figures as a dict. ``source`` runs the central of another shoal source tree instead (a git
+worktree of an older commit), so that ``shoal bench central --baseline DIR`` compares two versions
+in alternating runs on the same machine. Run it alone with ``python -m shoal.bench.central``.
 """
 
 from __future__ import annotations
@@ -57,15 +59,21 @@ async def _pg_admin(url: str, sql: str) -> None:
         await conn.close()
 
 
-def _start(db: str, workdir: Path, operator_pw: str, cpu: int | None) -> tuple[subprocess.Popen, int]:
+def _start(
+    db: str, workdir: Path, operator_pw: str, cpu: int | None, source: Path | None = None
+) -> tuple[subprocess.Popen, int]:
     ports = workdir / "central.ports.json"
     cmd = [sys.executable, "-m", "shoal", "central", "--http", "127.0.0.1:0", "--db", db]
     cmd += ["--ports-file", str(ports), "--bootstrap-operator", "bench", "--log-level", "warning"]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     env = {**os.environ, "SHOAL_OPERATOR_PASSWORD": operator_pw}
+    if source is not None:  # that tree's shoal first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     log = open(workdir / "central.log", "ab")  # noqa: SIM115 (the child owns it)
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    p = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=source or None
+    )
     log.close()
     end = time.monotonic() + 60
     while not ports.exists():
@@ -117,6 +125,7 @@ def route_benchmark(
     duration_s: float = 5.0,
     connections: int = 16,
     devices: int = 16,
+    source: Path | None = None,
 ) -> dict[str, Any]:
     """Figures for one central on ``db`` ("sqlite" or "postgresql"): routes/s with Basic credentials
     (cached after the first check) and with session tokens, and their latency percentiles."""
@@ -133,7 +142,7 @@ def route_benchmark(
         else:
             raise ValueError(f"db must be 'sqlite' or 'postgresql', not {db!r}")
         op_pw = secrets.token_hex(12)
-        proc, port = _start(url, work, op_pw, cpu=0 if two_cpus else None)
+        proc, port = _start(url, work, op_pw, cpu=0 if two_cpus else None, source=source)
         stop = threading.Event()
         try:
             op = _basic("bench", op_pw)
@@ -184,6 +193,37 @@ def route_benchmark(
     }
 
 
+def central(workdir: Path, args: Any) -> dict[str, Any]:
+    """Routes answered per second by one central on SQLite, and on PostgreSQL when one is reachable;
+    with ``--baseline DIR``, against the central of that source tree in alternating runs."""
+    baseline = Path(args.baseline).resolve() if getattr(args, "baseline", None) else None
+    duration = min(args.seconds, 5.0)
+    out: dict[str, Any] = {}
+    for db in ("sqlite", "postgresql"):
+        try:
+            if baseline is None:
+                r = route_benchmark(db, duration_s=duration)
+                for kind in ("basic", "session"):
+                    out[f"{db}, {kind} credentials"] = r[kind]
+                continue
+            runs: dict[str, list[dict[str, Any]]] = {"this": [], "baseline": []}
+            for _ in range(2):  # alternating, so a change in the machine's load touches both alike
+                runs["this"].append(route_benchmark(db, duration_s=duration))
+                runs["baseline"].append(route_benchmark(db, duration_s=duration, source=baseline))
+        except (OSError, RuntimeError) as e:
+            out[db] = f"skipped: {e}"
+            continue
+        for kind in ("basic", "session"):
+            mine = [r[kind]["routes_per_s"] for r in runs["this"]]
+            base = [r[kind]["routes_per_s"] for r in runs["baseline"]]
+            out[f"{db}, {kind}: routes/s this tree (2 runs)"] = " / ".join(f"{x:.0f}" for x in mine)
+            out[f"{db}, {kind}: routes/s {baseline.name} (2 runs)"] = " / ".join(f"{x:.0f}" for x in base)
+            out[f"{db}, {kind}: ratio of the means"] = round(sum(mine) / sum(base), 3)
+            p50 = [r[kind]["p50_ms"] for r in runs["this"]], [r[kind]["p50_ms"] for r in runs["baseline"]]
+            out[f"{db}, {kind}: p50 ms this / baseline"] = f"{sum(p50[0]) / 2:.2f} / {sum(p50[1]) / 2:.2f}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Routes per second of one central on SQLite and PostgreSQL.")
     p.add_argument(
@@ -192,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-pg", action="store_true", help="SQLite only")
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--source", default=None, help="run the central of this shoal source tree")
     args = p.parse_args(argv)
-    out = [route_benchmark("sqlite", duration_s=args.duration, connections=args.connections)]
+    source = Path(args.source).resolve() if args.source else None
+    kw = {"duration_s": args.duration, "connections": args.connections, "source": source}
+    out = [route_benchmark("sqlite", **kw)]
     if not args.no_pg:
-        out.append(
-            route_benchmark("postgresql", args.pg, duration_s=args.duration, connections=args.connections)
-        )
+        out.append(route_benchmark("postgresql", args.pg, **kw))
     for r in out:
         print(json.dumps(r))
     return 0
