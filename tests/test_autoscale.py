@@ -80,6 +80,23 @@ class Load:
             t.join(60)
 
 
+def out_and_back_in(lc, workers: int, timeout: float = 30) -> list[str]:
+    """Load ``slow`` until ``workers`` of it are live and they took traffic, then keep it low until one
+    is left (the others drained); the requests that failed."""
+    busy = Load(lc, 8)
+    try:
+        _wait(lambda: lc.live_workers("slow") >= workers, timeout, "no scale-out under load")
+        busy.stop.wait(1.0)  # the new workers take traffic for a while
+    finally:
+        busy.end()
+    quiet = Load(lc, 1, pause_s=0.2)  # about a fifth of one worker
+    try:
+        _wait(lambda: _connected(lc, "slow") == 1, timeout, "no scale-in at low load")
+    finally:
+        quiet.end()
+    return busy.failed + quiet.failed
+
+
 def test_workers_follow_the_load_up_and_down_and_nothing_is_lost(cluster, model_repo, tmp_path):
     cfg = _config(tmp_path, model_repo, {"slow": {"min": 1, "max": 3, "scale_up_window_s": 0.5,
                                                   "scale_down_window_s": 2, "cooldown_s": 1}})
@@ -87,18 +104,7 @@ def test_workers_follow_the_load_up_and_down_and_nothing_is_lost(cluster, model_
     lc.wait_workers("slow", 1)
     rounds = 3
     for _ in range(rounds):
-        busy = Load(lc, 8)
-        try:
-            _wait(lambda: lc.live_workers("slow") >= 3, 30, "no scale-out under load")
-            busy.stop.wait(1.0)  # the new workers take traffic for a while
-        finally:
-            busy.end()
-        quiet = Load(lc, 1, pause_s=0.2)  # about a fifth of one worker
-        try:
-            _wait(lambda: _connected(lc, "slow") == 1, 30, "no scale-in at low load")
-        finally:
-            quiet.end()
-        assert busy.failed == [] and quiet.failed == []
+        assert out_and_back_in(lc, 3) == []
     st = lc.status()
     counts = st["autoscale"]["counts"]
     assert counts["up"] >= rounds and counts["down"] >= rounds

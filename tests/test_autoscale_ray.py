@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import yaml
-from test_autoscale import Load, _connected, _wait
+from test_autoscale import _wait, out_and_back_in
 
 from shoal.autoscale.ray_engine import LocalRayHead, import_ray, placement_problem
 from shoal.local import LocalCluster
@@ -136,18 +136,7 @@ def test_workers_run_as_actors_serve_and_scale_in_drains_them(gateway, driver):
     with lc.client() as c:
         assert c.infer("slow", {"x": np.full((1, 1), 0.25, np.float32)})["y"][0, 0] == pytest.approx(0.25)
 
-    busy = Load(lc, 8)
-    try:
-        _wait(lambda: lc.live_workers("slow") >= 2, 90, "no scale-out under load")
-        busy.stop.wait(1.0)  # the new actor takes traffic for a while
-    finally:
-        busy.end()
-    quiet = Load(lc, 1, pause_s=0.2)
-    try:
-        _wait(lambda: _connected(lc, "slow") == 1, 60, "no scale-in at low load")
-    finally:
-        quiet.end()
-    assert busy.failed == [] and quiet.failed == []
+    assert out_and_back_in(lc, 2, timeout=90) == []  # a second actor, drained again: nothing lost
     assert len(_events(lc, "up")) >= 2 and len(_events(lc, "down")) >= 1
     st = lc.status()
     gone = [d for d in st["departed_workers"] if d["model"] == "slow"]
@@ -165,11 +154,11 @@ def test_a_killed_actor_is_restarted_by_ray_and_serves_again(gateway, driver):
     os.kill(w["pid"], signal.SIGKILL)  # the actor's process, as when its node dies
     back = _wait(lambda: (x := _workers(lc).get(wid)) and x["accepting"] and x["pid"] != w["pid"] and x, 90,
                  "Ray did not restart the killed actor")
+    # Restarted by Ray, not replaced by the autoscaler while it was away.
+    assert _events(lc, "up", since=killed_at) == []
     assert driver.get(driver.get_actor(wid, namespace=NAMESPACE).where.remote(), timeout=30)["pid"] == back["pid"]
     with lc.client() as c:
         assert c.infer("slow", {"x": np.full((1, 1), 0.5, np.float32)})["y"][0, 0] == pytest.approx(0.5)
-    assert _events(lc, "up", since=killed_at) == []  # restarted by Ray, not replaced by the autoscaler
-    assert set(_workers(lc)) == {wid}
     assert lc.status()["autoscale"]["models"]["slow:1"]["start_failures"] == 0
 
 
@@ -189,12 +178,11 @@ def test_a_worker_no_node_can_host_is_reported_and_given_up(gateway, driver):
 @needs_ray
 def test_an_actor_killed_for_good_is_an_exit_and_is_replaced(gateway, driver):
     lc = gateway
-    lc.wait_workers("slow", 1, timeout=90)
+    _wait(lambda: len(ws := _workers(lc)) == 1 and next(iter(ws.values()))["accepting"], 90, "not one worker")
     wid = next(iter(_workers(lc)))
     driver.kill(driver.get_actor(wid, namespace=NAMESPACE), no_restart=True)  # as an operator might
     _wait(lambda: (ws := _workers(lc)) and wid not in ws and any(w["accepting"] for w in ws.values()), 90,
           "no new worker replaced the actor killed for good")
-    m = lc.status()["autoscale"]["models"]["slow:1"]
-    assert m["last_error"].startswith(f"worker {wid} exited with status 1")
+    assert _actor_gone(driver, wid)
     with lc.client() as c:
         assert c.infer("slow", {"x": np.full((1, 1), 0.75, np.float32)})["y"][0, 0] == pytest.approx(0.75)
