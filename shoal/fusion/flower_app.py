@@ -158,6 +158,7 @@ class PeerFusionStrategy(Strategy):
         self.log_path = Path(log_path) if log_path else None
         self.node_peer: dict[int, int] = {}
         self.rounds: list[dict[str, Any]] = []
+        self.evaluation: dict[str, Any] | None = None  # the published model on the sites' held-out rows
 
     # ------------------------------------------------------------------------------ who is there
 
@@ -400,7 +401,6 @@ def server_main(grid: Grid, context: Context) -> None:
         )
     if not cfg["export-repo"]:
         return
-    evaluation = getattr(strategy, "evaluation", None)
     template = parse_manifest(json.loads(str(cfg["template"])), "template")
     provenance = {
         "command": str(cfg["command"]),
@@ -414,7 +414,7 @@ def server_main(grid: Grid, context: Context) -> None:
             "activation": "tanh",
             "published": "mean of the sites' models",
         },
-        "metric": evaluation or {"accuracy": None, "note": "no site answered the evaluation"},
+        "metric": strategy.evaluation or {"accuracy": None, "note": "no site answered the evaluation"},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "flwr": _flwr_version(),
     }
