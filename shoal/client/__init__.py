@@ -2,6 +2,17 @@
 fail over), and ``OipHttpClient`` for talking to one gateway directly."""
 
 from shoal.client.device import AsyncClient, Client, InferError, InferResult, Route, RouteError
+from shoal.client.edge import LocalModel, encode_frame
 from shoal.client.http import OipHttpClient
 
-__all__ = ["AsyncClient", "Client", "InferError", "InferResult", "OipHttpClient", "Route", "RouteError"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "InferError",
+    "InferResult",
+    "LocalModel",
+    "OipHttpClient",
+    "Route",
+    "RouteError",
+    "encode_frame",
+]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -90,6 +90,14 @@ class Sleep:
 
 
 @dataclass(frozen=True)
+class Compute:
+    """Work for the device's own processor (a local model, encoding a frame): the driver runs ``fn``
+    (inline when blocking, in a thread under asyncio) and sends its return value back."""
+
+    fn: Callable[[], Any]
+
+
+@dataclass(frozen=True)
 class Reply:
     status: int
     headers: Mapping[str, str]  # names in lower case
@@ -97,7 +105,7 @@ class Reply:
 
 
 T = TypeVar("T")
-Flow = Generator["Call | Sleep", "Reply | None", T]
+Flow = Generator["Call | Sleep | Compute", Any, T]
 
 
 @dataclass(frozen=True)
@@ -105,9 +113,10 @@ class Finished:
     value: Any
 
 
-def resume(flow: Flow[Any], outcome: Reply | Unreachable | None) -> Call | Sleep | Finished:
+def resume(flow: Flow[Any], outcome: Any) -> Call | Sleep | Compute | Finished:
     """Hand a flow the outcome of its last step (nothing to start it or after a sleep, the reply to
-    a call, or the failure of a call, raised inside it); its next step, or ``Finished``."""
+    a call, the failure of a call, raised inside it, or what a ``Compute`` returned); its next step,
+    or ``Finished``."""
     try:
         if isinstance(outcome, Unreachable):
             return flow.throw(outcome)
@@ -127,6 +136,7 @@ class Route:
     expires_at: float
     model: str
     version: str | None
+    latency_ms: float | None = None  # the cluster's recent latency for the model, when central says it
 
 
 @dataclass
@@ -137,6 +147,14 @@ class InferResult:
     cluster: str
     latency_ms: float
     labels: dict[str, list[str]] = field(default_factory=dict)
+    # Where it was computed ("remote", "local", "split"), under which policy, what went up to the
+    # cluster (request body bytes), how long each part took (ms), and why the policy's own choice was
+    # not followed (the link down, the budget), if it was not.
+    where: str = "remote"
+    policy: str = "remote"
+    bytes_up: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    fallback: str | None = None
 
     def label(self, output: str | None = None, row: int = 0) -> str | int:
         """The top class of an output (its label when the model has labels, else its index)."""
@@ -152,7 +170,13 @@ class InferResult:
             "version": self.version,
             "cluster": self.cluster,
             "latency_ms": round(self.latency_ms, 2),
+            "where": self.where,
+            "policy": self.policy,
+            "bytes_up": self.bytes_up,
+            "timings_ms": {k: round(v, 2) for k, v in self.timings_ms.items()},
         }
+        if self.fallback:
+            d["fallback"] = self.fallback
         d["labels"] = {k: self.label(k) for k in self.outputs if k in self.labels}
         d["outputs"] = {k: v.tolist() for k, v in self.outputs.items()}
         return d
@@ -241,8 +265,15 @@ class ClientCore:
             raise RouteError(f"central: HTTP {reply.status}: {error_message(reply.data)}", reply.status)
         try:
             doc = json.loads(reply.data)
+            latency = doc.get("latency_ms")
             return Route(
-                doc["cluster"], doc["url"].rstrip("/"), doc["token"], float(doc["expires_at"]), model, version
+                doc["cluster"],
+                doc["url"].rstrip("/"),
+                doc["token"],
+                float(doc["expires_at"]),
+                model,
+                version,
+                float(latency) if isinstance(latency, (int, float)) else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             raise RouteError("central answered a route without cluster, url, token and expires_at") from None
@@ -274,14 +305,27 @@ class ClientCore:
         version: str | None = None,
     ) -> Flow[InferResult]:
         body, headers = self.infer_body(inputs, image)
+        return (yield from self.send_infer(model, body, headers, version))
+
+    def send_infer(
+        self,
+        model: str,
+        body: bytes,
+        headers: dict[str, str],
+        version: str | None = None,
+        retries: int | None = None,
+    ) -> Flow[InferResult]:
+        """Send a request body made by ``infer_body``; ``retries`` overrides the client's (0: one
+        attempt, for callers with an answer of their own to fall back on)."""
+        retries = self.retries if retries is None else retries
         path = model_path(model, version) + "/infer"
         exclude: set[str] = set()
         last = ""
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             try:
                 r = yield from self.route(model, version, exclude)
             except RouteError as e:
-                if not e.retryable or attempt >= self.retries:
+                if not e.retryable or attempt >= retries:
                     raise
                 last = str(e)
                 yield Sleep(backoff(attempt, None))
@@ -295,10 +339,13 @@ class ClientCore:
             else:
                 assert reply is not None
                 if reply.status == 200:
-                    return self._result(r, reply, t0)
+                    result = self._result(r, reply, t0)
+                    result.bytes_up = len(body)
+                    return result
                 last, wait = self._failed(r, reply, exclude, attempt)
-            yield Sleep(wait)
-        raise InferError(f"gave up after {self.retries + 1} attempts; last: {last}", 503)
+            if attempt < retries:  # no wait after the last attempt
+                yield Sleep(wait)
+        raise InferError(f"gave up after {retries + 1} attempts; last: {last}", 503)
 
     def infer_body(self, inputs: dict[str, np.ndarray] | None, image: bytes | None) -> tuple[bytes, dict[str, str]]:
         if image is not None:

@@ -11,12 +11,17 @@ keep-alive connections, and survive cluster failures and a central outage.
 
 The rules (routes, retries, fail-over) are written once, free of I/O, in ``core.py``; ``Client`` runs
 them blocking and ``AsyncClient`` in asyncio, each over one httpx connection pool.
+
+With a model of its own (``local=MODEL_DIR``, ``pip install 'shoal[edge]'``) a client decides per
+request where it runs (``policy``: local, remote, fastest, cascade, split; ``edge.py`` and
+``placement.py``), and sends raw camera frames (``frame=``) as JPEG or PNG.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +29,7 @@ import numpy as np
 from shoal.client.core import (
     Call,
     ClientCore,
+    Compute,
     Finished,
     Flow,
     InferError,
@@ -34,6 +40,7 @@ from shoal.client.core import (
     Unreachable,
     resume,
 )
+from shoal.client.edge import DEFAULT_QUALITY, Edge, LocalModel
 from shoal.client.http import asend, new_async_client, new_client, send
 
 __all__ = ["AsyncClient", "Client", "InferError", "InferResult", "Route", "RouteError"]
@@ -44,6 +51,7 @@ class _Operations:
     answers the result in ``Client`` and an awaitable of it in ``AsyncClient``)."""
 
     core: ClientCore
+    edge: Edge
     timeout: float
 
     def _run(self, flow: Flow[Any]) -> Any:
@@ -60,10 +68,20 @@ class _Operations:
         inputs: dict[str, np.ndarray] | None = None,
         image: bytes | None = None,
         version: str | None = None,
+        *,
+        frame: np.ndarray | None = None,
+        policy: str | None = None,
+        budget_ms: float | None = None,
+        frame_format: str = "jpeg",
+        quality: int = DEFAULT_QUALITY,
     ) -> Any:
-        """An ``InferResult``: tensors (``inputs``) or encoded image bytes (``image``) through the
-        least-loaded cluster serving the model, failing over as ``core.py`` says."""
-        return self._run(self.core.infer(model, inputs, image, version))
+        """An ``InferResult``: tensors (``inputs``), encoded image bytes (``image``) or a raw camera
+        frame (``frame``, sent as ``frame_format`` at ``quality``) through the least-loaded cluster
+        serving the model, failing over as ``core.py`` says; or, with a local model, where ``policy``
+        (the client's by default) places it within ``budget_ms``. The result says where it ran."""
+        return self._run(
+            self.edge.infer(model, inputs, image, frame, version, policy, budget_ms, frame_format, quality)
+        )
 
     def commands(self, wait_s: float = 25.0) -> Any:
         """Management commands an operator posted for this device (long poll: waits up to ``wait_s``
@@ -87,15 +105,22 @@ class Client(_Operations):
         retries: int = 6,
         ca_file: str | None = None,
         compress_above: int = 4096,
+        local: str | Path | LocalModel | None = None,
+        policy: str = "remote",
+        threshold: float = 0.9,
     ) -> None:
         self.core = ClientCore(central, device, password, retries, compress_above)
+        self.edge = Edge(self.core, local, policy, threshold)
         self.timeout = timeout
         self._http = new_client(timeout, ca_file)
 
     def _run(self, flow: Flow[Any]) -> Any:
         outcome: Reply | Unreachable | None = None
         while not isinstance(step := resume(flow, outcome), Finished):
-            outcome = send(self._http, step) if isinstance(step, Call) else time.sleep(step.seconds)
+            if isinstance(step, Compute):
+                outcome = step.fn()
+            else:
+                outcome = send(self._http, step) if isinstance(step, Call) else time.sleep(step.seconds)
         return step.value
 
     def close(self) -> None:
@@ -121,15 +146,22 @@ class AsyncClient(_Operations):
         retries: int = 6,
         ca_file: str | None = None,
         compress_above: int = 4096,
+        local: str | Path | LocalModel | None = None,
+        policy: str = "remote",
+        threshold: float = 0.9,
     ) -> None:
         self.core = ClientCore(central, device, password, retries, compress_above)
+        self.edge = Edge(self.core, local, policy, threshold)
         self.timeout = timeout
         self._http = new_async_client(timeout, ca_file)
 
     async def _run(self, flow: Flow[Any]) -> Any:
         outcome: Reply | Unreachable | None = None
         while not isinstance(step := resume(flow, outcome), Finished):
-            outcome = await (asend(self._http, step) if isinstance(step, Call) else asyncio.sleep(step.seconds))
+            if isinstance(step, Compute):  # the local model in a thread: other requests go on meanwhile
+                outcome = await asyncio.to_thread(step.fn)
+            else:
+                outcome = await (asend(self._http, step) if isinstance(step, Call) else asyncio.sleep(step.seconds))
         return step.value
 
     async def close(self) -> None:
