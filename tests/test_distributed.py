@@ -34,11 +34,8 @@ def shoal_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "shoal", *args]
 
 
-def test_acc(run: Path) -> float:
+def final_accuracy(run: Path) -> float:
     return json.loads((run / "history.json").read_text())["history"][-1]["test_acc"]
-
-
-test_acc.__test__ = False  # type: ignore[attr-defined]  (a helper, not a test)
 
 
 def outside_loopback(trace: str) -> list[str]:
@@ -77,7 +74,7 @@ def test_two_processes_reach_the_accuracy_of_one_and_stay_on_loopback(tmp_path: 
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "2 data-parallel workers over gloo" in r.stdout
-    one, two = test_acc(tmp_path / "one"), test_acc(tmp_path / "two")
+    one, two = final_accuracy(tmp_path / "one"), final_accuracy(tmp_path / "two")
     # The same global batches; only dropout masks and the order of float additions differ.
     assert one > 0.85 and two > 0.85 and abs(one - two) < 0.04, (one, two)
     if trace.exists():

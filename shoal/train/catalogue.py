@@ -235,7 +235,7 @@ def record(outcome: Outcome, command: str, path: Path = RESULTS) -> None:
         "data": outcome.data,
         "dataset": outcome.dataset,
         "metric": outcome.metric,
-        "value": round(outcome.value, 6),
+        "value": float(f"{outcome.value:.6g}"),  # significant digits: an error of 1e-15 is not 0
         "details": outcome.details,
         "seconds": round(outcome.seconds, 1),
         "device": outcome.device,

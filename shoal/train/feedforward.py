@@ -31,7 +31,15 @@ from shoal.train.catalogue import Outcome, Run, Trained
 from shoal.train.data import Table, array_sha256, cars, sklearn_set
 from shoal.train.loop import Tensors, fit, plot_history, settings
 from shoal.train.publish import torch_publisher
-from shoal.train.tabular import Standardise, classification_figures, f32, regression_figures, split, start
+from shoal.train.tabular import (
+    Standardise,
+    classification_figures,
+    f32,
+    predicted_against_true,
+    regression_figures,
+    split,
+    start,
+)
 
 
 @dataclass
@@ -108,12 +116,7 @@ def plot(cfg: Config, model: nn.Module, t: Table, test: np.ndarray, out: Path) -
             ax.set_title("non-linear regression")
         else:
             pred = model(f32(t.x[test])).numpy()[:, 0]
-            ax.scatter(t.y[test], pred, s=14)
-            lim = [min(t.y[test].min(), pred.min()), max(t.y[test].max(), pred.max())]
-            ax.plot(lim, lim, "k--", lw=1)
-            ax.set_xlabel("miles per gallon (true)")
-            ax.set_ylabel("predicted")
-            ax.set_title("Auto MPG: test cars, predicted against true")
+            predicted_against_true(ax, t.y[test], pred, "miles per gallon", "Auto MPG: test cars")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -29,7 +29,7 @@ from shoal.train.catalogue import Outcome, Run, Trained
 from shoal.train.data import Table, array_sha256, sklearn_set
 from shoal.train.loop import Tensors, fit, plot_history, settings
 from shoal.train.publish import torch_publisher
-from shoal.train.tabular import Standardise, f32, regression_figures, split, start
+from shoal.train.tabular import Standardise, f32, predicted_against_true, regression_figures, split, start
 
 
 @dataclass
@@ -76,12 +76,7 @@ def plot(cfg: Config, model: nn.Module, t: Table, test: np.ndarray, lines: list[
     else:
         with torch.no_grad():
             pred = model(f32(t.x[test])).reshape(-1).numpy()
-        ax.scatter(t.y[test], pred, s=12)
-        lim = [min(t.y[test].min(), pred.min()), max(t.y[test].max(), pred.max())]
-        ax.plot(lim, lim, "k--", lw=1)
-        ax.set_xlabel("disease progression (true)")
-        ax.set_ylabel("predicted")
-        ax.set_title("diabetes: test set, predicted against true")
+        predicted_against_true(ax, t.y[test], pred, "disease progression", "diabetes: test rows")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -67,3 +67,13 @@ def classification_figures(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
         "test_loss": float(F.cross_entropy(logits, y)),
         "test_accuracy": float((logits.argmax(1) == y).float().mean()),
     }
+
+
+def predicted_against_true(ax: object, true: np.ndarray, pred: np.ndarray, quantity: str, title: str) -> None:
+    """A regression's test rows on a matplotlib axis: predicted against true, and the diagonal."""
+    ax.scatter(true, pred, s=12)  # type: ignore[attr-defined]
+    lim = [min(true.min(), pred.min()), max(true.max(), pred.max())]
+    ax.plot(lim, lim, "k--", lw=1)  # type: ignore[attr-defined]
+    ax.set_xlabel(f"{quantity} (true)")  # type: ignore[attr-defined]
+    ax.set_ylabel("predicted")  # type: ignore[attr-defined]
+    ax.set_title(title)  # type: ignore[attr-defined]
