@@ -20,6 +20,8 @@ Suites (each starts its own gateway and workers as real processes and stops them
   the first-route latency of other devices meanwhile.
 * ``autoscale``  workers started and drained by load: load step to a new worker serving, requests lost
   over 20+ scale events, worker-seconds on a day-shaped trace against a static fleet, wake from zero.
+* ``edge``       the device client's placement policies (local, remote, fastest, cascade, split) on
+  emulated Wi-Fi, LTE and outage links, in network namespaces it creates (root; run only when named).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ EXAMPLE = """
 shoal bench                       # every suite, about ten minutes
 shoal bench latency throughput --json results.json
 git worktree add /tmp/before HEAD~5 && shoal bench central --baseline /tmp/before
+sudo shoal bench edge --edge-seconds 20 --edge-out docs/edge   # placement policies on emulated links
 """
 
 SUITES = (
@@ -49,7 +52,10 @@ SUITES = (
     "http-stacks",
     "login-guessing",
     "autoscale",
+    "edge",
 )
+# Suites run only when named: they need root (network namespaces) and take long.
+ON_REQUEST = ("edge",)
 # The module of each suite, by subject.
 MODULES = {
     **dict.fromkeys(
@@ -63,6 +69,7 @@ MODULES = {
     "http-stacks": "shoal.bench.http_stacks",
     "login-guessing": "shoal.bench.security",
     "autoscale": "shoal.bench.autoscale",
+    "edge": "shoal.bench.edge",
 }
 
 
@@ -83,6 +90,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="central suite: also run the central of this shoal source tree (e.g. a git worktree of an "
         "older commit), alternating with this one",
     )
+    p.add_argument("--edge-seconds", type=float, default=20.0, help="edge: seconds per policy and link profile")
+    p.add_argument("--edge-out", default=None, help="edge: folder for results.json and the plots")
+    p.add_argument(
+        "--edge-split-repo", default=None, help="edge: a repository holding the split pair (else trained here)"
+    )
+    p.add_argument("--edge-profiles", nargs="+", default=None, help="edge: link profiles to run (default: all)")
+    p.add_argument("--edge-policies", nargs="+", default=None, help="edge: policies to run (default: all)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="folder for process logs")
 
@@ -99,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"shoal bench: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-bench-"))
-    chosen = args.suites or list(SUITES)
+    chosen = args.suites or [s for s in SUITES if s not in ON_REQUEST]
     results: dict[str, object] = {
         "machine": {
             "cpus": _cpus(),

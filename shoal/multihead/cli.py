@@ -91,6 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="REPO",
         help="export each backbone's multi-head model to REPO/coloured-digits-<backbone>/",
     )
+    e.add_argument(
+        "--export-split",
+        metavar="REPO",
+        help="also export each multi-head model cut in two for split placement (docs/edge.md): "
+        "REPO/coloured-digits-<backbone>-backbone/ for devices, -heads/ for a cluster",
+    )
     e.add_argument("--version", help="version folder to export to (default: next integer)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing version folder")
 
@@ -152,8 +158,9 @@ def _run(args: argparse.Namespace, weights: dict[str, float]) -> int:
     print(
         f"wrote {', '.join(str(p) for p in [*written, out / 'samples.png'])} in {time.perf_counter() - t0:.0f} s"
     )
-    if args.export:
+    if args.export or args.export_split:
         from shoal.multihead.export import export_to_repo
+        from shoal.multihead.split import export_split
 
         train_sha = results["data"]["train"]["sha256"]
         for name, trained in models.items():
@@ -167,6 +174,10 @@ def _run(args: argparse.Namespace, weights: dict[str, float]) -> int:
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             x = compare.to_input(test.images[:256])
-            dest = export_to_repo(trained.mh, args.export, name, prov, x, args.version, args.overwrite)
-            print(f"exported {dest} (outputs digit and colour; ONNX matches PyTorch on {len(x)} test images)")
+            if args.export:
+                dest = export_to_repo(trained.mh, args.export, name, prov, x, args.version, args.overwrite)
+                print(f"exported {dest} (outputs digit and colour; ONNX matches PyTorch on {len(x)} test images)")
+            if args.export_split:
+                dev, clu = export_split(trained.mh, args.export_split, name, prov, x, args.version, args.overwrite)
+                print(f"exported {dev} (device: backbone) and {clu} (cluster: heads)")
     return 0

@@ -37,11 +37,13 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(macs or 0)
 
 
-def export_onnx(model: nn.Module, path: Path, outputs: list[str], input_shape: tuple[int, ...]) -> Path:
-    """ONNX (opset 17) with input ``image`` and one named output per head, the batch dimension variable."""
+def export_onnx(
+    model: nn.Module, path: Path, outputs: list[str], input_shape: tuple[int, ...], input_name: str = "image"
+) -> Path:
+    """ONNX (opset 17) with one input (``image``) and one named output per head, the batch dimension variable."""
     model.eval()
     dummy = torch.zeros(1, *input_shape)
-    axes = {name: {0: "batch"} for name in ["image", *outputs]}
+    axes = {name: {0: "batch"} for name in [input_name, *outputs]}
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
@@ -49,7 +51,7 @@ def export_onnx(model: nn.Module, path: Path, outputs: list[str], input_shape: t
             model,
             (dummy,),
             str(path),
-            input_names=["image"],
+            input_names=[input_name],
             output_names=outputs,
             dynamic_axes=axes,
             opset_version=OPSET,
