@@ -21,7 +21,7 @@ import msgspec
 from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
@@ -133,17 +133,20 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise HttpError(400, "bad Content-Length") from None
         if too_big:
             raise HttpError(413, f"body exceeds the {limit} byte limit")
+    # ASGI messages read here rather than through Request.stream(), an async generator per request.
     parts = []
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HttpError(413, f"body exceeds the {limit} byte limit")
-            parts.append(chunk)
-    except ClientDisconnect:
-        raise HttpError(499, "client went away") from None
-    return b"".join(parts)
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            raise HttpError(499, "client went away")
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"body exceeds the {limit} byte limit")
+        if not msg.get("more_body"):
+            return b"".join(parts) + chunk if parts else chunk
+        parts.append(chunk)
 
 
 def _decode_error(e: msgspec.MsgspecError) -> HttpError:
@@ -211,7 +214,7 @@ def _endpoint(central: Central, op: Operation) -> Callable[[Request], Awaitable[
                     op.credentials.session,
                 )
             params = convert(request.path_params, op.params, "path parameter") if op.params else {}
-            query = convert(request.query_params, op.query, "query parameter")
+            query = convert(request.query_params, op.query, "query parameter") if request.scope["query_string"] else {}
             value = decode_body(decoder, body, op.body_optional)
             answer = await op.handler(central, Call(request, who, value, params, query))
         except HttpError as e:

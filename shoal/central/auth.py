@@ -58,6 +58,9 @@ class Authenticator:
         self.verified = passwords.VerifiedCache(config.auth_cache_s)
         self._kdf_slots = asyncio.Semaphore(4)  # bound memory (16 MiB each) and CPU spent on scrypt
         self._exists: dict[tuple[str, str], float] = {}
+        # Session tokens already verified: token -> (device, expiry). A device sends the same token
+        # for an hour; checking its signature once is enough.
+        self._sessions: dict[str, tuple[str, float]] = {}
 
     async def hash(self, password: str) -> str:
         async with self._kdf_slots:
@@ -73,6 +76,7 @@ class Authenticator:
         """An account was removed: its cached credentials and sessions stop working here at once."""
         self.verified.forget_all()
         self._exists.clear()
+        self._sessions.clear()
 
     async def check(self, authorization: str | None, address: str, kind: str, session: bool = False) -> str:
         """The account name behind the ``Authorization`` header, or ``HttpError`` 401 / 429."""
@@ -124,14 +128,21 @@ class Authenticator:
                 log.warning("%d failed logins for %s; refusing its logins for %.0f s", v.failures, what, v.blocked_s)
 
     async def _session(self, token: str, kind: str) -> str:
-        try:
-            claims = verify_token(token, self.keys.session, audience=SESSION_AUDIENCE)
-        except TokenError as e:
-            self.failures += 1
-            raise HttpError(401, f"invalid session token: {e}; log in again") from None
-        sub = claims.get("sub")
-        if claims.get("kind") != kind or not isinstance(sub, str):
-            raise HttpError(401, "invalid session token: not a device session")
+        known = self._sessions.get(token)
+        if known is not None and time.time() <= known[1]:
+            sub = known[0]
+        else:
+            try:
+                claims = verify_token(token, self.keys.session, audience=SESSION_AUDIENCE)
+            except TokenError as e:
+                self.failures += 1
+                raise HttpError(401, f"invalid session token: {e}; log in again") from None
+            sub = claims.get("sub")
+            if claims.get("kind") != kind or not isinstance(sub, str):
+                raise HttpError(401, "invalid session token: not a device session")
+            if len(self._sessions) >= 100_000:
+                self._sessions.clear()
+            self._sessions[token] = (sub, float(claims["exp"]))
         await self._still_exists(kind, sub)
         return sub
 

@@ -195,11 +195,7 @@ def route_table(config: CentralConfig) -> RouteTable:
     ]
     return RouteTable(
         [
-            Operation("GET", "/", "the status page (HTML)", status_page, OPERATOR, media_type="text/html"),
-            Operation("GET", "/metrics", "Prometheus metrics (text format)", metrics, OPERATOR, media_type="text/plain"),
-            Operation("GET", "/v1/health", "liveness of this replica", health, None, answer=Health),
-            Operation("GET", "/v1/openapi.json", "this document (OpenAPI 3.1)", openapi, None),
-            Operation("POST", "/v1/login", "a device session token", login, DEVICE, answer=Session),
+            # Routes and reports first: they are most of central's traffic, and routing tries in order.
             Operation(
                 "POST",
                 "/v1/route",
@@ -219,6 +215,11 @@ def route_table(config: CentralConfig) -> RouteTable:
                 body=Report,
                 answer=ReportAnswer,
             ),
+            Operation("GET", "/", "the status page (HTML)", status_page, OPERATOR, media_type="text/html"),
+            Operation("GET", "/metrics", "Prometheus metrics (text format)", metrics, OPERATOR, media_type="text/plain"),
+            Operation("GET", "/v1/health", "liveness of this replica", health, None, answer=Health),
+            Operation("GET", "/v1/openapi.json", "this document (OpenAPI 3.1)", openapi, None),
+            Operation("POST", "/v1/login", "a device session token", login, DEVICE, answer=Session),
             Operation(
                 "GET", "/v1/clusters", "the live clusters, their models and load", clusters, OPERATOR, answer=ClusterList
             ),
