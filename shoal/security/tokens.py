@@ -16,7 +16,10 @@ import time
 import warnings
 from typing import Any
 
-import jwt
+try:
+    import jwt
+except ImportError:  # a worker needs only the login proof below, not route tokens
+    jwt = None  # type: ignore[assignment]
 
 # Clock skew tolerated between central and a cluster when checking ``exp`` and ``nbf``.
 LEEWAY_S = 5.0
@@ -24,8 +27,14 @@ MAX_TOKEN_LENGTH = 4096
 ALGORITHM = "HS256"
 # Only the signature is PyJWT's to check; the time rules are ours (they take the caller's clock).
 _SIGNATURE_ONLY = {"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False}
-# Central's keys are 32 bytes; a shorter key is one an operator chose (--token-key), for tests.
-warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
+if jwt is not None:
+    # Central's keys are 32 bytes; a shorter key is one an operator chose (--token-key), for tests.
+    warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
+
+
+def _need_jwt() -> None:
+    if jwt is None:
+        raise ModuleNotFoundError("route tokens need PyJWT: pip install 'shoal[gateway]'", name="jwt")
 
 
 class TokenError(ValueError):
@@ -33,6 +42,7 @@ class TokenError(ValueError):
 
 
 def sign_token(claims: dict[str, Any], key: bytes, ttl_s: float = 300.0, now: float | None = None) -> str:
+    _need_jwt()
     t = time.time() if now is None else now
     return jwt.encode({"iat": int(t), "exp": int(t + ttl_s), **claims}, key, algorithm=ALGORITHM)
 
@@ -41,6 +51,7 @@ def verify_token(
     token: str, key: bytes, audience: str | None = None, now: float | None = None
 ) -> dict[str, Any]:
     """Claims of a valid token; ``TokenError`` saying what is wrong otherwise."""
+    _need_jwt()
     if not token or len(token) > MAX_TOKEN_LENGTH:
         raise TokenError("malformed token")
     try:
