@@ -11,6 +11,7 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``connections`` connections one gateway holds at once, each answered.
 * ``pipeline``   the read-digits pipeline: accuracy on generated multi-digit images, latency.
 * ``reroute``    how fast a device is re-routed when its cluster dies.
+* ``client``     the device client's CPU time per request and its p50, direct and routed through central.
 * ``central``    routes answered per second by one central (SQLite, and PostgreSQL when available);
   with ``--baseline DIR``, against another source tree's central in alternating runs.
 * ``http-stacks`` the same tiny endpoint on raw ASGI, Starlette and aiohttp: why the gateway is raw ASGI.
@@ -33,7 +34,7 @@ EXAMPLE = """
 shoal bench                       # every suite, about ten minutes
 shoal bench latency throughput --json results.json
 git worktree add /tmp/before HEAD~5 && shoal bench central --baseline /tmp/before
-sudo shoal bench edge --edge-seconds 20 --edge-out docs/edge   # placement policies on emulated links
+sudo shoal bench edge --edge-out docs/edge    # placement policies on emulated links, ~6 min
 """
 
 SUITES = (
@@ -47,6 +48,7 @@ SUITES = (
     "pipeline",
     "reroute",
     "central",
+    "client",
     "storage",
     "soak",
     "http-stacks",
@@ -64,6 +66,7 @@ MODULES = {
     ),
     "reroute": "shoal.bench.system",
     "central": "shoal.bench.central",
+    "client": "shoal.bench.client",
     "storage": "shoal.bench.storage",
     "soak": "shoal.bench.soak",
     "http-stacks": "shoal.bench.http_stacks",
@@ -87,10 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--baseline",
         default=None,
         metavar="DIR",
-        help="central suite: also run the central of this shoal source tree (e.g. a git worktree of an "
-        "older commit), alternating with this one",
+        help="central and client suites: also run the central (client) of this shoal source tree (e.g. a "
+        "git worktree of an older commit), alternating with this one",
     )
-    p.add_argument("--edge-seconds", type=float, default=20.0, help="edge: seconds per policy and link profile")
+    p.add_argument("--edge-seconds", type=float, default=60.0, help="edge: seconds per link profile")
     p.add_argument("--edge-out", default=None, help="edge: folder for results.json and the plots")
     p.add_argument(
         "--edge-split-repo", default=None, help="edge: a repository holding the split pair (else trained here)"

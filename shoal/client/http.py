@@ -11,6 +11,7 @@ Proxy variables of the environment are not read: a device talks to the addresses
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 from typing import Any
 
@@ -28,23 +29,34 @@ USER_AGENT = f"shoal-client/{shoal.__version__}"
 MAX_CONNECTIONS = 100
 
 
+# httpcore writes a request's head and body in two sends; with Nagle's algorithm the body then waits
+# for the peer to acknowledge the head (measured: p50 2.4 ms against 0.9 ms for one echo request).
+_NO_DELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
 def _options(timeout: float, ca_file: str | None) -> dict[str, Any]:
     # The system's trust store, as the standard library uses (httpx would use certifi's).
     return {
         "timeout": timeout,
-        "verify": ssl.create_default_context(cafile=ca_file),
         "trust_env": False,
         "headers": {"user-agent": USER_AGENT},
-        "limits": httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
     }
 
 
+def _transport(cls: Any, ca_file: str | None) -> Any:
+    return cls(
+        verify=ssl.create_default_context(cafile=ca_file),
+        limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
+        socket_options=_NO_DELAY,
+    )
+
+
 def new_client(timeout: float = 30.0, ca_file: str | None = None) -> httpx.Client:
-    return httpx.Client(**_options(timeout, ca_file))
+    return httpx.Client(transport=_transport(httpx.HTTPTransport, ca_file), **_options(timeout, ca_file))
 
 
 def new_async_client(timeout: float = 30.0, ca_file: str | None = None) -> httpx.AsyncClient:
-    return httpx.AsyncClient(**_options(timeout, ca_file))
+    return httpx.AsyncClient(transport=_transport(httpx.AsyncHTTPTransport, ca_file), **_options(timeout, ca_file))
 
 
 def _request(call: Call) -> dict[str, Any]:
