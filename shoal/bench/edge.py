@@ -6,8 +6,10 @@ a veth pair (``shoal.bench.netns``). Per link profile the kernel's token bucket 
 each end and ``shoal.bench.relay`` adds delay, jitter and loss in front of central and the gateway;
 the outage profile takes the cluster's end of the link down for the middle third of every run.
 
-For each profile and policy the device sends camera frames (real test images drawn at
-``FRAME`` pixels, the paper's ~3 MB frames) at ``FPS`` frames per second for ``--edge-seconds``:
+Per profile the device sends camera frames (real test images drawn at ``FRAME`` pixels, the
+paper's ~3 MB frames) for ``--edge-seconds``: each policy has a client and a camera loop of its own
+(one frame every ``CYCLE_S``, staggered), all running at once on the device's core, so that all
+policies meet the same link and the same load on this shared machine at the same moments:
 
 * ``local``, ``remote``, ``fastest``, ``cascade``: MNIST; the device holds the MLP (``mnist-mlp``),
   the cluster serves the CNN (``mnist-cnn``); frames go up as JPEG;
@@ -48,7 +50,7 @@ PROFILES = (
     LinkProfile("wifi-outage", up_mbit=40, down_mbit=40, delay_ms=3, jitter_ms=1.5, loss=0.001, outage=(1 / 3, 2 / 3)),
 )
 FRAME = (1280, 720)  # 2.76 MB of RGB: the source paper's ~3 MB frames
-FPS = 10.0
+CYCLE_S = 0.5  # each policy's camera takes a frame this often (or when its last request ends)
 QUALITY = 90
 THRESHOLD = 0.99  # cascade: MLP top-class probability kept locally (the sweep in the results shows why)
 SPLIT_BACKBONE = "efficientnet-lite0"
@@ -157,11 +159,11 @@ def _stop(p: subprocess.Popen) -> None:
 
 def run_device(pair: VethPair, cfg: dict[str, Any], prof: LinkProfile, workdir: Path) -> dict[str, Any]:
     """One device run; takes the link down and up again meanwhile when the profile has an outage."""
-    path = workdir / f"{prof.name}-{cfg['policy']}.json"
+    path, log = workdir / f"{prof.name}.json", workdir / f"{prof.name}.log"
     path.write_text(json.dumps(cfg))
     proc = subprocess.Popen(
         pair.in_device([sys.executable, "-m", "shoal.bench.edge_device", str(path)], cpu=CPU_DEVICE),
-        stdout=subprocess.PIPE, stderr=open(workdir / f"{prof.name}-{cfg['policy']}.log", "ab"), text=True,  # noqa: SIM115
+        stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,  # noqa: SIM115
     )
     outage: tuple[float, float] | None = None
     try:
@@ -170,7 +172,7 @@ def run_device(pair: VethPair, cfg: dict[str, Any], prof: LinkProfile, workdir: 
         reader.start()
         reader.join(120)
         if not ready or not ready[0]:
-            raise RuntimeError(f"device did not start: {(workdir / (prof.name + '-' + cfg['policy'] + '.log')).read_text()[-800:]}")
+            raise RuntimeError(f"device did not start: {log.read_text()[-800:]}")
         if prof.outage:
             a, b = (ready[0] + f * cfg["seconds"] for f in prof.outage)
             time.sleep(max(0.0, a - time.time()))
@@ -305,6 +307,14 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ main
 
 
+def _policy_cfg(policy: str, repo: Path, split: dict[str, Any]) -> dict[str, Any]:
+    if policy == "split":
+        return {"name": policy, "policy": policy, "model": split["cluster"], "dataset": "coloured",
+                "local": str(repo / split["device"] / split["version"])}
+    return {"name": policy, "policy": policy, "model": "mnist-cnn", "dataset": "mnist",
+            "local": str(repo / "mnist-mlp" / "1"), "threshold": THRESHOLD}
+
+
 def edge(workdir: Path, args: Namespace) -> dict[str, Any]:
     reason = unavailable()
     if reason:
@@ -314,7 +324,7 @@ def edge(workdir: Path, args: Namespace) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     out = Path(getattr(args, "edge_out", None) or workdir / "results")
     out.mkdir(parents=True, exist_ok=True)
-    seconds = float(getattr(args, "edge_seconds", 20.0))
+    seconds = float(getattr(args, "edge_seconds", 60.0))
     policies = tuple(getattr(args, "edge_policies", None) or POLICIES)
     profiles = [p for p in PROFILES if p.name in (getattr(args, "edge_profiles", None) or [q.name for q in PROFILES])]
     log = print
@@ -322,7 +332,7 @@ def edge(workdir: Path, args: Namespace) -> dict[str, Any]:
     if "skipped" in split:
         policies = tuple(p for p in policies if p != "split")
     results: dict[str, Any] = {
-        "frame": list(FRAME), "fps": FPS, "seconds": seconds, "quality": QUALITY, "threshold": THRESHOLD,
+        "frame": list(FRAME), "cycle_s": CYCLE_S, "seconds": seconds, "quality": QUALITY, "threshold": THRESHOLD,
         "profiles": [asdict(p) for p in profiles], "split": split,
         "cascade_sweep": cascade_sweep(repo),
         "frame_bytes": {"mnist": frame_bytes("mnist"), **({"coloured": frame_bytes("coloured")} if "device" in split else {})},
@@ -353,30 +363,26 @@ def edge(workdir: Path, args: Namespace) -> dict[str, Any]:
             targets_ = {CENTRAL_PORT: central.http_port, GATEWAY_PORT: lc.http_port}
             for k, prof in enumerate(profiles):
                 pair.shape(prof.up_mbit, prof.down_mbit)
+                relay, stats = _spawn_relay(workdir, pair, prof, targets_, seed=k)
+                cfg = {
+                    "central": f"http://{pair.cluster_ip}:{CENTRAL_PORT}", "device": "camera",
+                    "password": password, "images": 2000, "frame": list(FRAME), "cycle_s": CYCLE_S,
+                    "seconds": seconds, "quality": QUALITY, "out": str(workdir / f"{prof.name}.rows"),
+                    "policies": [_policy_cfg(p, repo, split) for p in policies],
+                }
+                print(f"  {prof.name}: {seconds:.0f} s", flush=True)
+                try:
+                    run = run_device(pair, cfg, prof, workdir)
+                finally:
+                    _stop(relay)
                 results["runs"][prof.name] = {}
-                for j, policy in enumerate(policies):
-                    relay, stats = _spawn_relay(workdir, pair, prof, targets_, seed=100 * k + j)
-                    is_split = policy == "split"
-                    cfg = {
-                        "central": f"http://{pair.cluster_ip}:{CENTRAL_PORT}", "device": "camera",
-                        "password": password, "policy": policy, "threshold": THRESHOLD,
-                        "model": split["cluster"] if is_split else "mnist-cnn",
-                        "local": str(repo / (split["device"] if is_split else "mnist-mlp") /
-                                     (split["version"] if is_split else "1")),
-                        "dataset": "coloured" if is_split else "mnist", "images": 2000,
-                        "offset": 0, "frame": list(FRAME), "fps": FPS, "seconds": seconds,
-                        "quality": QUALITY, "out": str(workdir / f"{prof.name}-{policy}.rows"),
-                    }
-                    print(f"  {prof.name:<12} {policy:<8}", end=" ", flush=True)
-                    try:
-                        run = run_device(pair, cfg, prof, workdir)
-                    finally:
-                        _stop(relay)
-                    run["summary"] = summarise(run["rows"])
-                    if stats.exists():
-                        run["relay"] = json.loads(stats.read_text())
-                    results["runs"][prof.name][policy] = run
-                    print(json.dumps(run["summary"]), flush=True)
+                for policy in policies:
+                    rows = [r for r in run["rows"] if r["policy"] == policy]
+                    results["runs"][prof.name][policy] = {"rows": rows, "outage_s": run["outage_s"],
+                                                          "summary": summarise(rows)}
+                    print(f"    {policy:<8} {json.dumps(results['runs'][prof.name][policy]['summary'])}", flush=True)
+                if stats.exists():
+                    results["relay"] = {**results.get("relay", {}), prof.name: json.loads(stats.read_text())}
     finally:
         for s in reversed(started):
             try:
@@ -387,7 +393,9 @@ def edge(workdir: Path, args: Namespace) -> dict[str, Any]:
     results["targets"] = targets(results)
     for path in plot(results, out):
         print(f"  wrote {path}")
+    rows = {prof: {pol: run.pop("rows") for pol, run in runs.items()} for prof, runs in results["runs"].items()}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "rows.json").write_text(json.dumps(rows) + "\n")  # every request, for other plots
     flat: dict[str, Any] = {"results": str(out / "results.json")}
     for prof, runs in results["runs"].items():
         for policy, run in runs.items():

@@ -1,21 +1,24 @@
 """The device of ``shoal bench edge``: one camera sending frames of real test images through
-``shoal.client.Client`` under one placement policy, one request at a time, recording each answer.
+``shoal.client.Client``, one client and one camera loop per placement policy, recording each answer.
 
 Run by the bench inside the device's network namespace, pinned to one core:
 
     python -m shoal.bench.edge_device CONFIG.json
 
-CONFIG holds the central URL and account, the cluster's model, the local model folder, the policy and
-its settings, the data set (``mnist`` or ``coloured`` digits), the frame size, the frame rate, the
-run's length and where to write the rows (JSON lines: time since the start, latency, where it ran,
-bytes up, whether the answer was right, the fallback or error). After its warm-up requests it prints
+CONFIG holds the central URL and account, the frame size, the cycle (each policy gets one frame per
+cycle), the run's length, where to write the rows (JSON lines: policy, time since the start, latency,
+where it ran, bytes up, whether the answer was right, the fallback or error), and per policy the
+cluster's model, the local model folder, the data set (``mnist`` or ``coloured`` digits) and the
+cascade threshold. After its warm-up requests it prints
 one line ``{"ready": <unix time>}`` so the bench can time an outage against the run.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,60 +50,75 @@ def camera_frame(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def run(cfg: dict[str, Any]) -> None:
+    """Each policy has a client and a camera loop of its own (a thread: one frame per cycle), all at
+    once, so they meet the same link and the same load on this machine at the same moments, and a
+    request stuck on a dead link holds up only its own policy."""
     from shoal.client import Client
 
-    images, truth = load_set(cfg["dataset"], cfg["images"])
+    sets = {name: load_set(name, cfg["images"]) for name in {p["dataset"] for p in cfg["policies"]}}
     size = tuple(cfg["frame"])
-    client = Client(
-        cfg["central"],
-        cfg["device"],
-        cfg["password"],
-        timeout=cfg.get("timeout", 10.0),
-        local=cfg.get("local"),
-        policy=cfg["policy"],
-        threshold=cfg.get("threshold", 0.9),
-    )
-    kw = {
-        "budget_ms": cfg.get("budget_ms"),
-        "frame_format": cfg.get("frame_format", "jpeg"),
-        "quality": cfg.get("quality", 90),
+    kw = {"frame_format": "jpeg", "quality": cfg.get("quality", 90), "budget_ms": cfg.get("budget_ms")}
+    clients = {
+        p["name"]: Client(
+            cfg["central"],
+            cfg["device"],
+            cfg["password"],
+            timeout=cfg.get("timeout", 10.0),
+            local=p.get("local"),
+            policy=p["policy"],
+            threshold=p.get("threshold", 0.9),
+        )
+        for p in cfg["policies"]
     }
-    n = len(images)
-    i = cfg.get("offset", 0)
-    for _ in range(cfg.get("warmup", 5)):  # route, connections, first estimates
-        try:
-            client.infer(cfg["model"], frame=camera_frame(images[i % n], size), **kw)
-        except Exception:  # noqa: BLE001 (a warm-up failure shows in the run itself)
-            pass
-        i += 1
+    for i in range(cfg.get("warmup", 5)):  # routes, connections, first estimates
+        for p in cfg["policies"]:
+            images, _ = sets[p["dataset"]]
+            try:
+                clients[p["name"]].infer(p["model"], frame=camera_frame(images[i], size), **kw)
+            except Exception:  # noqa: BLE001 (a warm-up failure shows in the run itself)
+                pass
     print(json.dumps({"ready": time.time()}), flush=True)
-    interval = 1.0 / cfg["fps"]
-    t_start = next_at = time.perf_counter()
-    rows = []
-    while (now := time.perf_counter() - t_start) < cfg["seconds"]:
-        k = i % n
-        frame = camera_frame(images[k], size)
-        t = time.perf_counter()
-        row: dict[str, Any] = {"t": round(now, 4), "image": int(k)}
-        try:
-            r = client.infer(cfg["model"], frame=frame, **kw)
-            row.update(
-                ms=(time.perf_counter() - t) * 1000.0,
-                where=r.where,
-                bytes_up=r.bytes_up,
-                correct=all(str(r.label(o)) == v for o, v in truth[k].items()),
-                timings=r.timings_ms,
-            )
-            if r.fallback:
-                row["fallback"] = r.fallback
-        except Exception as e:  # noqa: BLE001 (a failed request is a figure of the run)
-            row.update(ms=(time.perf_counter() - t) * 1000.0, error=f"{type(e).__name__}: {e}"[:300])
-        rows.append(row)
-        i += 1
-        # The next frame of the camera's cadence; frames that came while a request ran are dropped.
-        next_at = max(next_at + interval, time.perf_counter())
-        time.sleep(max(0.0, next_at - time.perf_counter()))
-    client.close()
+    t_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+
+    def camera_loop(n: int, p: dict[str, Any]) -> None:
+        images, truth = sets[p["dataset"]]
+        # Frames at random moments (0.5 to 1.5 cycles apart), so that no policy's requests meet
+        # another's work on the core more often than the rest do.
+        rng = random.Random(n)
+        next_at = t_start + rng.uniform(0.0, cfg["cycle_s"])
+        i = cfg.get("warmup", 5)
+        while (now := time.perf_counter()) - t_start < cfg["seconds"]:
+            time.sleep(max(0.0, next_at - now))
+            k = i % len(images)
+            frame = camera_frame(images[k], size)
+            t = time.perf_counter()
+            row: dict[str, Any] = {"policy": p["name"], "t": round(t - t_start, 4), "image": int(k)}
+            try:
+                r = clients[p["name"]].infer(p["model"], frame=frame, **kw)
+                row.update(
+                    ms=(time.perf_counter() - t) * 1000.0,
+                    where=r.where,
+                    bytes_up=r.bytes_up,
+                    correct=all(str(r.label(o)) == v for o, v in truth[k].items()),
+                    timings=r.timings_ms,
+                )
+                if r.fallback:
+                    row["fallback"] = r.fallback
+            except Exception as e:  # noqa: BLE001 (a failed request is a figure of the run)
+                row.update(ms=(time.perf_counter() - t) * 1000.0, error=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+            i += 1
+            # The camera's next frame; frames that came while the request ran are dropped.
+            next_at = max(next_at + rng.uniform(0.5, 1.5) * cfg["cycle_s"], time.perf_counter())
+
+    threads = [threading.Thread(target=camera_loop, args=(n, p)) for n, p in enumerate(cfg["policies"])]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for c in clients.values():
+        c.close()
     Path(cfg["out"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
