@@ -50,9 +50,26 @@ class _Operations:
     """The device operations, written once: each runs its flow through the class's ``_run`` (which
     answers the result in ``Client`` and an awaitable of it in ``AsyncClient``)."""
 
-    core: ClientCore
-    edge: Edge
-    timeout: float
+    def __init__(
+        self,
+        central: str | list[str],
+        device: str,
+        password: str,
+        timeout: float = 10.0,
+        retries: int = 6,
+        ca_file: str | None = None,
+        compress_above: int = 4096,
+        local: str | Path | LocalModel | None = None,
+        policy: str = "remote",
+        threshold: float = 0.9,
+    ) -> None:
+        self.core = ClientCore(central, device, password, retries, compress_above)
+        self.edge = Edge(self.core, local, policy, threshold)
+        self.timeout = timeout
+        self._http = self._connect(timeout, ca_file)
+
+    def _connect(self, timeout: float, ca_file: str | None) -> Any:
+        raise NotImplementedError
 
     def _run(self, flow: Flow[Any]) -> Any:
         raise NotImplementedError
@@ -96,23 +113,7 @@ class _Operations:
 class Client(_Operations):
     """Blocking device client. One per thread."""
 
-    def __init__(
-        self,
-        central: str | list[str],
-        device: str,
-        password: str,
-        timeout: float = 10.0,
-        retries: int = 6,
-        ca_file: str | None = None,
-        compress_above: int = 4096,
-        local: str | Path | LocalModel | None = None,
-        policy: str = "remote",
-        threshold: float = 0.9,
-    ) -> None:
-        self.core = ClientCore(central, device, password, retries, compress_above)
-        self.edge = Edge(self.core, local, policy, threshold)
-        self.timeout = timeout
-        self._http = new_client(timeout, ca_file)
+    _connect = staticmethod(new_client)
 
     def _run(self, flow: Flow[Any]) -> Any:
         outcome: Reply | Unreachable | None = None
@@ -137,23 +138,7 @@ class AsyncClient(_Operations):
     """The asyncio device client: the same rules; any number of tasks may share one, their requests
     in flight at once over its connection pool."""
 
-    def __init__(
-        self,
-        central: str | list[str],
-        device: str,
-        password: str,
-        timeout: float = 10.0,
-        retries: int = 6,
-        ca_file: str | None = None,
-        compress_above: int = 4096,
-        local: str | Path | LocalModel | None = None,
-        policy: str = "remote",
-        threshold: float = 0.9,
-    ) -> None:
-        self.core = ClientCore(central, device, password, retries, compress_above)
-        self.edge = Edge(self.core, local, policy, threshold)
-        self.timeout = timeout
-        self._http = new_async_client(timeout, ca_file)
+    _connect = staticmethod(new_async_client)
 
     async def _run(self, flow: Flow[Any]) -> Any:
         outcome: Reply | Unreachable | None = None
