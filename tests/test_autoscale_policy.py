@@ -199,3 +199,15 @@ def test_a_rising_load_is_met_ahead_by_a_workers_start_up_time():
     reactive, ahead = run(0.0), run(3.0)
     assert max(ahead.queue) < 0.5 * max(reactive.queue)
     assert ahead.worker_seconds <= 1.2 * reactive.worker_seconds  # not by keeping a big fleet
+
+
+def test_one_request_to_an_idle_model_is_not_a_trend():
+    from shoal.autoscale.policy import trend
+
+    blip = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate([0.0, 0.0, 0.0, 0.5])]
+    noisy = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate([1.0, 1.4, 0.9, 1.5])]
+    ramp = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate([1.0, 1.2, 1.4, 1.6])]
+    assert trend(blip) == 0.0 and trend(noisy) == 0.0
+    assert trend(ramp) == pytest.approx(0.8)
+    d = decide(blip, POLICY, 0.75, -1e9, lead_s=3.0)
+    assert d.desired == 1  # 0.5 workers of load: one worker, whatever the lead

@@ -129,11 +129,13 @@ def _within(samples: Sequence[LoadSample], now: float, window_s: float) -> tuple
 
 
 def trend(samples: Sequence[LoadSample]) -> float:
-    """Least-squares slope of the load over the samples, in workers per second (0 for fewer than 3)."""
-    if len(samples) < 3:
+    """Least-squares slope of the load over the samples, in workers per second; 0 unless the load
+    rose steadily from a load already there (three samples or more, none falling by more than a tenth):
+    one request to an idle model is not a trend."""
+    ls = [s.load() for s in samples]
+    if len(ls) < 3 or ls[0] <= 0 or any(b < 0.9 * a for a, b in zip(ls, ls[1:], strict=False)):
         return 0.0
     ts = [s.t for s in samples]
-    ls = [s.load() for s in samples]
     mt, ml = sum(ts) / len(ts), sum(ls) / len(ls)
     var = sum((t - mt) ** 2 for t in ts)
     return sum((t - mt) * (x - ml) for t, x in zip(ts, ls, strict=True)) / var if var > 0 else 0.0
