@@ -102,7 +102,15 @@ def test_link_down_answers_locally_and_probes_now_and_then():
     d = pl.decide(req("fastest"), m, NOW + 0.5)
     assert d.run == "local" and d.fallback and "unreachable for 0.5 s" in d.fallback
     d = pl.decide(req("fastest"), m, NOW + pl.PROBE_EVERY_S)
-    assert d.run == "remote" and "probe" in d.reason and d.deadline_s is not None
+    assert d.run == "remote" and d.probe and d.deadline_s is not None
+    # the probe is a liveness check bounded by a few round trips, not the request's deadline
+    assert pl.probe_timeout_s(m) == pytest.approx(pl.PROBE_TIMEOUT_S[0])
+    assert pl.probe_timeout_s(m) < d.deadline_s
+    slow = pl.observe_failure(measured(trips=[(30_000, 150.0)] * 3), NOW)
+    # 150 ms, of which 30 ms the 30 KB at the prior bandwidth: twice the other 120 ms
+    assert pl.probe_timeout_s(slow) == pytest.approx(0.24) and pl.probe_timeout_s(Measured()) == pl.PROBE_TIMEOUT_S[1]
+    up = pl.observe_link_up(m, NOW + pl.PROBE_EVERY_S)  # the probe answered: decided again, normally
+    assert up.link_up and pl.decide(req("fastest"), up, NOW + pl.PROBE_EVERY_S).probe is False
     m = pl.observe_failure(m, NOW + pl.PROBE_EVERY_S)  # the probe failed: down since the first failure
     assert m.link_since == NOW and pl.decide(req("fastest"), m, NOW + pl.PROBE_EVERY_S + 1).run == "local"
     m = pl.observe_remote(m, 30_000, 20.0, NOW + 10)  # the next probe got through
@@ -123,6 +131,7 @@ def test_cascade_falls_back_on_a_down_link_and_on_the_budget():
     m = pl.observe_failure(measured(local_ms=4.0, trips=[(30_000, 50.0)] * 3), NOW)
     d = pl.escalate(req("cascade"), m, 0.6, 0.99, 4.0, NOW + 0.1)
     assert d.run == "local" and "unreachable" in d.fallback
+    assert pl.escalate(req("cascade"), m, 0.6, 0.99, 4.0, NOW + pl.PROBE_EVERY_S).probe
     m = measured(local_ms=4.0, trips=[(30_000, 50.0)] * 3)
     d = pl.escalate(req("cascade", budget_ms=40.0), m, 0.6, 0.99, 4.0, NOW)
     assert d.run == "local" and "budget" in d.fallback

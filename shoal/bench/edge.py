@@ -7,9 +7,11 @@ each end and ``shoal.bench.relay`` adds delay, jitter and loss in front of centr
 the outage profile takes the cluster's end of the link down for the middle third of every run.
 
 Per profile the device sends camera frames (real test images drawn at ``FRAME`` pixels, the
-paper's ~3 MB frames) for ``--edge-seconds``: each policy has a client and a camera loop of its own
-(one frame every ``CYCLE_S``, staggered), all running at once on the device's core, so that all
-policies meet the same link and the same load on this shared machine at the same moments:
+paper's ~3 MB frames) for ``--edge-seconds``. Each policy has a client of its own; ``GROUPS`` of
+policies share a camera loop that hands each frame to them in turn (one frame every ``CYCLE_S`` or
+so), the loops run at once on the device's core: so all policies meet the same link and the same load
+on this shared machine at the same moments, and those that may hang while the link is down (remote,
+split) hold up no other:
 
 * ``local``, ``remote``, ``fastest``, ``cascade``: MNIST; the device holds the MLP (``mnist-mlp``),
   the cluster serves the CNN (``mnist-cnn``); frames go up as JPEG;
@@ -50,7 +52,8 @@ PROFILES = (
     LinkProfile("wifi-outage", up_mbit=40, down_mbit=40, delay_ms=3, jitter_ms=1.5, loss=0.001, outage=(1 / 3, 2 / 3)),
 )
 FRAME = (1280, 720)  # 2.76 MB of RGB: the source paper's ~3 MB frames
-CYCLE_S = 0.5  # each policy's camera takes a frame this often (or when its last request ends)
+CYCLE_S = 0.5  # each camera loop takes a frame this often (or when its last requests end)
+GROUPS = (("local", "fastest", "cascade"), ("remote",), ("split",))
 QUALITY = 90
 THRESHOLD = 0.99  # cascade: MLP top-class probability kept locally (the sweep in the results shows why)
 SPLIT_BACKBONE = "efficientnet-lite0"
@@ -369,6 +372,7 @@ def edge(workdir: Path, args: Namespace) -> dict[str, Any]:
                     "password": password, "images": 2000, "frame": list(FRAME), "cycle_s": CYCLE_S,
                     "seconds": seconds, "quality": QUALITY, "out": str(workdir / f"{prof.name}.rows"),
                     "policies": [_policy_cfg(p, repo, split) for p in policies],
+                    "groups": [g for g in ([p for p in grp if p in policies] for grp in GROUPS) if g],
                 }
                 print(f"  {prof.name}: {seconds:.0f} s", flush=True)
                 try:

@@ -6,7 +6,7 @@ Run by the bench inside the device's network namespace, pinned to one core:
     python -m shoal.bench.edge_device CONFIG.json
 
 CONFIG holds the central URL and account, the frame size, the cycle (each policy gets one frame per
-cycle), the run's length, where to write the rows (JSON lines: policy, time since the start, latency,
+cycle), the groups of policies that share a camera loop, the run's length, where to write the rows (JSON lines: policy, time since the start, latency,
 where it ran, bytes up, whether the answer was right, the fallback or error), and per policy the
 cluster's model, the local model folder, the data set (``mnist`` or ``coloured`` digits) and the
 cascade threshold. After its warm-up requests it prints
@@ -50,9 +50,10 @@ def camera_frame(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def run(cfg: dict[str, Any]) -> None:
-    """Each policy has a client and a camera loop of its own (a thread: one frame per cycle), all at
-    once, so they meet the same link and the same load on this machine at the same moments, and a
-    request stuck on a dead link holds up only its own policy."""
+    """Each policy has a client of its own. Policies are grouped: each group is a camera loop (a
+    thread) that sends each frame to its policies in turn, all groups at once, so that all meet the
+    same link and the same load on this machine at the same moments; policies that may hang on a
+    dead link (remote, split) have groups of their own, so that they hold up no other."""
     from shoal.client import Client
 
     sets = {name: load_set(name, cfg["images"]) for name in {p["dataset"] for p in cfg["policies"]}}
@@ -81,38 +82,47 @@ def run(cfg: dict[str, Any]) -> None:
     t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
 
-    def camera_loop(n: int, p: dict[str, Any]) -> None:
+    def one(p: dict[str, Any], i: int) -> None:
         images, truth = sets[p["dataset"]]
-        # Frames at random moments (0.5 to 1.5 cycles apart), so that no policy's requests meet
-        # another's work on the core more often than the rest do.
+        k = i % len(images)
+        frame = camera_frame(images[k], size)
+        t = time.perf_counter()
+        row: dict[str, Any] = {"policy": p["name"], "t": round(t - t_start, 4), "image": int(k)}
+        try:
+            r = clients[p["name"]].infer(p["model"], frame=frame, **kw)
+            row.update(
+                ms=(time.perf_counter() - t) * 1000.0,
+                where=r.where,
+                bytes_up=r.bytes_up,
+                correct=all(str(r.label(o)) == v for o, v in truth[k].items()),
+                timings=r.timings_ms,
+            )
+            if r.fallback:
+                row["fallback"] = r.fallback
+        except Exception as e:  # noqa: BLE001 (a failed request is a figure of the run)
+            row.update(ms=(time.perf_counter() - t) * 1000.0, error=f"{type(e).__name__}: {e}"[:300])
+        rows.append(row)
+
+    def camera_loop(n: int, group: list[dict[str, Any]]) -> None:
+        """One camera: each cycle's frame goes to every policy of the group in turn (an order that
+        rotates), so they meet the same conditions; cycles start at random moments (0.5 to 1.5
+        cycles apart) so that no group meets another's work on the core more often."""
         rng = random.Random(n)
         next_at = t_start + rng.uniform(0.0, cfg["cycle_s"])
         i = cfg.get("warmup", 5)
         while (now := time.perf_counter()) - t_start < cfg["seconds"]:
             time.sleep(max(0.0, next_at - now))
-            k = i % len(images)
-            frame = camera_frame(images[k], size)
-            t = time.perf_counter()
-            row: dict[str, Any] = {"policy": p["name"], "t": round(t - t_start, 4), "image": int(k)}
-            try:
-                r = clients[p["name"]].infer(p["model"], frame=frame, **kw)
-                row.update(
-                    ms=(time.perf_counter() - t) * 1000.0,
-                    where=r.where,
-                    bytes_up=r.bytes_up,
-                    correct=all(str(r.label(o)) == v for o, v in truth[k].items()),
-                    timings=r.timings_ms,
-                )
-                if r.fallback:
-                    row["fallback"] = r.fallback
-            except Exception as e:  # noqa: BLE001 (a failed request is a figure of the run)
-                row.update(ms=(time.perf_counter() - t) * 1000.0, error=f"{type(e).__name__}: {e}"[:300])
-            rows.append(row)
+            for p in group[i % len(group) :] + group[: i % len(group)]:
+                one(p, i)
             i += 1
-            # The camera's next frame; frames that came while the request ran are dropped.
+            # The camera's next frame; frames that came while requests ran are dropped.
             next_at = max(next_at + rng.uniform(0.5, 1.5) * cfg["cycle_s"], time.perf_counter())
 
-    threads = [threading.Thread(target=camera_loop, args=(n, p)) for n, p in enumerate(cfg["policies"])]
+    by_name = {p["name"]: p for p in cfg["policies"]}
+    groups = cfg.get("groups") or [[p["name"]] for p in cfg["policies"]]
+    threads = [
+        threading.Thread(target=camera_loop, args=(n, [by_name[x] for x in g])) for n, g in enumerate(groups)
+    ]
     for th in threads:
         th.start()
     for th in threads:

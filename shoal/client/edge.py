@@ -297,6 +297,8 @@ class Edge:
             has_local=self.local is not None,
         )
         d = pl.decide(req, self.measured, self.clock())
+        if d.probe and (yield from self._probe(model, version)) is not None:
+            d = pl.decide(req, self.measured, self.clock())  # the link's state is known again
         if d.run != "local" and self.core is None:
             raise pl.PlacementError(f"policy '{policy}' needs a cluster: give the client a central URL")
         outputs: dict[str, np.ndarray] | None = None
@@ -311,7 +313,10 @@ class Edge:
             return self._finish(r, "split", policy, timings, t0)
         if d.run == "cascade":
             spent = (time.perf_counter() - t0) * 1000.0
-            d = pl.escalate(req, self.measured, self.local.confidence(outputs), self.threshold, spent, self.clock())
+            confidence = self.local.confidence(outputs)
+            d = pl.escalate(req, self.measured, confidence, self.threshold, spent, self.clock())
+            if d.probe and (yield from self._probe(model, version)) is not None:
+                d = pl.escalate(req, self.measured, confidence, self.threshold, spent, self.clock())
             if d.run == "local":
                 return self._local_result(outputs, policy, timings, t0, d.fallback)
         # The cluster, with a deadline (and the local model to fall back on) under fastest and cascade.
@@ -338,6 +343,22 @@ class Edge:
         if frame is not None:
             return pl.expected_upload(self.measured, frame.nbytes)
         return sum(np.asarray(v).nbytes for v in inputs.values())
+
+    def _probe(self, model: str, version: str | None) -> Flow[bool | None]:
+        """Is the cluster reachable again? A liveness check on the last route, bounded in time; None
+        when there is no route to check (the request itself will try)."""
+        core = self.core
+        route = None if core is None else core.routes.get((model, version)) or core.last_routes.get((model, version))
+        if route is None:
+            return None
+        try:
+            reply = yield Call("GET", route.url + "/v2/health/live", None, {}, pl.probe_timeout_s(self.measured))
+            ok = reply.status == 200
+        except Unreachable:
+            ok = False
+        now = self.clock()
+        self.measured = pl.observe_link_up(self.measured, now) if ok else pl.observe_failure(self.measured, now)
+        return ok
 
     def _run_local(
         self, inputs: Any, image: bytes | None, frame: np.ndarray | None, timings: dict[str, float]

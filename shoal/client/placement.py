@@ -22,8 +22,9 @@ of the budget once the local model's time is set aside, so a late cluster still 
 local answer.
 
 The link is ``down`` from a failed attempt (unreachable, timed out, or 502/503/504) until an attempt
-succeeds; while it is down one request every ``PROBE_EVERY_S`` tries the cluster (under its
-deadline), the others are answered locally at once.
+succeeds; while it is down one request every ``PROBE_EVERY_S`` first probes the cluster with a
+liveness check bounded by ``probe_timeout_s`` (a few round trips, not a whole request's deadline),
+and is placed again by its policy if the link is back; the others are answered locally at once.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ FIT_WINDOW = 24
 # Bandwidth assumed before two upload sizes far enough apart have been seen: 1 MB/s (8 Mbit/s, a
 # modest LTE uplink); it only shapes the estimate for sizes never sent yet.
 PRIOR_MS_PER_BYTE = 1e-3
-# While the link is down, one request in this many seconds tries the cluster.
+# While the link is down, one request in this many seconds probes the cluster, for at most
+# (min, max) seconds.
 PROBE_EVERY_S = 2.0
+PROBE_TIMEOUT_S = (0.1, 0.5)
 # A remote estimate older than this is refreshed by sending one request to the cluster, so that
 # ``fastest`` notices a link or cluster that got faster while it answered locally.
 STALE_S = 10.0
@@ -91,6 +94,7 @@ class Decision:
     remote_ms: float | None = None
     deadline_s: float | None = None  # None: the client's timeout and retries (no local fallback)
     fallback: str | None = None  # why the policy's own choice was not followed
+    probe: bool = False  # check the link (liveness) first, then decide again
 
 
 # ------------------------------------------------------------------------------------ estimates
@@ -98,6 +102,11 @@ class Decision:
 
 def _ewma(old: float | None, new: float) -> float:
     return new if old is None else old + EWMA_ALPHA * (new - old)
+
+
+def _sizes_differ(xs: list[float]) -> bool:
+    """Enough round trips of sizes far enough apart to tell the link's speed from its latency."""
+    return len(xs) >= 3 and max(xs) > 2 * min(xs) + 1024
 
 
 def fit_round_trip(samples: tuple[tuple[int, float, float], ...]) -> tuple[float, float] | None:
@@ -112,10 +121,11 @@ def fit_round_trip(samples: tuple[tuple[int, float, float], ...]) -> tuple[float
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
-    slope = PRIOR_MS_PER_BYTE
-    if n >= 3 and max(xs) > 2 * min(xs) + 1024:
+    if _sizes_differ(xs) and sxx > 0:
         sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-        slope = max(sxy / sxx, 0.0) if sxx > 0 else slope
+        slope = max(sxy / sxx, 0.0)
+    else:  # the prior, but never so steep that the sizes sent would take longer than they did
+        slope = min([PRIOR_MS_PER_BYTE] + [y / x for x, y in zip(xs, ys, strict=True) if x > 0])
     residuals = sorted(y - slope * x for x, y in zip(xs, ys, strict=True))
     mid = n // 2
     fixed = residuals[mid] if n % 2 else (residuals[mid - 1] + residuals[mid]) / 2
@@ -125,7 +135,7 @@ def fit_round_trip(samples: tuple[tuple[int, float, float], ...]) -> tuple[float
 def bandwidth_bytes_per_s(m: Measured) -> float | None:
     """The upload bandwidth the fit implies (None until sizes far enough apart were sent)."""
     fit = fit_round_trip(m.round_trips)
-    if fit is None or fit[1] <= 0 or fit[1] == PRIOR_MS_PER_BYTE:
+    if fit is None or fit[1] <= 0 or not _sizes_differ([float(b) for b, _, _ in m.round_trips]):
         return None
     return 1000.0 / fit[1]
 
@@ -171,6 +181,15 @@ def remote_deadline_s(
     return d
 
 
+def probe_timeout_s(m: Measured) -> float:
+    """How long a liveness probe of a link seen down may take: twice the fixed part of the round trip
+    (latency and the cluster's time), within PROBE_TIMEOUT_S."""
+    fit = fit_round_trip(m.round_trips)
+    if fit is None:
+        return PROBE_TIMEOUT_S[1]
+    return min(max(2 * fit[0] / 1000.0, PROBE_TIMEOUT_S[0]), PROBE_TIMEOUT_S[1])
+
+
 def link_usable(m: Measured, now: float) -> tuple[bool, bool]:
     """(may the cluster be tried now, is that try a probe of a link seen down)."""
     if m.link_up:
@@ -209,7 +228,7 @@ def decide(req: Request, m: Measured, now: float) -> Decision:
         return Decision("local", "link down", local, remote, fallback=_down(m, now))
     deadline = remote_deadline_s(m, req, remote)
     if probing:
-        return Decision("remote", "probe: is the cluster back?", local, remote, deadline)
+        return Decision("remote", "probe: is the cluster back?", local, remote, deadline, probe=True)
     if local is None:
         return Decision("remote", "local model not timed yet", None, remote, deadline)
     if remote is None:
@@ -242,7 +261,7 @@ def escalate(
         return Decision("local", "budget", m.local_ms, remote, fallback=why + ": answered locally")
     deadline = remote_deadline_s(m, req, remote, spent_ms)
     why = f"not confident ({confidence:.3f} < {threshold})" + (": probing the cluster" if probing else "")
-    return Decision("remote", why, m.local_ms, remote, deadline)
+    return Decision("remote", why, m.local_ms, remote, deadline, probe=probing)
 
 
 # ---------------------------------------------------------------------------------- observations
@@ -262,6 +281,12 @@ def observe_remote(m: Measured, upload_bytes: int, ms: float, now: float) -> Mea
     trips = (*m.round_trips, (upload_bytes, ms, now))[-FIT_WINDOW:]
     since = m.link_since if m.link_up else now
     return replace(m, round_trips=trips, link_up=True, link_since=since, last_attempt=now)
+
+
+def observe_link_up(m: Measured, now: float) -> Measured:
+    """A probe of the link answered."""
+    since = m.link_since if m.link_up else now
+    return replace(m, link_up=True, link_since=since, last_attempt=now)
 
 
 def observe_failure(m: Measured, now: float) -> Measured:
