@@ -115,7 +115,7 @@ def test_cascade_and_fastest_answer_locally_while_the_cluster_is_stopped(site):
     # prefers the cluster. Both go to the cluster while it is there.
     with Client(central.url, "cam", password, local=MLP, policy="cascade", threshold=1.0) as c, \
             Client(central.url, "cam", password, local=MLP, policy="fastest") as f:
-        f.edge.measured = pl.observe_local(pl.Measured(), 5_000.0)
+        f.edge.measured = pl.Measured(local_times=(5_000.0,) * pl.TIME_WINDOW)
         assert {r.where for r in _send(c, frames)} == {"remote"}
         assert {r.where for r in _send(f, frames)} == {"remote"}
         hp, wp = lc.http_port, lc.worker_port

@@ -160,3 +160,20 @@ def test_estimates_stay_finite_and_non_negative_for_any_round_trips():
         assert fixed >= 0 and per_byte >= 0
         assert 0 <= pl.estimate_remote_ms(m, req("fastest", rng.randint(0, 3_000_000))) < float("inf")
         assert len(m.round_trips) <= pl.FIT_WINDOW
+
+
+def test_fastest_does_not_probe_a_down_link_while_the_device_is_faster_anyway():
+    m = pl.observe_failure(measured(local_ms=10.0, trips=[(30_000, 60.0)] * 3), NOW)
+    d = pl.decide(req("fastest"), m, NOW + pl.PROBE_EVERY_S)
+    assert d.run == "local" and not d.probe and d.fallback is None
+    d = pl.decide(req("fastest"), m, NOW + pl.STALE_S)  # but now and then, to learn what changed
+    assert d.run == "remote" and d.probe
+
+
+def test_one_slow_local_run_does_not_send_requests_to_the_cluster():
+    m = measured(local_ms=10.0, trips=[(30_000, 30.0)] * 3)
+    for ms in (11.0, 9.0, 10.5, 9.5):
+        m = pl.observe_local(m, ms)
+    m = pl.observe_local(m, 400.0)  # the device was busy with something else once
+    assert pl.decide(req("fastest"), m, NOW).run == "local"
+    assert len(pl.observe_local(Measured(local_times=(1.0,) * pl.TIME_WINDOW), 2.0).local_times) == pl.TIME_WINDOW

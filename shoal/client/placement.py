@@ -35,8 +35,11 @@ from dataclasses import dataclass, replace
 POLICIES = ("local", "remote", "fastest", "cascade", "split")
 FALLBACK_POLICIES = ("fastest", "cascade")  # the ones that answer locally when the cluster cannot
 
-# Weight of a new sample in the moving averages (local time, encoding time and ratio).
+# Weight of a new sample in the moving average of the encoded size of frames.
 EWMA_ALPHA = 0.2
+# Local model and encoding times kept: their median is the estimate, so that one run slowed by the
+# rest of the device's work does not send the next requests to the cluster.
+TIME_WINDOW = 16
 # Round trips kept for the fit of time against upload size: enough to average out jitter, few enough
 # to follow a link that changes within seconds.
 FIT_WINDOW = 24
@@ -67,14 +70,22 @@ class PlacementError(ValueError):
 class Measured:
     """What the client has measured so far. Updated only through the ``observe_*`` functions."""
 
-    local_ms: float | None = None  # moving average of the local model's time (input preparation included)
-    encode_ms: float | None = None  # moving average of encoding a frame as JPEG/PNG
+    local_times: tuple[float, ...] = ()  # the local model's recent times, ms (input preparation included)
+    encode_times: tuple[float, ...] = ()  # recent times of encoding a frame as JPEG/PNG, ms
     encoded_ratio: float | None = None  # encoded bytes / raw frame bytes, moving average
     round_trips: tuple[tuple[int, float, float], ...] = ()  # (upload bytes, ms, when) of recent requests
     cluster_ms: float | None = None  # the cluster's own recent latency, from central's route answer
     link_up: bool = True
     link_since: float = 0.0  # when the link was last seen to change state
     last_attempt: float = -math.inf  # when the cluster was last tried
+
+    @property
+    def local_ms(self) -> float | None:
+        return _median(self.local_times)
+
+    @property
+    def encode_ms(self) -> float | None:
+        return _median(self.encode_times)
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,14 @@ class Decision:
 
 
 # ------------------------------------------------------------------------------------ estimates
+
+
+def _median(xs: tuple[float, ...] | list[float]) -> float | None:
+    if not xs:
+        return None
+    v = sorted(xs)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -126,9 +145,7 @@ def fit_round_trip(samples: tuple[tuple[int, float, float], ...]) -> tuple[float
         slope = max(sxy / sxx, 0.0)
     else:  # the prior, but never so steep that the sizes sent would take longer than they did
         slope = min([PRIOR_MS_PER_BYTE] + [y / x for x, y in zip(xs, ys, strict=True) if x > 0])
-    residuals = sorted(y - slope * x for x, y in zip(xs, ys, strict=True))
-    mid = n // 2
-    fixed = residuals[mid] if n % 2 else (residuals[mid - 1] + residuals[mid]) / 2
+    fixed = _median([y - slope * x for x, y in zip(xs, ys, strict=True)]) or 0.0
     return max(fixed, 0.0), slope
 
 
@@ -224,6 +241,9 @@ def decide(req: Request, m: Measured, now: float) -> Decision:
         return Decision("remote", "no local model", None)
     remote = estimate_remote_ms(m, req)
     usable, probing = link_usable(m, now)
+    if probing and remote is not None and local is not None and remote >= local and now - m.last_attempt < STALE_S:
+        # The link is down, but the cluster was slower anyway: nothing to probe for yet.
+        return Decision("local", f"local faster ({local:.1f} <= {remote:.1f} ms), link down", local, remote)
     if not usable:
         return Decision("local", "link down", local, remote, fallback=_down(m, now))
     deadline = remote_deadline_s(m, req, remote)
@@ -268,12 +288,13 @@ def escalate(
 
 
 def observe_local(m: Measured, ms: float) -> Measured:
-    return replace(m, local_ms=_ewma(m.local_ms, ms))
+    return replace(m, local_times=(*m.local_times, ms)[-TIME_WINDOW:])
 
 
 def observe_encoding(m: Measured, raw_bytes: int, encoded_bytes: int, ms: float) -> Measured:
     ratio = encoded_bytes / max(raw_bytes, 1)
-    return replace(m, encode_ms=_ewma(m.encode_ms, ms), encoded_ratio=_ewma(m.encoded_ratio, ratio))
+    times = (*m.encode_times, ms)[-TIME_WINDOW:]
+    return replace(m, encode_times=times, encoded_ratio=_ewma(m.encoded_ratio, ratio))
 
 
 def observe_remote(m: Measured, upload_bytes: int, ms: float, now: float) -> Measured:
