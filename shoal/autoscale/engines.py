@@ -15,13 +15,14 @@ the controller knows which joined worker it started.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import sys
 import tempfile
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,29 +107,82 @@ def worker_argv(req: WorkerLaunch) -> list[str]:
 @dataclass
 class LocalWorker(EngineWorker):
     worker_id: str
-    proc: asyncio.subprocess.Process
+    pid: int
     log_path: Path
-    info: dict[str, Any] = field(default_factory=dict)
+    exits: dict[int, int]  # pid -> exit status, filled as children end
+    proc: asyncio.subprocess.Process | None = None  # when started without the zygote
 
     def exit_code(self) -> int | None:
-        return self.proc.returncode
+        if self.proc is not None:
+            return self.proc.returncode
+        return self.exits.get(self.pid)
 
     def describe(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "pid": self.proc.pid, "log": str(self.log_path)}
+        return {"worker_id": self.worker_id, "pid": self.pid, "log": str(self.log_path)}
 
 
 class LocalEngine(Engine):
-    """Worker processes on this machine: ``python -m shoal worker ...``, one log file each."""
+    """Worker processes on this machine, one log file each. They are forked by a pre-started
+    interpreter that has imported what a worker needs (``zygote.py``), so a worker starts in tens
+    of milliseconds plus its model's loading; without it (it failed to start, or died), each worker
+    is a fresh ``python -m shoal worker`` process."""
 
     name = "local"
 
     def __init__(self, cfg: AutoscaleConfig) -> None:
         self.workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="shoal-workers-"))
+        self._zygote: asyncio.subprocess.Process | None = None
+        self._answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._exits: dict[int, int] = {}
+        self._reader: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # one command in flight to the zygote at a time
+
+    async def start(self) -> None:
+        try:
+            self._zygote = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "shoal.autoscale.zygote",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        except OSError as e:
+            log.warning("no pre-started worker interpreter (%s): each worker starts a fresh process", e)
+            return
+        self._reader = asyncio.create_task(self._read(), name="zygote")
+
+    async def _read(self) -> None:
+        assert self._zygote is not None and self._zygote.stdout is not None
+        while line := await self._zygote.stdout.readline():
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "exited" in msg:
+                self._exits[int(msg["exited"])] = int(msg["code"])
+            else:
+                await self._answers.put(msg)
+        log.warning("the pre-started worker interpreter ended; workers start as fresh processes")
+        self._zygote = None
 
     async def launch(self, req: WorkerLaunch) -> EngineWorker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log_path = self.workdir / f"{req.worker_id}.log"
-        env = {**os.environ, "SHOAL_CLUSTER_SECRET": req.secret.decode(), "PYTHONUNBUFFERED": "1"}
+        extra = {"SHOAL_CLUSTER_SECRET": req.secret.decode(), "PYTHONUNBUFFERED": "1"}
+        z = self._zygote
+        if z is not None and z.stdin is not None:
+            cmd = {"argv": worker_argv(req), "env": extra, "log": str(log_path)}
+            async with self._lock:
+                try:
+                    z.stdin.write((json.dumps(cmd) + "\n").encode())
+                    await z.stdin.drain()
+                    answer = await asyncio.wait_for(self._answers.get(), 10.0)
+                except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+                    answer = {"error": f"the pre-started interpreter did not answer: {e}"}
+            if "started" in answer:
+                return LocalWorker(req.worker_id, int(answer["started"]), log_path, self._exits)
+            log.warning("%s; starting a fresh process instead", answer.get("error"))
         try:
             with open(log_path, "ab") as out:
                 proc = await asyncio.create_subprocess_exec(
@@ -139,25 +193,43 @@ class LocalEngine(Engine):
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=out,
                     stderr=asyncio.subprocess.STDOUT,
-                    env=env,
+                    env={**os.environ, **extra},
                 )
         except OSError as e:
             raise EngineError(f"cannot start a worker process: {e}") from None
-        return LocalWorker(req.worker_id, proc, log_path)
+        return LocalWorker(req.worker_id, proc.pid, log_path, self._exits, proc)
 
     async def terminate(self, w: EngineWorker) -> None:
         assert isinstance(w, LocalWorker)
-        p = w.proc
-        if p.returncode is not None:
+        if w.exit_code() is not None:
             return
         try:
-            p.send_signal(signal.SIGTERM)  # it drains what it still holds (nothing, normally)
-            await asyncio.wait_for(p.wait(), 10.0)
-        except asyncio.TimeoutError:
-            p.kill()
-            await p.wait()
+            os.kill(w.pid, signal.SIGTERM)  # it drains what it still holds (nothing, normally)
+            for _ in range(200):  # 10 s
+                if w.exit_code() is not None:
+                    return
+                if w.proc is not None:
+                    try:
+                        await asyncio.wait_for(w.proc.wait(), 0.05)
+                    except asyncio.TimeoutError:
+                        pass
+                else:
+                    await asyncio.sleep(0.05)
+            os.kill(w.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    async def stop(self, workers: list[EngineWorker]) -> None:
+        await asyncio.gather(*(self.terminate(w) for w in workers))
+        z = self._zygote
+        if z is not None and z.stdin is not None:
+            z.stdin.close()
+            try:
+                await asyncio.wait_for(z.wait(), 10.0)
+            except asyncio.TimeoutError:
+                z.kill()
+        if self._reader is not None:
+            self._reader.cancel()
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "workdir": str(self.workdir)}
