@@ -198,12 +198,32 @@ def route_benchmark(
     }
 
 
+def app_cost(source: Path | None = None) -> dict[str, float]:
+    """CPU us per route of the ASGI application alone (``central_app.py``), of this tree or ``source``."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    script = Path(__file__).with_name("central_app.py")
+    r = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env, cwd=source or None
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"measuring central's application failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def central(workdir: Path, args: Any) -> dict[str, Any]:
     """Routes answered per second by one central on SQLite, and on PostgreSQL when one is reachable;
     with ``--baseline DIR``, against the central of that source tree in alternating runs."""
     baseline = Path(args.baseline).resolve() if getattr(args, "baseline", None) else None
     duration = min(args.seconds, 5.0)
     out: dict[str, Any] = {}
+    for _ in range(2):  # the application alone, alternating with the baseline's
+        for name, src in (("this tree", None), (baseline.name if baseline else "", baseline)):
+            if name:
+                for kind, us in app_cost(src).items():
+                    key = f"application alone, {kind.split('_')[0]}: CPU us/route, {name} (2 runs)"
+                    out[key] = f"{out[key]} / {us:.0f}" if key in out else f"{us:.0f}"
     for db in ("sqlite", "postgresql"):
         try:
             if baseline is None:
