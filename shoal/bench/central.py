@@ -222,7 +222,10 @@ def central(workdir: Path, args: Any) -> dict[str, Any]:
         for name, src in (("this tree", None), (baseline.name if baseline else "", baseline)):
             if name:
                 for kind, us in app_cost(src).items():
-                    key = f"application alone, {kind.split('_')[0]}: CPU us/route, {name} (2 runs)"
+                    what = f"route token {kind.split('_')[1]}: us" if kind.startswith("token") else (
+                        f"application alone, {kind.split('_')[0]}: CPU us/route"
+                    )
+                    key = f"{what}, {name} (2 runs)"
                     out[key] = f"{out[key]} / {us:.0f}" if key in out else f"{us:.0f}"
     for db in ("sqlite", "postgresql"):
         try:

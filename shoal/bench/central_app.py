@@ -1,6 +1,7 @@
 """Central's own cost per route, without the network: the ASGI application called directly (no
 sockets, no HTTP parsing), CPU time per ``POST /v1/route`` with warm Basic credentials and with a
-session token, best of five rounds. Steadier than routes/s on a machine that does other work.
+session token, best of five rounds. Steadier than routes/s on a machine that does other work. Also
+what signing and verifying one route token costs (``shoal.security.tokens``).
 
 Run as a script (``python central_app.py``) with the shoal to measure first on ``PYTHONPATH``: it
 imports only ``shoal.central.server``, so ``shoal bench central --baseline DIR`` measures an older
@@ -86,6 +87,28 @@ async def main() -> dict[str, float]:
             assert status == 200, status
         out[label] = round(best, 1)
     await central.stop()
+    out.update(token_cost())
+    return out
+
+
+def token_cost() -> dict[str, float]:
+    from shoal.security.tokens import sign_token, verify_token
+
+    key = b"k" * 32
+    claims = {"aud": "site", "sub": "cam", "model": "m"}
+    token = sign_token(claims, key, 300)
+    out = {}
+    for label, fn in (
+        ("token_sign_us", lambda: sign_token(claims, key, 300)),
+        ("token_verify_us", lambda: verify_token(token, key, audience="site")),
+    ):
+        best = float("inf")
+        for _ in range(ROUNDS):
+            t = time.process_time()
+            for _ in range(PER_ROUND):
+                fn()
+            best = min(best, (time.process_time() - t) / PER_ROUND * 1e6)
+        out[label] = round(best, 1)
     return out
 
 
