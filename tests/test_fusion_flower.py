@@ -115,7 +115,6 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Any:
         (folder / str(int(y))).mkdir(parents=True, exist_ok=True)
         (folder / str(int(y)) / f"{i}.png").write_bytes(_png(img))
     options = {"site-a": {"data": str(npz)}, "site-b": {"data": str(folder)}}
-    options["site-c"] = _stored_site_data(tmp, repo, c_img, c_y)
 
     pki, keys = tmp / "pki", tmp / "keys"
     make_ca(pki)
@@ -145,6 +144,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Any:
             env,
         )
         started.append(link)
+        options["site-c"] = _stored_site_data(tmp, repo, c_img, c_y)  # while the SuperLink starts
         wait_port("127.0.0.1", public, 60, link)
         enrolling = [
             _shoal(
