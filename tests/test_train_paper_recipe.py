@@ -30,7 +30,7 @@ def test_paper_models_see_unit_pixels_and_start_as_printed() -> None:
     b = torch.cat([m.bias.detach().flatten() for m in mlp.modules() if isinstance(m, torch.nn.Linear)])
     assert abs(float(w.std()) - 1.0) < 0.01 and abs(float(b.std()) - 1.0) < 0.1  # N(0, 1), biases too
     soft = build_model("softmax", recipe="paper")
-    assert all(float(p.abs().max()) == 0.0 for p in soft.parameters())  # zero-initialised
+    assert all(float(p.detach().abs().max()) == 0.0 for p in soft.parameters())  # zero-initialised
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
     unit = mlp[0](to_tensor(images))  # the pipeline's normalised input, back to pixels / 255
     np.testing.assert_allclose(unit.numpy()[:, 0], images / 255.0, atol=1e-6)
