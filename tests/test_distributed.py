@@ -62,32 +62,12 @@ def outside_loopback(trace: str) -> list[str]:
     return bad
 
 
-def test_two_processes_reach_the_accuracy_of_one_and_stay_on_loopback(tmp_path: Path) -> None:
-    from shoal.cli import main
-
-    one_epoch = [*QUICK, "--epochs", "1", *QUIET]
-    assert main(["train", "mnist", *one_epoch, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
-    cmd = shoal_cmd("train", "mnist", *one_epoch, "--nproc", "2", "--out", str(tmp_path / "two"))
-    trace = tmp_path / "trace.txt"
-    if shutil.which("strace"):
-        cmd = ["strace", "-f", "-qq", "-e", "trace=connect,sendto,sendmsg", "-o", str(trace), *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 data-parallel workers over gloo" in r.stdout
-    one, two = final_accuracy(tmp_path / "one"), final_accuracy(tmp_path / "two")
-    # The same global batches; only dropout masks and the order of float additions differ.
-    assert one > 0.85 and two > 0.85 and abs(one - two) < 0.04, (one, two)
-    if trace.exists():
-        text = trace.read_text()
-        assert "127.0.0.1" in text  # it did talk: to itself
-        assert outside_loopback(text) == []
-
-
-def _children(pid: int) -> list[int]:
+def _descendants(pid: int) -> list[int]:
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+    return kids + [d for k in kids for d in _descendants(k)]
 
 
 def _rank_of(pid: int) -> int | None:
@@ -102,12 +82,22 @@ def _rank_of(pid: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc (Linux)")
-def test_a_killed_worker_restarts_from_the_checkpoint_and_the_run_finishes(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    args = [*QUICK, "--train-subset", "1200", "--epochs", "2", "--batch-size", "32", "--checkpoint-every", "5"]
-    args += ["--max-restarts", "2"]
+def test_two_workers_survive_a_killed_one_and_reach_the_accuracy_of_one_process(tmp_path: Path) -> None:
+    """One launch checks three things (each launch costs two torch start-ups): a worker killed with
+    SIGKILL mid-run is restarted with its group from the last checkpoint and the run finishes; two
+    workers end at the accuracy of one process trained alike; nothing leaves loopback."""
+    from shoal.cli import main
+
+    args = [*QUICK, "--train-subset", "1200", "--epochs", "2", "--batch-size", "32", *QUIET]
+    assert main(["train", "mnist", *args, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "two"
+    cmd = shoal_cmd("train", "mnist", *args, "--checkpoint-every", "5", "--max-restarts", "2", "--nproc", "2")
+    cmd += ["--out", str(out)]
+    trace = tmp_path / "trace.txt"
+    if shutil.which("strace"):
+        cmd = ["strace", "-f", "-qq", "-e", "trace=connect,sendto,sendmsg", "-o", str(trace), *cmd]
     p = subprocess.Popen(
-        shoal_cmd("train", "mnist", *args, *QUIET, "--nproc", "2", "--out", str(out)),
+        cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -119,7 +109,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_the_run_finishes(tmp_p
         while victim is None:  # the first mid-epoch checkpoint (step 5 of 76), then worker 1
             assert p.poll() is None and time.monotonic() < deadline, p.stdout.read() if p.stdout else ""
             if ckpt.exists():
-                victim = next((c for c in _children(p.pid) if _rank_of(c) == 1), None)
+                victim = next((c for c in _descendants(p.pid) if _rank_of(c) == 1), None)
             time.sleep(0.02)
         os.kill(victim, signal.SIGKILL)
         output, _ = p.communicate(timeout=600)
@@ -127,12 +117,19 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_the_run_finishes(tmp_p
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, output
+    assert "2 data-parallel workers over gloo" in output
     m = re.search(r"resumed .* at epoch (\d+), step (\d+)", output)
     assert m, output  # the restarted group carried on from the checkpoint, not from scratch
     assert (int(m.group(1)), int(m.group(2))) != (0, 0)
     history = json.loads((out / "history.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]
-    assert history[-1]["test_acc"] > 0.85, history
+    one, two = final_accuracy(tmp_path / "one"), final_accuracy(out)
+    # The same global batches; only dropout masks and the order of float additions differ.
+    assert one > 0.85 and two > 0.85 and abs(one - two) < 0.04, (one, two)
+    if trace.exists():
+        text = trace.read_text()
+        assert "127.0.0.1" in text  # it did talk: to itself
+        assert outside_loopback(text) == []
 
 
 def test_pi_split_over_workers_adds_up() -> None:
