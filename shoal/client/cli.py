@@ -13,7 +13,7 @@ EXAMPLE = """
 SHOAL_DEVICE_PASSWORD=pw shoal infer --central http://127.0.0.1:7000 --device cam-1 --model mnist-cnn digit.png
 shoal infer --url http://127.0.0.1:8000 --token devkey --model mnist-cnn digit.png other.png
 shoal infer --local models/mnist-mlp/1 digit.png                       # on this device only
-SHOAL_DEVICE_PASSWORD=pw shoal infer --central http://127.0.0.1:7000 --device cam-1 --model mnist-cnn \
+SHOAL_DEVICE_PASSWORD=pw shoal infer --central http://127.0.0.1:7000 --device cam-1 --model mnist-cnn \\
     --local models/mnist-mlp/1 --policy cascade --threshold 0.99 --frame-format jpeg frame.npy
 """
 POLICIES = ("local", "remote", "fastest", "cascade", "split")
