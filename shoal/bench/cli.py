@@ -34,7 +34,7 @@ EXAMPLE = """
 shoal bench                       # every suite, about ten minutes
 shoal bench latency throughput --json results.json
 git worktree add /tmp/before HEAD~5 && shoal bench central --baseline /tmp/before
-sudo shoal bench edge --edge-out docs/edge    # placement policies on emulated links, ~6 min
+sudo shoal bench edge --edge-out runs/edge     # placement policies on emulated links, ~6 min
 """
 
 SUITES = (
