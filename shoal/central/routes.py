@@ -105,7 +105,10 @@ async def route(c: Central, call: Call) -> Route:
     if req.version is not None:
         claims["version"] = req.version  # the token then opens that version only
     token = sign_token(claims, c.keys.route(name), ttl, now=wall)
-    return Route(name, choice.cluster.address, token, int(wall + ttl), req.model, choice.entry.version)
+    return Route(
+        name, choice.cluster.address, token, int(wall + ttl), req.model, choice.entry.version,
+        choice.entry.latency_ms,
+    )
 
 
 async def get_commands(c: Central, call: Call) -> CommandList:

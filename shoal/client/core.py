@@ -273,7 +273,7 @@ class ClientCore:
                 float(doc["expires_at"]),
                 model,
                 version,
-                float(latency) if isinstance(latency, (int, float)) else None,
+                float(latency) if isinstance(latency, (int, float)) and latency > 0 else None,  # 0: not known
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             raise RouteError("central answered a route without cluster, url, token and expires_at") from None

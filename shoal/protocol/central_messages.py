@@ -123,6 +123,9 @@ class Route(msgspec.Struct, frozen=True):
     expires_at: Annotated[int, msgspec.Meta(description="unix seconds")]
     model: str
     version: str
+    latency_ms: Annotated[
+        float, msgspec.Meta(description="the cluster's recent compute latency for the model (its last report)")
+    ] = 0.0
 
 
 class Session(msgspec.Struct, frozen=True):
