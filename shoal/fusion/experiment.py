@@ -284,10 +284,21 @@ def reading_label(run: dict[str, Any]) -> str:
     return label + (f", edges {run['hypercube_edges']}" if run["topology"] == "hypercube" else "")
 
 
-def markdown_grid(result: dict[str, Any], epochs: Sequence[int] = ()) -> str:
-    """Final error in % (95% interval) with a row per topology and reading, a column per interval.
+def tail_mean(run: dict[str, Any], tail: int) -> tuple[float, float, float]:
+    """Mean error over the last ``tail`` epochs per seed, then over seeds with a 95% interval.
 
-    ``epochs`` adds, per interval, the mean error after those epochs (how fast it falls).
+    Steadier than the last epoch alone when the state right after a round varies from round to round.
+    """
+    per_seed = [float(np.mean(c[-tail:])) for c in run["curves_per_seed"]]
+    return mean_ci(per_seed)
+
+
+def markdown_grid(result: dict[str, Any], epochs: Sequence[int] = (), tail: int = 5) -> str:
+    """Errors in % with a row per topology and reading, columns per interval.
+
+    Per interval: the mean error after each of ``epochs`` (how fast it falls), the mean over the last
+    ``tail`` epochs (per seed, then over seeds, with a 95% interval), and the same epochs measured
+    right before their last round (how far the peers drift between rounds).
     """
     intervals = result["config"]["intervals"]
     rows: dict[str, dict[str, dict[str, Any]]] = {}
@@ -296,10 +307,11 @@ def markdown_grid(result: dict[str, Any], epochs: Sequence[int] = ()) -> str:
             r["every"] if r["topology"] not in (ALL_DATA, SINGLE_SHARD) else "*"
         ] = r
     last = result["config"]["epochs"]
+    span = f"epochs {last - tail + 1}-{last}" if tail > 1 else f"epoch {last}"
     head = ["run"]
     for iv in intervals:
         head += [f"every {iv}: epoch {e}" for e in epochs]
-        head += [f"every {iv}: epoch {last}", f"every {iv}: epoch {last}, before its last round"]
+        head += [f"every {iv}: {span}", f"every {iv}: {span}, before the round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, by in rows.items():
         cells = [name]
@@ -309,9 +321,9 @@ def markdown_grid(result: dict[str, Any], epochs: Sequence[int] = ()) -> str:
                 cells += [""] * (len(epochs) + 2)
                 continue
             cells += [f"{100 * r['curve_mean'][e]:.1f}" for e in epochs]
-            lo, hi = r["final_ci95"]
-            cells.append(f"{100 * r['final_error']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
-            before = (r.get("curve_before") or [None])[-1]
-            cells.append("" if before is None else f"{100 * before:.1f}")
+            m, lo, hi = tail_mean(r, tail)
+            cells.append(f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            before = [v for v in (r.get("curve_before") or [])[-tail:] if v is not None]
+            cells.append(f"{100 * float(np.mean(before)):.1f}" if before else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ def _pyplot() -> Any:
 def _band(ax: Any, run: dict[str, Any], colour: str | None, alpha: float) -> None:
     """A run's 95% band over seeds, in percent."""
     epochs = range(len(run["curve_mean"]))
-    lo = [100 * v for v in run["curve_lo"]]
+    lo = [max(100 * v, 0.5) for v in run["curve_lo"]]  # a band below 0 has no place on a log scale
     hi = [100 * v for v in run["curve_hi"]]
     ax.fill_between(epochs, lo, hi, color=colour, alpha=alpha, lw=0)
 
