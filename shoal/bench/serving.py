@@ -90,7 +90,8 @@ def latency(workdir: Path, args: Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with LocalCluster(workdir) as lc:
         lc.start()
-        lc.add_worker("mnist-cnn", extra=["--batch-delay-ms", "0"])
+        # Batching on, as served (max batch 32, a 3 ms window): an idle model must not wait it out.
+        lc.add_worker("mnist-cnn", extra=["--max-batch-size", "32", "--batch-delay-ms", "3"])
         lc.add_worker("echo")
         lc.wait_workers("mnist-cnn", 1)
         lc.wait_workers("echo", 1)
