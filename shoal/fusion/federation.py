@@ -199,10 +199,8 @@ def run_superlink(args: argparse.Namespace) -> int:
     certs = Path(args.certs)
     for f in ("ca.pem", f"{args.name}.pem", f"{args.name}.key"):
         if not (certs / f).is_file():
-            print(
-                f"shoal federation superlink: {certs / f} missing; make it with 'shoal certs --out {certs} --name {args.name} --host ...'",
-                file=sys.stderr,
-            )
+            fix = f"shoal certs --out {certs} --name {args.name} --host ..."
+            print(f"shoal federation superlink: {certs / f} missing; make it with '{fix}'", file=sys.stderr)
             return 2
     host, port = split_address(args.private)
     link = subprocess.Popen(
@@ -235,18 +233,24 @@ def run_superlink(args: argparse.Namespace) -> int:
 SITE_OPTIONS = ("site", "data", "test_data", "holdout", "results_dir", "labels", "model")
 
 
+def _absolute(value: str) -> str:
+    """A source or file path as the SuperNode will see it, whatever its working directory."""
+    if value.startswith("results:sqlite:///"):
+        return "results:sqlite:///" + str(Path(value.removeprefix("results:sqlite:///")).resolve())
+    if value.startswith(("paper:", "results:")):
+        return value
+    return str(Path(value).resolve())
+
+
 def site_node_config(args: argparse.Namespace) -> str:
+    """The site's settings as Flower's ``--node-config`` (the ClientApp reads them there)."""
     parts = []
     for key in SITE_OPTIONS:
         value = getattr(args, key, None)
         if value is None or value == "":
             continue
-        if key in ("data", "test_data", "results_dir", "labels") and not str(value).startswith(
-            ("paper:", "results:")
-        ):
-            value = str(Path(value).resolve())
-        if key == "data" and str(value).startswith("results:sqlite:///"):
-            value = "results:sqlite:///" + str(Path(str(value).removeprefix("results:sqlite:///")).resolve())
+        if key in ("data", "test_data", "results_dir", "labels"):
+            value = _absolute(str(value))
         parts.append(f"{key.replace('_', '-')}={json.dumps(value)}")
     return " ".join(parts)
 
