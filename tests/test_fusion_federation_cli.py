@@ -1,0 +1,52 @@
+"""``shoal federation``: keys, the Flower app it submits, and clear errors for bad input (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shoal.cli import main
+from shoal.fusion.federation import make_site_keys, write_app
+
+tomli = pytest.importorskip("tomli", reason="comes with Flower (scripts/flower-requirements.txt)")
+
+
+def test_site_keys_private_stays_private(tmp_path: Path) -> None:
+    priv, pub = make_site_keys(tmp_path, "hospital-a")
+    assert priv.stat().st_mode & 0o777 == 0o600
+    assert pub.read_text().startswith("ecdsa-sha2-nistp384 ") and pub.read_text().rstrip().endswith(
+        "hospital-a"
+    )
+    assert b"OPENSSH PRIVATE KEY" in priv.read_bytes()
+
+
+def test_the_app_names_shoals_server_and_client(tmp_path: Path) -> None:
+    app = write_app(tmp_path / "app", {"sites": "a b", "rounds": 3})
+    doc = tomli.loads((app / "pyproject.toml").read_text())
+    flwr = doc["tool"]["flwr"]["app"]
+    assert flwr["components"] == {
+        "serverapp": "shoal.fusion.flower_app:server_app",
+        "clientapp": "shoal.fusion.flower_app:client_app",
+    }
+    assert flwr["config"] == {"sites": "a b", "rounds": 3} and doc["project"]["dependencies"] == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["site", "--superlink", "127.0.0.1:1", "--data", "/no/such/folder"], "does not exist"),
+        (["superlink", "--certs", "/no/such/pki"], "missing; make it with 'shoal certs"),
+        (["run", "--sites", "a", "--template", "/no/such/model/1"], "not a model version folder"),
+        (
+            ["run", "--sites", "a", "--template", "paper:wisconsin", "--fuse-every", "often"],
+            "bad fusion interval",
+        ),
+    ],
+)
+def test_bad_input_is_refused_with_the_reason(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["federation", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing was written
