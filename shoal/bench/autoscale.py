@@ -7,8 +7,9 @@ model would) through a gateway whose autoscaler starts and drains workers with t
   a worker that did not exist at the step (median of three steps);
 * cycles: high and low load in turn until at least 20 scale events: requests lost, and p99 latency of
   requests answered within two seconds of a scale event against the others of the same run;
-* day: the day-shaped trace (shoal.autoscale.traces) once autoscaled and once on a static fleet sized
-  for the autoscaled run's peak: worker-seconds and p99 of each;
+* day: the day-shaped trace (shoal.autoscale.traces) compressed into a minute, devices pausing 5 ms
+  between images, once autoscaled (scale-down window and cool-down scaled with the day) and once on
+  a static fleet sized for the autoscaled run's peak: worker-seconds and p99 of each;
 * wake: a model at zero workers, woken by one request, three times: that request's latency;
 * ray: the step and the wake again with the ray engine (workers as actors of a Ray head started on
   loopback for the run), where Ray is installed.
@@ -33,6 +34,7 @@ from shoal.local import LocalCluster
 
 MODEL = "mnist-cnn"
 POLL_S = 0.1
+THINK_S = 0.005  # the day's devices pause between images, as the elastic demo's do
 
 
 @dataclass
@@ -49,8 +51,11 @@ class Answers:
         return round(float(np.percentile(lat, 99)) * 1000, 1) if lat else float("nan")
 
 
-async def _client(port: int, req: bytes, active, answers: Answers, stop: asyncio.Event, i: int) -> None:
-    """One keep-alive device that sends whenever ``active(i)`` says so."""
+async def _client(
+    port: int, req: bytes, active, answers: Answers, stop: asyncio.Event, i: int, think_s: float = 0.0
+) -> None:
+    """One keep-alive device that sends whenever ``active(i)`` says so, pausing ``think_s`` after each
+    answer (a camera's time between frames; 0: at once, the most load one connection can offer)."""
     reader = writer = None
     while not stop.is_set():
         if not active(i):
@@ -68,16 +73,20 @@ async def _client(port: int, req: bytes, active, answers: Answers, stop: asyncio
                 n = int(line.split(b":")[1])
         await reader.readexactly(n)
         answers.rows.append((time.time(), time.perf_counter() - t, status))
+        if think_s:
+            await asyncio.sleep(think_s)
     if writer is not None:
         writer.close()
 
 
-def _drive(port: int, req: bytes, clients: int, active, seconds: float, on_tick=None) -> Answers:
+def _drive(
+    port: int, req: bytes, clients: int, active, seconds: float, on_tick=None, think_s: float = 0.0
+) -> Answers:
     answers = Answers()
 
     async def main() -> None:
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(_client(port, req, active, answers, stop, i)) for i in range(clients)]
+        tasks = [asyncio.create_task(_client(port, req, active, answers, stop, i, think_s)) for i in range(clients)]
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             await asyncio.sleep(POLL_S)
@@ -194,7 +203,9 @@ def cycles(workdir: Path, high: int = 16, min_events: int = 20, period_s: float 
         lc.stop()
 
 
-def _one_day(workdir: Path, policy: dict[str, Any], day_s: float, peak: int) -> tuple[Answers, list[tuple[float, int]]]:
+def _one_day(
+    workdir: Path, policy: dict[str, Any], day_s: float, peak: int, think_s: float
+) -> tuple[Answers, list[tuple[float, int]]]:
     """The day-shaped trace against one gateway: the answers, and (time, connected workers) samples."""
     lc = _gateway(workdir, {MODEL: policy})
     try:
@@ -209,18 +220,22 @@ def _one_day(workdir: Path, policy: dict[str, Any], day_s: float, peak: int) -> 
             lambda i: i < round(peak * day_shape((time.monotonic() - t0) / day_s)),
             day_s,
             lambda: live.append((time.monotonic(), len(_workers(lc)))),
+            think_s,
         )
         return answers, live
     finally:
         lc.stop()
 
 
-def day(workdir: Path, day_s: float = 60.0, peak: int = 16) -> dict[str, Any]:
+def day(workdir: Path, day_s: float = 60.0, peak: int = 16, think_s: float = THINK_S) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fleet = 0
     for kind in ("autoscaled", "static"):
-        policy = _policy() if kind == "autoscaled" else _policy(min=fleet, max=fleet)
-        answers, live = _one_day(workdir / kind, policy, day_s, peak)
+        # The windows scale with the compressed day, as the demo's do: 1 s of a 60 s day is 24 minutes
+        # of a real one (Kubernetes' HPA waits 5 minutes before it scales down).
+        windows = {"scale_down_window_s": day_s / 60, "cooldown_s": day_s / 60}
+        policy = _policy(**windows) if kind == "autoscaled" else _policy(min=fleet, max=fleet)
+        answers, live = _one_day(workdir / kind, policy, day_s, peak, think_s)
         # Connected workers integrated over the day.
         out[f"{kind}_worker_seconds"] = round(sum(n * (t1 - t) for (t, n), (t1, _) in zip(live, live[1:], strict=False)), 1)
         out[f"{kind}_p99_ms"] = answers.p99_ms()
