@@ -16,7 +16,7 @@ shoal fuse --dataset mnist --split one-class --fuse-every 10steps 1epoch --updat
 shoal fuse --dataset vowel --split random --sweep rate --epochs 200 --out runs/fuse-vowel-rate
 shoal fuse --dataset vowel --split random --sweep every --everys 1 2 5 10 20 50 100 --out runs/fuse-vowel-every
 shoal fuse --dataset vowel --split random --bench-engines 3    # speed-up of the batched engine over a loop
-# peers on separate machines (Flower, TLS, enrolled sites): shoal fuse-site --help"""
+# peers on separate machines (Flower, TLS, enrolled sites): shoal federation --help"""
 
 RATE_SWEEP = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 EVERY_SWEEP = [1, 2, 5, 10, 20, 50, 100]
