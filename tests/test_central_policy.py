@@ -48,6 +48,8 @@ def test_version_is_matched_exactly_and_the_newest_is_preferred_without_one():
     assert pick([a, b]) == ("b", "10")  # 10 is newer than 9, even though b is busier
     assert pick([a, b], version="11") is None
     assert sorted(["10", "9", "beta", "2"], key=version_key) == ["beta", "2", "9", "10"]
+    # Digits int() refuses are names, not numbers ("²".isdigit() is true).
+    assert sorted(["10", "²", "9"], key=version_key) == ["²", "9", "10"]
 
 
 def test_exclude_skips_clusters_the_device_failed_on():

@@ -246,6 +246,19 @@ def test_a_model_nobody_serves_is_a_404_naming_it(central):
     assert code == 404 and "excluding t4-site" in answer["error"]
 
 
+def test_an_odd_version_name_is_listed_and_routed_like_any_name(central):
+    # "²" passes str.isdigit() but not int(): once reported, it broke the cluster list for everyone.
+    dev = central.account("device", "t4b-cam")
+    cl = central.account("cluster", "t4b-site")
+    central.report(cl, [model("t4b-model", version="²"), model("t4b-model", version="3")])
+    code, answer = central.call("GET", "/v1/clusters")
+    assert code == 200 and any(c["name"] == "t4b-site" for c in answer["clusters"])
+    code, answer = central.call("POST", "/v1/route", {"model": "t4b-model", "version": "²"}, auth=dev)
+    assert code == 200 and answer["version"] == "²"
+    code, answer = central.call("POST", "/v1/route", {"model": "t4b-model"}, auth=dev)
+    assert code == 200 and answer["version"] == "3"  # a number is newer than a name
+
+
 def test_malformed_json_to_every_v1_route_is_a_400_and_changes_nothing(central):
     dev = central.account("device", "t5-cam")
     cl = central.account("cluster", "t5-site")

@@ -18,6 +18,7 @@ from shoal.client.core import (
     RouteError,
     Sleep,
     Unreachable,
+    backoff,
     resume,
 )
 from shoal.protocol.oip import encode_infer_response
@@ -138,6 +139,12 @@ def test_503_waits_as_the_cluster_says_and_goes_elsewhere():
     assert s.run(c.infer("m", X)).cluster == "b"
     # The first attempt waits the minimum; later ones honour Retry-After.
     assert s.sleeps == [0.05, 1.0]
+
+
+@pytest.mark.parametrize("header", ["²", "nan", "inf", "-3", "1e999", "Wed, 21 Oct 2026 07:28:00 GMT", "", None])
+def test_a_retry_after_that_is_not_seconds_counts_as_none(header):
+    assert backoff(1, header) == 0.1  # the doubling alone, no exception
+    assert backoff(1, "1.5") == 1.5 and backoff(0, "1.5") == 0.05 and backoff(3, "60") == 2.0
 
 
 def test_401_asks_for_a_fresh_route_at_once():

@@ -195,10 +195,19 @@ def model_path(model: str, version: str | None) -> str:
     return p + (f"/versions/{quote(version, safe='')}" if version else "")
 
 
+def _seconds(header: str | None) -> float:
+    """A ``Retry-After`` of seconds; anything else (an HTTP date, "²", "nan", junk) counts as none."""
+    try:
+        s = float(header) if header and header.isascii() else 0.0
+    except ValueError:
+        return 0.0
+    return s if 0.0 <= s < float("inf") else 0.0
+
+
 def backoff(attempt: int, retry_after: str | None) -> float:
     """Seconds before attempt ``attempt + 1``: doubling from 50 ms to 2 s, or the server's hint."""
-    hint = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else 0.0
-    return min(2.0, max(hint if attempt else 0.0, 0.05 * (2**attempt)))
+    hint = _seconds(retry_after) if attempt else 0.0
+    return min(2.0, max(hint, 0.05 * (2**attempt)))
 
 
 class ClientCore:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shoal.modelrepo.versions import is_number
+
 HELP = "Cooperative learning across sites on Flower: SuperLink, enrolled SuperNodes, runs, published models."
 EXAMPLE = """# on the SuperLink machine
 shoal certs --out pki --name superlink --host fusion.example.org --host 127.0.0.1
@@ -70,7 +72,7 @@ def flower_bin(name: str) -> str:
 
 def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not is_number(port):
         raise ValueError(f"{address!r}: expected host:port")
     return host.strip("[]"), int(port)
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from shoal.fusion.datasets import Dataset
 from shoal.modelrepo.manifest import ImageSpec, Manifest
+from shoal.modelrepo.versions import is_number
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -43,7 +44,7 @@ def class_index(label: Any, classes: list[str], where: str) -> int:
     text = str(label).strip()
     if text in classes:
         return classes.index(text)
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(classes):
+    if is_number(text) and int(text) < len(classes):
         return int(text)
     raise SourceError(f"{where}: label {text!r} is not one of the model's classes {classes}")
 

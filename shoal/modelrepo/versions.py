@@ -11,8 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def is_number(v: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also says yes to "²" and other digits ``int`` refuses."""
+    return v.isascii() and v.isdigit()
+
+
 def version_key(v: str) -> tuple[int, int, str]:
-    return (1, int(v), "") if v.isdigit() else (0, 0, v)
+    return (1, int(v), "") if is_number(v) else (0, 0, v)
 
 
 def newest_version(versions: Iterable[str]) -> str | None:

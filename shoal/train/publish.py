@@ -24,6 +24,7 @@ import numpy as np
 
 import shoal  # noqa: F401  (sets ORT_DISABLE_TELEMETRY before onnxruntime is imported)
 from shoal.modelrepo import ImageSpec, Manifest, ManifestError, TensorSpec, list_versions, write_manifest
+from shoal.modelrepo.versions import is_number
 
 OPSET = 17
 MODEL_FILE = "model.onnx"
@@ -32,7 +33,7 @@ PARITY_ATOL = 1e-3
 
 
 def next_version(repo: str | Path, name: str) -> str:
-    numeric = [int(v) for v in list_versions(repo, name) if v.isdigit()]
+    numeric = [int(v) for v in list_versions(repo, name) if is_number(v)]
     return str(max(numeric, default=0) + 1)
 
 
