@@ -65,11 +65,13 @@ SWEEP = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 # ------------------------------------------------------------------------------------- models
 
 
-def _models(workdir: Path, split_repo: str | None, log) -> tuple[Path, dict[str, Any]]:
-    """A repository with the MNIST pair and the split pair (trained here unless given)."""
+def _models(workdir: Path, split_repo: str | None, log, want_split: bool = True) -> tuple[Path, dict[str, Any]]:
+    """A repository with the MNIST pair and the split pair (trained here unless given or not wanted)."""
     repo = workdir / "repo"
     for m in ("mnist-cnn", "mnist-mlp"):
         shutil.copytree(bundled_repo() / m, repo / m, dirs_exist_ok=True)
+    if not want_split:
+        return repo, {"skipped": "the split policy was not asked for"}
     split: dict[str, Any] = {}
     from shoal.multihead.split import split_names
 
@@ -346,7 +348,7 @@ def edge(workdir: Path, args: Namespace) -> dict[str, Any]:
     policies = tuple(getattr(args, "edge_policies", None) or POLICIES)
     profiles = [p for p in PROFILES if p.name in (getattr(args, "edge_profiles", None) or [q.name for q in PROFILES])]
     log = print
-    repo, split = _models(workdir, getattr(args, "edge_split_repo", None), log)
+    repo, split = _models(workdir, getattr(args, "edge_split_repo", None), log, "split" in policies)
     if "skipped" in split:
         policies = tuple(p for p in policies if p != "split")
     results: dict[str, Any] = {
