@@ -201,13 +201,31 @@ def test_a_rising_load_is_met_ahead_by_a_workers_start_up_time():
     assert ahead.worker_seconds <= 1.2 * reactive.worker_seconds  # not by keeping a big fleet
 
 
+def test_a_flat_load_that_wobbles_is_not_projected_and_does_not_flap():
+    """One device at night: its load sits at half a worker and creeps up and down between samples.
+    With the start-up lead on, the projection must not add a second worker that the next scale-down
+    removes again."""
+    from shoal.autoscale.policy import trend
+
+    policy = ScalePolicy(min_workers=1, max_workers=4, target_utilisation=0.5, scale_up_window_s=0.5,
+                         scale_down_window_s=1.0, cooldown_s=1.0)
+    wobble = [0.40, 0.42, 0.45, 0.47, 0.50, 0.44, 0.46, 0.48, 0.50, 0.43, 0.45, 0.47, 0.49, 0.50] * 4
+    samples = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate(wobble)]
+    for k in range(8, len(samples)):
+        window = samples[: k + 1]
+        assert trend(window[-8:]) == 0.0
+        assert decide(window, policy, window[-1].t, -1e9, lead_s=0.8).desired == 1, k
+
+
 def test_one_request_to_an_idle_model_is_not_a_trend():
     from shoal.autoscale.policy import trend
 
     blip = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate([0.0, 0.0, 0.0, 0.5])]
-    noisy = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate([1.0, 1.4, 0.9, 1.5])]
-    ramp = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate([1.0, 1.2, 1.4, 1.6])]
+    noisy = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate([1.0, 1.4, 0.9, 1.5, 1.6])]
+    ramp = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate([1.0, 1.2, 1.4, 1.6, 1.8])]
     assert trend(blip) == 0.0 and trend(noisy) == 0.0
     assert trend(ramp) == pytest.approx(0.8)
+    creep = [LoadSample(t=0.25 * i, busy=b, ready=1) for i, b in enumerate([1.0, 1.05, 1.1, 1.15, 1.2])]
+    assert trend(creep) == 0.0  # a fifth of a worker: within what a flat load wobbles
     d = decide(blip, POLICY, 0.75, -1e9, lead_s=3.0)
     assert d.desired == 1  # 0.5 workers of load: one worker, whatever the lead

@@ -22,10 +22,14 @@ The wanted number is ``ceil(load / target_utilisation)``. It takes effect:
   below the current one), no sooner than ``cooldown_s`` after the last scale event, by at most
   ``max_step``. Up fast, down slowly: load that flaps around a threshold settles on the higher count.
 
-A rising load is met ahead of time: the trend of the load over the last ``max(1, lead)`` seconds
+A rising load is met ahead of time: the trend of the load over the last ``max(2, 2 * lead)`` seconds
 (a least-squares slope) is projected ``lead`` seconds ahead, the time a worker takes to start, and
-the scale-up asks for what the projection wants. Falling load is never projected: scaling in waits
-for the load itself.
+the scale-up asks for what the projection wants. Only a steady rise counts as a trend: from a load
+already there, three samples or more, none falling by more than a tenth, and a quarter of a worker or
+more from the first to the last. A flat load wobbles
+(one device's requests come and go between samples), and projecting its wobbles made a model flap
+between one and two workers all night. Falling load is never projected: scaling in waits for the
+load itself.
 
 Workers still starting count as present, so a worker that never becomes ready does not make the
 policy ask for more and more (the controller gives it up after ``start_timeout_s`` and tries again
@@ -128,12 +132,24 @@ def _within(samples: Sequence[LoadSample], now: float, window_s: float) -> tuple
     return inside, covered
 
 
+TREND_SAMPLES = 3  # a trend needs at least this many samples with load...
+TREND_RISE = 0.25  # ...and to rise by this many workers from the first to the last
+
+
 def trend(samples: Sequence[LoadSample]) -> float:
     """Least-squares slope of the load over the samples, in workers per second; 0 unless the load
-    rose steadily from a load already there (three samples or more, none falling by more than a tenth):
-    one request to an idle model is not a trend."""
+    rose steadily from a load already there (``TREND_SAMPLES`` samples or more, none falling by more
+    than a tenth, ``TREND_RISE`` workers or more from the first to the last): one request to an idle
+    model is not a trend, nor is a flat load that wobbles."""
     ls = [s.load() for s in samples]
-    if len(ls) < 3 or ls[0] <= 0 or any(b < 0.9 * a for a, b in zip(ls, ls[1:], strict=False)):
+    while ls and ls[0] <= 0:  # the rise starts where the load does
+        ls.pop(0)
+    samples = samples[len(samples) - len(ls) :]
+    if (
+        len(ls) < TREND_SAMPLES
+        or ls[-1] - ls[0] < TREND_RISE
+        or any(b < 0.9 * a for a, b in zip(ls, ls[1:], strict=False))
+    ):
         return 0.0
     ts = [s.t for s in samples]
     mt, ml = sum(ts) / len(ts), sum(ls) / len(ls)
@@ -170,7 +186,7 @@ def decide(
     up_to = min(wanted(s, p.target_utilisation) for s in up_window)
     ahead = ""
     if lead_s > 0:
-        recent, _ = _within(samples, now, max(1.0, lead_s))
+        recent, _ = _within(samples, now, max(2.0, 2 * lead_s))
         slope = trend(recent)
         if slope > 0:
             projected = math.ceil((load + slope * lead_s) / p.target_utilisation - 1e-9)
