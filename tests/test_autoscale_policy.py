@@ -217,6 +217,19 @@ def test_a_flat_load_that_wobbles_is_not_projected_and_does_not_flap():
         assert decide(window, policy, window[-1].t, -1e9, lead_s=0.8).desired == 1, k
 
 
+def test_one_device_whose_request_is_in_flight_at_a_sample_is_not_a_trend():
+    """One device at night, one request at a time: a sample that finds it in flight reads half a
+    worker of slots, the next may not. The arriving work is flat; no projected second worker."""
+    policy = ScalePolicy(min_workers=1, max_workers=4, target_utilisation=0.5, scale_up_window_s=0.5,
+                         scale_down_window_s=1.0, cooldown_s=1.0)
+    in_flight = [0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1]
+    samples = [LoadSample(t=0.25 * i, arrivals_per_s=100.0, service_s=0.0005, cpu=0.2 + 0.002 * i,
+                          in_flight=f, ready=1, worker_capacity=2) for i, f in enumerate(in_flight)]
+    for k in range(4, len(samples)):
+        window = samples[: k + 1]
+        assert decide(window, policy, window[-1].t, -1e9, lead_s=0.8).desired == 1, k
+
+
 def test_one_request_to_an_idle_model_is_not_a_trend():
     from shoal.autoscale.policy import trend
 

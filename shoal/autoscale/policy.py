@@ -22,14 +22,14 @@ The wanted number is ``ceil(load / target_utilisation)``. It takes effect:
   below the current one), no sooner than ``cooldown_s`` after the last scale event, by at most
   ``max_step``. Up fast, down slowly: load that flaps around a threshold settles on the higher count.
 
-A rising load is met ahead of time: the trend of the load over the last ``max(2, 2 * lead)`` seconds
-(a least-squares slope) is projected ``lead`` seconds ahead, the time a worker takes to start, and
-the scale-up asks for what the projection wants. Only a steady rise counts as a trend: from a load
-already there, three samples or more, none falling by more than a tenth, and a quarter of a worker or
-more from the first to the last. A flat load wobbles
-(one device's requests come and go between samples), and projecting its wobbles made a model flap
-between one and two workers all night. Falling load is never projected: scaling in waits for the
-load itself.
+A rising load is met ahead of time: the trend of the model time arriving over the last
+``max(2, 2 * lead)`` seconds (a least-squares slope) is projected ``lead`` seconds ahead, the time a
+worker takes to start, and the scale-up asks for what the projection wants. Only a steady rise counts
+as a trend: from a load already there, three samples or more, none falling by more than a tenth, and a
+quarter of a worker or more from the first to the last. The trend follows the arriving work, not the
+request slots in use: with one device, slots read 0 or half a worker depending on whether a request
+is in flight at the sample, and projecting that jump made a model flap between one and two workers
+all night. Falling load is never projected: scaling in waits for the load itself.
 
 Workers still starting count as present, so a worker that never becomes ready does not make the
 policy ask for more and more (the controller gives it up after ``start_timeout_s`` and tries again
@@ -104,11 +104,14 @@ class LoadSample:
     def present(self) -> int:
         return self.ready + self.starting
 
+    def model_time(self) -> float:
+        """The work arriving, in workers: requests per second times the model time of one."""
+        return self.arrivals_per_s * self.service_s if self.service_s > 0 else self.busy
+
     def load(self) -> float:
         """The load in workers (see the module's docstring)."""
         slots = (self.in_flight + self.queue) / max(1, self.worker_capacity)
-        model_time = self.arrivals_per_s * self.service_s if self.service_s > 0 else self.busy
-        return max(model_time, slots, self.cpu)
+        return max(self.model_time(), slots, self.cpu)
 
     def idle(self) -> bool:
         return self.arrivals_per_s == 0 and self.queue == 0 and self.in_flight == 0
@@ -137,11 +140,11 @@ TREND_RISE = 0.25  # ...and to rise by this many workers from the first to the l
 
 
 def trend(samples: Sequence[LoadSample]) -> float:
-    """Least-squares slope of the load over the samples, in workers per second; 0 unless the load
-    rose steadily from a load already there (``TREND_SAMPLES`` samples or more, none falling by more
+    """Least-squares slope of the model time arriving over the samples, in workers per second; 0
+    unless it rose steadily from a load already there (``TREND_SAMPLES`` samples or more, none falling by more
     than a tenth, ``TREND_RISE`` workers or more from the first to the last): one request to an idle
     model is not a trend, nor is a flat load that wobbles."""
-    ls = [s.load() for s in samples]
+    ls = [s.model_time() for s in samples]
     while ls and ls[0] <= 0:  # the rise starts where the load does
         ls.pop(0)
     samples = samples[len(samples) - len(ls) :]
