@@ -205,16 +205,10 @@ class LocalEngine(Engine):
             return
         try:
             os.kill(w.pid, signal.SIGTERM)  # it drains what it still holds (nothing, normally)
-            for _ in range(200):  # 10 s
+            for _ in range(200):  # 10 s; the event loop's child watcher (or the zygote) records the exit
                 if w.exit_code() is not None:
                     return
-                if w.proc is not None:
-                    try:
-                        await asyncio.wait_for(w.proc.wait(), 0.05)
-                    except asyncio.TimeoutError:
-                        pass
-                else:
-                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)
             os.kill(w.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from shoal.client.http import asend, new_async_client, new_client, send
 __all__ = ["AsyncClient", "Client", "InferError", "InferResult", "Route", "RouteError"]
 
 
-class _Operations:
+class _Operations(ABC):
     """The device operations, written once: each runs its flow through the class's ``_run`` (which
     answers the result in ``Client`` and an awaitable of it in ``AsyncClient``)."""
 
@@ -68,11 +69,13 @@ class _Operations:
         self.timeout = timeout
         self._http = self._connect(timeout, ca_file)
 
+    @abstractmethod
     def _connect(self, timeout: float, ca_file: str | None) -> Any:
-        raise NotImplementedError
+        """The HTTP client the subclass runs its flows on (blocking or asyncio)."""
 
+    @abstractmethod
     def _run(self, flow: Flow[Any]) -> Any:
-        raise NotImplementedError
+        """Carry out ``flow``'s calls: the result (blocking), or an awaitable of it (asyncio)."""
 
     def route(self, model: str, version: str | None = None, exclude: set[str] | None = None) -> Any:
         """A ``Route`` for the model: cached, else from central (each replica in turn), else, while
