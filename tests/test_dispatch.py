@@ -11,7 +11,7 @@ from shoal.gateway.pool import ModelSpec, ModelTable, Pending, RequestFailed
 
 
 class FakeWorker:
-    """A worker as the dispatcher sees it: it records the frames it is given."""
+    """A worker as the dispatcher sees it: it records the requests it is given."""
 
     def __init__(self, wid: str, capacity: int = 2) -> None:
         self.worker_id = wid
@@ -22,8 +22,8 @@ class FakeWorker:
         self.max_frame_size = 1 << 26
         self.sent: list[int] = []
 
-    def send_frame(self, parts: list) -> None:
-        self.sent.append(parts[0])  # the tests put the request id first
+    def send_request(self, p: Pending) -> None:
+        self.sent.append(p.id)
 
 
 @pytest.fixture

@@ -145,7 +145,7 @@ async def _link(workdir: Path, args: Namespace) -> dict[str, Any]:
 
     from shoal.gateway.pool import Pending
     from shoal.gateway.server import Gateway, GatewayConfig
-    from shoal.protocol.frames import MsgType, encode_frame
+    from shoal.protocol.link_messages import Request
     from shoal.protocol.tensors import pack_tensors
 
     secret = secrets.token_hex(8)
@@ -175,12 +175,7 @@ async def _link(workdir: Path, args: Namespace) -> dict[str, Any]:
             while time.perf_counter() < deadline:
                 i = next(ids)
                 t = time.perf_counter()
-                p = Pending(
-                    i,
-                    encode_frame(MsgType.REQUEST, {"id": i, "inputs": specs}, bufs),
-                    loop.create_future(),
-                    deadline=time.monotonic() + 30,
-                )
+                p = Pending.of(Request(i, specs), bufs, loop.create_future(), time.monotonic() + 30, 1)
                 gw.dispatcher.submit(pool, p, time.monotonic())
                 await p.future
                 lat.append(time.perf_counter() - t)

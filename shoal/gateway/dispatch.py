@@ -1,7 +1,7 @@
 """The one owner of every pending request, from arrival to answer: queueing, the choice of worker,
 in-flight counts, deadlines (queued and in flight alike), sending again when a worker dies or turns a
 request away, and dropping results that come too late. No sockets and no clock: every method takes
-``now``; workers are anything with ``send_frame(parts)`` (the worker link's adapter), and the
+``now``; workers are anything with ``send_request(p)`` (the worker link's adapter), and the
 choice among them is ``policy.pick_worker``.
 
 A request's life: ``submit`` sends it to the least-loaded worker with room, or queues it (503 when
@@ -58,7 +58,7 @@ class Dispatcher:
         p.t_sent = now
         w.in_flight += 1
         self.in_flight[p.id] = p
-        w.send_frame(p.frame)
+        w.send_request(p)
 
     def dispatch(self, pool: ModelPool, now: float) -> None:
         """Move queued requests to workers while any has room."""

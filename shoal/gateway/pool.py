@@ -16,7 +16,9 @@ import numpy as np
 
 from shoal.gateway.policy import newest_version, visible_versions
 from shoal.modelrepo.manifest import Manifest, TensorSpec
-from shoal.protocol.link_messages import Hello, TensorSpecMsg
+from shoal.protocol.frames import MsgType, encode_frame
+from shoal.protocol.joined import join_key
+from shoal.protocol.link_messages import Hello, Request, TensorSpecMsg
 
 
 class RequestFailed(Exception):
@@ -31,7 +33,7 @@ class RequestFailed(Exception):
 
 class WorkerHandle(Protocol):
     """A worker as the dispatcher sees it. ``in_flight`` and ``latency_ewma_ms`` are the dispatcher's
-    to change; the link adapter writes the frames it is given and says when the worker goes."""
+    to change; the link adapter writes the requests it is given and says when the worker goes."""
 
     worker_id: str
     in_flight: int
@@ -40,7 +42,7 @@ class WorkerHandle(Protocol):
     accepting: bool
     max_frame_size: int
 
-    def send_frame(self, parts: list[Any]) -> None: ...
+    def send_request(self, p: Pending) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -54,11 +56,25 @@ class Pending:
     future: asyncio.Future
     deadline: float
     rows: int = 1
+    # What joining it with others into one REQUESTS takes (``protocol/joined.py``): its header, its
+    # payload buffers and their size, and its join key (None: it is always sent alone).
+    header: Any = None
+    bufs: list[Any] | None = None
+    size: int = 0
+    join_key: tuple | None = None
     attempts: int = 0
     t_enqueued: float = 0.0
     t_sent: float = 0.0
     worker: Any = None
     pool: Any = None
+
+    @staticmethod
+    def of(header: Request, bufs: list[Any], future: asyncio.Future, deadline: float, rows: int) -> Pending:
+        """A request as it arrives: its REQUEST frame encoded (``FrameError`` when the link cannot
+        carry it) and its join key computed, once."""
+        frame = encode_frame(MsgType.REQUEST, header, bufs)
+        key, _ = join_key(header.inputs, header.outputs)
+        return Pending(header.id, frame, future, deadline, rows, header, bufs, sum(len(b) for b in frame), key)
 
 
 @dataclass(frozen=True)

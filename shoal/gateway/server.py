@@ -33,7 +33,7 @@ from shoal.gateway.results_api import open_store
 from shoal.gateway.state import TokenKeyFile
 from shoal.gateway.worker_link import LinkSite, WorkerConnection
 from shoal.httpserver import EmbeddedHttpServer, bind_tcp
-from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameError, MsgType, encode_frame
+from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameError
 from shoal.protocol.link_messages import Request
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 
@@ -319,21 +319,20 @@ class Gateway:
         rid = next(self._ids)
         # The device's request id goes to the worker for its logs.
         header = Request(rid, specs, outputs, request_id)
+        fut = asyncio.get_running_loop().create_future()
         try:
-            frame = encode_frame(MsgType.REQUEST, header, bufs)
+            p = Pending.of(header, bufs, fut, deadline, rows_of(arrays))
         except FrameError as e:
             raise RequestFailed(f"request too large for the worker link: {e}", 413) from None
-        size = sum(len(b) for b in frame)
         limit = pool.max_frame_size(self.config.max_frame_size)
-        if size > limit:
+        if p.size > limit:
             # Never sent: a worker would drop the whole connection (and every request on it).
             raise RequestFailed(
-                f"request of {size} bytes exceeds the {limit} bytes the workers of "
+                f"request of {p.size} bytes exceeds the {limit} bytes the workers of "
                 f"'{pool.spec.name}' accept in one frame",
                 413,
             )
-        fut = asyncio.get_running_loop().create_future()
-        self.dispatcher.submit(pool, Pending(rid, frame, fut, deadline=deadline, rows=rows_of(arrays)), time.monotonic())
+        self.dispatcher.submit(pool, p, time.monotonic())
         h, payload = await fut
         if raw:
             return h, payload

@@ -22,8 +22,16 @@ from typing import Any
 from shoal.aio import CoalescingProtocol
 from shoal.gateway.dispatch import Dispatcher
 from shoal.gateway.logins import LoginGuard
-from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, RequestFailed
-from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION, SUPPORTED_VERSIONS
+from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, Pending, RequestFailed
+from shoal.protocol.frames import (
+    DEFAULT_MAX_FRAME_SIZE,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    FrameError,
+    MsgType,
+    encode_frame,
+)
+from shoal.protocol.joined import join_requests, plan_joins, split_results
 from shoal.protocol.link import (
     Challenge,
     Drain,
@@ -38,6 +46,7 @@ from shoal.protocol.link import (
     Pong,
     Refuse,
     Result,
+    Results,
     Role,
     State,
     Welcome,
@@ -86,6 +95,10 @@ class WorkerConnection(CoalescingProtocol):
         self.latency_ewma_ms = 0.0
         self.accepting = False
         self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # the largest frame this worker accepts
+        # Requests that arrive together are joined into one REQUESTS frame when the worker takes
+        # those (its HELLO says so) and batches: at most its batch size in one frame.
+        self.join_rows = 0
+        self._joinable: list[Pending] = []
         # What the status and the autoscaler read.
         self.load: dict[str, Any] = {}
         self.info: dict[str, Any] = {}
@@ -132,6 +145,8 @@ class WorkerConnection(CoalescingProtocol):
         for msg, payload in messages:
             if isinstance(msg, Result):
                 self._on_result(msg, payload, now)
+            elif isinstance(msg, Results):
+                self._on_results(msg, payload, now)
             elif isinstance(msg, Error):
                 self._on_error(msg, now)
             elif isinstance(msg, Load):
@@ -191,6 +206,7 @@ class WorkerConnection(CoalescingProtocol):
         self.worker_id = h.worker_id
         self.capacity = h.capacity
         self.max_frame_size = max_frame
+        self.join_rows = h.max_batch_size if h.joined else 0
         self.info = {
             "model": h.model,
             "model_version": h.model_version,
@@ -233,9 +249,45 @@ class WorkerConnection(CoalescingProtocol):
 
     # ---------------------------------------------------------------------------- requests
 
-    def send_frame(self, parts: list[Any]) -> None:
-        """The dispatcher's way to send a request (encoded once, when it arrived)."""
-        self.send(parts)
+    def send_request(self, p: Pending) -> None:
+        """The dispatcher's way to send a request. One that can be joined waits for the end of this
+        event-loop turn, when the requests that came with it go in as few frames as they fit."""
+        if p.join_key is None or not self.join_rows:
+            self.send(p.frame)  # encoded once, when it arrived
+            return
+        self._joinable.append(p)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def send(self, parts: list[Any]) -> None:
+        if self._joinable:  # what was sent before goes before
+            self._out.extend(self._joined_frames())
+        super().send(parts)
+
+    def flush(self) -> None:
+        if self._joinable:
+            self._out.extend(self._joined_frames())
+        super().flush()
+
+    def _joined_frames(self) -> list[Any]:
+        queued, self._joinable = self._joinable, []
+        plan = plan_joins([(p.join_key, p.rows, p.size) for p in queued], self.join_rows, self.max_frame_size - 65536)
+        out: list[Any] = []
+        for run in plan:
+            if len(run) > 1:
+                group = [queued[i] for i in run]
+                header, bufs = join_requests(
+                    [(p.id, p.header.inputs, p.bufs, p.rows, p.header.rid) for p in group], group[0].header.outputs
+                )
+                try:
+                    out.extend(encode_frame(MsgType.REQUESTS, header, bufs))
+                    continue
+                except FrameError:  # a header too large to join (long request ids): one frame each
+                    pass
+            for i in run:
+                out.extend(queued[i].frame)
+        return out
 
     def _on_result(self, r: Result, payload: bytes | memoryview, now: float) -> None:
         p = self.site.dispatcher.on_result(self, r.id, (r, payload), r.compute_ms, r.batch, now)
@@ -243,6 +295,18 @@ class WorkerConnection(CoalescingProtocol):
             self.served += 1
             assert self.pool is not None
             self.site.observe_result(self.pool.spec, r, p)
+
+    def _on_results(self, r: Results, payload: bytes | memoryview, now: float) -> None:
+        """A joined answer: each request gets its rows, as if answered alone."""
+        try:
+            parts = split_results(r, payload)
+        except ValueError as e:  # JoinError, or a shape that is no shape
+            failed = RequestFailed(f"worker {self.worker_id} sent a malformed result: {e}", 502)
+            for i in r.ids:
+                self.site.dispatcher.on_failed(self, i, failed, now)
+            return
+        for result, body in parts:
+            self._on_result(result, body, now)
 
     def _on_error(self, e: Error, now: float) -> None:
         if e.status == 503:  # the worker turned it away (draining, full): another worker may take it

@@ -58,6 +58,8 @@ class MsgType(IntEnum):
     PONG = 10  # worker -> gateway answer to PING
     DRAIN = 11  # worker -> gateway: send nothing new; I finish what I hold, then say GOODBYE
     GOODBYE = 12  # either side: closing on purpose
+    REQUESTS = 13  # gateway -> worker: several alike requests, their tensors joined (``joined.py``)
+    RESULTS = 14  # worker -> gateway: the outputs of one REQUESTS, joined the same way
 
 
 _TYPES = {int(t): t for t in MsgType}  # a dict lookup is several times faster than MsgType(n)
@@ -126,6 +128,7 @@ class FrameDecoder:
         frames: list[Frame] = []
         pos = 0
         n = len(buf)
+        view = memoryview(buf)  # slices of a view are copied once (``bytes(buf[a:b])`` copies twice)
         try:
             while n - pos >= PREFIX_SIZE:
                 length, version, mtype, hlen = _PREFIX.unpack_from(buf, pos)
@@ -144,19 +147,21 @@ class FrameDecoder:
                 if end > n:
                     break
                 hstart = pos + PREFIX_SIZE
-                raw = bytes(buf[hstart : hstart + hlen])
+                raw = bytes(view[hstart : hstart + hlen])
                 header = None
                 if self.decode_headers:
                     try:
                         header = _map_decoder.decode(raw)
                     except msgspec.DecodeError as e:
                         raise FrameError(f"malformed frame header (it must be a map): {e}") from None
-                frames.append(Frame(mt, header, bytes(buf[hstart + hlen : end]), raw))
+                frames.append(Frame(mt, header, bytes(view[hstart + hlen : end]), raw))
                 pos = end
         except FrameError:
             self._broken = True
             self._buf = bytearray()
             raise
+        finally:
+            view.release()  # the buffer cannot shrink while a view of it is held
         if pos:
             del buf[:pos]
         return frames

@@ -12,8 +12,9 @@ States (the same names on both sides)::
     any --(a malformed frame, a message out of place)--> ERROR
 
 In HANDSHAKE the gateway accepts one HELLO of at most ``login_max_frame`` bytes and nothing else; the
-worker accepts CHALLENGE, then WELCOME or REFUSE. In READY the gateway sends REQUEST, PING, DRAIN and
-GOODBYE and accepts RESULT, ERROR, LOAD, PONG, DRAIN and GOODBYE; the worker the reverse. Once the
+worker accepts CHALLENGE, then WELCOME or REFUSE. In READY the gateway sends REQUEST, REQUESTS, PING,
+DRAIN and GOODBYE and accepts RESULT, RESULTS, ERROR, LOAD, PONG, DRAIN and GOODBYE; the worker the
+reverse (REQUESTS and RESULTS only between a gateway and a worker whose HELLO said ``joined``). Once the
 gateway has sent or received DRAIN it sends no new REQUEST (``send`` refuses: a local bug), and a
 worker in DRAINING still answers what it holds. A worker ignores message types it does not know
 (newer gateways may send more); a gateway ignores none.
@@ -50,7 +51,9 @@ from shoal.protocol.link_messages import (
     Pong,
     Refuse,
     Request,
+    Requests,
     Result,
+    Results,
     Welcome,
     decode_header,
 )
@@ -83,27 +86,27 @@ class LocalLinkError(Exception):
 _ACCEPTS: dict[Role, dict[State, tuple[type, ...]]] = {
     Role.GATEWAY: {
         State.HANDSHAKE: (Hello,),
-        State.READY: (Result, Error, Load, Pong, Drain, Goodbye),
-        State.DRAINING: (Result, Error, Load, Pong, Drain, Goodbye),
+        State.READY: (Result, Results, Error, Load, Pong, Drain, Goodbye),
+        State.DRAINING: (Result, Results, Error, Load, Pong, Drain, Goodbye),
     },
     Role.WORKER: {
         State.HANDSHAKE: (Challenge, Welcome, Refuse),
-        State.READY: (Request, Ping, Drain, Goodbye),
-        State.DRAINING: (Request, Ping, Drain, Goodbye),
+        State.READY: (Request, Requests, Ping, Drain, Goodbye),
+        State.DRAINING: (Request, Requests, Ping, Drain, Goodbye),
     },
 }
 # What each side may send in each state.
 _SENDS: dict[Role, dict[State, tuple[type, ...]]] = {
     Role.GATEWAY: {
         State.HANDSHAKE: (Challenge, Welcome, Refuse),
-        State.READY: (Request, Ping, Drain, Goodbye),
+        State.READY: (Request, Requests, Ping, Drain, Goodbye),
         State.DRAINING: (Ping, Drain, Goodbye),
         State.ERROR: (Refuse, Goodbye),  # a last word before closing a connection that broke the rules
     },
     Role.WORKER: {
         State.HANDSHAKE: (Hello,),
-        State.READY: (Result, Error, Load, Pong, Drain, Goodbye),
-        State.DRAINING: (Result, Error, Load, Pong, Drain, Goodbye),
+        State.READY: (Result, Results, Error, Load, Pong, Drain, Goodbye),
+        State.DRAINING: (Result, Results, Error, Load, Pong, Drain, Goodbye),
     },
 }
 
@@ -234,7 +237,9 @@ __all__ = [
     "Pong",
     "Refuse",
     "Request",
+    "Requests",
     "Result",
+    "Results",
     "Role",
     "State",
     "Welcome",

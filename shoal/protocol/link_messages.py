@@ -59,6 +59,9 @@ class Hello(msgspec.Struct, frozen=True, omit_defaults=True):
     pid: int | None = None
     host: str | None = None
     max_frame_size: int | None = None
+    # This worker takes REQUESTS (several requests in one frame) and answers them with RESULTS.
+    # Gateways that do not know the field ignore it, and send it REQUEST frames only.
+    joined: bool = False
 
 
 class Welcome(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -86,6 +89,27 @@ class Result(msgspec.Struct, frozen=True, omit_defaults=True):
     outputs: list[TensorDesc]
     compute_ms: float | None = None
     batch: int = 0  # rows of the batch the request ran in
+
+
+class Requests(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Several requests in one frame: each input is the requests' tensors joined along the first
+    dimension, in the order of ``ids``; ``rows[i]`` of them belong to ``ids[i]``."""
+
+    ids: list[int]
+    rows: list[int]
+    inputs: list[TensorDesc]
+    outputs: list[str] | None = None
+    rids: list[str | None] = []  # the devices' request ids, for the worker's logs (empty: none)
+
+
+class Results(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The outputs of one REQUESTS, joined the same way (``rows[i]`` rows of each are ``ids[i]``'s)."""
+
+    ids: list[int]
+    rows: list[int]
+    outputs: list[TensorDesc]
+    compute_ms: float | None = None
+    batch: int = 0
 
 
 class Error(msgspec.Struct, frozen=True):
@@ -122,7 +146,10 @@ class Goodbye(msgspec.Struct, frozen=True, omit_defaults=True):
     reason: str = ""
 
 
-Message = Challenge | Hello | Welcome | Refuse | Request | Result | Error | Load | Ping | Pong | Drain | Goodbye
+Message = (
+    Challenge | Hello | Welcome | Refuse | Request | Result | Error | Load | Ping | Pong | Drain | Goodbye
+    | Requests | Results
+)
 
 TYPE_OF: dict[type, MsgType] = {
     Challenge: MsgType.CHALLENGE,
@@ -137,6 +164,8 @@ TYPE_OF: dict[type, MsgType] = {
     Pong: MsgType.PONG,
     Drain: MsgType.DRAIN,
     Goodbye: MsgType.GOODBYE,
+    Requests: MsgType.REQUESTS,
+    Results: MsgType.RESULTS,
 }
 DECODERS: dict[MsgType, msgspec.msgpack.Decoder[Any]] = {t: msgspec.msgpack.Decoder(c) for c, t in TYPE_OF.items()}
 ENCODER = msgspec.msgpack.Encoder()

@@ -40,6 +40,8 @@ class Item:
     t_received: float = 0.0
     signature: tuple = ()
     request_id: str | None = None  # the device's request id, for logs
+    # Several requests joined into one item (a REQUESTS frame): their ids and rows, in order.
+    joined: tuple[list[int], list[int]] | None = None
 
 
 @dataclass(slots=True)
@@ -84,17 +86,17 @@ def concat_inputs(batch: list[Item]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([it.inputs[k] for it in batch]) for k in batch[0].inputs}
 
 
-def split_outputs(outputs: dict[str, np.ndarray], batch: list[Item]) -> list[dict[str, np.ndarray]]:
-    """Cut each output along its first dimension back into per-request pieces."""
-    if len(batch) == 1:
+def split_outputs(outputs: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
+    """Cut each output along its first dimension back into pieces of ``rows`` rows each."""
+    if len(rows) == 1:
         return [outputs]
-    total = sum(it.rows for it in batch)
+    total = sum(rows)
     for k, v in outputs.items():
         if v.ndim == 0 or v.shape[0] != total:
             raise ValueError(f"output '{k}' has shape {list(v.shape)}; expected {total} rows for the batch")
-    cuts = np.cumsum([it.rows for it in batch])[:-1]
+    cuts = np.cumsum(rows)[:-1]
     pieces = {k: np.split(v, cuts) for k, v in outputs.items()}
-    return [{k: pieces[k][i] for k in outputs} for i in range(len(batch))]
+    return [{k: pieces[k][i] for k in outputs} for i in range(len(rows))]
 
 
 @dataclass
@@ -260,7 +262,7 @@ class InferenceEngine:
         rows = sum(i.rows for i in batch)
         try:
             out = self.runtime.infer(concat_inputs(batch))
-            parts = split_outputs(out, batch)
+            parts = split_outputs(out, [it.rows for it in batch])
         except Exception as e:  # a model error fails this batch's requests, never the worker
             ms = (time.perf_counter() - t) * 1000.0
             self.stats.errors += len(batch)

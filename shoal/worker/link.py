@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from shoal.aio import CoalescingProtocol
 from shoal.gateway.policy import backoff_delay
 from shoal.modelrepo.manifest import Manifest
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION
+from shoal.protocol.joined import JoinError, check_rows
 from shoal.protocol.link import (
     Challenge,
     Drain,
@@ -39,17 +41,27 @@ from shoal.protocol.link import (
     Pong,
     Refuse,
     Request,
+    Requests,
     Result,
+    Results,
     Role,
     State,
     Welcome,
 )
-from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
+from shoal.protocol.tensors import NP_DTYPES, TensorError, pack_tensors, unpack_tensors
 from shoal.security.tokens import login_proof
-from shoal.worker.batching import Done, InferenceEngine, Item
+from shoal.worker.batching import Done, InferenceEngine, Item, split_outputs
 from shoal.worker.runtimes import Runtime
 
 log = logging.getLogger("shoal.worker")
+
+_FIXED = set(NP_DTYPES.values())
+
+
+def joinable(v: Any, rows: int) -> bool:
+    """An output the gateway can cut by rows out of a joined result: a fixed-size type, one row per
+    input row."""
+    return isinstance(v, np.ndarray) and v.ndim > 0 and v.shape[0] == rows and v.dtype.newbyteorder("=") in _FIXED
 
 
 def error_text(e: BaseException) -> str:
@@ -101,6 +113,7 @@ class GatewayLink(CoalescingProtocol):
         self.in_flight = 0
         self.heartbeat_clock = Heartbeat(5.0, time.monotonic())
 
+
     @property
     def max_frame_size(self) -> int:
         """The largest frame the gateway accepts (from its WELCOME)."""
@@ -122,6 +135,8 @@ class GatewayLink(CoalescingProtocol):
         for msg, payload in messages:
             if isinstance(msg, Request):
                 self.w.on_request(self, msg, payload)
+            elif isinstance(msg, Requests):
+                self.w.on_requests(self, msg, payload)
             elif isinstance(msg, Ping):
                 self.say(Pong(msg.t))
             elif isinstance(msg, Challenge):
@@ -185,6 +200,7 @@ class Worker:
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
                 "max_frame_size": self.config.max_frame_size,
+                "joined": True,
             },
             Hello,
         )
@@ -201,49 +217,93 @@ class Worker:
     # ------------------------------------------------------------------------------ requests
 
     def on_request(self, link: GatewayLink, r: Request, payload: bytes | memoryview) -> None:
-        rid = r.id
         try:
             inputs = unpack_tensors(r.inputs, payload)
         except TensorError as e:
-            link.say(Error(rid, f"bad tensors: {e}", 400))
+            link.say(Error(r.id, f"bad tensors: {e}", 400))
             return
+        if self._admit(link, [r.id]):
+            self._submit(link, Item(r.id, inputs, r.outputs, link, t_received=time.monotonic(), request_id=r.rid))
+
+    def on_requests(self, link: GatewayLink, r: Requests, payload: bytes | memoryview) -> None:
+        """Several requests joined in one frame (``protocol/joined.py``): one item of the batch."""
+        try:
+            rows = check_rows(r.ids, r.rows, r.inputs)
+            inputs = unpack_tensors(r.inputs, payload)
+        except (TensorError, JoinError) as e:
+            for i in r.ids:
+                link.say(Error(i, f"bad tensors: {e}", 400))
+            return
+        if self._admit(link, r.ids):
+            rq = next((x for x in r.rids if x is not None), None)
+            item = Item(r.ids[0], inputs, r.outputs, link, rows, time.monotonic(), request_id=rq, joined=(r.ids, r.rows))
+            self._submit(link, item)
+
+    def _admit(self, link: GatewayLink, ids: list[int]) -> bool:
+        """Room for these requests: else each is turned away (503) for the gateway to send elsewhere."""
         assert self.engine is not None
+        why = None
         if self.engine.dead is not None:
-            link.say(Error(rid, "worker out of service", 503))
-            return
-        if link.in_flight >= self.capacity:
-            link.say(Error(rid, "worker full", 503))
-            return
-        link.in_flight += 1
-        self.engine.submit(Item(rid, inputs, r.outputs, link, t_received=time.monotonic(), request_id=r.rid))
+            why = "worker out of service"
+        elif link.in_flight + len(ids) > self.capacity:
+            why = "worker full"
+        if why is None:
+            return True
+        for i in ids:
+            link.say(Error(i, why, 503))
+        return False
+
+    def _submit(self, link: GatewayLink, item: Item) -> None:
+        assert self.engine is not None
+        link.in_flight += len(item.joined[0]) if item.joined else 1
+        self.engine.submit(item)
 
     def on_done(self, done: list[Done]) -> None:
         for d in done:
             link = d.item.conn
-            link.in_flight -= 1
+            ids = d.item.joined[0] if d.item.joined else [d.item.id]
+            link.in_flight -= len(ids)
             if link.transport is None or link.transport.is_closing():
                 continue  # that connection is gone; its gateway has sent the request elsewhere
             try:
-                self._answer(link, d)
+                self._answer(link, d, ids)
             except Exception as e:  # an output the link cannot carry: that request fails, alone
                 log.warning("cannot send the result of request %s: %s", d.item.request_id, e)
-                link.say(Error(d.item.id, f"cannot send the result: {e}"[:500], 500))
+                for i in ids:
+                    link.say(Error(i, f"cannot send the result: {e}"[:500], 500))
 
-    def _answer(self, link: GatewayLink, d: Done) -> None:
+    def _answer(self, link: GatewayLink, d: Done, ids: list[int]) -> None:
         if d.error is not None:
             rq = d.item.request_id
             if d.status != 503:
-                log.warning("request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status})
-            link.say(Error(d.item.id, d.error, d.status))
+                log.warning(
+                    "request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status}
+                )
+            for i in ids:
+                link.say(Error(i, d.error, d.status))
             return
-        specs, bufs = pack_tensors(d.outputs or {})
+        outputs = d.outputs or {}
+        joined = d.item.joined
+        ms = round(d.compute_ms, 4)
+        if joined is None:
+            specs, bufs = pack_tensors(outputs)
+            self._send_result(link, Result(d.item.id, specs, ms, d.batch_rows), bufs)
+        elif all(joinable(v, d.item.rows) for v in outputs.values()):
+            specs, bufs = pack_tensors(outputs)
+            self._send_result(link, Results(joined[0], joined[1], specs, ms, d.batch_rows), bufs)
+        else:  # outputs the gateway cannot cut by rows (BYTES, or not one row per input row): cut here
+            for i, part in zip(ids, split_outputs(outputs, joined[1]), strict=True):
+                specs, bufs = pack_tensors(part)
+                self._send_result(link, Result(i, specs, ms, d.batch_rows), bufs)
+
+    def _send_result(self, link: GatewayLink, msg: Result | Results, bufs: list[Any]) -> None:
         size = sum(len(b) for b in bufs)
         if size > link.max_frame_size - 65536:
             raise ValueError(
                 f"result of {size} bytes exceeds the {link.max_frame_size} byte frame limit of the gateway"
             )
-        link.say(Result(d.item.id, specs, round(d.compute_ms, 4), d.batch_rows), bufs)
-        self.served += 1
+        link.say(msg, bufs)
+        self.served += len(msg.ids) if isinstance(msg, Results) else 1
         if self.first_served_at is None:
             self.first_served_at = time.monotonic()
             log.info("first request served %.3f s after start", self.first_served_at - self.started)
