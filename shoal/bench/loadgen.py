@@ -28,6 +28,9 @@ class LoadResult:
     errors: list[str] = field(default_factory=list)
     started: float = 0.0
     ended: float = 0.0
+    opened: float = 0.0  # when every connection was open
+    deadline: float = float("inf")  # a timed run's end: no request is sent after it
+    answered_at: list[float] = field(default_factory=list)  # when each measured answer came
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -46,6 +49,15 @@ class LoadResult:
     @property
     def rps(self) -> float:
         return self.count / self.elapsed_s
+
+    def steady_rps(self, settle_s: float = 0.1) -> float:
+        """Answers per second once every connection was open (and ``settle_s`` more) until the
+        deadline: the rate at steady state, without the opening of the connections and the drain of
+        what is in flight at the end, which ``rps`` counts (they weigh in short runs)."""
+        t0, t1 = self.opened + settle_s, min(self.deadline, self.ended)
+        if t1 <= t0:
+            return self.rps
+        return sum(1 for t in self.answered_at if t0 <= t <= t1) / (t1 - t0)
 
     def percentile_ms(self, q: float) -> float:
         if not self.latencies_s:
@@ -163,10 +175,12 @@ class LoadGenerator:
         if self._done == self.warmup and self.warmup:
             # Warm-up answers are not measured.
             r.latencies_s.clear()
+            r.answered_at.clear()
             r.statuses.clear()
             r.started = time.perf_counter()
         else:
             r.latencies_s.append(latency)
+            r.answered_at.append(time.perf_counter())
             r.statuses[status] = r.statuses.get(status, 0) + 1
         r.bytes_received += len(head) + len(body)
         if self.on_response is not None:
@@ -181,11 +195,12 @@ class LoadGenerator:
         loop = asyncio.get_running_loop()
         self.result.started = time.perf_counter()
         if self.duration_s is not None:
-            self._deadline = self.result.started + self.duration_s
+            self._deadline = self.result.deadline = self.result.started + self.duration_s
         conns: list[_Conn] = []
         for _ in range(self.connections):
             _, c = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
             conns.append(c)
+        self.result.opened = time.perf_counter()
         await asyncio.gather(*(c.closed for c in conns))
         self.result.ended = time.perf_counter()
         return self.result

@@ -123,12 +123,30 @@ class FrameDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         if self._broken:
             raise FrameError("decoder already failed; close the connection")
+        if not self._buf and type(data) is bytes:
+            # Nothing held from before, and bytes cannot change: the frames' payloads are views of
+            # ``data``, not copies (under load a read holds dozens of whole frames); only a frame cut
+            # by the end of the read is kept for the next.
+            frames, pos = self._parse(data, memoryview(data), copy=False)
+            if pos < len(data):
+                self._buf += memoryview(data)[pos:]
+            return frames
         buf = self._buf
         buf += data
+        view = memoryview(buf)  # slices of a view are copied once (``bytes(buf[a:b])`` copies twice)
+        try:
+            frames, pos = self._parse(buf, view, copy=True)
+        finally:
+            view.release()  # the buffer cannot shrink while a view of it is held
+        if pos:
+            del buf[:pos]
+        return frames
+
+    def _parse(self, buf: bytes | bytearray, view: memoryview, copy: bool) -> tuple[list[Frame], int]:
+        """The whole frames at the start of ``buf``, and where the first incomplete one begins."""
         frames: list[Frame] = []
         pos = 0
         n = len(buf)
-        view = memoryview(buf)  # slices of a view are copied once (``bytes(buf[a:b])`` copies twice)
         try:
             while n - pos >= PREFIX_SIZE:
                 length, version, mtype, hlen = _PREFIX.unpack_from(buf, pos)
@@ -154,14 +172,11 @@ class FrameDecoder:
                         header = _map_decoder.decode(raw)
                     except msgspec.DecodeError as e:
                         raise FrameError(f"malformed frame header (it must be a map): {e}") from None
-                frames.append(Frame(mt, header, bytes(view[hstart + hlen : end]), raw))
+                payload = view[hstart + hlen : end]
+                frames.append(Frame(mt, header, bytes(payload) if copy else payload, raw))
                 pos = end
         except FrameError:
             self._broken = True
             self._buf = bytearray()
             raise
-        finally:
-            view.release()  # the buffer cannot shrink while a view of it is held
-        if pos:
-            del buf[:pos]
-        return frames
+        return frames, pos
