@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.server import Gateway, GatewayConfig
@@ -86,6 +88,49 @@ def test_a_joined_result_that_does_not_add_up_is_refused(ids, rows, outputs, pay
 
 def test_join_errors_are_value_errors():
     assert issubclass(JoinError, ValueError)
+
+
+tensor_descs = st.lists(
+    st.builds(
+        TensorDesc,
+        st.sampled_from(["y", "z"]),
+        st.sampled_from(["FP32", "INT8", "BYTES", "FP99"]),
+        st.lists(st.integers(-2, 6), max_size=3),
+        st.integers(-4, 64),
+    ),
+    max_size=3,
+)
+id_lists = st.lists(st.integers(0, 9), max_size=5)
+row_lists = st.lists(st.integers(-1, 4), max_size=5)
+
+
+@settings(max_examples=400, deadline=None)
+@given(id_lists, row_lists, tensor_descs, st.binary(max_size=96))
+def test_any_joined_result_from_the_network_splits_consistently_or_is_refused(ids, rows, outputs, payload):
+    """What a worker sends in RESULTS is cut back per request only when every part adds up; anything
+    else is a ValueError (each request then fails 502), never another exception."""
+    try:
+        parts = split_results(Results(ids, rows, outputs), payload)
+    except ValueError:
+        return
+    assert [r.id for r, _ in parts] == ids
+    for (r, body), n in zip(parts, rows, strict=True):
+        assert sum(t.size for t in r.outputs) == len(body)
+        assert all(t.shape[0] == n for t in r.outputs)
+        unpack_tensors(r.outputs, body)  # each part is a valid result on its own
+
+
+@settings(max_examples=400, deadline=None)
+@given(id_lists, row_lists, tensor_descs, st.binary(max_size=96))
+def test_any_joined_request_from_the_network_is_checked_before_use(ids, rows, inputs, payload):
+    """What the worker does with a REQUESTS (check the rows, unpack the tensors) raises only
+    ValueError on bad input: the worker answers each id 400 and goes on."""
+    try:
+        total = check_rows(ids, rows, inputs)
+        arrays = unpack_tensors(inputs, payload)
+    except ValueError:
+        return
+    assert all(a.shape[0] == total for a in arrays.values())
 
 
 def test_plan_joins_keeps_order_and_every_limit():

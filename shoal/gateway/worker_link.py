@@ -272,14 +272,14 @@ class WorkerConnection(CoalescingProtocol):
 
     def _joined_frames(self) -> list[Any]:
         queued, self._joinable = self._joinable, []
-        plan = plan_joins([(p.join_key, p.rows, p.size) for p in queued], self.join_rows, self.max_frame_size - 65536)
+        sizes = [(p.join_key, p.rows, p.size) for p in queued]
+        plan = plan_joins(sizes, self.join_rows, self.max_frame_size - 65536)
         out: list[Any] = []
         for run in plan:
             if len(run) > 1:
                 group = [queued[i] for i in run]
-                header, bufs = join_requests(
-                    [(p.id, p.header.inputs, p.bufs, p.rows, p.header.rid) for p in group], group[0].header.outputs
-                )
+                parts = [(p.id, p.header.inputs, p.bufs, p.rows, p.header.rid) for p in group]
+                header, bufs = join_requests(parts, group[0].header.outputs)
                 try:
                     out.extend(encode_frame(MsgType.REQUESTS, header, bufs))
                     continue

@@ -120,7 +120,10 @@ MAX_JOINED = 256  # requests in one REQUESTS at most (keeps its header far below
 
 
 def plan_joins(
-    requests: list[tuple[JoinKey | None, int, int]], max_rows: int, max_bytes: int, max_count: int = MAX_JOINED
+    requests: list[tuple[JoinKey | None, int, int]],
+    max_rows: int,
+    max_bytes: int,
+    max_count: int = MAX_JOINED,
 ) -> list[list[int]]:
     """How to send requests queued for one worker, in order: runs of the given indices, each run one
     frame. ``requests`` are (join key, rows, payload bytes); a run holds consecutive requests of one
@@ -131,7 +134,8 @@ def plan_joins(
     key = None
     rows = size = 0
     for i, (k, n, b) in enumerate(requests):
-        if run and (k is None or k != key or rows + n > max_rows or size + b > max_bytes or len(run) >= max_count):
+        full = rows + n > max_rows or size + b > max_bytes or len(run) >= max_count
+        if run and (k is None or k != key or full):
             runs.append(run)
             run, rows, size = [], 0, 0
         run.append(i)

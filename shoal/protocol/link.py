@@ -34,7 +34,6 @@ from shoal.protocol.frames import (
     PREFIX_SIZE,
     FrameDecoder,
     FrameError,
-    MsgType,
     encode_frame,
 )
 from shoal.protocol.link_messages import (
@@ -185,18 +184,6 @@ class LinkConnection:
         elif isinstance(msg, Drain) and self.state is State.READY:
             self.state = State.DRAINING
         return parts
-
-    def encode_request(self, msg: Request, payload: Any) -> list[bytes | memoryview]:
-        """A REQUEST's bytes without touching the state: the gateway encodes a request once, when it
-        arrives, and may send it to any worker (``send_encoded``) or again after its worker died."""
-        try:
-            return encode_frame(MsgType.REQUEST, msg, payload)
-        except FrameError as e:
-            raise LocalLinkError(str(e)) from None
-
-    def check_can_send_request(self) -> None:
-        if self.state is not State.READY:
-            raise LocalLinkError(f"cannot send REQUEST in state {self.state.value}")
 
     def _fail(self, why: str) -> LinkError:
         self.state, self.error = State.ERROR, why

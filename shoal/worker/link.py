@@ -61,7 +61,9 @@ _FIXED = set(NP_DTYPES.values())
 def joinable(v: Any, rows: int) -> bool:
     """An output the gateway can cut by rows out of a joined result: a fixed-size type, one row per
     input row."""
-    return isinstance(v, np.ndarray) and v.ndim > 0 and v.shape[0] == rows and v.dtype.newbyteorder("=") in _FIXED
+    if not isinstance(v, np.ndarray) or v.ndim == 0:
+        return False
+    return v.shape[0] == rows and v.dtype.newbyteorder("=") in _FIXED
 
 
 def error_text(e: BaseException) -> str:
@@ -223,7 +225,8 @@ class Worker:
             link.say(Error(r.id, f"bad tensors: {e}", 400))
             return
         if self._admit(link, [r.id]):
-            self._submit(link, Item(r.id, inputs, r.outputs, link, t_received=time.monotonic(), request_id=r.rid))
+            item = Item(r.id, inputs, r.outputs, link, t_received=time.monotonic(), request_id=r.rid)
+            self._submit(link, item)
 
     def on_requests(self, link: GatewayLink, r: Requests, payload: bytes | memoryview) -> None:
         """Several requests joined in one frame (``protocol/joined.py``): one item of the batch."""
@@ -236,7 +239,8 @@ class Worker:
             return
         if self._admit(link, r.ids):
             rq = next((x for x in r.rids if x is not None), None)
-            item = Item(r.ids[0], inputs, r.outputs, link, rows, time.monotonic(), request_id=rq, joined=(r.ids, r.rows))
+            t = time.monotonic()
+            item = Item(r.ids[0], inputs, r.outputs, link, rows, t, request_id=rq, joined=(r.ids, r.rows))
             self._submit(link, item)
 
     def _admit(self, link: GatewayLink, ids: list[int]) -> bool:
