@@ -108,3 +108,94 @@ def test_an_idle_model_runs_a_lone_request_without_waiting_out_its_window():
         assert done[0].error is None and done[0].batch_rows == 1
     finally:
         engine.stop()
+
+
+# --------------------------------------------------- a lone request on an idle, quick model
+
+
+def _engine(runtime, done, got, image=None):
+    from shoal.modelrepo.manifest import Manifest, TensorSpec
+    from shoal.worker.batching import InferenceEngine
+
+    spec = TensorSpec("x", "FP32", (-1, 1))
+    m = Manifest("m", "1", "python", "h.py", (spec,), (TensorSpec("y", "FP32", (-1, 1)),),
+                 max_batch_size=32, batch_delay_ms=3.0, image=image)
+    return InferenceEngine(runtime, m, lambda fn, arg: fn(arg), lambda d: (done.extend(d), got.set()))
+
+
+def _item(i):
+    import time
+
+    return Item(i, {"x": np.full((1, 1), i, np.float32)}, None, None, t_received=time.monotonic())
+
+
+def test_a_lone_request_on_an_idle_quick_model_runs_on_the_callers_thread():
+    import threading
+
+    class Identity:
+        def __init__(self):
+            self.threads = []
+
+        def infer(self, inputs):
+            self.threads.append(threading.current_thread())
+            if (inputs["x"] < 0).any():
+                raise ValueError("negative")
+            return {"y": inputs["x"]}
+
+    rt = Identity()
+    done: list = []
+    got = threading.Event()
+    engine = _engine(rt, done, got)
+    engine.start()
+    try:
+        assert not engine.run_now(_item(1))  # the model's speed is not known yet: the thread runs it
+        engine.submit(_item(1))
+        assert got.wait(10.0)
+        assert rt.threads[-1] is not threading.current_thread()
+        done.clear()
+        assert engine.run_now(_item(2))  # idle and quick: answered before run_now returns
+        assert [d.item.id for d in done] == [2] and done[0].outputs["y"][0, 0] == 2
+        assert rt.threads[-1] is threading.current_thread()
+        done.clear()
+        assert engine.run_now(_item(-3))  # a model error is that request's answer, here too
+        assert done[0].status == 500 and "negative" in done[0].error
+        assert engine.queued == 0
+        got.clear()
+        done.clear()
+        engine.submit(_item(4))  # and the inference thread still serves
+        assert got.wait(10.0) and done[0].error is None
+    finally:
+        engine.stop()
+
+
+def test_never_while_the_inference_thread_holds_a_request_nor_for_images():
+    import threading
+
+    from shoal.modelrepo.manifest import ImageSpec
+
+    release = threading.Event()
+    running = threading.Event()
+
+    class Gate:
+        def infer(self, inputs):
+            running.set()
+            release.wait(10.0)
+            return {"y": inputs["x"]}
+
+    done: list = []
+    got = threading.Event()
+    engine = _engine(Gate(), done, got)
+    engine.batch_s = 0.0001  # known to be quick
+    engine.start()
+    try:
+        engine.submit(_item(1))
+        assert running.wait(10.0)
+        assert not engine.run_now(_item(2))  # the model is in use by the inference thread
+        release.set()
+        assert got.wait(10.0)
+    finally:
+        engine.stop()
+    image = ImageSpec(input="x", mode="L", size=(1, 1))
+    engine = _engine(Gate(), [], threading.Event(), image=image)
+    engine.batch_s = 0.0001
+    assert not engine.run_now(_item(3))  # decoding an image may take longer than a loop may wait

@@ -27,6 +27,10 @@ from shoal.worker.batch_policy import ArrivalRate, wait_s
 from shoal.worker.images import ImageError, decode_images
 from shoal.worker.runtimes import Runtime
 
+# A lone request runs on the event loop's thread (``run_now``) only while the model's batches take
+# less than this: heartbeats and reads wait that long at most.
+INLINE_MAX_S = 0.002
+
 
 @dataclass(slots=True)
 class Item:
@@ -135,10 +139,13 @@ class InferenceEngine:
         self.q: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self.stats = EngineStats()
         self.arrivals = ArrivalRate()
-        # Items submitted and not yet done: two counters, each written by one thread only, so
-        # neither thread ever waits on the other for a lock.
+        # Items submitted and not yet done: two counters, each written by one thread only (the
+        # event loop's, which submits, and the inference thread's, which finishes; ``run_now`` writes
+        # both on the loop's thread, when the inference thread holds nothing), so neither thread
+        # ever waits on the other for a lock.
         self._submitted = 0
         self._finished = 0
+        self.batch_s: float | None = None  # recent time of one batch in the model (moving average)
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     def start(self) -> None:
@@ -155,6 +162,34 @@ class InferenceEngine:
     def submit(self, item: Item) -> None:
         self._submitted += 1
         self.q.put(item)
+
+    def run_now(self, item: Item) -> bool:
+        """Run a lone request on the caller's thread (the event loop's) and hand back its answer at
+        once, when the inference thread holds nothing and the model's batches are quick: a request
+        that finds the model idle then skips two thread hand-offs (to the inference thread and back,
+        about 0.1 ms). The caller is the only one who submits, so the inference thread, which holds
+        nothing, stays waiting meanwhile and the model is never run by two threads at once. False
+        (nothing done): submit it as usual. Models that decode images never run here (a large image
+        takes longer than the event loop may be held)."""
+        if (
+            self._finished != self._submitted
+            or self.batch_s is None
+            or self.batch_s > INLINE_MAX_S
+            or self.image is not None
+            or self.dead is not None
+        ):
+            return False
+        self._submitted += 1
+        errors: list[Done] = []
+        try:
+            if self._prepare(item, errors):
+                self.arrivals.observe(item.t_received, item.rows)
+                errors = self._run_batch([item])
+        except Exception as e:  # never lose the request, whatever broke
+            errors = [Done(item, error=f"cannot run the request: {type(e).__name__}: {e}", status=500)]
+        self._finished += len(errors)
+        self.on_done(errors)
+        return True
 
     # ------------------------------------------------------------------------------ the thread
 
@@ -271,6 +306,7 @@ class InferenceEngine:
                 for it in batch
             ]
         ms = (time.perf_counter() - t) * 1000.0
+        self.batch_s = ms / 1000.0 if self.batch_s is None else 0.8 * self.batch_s + 0.2 * ms / 1000.0
         s = self.stats
         s.batches += 1
         s.rows += rows

@@ -134,9 +134,10 @@ class GatewayLink(CoalescingProtocol):
             log.warning("gateway broke the link protocol (%s); reconnecting", e)
             self.abort()
             return
+        alone = len(messages) == 1
         for msg, payload in messages:
             if isinstance(msg, Request):
-                self.w.on_request(self, msg, payload)
+                self.w.on_request(self, msg, payload, alone)
             elif isinstance(msg, Requests):
                 self.w.on_requests(self, msg, payload)
             elif isinstance(msg, Ping):
@@ -218,7 +219,10 @@ class Worker:
 
     # ------------------------------------------------------------------------------ requests
 
-    def on_request(self, link: GatewayLink, r: Request, payload: bytes | memoryview) -> None:
+    def on_request(
+        self, link: GatewayLink, r: Request, payload: bytes | memoryview, alone: bool = False
+    ) -> None:
+        """One request; ``alone``: nothing else came with it (it may run at once on this thread)."""
         try:
             inputs = unpack_tensors(r.inputs, payload)
         except TensorError as e:
@@ -226,7 +230,7 @@ class Worker:
             return
         if self._admit(link, [r.id]):
             item = Item(r.id, inputs, r.outputs, link, t_received=time.monotonic(), request_id=r.rid)
-            self._submit(link, item)
+            self._submit(link, item, alone)
 
     def on_requests(self, link: GatewayLink, r: Requests, payload: bytes | memoryview) -> None:
         """Several requests joined in one frame (``protocol/joined.py``): one item of the batch."""
@@ -257,10 +261,11 @@ class Worker:
             link.say(Error(i, why, 503))
         return False
 
-    def _submit(self, link: GatewayLink, item: Item) -> None:
+    def _submit(self, link: GatewayLink, item: Item, alone: bool = False) -> None:
         assert self.engine is not None
         link.in_flight += len(item.joined[0]) if item.joined else 1
-        self.engine.submit(item)
+        if not (alone and self.engine.run_now(item)):  # run_now answers through on_done itself
+            self.engine.submit(item)
 
     def on_done(self, done: list[Done]) -> None:
         for d in done:
