@@ -5,7 +5,9 @@ takes what is queued, up to ``max_batch_size`` rows, runs one batch, splits the 
 and hands them back to the loop. So the model never waits for the network, and heartbeats never wait
 for the model. Requests that arrive while a batch runs form the next one; the thread waits for more
 (at most ``batch_delay``) only when the recent arrival rate says the batch will fill within that time
-(``batch_policy.py``): an idle model with one request runs it at once.
+(``batch_policy.py``): an idle model with one request runs it at once. A lone request that finds
+the inference thread holding nothing and the model quick runs on the event loop's thread itself
+(``run_now``), sparing the two hand-offs between the threads.
 
 ``take_batch``, ``concat_inputs`` and ``split_outputs`` are pure and tested on their own.
 """
@@ -180,15 +182,15 @@ class InferenceEngine:
         ):
             return False
         self._submitted += 1
-        errors: list[Done] = []
+        done: list[Done] = []
         try:
-            if self._prepare(item, errors):
+            if self._prepare(item, done):  # else ``done`` holds its error
                 self.arrivals.observe(item.t_received, item.rows)
-                errors = self._run_batch([item])
+                done = self._run_batch([item])
         except Exception as e:  # never lose the request, whatever broke
-            errors = [Done(item, error=f"cannot run the request: {type(e).__name__}: {e}", status=500)]
-        self._finished += len(errors)
-        self.on_done(errors)
+            done = [Done(item, error=f"cannot run the request: {type(e).__name__}: {e}", status=500)]
+        self._finished += len(done)
+        self.on_done(done)
         return True
 
     # ------------------------------------------------------------------------------ the thread

@@ -115,7 +115,6 @@ class GatewayLink(CoalescingProtocol):
         self.in_flight = 0
         self.heartbeat_clock = Heartbeat(5.0, time.monotonic())
 
-
     @property
     def max_frame_size(self) -> int:
         """The largest frame the gateway accepts (from its WELCOME)."""
@@ -285,9 +284,7 @@ class Worker:
         if d.error is not None:
             rq = d.item.request_id
             if d.status != 503:
-                log.warning(
-                    "request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status}
-                )
+                log.warning("request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status})
             for i in ids:
                 link.say(Error(i, d.error, d.status))
             return
