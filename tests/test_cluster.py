@@ -12,6 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from many_clients import infer_concurrently
 from PIL import Image
 
 from shoal.client.http import InferError, OipHttpClient
@@ -20,38 +21,23 @@ from shoal.security.tokens import sign_token
 
 
 def hammer(lc, n_requests, threads=8, model="echo", on_progress=None):
-    """Send n requests from several keep-alive clients; return (ok, failures, worker-served counts)."""
+    """Send n requests from several keep-alive clients, each checked against its own input; return
+    (answered right, failures)."""
     ok = 0
-    failures = []
     lock = threading.Lock()
-    counter = iter(range(n_requests))
 
-    def run():
+    def check(i, out):
         nonlocal ok
-        with lc.client() as c:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                x = np.full((1, 4), i, np.float32)
-                try:
-                    y = c.infer(model, {"x": x})["y"]
-                    assert float(y[0, 0]) == i
-                    with lock:
-                        ok += 1
-                        done = ok
-                    if on_progress:
-                        on_progress(done)
-                except Exception as e:  # collected and asserted on below
-                    with lock:
-                        failures.append(repr(e))
+        assert float(out["y"][0, 0]) == i
+        with lock:
+            ok += 1
+            done = ok
+        if on_progress:
+            on_progress(done)
 
-    ts = [threading.Thread(target=run) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
+    _, failures = infer_concurrently(
+        lc, n_requests, model, lambda i: {"x": np.full((1, 4), i, np.float32)}, threads, check
+    )
     return ok, failures
 
 

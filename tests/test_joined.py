@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import threading
 import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from many_clients import infer_concurrently
 
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.server import Gateway, GatewayConfig
@@ -276,34 +276,12 @@ def test_a_worker_that_does_not_take_joined_requests_gets_one_frame_each(joined)
 
 
 def many_at_once(lc, model: str, n: int, threads: int = 16):
-    """n requests from several clients at once, each x of its own value; returns {i: outputs}."""
-    results: dict[int, dict] = {}
-    errors: list[str] = []
-    counter = iter(range(n))
-    lock = threading.Lock()
-
-    def run():
-        with lc.client() as c:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                try:
-                    out = c.infer(model, {"x": np.full((1 + i % 3, 4), i, np.float32)})
-                    with lock:
-                        results[i] = out
-                except Exception as e:  # collected and asserted on below
-                    with lock:
-                        errors.append(repr(e))
-
-    ts = [threading.Thread(target=run) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(120)
-    assert errors == []
-    return results
+    """n requests from several clients at once, each x of its own value (1 to 3 rows of value i)."""
+    answers, failures = infer_concurrently(
+        lc, n, model, lambda i: {"x": np.full((1 + i % 3, 4), i, np.float32)}, threads
+    )
+    assert failures == []
+    return answers
 
 
 def test_under_concurrent_load_every_request_gets_its_own_rows(cluster, model_repo):
