@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from test_autoscale import _wait, out_and_back_in
+from test_model_names import _outside_model, assert_names_cannot_leave_the_repository
 
 from shoal.autoscale.ray_engine import LocalRayHead, import_ray, placement_problem
 from shoal.local import LocalCluster
@@ -186,3 +187,13 @@ def test_an_actor_killed_for_good_is_an_exit_and_is_replaced(gateway, driver):
     assert _actor_gone(driver, wid)
     with lc.client() as c:
         assert c.infer("slow", {"x": np.full((1, 1), 0.75, np.float32)})["y"][0, 0] == pytest.approx(0.75)
+
+
+@needs_ray
+def test_no_model_name_leaves_the_repository_on_the_ray_engine(gateway, model_repo, tmp_path):
+    """The names an outside test used to make a Ray worker import a handler from outside the
+    repository: each is refused (400) before any engine sees it, and the handler is never imported."""
+    marker = tmp_path / "imported"
+    _outside_model(model_repo.parent / "other" / "pwn" / "1", marker)  # "../other/pwn" from the repository
+    assert_names_cannot_leave_the_repository(gateway.http_port, gateway.api_key, model_repo, marker)
+    assert gateway.gateway.alive()

@@ -33,8 +33,10 @@ def test_paths():
     assert (r.kind, r.model, r.version) == ("model_ready", "m", None)
     assert parse_path("/v2/models/m").kind == "model"
     assert parse_path("/v2/models/m/versions/2").version == "2"
-    for bad in ["/", "/v2/models/", "/v2/models/m/bogus", "/v3", "/v2/models/m/versions//infer"]:
+    for bad in ["/", "/v2/models/", "/v2/models/m/bogus", "/v3"]:
         assert parse_path(bad) is None
+    with pytest.raises(ProtocolError, match="invalid model version ''"):  # an empty version is no version
+        parse_path("/v2/models/m/versions//infer")
 
 
 def test_json_request():

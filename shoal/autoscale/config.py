@@ -23,6 +23,7 @@ from typing import Any, Literal
 import msgspec
 
 from shoal.autoscale.policy import ScalePolicy
+from shoal.modelrepo.names import RULE, valid_name
 from shoal.typed import convert
 
 
@@ -46,6 +47,10 @@ class ModelScale(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
     max_step: int = 2
     idle_to_zero_s: float | None = None
     start_timeout_s: float = 60.0
+    # Workers that exit before joining this many times in a row (the model fails to load: a corrupt or
+    # truncated file, a handler that raises): the model is marked unavailable, its requests answered
+    # 503 with the reason, and nothing is started again until an operator loads it.
+    max_start_failures: int = 3
     lead_s: float | None = None  # scale up for the load this far ahead (None: a worker's measured start-up; 0: off)
     worker_args: list[str] = []  # extra `shoal worker` options (e.g. --threads 2, --tls-ca ca.pem)
     resources: Resources = Resources()
@@ -97,8 +102,14 @@ def parse_autoscale(block: Any, where: str = "autoscale") -> AutoscaleConfig:
     models = {}
     for name, m in raw_models.items():
         at = f"{where}.models.{name}"
+        if not valid_name(name):
+            raise AutoscaleError(f"{where}.models: {name!r:.80} is not a model name ({RULE})")
         scale = convert(m or {}, ModelScale, at, AutoscaleError)
+        if scale.version is not None and not valid_name(scale.version):
+            raise AutoscaleError(f"{at}.version: {scale.version!r:.80} is not a model version ({RULE})")
         problems = scale.policy().problems()
+        if scale.max_start_failures < 1:
+            problems.append("max_start_failures: must be 1 or more")
         if problems:
             raise AutoscaleError(f"{at}.{problems[0]}")
         models[str(name)] = scale

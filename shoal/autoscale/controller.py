@@ -27,12 +27,17 @@ from shoal.autoscale.config import AutoscaleConfig, ModelScale
 from shoal.autoscale.engines import Engine, EngineError, EngineWorker, WorkerLaunch
 from shoal.autoscale.policy import LoadSample, ScalePolicy, WorkerView, decide, workers_to_stop
 from shoal.gateway.pool import ModelPool
+from shoal.modelrepo.names import check_name
 
 log = logging.getLogger("shoal.autoscale")
 
 SAMPLES_KEPT = 1200  # the longest window any policy may look back over, in samples
 EVENTS_KEPT = 500
 MAX_BACKOFF_S = 60.0
+
+
+class LoadFailed(Exception):
+    """An operator's load whose workers failed to start again (the message says why)."""
 
 
 @dataclass
@@ -62,6 +67,8 @@ class Managed:
     load: float = 0.0
     unloaded: bool = False
     failures: int = 0
+    exits_before_joining: int = 0  # in a row: the model does not load
+    unavailable: str = ""  # why the controller gave up on it; cleared by an operator's load
     next_launch_t: float = 0.0
     last_error: str = ""
     prev: tuple[float, int, float] | None = None  # (t, arrivals, busy_ms) at the last sample
@@ -72,7 +79,7 @@ class Managed:
         return f"{self.name}:{self.version}"
 
     def asleep(self) -> bool:
-        return not self.unloaded and self.policy.min_workers == 0 and not self.pool.workers and not self.starting()
+        return not self.unloaded and not self.unavailable and self.policy.min_workers == 0 and not self.pool.workers and not self.starting()
 
     def starting(self) -> list[Launch]:
         return [x for x in self.launches.values() if not x.joined and x.handle.exit_code() is None]
@@ -96,12 +103,14 @@ class Autoscaler:
         self.prefix = f"{name}-{os.urandom(2).hex()}"
         self.managed: dict[str, Managed] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
-        self.counts = {"up": 0, "down": 0, "wake": 0, "sleep": 0, "start_failures": 0}
+        self.counts = {"up": 0, "down": 0, "wake": 0, "sleep": 0, "start_failures": 0, "given_up": 0}
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
     def manage(self, name: str, version: str, scale: ModelScale, pool: ModelPool, capacity_hint: int) -> Managed:
+        check_name(name)  # engines put these on command lines and into paths
+        check_name(version, "model version")
         m = Managed(name, version, scale, scale.policy(), pool, capacity_hint)
         self.managed[m.key] = m
         return m
@@ -148,6 +157,8 @@ class Autoscaler:
             m.samples.append(sample)
             if m.unloaded:
                 m.desired, m.reason = 0, "unloaded by an operator"
+            elif m.unavailable:
+                m.desired, m.reason = 0, f"unavailable: {m.unavailable}"
             else:
                 lead = m.scale.lead_s if m.scale.lead_s is not None else min(10.0, m.startup_s)
                 d = decide(m.samples, m.policy, now, m.last_scale_t, lead)
@@ -238,12 +249,16 @@ class Autoscaler:
                 if not x.rejoining:
                     m.startup_s += 0.3 * ((now - x.launched_at) - m.startup_s)
                 x.joined, x.rejoining = True, False
-                m.failures = 0
+                m.failures = m.exits_before_joining = 0
             code = x.handle.exit_code()
             if code is not None:
                 del m.launches[wid]
                 if not x.joined and not x.rejoining:
-                    self._failed(m, now, f"worker {wid} exited with status {code} before joining ({_where(x)})")
+                    why = f"worker {wid} exited with status {code} before joining ({_where(x)})"
+                    self._failed(m, now, why)
+                    m.exits_before_joining += 1
+                    if m.exits_before_joining >= m.scale.max_start_failures and not m.unavailable:
+                        self._give_up(m, why)
                 elif x.drain_at is None and code != 0:
                     self._failed(m, now, f"worker {wid} exited with status {code} ({_where(x)})")
                 continue
@@ -267,6 +282,14 @@ class Autoscaler:
         m.last_error = why
         log.warning("%s: %s; next start in %.0f s (%d failures in a row)", m.key, why, wait, m.failures)
 
+    def _give_up(self, m: Managed, why: str) -> None:
+        """Its workers cannot load the model: stop starting them, and let its requests fail at once
+        with the reason (the pool answers them 503) until an operator loads it again."""
+        m.unavailable = f"its workers failed to start {m.exits_before_joining} times in a row (last: {why})"
+        m.pool.unavailable = m.unavailable
+        self.counts["given_up"] += 1
+        log.error("%s: marked unavailable: %s; load it again once it is fixed", m.key, m.unavailable)
+
     def _event(self, m: Managed, kind: str, before: int, after: int, now: float) -> None:
         m.last_scale_t = now
         self.counts[kind] += 1
@@ -278,11 +301,15 @@ class Autoscaler:
     # ------------------------------------------------------------------------ model management
 
     async def load(self, name: str, timeout_s: float = 60.0) -> Managed:
-        """Serve a model again (after an unload): at least one worker, and wait until it is ready."""
+        """Serve a model again (after an unload, or after it was marked unavailable): at least one
+        worker, and wait until it is ready. ``LoadFailed`` when its workers fail to start again."""
         ms = self.find(name)
         for m in ms:
             m.unloaded = False
             m.pool.unloaded = False
+            m.unavailable, m.pool.unavailable = "", None
+            m.failures = m.exits_before_joining = 0
+            m.next_launch_t = 0.0
             if m.policy.min_workers == 0:
                 m.pool.arrivals += 1  # a load counts as a request: it wakes a sleeping model
         self.poke()
@@ -290,6 +317,8 @@ class Autoscaler:
         while time.monotonic() < end:
             if any(m.pool.ready for m in ms):
                 return ms[0]
+            if all(m.unavailable for m in ms):
+                raise LoadFailed(f"failed to load '{name}': {ms[0].unavailable}")
             await asyncio.sleep(0.05)
         raise TimeoutError(f"no worker of '{name}' became ready within {timeout_s:g} s ({ms[0].last_error})")
 
@@ -310,7 +339,7 @@ class Autoscaler:
     # ------------------------------------------------------------------------------------ views
 
     def state(self, m: Managed) -> str:
-        if m.unloaded:
+        if m.unloaded or (m.unavailable and not m.pool.ready):
             return "UNAVAILABLE"
         if m.pool.ready:
             return "READY"
@@ -335,6 +364,7 @@ class Autoscaler:
             "draining": s.draining if s else 0,
             "asleep": m.asleep(),
             "unloaded": m.unloaded,
+            "unavailable": m.unavailable,
             "start_failures": m.failures,
             "last_error": m.last_error,
             "next_start_in_s": round(max(0.0, m.next_launch_t - now), 1) if m.failures else 0.0,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,6 +27,7 @@ from shoal.protocol.oip import (
     error_body,
     parse_infer_request,
     parse_path,
+    parse_repository_path,
     valid_request_id,
 )
 from shoal.protocol.tensors import TensorError
@@ -66,7 +66,12 @@ class HttpApp:
         t0 = time.monotonic()
         path = scope["path"]
         method = scope["method"]
-        route = parse_path(path)
+        raw = _raw_path(scope)
+        bad_path: ProtocolError | None = None  # answered once the credentials are checked
+        try:
+            route = parse_path(raw)
+        except ProtocolError as e:
+            route, bad_path = None, e
         if route is not None and route.kind == "live":
             await _reply(send, 200, b'{"live":true}')
             return
@@ -78,8 +83,10 @@ class HttpApp:
             await _reply(send, 401, error_body(str(e)), [(b"www-authenticate", b'Bearer realm="shoal"')])
             return
         try:
+            if bad_path is not None:
+                raise bad_path
             if route is None:
-                await self._other(who, method, path, scope, receive, send)
+                await self._other(who, method, path, raw, scope, receive, send)
                 return
             self._check(who, _ROUTE_ACTION[route.kind], route.model or None, route.version)
             if route.kind == "infer":
@@ -125,7 +132,7 @@ class HttpApp:
             raise Forbidden(why)
 
     async def _other(
-        self, who: Principal, method: str, path: str, scope: dict[str, Any], receive: Any, send: Any
+        self, who: Principal, method: str, path: str, raw: str, scope: dict[str, Any], receive: Any, send: Any
     ) -> None:
         """Everything that is not the Open Inference Protocol: metrics, status, stored results."""
         if path == "/metrics" and method == "GET":
@@ -141,7 +148,7 @@ class HttpApp:
             await _reply(send, 200, orjson.dumps(self.gw.status()))
         elif path.startswith("/v2/repository/"):
             self._check(who, "repository")
-            await self._repository(method, path, receive, send)
+            await self._repository(method, raw, receive, send)
         elif (action := results_action(path)) is not None:
             self._check(who, action)
             await serve_results(self.gw.results, who, scope, receive, send)
@@ -306,15 +313,15 @@ class HttpApp:
             raise ProtocolError(f"malformed JSON: {e}") from None
         if not isinstance(doc, dict):
             raise ProtocolError("the body must be a JSON object")
-        parts = path[len("/v2/repository/") :].split("/")
+        target = parse_repository_path(path)
         try:
-            if parts == ["index"]:
+            if target is not None and target[1] is None:
                 rows = repository.index(self.gw, bool(doc.get("ready", False)))
                 await _reply(send, 200, orjson.dumps(rows))
                 return
-            if len(parts) == 3 and parts[0] == "models" and parts[2] in ("load", "unload") and parts[1]:
-                name = unquote(parts[1])
-                await (repository.load if parts[2] == "load" else repository.unload)(self.gw, name)
+            if target is not None and target[1] is not None:
+                action, name = target
+                await (repository.load if action == "load" else repository.unload)(self.gw, name)
                 await _reply(send, 200, b"{}")
                 return
         except repository.RepositoryError as e:
@@ -330,6 +337,15 @@ class HttpApp:
             extra.append((b"x-request-id", rid.encode("latin-1", "replace")))
         self.gw.metrics.http_errors.labels(str(e.status)).inc()
         await _reply(send, e.status, error_body(str(e)), extra or None)
+
+
+def _raw_path(scope: dict[str, Any]) -> str:
+    """The path as the client sent it, percent-encoded: names in it are decoded once, by segment
+    (``oip.path_segments``). The server's decoded ``path`` is the same when nothing is encoded."""
+    raw = scope.get("raw_path")
+    if raw is None or b"%" not in raw:
+        return scope["path"]
+    return raw.decode("latin-1")
 
 
 async def _reply(

@@ -19,7 +19,6 @@ Declared in the gateway's configuration::
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +28,9 @@ import numpy as np
 
 from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, RequestFailed
 from shoal.modelrepo.manifest import TensorSpec
+from shoal.modelrepo.names import RULE, valid_name
 from shoal.typed import convert
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 REQUEST = "request"
 DEFAULT_STEP_IN_FLIGHT = 256
 
@@ -94,8 +93,8 @@ def parse_pipelines(block: Any, where: str = "pipelines") -> dict[str, PipelineS
     out: dict[str, PipelineSpec] = {}
     for pname, decl in block.items():
         w = f"{where}.{pname}"
-        if not isinstance(pname, str) or not _NAME.match(pname):
-            raise PipelineError(f"{w}: pipeline names are 1-128 letters, digits, '_', '.', '-'")
+        if not valid_name(pname):
+            raise PipelineError(f"{w}: a pipeline name must be {RULE}")
         doc = convert(decl, _PipelineDoc, w, PipelineError)
         if not doc.steps:
             raise PipelineError(f"{w}.steps: must be a non-empty list")
@@ -103,8 +102,8 @@ def parse_pipelines(block: Any, where: str = "pipelines") -> dict[str, PipelineS
         seen: set[str] = set()
         for i, s in enumerate(doc.steps):
             sw = f"{w}.steps[{i}]"
-            if not _NAME.match(s.model):
-                raise PipelineError(f"{sw}.model: must name a model")
+            if not valid_name(s.model):
+                raise PipelineError(f"{sw}.model: a model name must be {RULE}")
             name = s.name or s.model
             if name in seen or name == REQUEST:
                 raise PipelineError(f"{sw}.name: '{name}' is used twice or reserved")
@@ -114,6 +113,8 @@ def parse_pipelines(block: Any, where: str = "pipelines") -> dict[str, PipelineS
             if s.fanout is not None and s.fanout not in refs:
                 raise PipelineError(f"{sw}.fanout: '{s.fanout}' is not one of the step's inputs")
             version = str(s.version) if s.version is not None else None
+            if version is not None and not valid_name(version):
+                raise PipelineError(f"{sw}.version: a model version must be {RULE}")
             steps.append(Step(name, s.model, version, refs, s.fanout))
             seen.add(name)
         if not doc.outputs:
@@ -121,6 +122,8 @@ def parse_pipelines(block: Any, where: str = "pipelines") -> dict[str, PipelineS
         outputs = {k: _ref(v, f"{w}.outputs.{k}", seen) for k, v in doc.outputs.items()}
         if doc.max_in_flight_per_step < 1:
             raise PipelineError(f"{w}.max_in_flight_per_step: must be a positive integer")
+        if not valid_name(str(doc.version)):
+            raise PipelineError(f"{w}.version: a version must be {RULE}")
         out[pname] = PipelineSpec(pname, str(doc.version), tuple(steps), outputs, doc.max_in_flight_per_step)
     return out
 

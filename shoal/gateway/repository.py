@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from shoal.modelrepo.manifest import ManifestError, list_versions
+from shoal.modelrepo.names import InvalidName, check_name
 
 if TYPE_CHECKING:
     from shoal.gateway.server import Gateway
@@ -36,7 +37,7 @@ def index(gw: Gateway, ready_only: bool = False) -> list[dict[str, Any]]:
                 out[(name, v)] = {"name": name, "version": v, "state": "UNAVAILABLE", "reason": "not loaded"}
         for m in scaler.managed.values():
             state = scaler.state(m)
-            reason = "" if state in ("READY", "ASLEEP") else (m.last_error or m.reason)
+            reason = "" if state in ("READY", "ASLEEP") else (m.unavailable or m.last_error or m.reason)
             out[(m.name, m.version)] = {"name": m.name, "version": m.version, "state": state, "reason": reason}
     for pool in gw.models.pools():
         key = (pool.spec.name, pool.spec.version)
@@ -67,20 +68,33 @@ def _scaler(gw: Gateway) -> Any:
     return gw.autoscaler
 
 
+def _check(name: str) -> None:
+    try:
+        check_name(name)
+    except InvalidName as e:
+        raise RepositoryError(str(e), 400) from None
+
+
 async def load(gw: Gateway, name: str) -> None:
+    _check(name)
     scaler = _scaler(gw)
     if not scaler.find(name):
         try:
             gw.manage_model(name)
         except (ManifestError, ValueError) as e:
             raise RepositoryError(str(e), 404) from None
+    from shoal.autoscale.controller import LoadFailed
+
     try:
         await scaler.load(name)
+    except LoadFailed as e:  # as Triton answers a model that fails to load
+        raise RepositoryError(str(e), 400) from None
     except TimeoutError as e:
         raise RepositoryError(str(e), 503) from None
 
 
 async def unload(gw: Gateway, name: str) -> None:
+    _check(name)
     scaler = _scaler(gw)
     if not scaler.find(name):
         raise RepositoryError(f"model '{name}' is not loaded by this gateway's engine", 404)

@@ -23,6 +23,7 @@ from shoal.aio import CoalescingProtocol
 from shoal.gateway.dispatch import Dispatcher
 from shoal.gateway.logins import LoginGuard
 from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, Pending, RequestFailed
+from shoal.modelrepo.names import check_name
 from shoal.protocol.frames import (
     DEFAULT_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
@@ -195,6 +196,8 @@ class WorkerConnection(CoalescingProtocol):
             max_frame = h.max_frame_size or DEFAULT_MAX_FRAME_SIZE
             if max_frame < MIN_WORKER_FRAME:
                 raise ValueError(f"max_frame_size {max_frame} below {MIN_WORKER_FRAME}")
+            check_name(h.model)
+            check_name(h.model_version, "model version")
             spec = ModelSpec.from_hello(h)
             pool = self.site.models.pool_for_worker(spec)
         except ValueError as e:

@@ -12,13 +12,13 @@ Pure data and validation; reading a folder is the only I/O here.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from shoal.modelrepo.names import RULE, InvalidName, check_name, valid_name
 from shoal.modelrepo.versions import version_key
 from shoal.typed import convert
 
@@ -41,8 +41,6 @@ DATATYPES: dict[str, str] = {
     "FP64": "float64",
     "BYTES": "object",
 }
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
 class ManifestError(ValueError):
@@ -189,10 +187,10 @@ def parse_manifest(d: Any, where: str = "manifest") -> Manifest:
         raise ManifestError(f"{where}: must be a JSON object")
     doc = convert(d, _ManifestDoc, where, ManifestError)
     name, version, runtime, file = doc.name, str(doc.version), doc.runtime, doc.file
-    if not _NAME_RE.match(name):
-        raise ManifestError(f"{where}.name: '{name}' must be 1-128 letters, digits, '_', '.', '-'")
-    if not _NAME_RE.match(version):
-        raise ManifestError(f"{where}.version: '{version}' must be 1-128 letters, digits, '_', '.', '-'")
+    if not valid_name(name):
+        raise ManifestError(f"{where}.name: {name!r:.80} must be {RULE}")
+    if not valid_name(version):
+        raise ManifestError(f"{where}.version: {version!r:.80} must be {RULE}")
     if runtime not in RUNTIMES:
         raise ManifestError(f"{where}.runtime: '{runtime}' is not one of {', '.join(RUNTIMES)}")
     if runtime != "python" and not file:
@@ -270,17 +268,40 @@ def write_manifest(version_dir: str | Path, manifest: Manifest) -> Path:
     return path
 
 
+def _inside(repo: Path, path: Path) -> bool:
+    """Whether ``path``, symbolic links followed, lies inside ``repo`` (also resolved)."""
+    try:
+        return path.resolve().is_relative_to(repo.resolve())
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+
+
 def list_versions(repo: str | Path, model: str) -> list[str]:
-    """Versions of a model present in a repository, oldest first (numeric versions sort numerically)."""
-    d = Path(repo) / model
-    if not d.is_dir():
+    """Versions of a model present in a repository, oldest first (numeric versions sort numerically).
+    Folders whose names are not valid versions, and folders that lead outside the repository through
+    a symbolic link, are not versions."""
+    try:
+        check_name(model)
+    except InvalidName as e:
+        raise ManifestError(str(e)) from None
+    root = Path(repo)
+    d = root / model
+    if not d.is_dir() or not _inside(root, d):
         return []
-    vs = [p.name for p in d.iterdir() if (p / MANIFEST_NAME).is_file()]
+    vs = [p.name for p in d.iterdir() if valid_name(p.name) and (p / MANIFEST_NAME).is_file() and _inside(root, p)]
     return sorted(vs, key=version_key)
 
 
 def resolve(repo: str | Path, model: str, version: str | None = None) -> tuple[Path, Manifest]:
-    """Find ``<repo>/<model>/<version>`` (newest version when none is given) and load its manifest."""
+    """Find ``<repo>/<model>/<version>`` (newest version when none is given) and load its manifest.
+    ``ManifestError`` for a name or version that is not valid (``names.py``), or a model folder that
+    resolves outside the repository: nothing outside it is opened."""
+    try:
+        check_name(model)
+        if version is not None:
+            check_name(version, "model version")
+    except InvalidName as e:
+        raise ManifestError(str(e)) from None
     versions = list_versions(repo, model)
     if not versions:
         raise ManifestError(f"{Path(repo) / model}: no versions of model '{model}' in repository '{repo}'")

@@ -14,6 +14,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from shoal.modelrepo.names import PATTERN as MODEL_NAME_PATTERN
+from shoal.modelrepo.names import RULE as MODEL_NAME_RULE
+
 ACCOUNT_KINDS = ("device", "cluster", "operator")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 MAX_MODELS_PER_REPORT = 1000
@@ -25,7 +28,8 @@ Name = Annotated[
     msgspec.Meta(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '@', '-'; up to 128"),
 ]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-Version = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+# A model name or version: the one rule of shoal/modelrepo/names.py.
+ModelName = Annotated[str, msgspec.Meta(pattern=MODEL_NAME_PATTERN, max_length=128, description=MODEL_NAME_RULE)]
 Amount = Annotated[float, msgspec.Meta(ge=0)]  # JSON has no NaN, and 1e999 is refused as out of range
 Count = Annotated[int, msgspec.Meta(ge=0)]
 CommandId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # a 64-bit database id
@@ -54,8 +58,8 @@ class Health(msgspec.Struct, frozen=True):
 class ModelLoad(msgspec.Struct, frozen=True):
     """One model version a cluster serves, and its load, as the cluster reports it."""
 
-    name: Text
-    version: Version
+    name: ModelName
+    version: ModelName
     ready: bool = True
     in_flight: Amount = 0.0
     capacity: Amount = 1.0
@@ -109,8 +113,8 @@ class ClusterList(msgspec.Struct, frozen=True):
 
 
 class RouteRequest(msgspec.Struct, frozen=True):
-    model: Text
-    version: Text | None = None
+    model: ModelName
+    version: ModelName | None = None
     exclude: Annotated[
         list[Text], msgspec.Meta(max_length=MAX_EXCLUDED, description="clusters to avoid (they just failed)")
     ] = []

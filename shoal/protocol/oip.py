@@ -16,6 +16,8 @@ import numpy as np
 import orjson
 
 from shoal.modelrepo.manifest import TensorSpec
+from shoal.modelrepo.names import RULE as NAME_RULE
+from shoal.modelrepo.names import valid_name
 from shoal.protocol.link_messages import TensorDesc
 from shoal.protocol.tensors import (
     NP_DTYPES,
@@ -65,31 +67,61 @@ _FIXED = {
 }
 
 
+def path_segments(path: str) -> list[str]:
+    """A request path's segments, each percent-decoded exactly once. ``path`` is the path as it came
+    (still encoded): splitting before decoding keeps an encoded ``/`` (``%2F``) inside its segment,
+    where the name check refuses it, and decoding once means ``%252F`` stays ``%2F``, never ``/``."""
+    return [unquote(p) if "%" in p else p for p in path.split("/")]
+
+
+def _name(segment: str, what: str) -> str:
+    if not valid_name(segment):
+        raise ProtocolError(f"invalid {what} {segment!r:.80}: must be {NAME_RULE}")
+    return segment
+
+
 def parse_path(path: str) -> Route | None:
-    """Map a request path to a route, or None when the path is not part of the protocol."""
+    """Map a request path (as it came, percent-encoded) to a route, or None when the path is not part
+    of the protocol. A model name or version that is not valid (``modelrepo/names.py``) is a
+    ``ProtocolError`` (400), whatever it would have matched."""
     r = _FIXED.get(path)
     if r is not None:
         return r
     if not path.startswith("/v2/models/"):
         return None
-    parts = path[len("/v2/models/") :].split("/")
+    parts = path_segments(path[len("/v2/models/") :])
     if not parts[0]:
         return None
-    model = unquote(parts[0])
     rest = parts[1:]
     version = None
     if len(rest) >= 2 and rest[0] == "versions":
-        version = unquote(rest[1])
-        if not version:
-            return None
+        version = rest[1]
         rest = rest[2:]
     if not rest or rest == [""]:
-        return Route("model", model, version)
-    if rest == ["ready"]:
-        return Route("model_ready", model, version)
-    if rest == ["infer"]:
-        return Route("infer", model, version)
-    return None
+        kind = "model"
+    elif rest == ["ready"]:
+        kind = "model_ready"
+    elif rest == ["infer"]:
+        kind = "infer"
+    else:
+        return None
+    model = _name(parts[0], "model name")
+    return Route(kind, model, None if version is None else _name(version, "model version"))
+
+
+def parse_repository_path(path: str) -> tuple[str, str | None] | None:
+    """Triton's repository extension: ``/v2/repository/index`` -> ("index", None),
+    ``/v2/repository/models/{m}/load`` (or ``unload``) -> ("load", m); None for any other path. The
+    name is decoded once and checked (``ProtocolError`` 400 when invalid)."""
+    if path == "/v2/repository/index":
+        return "index", None
+    if not path.startswith("/v2/repository/models/"):
+        return None
+    middle, _, action = path[len("/v2/repository/models/") :].rpartition("/")
+    if action not in ("load", "unload") or not middle:
+        return None
+    # Everything between is the name: "a/b" (or "//tmp/x") is an invalid name, not another endpoint.
+    return action, _name("/".join(path_segments(middle)), "model name")
 
 
 # ------------------------------------------------------------------------------------- requests
@@ -508,4 +540,6 @@ __all__ = [
     "parse_infer_request",
     "parse_infer_response",
     "parse_path",
+    "parse_repository_path",
+    "path_segments",
 ]

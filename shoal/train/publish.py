@@ -24,6 +24,7 @@ import numpy as np
 
 import shoal  # noqa: F401  (sets ORT_DISABLE_TELEMETRY before onnxruntime is imported)
 from shoal.modelrepo import ImageSpec, Manifest, ManifestError, TensorSpec, list_versions, write_manifest
+from shoal.modelrepo.names import InvalidName, check_name
 from shoal.modelrepo.versions import is_number
 
 OPSET = 17
@@ -46,7 +47,11 @@ def publish(
 ) -> Path:
     """Make ``<repo>/<name>/<version>/`` (the next integer version by default): ``build(folder,
     version)`` writes the model file(s) into a scratch folder, checks them, and returns the manifest."""
-    version = version or next_version(repo, name)
+    try:  # every training command and federation publish through here: no name leaves the repository
+        check_name(name)
+        version = check_name(version, "model version") if version else next_version(repo, name)
+    except InvalidName as e:
+        raise ManifestError(str(e)) from None
     dest = Path(repo) / name / version
     if dest.exists() and any(dest.iterdir()) and not overwrite:
         raise ManifestError(f"{dest} already exists; pick another --version or pass --overwrite")
