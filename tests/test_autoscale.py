@@ -5,6 +5,7 @@ a model that cannot start is retried with back-off, and operators load and unloa
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,6 +18,8 @@ import yaml
 
 from shoal.client.http import InferError, OipHttpClient
 from shoal.security.tokens import sign_token
+
+BUNDLED = Path(__file__).parent.parent / "shoal" / "bundled" / "models"
 
 
 def _config(tmp_path: Path, repo: Path, models: dict, **extra) -> Path:
@@ -132,27 +135,46 @@ def test_a_model_at_zero_is_woken_by_its_first_request_and_sleeps_again(cluster,
         assert _autoscale(lc)["counts"]["wake"] == 2
 
 
-def test_a_model_that_cannot_start_is_retried_with_back_off_and_reported(cluster, model_repo, tmp_path):
+def test_a_model_that_cannot_load_is_marked_unavailable_until_an_operator_loads_it(cluster, tmp_path):
+    """A truncated ONNX file: its workers exit before joining. After three failed starts, spaced by
+    back-off, the model is UNAVAILABLE with the reason (index, status, metrics), its requests get 503
+    with that reason at once, nothing is started again, and an operator's load retries it."""
     repo = tmp_path / "repo"
-    (repo / "broken" / "1").mkdir(parents=True)
-    (repo / "broken" / "1" / "handler.py").write_text('raise RuntimeError("the weights are missing")\n')
-    (repo / "broken" / "1" / "manifest.json").write_text(json.dumps({
-        "name": "broken", "version": "1", "runtime": "python", "file": "handler.py",
-        "handler": "handler:Broken", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 1]}],
-        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 1]}], "max_batch_size": 4,
-    }))
-    cfg = _config(tmp_path, repo, {"broken": {"min": 1, "max": 2}})
+    for m in ("mnist-cnn", "echo"):
+        shutil.copytree(BUNDLED / m, repo / m)
+    good = (repo / "mnist-cnn" / "1" / "model.onnx").read_bytes()
+    (repo / "mnist-cnn" / "1" / "model.onnx").write_bytes(good[: len(good) // 3])
+    cfg = _config(tmp_path, repo, {"mnist-cnn": {"min": 1, "max": 2}, "echo": {"min": 0, "max": 1,
+                                                                              "idle_to_zero_s": 60}})
     lc = cluster(gateway_args=["--config", str(cfg)])
     t0 = time.monotonic()
-    st = _wait(lambda: (m := _autoscale(lc)["models"]["broken:1"])["start_failures"] >= 3 and m, 60,
-               "failed starts were not reported")
+    st = _wait(lambda: (m := _autoscale(lc)["models"]["mnist-cnn:1"])["unavailable"] and m, 90,
+               "the model that cannot load was not marked unavailable")
     elapsed = time.monotonic() - t0
-    assert "before joining" in st["last_error"] and "log:" in st["last_error"]
-    assert st["next_start_in_s"] > 0
-    # Back-off: 1 + 2 s between the first three attempts at least, not a crash loop.
-    assert elapsed >= 3.0
-    launched = len(list((tmp_path / "workers").glob("*.log")))
-    assert launched <= 2 + int(elapsed)  # far fewer than one per tick
+    assert st["start_failures"] == 3 and "failed to start 3 times" in st["unavailable"], st
+    assert "before joining" in st["unavailable"] and "log:" in st["unavailable"]
+    assert elapsed >= 3.0  # back-off: 1 + 2 s between the three attempts, not a crash loop
+    launched = len(list((tmp_path / "workers").glob("*mnist-cnn*.log")))
+    assert launched == 3
+    x = {"image": np.zeros((1, 1, 28, 28), np.float32)}
+    with lc.client() as c:
+        with pytest.raises(InferError) as e:
+            c.infer("mnist-cnn", x)
+        assert e.value.status == 503 and "failed to start 3 times" in str(e.value)
+        rows = {r["name"]: r for r in json.loads(c.request("POST", "/v2/repository/index")[2])}
+        assert rows["mnist-cnn"]["state"] == "UNAVAILABLE" and "failed to start" in rows["mnist-cnn"]["reason"]
+        assert 'shoal_model_unavailable{model="mnist-cnn",version="1"} 1.0' in c.request("GET", "/metrics")[2].decode()
+        # The autoscaler goes on ticking (it wakes echo) and starts nothing more for the broken model.
+        assert c.infer("echo", {"x": np.ones((1, 2), np.float32)})["y"].shape == (1, 2)
+        assert len(list((tmp_path / "workers").glob("*mnist-cnn*.log"))) == launched
+        # An operator's load tries again; it fails the same way and says why, as Triton does.
+        code, _, body = c.request("POST", "/v2/repository/models/mnist-cnn/load")
+        assert code == 400 and b"failed to load 'mnist-cnn'" in body, body
+        # Mended, loaded, served.
+        (repo / "mnist-cnn" / "1" / "model.onnx").write_bytes(good)
+        code, _, body = c.request("POST", "/v2/repository/models/mnist-cnn/load")
+        assert code == 200, body
+        assert c.infer("mnist-cnn", x)["logits"].shape == (1, 10)
     assert lc.gateway.alive()
 
 

@@ -188,6 +188,7 @@ class Dispatcher:
         orphaned = (
             not pool.wakeable and pool.no_worker_since is not None and now - pool.no_worker_since > self.unserved_wait_s
         )
+        given_up = pool.unavailable is not None and not pool.ready  # an engine cannot start its workers
         n = 0
         keep: deque[Pending] = deque()
         for p in pool.queue:
@@ -199,6 +200,13 @@ class Dispatcher:
             elif orphaned:
                 p.future.set_exception(
                     RequestFailed(f"model '{pool.spec.name}' version {pool.spec.version} has no live worker", 503, 1)
+                )
+                n += 1
+            elif given_up:
+                p.future.set_exception(
+                    RequestFailed(
+                        f"model '{pool.spec.name}' version {pool.spec.version} is unavailable: {pool.unavailable}", 503
+                    )
                 )
                 n += 1
             else:

@@ -32,6 +32,11 @@ class _LiveState:
         ready = GaugeMetricFamily(
             "shoal_model_ready", "1 while a live worker serves the model version", labels=["model", "version"]
         )
+        unavailable = GaugeMetricFamily(
+            "shoal_model_unavailable",
+            "1 while a model version's workers fail to start and it is not retried (load it again once fixed)",
+            labels=["model", "version"],
+        )
         inflight = GaugeMetricFamily(
             "shoal_worker_in_flight", "Requests held by a worker", labels=["worker", "model", "version"]
         )
@@ -45,10 +50,11 @@ class _LiveState:
             workers.add_metric([m, v], sum(1 for w in pool.workers if w.accepting))
             queue.add_metric([m, v], len(pool.queue))
             ready.add_metric([m, v], 1.0 if pool.ready else 0.0)
+            unavailable.add_metric([m, v], 1.0 if pool.unavailable is not None else 0.0)
             for w in pool.workers:
                 inflight.add_metric([w.worker_id, m, v], w.in_flight)
                 cap.add_metric([w.worker_id, m, v], w.capacity)
-        yield from (workers, queue, ready, inflight, cap)
+        yield from (workers, queue, ready, unavailable, inflight, cap)
 
 
 class _Autoscale:

@@ -152,6 +152,9 @@ class ModelPool:
         # instead of failing when none is live. Unloaded by an operator: refused at once.
         self.wakeable = False
         self.unloaded = False
+        # Why its workers cannot start (its model fails to load), once an engine gave up on it: its
+        # requests are answered 503 with this at once, until an operator loads it again.
+        self.unavailable: str | None = None
         # Load as the autoscaler reads it: counters it differentiates over its sampling interval.
         self.arrivals = 0
         self.busy_ms = 0.0  # model time spent on this version's requests
@@ -165,7 +168,12 @@ class ModelPool:
     @property
     def asleep(self) -> bool:
         """No worker now, but an engine starts one for the first request: servable after a delay."""
-        return self.wakeable and not self.unloaded and not any(w.accepting for w in self.workers)
+        return (
+            self.wakeable
+            and not self.unloaded
+            and self.unavailable is None
+            and not any(w.accepting for w in self.workers)
+        )
 
     @property
     def capacity(self) -> int:
@@ -245,6 +253,8 @@ class ModelTable:
         pool = self._find(model, version)
         if pool.unloaded:
             raise RequestFailed(f"model '{model}' version {pool.spec.version} is unloaded", 404)
+        if pool.unavailable is not None and not pool.ready:
+            raise RequestFailed(f"model '{model}' version {pool.spec.version} is unavailable: {pool.unavailable}", 503)
         return pool
 
     def _find(self, model: str, version: str | None) -> ModelPool:
@@ -274,7 +284,7 @@ class ModelTable:
         """Every model can be served: a live worker, or an engine that starts one for the first request
         (asleep). Unloaded models do not count."""
         live = [vs for vs in self.models.values() if any(not p.unloaded for p in vs.values())]
-        return bool(live) and all(any(p.ready or p.wakeable for p in vs.values()) for vs in live)
+        return bool(live) and all(any(p.ready or p.asleep for p in vs.values()) for vs in live)
 
 
 def rows_of(arrays: dict[str, np.ndarray]) -> int:

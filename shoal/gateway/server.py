@@ -368,6 +368,7 @@ class Gateway:
                     "ready": pool.ready,
                     "asleep": pool.asleep,
                     "unloaded": pool.unloaded,
+                    "unavailable": pool.unavailable,
                     "queue": len(pool.queue),
                     "in_flight": pool.in_flight,
                     "capacity": pool.capacity,
