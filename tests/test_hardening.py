@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -164,6 +165,76 @@ def test_image_decoding_fails_only_with_image_error(data):
 def test_an_empty_image_batch_is_an_image_error():
     with pytest.raises(ImageError, match="no images"):
         decode_images(np.empty(0, dtype=object), ImageSpec("image"))
+
+
+def test_a_request_over_the_pixel_budget_is_413_before_decoding_and_others_keep_their_speed(cluster, digit):
+    """64 PNGs of 39.7 MP each in one 2.5 MB request once took 30 s of a worker's time while another
+    client waited. The pixels of a request are summed from the images' headers before any is decoded:
+    over the model's budget, 413 naming it, and a second client's p99 stays within 2x of quiet."""
+    lc = cluster()
+    lc.add_worker("mnist-cnn")
+    lc.wait_workers("mnist-cnn", 1)
+    b = io.BytesIO()
+    Image.new("L", (6300, 6300)).save(b, "PNG")  # 39.7 MP, a few tens of kB
+    bomb = {"image": np.array([b.getvalue()] * 64, dtype=object)}
+    good, label = digit
+
+    def p99_of_others(n: int = 150) -> float:
+        times = []
+        with lc.client() as c:
+            for _ in range(n):
+                t = time.perf_counter()
+                assert int(np.argmax(c.infer_raw("mnist-cnn", good)["logits"])) == label
+                times.append(time.perf_counter() - t)
+        return float(np.percentile(times, 99))
+
+    quiet = p99_of_others()
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def attack() -> None:  # ten a second: moving 2.5 MB costs every request some time, bounded or not
+        with lc.client(timeout=120) as c:
+            while not stop.wait(0.1):
+                with pytest.raises(InferError) as e:
+                    c.infer("mnist-cnn", bomb)
+                refused.append(f"{e.value.status} {e.value}")
+
+    t = threading.Thread(target=attack)
+    t.start()
+    try:
+        _wait_for(lambda: refused, 60, "the first oversized request was not answered")
+        busy = p99_of_others()
+    finally:
+        stop.set()
+        t.join(120)
+    assert refused and all(r.startswith("413 ") and "pixels per request" in r for r in refused), refused[:2]
+    assert "2540160000 pixels in all" in refused[0]  # 64 x 6300 x 6300, read from the headers
+    # 2x the quiet p99, plus 5 ms for the scheduling noise of a shared two-core machine.
+    assert busy <= 2 * quiet + 0.005, (quiet, busy, len(refused))
+
+
+def _wait_for(cond, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while not (got := cond()):
+        if time.monotonic() > end:
+            raise TimeoutError(what)
+        time.sleep(0.02)
+    return got
+
+
+def test_the_pixel_budget_comes_from_the_manifest_or_fits_the_models_input():
+    from shoal.modelrepo.manifest import pixel_budget
+
+    assert pixel_budget(ImageSpec("image", size=(28, 28)), 64) == 3840 * 2160  # at least a 4K frame
+    assert pixel_budget(ImageSpec("image", size=(1024, 1024)), 8) == 4 * 8 * 1024 * 1024  # a batch, 4x
+    assert pixel_budget(ImageSpec("image", max_pixels=1000), 64) == 1000
+    b = io.BytesIO()
+    Image.new("L", (40, 30)).save(b, "PNG")
+    two = np.array([b.getvalue()] * 2, dtype=object)
+    assert decode_images(two, ImageSpec("image"), budget=2400).shape == (2, 1, 28, 28)
+    with pytest.raises(ImageError, match="2400 pixels in all, over this model's 2399") as e:
+        decode_images(two, ImageSpec("image"), budget=2399)
+    assert e.value.status == 413
 
 
 # -------------------------------------------------------------------------------- size limits

@@ -68,6 +68,24 @@ class ImageSpec:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     layout: str = "NCHW"
+    # Pixels one request's images may hold in all (summed over its batch, read from their headers
+    # before any is decoded). None: ``pixel_budget`` picks one that fits the model's input.
+    max_pixels: int | None = None
+
+
+# A 4K UHD frame: any camera frame a device sends, whatever the model's input size.
+DEFAULT_MIN_PIXEL_BUDGET = 3840 * 2160
+
+
+def pixel_budget(image: ImageSpec, max_batch_size: int) -> int:
+    """The pixels one request's images may hold in all: the manifest's ``image.max_pixels``, else the
+    larger of a 4K frame and four times a full batch of the model's input. Decoding costs time in
+    proportion to pixels, on the worker's one inference thread; this bounds what one request can
+    make every other request on that worker wait."""
+    if image.max_pixels is not None:
+        return image.max_pixels
+    w, h = image.size
+    return max(DEFAULT_MIN_PIXEL_BUDGET, 4 * max(1, max_batch_size) * w * h)
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,8 @@ class Manifest:
             img["size"] = list(self.image.size)
             img["mean"] = list(self.image.mean)
             img["std"] = list(self.image.std)
+            if img["max_pixels"] is None:
+                del img["max_pixels"]
             d["image"] = img
         if self.handler:
             d["handler"] = self.handler
@@ -142,6 +162,7 @@ class _ImageDoc(msgspec.Struct, forbid_unknown_fields=True):
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     layout: str = "NCHW"
+    max_pixels: int | None = None
 
 
 class _ManifestDoc(msgspec.Struct, kw_only=True):
@@ -224,7 +245,11 @@ def parse_manifest(d: Any, where: str = "manifest") -> Manifest:
             raise ManifestError(f"{w}.input: '{im.input}' is not an input")
         if im.mode not in ("L", "RGB") or im.layout not in ("NCHW", "NHWC"):
             raise ManifestError(f"{w}: mode must be L or RGB, layout NCHW or NHWC, size [width, height]")
-        image = ImageSpec(im.input, im.mode, im.size, im.scale, tuple(im.mean), tuple(im.std), im.layout)
+        if im.max_pixels is not None and im.max_pixels < 1:
+            raise ManifestError(f"{w}.max_pixels: must be a positive number of pixels (or absent)")
+        image = ImageSpec(
+            im.input, im.mode, im.size, im.scale, tuple(im.mean), tuple(im.std), im.layout, im.max_pixels
+        )
     if runtime == "python" and not doc.handler:
         raise ManifestError(f"{where}.handler: the python runtime needs 'module:Class'")
     return Manifest(

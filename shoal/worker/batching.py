@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.modelrepo.manifest import Manifest
+from shoal.modelrepo.manifest import Manifest, pixel_budget
 from shoal.worker.batch_policy import ArrivalRate, wait_s
 from shoal.worker.images import ImageError, decode_images
 from shoal.worker.runtimes import Runtime
@@ -133,6 +133,7 @@ class InferenceEngine:
         self.max_rows = manifest.max_batch_size
         self.delay_s = manifest.batch_delay_ms / 1000.0
         self.image = manifest.image
+        self.pixel_budget = pixel_budget(manifest.image, manifest.max_batch_size) if manifest.image else None
         self.post = post
         self.on_done = on_done
         self.on_fatal = on_fatal or (lambda reason: None)
@@ -204,9 +205,9 @@ class InferenceEngine:
                 a = item.inputs.get(img.input)
                 if a is not None and a.dtype == object:
                     try:
-                        item.inputs[img.input] = decode_images(a, img)
+                        item.inputs[img.input] = decode_images(a, img, self.pixel_budget)
                     except ImageError as e:
-                        errors.append(Done(item, error=f"input '{img.input}': {e}", status=400))
+                        errors.append(Done(item, error=f"input '{img.input}': {e}", status=e.status))
                         return False
             first = next(iter(item.inputs.values()), None)
             item.rows = int(first.shape[0]) if first is not None and first.ndim else 1
