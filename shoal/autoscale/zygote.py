@@ -3,16 +3,21 @@ milliseconds instead of the second or two an interpreter takes to import numpy, 
 shoal before it can load its model (most of a new worker's start-up, and so of the time a scale-up
 or a wake from zero takes).
 
-Run as ``python -m shoal.autoscale.zygote`` by the engine, which speaks to it in JSON lines:
+Run as ``python -m shoal.autoscale.zygote`` by the engine, which speaks to it in JSON lines over the
+pipes it gave as stdin and stdout:
 
-* in, on stdin: ``{"argv": [...], "env": {...}, "log": "path"}``: start ``shoal`` with these
-  arguments (``worker ...``), these environment variables added, its output in that file;
-* out, on stdout: ``{"started": pid}`` or ``{"error": "why"}`` for each command, in order, and
+* in: ``{"argv": [...], "env": {...}, "log": "path"}``: start ``shoal`` with these arguments
+  (``worker ...``), these environment variables added, its output in that file;
+* out: ``{"started": pid}`` or ``{"error": "why"}`` for each command, in order, and
   ``{"exited": pid, "code": n}`` when a child ends.
 
-It imports, then forks for each command; it starts no thread and no event loop itself, so a child
-starts from a clean state and creates its own. When its stdin closes (the gateway has gone), it
-asks its children to drain (SIGTERM) and exits.
+At start it moves both pipes off descriptors 0 and 1 and closes every other descriptor it inherited;
+each child closes the two pipes first thing after the fork. So a worker holds no copy of them: it can
+neither read the commands nor write a report, and when this process dies the engine reads end-of-file
+at once. It imports, then forks for each command; it starts no thread and no event loop itself, so a
+child starts from a clean state and creates its own. It ignores SIGINT (Ctrl+C reaches the whole
+process group; the gateway decides when it stops): when its stdin closes, it asks its children to
+drain (SIGTERM), waits for them and exits.
 """
 
 from __future__ import annotations
@@ -23,6 +28,27 @@ import selectors
 import signal
 import sys
 from typing import Any
+
+
+def _take_channel() -> tuple[int, int]:
+    """The command and report pipes, moved off stdin and stdout; nothing else inherited stays open
+    (uvloop, for one, leaves a copy of each pipe end in the child it spawns)."""
+    try:
+        inherited = [int(n) for n in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: the usual range
+        inherited = list(range(3, 1024))
+    for fd in inherited:
+        if fd > 2:
+            try:
+                os.close(fd)
+            except OSError:  # the listing's own descriptor, already closed
+                pass
+    cmd, rep = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)  # a stray print while importing goes to the gateway's log, never into the reports
+    return cmd, rep
 
 
 def _preload() -> None:
@@ -43,7 +69,8 @@ def _preload() -> None:
 
 
 def _child(cmd: dict[str, Any]) -> None:
-    """In the forked process: become the worker. Never returns."""
+    """In the forked process, once the zygote's own descriptors are closed: become the worker.
+    Never returns."""
     code = 1
     try:
         fd = os.open(cmd["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -56,7 +83,7 @@ def _child(cmd: dict[str, Any]) -> None:
         sys.stdin = open(0, closefd=False)  # noqa: SIM115
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):  # SIGINT: ignored by the zygote
             signal.signal(sig, signal.SIG_DFL)
         os.environ.update(cmd.get("env") or {})
         from shoal.cli import main
@@ -76,45 +103,64 @@ def _child(cmd: dict[str, Any]) -> None:
             os._exit(code)
 
 
-def _say(msg: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(msg) + "\n")
-    sys.stdout.flush()
+def _say(fd: int, msg: dict[str, Any]) -> bool:
+    """Write one report; False once the engine has gone."""
+    data = (json.dumps(msg) + "\n").encode()
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError:  # EPIPE: the gateway has gone
+        return False
+    return True
 
 
 def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cmd_fd, rep_fd = _take_channel()
     _preload()
     children: set[int] = set()
     sel = selectors.DefaultSelector()
-    sel.register(sys.stdin, selectors.EVENT_READ)
+    sel.register(cmd_fd, selectors.EVENT_READ)
     buf = b""
-    stdin = sys.stdin.buffer
     open_ = True
+
+    def close() -> None:  # the gateway has gone, or stops: its workers drain and leave
+        nonlocal open_
+        if not open_:
+            return
+        open_ = False
+        sel.unregister(cmd_fd)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     while open_ or children:
         for _key, _ in sel.select(timeout=0.05 if children else 1.0):
-            chunk = os.read(stdin.fileno(), 65536)
+            chunk = os.read(cmd_fd, 65536)
             if not chunk:
-                open_ = False
-                sel.unregister(sys.stdin)
-                for pid in children:  # the gateway has gone: its workers drain and leave
-                    try:
-                        os.kill(pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
+                close()
                 break
             buf += chunk
-            while b"\n" in buf:
+            while open_ and b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 try:
                     cmd = json.loads(line)
                     pid = os.fork()
                 except (ValueError, OSError) as e:
-                    _say({"error": f"{type(e).__name__}: {e}"})
+                    if not _say(rep_fd, {"error": f"{type(e).__name__}: {e}"}):
+                        close()
                     continue
                 if pid == 0:
+                    # Before anything else runs in the child: it must hold neither pipe.
+                    os.close(cmd_fd)
+                    os.close(rep_fd)
                     sel.close()
                     _child(cmd)
                 children.add(pid)
-                _say({"started": pid})
+                if not _say(rep_fd, {"started": pid}):
+                    close()
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -123,7 +169,7 @@ def main() -> int:
             if pid == 0:
                 break
             children.discard(pid)
-            _say({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
+            _say(rep_fd, {"exited": pid, "code": os.waitstatus_to_exitcode(status)})
     return 0
 
 
