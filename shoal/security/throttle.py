@@ -1,5 +1,5 @@
-"""Failed-login throttling: exponential back-off per key (an account, a source address), as a pure
-policy. The caller passes the clock; nothing here sleeps, logs or touches the network.
+"""Failed-login throttling: exponential back-off per key (an account, a device cookie, a source address),
+as a pure policy. The caller passes the clock; nothing here sleeps, logs or touches the network.
 
 A key may fail ``free`` times without delay (a person mistyping a password); each failure after that
 blocks the key for ``base_s * 2**k`` seconds (k = 0, 1, 2, ...), at most ``cap_s``. While blocked, an
@@ -64,6 +64,11 @@ class Throttle:
             del self._records[key]
             return None
         return r
+
+    def failures(self, key: Hashable, now: float) -> int:
+        """Failures of ``key`` not yet forgotten."""
+        r = self._live(key, now)
+        return 0 if r is None else r.failures
 
     def retry_after(self, key: Hashable, now: float) -> float:
         """Seconds until ``key`` may try again; 0.0 when it may try now."""
