@@ -20,6 +20,9 @@ Rules:
 * Central has no route yet (404 "no live cluster", or 503 right after central or a cluster starts):
   ask again with back-off for the same few seconds, then give up with central's message.
 * Any other 4xx is the device's own mistake: raised at once with the cluster's message.
+* Central hands a device cookie (``Shoal-Device-Cookie``) after each full password check; the client
+  keeps the latest and sends it to central with its password, so a client that logged in before is
+  let in while someone guesses its password (docs/security.md).
 
 Images (PNG/JPEG bytes) are sent as they are and decoded in the cluster; tensors travel with the
 binary tensor extension, compressed with zstd when larger than ``compress_above`` bytes.
@@ -41,6 +44,7 @@ from shoal.protocol.compression import compress
 from shoal.protocol.oip import build_infer_request, parse_infer_response
 
 RETRY_STATUSES = (502, 503, 504)
+COOKIE_HEADER = "Shoal-Device-Cookie"
 RENEW_BEFORE_S = 10.0
 
 
@@ -233,6 +237,20 @@ class ClientCore:
         self.routes: dict[tuple[str, str | None], Route] = {}
         self.last_routes: dict[tuple[str, str | None], Route] = {}  # kept after a failure, for outages
         self.labels: dict[tuple[str, str, str], dict[str, list[str]]] = {}  # (cluster, model, version)
+        self.cookie: str | None = None  # central's device cookie: this client logged in before
+
+    def _central_headers(self, json_body: bool = True) -> dict[str, str]:
+        headers = {"Authorization": self.auth}
+        if json_body:
+            headers["Content-Type"] = "application/json"
+        if self.cookie:
+            headers[COOKIE_HEADER] = self.cookie
+        return headers
+
+    def _keep_cookie(self, reply: Reply) -> None:
+        cookie = reply.headers.get(COOKIE_HEADER.lower())
+        if cookie:  # only after a correct password, whatever the answer (a 404 "no cluster" too)
+            self.cookie = cookie
 
     # ---------------------------------------------------------------------------------- routes
 
@@ -248,7 +266,7 @@ class ClientCore:
             body["version"] = version
         if exclude:
             body["exclude"] = sorted(exclude)
-        headers = {"Authorization": self.auth, "Content-Type": "application/json"}
+        headers = self._central_headers()
         last: Exception | None = None
         for url in self.centrals:
             try:
@@ -257,6 +275,7 @@ class ClientCore:
                 last = e
                 continue
             assert reply is not None
+            self._keep_cookie(reply)
             if reply.status == 404 and exclude:  # every cluster failed once: try them all again
                 return (yield from self.route(model, version, set()))
             r = self._parse_route(reply, model, version)
@@ -405,12 +424,13 @@ class ClientCore:
         for url in self.centrals:
             try:
                 reply = yield Call(
-                    "GET", f"{url}/v1/commands?wait={wait_s:g}", None, {"Authorization": self.auth}, wait_s + timeout
+                    "GET", f"{url}/v1/commands?wait={wait_s:g}", None, self._central_headers(False), wait_s + timeout
                 )
             except Unreachable as e:
                 last = e
                 continue
             assert reply is not None
+            self._keep_cookie(reply)
             if reply.status != 200:
                 raise RouteError(f"central: HTTP {reply.status}: {error_message(reply.data)}", reply.status)
             return list(json.loads(reply.data).get("commands", []))
@@ -419,13 +439,14 @@ class ClientCore:
     def ack(self, command_id: int, result: Any = None) -> Flow[None]:
         """Tell central a command was carried out (with an optional result)."""
         body = json.dumps({"result": result}).encode()
-        headers = {"Authorization": self.auth, "Content-Type": "application/json"}
+        headers = self._central_headers()
         for url in self.centrals:
             try:
                 reply = yield Call("POST", f"{url}/v1/commands/{int(command_id)}/ack", body, headers)
             except Unreachable:
                 continue
             assert reply is not None
+            self._keep_cookie(reply)
             if reply.status != 200:
                 raise RouteError(f"central: HTTP {reply.status}: {error_message(reply.data)}", reply.status)
             return
