@@ -14,7 +14,8 @@ pipes it gave as stdin and stdout:
 At start it moves both pipes off descriptors 0 and 1 and closes every other descriptor it inherited;
 each child closes the two pipes first thing after the fork. So a worker holds no copy of them: it can
 neither read the commands nor write a report, and when this process dies the engine reads end-of-file
-at once. It imports, then forks for each command; it starts no thread and no event loop itself, so a
+at once. A child becomes a worker only once its start is reported, so none runs unknown to the
+engine. It imports, then forks for each command; it starts no thread and no event loop itself, so a
 child starts from a clean state and creates its own. It ignores SIGINT (Ctrl+C reaches the whole
 process group; the gateway decides when it stops): when its stdin closes, it asks its children to
 drain (SIGTERM), waits for them and exits.
@@ -147,19 +148,36 @@ def main() -> int:
                 line, buf = buf.split(b"\n", 1)
                 try:
                     cmd = json.loads(line)
-                    pid = os.fork()
+                    gate, go = os.pipe()
+                    try:
+                        pid = os.fork()
+                    except OSError:
+                        os.close(gate)
+                        os.close(go)
+                        raise
                 except (ValueError, OSError) as e:
                     if not _say(rep_fd, {"error": f"{type(e).__name__}: {e}"}):
                         close()
                     continue
                 if pid == 0:
-                    # Before anything else runs in the child: it must hold neither pipe.
+                    # Before anything else runs in the child: it must hold neither pipe...
                     os.close(cmd_fd)
                     os.close(rep_fd)
+                    os.close(go)
                     sel.close()
+                    # ...and it goes on only once its start is reported: if this process died
+                    # first, it would run with nobody to manage it.
+                    if os.read(gate, 1) != b"1":
+                        os._exit(1)
+                    os.close(gate)
                     _child(cmd)
+                os.close(gate)
                 children.add(pid)
-                if not _say(rep_fd, {"started": pid}):
+                reported = _say(rep_fd, {"started": pid})
+                if reported:
+                    os.write(go, b"1")
+                os.close(go)
+                if not reported:
                     close()
         while children:
             try:
