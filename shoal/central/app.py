@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
+from shoal.central.auth import COOKIE_HEADER
 from shoal.central.errors import HttpError
 from shoal.protocol.central_messages import Error
 
@@ -202,23 +203,26 @@ def _endpoint(central: Central, op: Operation) -> Callable[[Request], Awaitable[
     auth = central.auth
 
     async def endpoint(request: Request) -> Response:
+        cookie = None
         try:
             body = await read_body(request, limit)
             who = ""
             if op.credentials is not None:
                 client = request.client
-                who = await auth.check(
+                who, cookie = await auth.check(
                     request.headers.get("authorization"),
                     client.host if client else "?",
                     op.credentials.kind,
                     op.credentials.session,
+                    request.headers.get(COOKIE_HEADER),
                 )
             params = convert(request.path_params, op.params, "path parameter") if op.params else {}
             query = convert(request.query_params, op.query, "query parameter") if request.scope["query_string"] else {}
             value = decode_body(decoder, body, op.body_optional)
             answer = await op.handler(central, Call(request, who, value, params, query))
+            response = answer if isinstance(answer, Response) else respond(encoder.encode(answer), op.status)
         except HttpError as e:
-            return error(e.status, e.message, e.headers)
+            response = error(e.status, e.message, e.headers)
         except DATABASE_ERRORS as e:
             log.warning(
                 "database error answering %s %s: %s", op.method, request.url.path, str(e).splitlines()[0][:200]
@@ -227,9 +231,9 @@ def _endpoint(central: Central, op: Operation) -> Callable[[Request], Awaitable[
         except Exception:
             log.exception("error answering %s %s", op.method, request.url.path)
             return error(500, "internal error (see the central's log)")
-        if isinstance(answer, Response):
-            return answer
-        return respond(encoder.encode(answer), op.status)
+        if cookie is not None:  # a full password check passed: the client's proof at its next logins
+            response.headers[COOKIE_HEADER] = cookie
+        return response
 
     return endpoint
 

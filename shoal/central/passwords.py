@@ -1,10 +1,15 @@
-"""Password hashing (scrypt, stdlib) and a short-lived cache of successful checks.
+"""Password hashing (scrypt, stdlib), a short-lived cache of successful checks, and what stands in for
+a check when there is none to run.
 
 A hash is stored as ``scrypt$n$r$p$salt$digest`` (salt and digest in base64url), so the cost can be
 raised later without invalidating existing accounts. Checks compare in constant time. scrypt is slow on
-purpose (about 50 ms), so a successful check is remembered for a few seconds under a keyed hash of
+purpose (about 30-50 ms), so a successful check is remembered for a few seconds under a keyed hash of
 name and password (HMAC with a key drawn when the process starts): a device that routes many times a
-second pays the KDF once, and the cache never holds anything that reveals the password.
+second pays the KDF once, and the cache never holds anything that reveals the password. The cache keeps
+a check for a longer *stale* time too, used only while the database does not answer (``Outage``).
+
+A name that does not exist runs no hash: its answer waits as long as a recent check took
+(``HashTimes``), so timing does not say which names exist and guessing fresh names costs no CPU.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import base64
 import hashlib
 import hmac
 import os
+import random
 import time
+from collections import deque
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -55,13 +62,27 @@ def verify_password(password: str, stored: str) -> bool:
         return False
 
 
-# Checked against when the account does not exist, so an unknown name costs as much as a wrong password
-# and response time does not say which names exist.
-_DUMMY_HASH = hash_password("shoal-no-such-account", n=SCRYPT_N)
+def _time_one_hash() -> float:
+    t = time.perf_counter()
+    hash_password("shoal-no-such-account")
+    return time.perf_counter() - t
 
 
-def burn_time(password: str) -> None:
-    verify_password(password, _DUMMY_HASH)
+class HashTimes:
+    """How long recent password checks took (from asking for a hashing slot to the answer): a login for
+    a name that does not exist waits a time drawn from these instead of running a hash, so its answer
+    comes as late, and spreads as widely, as a wrong password's."""
+
+    def __init__(self, keep: int = 64, first: float | None = None) -> None:
+        self._times: deque[float] = deque(maxlen=keep)
+        self._times.append(_time_one_hash() if first is None else first)
+        self._rng = random.Random()
+
+    def record(self, seconds: float) -> None:
+        self._times.append(seconds)
+
+    def sample(self) -> float:
+        return self._rng.choice(self._times)
 
 
 def check_new_password(password: object) -> str | None:
@@ -76,36 +97,76 @@ def check_new_password(password: object) -> str | None:
 
 
 class VerifiedCache:
-    """Remembers (kind, name, password) triples that checked out, for ``ttl_s`` seconds.
+    """Remembers (kind, name, password) triples that checked out: *fresh* for ``ttl_s`` seconds, then
+    *stale* until ``stale_s`` after the check.
 
-    Keys are HMAC-SHA256 under a per-process random key; values are only the expiry. A short TTL bounds
-    how long a removed account or changed password keeps working on a replica.
+    A fresh entry stands for a check. A stale one is for when the database does not answer: the password
+    was right within ``stale_s``, which is better than refusing every device while the database is down.
+    Keys are HMAC-SHA256 under a per-process random key; values are only the time of the check. The
+    short TTL bounds how long a removed account or changed password keeps working on a replica while the
+    database answers; ``stale_s`` how long while it does not.
     """
 
-    def __init__(self, ttl_s: float = 10.0, max_entries: int = 100_000) -> None:
+    def __init__(self, ttl_s: float = 10.0, stale_s: float | None = None, max_entries: int = 100_000) -> None:
         self.ttl_s = ttl_s
+        self.stale_s = max(ttl_s, ttl_s if stale_s is None else stale_s)
         self.max_entries = max_entries
         self._key = os.urandom(32)
-        self._entries: dict[bytes, float] = {}
+        self._entries: dict[bytes, float] = {}  # oldest check first
 
     def _k(self, kind: str, name: str, password: str) -> bytes:
         msg = b"\x00".join((kind.encode(), name.encode("utf-8"), password.encode("utf-8", "surrogatepass")))
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
-    def hit(self, kind: str, name: str, password: str, now: float | None = None) -> bool:
+    def _age(self, kind: str, name: str, password: str, now: float | None) -> float | None:
         k = self._k(kind, name, password)
-        exp = self._entries.get(k)
-        if exp is None:
-            return False
-        if (time.monotonic() if now is None else now) < exp:
-            return True
-        del self._entries[k]
-        return False
+        at = self._entries.get(k)
+        if at is None:
+            return None
+        age = (time.monotonic() if now is None else now) - at
+        if age >= self.stale_s:
+            del self._entries[k]
+            return None
+        return age
+
+    def hit(self, kind: str, name: str, password: str, now: float | None = None) -> bool:
+        """Checked within ``ttl_s``."""
+        age = self._age(kind, name, password, now)
+        return age is not None and age < self.ttl_s
+
+    def hit_stale(self, kind: str, name: str, password: str, now: float | None = None) -> bool:
+        """Checked within ``stale_s``: for when the database does not answer."""
+        return self._age(kind, name, password, now) is not None
 
     def add(self, kind: str, name: str, password: str, now: float | None = None) -> None:
-        if len(self._entries) >= self.max_entries:
-            self._entries.clear()
-        self._entries[self._k(kind, name, password)] = (time.monotonic() if now is None else now) + self.ttl_s
+        k = self._k(kind, name, password)
+        self._entries.pop(k, None)  # to the end: the dict stays ordered by the time of the check
+        while len(self._entries) >= self.max_entries:
+            del self._entries[next(iter(self._entries))]
+        self._entries[k] = time.monotonic() if now is None else now
 
     def forget_all(self) -> None:
         self._entries.clear()
+
+
+class Outage:
+    """Whether the database answered central's last query about credentials. While it did not, the
+    credentials checked within the stale time are honoured without asking it again (each asking would
+    wait the whole query timeout), and one query at a time finds out when it is back."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.since: float | None = None
+
+    def failed(self, now: float) -> bool:
+        """A query got no answer; True when this starts an outage (log that one)."""
+        started = not self.down
+        if started:
+            self.down, self.since = True, now
+        return started
+
+    def answered(self) -> bool:
+        """A query was answered; True when this ends an outage."""
+        ended = self.down
+        self.down, self.since = False, None
+        return ended
