@@ -1,6 +1,7 @@
 """Credentials carry only what they need (the role matrix of docs/security.md, enforced by a real
-gateway), login guessing is throttled at central without starving legitimate devices, and a hung
-database makes central answer 503 instead of hanging."""
+gateway), login guessing is throttled at central without starving legitimate devices (from one address,
+from 250 rotating ones, from the devices' own shared address), and a hung database makes central answer
+503 instead of hanging while devices checked recently keep routing."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from shoal.bench.security import measure_login_guessing
+from shoal.central.auth import GUESS_BUDGET_BURST, GUESS_BUDGET_PER_S
 from shoal.client.http import OipHttpClient
 from shoal.local import LocalCentral
 from shoal.security.tokens import sign_token
@@ -138,6 +140,25 @@ def test_password_guessing_is_throttled_and_others_keep_their_speed(tmp_path):
     assert r["first_route_ratio"] < 3.0, r
 
 
+def test_a_guesser_rotating_addresses_and_fresh_names_gets_no_hash_and_slows_no_one(tmp_path):
+    r = measure_login_guessing(tmp_path, "rotating", seconds=10.0, devices=6)
+    # Names that do not exist run no hash; the budget bounds failed checks anyway (a burst of 10).
+    assert r["guesses_hash_checked"] <= GUESS_BUDGET_BURST, r
+    assert r["guesses"] >= 1000, r  # at full speed (the old rules hashed each: 47 a second)
+    assert r["first_logins_refused"] == 0 and r["first_route_ratio"] < 3.0, r
+
+
+def test_guessing_from_a_shared_address_locks_out_no_first_login_nor_a_known_client(tmp_path):
+    # One client at 127.0.0.1 guesses 17 devices' passwords, one of them a device that logged in before;
+    # new devices and the operator log in from the same address meanwhile.
+    r = measure_login_guessing(tmp_path, "shared-address", seconds=14.0, devices=6, known=1)
+    assert r["first_logins_refused"] == 0 and r["operator_refused"] is None, r
+    assert r["known_clients_let_in"] == "1/1", r
+    # Hash checks: a first guess per account, then the budget's burst and rate.
+    assert r["guesses_hash_checked"] <= 17 + GUESS_BUDGET_BURST + GUESS_BUDGET_PER_S * r["seconds"], r
+    assert r["first_route_ratio"] < 3.0, r
+
+
 # ---------------------------------------------------------------------------- a hung database
 
 
@@ -184,36 +205,52 @@ class FreezableProxy:
         self.listener.close()
 
 
-def test_a_hung_database_makes_routes_503_not_hang(tmp_path, pg_url):
+HANG_S = 15.0  # past the 10 s a check stays fresh in central's cache
+
+
+def test_a_hung_database_makes_new_logins_503_and_keeps_recent_ones_routing(tmp_path, pg_url):
     from urllib.parse import urlsplit
 
     u = urlsplit(pg_url)
     proxy = FreezableProxy((u.hostname or "127.0.0.1", u.port or 5432))
     db = pg_url.replace(f"{u.hostname}:{u.port or 5432}", f"127.0.0.1:{proxy.port}")
+
+    def route(conn: http.client.HTTPConnection, device: str, password: str = "device-password") -> tuple[int, dict]:
+        auth = "Basic " + base64.b64encode(f"{device}:{password}".encode()).decode()
+        conn.request("POST", "/v1/route", b'{"model": "echo"}', {"Authorization": auth, **JSON})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+
     try:
         with LocalCentral(tmp_path, db=db, extra_args=["--db-timeout", "1", "--startup-grace", "0"]).start() as c:
             c.add_account("device", "cam-new", "device-password")
-            proxy.moving.clear()
-            t = time.monotonic()
-            auth = "Basic " + base64.b64encode(b"cam-new:device-password").decode()
+            c.add_account("device", "cam-steady", "device-password")
             conn = http.client.HTTPConnection("127.0.0.1", c.http_port, timeout=60)
-            conn.request("POST", "/v1/route", b'{"model": "echo"}', {"Authorization": auth, **JSON})
-            r = conn.getresponse()
-            body = json.loads(r.read())
-            waited = time.monotonic() - t
-            assert r.status == 503 and "database" in body["error"], (r.status, body)
-            assert waited < 30  # answered, not hung (the bound is the client's, generous)
+            steady = http.client.HTTPConnection("127.0.0.1", c.http_port, timeout=60)
+            assert route(steady, "cam-steady")[0] == 404  # checked: let in (no cluster serves echo)
+            proxy.moving.clear()
+            hung_at = time.monotonic()
+            # Credentials never checked here: 503, answered, not hung.
+            t = time.monotonic()
+            status, body = route(conn, "cam-new")
+            assert status == 503 and "database" in body["error"], (status, body)
+            assert time.monotonic() - t < 30  # (the bound is the client's, generous)
+            # The device checked just before keeps routing every 0.5 s, past its check's fresh 10 s.
+            answers = []
+            while time.monotonic() < hung_at + HANG_S:
+                answers.append(route(steady, "cam-steady")[0])
+                time.sleep(0.5)
+            assert answers and set(answers) == {404}, answers
+            assert route(steady, "cam-steady", "a-wrong-password")[0] == 503  # no check: no way in
             proxy.moving.set()
             end = time.monotonic() + 30
             while True:  # the database back: routes work again
-                conn.request("POST", "/v1/route", b'{"model": "echo"}', {"Authorization": auth, **JSON})
-                r = conn.getresponse()
-                r.read()
-                if r.status == 404:
+                status, _ = route(conn, "cam-new")
+                if status == 404:
                     break
-                assert time.monotonic() < end, r.status
+                assert time.monotonic() < end, status
                 time.sleep(0.2)
             conn.close()
+            steady.close()
     finally:
         proxy.close()
-
