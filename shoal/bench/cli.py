@@ -17,8 +17,12 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``http-stacks`` the same tiny endpoint on raw ASGI, Starlette and aiohttp: why the gateway is raw ASGI.
 * ``soak``       memory of a gateway and a worker over a long run with workers killed and replaced.
 * ``storage``    the throughput run with result storage off and on: requests/s, gateway CPU per request.
-* ``login-guessing`` a client guessing one device's password at full speed: hash checks it gets, and
-  the first-route latency of other devices meanwhile.
+* ``request-memory`` the gateway's peak memory for one large hostile request (60 MB of one-character
+  JSON strings, of JSON numbers, of two-byte binary BYTES, four at once) and the largest accepted one,
+  and how much that delays another client.
+* ``login-guessing`` password guessers at full speed (one address; 250 rotating addresses with fresh
+  names; the devices' own shared address; a device that logged in before being guessed): hash checks
+  they get, other devices' first-route latency meanwhile, and whether the known device gets in.
 * ``autoscale``  workers started and drained by load: load step to a new worker serving, requests lost
   over 20+ scale events, worker-seconds on a day-shaped trace against a static fleet, wake from zero.
 * ``edge``       the device client's placement policies (local, remote, fastest, cascade, split) on
@@ -52,6 +56,7 @@ SUITES = (
     "storage",
     "soak",
     "http-stacks",
+    "request-memory",
     "login-guessing",
     "autoscale",
     "edge",
@@ -70,6 +75,7 @@ MODULES = {
     "storage": "shoal.bench.storage",
     "soak": "shoal.bench.soak",
     "http-stacks": "shoal.bench.http_stacks",
+    "request-memory": "shoal.bench.big_requests",
     "login-guessing": "shoal.bench.security",
     "autoscale": "shoal.bench.autoscale",
     "edge": "shoal.bench.edge",
