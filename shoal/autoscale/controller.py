@@ -256,7 +256,11 @@ class Autoscaler:
                 if not x.joined and not x.rejoining:
                     why = f"worker {wid} exited with status {code} before joining ({_where(x)})"
                     self._failed(m, now, why)
-                    m.exits_before_joining += 1
+                    # A status it chose (a model that does not load exits 1 or 2) counts towards giving
+                    # up; a kill (negative) or an unknown end (-1: the local engine's pre-started
+                    # interpreter died with it) says nothing about the model: back-off only.
+                    if code > 0:
+                        m.exits_before_joining += 1
                     if m.exits_before_joining >= m.scale.max_start_failures and not m.unavailable:
                         self._give_up(m, why)
                 elif x.drain_at is None and code != 0:
