@@ -286,7 +286,7 @@ def test_tensor_size_is_bounded_before_decoding_and_oversized_frames_never_reach
         # A shape of one element paired with a long list: refused before numpy builds it.
         body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [0.5] * 100_000}]})
         code, _, data = c.request("POST", "/v2/models/echo/infer", body.encode(), JSON)
-        assert code == 400 and "entries" in json.loads(data)["error"]
+        assert code == 400 and "data has more" in json.loads(data)["error"]
         # 3 MB of tensor: within the body limit, beyond the worker's frame limit: 413, never sent.
         with pytest.raises(InferError) as e:
             c.infer("echo", {"x": np.zeros((4, 196_608), np.float32)})
@@ -296,6 +296,32 @@ def test_tensor_size_is_bounded_before_decoding_and_oversized_frames_never_reach
         st_ = c.get_json("/v2/status")[1]
         assert [w["worker_id"] for w in _status_of(c, "echo")["workers"]] == [wid]
         assert st_["departed_workers"] == []
+
+
+def test_a_large_hostile_body_costs_at_most_twice_its_size_and_others_are_served(cluster, model_repo):
+    """60 MB of one-character JSON strings under a shape of one element once took a gateway from 64 MB
+    to 1.3 GB; 60 MB of two-byte binary BYTES to 770 MB. Now each is refused from its text or its
+    declared shape, the gateway's peak stays under twice the body plus 32 MB, and others are served."""
+    from shoal.bench.big_requests import SIZE, _binary_bytes, _json_strings, _post
+    from shoal.bench.process import peak_rss_kb, reset_peak, rss_kb
+
+    lc = cluster()
+    lc.add_worker("mnist-cnn")
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("mnist-cnn", 1)
+    lc.wait_workers("echo", 1)
+    binary, headers = _binary_bytes()
+    for body, h, why in [(_json_strings([1]), {}, "more than 65536 strings"),
+                         (binary, headers, "a BYTES element counts as 1024 bytes")]:
+        base = rss_kb(lc.gateway.pid)
+        reset_peak(lc.gateway.pid)
+        status, error = _post(lc.http_port, lc.api_key, "mnist-cnn", body, h)
+        peak_mb = (peak_rss_kb(lc.gateway.pid) - base) / 1024
+        assert status == 413 and why in error, (status, error)
+        assert peak_mb <= 2 * SIZE / (1 << 20) + 32, peak_mb
+        with lc.client() as c:
+            x = np.ones((1, 4), np.float32)
+            assert np.array_equal(c.infer("echo", {"x": x}, binary=False)["y"], x)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,19 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def peak_rss_kb(pid: int) -> int:
+    """The most resident memory the process has had (since it started, or since ``reset_peak``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak(pid: int) -> None:
+    """Start ``peak_rss_kb`` afresh from the current resident memory (Linux: clear_refs, value 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def percentiles(samples: list[float]) -> tuple[float, float]:
     """p50 and p99 in milliseconds of durations in seconds."""
     a = np.asarray(samples) * 1000.0

@@ -6,6 +6,7 @@ are read once into bytes, responses are written with two ASGI messages.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from shoal.gateway.results_api import record_request, results_action, serve_resu
 from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.oip import (
     HEADER_LENGTH,
+    InferRequest,
     ProtocolError,
     binary_response,
     bind_inputs,
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.gateway")
 _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
+# A JSON part larger than this (or a compressed body) is decoded on a thread, not the event loop.
+BIG_JSON = 1 << 20
+BIG_DECODES = 2  # at once: each holds a body and its decoded tensors
 _ROUTE_ACTION = {"ready": "server", "server": "server", "model": "model", "model_ready": "model", "infer": "infer"}
 
 
@@ -49,6 +54,9 @@ class HttpApp:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.cfg = gw.config
+        # Large bodies are decoded on threads, a few at a time: decoding is chunked, so the event
+        # loop gets the interpreter back between chunks and other clients are not held up.
+        self._big_decodes = asyncio.Semaphore(BIG_DECODES)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -206,17 +214,17 @@ class HttpApp:
             spec = pool.spec
         body = await self._read_body(headers, receive)
         enc = headers.get(b"content-encoding")
-        if enc is not None:
-            try:
-                body = decompress(body, enc.decode("latin-1"), self.cfg.max_body_size)
-            except CompressionError as e:
-                raise ProtocolError(str(e), e.status) from None
         hl_raw = headers.get(HEADER_LENGTH.encode())
         try:
             hl = int(hl_raw) if hl_raw is not None else None
         except ValueError:
             raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
-        req = parse_infer_request(body, hl, self.cfg.max_body_size)
+        encoding = enc.decode("latin-1") if enc is not None else None
+        if encoding is None and (len(body) if hl is None else hl) <= BIG_JSON:
+            req = self._decode(body, None, hl)  # the common case: a small JSON part, decoded here
+        else:
+            async with self._big_decodes:
+                req = await asyncio.to_thread(self._decode, body, encoding, hl)
         arrays = bind_inputs(req, spec.inputs, spec.image_input, spec.max_batch_size)
         if req.outputs is not None:
             known = {o.name for o in spec.outputs}
@@ -276,15 +284,15 @@ class HttpApp:
             if self.gw.results is not None:
                 record_request(self.gw.results, rid, spec, arrays, None, e.status, t0, who.who, str(e))
             raise
-        if self.gw.results is None:
-            out, hlen = encode_infer_response(
-                spec.name, spec.version, req.id, outputs, req.outputs, req.binary_output
-            )
-        else:
-            # Stored under rid, which goes back as the response's id: the device can fetch it later.
-            out, hlen = encode_infer_response(
-                spec.name, spec.version, rid, outputs, req.outputs, req.binary_output
-            )
+        # With result storage the response carries rid: the device can fetch the stored result later.
+        answer_id = req.id if self.gw.results is None else rid
+        encode = (spec.name, spec.version, answer_id, outputs, req.outputs, req.binary_output)
+        if sum(a.nbytes for a in outputs.values()) <= BIG_JSON or req.binary_output:
+            out, hlen = encode_infer_response(*encode)
+        else:  # a large JSON answer is written on a thread, as large requests are read
+            async with self._big_decodes:
+                out, hlen = await asyncio.to_thread(encode_infer_response, *encode)
+        if self.gw.results is not None:
             record_request(self.gw.results, rid, spec, arrays, outputs, 200, t0, who.who)
         ridh = (b"x-request-id", rid.encode("latin-1", "replace"))
         if hlen is None:
@@ -301,6 +309,16 @@ class HttpApp:
                 ],
             )
         self.gw.metrics.observe_response(spec, 200, time.monotonic() - t0)
+
+    def _decode(self, body: bytes, encoding: str | None, hl: int | None) -> InferRequest:
+        """Decompress and parse a body (pure work: the caller picks the thread)."""
+        limit = self.cfg.max_body_size
+        if encoding is not None:
+            try:
+                body = decompress(body, encoding, limit)
+            except CompressionError as e:
+                raise ProtocolError(str(e), e.status) from None
+        return parse_infer_request(body, hl, limit)
 
     async def _repository(self, method: str, path: str, receive: Any, send: Any) -> None:
         """Model management (Triton's repository extension): index, load, unload."""

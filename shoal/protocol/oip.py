@@ -18,6 +18,14 @@ import orjson
 from shoal.modelrepo.manifest import TensorSpec
 from shoal.modelrepo.names import RULE as NAME_RULE
 from shoal.modelrepo.names import valid_name
+from shoal.protocol.json_tensors import (
+    BYTES_ELEMENT_COST,
+    InputDoc,
+    JsonTensorError,
+    decode_envelope,
+    json_numbers,
+    json_strings,
+)
 from shoal.protocol.link_messages import TensorDesc
 from shoal.protocol.tensors import (
     NP_DTYPES,
@@ -150,100 +158,95 @@ def _json_loads(data: bytes | memoryview) -> Any:
         raise ProtocolError(f"malformed JSON: {e}") from None
 
 
-def _json_tensor(t: dict[str, Any], i: int) -> tuple[str, str, tuple[int, ...], Any]:
-    if not isinstance(t, dict):
-        raise ProtocolError(f"inputs[{i}] must be an object")
-    name, dt = t.get("name"), t.get("datatype")
+def _json_tensor(t: InputDoc, i: int) -> tuple[str, str, tuple[int, ...], dict[str, Any]]:
+    name, dt = t.name, t.datatype
     if not isinstance(name, str) or not name:
         raise ProtocolError(f"inputs[{i}].name must be a non-empty string")
     if not isinstance(dt, str) or (dt not in NP_DTYPES and dt != "BYTES"):
         raise ProtocolError(f"input '{name}': unknown datatype {dt!r}")
     try:
-        shape = check_shape(t.get("shape"))
+        shape = check_shape(t.shape)
     except TensorError as e:
         raise ProtocolError(f"input '{name}': {e}") from None
-    params = t.get("parameters") or {}
+    params = t.parameters or {}
     if not isinstance(params, dict):
         raise ProtocolError(f"input '{name}': 'parameters' must be an object")
     return name, dt, shape, params
 
 
-def _array_from_json(name: str, dt: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+def tensor_cost(datatype: str, shape: tuple[int, ...]) -> int:
+    """What a declared tensor is counted as against a request's tensor limit: its bytes, and for
+    BYTES ``BYTES_ELEMENT_COST`` per element (``json_tensors``), whose own lengths the body bounds."""
     count = element_count(shape)
-    # A flat list must hold every element, a nested one a row per batch entry: checked before numpy
-    # builds anything, so a short shape cannot be paired with a huge list.
-    if isinstance(data, list) and shape and len(data) not in (count, shape[0]):
-        raise ProtocolError(
-            f"input '{name}': shape {list(shape)} needs {count} elements, data has {len(data)} entries"
-        )
+    return count * (BYTES_ELEMENT_COST if datatype == "BYTES" else NP_DTYPES[datatype].itemsize)
+
+
+def _array_from_json(
+    name: str, dt: str, shape: tuple[int, ...], raw: Any, max_tensor_bytes: int
+) -> np.ndarray:
     try:
         if dt == "BYTES":
-            flat = np.asarray(data, dtype=object).reshape(-1)
-            items = [x.encode() if isinstance(x, str) else bytes(x) for x in flat]
-            arr = np.empty(len(items), dtype=object)
-            arr[:] = items
-        else:
-            arr = np.asarray(data, dtype=NP_DTYPES[dt]).reshape(-1)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ProtocolError(f"input '{name}': data is not {dt}: {e}") from None
-    if arr.size != count:
-        raise ProtocolError(
-            f"input '{name}': shape {list(shape)} needs {count} elements, data has {arr.size}"
-        )
-    return arr.reshape(shape)
+            return json_strings(raw, shape, max_tensor_bytes // BYTES_ELEMENT_COST, name)
+        return json_numbers(raw, dt, NP_DTYPES[dt], shape, name)
+    except JsonTensorError as e:
+        raise ProtocolError(str(e), e.status) from None
 
 
 def parse_infer_request(
-    body: bytes, header_length: int | None, max_tensor_bytes: int = 1 << 62
+    body: bytes | bytearray | memoryview, header_length: int | None, max_tensor_bytes: int = 1 << 62
 ) -> InferRequest:
     """Parse an infer body. ``header_length`` is the Inference-Header-Content-Length header (None if
     absent: the body is all JSON; 0: the body is the raw single input). The tensors a request
-    declares may hold at most ``max_tensor_bytes`` in all, checked from their shapes before any is
-    built: JSON numbers decode to several times their text size (``1,`` is two bytes of text and
-    eight of FP64)."""
+    declares may hold at most ``max_tensor_bytes`` in all (``tensor_cost``), checked from their
+    shapes before any is built; JSON data is then decoded in bounded chunks (``json_tensors``), so
+    memory follows the body and the declared shapes, never the number of items the text holds."""
     if header_length == 0:
         if not body:
             raise ProtocolError("empty body: send the input (for example an encoded image) as the body")
-        return InferRequest(None, {}, None, raw=body)
+        return InferRequest(None, {}, None, raw=bytes(body) if not isinstance(body, bytes) else body)
+    mv = memoryview(body)
     if header_length is None:
-        jpart, binpart = body, memoryview(b"")
+        jpart, binpart = mv, mv[len(mv) :]
     else:
         if header_length < 0 or header_length > len(body):
             raise ProtocolError(
                 f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes"
             )
-        mv = memoryview(body)
         jpart, binpart = mv[:header_length], mv[header_length:]
-    req = _json_loads(jpart)
-    if not isinstance(req, dict):
-        raise ProtocolError("request body must be a JSON object")
-    inputs = req.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
+    try:
+        req = decode_envelope(jpart)
+    except JsonTensorError as e:
+        raise ProtocolError(str(e), e.status) from None
+    inputs = req.inputs
+    if not inputs:
         raise ProtocolError("request needs a non-empty 'inputs' list")
     if len(inputs) > MAX_TENSORS:
         raise ProtocolError(f"at most {MAX_TENSORS} inputs per request")
-    rid = req.get("id")
+    rid = req.id
     if rid is not None and not (isinstance(rid, str) and valid_request_id(rid)):
         raise ProtocolError(f"'id' must be a string of 1 to {MAX_REQUEST_ID} printable ASCII characters")
-    params = req.get("parameters") or {}
+    params = req.parameters or {}
     if not isinstance(params, dict):
         raise ProtocolError("'parameters' must be an object")
+    declared: list[tuple[str, str, tuple[int, ...], dict[str, Any], InputDoc]] = []
+    total = 0
+    for i, t in enumerate(inputs):
+        name, dt, shape, tparams = _json_tensor(t, i)
+        total += tensor_cost(dt, shape)
+        if total > max_tensor_bytes:
+            each = f"; a BYTES element counts as {BYTES_ELEMENT_COST} bytes" if dt == "BYTES" else ""
+            raise ProtocolError(
+                f"the inputs declare more than {max_tensor_bytes} bytes of tensors (input '{name}' is "
+                f"{dt} {list(shape)}{each})",
+                413,
+            )
+        declared.append((name, dt, shape, tparams, t))
     arrays: dict[str, np.ndarray] = {}
     pos = 0
     used_binary = False
-    declared = 0
-    for i, t in enumerate(inputs):
-        name, dt, shape, tparams = _json_tensor(t, i)
+    for name, dt, shape, tparams, t in declared:  # every shape checked: now the data
         if name in arrays:
             raise ProtocolError(f"input '{name}' given twice")
-        if dt != "BYTES":  # BYTES elements are no larger decoded than in the body
-            declared += element_count(shape) * NP_DTYPES[dt].itemsize
-            if declared > max_tensor_bytes:
-                raise ProtocolError(
-                    f"the inputs declare more than {max_tensor_bytes} bytes of tensors (input '{name}' "
-                    f"is {dt} {list(shape)})",
-                    413,
-                )
         size = tparams.get("binary_data_size")
         if size is not None:
             used_binary = True
@@ -251,7 +254,7 @@ def parse_infer_request(
                 raise ProtocolError(
                     f"input '{name}' has binary_data_size but the request has no Inference-Header-Content-Length"
                 )
-            if not isinstance(size, int) or size < 0 or pos + size > len(binpart):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or pos + size > len(binpart):
                 raise ProtocolError(
                     f"input '{name}': binary_data_size {size} runs past the {len(binpart)} binary bytes"
                 )
@@ -261,25 +264,25 @@ def parse_infer_request(
                 raise ProtocolError(f"input '{name}': {e}") from None
             pos += size
         else:
-            if "data" not in t:
+            if not len(t.data):
                 raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
-            arrays[name] = _array_from_json(name, dt, shape, t["data"])
+            arrays[name] = _array_from_json(name, dt, shape, t.data, max_tensor_bytes)
     if pos != len(binpart):
         raise ProtocolError(
             f"{len(binpart) - pos} binary bytes after the header are not claimed by any input's binary_data_size"
         )
     outputs = None
-    if req.get("outputs") is not None:
-        outs = req["outputs"]
-        if not isinstance(outs, list) or len(outs) > MAX_TENSORS:
+    if req.outputs is not None:
+        outs = req.outputs
+        if len(outs) > MAX_TENSORS:
             raise ProtocolError(f"'outputs' must be a list of at most {MAX_TENSORS} objects")
         outputs = []
         for j, o in enumerate(outs):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            if not isinstance(o.name, str):
                 raise ProtocolError(f"outputs[{j}] must be an object with a 'name'")
-            op = o.get("parameters") or {}
+            op = o.parameters or {}
             binary = bool(op.get("binary_data", used_binary)) if isinstance(op, dict) else used_binary
-            outputs.append(RequestedOutput(o["name"], binary))
+            outputs.append(RequestedOutput(o.name, binary))
     binary_default = bool(params.get("binary_data_output", used_binary))
     return InferRequest(rid, arrays, outputs, params, binary_default)
 
@@ -383,9 +386,13 @@ def _binary_tensor(name: Any, datatype: str, shape: Any, size: int) -> dict[str,
 
 
 def _json_data(arr: np.ndarray) -> Any:
+    """A tensor's JSON ``data``: numbers stay a numpy array, which orjson writes without making a
+    Python object per element (``tolist`` costs about 30 bytes each); float32 is written as the
+    shortest text that reads back to the same float32."""
     if arr.dtype == object:
         return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in arr.reshape(-1)]
-    return arr.reshape(-1).tolist()
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    return flat if flat.dtype.isnative else flat.astype(flat.dtype.newbyteorder("="))
 
 
 def encode_infer_response(
@@ -515,7 +522,7 @@ def build_infer_request(
         req["id"] = request_id
     if outputs is not None:
         req["outputs"] = [{"name": n, "parameters": {"binary_data": binary_output}} for n in outputs]
-    head = orjson.dumps(req)
+    head = orjson.dumps(req, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary:
         return head, None
     return b"".join([head, *blobs]), len(head)

@@ -21,11 +21,21 @@ DATATYPE_OF: dict[np.dtype, str] = {v: k for k, v in NP_DTYPES.items()}
 
 # A shape read from the network has at most this many dimensions (numpy's own limit is 64).
 MAX_DIMS = 32
+# What a BYTES element is counted as against a limit on tensor bytes, whatever its length (which is
+# counted too): its Python object, its slot in an array and the decoder's bookkeeping are about 100
+# bytes; the rest bounds how many of them one request can make a gateway or a worker build (65 536
+# under the default 64 MB limits, far more than any batch of images or strings).
+BYTES_ELEMENT_COST = 1024
 _U32 = struct.Struct("<I")
 
 
 class TensorError(ValueError):
-    """A tensor whose declared datatype, shape and size do not agree."""
+    """A tensor whose declared datatype, shape and size do not agree (``status`` 400), or one larger
+    than a decoder takes (413)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def datatype_of(arr: np.ndarray) -> str:
@@ -59,8 +69,11 @@ def encode_bytes_elements(items: list[bytes] | np.ndarray) -> bytes:
     return bytes(out)
 
 
-def decode_bytes_elements(buf: bytes | memoryview, count: int) -> np.ndarray:
-    """Split a BYTES buffer into exactly ``count`` elements; every length is checked first."""
+def decode_bytes_elements(buf: bytes | memoryview, count: int, max_elements: int | None = None) -> np.ndarray:
+    """Split a BYTES buffer into exactly ``count`` elements (at most ``max_elements``: each becomes a
+    Python object); every length is checked first."""
+    if max_elements is not None and count > max_elements:
+        raise TensorError(f"a BYTES tensor of {count} elements; at most {max_elements} are taken", 413)
     mv = memoryview(buf)
     items: list[bytes] = []
     pos = 0
@@ -92,11 +105,13 @@ def to_buffer(arr: np.ndarray) -> tuple[str, tuple[int, ...], bytes | memoryview
     return dt, tuple(a.shape), memoryview(a).cast("B")
 
 
-def from_buffer(datatype: str, shape: tuple[int, ...], buf: bytes | memoryview) -> np.ndarray:
+def from_buffer(
+    datatype: str, shape: tuple[int, ...], buf: bytes | memoryview, max_bytes_elements: int | None = None
+) -> np.ndarray:
     """The array a (datatype, shape, bytes) triple describes, after checking that they agree."""
     count = element_count(shape)
     if datatype == "BYTES":
-        return decode_bytes_elements(buf, count).reshape(shape)
+        return decode_bytes_elements(buf, count, max_bytes_elements).reshape(shape)
     dt = NP_DTYPES.get(datatype)
     if dt is None:
         raise TensorError(f"unknown datatype '{datatype}'")
@@ -117,9 +132,13 @@ def pack_tensors(arrays: dict[str, np.ndarray]) -> tuple[list[TensorDesc], list[
     return specs, bufs
 
 
-def unpack_tensors(specs: list[TensorDesc], payload: bytes | memoryview) -> dict[str, np.ndarray]:
-    """Inverse of ``pack_tensors``; sizes must add up to the payload exactly. (The descriptions'
-    types were checked when their header was decoded; sizes and shapes are checked here.)"""
+def unpack_tensors(
+    specs: list[TensorDesc], payload: bytes | memoryview, max_bytes_elements: int | None = None
+) -> dict[str, np.ndarray]:
+    """Inverse of ``pack_tensors``; sizes must add up to the payload exactly, and BYTES tensors hold
+    at most ``max_bytes_elements`` elements in all. (The descriptions' types were checked when their
+    header was decoded; sizes and shapes are checked here.)"""
+    left = max_bytes_elements
     mv = memoryview(payload)
     out: dict[str, np.ndarray] = {}
     pos = 0
@@ -130,7 +149,9 @@ def unpack_tensors(specs: list[TensorDesc], payload: bytes | memoryview) -> dict
         shape = check_shape(s.shape)
         if pos + size > len(mv):
             raise TensorError(f"tensor '{s.name}' claims {size} bytes beyond the payload")
-        out[s.name] = from_buffer(s.datatype, shape, mv[pos : pos + size])
+        out[s.name] = a = from_buffer(s.datatype, shape, mv[pos : pos + size], left)
+        if left is not None and s.datatype == "BYTES":
+            left -= a.size
         pos += size
     if pos != len(mv):
         raise TensorError(f"payload has {len(mv) - pos} bytes not claimed by any tensor")

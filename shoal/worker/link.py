@@ -48,7 +48,7 @@ from shoal.protocol.link import (
     State,
     Welcome,
 )
-from shoal.protocol.tensors import NP_DTYPES, TensorError, pack_tensors, unpack_tensors
+from shoal.protocol.tensors import BYTES_ELEMENT_COST, NP_DTYPES, TensorError, pack_tensors, unpack_tensors
 from shoal.security.tokens import login_proof
 from shoal.worker.batching import Done, InferenceEngine, Item, split_outputs
 from shoal.worker.runtimes import Runtime
@@ -171,6 +171,9 @@ class GatewayLink(CoalescingProtocol):
 class Worker:
     def __init__(self, config: WorkerConfig, model_dir: Path, manifest: Manifest, runtime: Runtime) -> None:
         self.config = config
+        # Each BYTES element becomes a Python object: as many as the frame limit allows at the cost
+        # every decoder counts them at (the gateway refuses more before they reach a worker).
+        self.max_bytes_elements = config.max_frame_size // BYTES_ELEMENT_COST
         self.model_dir = model_dir
         self.manifest = manifest
         self.runtime = runtime
@@ -223,9 +226,9 @@ class Worker:
     ) -> None:
         """One request; ``alone``: nothing else came with it (it may run at once on this thread)."""
         try:
-            inputs = unpack_tensors(r.inputs, payload)
+            inputs = unpack_tensors(r.inputs, payload, self.max_bytes_elements)
         except TensorError as e:
-            link.say(Error(r.id, f"bad tensors: {e}", 400))
+            link.say(Error(r.id, f"bad tensors: {e}", e.status))
             return
         if self._admit(link, [r.id]):
             item = Item(r.id, inputs, r.outputs, link, t_received=time.monotonic(), request_id=r.rid)
@@ -235,10 +238,10 @@ class Worker:
         """Several requests joined in one frame (``protocol/joined.py``): one item of the batch."""
         try:
             rows = check_rows(r.ids, r.rows, r.inputs)
-            inputs = unpack_tensors(r.inputs, payload)
+            inputs = unpack_tensors(r.inputs, payload, self.max_bytes_elements)
         except (TensorError, JoinError) as e:
             for i in r.ids:
-                link.say(Error(i, f"bad tensors: {e}", 400))
+                link.say(Error(i, f"bad tensors: {e}", getattr(e, "status", 400)))
             return
         if self._admit(link, r.ids):
             rq = next((x for x in r.rids if x is not None), None)
