@@ -82,22 +82,41 @@ def decode_envelope(text: bytes | bytearray | memoryview) -> RequestDoc:
         raise JsonTensorError(f"malformed JSON: {e}") from None
 
 
-_ELEMENT_TYPES: dict[str, Any] = {"b": list[bool], "i": list[int], "u": list[int], "f": list[float]}
+# One decoder per element kind (numpy's dtype.kind): a prebuilt decoder is three times quicker.
+_ELEMENTS = {
+    "b": msgspec.json.Decoder(list[bool]),
+    "i": msgspec.json.Decoder(list[int]),
+    "u": msgspec.json.Decoder(list[int]),
+    "f": msgspec.json.Decoder(list[float]),
+}
+
+
+def _decode_numbers(text: bytes, kind: str, datatype: str, name: str) -> list[Any]:
+    try:
+        return _ELEMENTS[kind].decode(b"[" + text.translate(None, _SEPARATORS) + b"]")
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise JsonTensorError(f"input '{name}': data is not {datatype}: {e}") from None
 
 
 def json_numbers(
     raw: msgspec.Raw | bytes, datatype: str, dtype: np.dtype, shape: tuple[int, ...], name: str
 ) -> np.ndarray:
-    """An array of ``shape`` of numbers of ``dtype`` from a JSON array (nested or not) of numbers (or
+    """An array of ``shape`` of numbers from a JSON array (nested or not) of numbers (or
     of ``true``/``false`` for BOOL). The array is allocated once, from the shape; the text is decoded
     in chunks cut at commas (numbers hold none), so more numbers than declared stop the decoding."""
     count = math.prod(shape)
+    size = len(raw)
+    if size <= CHUNK:  # the common case: one step
+        values = _decode_numbers(bytes(raw), dtype.kind, datatype, name)
+        if len(values) != count:
+            raise JsonTensorError(
+                f"input '{name}': shape {list(shape)} needs {count} elements, data has {len(values)}"
+            )
+        return _fill(np.empty(shape, dtype), values, datatype, name)
     out = np.empty(count, dtype)
-    element = _ELEMENT_TYPES[dtype.kind]
     mv = memoryview(raw)
     n = 0
     carry = b""
-    size = len(mv)
     for start in range(0, size, CHUNK):
         piece = carry + bytes(mv[start : start + CHUNK])
         if start + CHUNK < size:
@@ -108,27 +127,23 @@ def json_numbers(
                 carry = piece
                 continue
             piece, carry = piece[:cut], piece[cut + 1 :]
-        else:
-            carry = b""
-        flat = piece.translate(None, _SEPARATORS)
-        if not flat:
-            continue
-        try:
-            values = msgspec.json.decode(b"[" + flat + b"]", type=element)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            raise JsonTensorError(f"input '{name}': data is not {datatype}: {e}") from None
+        values = _decode_numbers(piece, dtype.kind, datatype, name)
         k = len(values)
         if n + k > count:
             raise JsonTensorError(f"input '{name}': shape {list(shape)} needs {count} elements, data has more")
-        try:
-            with np.errstate(over="ignore"):  # 1e300 as FP32 is inf, as numpy makes it, without a warning each
-                out[n : n + k] = values
-        except (OverflowError, ValueError, TypeError) as e:
-            raise JsonTensorError(f"input '{name}': data is not {datatype}: {e}") from None
+        _fill(out[n : n + k], values, datatype, name)
         n += k
     if n != count:
         raise JsonTensorError(f"input '{name}': shape {list(shape)} needs {count} elements, data has {n}")
     return out.reshape(shape)
+
+
+def _fill(out: np.ndarray, values: list[Any], datatype: str, name: str) -> np.ndarray:
+    try:  # 1e300 as FP32 becomes inf, as numpy makes it (it warns once per process, not per request)
+        out.reshape(-1)[:] = values
+    except (OverflowError, ValueError, TypeError) as e:
+        raise JsonTensorError(f"input '{name}': data is not {datatype}: {e}") from None
+    return out
 
 
 def quote_count(raw: msgspec.Raw | bytes) -> int:
