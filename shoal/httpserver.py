@@ -26,6 +26,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 MAX_URL = 8 * 1024
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
+# After refusing a request whose bytes are still arriving, stop writing (FIN) and read and discard
+# what comes, so the client reads the answer instead of a reset (closing with unread bytes makes the
+# kernel send RST, and a client still sending sees only that). Bounded as nginx's lingering close is:
+# a total time, a time without data, and here a size too.
+LINGER_S = 10.0
+LINGER_IDLE_S = 2.0
+LINGER_BYTES = 256 * 1024 * 1024
 
 
 def _error_response(status: int, reason: str, message: str) -> bytes:
@@ -69,12 +76,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _url_bytes = 0  # the URL so far, then the URL and header fields so far
     _header_count = 0
+    _linger_until: float | None = None  # refused: reading and discarding until then
+    _linger_left = 0
+    _linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[arg-type]
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_until is not None:
+            self._linger(len(data))
+            return
         self._unset_keepalive_if_required()
         if self._in_head:
             # Counted before parsing: a head arriving in many pieces is refused once it is too big,
@@ -126,13 +139,36 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         super().connection_lost(exc)
 
-    def _refuse(self, response: bytes) -> None:
+    def _refuse(self, response: bytes, linger: bool = True) -> None:
+        """Answer and close. With ``linger`` (the request may still be arriving), half-close and
+        discard what the client still sends, within the bounds above, before closing."""
         self._disarm()
-        if not self.transport.is_closing():
-            self.transport.write(response)
+        if self.transport.is_closing() or self._linger_until is not None:
+            return
+        self.transport.write(response)
+        if not linger:
             self.transport.close()
+            return
+        if self.transport.can_write_eof():  # TLS cannot half-close: it lingers without the FIN
+            self.transport.write_eof()
+        self._linger_until = self.loop.time() + LINGER_S
+        self._linger_left = LINGER_BYTES
+        self._linger(0)
+
+    def _linger(self, n: int) -> None:
+        self._linger_left -= n
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        assert self._linger_until is not None
+        left = self._linger_until - self.loop.time()
+        if self._linger_left < 0 or left <= 0:
+            self.transport.close()  # enough: what is left unread makes the kernel reset
+            return
+        self._linger_timer = self.loop.call_later(min(LINGER_IDLE_S, left), self.transport.close)
 
     def _arm(self) -> None:
         self._disarm()
@@ -145,7 +181,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         self._read_timer = None
-        self._refuse(_TIMEOUT_RESPONSE)
+        self._refuse(_TIMEOUT_RESPONSE, linger=False)  # it sent nothing for long: nothing to wait for
 
 
 def bounded_protocol(read_timeout_s: float) -> type[HttpToolsProtocol]:

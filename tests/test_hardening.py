@@ -4,6 +4,7 @@ that fails. Each case here was once a way to hang or crash shoal."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import socket
@@ -271,6 +272,26 @@ def test_oversized_heads_are_refused_at_once_and_others_are_served(cluster, mode
     with lc.client() as c:
         x = np.arange(8, dtype=np.float32).reshape(2, 4)
         assert np.array_equal(c.infer("echo", {"x": x})["y"], x)
+
+
+def test_a_standard_client_reads_the_refusal_of_a_huge_head_instead_of_a_reset(cluster, model_repo):
+    """The gateway answers 414/431 while the head is still arriving; it then stops writing and reads
+    and discards the rest (bounded), so a client that sends its whole request before reading, as
+    http.client does, gets the status instead of a connection reset."""
+    lc = cluster()
+    for path, headers, status in [
+        ("/v2/" + "a" * (128 << 20), {}, 414),  # a 128 MB URL
+        ("/v2", {"X-Big": "b" * (4 << 20)}, 431),  # a 4 MiB header
+    ]:
+        c = http.client.HTTPConnection("127.0.0.1", lc.http_port, timeout=60)
+        try:
+            c.request("GET", path, headers={"Authorization": f"Bearer {lc.api_key}", **headers})
+            r = c.getresponse()
+            assert r.status == status and b'"error"' in r.read()
+        finally:
+            c.close()
+    with lc.client() as c:
+        assert c.get_json("/v2/health/ready")[0] in (200, 503)  # and the gateway serves on
 
 
 def test_tensor_size_is_bounded_before_decoding_and_oversized_frames_never_reach_a_worker(cluster, model_repo):
