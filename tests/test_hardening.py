@@ -404,6 +404,36 @@ def test_strangers_on_the_worker_port_cannot_make_the_gateway_buffer(cluster, mo
     lc.wait_workers("echo", 1)  # real workers still log in
 
 
+def test_a_worker_joins_past_a_flood_of_idle_connections_on_the_worker_port(cluster, model_repo):
+    """300 connections held open without a word, from the worker's own address, filled the 256 login
+    slots: a real worker took 7 s to join (until the flood's handshakes expired), and each expiry
+    counted as a failed login of the shared address. Now a newcomer takes the slot of the stranger
+    that waited longest, and silence is no failed login: the worker joins well within the handshake
+    time, and its address is not throttled."""
+    lc = cluster()
+    flood = [socket.create_connection(("127.0.0.1", lc.worker_port), timeout=10) for _ in range(300)]
+    try:
+        for s in flood[-5:]:
+            assert _read_frames(s, MsgType.CHALLENGE)[0].type is MsgType.CHALLENGE  # all admitted, idle
+        t = time.monotonic()
+        lc.add_worker("echo", repo=model_repo)
+        lc.wait_workers("echo", 1, timeout=30)
+        joined_s = time.monotonic() - t
+        assert joined_s < 5.0, joined_s  # before any of the flood's handshakes could expire (5 s)
+        assert "too many failed logins" not in lc.gateway.tail(200)
+        # The first 44 made room for the rest of the flood, the 45th for the worker: each got its
+        # challenge, then a refusal saying why, then the end.
+        for s in flood[:40]:
+            got = _read_frames(s, MsgType.REFUSE)
+            assert "waited longest" in next(f for f in got if f.type is MsgType.REFUSE).header["reason"]
+            assert _closed_by_peer(s)
+    finally:
+        for s in flood:
+            s.close()
+    log = lc.gateway.tail(400)
+    assert log.count("to make room") <= 2, log  # logged once, not once per eviction
+
+
 def test_failed_worker_logins_are_throttled_and_logged_once(cluster, model_repo):
     lc = cluster()
     refusals = []

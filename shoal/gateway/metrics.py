@@ -173,7 +173,7 @@ class GatewayMetrics:
         )
         self.worker_logins = Counter(
             "shoal_worker_logins",
-            "Logins on the worker port, by result (ok, failed, throttled, refused_busy)",
+            "Logins on the worker port, by result (ok, failed, throttled, evicted, timeout)",
             ["result"],
             registry=r,
         )

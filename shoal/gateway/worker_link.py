@@ -120,17 +120,18 @@ class WorkerConnection(CoalescingProtocol):
         self.peer = f"{pn[0]}:{pn[1]}" if isinstance(pn, tuple) else str(pn)
         self.peer_host = str(pn[0]) if isinstance(pn, tuple) else str(pn)
         self.site.connections.add(self)
-        if not self.site.logins.admit(self):
-            self._gone = True
-            self.site.connections.discard(self)
-            transport.abort()
-            return
+        self.site.logins.admit(self)
         self.send(self.link.send(Challenge(list(SUPPORTED_VERSIONS), self.nonce, self.site.name)))
         self._handshake_timer = self._loop.call_later(HANDSHAKE_TIMEOUT_S, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
         if self.link.state is State.HANDSHAKE:
-            self._refuse(f"no HELLO within {HANDSHAKE_TIMEOUT_S:.0f} s")
+            self.site.logins.silent(self)
+            self._refuse(f"no HELLO within {HANDSHAKE_TIMEOUT_S:.0f} s", quiet=True)
+
+    def evict(self) -> None:
+        """The login guard needs this stranger's slot for a newcomer."""
+        self._refuse("too many connections logging in at once; this one waited longest", quiet=True)
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
@@ -237,10 +238,15 @@ class WorkerConnection(CoalescingProtocol):
         )
         s.dispatcher.worker_joined(pool, self, now)
 
-    def _refuse(self, reason: str, retry_after: float | None = None, failed_login: bool = True) -> None:
+    def _refuse(
+        self, reason: str, retry_after: float | None = None, failed_login: bool = True, quiet: bool = False
+    ) -> None:
         """Refuse the login and close. Refusals before a valid proof count as failed logins of the
-        peer's address (throttled, and logged once per run of failures instead of once each)."""
-        if failed_login:
+        peer's address (throttled, and logged once per run of failures instead of once each);
+        ``quiet`` ones (a stranger closed for its slot, or silent too long) are the guard's to count."""
+        if quiet:
+            pass
+        elif failed_login:
             self.site.logins.failed(self, reason)
         else:
             log.warning("refused worker connection from %s: %s", self.peer, reason)
