@@ -246,15 +246,22 @@ def test_a_model_nobody_serves_is_a_404_naming_it(central):
     assert code == 404 and "excluding t4-site" in answer["error"]
 
 
-def test_an_odd_version_name_is_listed_and_routed_like_any_name(central):
+def test_an_invalid_version_name_is_refused_and_breaks_nothing(central):
     # "²" passes str.isdigit() but not int(): once reported, it broke the cluster list for everyone.
+    # Model names and versions now follow the one rule (ASCII letters, digits, "_", ".", "-").
     dev = central.account("device", "t4b-cam")
     cl = central.account("cluster", "t4b-site")
-    central.report(cl, [model("t4b-model", version="²"), model("t4b-model", version="3")])
+    body = {"address": "http://127.0.0.1:8123", "models": [model("t4b-model", version="²")]}
+    code, answer = central.call("POST", "/v1/clusters/report", body, auth=cl)
+    assert code == 400 and "$.models[0].version" in answer["error"], answer
+    central.report(cl, [model("t4b-model", version="3"), model("t4b-model", version="beta")])
     code, answer = central.call("GET", "/v1/clusters")
     assert code == 200 and any(c["name"] == "t4b-site" for c in answer["clusters"])
-    code, answer = central.call("POST", "/v1/route", {"model": "t4b-model", "version": "²"}, auth=dev)
-    assert code == 200 and answer["version"] == "²"
+    for bad in ("²", "../3", "3\n", ""):
+        code, answer = central.call("POST", "/v1/route", {"model": "t4b-model", "version": bad}, auth=dev)
+        assert code == 400 and "version" in answer["error"], (bad, answer)
+    code, answer = central.call("POST", "/v1/route", {"model": "t4b-model", "version": "beta"}, auth=dev)
+    assert code == 200 and answer["version"] == "beta"
     code, answer = central.call("POST", "/v1/route", {"model": "t4b-model"}, auth=dev)
     assert code == 200 and answer["version"] == "3"  # a number is newer than a name
 
