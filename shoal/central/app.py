@@ -214,7 +214,7 @@ def _endpoint(central: Central, op: Operation) -> Callable[[Request], Awaitable[
                     client.host if client else "?",
                     op.credentials.kind,
                     op.credentials.session,
-                    request.headers.get(COOKIE_HEADER),
+                    request.headers,
                 )
             params = convert(request.path_params, op.params, "path parameter") if op.params else {}
             query = convert(request.query_params, op.query, "query parameter") if request.scope["query_string"] else {}

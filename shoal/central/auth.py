@@ -21,8 +21,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Hashable
-from typing import NamedTuple, NoReturn
+from collections.abc import AsyncIterator, Hashable, Mapping
+from typing import NoReturn
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -51,9 +51,9 @@ SUMMARY_EVERY_S = 60.0  # at most one log line this often for unknown names and 
 DATABASE_DOWN = (DBAPIError, OSError, asyncio.TimeoutError, PoolTimeout)
 
 
-class Login(NamedTuple):
-    name: str
-    cookie: str | None = None  # a device cookie for the client, after a full password check
+# The account name, and a device cookie for the client after a full password check (a plain tuple:
+# one is made per request).
+Login = tuple[str, str | None]
 
 
 def _challenge(kind: str) -> dict[str, str]:
@@ -141,30 +141,33 @@ class Authenticator:
         address: str,
         kind: str,
         session: bool = False,
-        cookie: str | None = None,
+        headers: Mapping[str, str] = {},
     ) -> Login:
         """The account behind the ``Authorization`` header (and a new device cookie after a full password
-        check), or ``HttpError`` 401 / 429. ``cookie``: the ``Shoal-Device-Cookie`` header, if any."""
+        check), or ``HttpError`` 401 / 429. ``headers``: the request's, read for the device cookie only
+        when the password is to be checked (looking a header up costs as much as the rest of a cached
+        login)."""
         if authorization is None:
             hint = "Basic (name:password)" + (" or Bearer <session token>" if session else "")
             raise HttpError(401, f"missing credentials: send Authorization: {hint}", _challenge(kind))
         scheme = authorization[:7].lower()
         if session and scheme == "bearer ":
-            return Login(await self._session(authorization[7:].strip(), kind))
+            return await self._session(authorization[7:].strip(), kind), None
         if scheme[:6] != "basic ":
             raise HttpError(401, "unsupported credentials: send Authorization: Basic", _challenge(kind))
         name, password = _parse_basic(authorization)
         now = time.monotonic()
         if self.verified.hit(kind, name, password, now):
-            return Login(name)
+            return name, None
         if self.outage.down and self.verified.hit_stale(kind, name, password, now):
-            return Login(self._from_stale(kind, name))
+            return self._from_stale(kind, name), None
         account = (kind, name[:128])
+        cookie = headers.get(COOKIE_HEADER)
         known = self._cookie_id(cookie, kind, name) if cookie else None
         # One check at a time per account (per cookie for a known client, so guesses do not delay it).
         async with self._one_at_a_time.hold(account if known is None else ("cookie", known)):
             if self.verified.hit(kind, name, password):  # the check this one waited for found it
-                return Login(name)
+                return name, None
             return await self._check_password(kind, name, password, account, known, address)
 
     async def _check_password(
@@ -179,7 +182,7 @@ class Authenticator:
             self.policy.cancelled(decision, time.monotonic())
             self._database_failed(e)
             if self.verified.hit_stale(kind, name, password):
-                return Login(self._from_stale(kind, name))
+                return self._from_stale(kind, name), None
             raise
         self._database_answered()
         if stored is None:
@@ -194,7 +197,7 @@ class Authenticator:
             self._failed(kind, name, account, address, decision, exists=True)
         self.policy.succeeded(account, decision, time.monotonic())
         self.verified.add(kind, name, password)
-        return Login(name, self._new_cookie(kind, name))
+        return name, self._new_cookie(kind, name)
 
     # -------------------------------------------------------------------------------- cookies
 

@@ -130,9 +130,9 @@ class VerifiedCache:
         return age
 
     def hit(self, kind: str, name: str, password: str, now: float | None = None) -> bool:
-        """Checked within ``ttl_s``."""
-        age = self._age(kind, name, password, now)
-        return age is not None and age < self.ttl_s
+        """Checked within ``ttl_s``. (Every request with Basic credentials asks: kept short.)"""
+        at = self._entries.get(self._k(kind, name, password))
+        return at is not None and (time.monotonic() if now is None else now) - at < self.ttl_s
 
     def hit_stale(self, kind: str, name: str, password: str, now: float | None = None) -> bool:
         """Checked within ``stale_s``: for when the database does not answer."""
