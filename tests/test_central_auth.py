@@ -151,6 +151,18 @@ def test_stale_credentials_work_only_while_the_database_does_not_answer(auth):
     assert removed == "503" and after == "cam" and not auth.outage.down and auth.stale >= 6
 
 
+def test_logins_waiting_on_one_account_do_not_each_wait_out_the_outage(auth):
+    async def go():
+        await auth.check(basic("cam", PW), "a", "device")
+        auth.verified._entries = dict.fromkeys(auth.verified._entries, time.monotonic() - 60)
+        auth.store.hung = True
+        got = await asyncio.gather(*(status_of(auth, "cam", PW) for _ in range(10)))
+        return got, auth.store.queries
+
+    got, queries = asyncio.run(go())
+    assert got == [200] * 10 and queries <= 3  # the first found the outage; a probe or two besides
+
+
 def test_stale_credentials_expire(auth):
     async def go():
         await auth.check(basic("cam", PW), "a", "device")

@@ -168,6 +168,8 @@ class Authenticator:
         async with self._one_at_a_time.hold(account if known is None else ("cookie", known)):
             if self.verified.hit(kind, name, password):  # the check this one waited for found it
                 return name, None
+            if self.outage.down and self.verified.hit_stale(kind, name, password):  # or found the outage
+                return self._from_stale(kind, name), None
             return await self._check_password(kind, name, password, account, known, address)
 
     async def _check_password(
