@@ -1,6 +1,7 @@
 """Capacity that follows load, with real processes on loopback: the local engine starts and drains
 ``shoal worker`` processes as a gateway's autoscaler decides, a model at zero is woken by a request,
-a model that cannot start is retried with back-off, and operators load and unload models by hand."""
+a model that cannot load is retried with back-off, then marked unavailable until an operator loads
+it, and operators load and unload models by hand."""
 
 from __future__ import annotations
 
