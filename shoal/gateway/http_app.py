@@ -219,11 +219,11 @@ class HttpApp:
             hl = int(hl_raw) if hl_raw is not None else None
         except ValueError:
             raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
-        encoding = enc.decode("latin-1") if enc is not None else None
-        if encoding is None and (len(body) if hl is None else hl) <= BIG_JSON:
-            req = self._decode(body, None, hl)  # the common case: a small JSON part, decoded here
+        if enc is None and (len(body) if hl is None else hl) <= BIG_JSON:
+            req = parse_infer_request(body, hl, self.cfg.max_body_size)  # the common case, decoded here
         else:
             async with self._big_decodes:
+                encoding = enc.decode("latin-1") if enc is not None else None
                 req = await asyncio.to_thread(self._decode, body, encoding, hl)
         arrays = bind_inputs(req, spec.inputs, spec.image_input, spec.max_batch_size)
         if req.outputs is not None:
@@ -287,7 +287,7 @@ class HttpApp:
         # With result storage the response carries rid: the device can fetch the stored result later.
         answer_id = req.id if self.gw.results is None else rid
         encode = (spec.name, spec.version, answer_id, outputs, req.outputs, req.binary_output)
-        if sum(a.nbytes for a in outputs.values()) <= BIG_JSON or req.binary_output:
+        if req.binary_output or _nbytes(outputs) <= BIG_JSON:
             out, hlen = encode_infer_response(*encode)
         else:  # a large JSON answer is written on a thread, as large requests are read
             async with self._big_decodes:
@@ -355,6 +355,13 @@ class HttpApp:
             extra.append((b"x-request-id", rid.encode("latin-1", "replace")))
         self.gw.metrics.http_errors.labels(str(e.status)).inc()
         await _reply(send, e.status, error_body(str(e)), extra or None)
+
+
+def _nbytes(arrays: dict[str, Any]) -> int:
+    n = 0
+    for a in arrays.values():
+        n += a.nbytes
+    return n
 
 
 def _raw_path(scope: dict[str, Any]) -> str:

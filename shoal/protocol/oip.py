@@ -79,12 +79,21 @@ def path_segments(path: str) -> list[str]:
     """A request path's segments, each percent-decoded exactly once. ``path`` is the path as it came
     (still encoded): splitting before decoding keeps an encoded ``/`` (``%2F``) inside its segment,
     where the name check refuses it, and decoding once means ``%252F`` stays ``%2F``, never ``/``."""
-    return [unquote(p) if "%" in p else p for p in path.split("/")]
+    parts = path.split("/")
+    return [unquote(p) for p in parts] if "%" in path else parts
+
+
+_VALID: set[str] = set()  # names already checked: a request's path is checked with one set lookup
 
 
 def _name(segment: str, what: str) -> str:
+    if segment in _VALID:
+        return segment
     if not valid_name(segment):
         raise ProtocolError(f"invalid {what} {segment!r:.80}: must be {NAME_RULE}")
+    if len(_VALID) >= 4096:  # bounded: names are few, but any client may send any valid one
+        _VALID.clear()
+    _VALID.add(segment)
     return segment
 
 
