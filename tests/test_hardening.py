@@ -23,7 +23,7 @@ from shoal.client.http import InferError
 from shoal.data import load_mnist
 from shoal.modelrepo.manifest import ImageSpec
 from shoal.protocol.frames import FrameDecoder, MsgType, encode_frame_bytes
-from shoal.worker.images import ImageError, decode_image, decode_images
+from shoal.runtime.images import ImageError, decode_image, decode_images
 
 BAD_IMAGES = Path(__file__).parent / "data" / "bad-images"
 RAW = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}

@@ -58,10 +58,10 @@ def _preload() -> None:
     import numpy  # noqa: F401
 
     import shoal.cli  # noqa: F401
+    import shoal.runtime.runtimes  # noqa: F401
     import shoal.worker.batching  # noqa: F401
     import shoal.worker.cli  # noqa: F401
     import shoal.worker.link  # noqa: F401
-    import shoal.worker.runtimes  # noqa: F401
 
     try:
         import onnxruntime  # noqa: F401

@@ -48,7 +48,7 @@ from shoal.modelrepo.manifest import ImageSpec, Manifest, load_manifest
 
 FRAME_FORMATS = ("jpeg", "png")
 DEFAULT_QUALITY = 90
-# Largest raw frame accepted: the 40 MP the cluster's decoder allows (shoal/worker/images.py).
+# Largest raw frame accepted: the 40 MP the cluster's decoder allows (shoal/runtime/images.py).
 MAX_FRAME_PIXELS = 40_000_000
 EDGE_EXTRA = "pip install 'shoal[edge]'"
 T = TypeVar("T")
@@ -103,7 +103,7 @@ def encode_frame(frame: np.ndarray, fmt: str = "jpeg", quality: int = DEFAULT_QU
 
 def frame_tensor(frame: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """A raw frame -> the model's input for one image, as the cluster turns the same frame, sent as
-    PNG, into it (``shoal.worker.images.decode_image``: Pillow's mode conversion and bilinear resize,
+    PNG, into it (``shoal.runtime.images.decode_image``: Pillow's mode conversion and bilinear resize,
     then scale, mean, std and layout)."""
     Image = _pil()
     im = Image.fromarray(check_frame(frame)).convert(spec.mode)
@@ -126,7 +126,7 @@ class LocalModel:
     thread (a device's cores are few, and the rest of the program needs one)."""
 
     def __init__(self, version_dir: str | Path, threads: int = 1) -> None:
-        from shoal.worker.runtimes import OnnxRuntime, RuntimeError_
+        from shoal.runtime.runtimes import OnnxRuntime, RuntimeError_
 
         self.dir = Path(version_dir)
         self.manifest: Manifest = load_manifest(self.dir)
@@ -165,7 +165,7 @@ class LocalModel:
         if frame is not None:
             x = frame_tensor(frame, spec)
         else:
-            from shoal.worker.images import ImageError, decode_image
+            from shoal.runtime.images import ImageError, decode_image
 
             try:
                 x = decode_image(image or b"", spec)

@@ -57,7 +57,7 @@ def _input_shape(manifest: Manifest) -> tuple[int, ...]:
 def _decode_image(data: bytes, spec: ImageSpec | None, where: str) -> np.ndarray:
     if spec is None:
         raise SourceError(f"{where}: an image, but the model's manifest has no 'image' block to decode it")
-    from shoal.worker.images import ImageError, decode_image
+    from shoal.runtime.images import ImageError, decode_image
 
     try:
         return decode_image(data, spec)

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from shoal.modelrepo.manifest import Manifest, pixel_budget
+from shoal.runtime.images import ImageError, decode_images
+from shoal.runtime.runtimes import Runtime
 from shoal.worker.batch_policy import ArrivalRate, wait_s
-from shoal.worker.images import ImageError, decode_images
-from shoal.worker.runtimes import Runtime
 
 # A lone request runs on the event loop's thread (``run_now``) only while the model's batches take
 # less than this: heartbeats and reads wait that long at most.

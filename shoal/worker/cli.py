@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from shoal.aio import run as aio_run
     from shoal.aio import setup_logging, split_hostport
     from shoal.modelrepo.manifest import ManifestError, resolve
+    from shoal.runtime.runtimes import RuntimeError_, load_runtime
     from shoal.worker.link import Worker, WorkerConfig
-    from shoal.worker.runtimes import RuntimeError_, load_runtime
 
     setup_logging(args.log_level, "worker", args.log_format)
     secret = args.secret or os.environ.get("SHOAL_CLUSTER_SECRET", "")

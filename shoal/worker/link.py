@@ -49,9 +49,9 @@ from shoal.protocol.link import (
     Welcome,
 )
 from shoal.protocol.tensors import BYTES_ELEMENT_COST, NP_DTYPES, TensorError, pack_tensors, unpack_tensors
+from shoal.runtime.runtimes import Runtime
 from shoal.security.tokens import login_proof
 from shoal.worker.batching import Done, InferenceEngine, Item, split_outputs
-from shoal.worker.runtimes import Runtime
 
 log = logging.getLogger("shoal.worker")
 
