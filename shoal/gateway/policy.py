@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from shoal.modelrepo.versions import newest_version, version_key  # noqa: F401 (the one order, used here)
 
@@ -53,33 +54,40 @@ def retry_after_s(queue_len: int, capacity_total: int, latency_ms: float) -> int
     return max(1, min(30, int(drain_s + 0.999)))
 
 
-def parse_version_policy(decl: object, where: str) -> tuple[str, int | tuple[str, ...]]:
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which of a model's live versions a gateway serves: ``all``, the newest ``n`` (``latest``) or the
+    listed ``versions`` (``specific``). Declared per model in the gateway file's ``versions`` block."""
+
+    kind: Literal["all", "latest", "specific"] = "all"
+    n: int = 0  # latest: how many of the newest
+    versions: tuple[str, ...] = ()  # specific: which
+
+
+def parse_version_policy(decl: object, where: str) -> VersionPolicy:
     """``{policy: all}``, ``{policy: latest, n: 2}`` or ``{policy: specific, versions: ["1", "3"]}``."""
     if not isinstance(decl, dict) or decl.get("policy") not in ("all", "latest", "specific"):
         raise ValueError(f"{where}: policy must be all, latest (with n) or specific (with versions)")
-    kind = str(decl["policy"])
+    kind = decl["policy"]
     if kind == "latest":
         n = decl.get("n", 1)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"{where}.n: must be a positive integer")
-        return kind, n
+        return VersionPolicy("latest", n=n)
     if kind == "specific":
         vs = decl.get("versions")
         if not isinstance(vs, list) or not vs:
             raise ValueError(f"{where}.versions: must be a non-empty list")
-        return kind, tuple(str(v) for v in vs)
-    return kind, 0
+        return VersionPolicy("specific", versions=tuple(str(v) for v in vs))
+    return VersionPolicy("all")
 
 
-def visible_versions(policy: tuple[str, int | tuple[str, ...]] | None, live: Iterable[str]) -> set[str]:
+def visible_versions(policy: VersionPolicy | None, live: Iterable[str]) -> set[str]:
     """Which of the versions that have live workers a gateway serves, under a model's version policy:
     all of them, the newest n, or a listed few."""
     live = list(live)
-    if policy is None or policy[0] == "all":
+    if policy is None or policy.kind == "all":
         return set(live)
-    kind, arg = policy
-    if kind == "latest":
-        assert isinstance(arg, int)
-        return set(sorted(live, key=version_key)[-arg:])
-    assert isinstance(arg, tuple)
-    return {v for v in live if v in arg}
+    if policy.kind == "latest":
+        return set(sorted(live, key=version_key)[-policy.n :])
+    return {v for v in live if v in policy.versions}

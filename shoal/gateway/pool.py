@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shoal.gateway.policy import newest_version, visible_versions
+from shoal.gateway.policy import VersionPolicy, newest_version, visible_versions
 from shoal.modelrepo.manifest import Manifest, TensorSpec
 from shoal.protocol.frames import MsgType, encode_frame
 from shoal.protocol.joined import join_key
@@ -195,12 +195,15 @@ class ModelTable:
     """All pools of a gateway: model name -> version -> pool."""
 
     def __init__(
-        self, max_queue: int = 1024, max_attempts: int = 5, version_policies: dict[str, Any] | None = None
+        self,
+        max_queue: int = 1024,
+        max_attempts: int = 5,
+        version_policies: dict[str, VersionPolicy] | None = None,
     ) -> None:
         self.models: dict[str, dict[str, ModelPool]] = {}
         self.max_queue = max_queue
         self.max_attempts = max_attempts
-        self.version_policies = version_policies or {}  # model -> parsed policy (policy.parse_version_policy)
+        self.version_policies = version_policies or {}  # model -> policy.parse_version_policy's value
         self.expected: set[str] = set()
         self.grace_until = 0.0
 
@@ -270,7 +273,7 @@ class ModelTable:
                 raise RequestFailed(f"model '{model}' has no version '{version}'", 404)
             if policy is not None and pool.ready and version not in self.served_versions(model):
                 raise RequestFailed(
-                    f"version '{version}' of '{model}' is not served (version policy: {policy[0]})", 404
+                    f"version '{version}' of '{model}' is not served (version policy: {policy.kind})", 404
                 )
             return pool
         v = newest_version(self.served_versions(model)) or newest_version(versions)
