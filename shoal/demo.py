@@ -56,16 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _png(img) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def run(args: argparse.Namespace) -> int:
     if args.elastic:
         from shoal import demo_elastic
@@ -85,13 +75,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from shoal.aio import run as aio_run
+    from shoal.bundled import bundled_repo
     from shoal.client.device import AsyncClient
+    from shoal.data import to_png
     from shoal.data.mnist import DatasetError, load_mnist
     from shoal.local import LocalCentral, LocalCluster
     from shoal.modelrepo.manifest import ManifestError, resolve
-    from shoal.worker.cli import bundled_repo
 
-    repo = args.repo or bundled_repo()
+    repo = args.repo or str(bundled_repo())
     try:
         resolve(repo, args.model)
         images, labels = load_mnist("test")
@@ -99,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"shoal demo: {e}")
         return 2
     n_img = min(args.requests, len(images))
-    pngs = [_png(images[i]) for i in range(n_img)]
+    pngs = [to_png(images[i]) for i in range(n_img)]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-demo-"))
     t_start = time.monotonic()
     central = LocalCentral(workdir)

@@ -77,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
     except DatasetError as e:
         print(f"shoal demo: {e}")
         return 2
-    from shoal.demo import _png
+    from shoal.data import to_png
 
-    pngs = [_png(images[i]) for i in range(500)]
+    pngs = [to_png(images[i]) for i in range(500)]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-demo-elastic-"))
     workdir.mkdir(parents=True, exist_ok=True)
     day_s = args.day_s

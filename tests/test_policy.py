@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass
 
-from shoal.gateway.policy import backoff_delay, ewma, newest_version, pick_worker, retry_after_s
+from shoal.gateway.policy import ewma, newest_version, pick_worker, retry_after_s
+from shoal.worker.reconnect import backoff_delay
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 
 from shoal.aio import cancel_and_wait
 from shoal.autoscale.config import AutoscaleConfig, ModelScale
-from shoal.autoscale.engines import Engine, EngineError, EngineWorker, WorkerLaunch
+from shoal.autoscale.engine import Engine, EngineError, EngineWorker, WorkerLaunch
 from shoal.autoscale.policy import LoadSample, ScalePolicy, WorkerView, decide, workers_to_stop
 from shoal.gateway.pool import ModelPool
 from shoal.modelrepo.names import check_name

@@ -5,6 +5,8 @@ never joined).
 
 * ``local``: ``shoal worker`` processes on this machine (the demo, tests, small sites).
 * ``ray``: workers as Ray actors placed by resources over a Ray cluster (``ray_engine.py``).
+
+The interface they share is ``engine.py``.
 * ``kubernetes``: nothing is started here; the gateway exports the desired count as a metric and the
   cluster's own autoscaler (KEDA or the HPA, ``deploy/kubernetes``) acts on it.
 
@@ -23,86 +25,16 @@ import signal
 import sys
 import tempfile
 import time
-from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shoal.aio import cancel_and_wait
-from shoal.autoscale.config import AutoscaleConfig, ModelScale
+from shoal.autoscale.config import AutoscaleConfig
+from shoal.autoscale.engine import Engine, EngineError, EngineWorker, WorkerLaunch, worker_argv
 
 log = logging.getLogger("shoal.autoscale")
-
-
-class EngineError(Exception):
-    """The engine could not start a worker; the message says why (for status and logs)."""
-
-
-@dataclass
-class WorkerLaunch:
-    """What the controller asks an engine to start."""
-
-    worker_id: str
-    model: str
-    version: str
-    scale: ModelScale
-    gateway: str  # host:port of the worker port
-    secret: bytes
-    repo: str
-
-
-class EngineWorker(ABC):
-    worker_id: str
-
-    @abstractmethod
-    def exit_code(self) -> int | None:
-        """None while it runs; its exit status once it has ended."""
-
-    def describe(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id}
-
-
-class Engine(ABC):
-    name = "engine"
-    external = False  # True: workers are started by someone else (Kubernetes); nothing to launch
-
-    async def start(self) -> None:  # noqa: B027 (most engines have nothing to connect to)
-        """Connect to where workers run (a Ray cluster); called once when the gateway starts."""
-
-    async def stop(self, workers: list[EngineWorker]) -> None:
-        """The gateway is stopping: end the workers this engine started."""
-        for w in workers:
-            await self.terminate(w)
-
-    @abstractmethod
-    async def launch(self, req: WorkerLaunch) -> EngineWorker:
-        """Start one worker; raise ``EngineError`` when it cannot be started."""
-
-    @abstractmethod
-    async def terminate(self, w: EngineWorker) -> None:
-        """Stop a worker now (it has been drained already, or never joined)."""
-
-    def describe(self) -> dict[str, Any]:
-        return {"engine": self.name}
-
-
-def worker_argv(req: WorkerLaunch) -> list[str]:
-    """The ``shoal worker`` command line every engine runs (an engine adds its own interpreter)."""
-    return [
-        "worker",
-        "--gateway",
-        req.gateway,
-        "--repo",
-        req.repo,
-        "--model",
-        req.model,
-        "--version",
-        req.version,
-        "--worker-id",
-        req.worker_id,
-        *req.scale.worker_args,
-    ]
 
 
 # ------------------------------------------------------------------------------------------ local

@@ -51,7 +51,7 @@ from typing import Any
 
 from shoal.aio import split_hostport
 from shoal.autoscale.config import AutoscaleConfig, Resources
-from shoal.autoscale.engines import Engine, EngineError, EngineWorker, WorkerLaunch, worker_argv
+from shoal.autoscale.engine import Engine, EngineError, EngineWorker, WorkerLaunch, worker_argv
 
 log = logging.getLogger("shoal.autoscale")
 

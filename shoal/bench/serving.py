@@ -24,9 +24,9 @@ from shoal.bench.process import (
     two_cores,
     unpin_self,
 )
+from shoal.bundled import bundled_repo
 from shoal.local import LocalCluster
 from shoal.protocol.oip import build_infer_request
-from shoal.worker.cli import bundled_repo
 
 
 def infer_request(lc: LocalCluster, model: str, inputs: dict[str, np.ndarray]) -> bytes:

@@ -12,6 +12,7 @@ from shoal.data.mnist import (
     load_mnist,
     locate,
 )
+from shoal.data.png import to_png
 
 __all__ = [
     "DATASETS",
@@ -24,4 +25,5 @@ __all__ = [
     "load_fashion_mnist",
     "load_mnist",
     "locate",
+    "to_png",
 ]

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> int:
-        from shoal.autoscale.engines import EngineError
+        from shoal.autoscale.engine import EngineError
 
         try:
             await gw.start()

@@ -39,13 +39,6 @@ def ewma(previous: float, sample: float, alpha: float = 0.2) -> float:
     return sample if previous <= 0.0 else previous + alpha * (sample - previous)
 
 
-def backoff_delay(attempt: int, base_s: float = 0.1, cap_s: float = 5.0, jitter: float = 0.0) -> float:
-    """Capped exponential back-off for reconnects: base * 2^attempt, at most cap, with ``jitter``
-    (a number in [0, 1) drawn by the caller) spreading reconnects of many workers over [d/2, d]."""
-    d = min(cap_s, base_s * (2 ** min(attempt, 30)))
-    return d * (1.0 - 0.5 * jitter)
-
-
 def retry_after_s(queue_len: int, capacity_total: int, latency_ms: float) -> int:
     """Seconds a refused client should wait: the time to drain the queue at current speed, at least 1."""
     if capacity_total <= 0 or latency_ms <= 0:

@@ -155,9 +155,9 @@ class Gateway:
         ValueError, like any other bad setting)."""
         from shoal.autoscale.controller import Autoscaler
         from shoal.autoscale.engines import make_engine
-        from shoal.worker.cli import bundled_repo
+        from shoal.bundled import bundled_repo
 
-        repo = acfg.repo or bundled_repo()
+        repo = acfg.repo or str(bundled_repo())
         self.autoscaler = Autoscaler(
             acfg, make_engine(acfg), self._worker_address, self.config.secret, repo, self.config.name
         )

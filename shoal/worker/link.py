@@ -23,7 +23,6 @@ import msgspec
 import numpy as np
 
 from shoal.aio import CoalescingProtocol
-from shoal.gateway.policy import backoff_delay
 from shoal.modelrepo.manifest import Manifest
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION
 from shoal.protocol.joined import JoinError, check_rows
@@ -52,6 +51,7 @@ from shoal.protocol.tensors import BYTES_ELEMENT_COST, NP_DTYPES, TensorError, p
 from shoal.runtime.runtimes import Runtime
 from shoal.security.tokens import login_proof
 from shoal.worker.batching import Done, InferenceEngine, Item, split_outputs
+from shoal.worker.reconnect import backoff_delay
 
 log = logging.getLogger("shoal.worker")
 
