@@ -10,14 +10,13 @@
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-OPSET = 17
+from shoal.train.publish import export_torch
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -40,24 +39,9 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 def export_onnx(
     model: nn.Module, path: Path, outputs: list[str], input_shape: tuple[int, ...], input_name: str = "image"
 ) -> Path:
-    """ONNX (opset 17) with one input (``image``) and one named output per head, the batch dimension variable."""
-    model.eval()
-    dummy = torch.zeros(1, *input_shape)
-    axes = {name: {0: "batch"} for name in [input_name, *outputs]}
+    """ONNX with one input (``image``) and one named output per head, the batch dimension variable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            input_names=[input_name],
-            output_names=outputs,
-            dynamic_axes=axes,
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    return path
+    return export_torch(model, path, {input_name: torch.zeros(1, *input_shape)}, outputs)
 
 
 def ort_session(path: Path | str, threads: int = 1):  # noqa: ANN201 (onnxruntime is imported lazily)

@@ -2,8 +2,8 @@
 heads in a cluster. The device sends the pooled features (1280 floats for EfficientNet-Lite0, 576 for
 the small CNN) instead of the image, which for a camera frame is far smaller.
 
-``export_split`` writes two model versions into a repository, checked against the whole PyTorch model
-on real test images before either is moved into place:
+``export_split`` writes two model versions into a repository (``shoal.train.publish``), checked
+against the whole PyTorch model on real test images before either is moved into place:
 
 * ``coloured-digits-<backbone>-backbone/<v>/``: input ``image`` FP32 [-1, 3, 28, 28] with the whole
   model's ``image`` block (so a device turns frames into it as a worker would), output ``features``;
@@ -17,8 +17,6 @@ on real test images before either is moved into place:
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from shoal.modelrepo import ManifestError, TensorSpec, write_manifest
+from shoal.modelrepo import Manifest, TensorSpec
 from shoal.multihead import data, measure
-from shoal.multihead.export import MODEL_FILE, build_manifest, model_name
+from shoal.multihead.export import build_manifest, check_heads, model_name
 from shoal.multihead.models import Classifier
-from shoal.train.export import next_version
+from shoal.train.publish import MODEL_FILE, OPSET, publish_together
 
 
 class Heads(nn.Module):
@@ -74,48 +72,30 @@ def export_split(
     overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write the device's backbone and the cluster's heads (the same next free version for both)."""
-    if model.outputs != list(data.CATEGORIES):
-        raise ValueError(f"a multi-head model with heads {list(data.CATEGORIES)} is needed, not {model.outputs}")
-    device_name, cluster_name = split_names(backbone)
-    version = version or str(max(int(next_version(repo, n)) for n in (device_name, cluster_name)))
-    dests = [Path(repo) / n / version for n in (device_name, cluster_name)]
-    for d in dests:
-        if d.exists() and any(d.iterdir()) and not overwrite:
-            raise ManifestError(f"{d} already exists; pick another --version or pass --overwrite")
-        d.parent.mkdir(parents=True, exist_ok=True)
-    tmps = [Path(tempfile.mkdtemp(prefix=f".{version}-", dir=d.parent)) for d in dests]
-    try:
-        for t in tmps:
-            t.chmod(0o755)  # mkdtemp makes it private; workers may run as other users
+    check_heads(model)
+    names = split_names(backbone)
+
+    def build(folders: list[Path], v: str) -> list[Manifest]:
         feats = int(model.backbone(parity_images[:1]).shape[1])
-        b_onnx = measure.export_onnx(model.backbone, tmps[0] / MODEL_FILE, ["features"], (3, data.SIZE, data.SIZE))
-        h_onnx = measure.export_onnx(Heads(model.heads), tmps[1] / MODEL_FILE, model.outputs, (feats,), "features")
+        device, cluster = folders[0] / MODEL_FILE, folders[1] / MODEL_FILE
+        b_onnx = measure.export_onnx(model.backbone, device, ["features"], (3, data.SIZE, data.SIZE))
+        h_onnx = measure.export_onnx(Heads(model.heads), cluster, model.outputs, (feats,), "features")
         diff = _check(model, b_onnx, h_onnx, parity_images)
-        whole = build_manifest(model_name(backbone), version, {})
+        whole = build_manifest(model_name(backbone), v, {})
         prov = {
             **provenance,
-            "split": {"device": device_name, "cluster": cluster_name, "version": version, "features": feats},
+            "split": {"device": names[0], "cluster": names[1], "version": v, "features": feats},
             "onnx_parity": {"images": len(parity_images), "max_abs_diff": float(f"{diff:.3g}")},
-            "onnx_opset": measure.OPSET,
+            "onnx_opset": OPSET,
         }
         feature_spec = TensorSpec("features", "FP32", (-1, feats))
-        device = dataclasses.replace(
-            whole, name=device_name, outputs=(feature_spec,), labels={}, provenance=prov
-        )
-        cluster = dataclasses.replace(
-            whole, name=cluster_name, inputs=(feature_spec,), image=None, provenance=prov
-        )
-        write_manifest(tmps[0], device)
-        write_manifest(tmps[1], cluster)
-        for t, d in zip(tmps, dests, strict=True):
-            if d.exists():
-                shutil.rmtree(d)
-            t.rename(d)
-    finally:
-        for t in tmps:
-            if t.exists():
-                shutil.rmtree(t)
-    return dests[0], dests[1]
+        return [
+            dataclasses.replace(whole, name=names[0], outputs=(feature_spec,), labels={}, provenance=prov),
+            dataclasses.replace(whole, name=names[1], inputs=(feature_spec,), image=None, provenance=prov),
+        ]
+
+    device, cluster = publish_together(repo, list(names), version, overwrite, build)
+    return device, cluster
 
 
 def train_split(

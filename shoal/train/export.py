@@ -20,15 +20,18 @@ import shoal  # noqa: F401  (sets ORT_DISABLE_TELEMETRY before onnxruntime is im
 from shoal.data import mnist as mnist_data
 from shoal.modelrepo import ImageSpec, Manifest, TensorSpec
 from shoal.train.mnist_models import MEAN, STD
-from shoal.train.publish import OPSET, export_torch, next_version, publish
+from shoal.train.publish import (
+    MODEL_FILE,
+    OPSET,
+    PARITY_ATOL,
+    export_torch,
+    manifest,
+    next_version,
+    publish,
+    run_onnx,
+)
 
 __all__ = ["export_to_repo", "next_version"]
-
-MODEL_FILE = "model.onnx"
-MAX_BATCH_SIZE = 64
-BATCH_DELAY_MS = 2.0
-# float32 through different kernels: logits agree to ~1e-5; anything near 1e-3 means a wrong graph.
-PARITY_ATOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,10 @@ def export_onnx(model: nn.Module, path: Path) -> None:
 
 def check_parity(model: nn.Module, onnx_path: Path, x: torch.Tensor) -> ParityReport:
     """Run the same batch through PyTorch and ONNX Runtime; raise if they disagree."""
-    import onnxruntime as ort
-
     model.eval()
     with torch.no_grad():
         ref = model(x).numpy()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"image": x.numpy()})[0]
+    got = run_onnx(onnx_path, {"image": x.numpy()})["logits"]
     diff = float(np.abs(ref - got).max())
     agree = float((ref.argmax(1) == got.argmax(1)).mean())
     report = ParityReport(len(x), diff, agree)
@@ -70,21 +68,12 @@ def check_parity(model: nn.Module, onnx_path: Path, x: torch.Tensor) -> ParityRe
 
 
 def build_manifest(name: str, version: str, classes: list[str], prov: dict[str, Any]) -> Manifest:
-    return Manifest(
-        name=name,
-        version=version,
-        runtime="onnx",
-        file=MODEL_FILE,
-        inputs=(TensorSpec("image", "FP32", (-1, 1, 28, 28)),),
-        outputs=(TensorSpec("logits", "FP32", (-1, 10)),),
-        max_batch_size=MAX_BATCH_SIZE,
-        batch_delay_ms=BATCH_DELAY_MS,
-        labels={"logits": classes},
-        image=ImageSpec(
-            input="image", mode="L", size=(28, 28), scale=1.0 / 255.0, mean=(MEAN,), std=(STD,), layout="NCHW"
-        ),
-        provenance=prov,
+    inputs = [TensorSpec("image", "FP32", (-1, 1, 28, 28))]
+    outputs = [TensorSpec("logits", "FP32", (-1, 10))]
+    image = ImageSpec(
+        input="image", mode="L", size=(28, 28), scale=1.0 / 255.0, mean=(MEAN,), std=(STD,), layout="NCHW"
     )
+    return manifest(name, version, inputs, outputs, prov, {"logits": classes}, image)
 
 
 def export_to_repo(

@@ -6,9 +6,9 @@
 - before the manifest is written, ONNX Runtime runs the exported file on real test inputs and must
   agree with the trained model (:func:`torch_parity`, :func:`sklearn_parity`): a model whose export
   changed its answers never reaches the repository;
-- the version folder is built aside and moved into place (:func:`publish`), so a worker scanning
-  the repository never sees half of one, and an existing version is never replaced without
-  ``overwrite``.
+- the version folder is built aside and moved into place (:func:`publish`; :func:`publish_together`
+  for a set of models under one version), so a worker scanning the repository never sees half of
+  one, and an existing version is never replaced without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 
 import shoal  # noqa: F401  (sets ORT_DISABLE_TELEMETRY before onnxruntime is imported)
 from shoal.modelrepo import ImageSpec, Manifest, ManifestError, TensorSpec, list_versions, write_manifest
-from shoal.modelrepo.names import InvalidName, check_name
 from shoal.modelrepo.versions import is_number
+from shoal.protocol.names import InvalidName, check_name
 
 OPSET = 17
 MODEL_FILE = "model.onnx"
@@ -47,26 +47,50 @@ def publish(
 ) -> Path:
     """Make ``<repo>/<name>/<version>/`` (the next integer version by default): ``build(folder,
     version)`` writes the model file(s) into a scratch folder, checks them, and returns the manifest."""
+    (dest,) = publish_together(repo, [name], version, overwrite, lambda folders, v: [build(folders[0], v)])
+    return dest
+
+
+def publish_together(
+    repo: str | Path,
+    names: list[str],
+    version: str | None,
+    overwrite: bool,
+    build: Callable[[list[Path], str], list[Manifest]],
+) -> list[Path]:
+    """:func:`publish` for models that only work as a set (a model cut in two): one version for all,
+    by default the first integer free for every name; ``build(folders, version)`` writes and checks
+    them all before any is moved into place."""
     try:  # every training command and federation publish through here: no name leaves the repository
-        check_name(name)
-        version = check_name(version, "model version") if version else next_version(repo, name)
+        for name in names:
+            check_name(name)
+        if version:
+            version = check_name(version, "model version")
+        else:
+            version = str(max(int(next_version(repo, name)) for name in names))
     except InvalidName as e:
         raise ManifestError(str(e)) from None
-    dest = Path(repo) / name / version
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise ManifestError(f"{dest} already exists; pick another --version or pass --overwrite")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; workers may run as other users
+    dests = [Path(repo) / name / version for name in names]
+    for dest in dests:
+        if dest.exists() and any(dest.iterdir()) and not overwrite:
+            raise ManifestError(f"{dest} already exists; pick another --version or pass --overwrite")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    tmps: list[Path] = []
     try:
-        write_manifest(tmp, build(tmp, version))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        for dest in dests:
+            tmps.append(Path(tempfile.mkdtemp(prefix=f".{version}-", dir=dest.parent)))
+            tmps[-1].chmod(0o755)  # mkdtemp makes it private; workers may run as other users
+        for tmp, man in zip(tmps, build(tmps, version), strict=True):
+            write_manifest(tmp, man)
+        for tmp, dest in zip(tmps, dests, strict=True):
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return dest
+        for tmp in tmps:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return dests
 
 
 # ------------------------------------------------------------------------------------------ torch
