@@ -17,7 +17,7 @@ import yaml
 from shoal.autoscale.config import AutoscaleError, parse_autoscale
 from shoal.gateway.pipeline import PipelineError, parse_pipelines
 from shoal.modelrepo.manifest import ManifestError, list_versions, parse_manifest, resolve
-from shoal.modelrepo.names import InvalidName, check_name, valid_name
+from shoal.protocol.names import InvalidName, check_name, valid_name
 from shoal.protocol.oip import ProtocolError, Route, parse_path, parse_repository_path
 
 BUNDLED = Path(__file__).parent.parent / "shoal" / "bundled" / "models"

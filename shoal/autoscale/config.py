@@ -23,7 +23,7 @@ from typing import Any, Literal
 import msgspec
 
 from shoal.autoscale.policy import ScalePolicy
-from shoal.modelrepo.names import RULE, valid_name
+from shoal.protocol.names import RULE, valid_name
 from shoal.typed import convert
 
 

@@ -27,7 +27,7 @@ from shoal.autoscale.config import AutoscaleConfig, ModelScale
 from shoal.autoscale.engine import Engine, EngineError, EngineWorker, WorkerLaunch
 from shoal.autoscale.policy import LoadSample, ScalePolicy, WorkerView, decide, workers_to_stop
 from shoal.gateway.pool import ModelPool
-from shoal.modelrepo.names import check_name
+from shoal.protocol.names import check_name
 
 log = logging.getLogger("shoal.autoscale")
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, RequestFailed
 from shoal.modelrepo.manifest import TensorSpec
-from shoal.modelrepo.names import RULE, valid_name
+from shoal.protocol.names import RULE, valid_name
 from shoal.typed import convert
 
 REQUEST = "request"

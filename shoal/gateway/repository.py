@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from shoal.modelrepo.manifest import ManifestError, list_versions
-from shoal.modelrepo.names import InvalidName, check_name
+from shoal.protocol.names import InvalidName, check_name
 
 if TYPE_CHECKING:
     from shoal.gateway.server import Gateway

@@ -18,43 +18,17 @@ from typing import Any
 
 import msgspec
 
-from shoal.modelrepo.names import RULE, InvalidName, check_name, valid_name
 from shoal.modelrepo.versions import version_key
+from shoal.protocol.interface import DATATYPES, TensorSpec
+from shoal.protocol.names import RULE, InvalidName, check_name, valid_name
 from shoal.typed import convert
 
 MANIFEST_NAME = "manifest.json"
 RUNTIMES = ("onnx", "torchscript", "sklearn", "python")
 
-# Open Inference Protocol datatypes and their numpy spelling (BYTES is a list of byte strings).
-DATATYPES: dict[str, str] = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-    "BYTES": "object",
-}
-
 
 class ManifestError(ValueError):
     """A manifest that cannot be served; the message names the file and the key."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from shoal.modelrepo.names import PATTERN as MODEL_NAME_PATTERN
-from shoal.modelrepo.names import RULE as MODEL_NAME_RULE
+from shoal.protocol.names import PATTERN as MODEL_NAME_PATTERN
+from shoal.protocol.names import RULE as MODEL_NAME_RULE
 
 ACCOUNT_KINDS = ("device", "cluster", "operator")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
@@ -28,7 +28,7 @@ Name = Annotated[
     msgspec.Meta(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '@', '-'; up to 128"),
 ]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-# A model name or version: the one rule of shoal/modelrepo/names.py.
+# A model name or version: the one rule of shoal/protocol/names.py.
 ModelName = Annotated[str, msgspec.Meta(pattern=MODEL_NAME_PATTERN, max_length=128, description=MODEL_NAME_RULE)]
 Amount = Annotated[float, msgspec.Meta(ge=0)]  # JSON has no NaN, and 1e999 is refused as out of range
 Count = Annotated[int, msgspec.Meta(ge=0)]

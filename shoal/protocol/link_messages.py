@@ -14,6 +14,9 @@ from typing import Any
 import msgspec
 
 from shoal.protocol.frames import MsgType
+from shoal.protocol.interface import TensorSpec
+
+TensorSpecMsg = TensorSpec  # the name HELLO's tensors had; one declaration (``interface.py``)
 
 
 class TensorDesc(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -23,14 +26,6 @@ class TensorDesc(msgspec.Struct, frozen=True, omit_defaults=True):
     datatype: str
     shape: list[int]
     size: int = 0
-
-
-class TensorSpecMsg(msgspec.Struct, frozen=True):
-    """A model's input or output as a worker announces it (``-1``: any size)."""
-
-    name: str
-    datatype: str
-    shape: list[int]
 
 
 class Challenge(msgspec.Struct, frozen=True):
@@ -47,8 +42,8 @@ class Hello(msgspec.Struct, frozen=True, omit_defaults=True):
     proof: bytes = b""
     model: str = ""
     model_version: str = ""
-    inputs: list[TensorSpecMsg] = []
-    outputs: list[TensorSpecMsg] = []
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
     runtime: str = ""
     device: str = "cpu"
     capacity: int = 1

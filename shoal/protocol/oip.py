@@ -15,9 +15,7 @@ from urllib.parse import unquote
 import numpy as np
 import orjson
 
-from shoal.modelrepo.manifest import TensorSpec
-from shoal.modelrepo.names import RULE as NAME_RULE
-from shoal.modelrepo.names import valid_name
+from shoal.protocol.interface import TensorSpec
 from shoal.protocol.json_tensors import (
     BYTES_ELEMENT_COST,
     InputDoc,
@@ -27,6 +25,8 @@ from shoal.protocol.json_tensors import (
     json_strings,
 )
 from shoal.protocol.link_messages import TensorDesc
+from shoal.protocol.names import RULE as NAME_RULE
+from shoal.protocol.names import valid_name
 from shoal.protocol.tensors import (
     NP_DTYPES,
     TensorError,
@@ -99,7 +99,7 @@ def _name(segment: str, what: str) -> str:
 
 def parse_path(path: str) -> Route | None:
     """Map a request path (as it came, percent-encoded) to a route, or None when the path is not part
-    of the protocol. A model name or version that is not valid (``modelrepo/names.py``) is a
+    of the protocol. A model name or version that is not valid (``protocol/names.py``) is a
     ``ProtocolError`` (400), whatever it would have matched."""
     r = _FIXED.get(path)
     if r is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.modelrepo.manifest import DATATYPES
+from shoal.protocol.interface import DATATYPES
 from shoal.protocol.link_messages import TensorDesc
 
 NP_DTYPES: dict[str, np.dtype] = {k: np.dtype(v) for k, v in DATATYPES.items() if k != "BYTES"}
