@@ -2,7 +2,8 @@
 ``shoal --help`` and the serving commands never import torch.
 
 A subcommand module exposes ``HELP`` (one line), ``EXAMPLE`` (shown under ``--help``),
-``add_arguments(parser)`` and ``run(args) -> int``.
+``add_arguments(parser)`` and ``run(args) -> int``. A command whose settings are declared
+(``shoal.config.add_settings``) gets them in force on ``args``: flags, variables and file resolved.
 """
 
 from __future__ import annotations
@@ -100,18 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 0 if not argv else 2
-    if getattr(args, "config", None) is not None or hasattr(args, "print_config"):
-        from shoal.config import ConfigError, apply_config, printable
+    from shoal.config import ConfigError, MissingSetting, declared, printable, resolve
 
+    if declared(args):  # the command's settings: flags, then SHOAL_* variables, then --config's file
         try:
-            args._blocks = apply_config(
-                args._parser, args, argv, args.command, getattr(args._module, "CONFIG_BLOCKS", ())
-            )
+            settings = resolve(args)
+        except MissingSetting as e:
+            args._parser.error(str(e))  # as argparse says it, with the usage line
         except ConfigError as e:
             print(f"shoal {args.command}: {e}", file=sys.stderr)
             return 2
-        if args.print_config:
-            print(printable(args, args._parser, args._blocks), end="")
+        if getattr(args, "print_config", False):
+            print(printable(settings), end="")
             return 0
     try:
         return int(args._module.run(args) or 0)

@@ -42,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import shoal
 from shoal.cli import build_parser
+from shoal.config import declared, variables
 from shoal.local import Child, LocalCluster
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra)")
@@ -197,12 +198,9 @@ def _parse(args: list[str]) -> argparse.Namespace:
 
 
 def _allowed_variable(command: str, name: str) -> bool:
-    """SHOAL_<COMMAND>_<OPTION> for a real option, or a $VARIABLE its help names."""
-    parser = _parser(command)
-    dests = {a.dest for a in parser._actions if a.option_strings}
-    helps = " ".join(a.help or "" for a in parser._actions)
-    prefix = f"SHOAL_{command.upper()}_"
-    return (name.startswith(prefix) and name[len(prefix) :].lower() in dests) or f"${name}" in helps
+    """A variable the command's declared settings read: SHOAL_<COMMAND>_<OPTION>, or a bare name one
+    of them declares (SHOAL_CLUSTER_SECRET for the worker's secret)."""
+    return any(name in variables(s) for s in declared(_parser(command).parse_args([])))
 
 
 def _gateway_config(docs: list[dict]) -> dict:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
+from typing import Annotated
 
-from shoal.aio import add_logging_arguments
-from shoal.config import add_config_arguments
+from shoal.config import LOG_FORMAT, LOG_LEVEL, LogFormat, LogLevel, Opt, Settings, add_settings
 
 HELP = "Run the central directory: accounts, live clusters, routes with signed tokens, status page."
 EXAMPLE = """
@@ -19,68 +18,80 @@ shoal central accounts list --db postgresql://shoal@db.example/shoal
 DEFAULT_DB = "sqlite:///./shoal-central.db"
 
 
+class CentralSettings(Settings, kw_only=True):
+    """``shoal central``: its flags, the keys of its --config file, its SHOAL_CENTRAL_* variables."""
+
+    COMMAND = "central"
+
+    http: Annotated[str, Opt("address to serve HTTP on (default %(default)s)")] = "127.0.0.1:7000"
+    db: Annotated[
+        str,
+        Opt(
+            "database URL: sqlite:///PATH or postgresql://USER@HOST/DB "
+            "(default %(default)s; also $SHOAL_CENTRAL_DB)"
+        ),
+    ] = DEFAULT_DB
+    token_ttl: Annotated[float, Opt("lifetime of route tokens in seconds (default %(default)s)")] = 300.0
+    session_ttl: Annotated[
+        float, Opt("lifetime of device session tokens from /v1/login (default %(default)s)")
+    ] = 3600.0
+    report_interval: Annotated[
+        float,
+        Opt("seconds between cluster reports; 3 missed reports take a cluster out (default %(default)s)"),
+    ] = 1.0
+    webhook: Annotated[str | None, Opt("URL to POST the status (clusters, load) to, as JSON")] = None
+    webhook_interval: Annotated[float, Opt("seconds between webhook posts (default %(default)s)")] = 10.0
+    tls_cert: Annotated[str | None, Opt("certificate (PEM) to serve HTTPS")] = None
+    tls_key: Annotated[str | None, Opt("private key (PEM) for --tls-cert")] = None
+    bootstrap_operator: Annotated[
+        str | None,
+        Opt(
+            "create this operator account on start if missing; password from $SHOAL_OPERATOR_PASSWORD",
+            metavar="NAME",
+        ),
+    ] = None
+    # No flag: a password on a command line is visible to every user of the machine.
+    operator_password: Annotated[
+        str | None,
+        Opt("--bootstrap-operator's password", flag=False, secret=True, env=("SHOAL_OPERATOR_PASSWORD",)),
+    ] = None
+    db_timeout: Annotated[
+        float,
+        Opt("seconds a database query may take before the request is answered 503 (default %(default)s)"),
+    ] = 5.0
+    startup_grace: Annotated[
+        float | None,
+        Opt(
+            "seconds after start during which a route nobody serves yet is 503 'try again' rather than "
+            "404, while clusters send their first reports (default: three report intervals)"
+        ),
+    ] = None
+    max_wait: Annotated[
+        float,
+        Opt(
+            "longest long poll (GET /v1/commands?wait=) a device may ask for, in seconds "
+            "(default %(default)s)"
+        ),
+    ] = 60.0
+    ports_file: Annotated[str | None, Opt("write {http, pid} as JSON here once listening")] = None
+    log_level: Annotated[LogLevel, LOG_LEVEL] = "info"
+    log_format: Annotated[LogFormat, LOG_FORMAT] = "text"
+
+
+class AccountSettings(Settings, kw_only=True):
+    """``shoal central accounts add``: the new account's password (otherwise a prompt)."""
+
+    COMMAND = "central accounts add"
+    CONFIG_FILE = False
+
+    password: Annotated[
+        str | None,
+        Opt("the password (visible to other users: prefer the env)", secret=True, env=("SHOAL_PASSWORD",)),
+    ] = None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--http", default="127.0.0.1:7000", help="address to serve HTTP on (default %(default)s)")
-    p.add_argument(
-        "--db",
-        default=None,
-        help=f"database URL: sqlite:///PATH or postgresql://USER@HOST/DB (default {DEFAULT_DB}; also $SHOAL_CENTRAL_DB)",
-    )
-    p.add_argument(
-        "--token-ttl",
-        type=float,
-        default=300.0,
-        help="lifetime of route tokens in seconds (default %(default)s)",
-    )
-    p.add_argument(
-        "--session-ttl",
-        type=float,
-        default=3600.0,
-        help="lifetime of device session tokens from /v1/login (default %(default)s)",
-    )
-    p.add_argument(
-        "--report-interval",
-        type=float,
-        default=1.0,
-        help="seconds between cluster reports; 3 missed reports take a cluster out (default %(default)s)",
-    )
-    p.add_argument("--webhook", default=None, help="URL to POST the status (clusters, load) to, as JSON")
-    p.add_argument(
-        "--webhook-interval",
-        type=float,
-        default=10.0,
-        help="seconds between webhook posts (default %(default)s)",
-    )
-    p.add_argument("--tls-cert", default=None, help="certificate (PEM) to serve HTTPS")
-    p.add_argument("--tls-key", default=None, help="private key (PEM) for --tls-cert")
-    p.add_argument(
-        "--bootstrap-operator",
-        default=None,
-        metavar="NAME",
-        help="create this operator account on start if missing; password from $SHOAL_OPERATOR_PASSWORD",
-    )
-    p.add_argument(
-        "--db-timeout",
-        type=float,
-        default=5.0,
-        help="seconds a database query may take before the request is answered 503 (default %(default)s)",
-    )
-    p.add_argument(
-        "--startup-grace",
-        type=float,
-        default=None,
-        help="seconds after start during which a route nobody serves yet is 503 'try again' rather than "
-        "404, while clusters send their first reports (default: three report intervals)",
-    )
-    p.add_argument(
-        "--max-wait",
-        type=float,
-        default=60.0,
-        help="longest long poll (GET /v1/commands?wait=) a device may ask for, in seconds (default %(default)s)",
-    )
-    p.add_argument("--ports-file", default=None, help="write {http, pid} as JSON here once listening")
-    add_logging_arguments(p)
-    add_config_arguments(p)
+    add_settings(p, CentralSettings)
     sub = p.add_subparsers(dest="central_command", metavar="{accounts,migrate}")
     acc = sub.add_parser(
         "accounts",
@@ -99,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     add.add_argument("kind", choices=["device", "cluster", "operator"])
     add.add_argument("name")
-    add.add_argument("--password", default=None, help="the password (visible to other users: prefer the env)")
+    add_settings(add, AccountSettings)
     ls = asub.add_parser(
         "list",
         help="list accounts (names and kinds, never secrets)",
@@ -126,7 +137,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _db(args: argparse.Namespace) -> str:
-    return getattr(args, "sub_db", None) or args.db or os.environ.get("SHOAL_CENTRAL_DB") or DEFAULT_DB
+    return getattr(args, "sub_db", None) or args.db
 
 
 def _read_password() -> str | None:
@@ -166,7 +177,7 @@ async def _accounts(args: argparse.Namespace) -> int:
         if not re.match(NAME_PATTERN, args.name):
             print(f"shoal central: {args.name!r} is not a valid name", file=sys.stderr)
             return 2
-        password = args.password or os.environ.get("SHOAL_PASSWORD") or _read_password()
+        password = args.password or _read_password()
         why = passwords.check_new_password(password)
         if why:
             print(f"shoal central: {why}", file=sys.stderr)
@@ -212,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = split_hostport(args.http, 7000)
     bootstrap = None
     if args.bootstrap_operator:
-        pw = os.environ.get("SHOAL_OPERATOR_PASSWORD", "")
+        pw = args.operator_password or ""
         if not pw:
             print("shoal central: --bootstrap-operator needs the password in $SHOAL_OPERATOR_PASSWORD")
             return 2

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
+from typing import Annotated, Literal, get_args
+
+from shoal.config import Opt, Settings, add_settings
 
 HELP = (
     "Send images, camera frames or .npy tensors to a model (through central, or to one gateway), or run "
@@ -16,7 +18,55 @@ shoal infer --local models/mnist-mlp/1 digit.png                       # on this
 SHOAL_DEVICE_PASSWORD=pw shoal infer --central http://127.0.0.1:7000 --device cam-1 --model mnist-cnn \\
     --local models/mnist-mlp/1 --policy cascade --threshold 0.99 --frame-format jpeg frame.npy
 """
-POLICIES = ("local", "remote", "fastest", "cascade", "split")
+Policy = Literal["local", "remote", "fastest", "cascade", "split"]
+POLICIES = get_args(Policy)
+ON_DEVICE = "on the device (pip install 'shoal[edge]'; docs/edge.md)"
+
+
+class InferSettings(Settings, kw_only=True):
+    """``shoal infer``: its flags, the keys of its --config file, its SHOAL_INFER_* variables."""
+
+    COMMAND = "infer"
+
+    model: Annotated[str | None, Opt("the cluster's model (needed unless --policy local)")] = None
+    version: Annotated[str | None, Opt("the model's version (default: the newest served)")] = None
+    central: Annotated[list[str], Opt("central URL (repeatable: replicas are tried in turn)")] = []
+    device: Annotated[str, Opt("device account name (default: $SHOAL_DEVICE)", env=("SHOAL_DEVICE",))] = ""
+    password: Annotated[
+        str | None,
+        Opt("device password (default: $SHOAL_DEVICE_PASSWORD)", secret=True, env=("SHOAL_DEVICE_PASSWORD",)),
+    ] = None
+    url: Annotated[str | None, Opt("talk to this gateway directly instead of routing through central")] = None
+    token: Annotated[
+        str | None, Opt("bearer token for --url (default: $SHOAL_TOKEN)", secret=True, env=("SHOAL_TOKEN",))
+    ] = None
+    input: Annotated[str | None, Opt("input name for .npy files (default: the model's first input)")] = None
+    ca: Annotated[str | None, Opt("CA file to verify TLS certificates")] = None
+    timeout: Annotated[float, Opt("seconds to wait for each answer (default %(default)s)")] = 10.0
+    full: Annotated[bool, Opt("print every output value, not only the labels")] = False
+    local: Annotated[
+        str | None, Opt("a model repository version folder to run here", metavar="MODEL_DIR", group=ON_DEVICE)
+    ] = None
+    policy: Annotated[
+        Policy | None,
+        Opt(
+            "where each file runs: local, remote, fastest, cascade or split "
+            "(default: local with --local alone, remote otherwise)",
+            group=ON_DEVICE,
+        ),
+    ] = None
+    threshold: Annotated[
+        float, Opt("cascade: keep the local answer at this top-class probability", group=ON_DEVICE)
+    ] = 0.9
+    budget_ms: Annotated[float | None, Opt("latency budget of each request, in ms", group=ON_DEVICE)] = None
+    frame_format: Annotated[
+        Literal["jpeg", "png"] | None,
+        Opt(
+            ".npy files are raw camera frames (uint8 [H, W] or [H, W, 3]) sent encoded as this",
+            group=ON_DEVICE,
+        ),
+    ] = None
+    quality: Annotated[int, Opt("JPEG quality of frames, 1-95 (default: 90)", group=ON_DEVICE)] = 90
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,47 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         help="PNG/JPEG images (sent as they are) or .npy arrays (sent as the model's input)",
     )
-    p.add_argument("--model", default=None, help="the cluster's model (needed unless --policy local)")
-    p.add_argument("--version", default=None)
-    p.add_argument(
-        "--central", action="append", default=[], help="central URL (repeatable: replicas are tried in turn)"
-    )
-    p.add_argument(
-        "--device",
-        default=os.environ.get("SHOAL_DEVICE", ""),
-        help="device account name (default: $SHOAL_DEVICE)",
-    )
-    p.add_argument("--password", default=None, help="device password (default: $SHOAL_DEVICE_PASSWORD)")
-    p.add_argument(
-        "--url", default=None, help="talk to this gateway directly instead of routing through central"
-    )
-    p.add_argument("--token", default=None, help="bearer token for --url (default: $SHOAL_TOKEN)")
-    p.add_argument(
-        "--input", default=None, help="input name for .npy files (default: the model's first input)"
-    )
-    p.add_argument("--ca", default=None, help="CA file to verify TLS certificates")
-    p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--full", action="store_true", help="print every output value, not only the labels")
-    e = p.add_argument_group("on the device (pip install 'shoal[edge]'; docs/edge.md)")
-    e.add_argument("--local", metavar="MODEL_DIR", help="a model repository version folder to run here")
-    e.add_argument(
-        "--policy",
-        choices=POLICIES,
-        default=None,
-        help="where each file runs: local, remote, fastest, cascade or split "
-        "(default: local with --local alone, remote otherwise)",
-    )
-    e.add_argument(
-        "--threshold", type=float, default=0.9, help="cascade: keep the local answer at this top-class probability"
-    )
-    e.add_argument("--budget-ms", type=float, default=None, help="latency budget of each request, in ms")
-    e.add_argument(
-        "--frame-format",
-        choices=("jpeg", "png"),
-        default=None,
-        help=".npy files are raw camera frames (uint8 [H, W] or [H, W, 3]) sent encoded as this",
-    )
-    e.add_argument("--quality", type=int, default=90, help="JPEG quality of frames, 1-95 (default: 90)")
+    add_settings(p, InferSettings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     rc = 0
     if edge is None and args.url:
-        token = args.token or os.environ.get("SHOAL_TOKEN")
+        token = args.token
         direct = OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca)
         code, meta = direct.get_json(
             f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
@@ -130,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.central:
             print("shoal infer: give --central URL (or --url for one gateway)", file=sys.stderr)
             return 2
-        password = args.password or os.environ.get("SHOAL_DEVICE_PASSWORD", "")
+        password = args.password or ""
         if not args.device or not password:
             print(
                 "shoal infer: --central needs --device and a password (--password or $SHOAL_DEVICE_PASSWORD)",

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
+from typing import Annotated, Any
 
-from shoal.aio import add_logging_arguments
-from shoal.config import add_config_arguments
+from shoal.config import LOG_FORMAT, LOG_LEVEL, LogFormat, LogLevel, Opt, Settings, add_settings
 
 HELP = "Run a cluster gateway: devices over HTTP (Open Inference Protocol), workers dial in."
 EXAMPLE = """
@@ -23,109 +22,6 @@ Workers started and stopped by load (gw.yaml, then shoal cluster --config gw.yam
 """
 
 
-CONFIG_BLOCKS = ("pipelines", "versions", "autoscale")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p)
-    p.add_argument("--name", default="cluster", help="cluster name (the audience of route tokens)")
-    p.add_argument("--http", default="127.0.0.1:8000", help="HTTP address for devices (default %(default)s)")
-    p.add_argument("--workers", default="127.0.0.1:8001", help="address workers dial (default %(default)s)")
-    p.add_argument("--secret", default=None, help="worker secret (default: $SHOAL_CLUSTER_SECRET)")
-    p.add_argument(
-        "--api-key",
-        action="append",
-        default=[],
-        help="static bearer key with its role: operator:KEY, scrape:KEY (metrics only) or "
-        "device:MODEL[+MODEL...]:KEY (repeatable; also $SHOAL_API_KEYS, comma separated)",
-    )
-    p.add_argument(
-        "--token-key",
-        default=None,
-        help="key shared with central to verify route tokens (default: $SHOAL_TOKEN_KEY)",
-    )
-    p.add_argument(
-        "--no-auth", action="store_true", help="accept requests without credentials (local development only)"
-    )
-    p.add_argument("--tls-cert", default=None, help="certificate (PEM) for HTTP and the worker port")
-    p.add_argument("--tls-key", default=None, help="private key (PEM) for --tls-cert")
-    p.add_argument(
-        "--max-body-mb", type=float, default=64.0, help="largest request body (default %(default)s MB)"
-    )
-    p.add_argument(
-        "--max-frame-mb",
-        type=float,
-        default=64.0,
-        help="largest result a worker may send back, in MB (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-queue", type=int, default=1024, help="requests per model waiting for a worker before 503"
-    )
-    p.add_argument(
-        "--read-timeout",
-        type=float,
-        default=30.0,
-        help="seconds a client has to send one whole request (408 after)",
-    )
-    p.add_argument("--timeout", type=float, default=30.0, help="request deadline in seconds")
-    p.add_argument(
-        "--central",
-        action="append",
-        default=[],
-        help="central server URL to report to every second (repeatable, one per replica)",
-    )
-    p.add_argument(
-        "--central-password",
-        default=None,
-        help="this cluster's central account password (default: $SHOAL_CENTRAL_PASSWORD); the account name is --name",
-    )
-    p.add_argument("--central-ca", default=None, help="CA file to verify central's certificate")
-    p.add_argument(
-        "--public-url",
-        default=None,
-        help="address devices reach this gateway at, as told to central (default: the --http address)",
-    )
-    p.add_argument(
-        "--store-results",
-        default=None,
-        metavar="DB_URL",
-        help="store every request's inputs and outputs: metadata in this database (sqlite:///results.db, "
-        "postgresql://user@host/db; password in $PGPASSWORD), tensors as files in --results-dir (default: off)",
-    )
-    p.add_argument(
-        "--results-dir", default="shoal-results", help="folder for stored tensors (default %(default)s)"
-    )
-    p.add_argument(
-        "--results-max-age",
-        type=duration,
-        default=None,
-        help="delete stored results older than this: seconds, or 30m, 12h, 7d (default: keep)",
-    )
-    p.add_argument(
-        "--results-max-mb",
-        type=float,
-        default=None,
-        help="keep stored results' files under this many MB, deleting the oldest (default: no limit)",
-    )
-    p.add_argument(
-        "--state-dir",
-        default=None,
-        help="folder where the gateway keeps central's route-token key across restarts "
-        "(default: $XDG_STATE_HOME/shoal or ~/.local/state/shoal; 'none' keeps nothing)",
-    )
-    p.add_argument(
-        "--startup-grace",
-        type=float,
-        default=10.0,
-        help="seconds after start during which an unknown model is 503 'try again' (its workers are "
-        "rejoining), not 404 (default %(default)s)",
-    )
-    p.add_argument(
-        "--ports-file", default=None, help="write the bound ports as JSON here (useful with port 0)"
-    )
-    add_logging_arguments(p)
-
-
 def duration(value: str | float) -> float:
     """Seconds from a number or a number with a unit: 90, 90s, 30m, 12h, 7d."""
     if isinstance(value, (int, float)):
@@ -136,6 +32,115 @@ def duration(value: str | float) -> float:
         return float(v[:-1]) * scale if scale else float(v)
     except ValueError:
         raise ValueError(f"not a duration: {value!r} (e.g. 3600, 30m, 12h, 7d)") from None
+
+
+class ClusterSettings(Settings, kw_only=True):
+    """``shoal cluster``: its flags, the keys of its --config file, its SHOAL_CLUSTER_* variables."""
+
+    COMMAND = "cluster"
+
+    name: Annotated[str, Opt("cluster name (the audience of route tokens)")] = "cluster"
+    http: Annotated[str, Opt("HTTP address for devices (default %(default)s)")] = "127.0.0.1:8000"
+    workers: Annotated[str, Opt("address workers dial (default %(default)s)")] = "127.0.0.1:8001"
+    secret: Annotated[str | None, Opt("worker secret (default: $SHOAL_CLUSTER_SECRET)", secret=True)] = None
+    api_key: Annotated[
+        list[str],
+        Opt(
+            "static bearer key with its role: operator:KEY, scrape:KEY (metrics only) or "
+            "device:MODEL[+MODEL...]:KEY (repeatable; also $SHOAL_API_KEYS, comma separated)",
+            secret=True,
+            env=("SHOAL_API_KEYS",),
+        ),
+    ] = []
+    token_key: Annotated[
+        str | None,
+        Opt(
+            "key shared with central to verify route tokens (default: $SHOAL_TOKEN_KEY)",
+            secret=True,
+            env=("SHOAL_TOKEN_KEY",),
+        ),
+    ] = None
+    no_auth: Annotated[bool, Opt("accept requests without credentials (local development only)")] = False
+    tls_cert: Annotated[str | None, Opt("certificate (PEM) for HTTP and the worker port")] = None
+    tls_key: Annotated[str | None, Opt("private key (PEM) for --tls-cert")] = None
+    max_body_mb: Annotated[float, Opt("largest request body (default %(default)s MB)")] = 64.0
+    max_frame_mb: Annotated[
+        float, Opt("largest result a worker may send back, in MB (default %(default)s)")
+    ] = 64.0
+    max_queue: Annotated[int, Opt("requests per model waiting for a worker before 503")] = 1024
+    read_timeout: Annotated[float, Opt("seconds a client has to send one whole request (408 after)")] = 30.0
+    timeout: Annotated[float, Opt("request deadline in seconds")] = 30.0
+    central: Annotated[
+        list[str], Opt("central server URL to report to every second (repeatable, one per replica)")
+    ] = []
+    central_password: Annotated[
+        str | None,
+        Opt(
+            "this cluster's central account password (default: $SHOAL_CENTRAL_PASSWORD); the account "
+            "name is --name",
+            secret=True,
+            env=("SHOAL_CENTRAL_PASSWORD",),
+        ),
+    ] = None
+    central_ca: Annotated[str | None, Opt("CA file to verify central's certificate")] = None
+    public_url: Annotated[
+        str | None,
+        Opt("address devices reach this gateway at, as told to central (default: the --http address)"),
+    ] = None
+    store_results: Annotated[
+        str | None,
+        Opt(
+            "store every request's inputs and outputs: metadata in this database (sqlite:///results.db, "
+            "postgresql://user@host/db; password in $PGPASSWORD), tensors as files in --results-dir "
+            "(default: off)",
+            metavar="DB_URL",
+        ),
+    ] = None
+    results_dir: Annotated[str, Opt("folder for stored tensors (default %(default)s)")] = "shoal-results"
+    results_max_age: Annotated[
+        float | None,
+        Opt(
+            "delete stored results older than this: seconds, or 30m, 12h, 7d (default: keep)", parse=duration
+        ),
+    ] = None
+    results_max_mb: Annotated[
+        float | None,
+        Opt("keep stored results' files under this many MB, deleting the oldest (default: no limit)"),
+    ] = None
+    state_dir: Annotated[
+        str | None,
+        Opt(
+            "folder where the gateway keeps central's route-token key across restarts "
+            "(default: $XDG_STATE_HOME/shoal or ~/.local/state/shoal; 'none' keeps nothing)"
+        ),
+    ] = None
+    startup_grace: Annotated[
+        float,
+        Opt(
+            "seconds after start during which an unknown model is 503 'try again' (its workers are "
+            "rejoining), not 404 (default %(default)s)"
+        ),
+    ] = 10.0
+    ports_file: Annotated[str | None, Opt("write the bound ports as JSON here (useful with port 0)")] = None
+    log_level: Annotated[LogLevel, LOG_LEVEL] = "info"
+    log_format: Annotated[LogFormat, LOG_FORMAT] = "text"
+    # Blocks with no flag: file only, each checked by its own parser when the gateway starts.
+    pipelines: Annotated[Any, Opt("pipeline declarations", flag=False, environment=False)] = None
+    versions: Annotated[
+        Any,
+        Opt(
+            "per model: {policy: all}, {policy: latest, n: N} or {policy: specific, versions: [...]}",
+            flag=False,
+            environment=False,
+        ),
+    ] = None
+    autoscale: Annotated[
+        Any, Opt("the scaling engine and each model's policy", flag=False, environment=False)
+    ] = None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_settings(p, ClusterSettings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,12 +155,12 @@ def run(args: argparse.Namespace) -> int:
     from shoal.httpserver import wait_for_stop_signal, write_ports_file
 
     setup_logging(args.log_level, "cluster", args.log_format)
-    secret = args.secret or os.environ.get("SHOAL_CLUSTER_SECRET", "")
-    keys = list(args.api_key) + [k for k in os.environ.get("SHOAL_API_KEYS", "").split(",") if k]
-    token_key = args.token_key or os.environ.get("SHOAL_TOKEN_KEY") or None
+    secret = args.secret or ""
+    keys = list(args.api_key)
+    token_key = args.token_key or None
     central = None
     if args.central:
-        pw = args.central_password or os.environ.get("SHOAL_CENTRAL_PASSWORD", "")
+        pw = args.central_password or ""
         if not pw:
             print(
                 "shoal cluster: --central needs this cluster's password: --central-password or SHOAL_CENTRAL_PASSWORD"
@@ -168,14 +173,13 @@ def run(args: argparse.Namespace) -> int:
             public_url=args.public_url or "",
             ca_file=args.central_ca,
         )
-    blocks = getattr(args, "_blocks", {})
     try:
-        pipelines = parse_pipelines(blocks.get("pipelines"))
-        versions_block = blocks.get("versions") or {}
+        pipelines = parse_pipelines(args.pipelines)
+        versions_block = args.versions or {}
         if not isinstance(versions_block, dict):
             raise PipelineError("versions: must map model names to version policies")
         policies = {str(m): parse_version_policy(d, f"versions.{m}") for m, d in versions_block.items()}
-        autoscale = parse_autoscale(blocks["autoscale"]) if "autoscale" in blocks else None
+        autoscale = parse_autoscale(args.autoscale) if args.autoscale is not None else None
     except (PipelineError, AutoscaleError, ValueError) as e:
         print(f"shoal cluster: {args.config}: {e}")
         return 2

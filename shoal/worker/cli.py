@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
+from typing import Annotated
 
-from shoal.aio import add_logging_arguments
-from shoal.config import add_config_arguments
+from shoal.config import LOG_FORMAT, LOG_LEVEL, LogFormat, LogLevel, Opt, Settings, add_settings
 
 HELP = "Serve one model version: dial a cluster gateway, batch requests, run the model."
 EXAMPLE = """
@@ -15,56 +14,59 @@ shoal worker --gateway gw.example.org:8001 --tls-ca ca.pem --model mnist-cnn --v
 """
 
 
+class WorkerSettings(Settings, kw_only=True):
+    """``shoal worker``: its flags, the keys of its --config file, its SHOAL_WORKER_* variables."""
+
+    COMMAND = "worker"
+
+    gateway: Annotated[str, Opt("gateway worker port, host:port (default %(default)s)")] = "127.0.0.1:8001"
+    repo: Annotated[
+        str | None,
+        Opt("model repository folder (default: the models bundled with shoal)", env=("SHOAL_MODEL_REPO",)),
+    ] = None
+    model: Annotated[str, Opt("model name (a folder of the repository)")]
+    version: Annotated[str | None, Opt("model version (default: the newest in the repository)")] = None
+    secret: Annotated[
+        str | None,
+        Opt("cluster secret (default: $SHOAL_CLUSTER_SECRET)", secret=True, env=("SHOAL_CLUSTER_SECRET",)),
+    ] = None
+    device: Annotated[
+        str,
+        Opt(
+            "cpu, cuda, cuda:N or auto (CUDA when there is one); a device not here is refused "
+            "(default %(default)s)"
+        ),
+    ] = "cpu"
+    capacity: Annotated[
+        int, Opt("requests this worker may hold, running plus queued (default: 2 x max batch)")
+    ] = 0
+    threads: Annotated[int, Opt("framework threads for one batch (default %(default)s)")] = 1
+    max_batch_size: Annotated[int | None, Opt("override the manifest's max batch size")] = None
+    batch_delay_ms: Annotated[float | None, Opt("override the manifest's batch delay")] = None
+    worker_id: Annotated[str, Opt("name shown in status and metrics (default host-pid-model-version)")] = ""
+    tls: Annotated[bool, Opt("TLS to the gateway, verified with the system CAs")] = False
+    tls_ca: Annotated[str | None, Opt("TLS to the gateway, verified with this CA file")] = None
+    tls_server_name: Annotated[str | None, Opt("expected name in the gateway's certificate")] = None
+    drain_timeout: Annotated[float, Opt("seconds SIGTERM waits for held requests")] = 30.0
+    health: Annotated[
+        str | None,
+        Opt(
+            "serve GET /live and /ready here for an orchestrator's probes (default: off)", metavar="HOST:PORT"
+        ),
+    ] = None
+    max_frame_mb: Annotated[
+        float,
+        Opt(
+            "largest request this worker accepts from the gateway, in MB; told to the gateway, which "
+            "answers larger requests 413 itself (default %(default)s)"
+        ),
+    ] = 64.0
+    log_level: Annotated[LogLevel, LOG_LEVEL] = "info"
+    log_format: Annotated[LogFormat, LOG_FORMAT] = "text"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p)
-    p.add_argument(
-        "--gateway", default="127.0.0.1:8001", help="gateway worker port, host:port (default %(default)s)"
-    )
-    p.add_argument(
-        "--repo", default=None, help="model repository folder (default: the models bundled with shoal)"
-    )
-    p.add_argument("--model", required=True, help="model name (a folder of the repository)")
-    p.add_argument("--version", default=None, help="model version (default: the newest in the repository)")
-    p.add_argument("--secret", default=None, help="cluster secret (default: $SHOAL_CLUSTER_SECRET)")
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="cpu, cuda, cuda:N or auto (CUDA when there is one); a device not here is refused (default %(default)s)",
-    )
-    p.add_argument(
-        "--capacity",
-        type=int,
-        default=0,
-        help="requests this worker may hold, running plus queued (default: 2 x max batch)",
-    )
-    p.add_argument(
-        "--threads", type=int, default=1, help="framework threads for one batch (default %(default)s)"
-    )
-    p.add_argument("--max-batch-size", type=int, default=None, help="override the manifest's max batch size")
-    p.add_argument("--batch-delay-ms", type=float, default=None, help="override the manifest's batch delay")
-    p.add_argument(
-        "--worker-id", default="", help="name shown in status and metrics (default host-pid-model-version)"
-    )
-    p.add_argument("--tls", action="store_true", help="TLS to the gateway, verified with the system CAs")
-    p.add_argument("--tls-ca", default=None, help="TLS to the gateway, verified with this CA file")
-    p.add_argument("--tls-server-name", default=None, help="expected name in the gateway's certificate")
-    p.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for held requests"
-    )
-    p.add_argument(
-        "--health",
-        default=None,
-        metavar="HOST:PORT",
-        help="serve GET /live and /ready here for an orchestrator's probes (default: off)",
-    )
-    p.add_argument(
-        "--max-frame-mb",
-        type=float,
-        default=64.0,
-        help="largest request this worker accepts from the gateway, in MB; told to the gateway, which "
-        "answers larger requests 413 itself (default %(default)s)",
-    )
-    add_logging_arguments(p)
+    add_settings(p, WorkerSettings)
 
 
 def bundled_repo() -> str:
@@ -84,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     from shoal.worker.link import Worker, WorkerConfig
 
     setup_logging(args.log_level, "worker", args.log_format)
-    secret = args.secret or os.environ.get("SHOAL_CLUSTER_SECRET", "")
+    secret = args.secret or ""
     if not secret:
         print("shoal worker: no cluster secret; pass --secret or set SHOAL_CLUSTER_SECRET")
         return 2
-    repo = args.repo or os.environ.get("SHOAL_MODEL_REPO") or bundled_repo()
+    repo = args.repo or bundled_repo()
     try:
         model_dir, manifest = resolve(repo, args.model, args.version)
         if args.max_batch_size is not None:
