@@ -27,9 +27,7 @@ from shoal.protocol.frames import (
     DEFAULT_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
-    FrameError,
     MsgType,
-    encode_frame,
 )
 from shoal.protocol.joined import join_requests, plan_joins, split_results
 from shoal.protocol.link import (
@@ -42,6 +40,7 @@ from shoal.protocol.link import (
     LinkConnection,
     LinkError,
     Load,
+    LocalLinkError,
     Ping,
     Pong,
     Refuse,
@@ -96,8 +95,8 @@ class WorkerConnection(CoalescingProtocol):
         self.latency_ewma_ms = 0.0
         self.accepting = False
         self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # the largest frame this worker accepts
-        # Requests that arrive together are joined into one REQUESTS frame when the worker takes
-        # those (its HELLO says so) and batches: at most its batch size in one frame.
+        # Requests that arrive together are joined into one REQUESTS frame when the link allows
+        # those (the machine negotiated ``joined``) and the worker batches: at most its batch size.
         self.join_rows = 0
         self._joinable: list[Pending] = []
         # What the status and the autoscaler read.
@@ -168,6 +167,7 @@ class WorkerConnection(CoalescingProtocol):
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.link.connection_lost()
         self._teardown("connection closed" if exc is None else f"connection lost: {exc}")
 
     # ------------------------------------------------------------------------------ handshake
@@ -210,7 +210,7 @@ class WorkerConnection(CoalescingProtocol):
         self.worker_id = h.worker_id
         self.capacity = h.capacity
         self.max_frame_size = max_frame
-        self.join_rows = h.max_batch_size if h.joined else 0
+        self.join_rows = h.max_batch_size
         self.info = {
             "model": h.model,
             "model_version": h.model_version,
@@ -261,7 +261,7 @@ class WorkerConnection(CoalescingProtocol):
     def send_request(self, p: Pending) -> None:
         """The dispatcher's way to send a request. One that can be joined waits for the end of this
         event-loop turn, when the requests that came with it go in as few frames as they fit."""
-        if p.join_key is None or not self.join_rows:
+        if p.join_key is None or not self.join_rows or not self.link.joined:
             self.send(p.frame)  # encoded once, when it arrived
             return
         self._joinable.append(p)
@@ -283,16 +283,18 @@ class WorkerConnection(CoalescingProtocol):
         queued, self._joinable = self._joinable, []
         sizes = [(p.join_key, p.rows, p.size) for p in queued]
         plan = plan_joins(sizes, self.join_rows, self.max_frame_size - 65536)
+        # Not once a DRAIN crossed them or the link closed: then one frame each, as encoded on arrival.
+        may_join = self.link.may_send(MsgType.REQUESTS)
         out: list[Any] = []
         for run in plan:
-            if len(run) > 1:
+            if len(run) > 1 and may_join:
                 group = [queued[i] for i in run]
                 parts = [(p.id, p.header.inputs, p.bufs, p.rows, p.header.rid) for p in group]
                 header, bufs = join_requests(parts, group[0].header.outputs)
                 try:
-                    out.extend(encode_frame(MsgType.REQUESTS, header, bufs))
+                    out.extend(self.link.send(header, bufs))
                     continue
-                except FrameError:  # a header too large to join (long request ids): one frame each
+                except LocalLinkError:  # a header too large to join (long request ids): one frame each
                     pass
             for i in run:
                 out.extend(queued[i].frame)
@@ -340,6 +342,8 @@ class WorkerConnection(CoalescingProtocol):
             return
         now = time.monotonic()
         self.draining_since = now
+        if self._joinable:  # requests handed over before the DRAIN leave before it, joined
+            self._out.extend(self._joined_frames())
         self.send(self.link.send(Drain()))
         log.info("draining worker %s (%s)", self.worker_id, self.peer)
         self.site.dispatcher.worker_stopped_taking(self.pool, self, now)
@@ -357,6 +361,7 @@ class WorkerConnection(CoalescingProtocol):
     def _drop(self, reason: str, quiet: bool = False) -> None:
         if not quiet:
             log.warning("dropping worker %s (%s): %s", self.worker_id or "?", self.peer, reason)
+        self.link.close()
         if self.transport is not None:
             self.transport.abort()
         self._teardown(reason)

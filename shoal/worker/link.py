@@ -158,12 +158,14 @@ class GatewayLink(CoalescingProtocol):
                 self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.link.connection_lost()
         if not self.welcomed.done():
             self.welcomed.set_exception(ConnectionError("gateway closed the connection during login"))
         if not self.closed.done():
             self.closed.set_result(None)
 
     def abort(self) -> None:
+        self.link.close()
         if self.transport is not None:
             self.transport.abort()
 
