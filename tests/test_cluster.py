@@ -308,6 +308,39 @@ def test_sigterm_drains_without_losing_requests(cluster, model_repo):
     assert "draining" in a.tail(20)
 
 
+def test_a_gateway_stopping_under_load_answers_what_it_holds_then_exits(cluster, model_repo):
+    """SIGTERM with requests held by a worker that will not answer for long: the gateway stops taking
+    requests, gives those in flight its drain time (1 s here), answers them 503, and exits. (It once
+    stopped its deadline sweep before draining HTTP, and waited on them.)"""
+    lc = cluster(gateway_args=["--drain-timeout", "1"])
+    lc.add_worker("slow", repo=model_repo, extra=["--drain-timeout", "1"])
+    lc.wait_workers("slow", 1)
+    answers: list[object] = []
+
+    def client() -> None:
+        with lc.client(timeout=120) as c:
+            try:
+                c.infer("slow", {"x": np.full((1, 1), 20.0, np.float32)})
+                answers.append("answered")
+            except InferError as e:
+                answers.append((e.status, str(e)))
+            except OSError as e:
+                answers.append(f"connection: {e}")
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for t in clients:
+        t.start()
+    end = time.monotonic() + 30
+    while sum(m["in_flight"] + m["queue"] for m in lc.status()["models"]) < 4:
+        assert time.monotonic() < end, "the requests never reached the gateway"
+        time.sleep(0.02)
+    lc.gateway.signal(signal.SIGTERM)
+    assert lc.gateway.popen.wait(60) == 0
+    for t in clients:
+        t.join(60)
+    assert len(answers) == 4 and all(a[0] == 503 and "shutting down" in a[1] for a in answers), answers
+
+
 def test_restarted_gateway_has_its_workers_back_within_3s(cluster, model_repo):
     lc = cluster()
     for _ in range(2):

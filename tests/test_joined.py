@@ -214,7 +214,7 @@ def ask(gw: Gateway, pool, n: int) -> list:
     """``n`` requests started in one event-loop turn, each of its own value (i rows of value i)."""
     deadline = time.monotonic() + 30
     return [
-        asyncio.ensure_future(gw.call_model(pool, {"x": np.full((1 + i % 3, 2), i, np.float32)}, deadline))
+        asyncio.ensure_future(gw.service.call_model(pool, {"x": np.full((1 + i % 3, 2), i, np.float32)}, deadline))
         for i in range(n)
     ]
 

@@ -26,7 +26,7 @@ from shoal.aio import cancel_and_wait
 from shoal.autoscale.config import AutoscaleConfig, ModelScale
 from shoal.autoscale.engine import Engine, EngineError, EngineWorker, WorkerLaunch
 from shoal.autoscale.policy import LoadSample, ScalePolicy, WorkerView, decide, workers_to_stop
-from shoal.gateway.pool import ModelPool
+from shoal.autoscale.view import PoolControl, PoolView
 from shoal.protocol.names import check_name
 
 log = logging.getLogger("shoal.autoscale")
@@ -57,7 +57,7 @@ class Managed:
     version: str
     scale: ModelScale
     policy: ScalePolicy
-    pool: ModelPool
+    pool: PoolView
     capacity_hint: int
     samples: deque[LoadSample] = field(default_factory=lambda: deque(maxlen=SAMPLES_KEPT))
     launches: dict[str, Launch] = field(default_factory=dict)
@@ -93,10 +93,12 @@ class Autoscaler:
         gateway_address: Callable[[], str],
         secret: bytes,
         repo: str,
+        control: PoolControl,
         name: str = "cluster",
     ) -> None:
         self.cfg = cfg
         self.engine = engine
+        self.control = control  # the pools' owner: every change to a pool or worker goes through it
         self.gateway_address = gateway_address
         self.secret = secret
         self.repo = repo
@@ -108,7 +110,7 @@ class Autoscaler:
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
-    def manage(self, name: str, version: str, scale: ModelScale, pool: ModelPool, capacity_hint: int) -> Managed:
+    def manage(self, name: str, version: str, scale: ModelScale, pool: PoolView, capacity_hint: int) -> Managed:
         check_name(name)  # engines put these on command lines and into paths
         check_name(version, "model version")
         m = Managed(name, version, scale, scale.policy(), pool, capacity_hint)
@@ -186,7 +188,7 @@ class Autoscaler:
             queue=len(pool.queue),
             in_flight=pool.in_flight,
             busy=(pool.busy_ms - b0) / 1000.0 / dt,
-            cpu=sum(getattr(w, "cpu_rate", 0.0) for w in ready),
+            cpu=sum(w.cpu_rate for w in ready),
             ready=len(ready),
             starting=len(m.starting()),
             draining=len(pool.workers) - len(ready),
@@ -218,14 +220,14 @@ class Autoscaler:
                 stopped += 1
             mine = {wid for wid, x in m.launches.items() if x.joined and x.drain_at is None}
             views = [
-                WorkerView(w.worker_id, w.in_flight, getattr(w, "joined_at", 0.0))
+                WorkerView(w.worker_id, w.in_flight, w.joined_at)
                 for w in m.pool.workers
                 if w.accepting and w.worker_id in mine
             ]
             chosen = set(workers_to_stop(views, cut - stopped))
             for w in m.pool.workers:
                 if w.worker_id in chosen:
-                    w.drain()  # type: ignore[attr-defined]
+                    self.control.drain_worker(m.pool, w, now)
                     m.launches[w.worker_id].drain_at = now
                     stopped += 1
             if stopped:
@@ -290,7 +292,7 @@ class Autoscaler:
         """Its workers cannot load the model: stop starting them, and let its requests fail at once
         with the reason (the pool answers them 503) until an operator loads it again."""
         m.unavailable = f"its workers failed to start {m.exits_before_joining} times in a row (last: {why})"
-        m.pool.unavailable = m.unavailable
+        self.control.give_up(m.pool, m.unavailable)
         self.counts["given_up"] += 1
         log.error("%s: marked unavailable: %s; load it again once it is fixed", m.key, m.unavailable)
 
@@ -310,12 +312,12 @@ class Autoscaler:
         ms = self.find(name)
         for m in ms:
             m.unloaded = False
-            m.pool.unloaded = False
-            m.unavailable, m.pool.unavailable = "", None
+            self.control.load(m.pool)
+            m.unavailable = ""
             m.failures = m.exits_before_joining = 0
             m.next_launch_t = 0.0
             if m.policy.min_workers == 0:
-                m.pool.arrivals += 1  # a load counts as a request: it wakes a sleeping model
+                self.control.wake(m.pool)  # a load counts as a request: it wakes a sleeping model
         self.poke()
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
@@ -331,7 +333,7 @@ class Autoscaler:
         ms = self.find(name)
         for m in ms:
             m.unloaded = True
-            m.pool.unloaded = True
+            self.control.unload(m.pool, time.monotonic())
         self.poke()
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:

@@ -70,6 +70,9 @@ class ClusterSettings(Settings, kw_only=True):
     max_queue: Annotated[int, Opt("requests per model waiting for a worker before 503")] = 1024
     read_timeout: Annotated[float, Opt("seconds a client has to send one whole request (408 after)")] = 30.0
     timeout: Annotated[float, Opt("request deadline in seconds")] = 30.0
+    drain_timeout: Annotated[
+        float, Opt("on stop, seconds requests in flight get to finish before they are answered 503")
+    ] = 10.0
     central: Annotated[
         list[str], Opt("central server URL to report to every second (repeatable, one per replica)")
     ] = []
@@ -201,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         max_frame_size=int(args.max_frame_mb * 1024 * 1024),
         max_queue=args.max_queue,
         request_timeout_s=args.timeout,
+        drain_timeout_s=args.drain_timeout,
         read_timeout_s=args.read_timeout,
         central=central,
         pipelines=pipelines,

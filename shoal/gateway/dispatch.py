@@ -9,16 +9,35 @@ the queue is full). ``on_result`` / ``on_failed`` answer it; ``on_refused`` (the
 draining) and ``worker_left`` put it back at the head of its queue, to be sent elsewhere, at most
 ``max_attempts`` times. ``expire`` fails what is past its deadline, queued or in flight; a request
 timed out in flight keeps its place on its worker until the worker answers (so no worker is sent more
-than it said it can hold), and the late answer is dropped.
+than it said it can hold), and the late answer is dropped. ``close`` fails everything still waiting
+when the gateway stops, and refuses what comes after.
+
+It is also the only writer of the pools' and workers' state that others change: a worker's
+``accepting`` (joined, draining, gone), a model unloaded, loaded, woken or given up by the autoscaler
+(``unload``, ``load``, ``wake``, ``give_up``, ``drain_worker``), and the admission queues that bound
+how many requests a pipeline step holds at once (``admission``), whose waiters expire with the rest.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.gateway.policy import ewma, pick_worker, retry_after_s
 from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, WorkerHandle
+
+
+@dataclass(eq=False)
+class Admission:
+    """At most ``limit`` requests at once (one step of a pipeline); the others wait, in order, until a
+    place frees or their deadline passes. Its state is the dispatcher's: only it admits, releases and
+    expires (``Dispatcher.admit``, ``release``, ``expire``)."""
+
+    limit: int
+    active: int = 0
+    waiting: deque[tuple[float, asyncio.Future]] = field(default_factory=deque)
 
 
 class Dispatcher:
@@ -27,12 +46,16 @@ class Dispatcher:
         self.unserved_wait_s = unserved_wait_s
         self.in_flight: dict[int, Pending] = {}  # requests sent to a worker, by the gateway's id
         self.on_retry: Any = None  # called with the pool when a request is sent again (metrics)
+        self.closed: str | None = None  # why nothing is taken any more (the gateway stops)
+        self.admissions: list[Admission] = []
 
     # --------------------------------------------------------------------------------- arrivals
 
     def submit(self, pool: ModelPool, p: Pending, now: float) -> None:
         """Send now to the least-loaded worker with room, else queue; ``RequestFailed`` (503) when the
         queue is full."""
+        if self.closed is not None:
+            raise RequestFailed(self.closed, 503)
         p.t_enqueued = now
         p.pool = pool
         pool.arrivals += 1
@@ -139,6 +162,7 @@ class Dispatcher:
     # ------------------------------------------------------------------------------ workers
 
     def worker_joined(self, pool: ModelPool, w: WorkerHandle, now: float) -> None:
+        w.accepting = True
         pool.workers.append(w)
         pool.no_worker_since = None
         self.dispatch(pool, now)
@@ -147,6 +171,99 @@ class Dispatcher:
         """It drains: nothing new goes to it; what it holds it still answers."""
         w.accepting = False
         self.dispatch(pool, now)
+
+    def drain_worker(self, pool: ModelPool, w: WorkerHandle, now: float) -> None:
+        """Ask a worker to drain (the autoscaler's scale-in): it takes nothing new from now on."""
+        if w.accepting:
+            self.worker_stopped_taking(pool, w, now)
+            w.drain()
+
+    # ------------------------------------------------------------------ models, for the autoscaler
+
+    def unload(self, pool: ModelPool, now: float) -> None:
+        """An operator unloaded it: requests for it are refused (404), those waiting fail now."""
+        pool.unloaded = True
+        self._fail_queue(pool, RequestFailed(f"model '{pool.spec.name}' version {pool.spec.version} is unloaded", 404))
+
+    def load(self, pool: ModelPool) -> None:
+        """Served again (an operator's load): neither unloaded nor given up."""
+        pool.unloaded = False
+        pool.unavailable = None
+
+    def wake(self, pool: ModelPool) -> None:
+        """Counted as a request: an engine that sleeps the model at zero starts a worker for it."""
+        pool.arrivals += 1
+
+    def give_up(self, pool: ModelPool, reason: str) -> None:
+        """Its workers cannot start: requests get 503 with the reason at once, those waiting now."""
+        pool.unavailable = reason
+        if not pool.ready:
+            self._fail_queue(
+                pool,
+                RequestFailed(f"model '{pool.spec.name}' version {pool.spec.version} is unavailable: {reason}", 503),
+            )
+
+    def _fail_queue(self, pool: ModelPool, error: RequestFailed) -> None:
+        for p in pool.queue:
+            if not p.future.done():
+                p.future.set_exception(error)
+        pool.queue.clear()
+
+    # ----------------------------------------------------------------------------- admission
+
+    def admission(self, limit: int) -> Admission:
+        a = Admission(limit)
+        self.admissions.append(a)
+        return a
+
+    async def admit(self, a: Admission, deadline: float) -> None:
+        """Wait for a place in ``a``: at once when there is one, else in order; ``RequestFailed``
+        (504) when ``deadline`` passes first, 503 when the gateway closes."""
+        if self.closed is not None:
+            raise RequestFailed(self.closed, 503)
+        if a.active < a.limit and not a.waiting:
+            a.active += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        a.waiting.append((deadline, fut))
+        await fut  # the place is handed over by ``release``, already counted
+
+    def release(self, a: Admission) -> None:
+        """A request left ``a``: its place goes to the next one still waiting."""
+        while a.waiting:
+            _, fut = a.waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        a.active -= 1
+
+    # ------------------------------------------------------------------------------ shutdown
+
+    def close(self, now: float, reason: str) -> int:
+        """The gateway stops: every request still queued, in flight or waiting for admission fails
+        (503, ``reason``), and nothing new is taken. Returns how many failed."""
+        self.closed = reason
+        error = RequestFailed(reason, 503)
+        n = 0
+        for p in self.in_flight.values():
+            if not p.future.done():
+                p.future.set_exception(error)
+                n += 1
+        for pool in self.table.pools():
+            n += sum(1 for p in pool.queue if not p.future.done())
+            self._fail_queue(pool, error)
+        for a in self.admissions:
+            for _, fut in a.waiting:
+                if not fut.done():
+                    fut.set_exception(error)
+                    n += 1
+            a.waiting.clear()
+        return n
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or in flight (what a drain waits for)."""
+        return len(self.in_flight) + sum(len(p.queue) for p in self.table.pools())
 
     def worker_left(self, pool: ModelPool, w: WorkerHandle, reason: str, now: float) -> int:
         """It is gone (closed, dropped, silent): what it held goes to other workers, oldest first.
@@ -180,6 +297,25 @@ class Dispatcher:
                 n += 1
         for pool in self.table.pools():
             n += self._expire_queue(pool, now)
+        for a in self.admissions:
+            n += self._expire_admission(a, now)
+        return n
+
+    @staticmethod
+    def _expire_admission(a: Admission, now: float) -> int:
+        if not a.waiting:
+            return 0
+        n = 0
+        keep: deque[tuple[float, asyncio.Future]] = deque()
+        for deadline, fut in a.waiting:
+            if fut.done():
+                continue
+            if now > deadline:
+                fut.set_exception(RequestFailed("request timed out waiting for its pipeline step", 504))
+                n += 1
+            else:
+                keep.append((deadline, fut))
+        a.waiting = keep
         return n
 
     def _expire_queue(self, pool: ModelPool, now: float) -> int:
@@ -188,7 +324,6 @@ class Dispatcher:
         orphaned = (
             not pool.wakeable and pool.no_worker_since is not None and now - pool.no_worker_since > self.unserved_wait_s
         )
-        given_up = pool.unavailable is not None and not pool.ready  # an engine cannot start its workers
         n = 0
         keep: deque[Pending] = deque()
         for p in pool.queue:
@@ -200,13 +335,6 @@ class Dispatcher:
             elif orphaned:
                 p.future.set_exception(
                     RequestFailed(f"model '{pool.spec.name}' version {pool.spec.version} has no live worker", 503, 1)
-                )
-                n += 1
-            elif given_up:
-                p.future.set_exception(
-                    RequestFailed(
-                        f"model '{pool.spec.name}' version {pool.spec.version} is unavailable: {pool.unavailable}", 503
-                    )
                 )
                 n += 1
             else:

@@ -1,7 +1,9 @@
 """The gateway's HTTP face: the Open Inference Protocol as a raw ASGI application.
 
 No web framework on the hot path: routing is a dictionary lookup and a split (``protocol.oip``), bodies
-are read once into bytes, responses are written with two ASGI messages.
+are read once into bytes, responses are written with two ASGI messages. The app holds the parts it
+uses (the request service, credentials, metrics, views, the repository API, the result store), never
+the gateway itself.
 """
 
 from __future__ import annotations
@@ -9,20 +11,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shoal.gateway import repository
-from shoal.gateway.auth import OPEN, AuthError, Principal, permit
+from shoal.gateway.auth import OPEN, Authenticator, AuthError, Principal, permit
+from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pool import RequestFailed
+from shoal.gateway.repository import RepositoryApi, RepositoryError
+from shoal.gateway.requests import RequestService, Target
 from shoal.gateway.results_api import record_request, results_action, serve_results
+from shoal.gateway.views import GatewayViews
 from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.oip import (
     HEADER_LENGTH,
     InferRequest,
     ProtocolError,
+    Route,
     binary_response,
     bind_inputs,
     encode_infer_response,
@@ -35,14 +44,16 @@ from shoal.protocol.oip import (
 from shoal.protocol.tensors import TensorError
 
 if TYPE_CHECKING:
-    from shoal.gateway.server import Gateway
+    from shoal.gateway.storage import ResultStore
 
 log = logging.getLogger("shoal.gateway")
 _JSON = [(b"content-type", b"application/json")]
 _BINARY = [(b"content-type", b"application/octet-stream")]
+_HEADER_LENGTH = HEADER_LENGTH.encode()
 # A JSON part larger than this (or a compressed body) is decoded on a thread, not the event loop.
 BIG_JSON = 1 << 20
 BIG_DECODES = 2  # at once: each holds a body and its decoded tensors
+# What each protocol route needs of a credential (``auth.permit``).
 _ROUTE_ACTION = {"ready": "server", "server": "server", "model": "model", "model_ready": "model", "infer": "infer"}
 
 
@@ -50,13 +61,41 @@ class Forbidden(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class HttpLimits:
+    max_body_size: int = 64 * 1024 * 1024
+    request_timeout_s: float = 30.0
+
+
 class HttpApp:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        self.cfg = gw.config
+    def __init__(
+        self,
+        service: RequestService,
+        auth: Authenticator,
+        metrics: GatewayMetrics,
+        views: GatewayViews,
+        repository: RepositoryApi,
+        results: ResultStore | None,
+        limits: HttpLimits,
+    ) -> None:
+        self.service = service
+        self.models = service.models
+        self.auth = auth
+        self.metrics = metrics
+        self.views = views
+        self.repository = repository
+        self.results = results
+        self.limits = limits
         # Large bodies are decoded on threads, a few at a time: decoding is chunked, so the event
         # loop gets the interpreter back between chunks and other clients are not held up.
         self._big_decodes = asyncio.Semaphore(BIG_DECODES)
+        # The protocol's GET routes, by kind; infer has a handler of its own.
+        self._gets: dict[str, Callable[[Route], Awaitable[tuple[int, dict[str, Any]]]]] = {
+            "ready": self._ready,
+            "server": self._server,
+            "model": self._model,
+            "model_ready": self._model_ready,
+        }
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -72,7 +111,6 @@ class HttpApp:
 
     async def _handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         t0 = time.monotonic()
-        path = scope["path"]
         method = scope["method"]
         raw = _raw_path(scope)
         bad_path: ProtocolError | None = None  # answered once the credentials are checked
@@ -85,49 +123,29 @@ class HttpApp:
             return
         headers = dict(scope["headers"])
         try:
-            who = self.gw.auth.principal(headers.get(b"authorization"))
+            who = self.auth.principal(headers.get(b"authorization"))
         except AuthError as e:
-            self.gw.metrics.auth_refused.labels("401").inc()
+            self.metrics.auth_refused.labels("401").inc()
             await _reply(send, 401, error_body(str(e)), [(b"www-authenticate", b'Bearer realm="shoal"')])
             return
         try:
             if bad_path is not None:
                 raise bad_path
             if route is None:
-                await self._other(who, method, path, raw, scope, receive, send)
+                await self._other(who, method, scope["path"], raw, scope, receive, send)
                 return
             self._check(who, _ROUTE_ACTION[route.kind], route.model or None, route.version)
             if route.kind == "infer":
                 if method != "POST":
                     raise ProtocolError("infer takes POST", 405)
-                await self._infer(who, route.model, route.version, headers, receive, send, t0)
+                await self._infer(who, route, headers, receive, send, t0)
                 return
             if method != "GET":
-                raise ProtocolError(f"{path} takes GET", 405)
-            if route.kind == "ready":
-                ok = self.gw.models.all_ready()
-                await _reply(send, 200 if ok else 503, orjson.dumps({"ready": ok}))
-            elif route.kind == "server":
-                await _reply(send, 200, orjson.dumps(self.gw.server_metadata()))
-            elif route.kind == "model" and route.model in self.gw.pipelines:
-                await _reply(send, 200, orjson.dumps(self.gw.pipeline(route.model, route.version).metadata()))
-            elif route.kind == "model_ready" and route.model in self.gw.pipelines:
-                pl = self.gw.pipeline(route.model, route.version)
-                body = {"name": route.model, "version": pl.spec.version, "ready": pl.ready}
-                await _reply(send, 200 if pl.ready else 503, orjson.dumps(body))
-            elif route.kind == "model":
-                pool = self.gw.models.find(route.model, route.version)
-                versions = sorted(self.gw.models.served_versions(route.model)) or sorted(
-                    self.gw.models.models[route.model]
-                )
-                await _reply(send, 200, orjson.dumps(pool.spec.metadata(versions)))
-            elif route.kind == "model_ready":
-                pool = self.gw.models.find(route.model, route.version)
-                ok = pool.ready
-                body = {"name": route.model, "version": pool.spec.version, "ready": ok}
-                await _reply(send, 200 if ok else 503, orjson.dumps(body))
+                raise ProtocolError(f"{scope['path']} takes GET", 405)
+            status, body = await self._gets[route.kind](route)
+            await _reply(send, status, orjson.dumps(body))
         except Forbidden as e:
-            self.gw.metrics.auth_refused.labels("403").inc()
+            self.metrics.auth_refused.labels("403").inc()
             await _reply(send, 403, error_body(str(e)))
         except (ProtocolError, RequestFailed) as e:
             await self._fail(send, e)
@@ -139,34 +157,82 @@ class HttpApp:
         if why is not None:
             raise Forbidden(why)
 
+    # ------------------------------------------------------------------------------ reads
+
+    async def _ready(self, route: Route) -> tuple[int, dict[str, Any]]:
+        ok = self.models.all_ready()
+        return (200 if ok else 503), {"ready": ok}
+
+    async def _server(self, route: Route) -> tuple[int, dict[str, Any]]:
+        return 200, self.views.server_metadata()
+
+    async def _model(self, route: Route) -> tuple[int, dict[str, Any]]:
+        if route.model in self.service.pipelines:
+            return 200, self.service.pipeline(route.model, route.version).metadata()
+        pool = self.models.find(route.model, route.version)
+        versions = sorted(self.models.served_versions(route.model)) or sorted(self.models.models[route.model])
+        return 200, pool.spec.metadata(versions)
+
+    async def _model_ready(self, route: Route) -> tuple[int, dict[str, Any]]:
+        if route.model in self.service.pipelines:
+            pl = self.service.pipeline(route.model, route.version)
+            version, ok = pl.spec.version, pl.ready
+        else:
+            pool = self.models.find(route.model, route.version)
+            version, ok = pool.spec.version, pool.ready
+        return (200 if ok else 503), {"name": route.model, "version": version, "ready": ok}
+
     async def _other(
         self, who: Principal, method: str, path: str, raw: str, scope: dict[str, Any], receive: Any, send: Any
     ) -> None:
-        """Everything that is not the Open Inference Protocol: metrics, status, stored results."""
+        """Everything that is not the Open Inference Protocol: metrics, status, the repository API,
+        stored results."""
         if path == "/metrics" and method == "GET":
             self._check(who, "metrics")
-            await _reply(
-                send,
-                200,
-                generate_latest(self.gw.metrics.registry),
-                [(b"content-type", CONTENT_TYPE_LATEST.encode())],
-            )
+            body = generate_latest(self.metrics.registry)
+            await _reply(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
         elif path == "/v2/status" and method == "GET":
             self._check(who, "status")
-            await _reply(send, 200, orjson.dumps(self.gw.status()))
+            await _reply(send, 200, orjson.dumps(self.views.status()))
         elif path.startswith("/v2/repository/"):
             self._check(who, "repository")
             await self._repository(method, raw, receive, send)
         elif (action := results_action(path)) is not None:
             self._check(who, action)
-            await serve_results(self.gw.results, who, scope, receive, send)
+            await serve_results(self.results, who, scope, receive, send)
         else:
             await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
 
-    # ----------------------------------------------------------------------------------- infer
+    # ------------------------------------------------------------------------------ infer
+
+    async def _infer(
+        self, who: Principal, route: Route, headers: dict[bytes, bytes], receive: Any, send: Any, t0: float
+    ) -> None:
+        """One inference request, step by step: where it goes, its body, its tensors checked against
+        the model, its deadline and id, the call, the answer."""
+        target = self.service.target(route.model, route.version)
+        body = await self._read_body(headers, receive)
+        req = await self._decode(body, headers)
+        arrays = bind_inputs(req, target.spec.inputs, target.spec.image_input, target.spec.max_batch_size)
+        _check_outputs(req, target)
+        deadline = t0 + _timeout_s(req, self.limits.request_timeout_s)
+        rid = self._request_id(req, headers)
+        try:
+            if target.pool is not None and req.outputs is None and req.binary_output and self.results is None:
+                # The common binary case: the worker's result bytes become the response as they are.
+                await self._infer_passthrough(target, req, arrays, deadline, rid, send)
+            else:
+                names = [o.name for o in req.outputs] if req.outputs is not None else None
+                outputs = await self.service.infer(target, arrays, deadline, names, rid)
+                await self._answer(target, req, arrays, outputs, rid, who, t0, send)
+        except RequestFailed as e:
+            self._record(target, e.status, t0, rid, who, arrays, None, e)
+            await self._fail(send, e, rid)
+            return
+        self.metrics.observe_response(target.spec, 200, time.monotonic() - t0)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
-        limit = self.cfg.max_body_size
+        limit = self.limits.max_body_size
         cl = headers.get(b"content-length")
         if cl is not None:
             try:
@@ -192,133 +258,100 @@ class HttpApp:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def _infer(
-        self,
-        who: Principal,
-        model: str,
-        version: str | None,
-        headers: dict[bytes, bytes],
-        receive: Any,
-        send: Any,
-        t0: float,
-    ) -> None:
-        pipeline = self.gw.pipeline(model, version) if model in self.gw.pipelines else None
-        pool = None
-        if pipeline is not None:
-            try:
-                spec = pipeline.interface()
-            except RequestFailed as e:
-                raise RequestFailed(f"pipeline '{model}' is not ready: {e}", 503) from None
-        else:
-            pool = self.gw.models.find(model, version)
-            spec = pool.spec
-        body = await self._read_body(headers, receive)
+    async def _decode(self, body: bytes, headers: dict[bytes, bytes]) -> InferRequest:
+        """The body as a request: decompressed and parsed here when small, on a thread when large."""
         enc = headers.get(b"content-encoding")
-        hl_raw = headers.get(HEADER_LENGTH.encode())
+        hl_raw = headers.get(_HEADER_LENGTH)
         try:
             hl = int(hl_raw) if hl_raw is not None else None
         except ValueError:
             raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
         if enc is None and (len(body) if hl is None else hl) <= BIG_JSON:
-            req = parse_infer_request(body, hl, self.cfg.max_body_size)  # the common case, decoded here
-        else:
-            async with self._big_decodes:
-                encoding = enc.decode("latin-1") if enc is not None else None
-                req = await asyncio.to_thread(self._decode, body, encoding, hl)
-        arrays = bind_inputs(req, spec.inputs, spec.image_input, spec.max_batch_size)
-        if req.outputs is not None:
-            known = {o.name for o in spec.outputs}
-            for o in req.outputs:
-                if o.name not in known:
-                    raise ProtocolError(
-                        f"unknown output '{o.name}'; the model's outputs are {', '.join(known)}"
-                    )
-        timeout = self.cfg.request_timeout_s
-        t = req.parameters.get("timeout_ms")
-        if isinstance(t, (int, float)) and t > 0:
-            timeout = min(timeout, t / 1000.0)
-        xrid = headers.get(b"x-request-id")
-        if xrid is not None and not req.id:
-            xs = xrid.decode("latin-1")
-            if not valid_request_id(xs):
-                raise ProtocolError("X-Request-Id must be 1 to 256 printable ASCII characters")
-            rid = xs
-        else:
-            rid = req.id or self.gw.new_request_id()
-        try:
-            if pipeline is not None:
-                outputs = await pipeline.run(
-                    arrays, t0 + timeout, lambda p, a, d: self.gw.call_model(p, a, d, None, rid)
-                )
-            elif req.outputs is None and req.binary_output and self.gw.results is None:
-                # The common binary case: the worker's result bytes become the response as they are.
-                assert pool is not None
-                h, payload = await self.gw.call_model(pool, arrays, t0 + timeout, None, rid, raw=True)
-                try:
-                    out, hlen = binary_response(spec.name, spec.version, req.id, h.outputs, payload)
-                except (TensorError, KeyError) as e:
-                    raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
-                await _reply(
-                    send,
-                    200,
-                    out,
-                    [
-                        *_BINARY,
-                        (b"inference-header-content-length", str(hlen).encode()),
-                        (b"x-request-id", rid.encode("latin-1", "replace")),
-                    ],
-                )
-                self.gw.metrics.observe_response(spec, 200, time.monotonic() - t0)
-                return
-            else:
-                assert pool is not None
-                names = [o.name for o in req.outputs] if req.outputs is not None else None
-                outputs = await self.gw.call_model(pool, arrays, t0 + timeout, names, rid)
-        except RequestFailed as e:
-            self.gw.metrics.observe_response(spec, e.status, time.monotonic() - t0)
-            if e.status >= 500:
-                log.warning(
-                    "request %s to %s failed: %s", rid, model, e, extra={"request_id": rid, "model": model}
-                )
-            e.request_id = rid
-            if self.gw.results is not None:
-                record_request(self.gw.results, rid, spec, arrays, None, e.status, t0, who.who, str(e))
-            raise
-        # With result storage the response carries rid: the device can fetch the stored result later.
-        answer_id = req.id if self.gw.results is None else rid
-        encode = (spec.name, spec.version, answer_id, outputs, req.outputs, req.binary_output)
-        if req.binary_output or _nbytes(outputs) <= BIG_JSON:
-            out, hlen = encode_infer_response(*encode)
-        else:  # a large JSON answer is written on a thread, as large requests are read
-            async with self._big_decodes:
-                out, hlen = await asyncio.to_thread(encode_infer_response, *encode)
-        if self.gw.results is not None:
-            record_request(self.gw.results, rid, spec, arrays, outputs, 200, t0, who.who)
-        ridh = (b"x-request-id", rid.encode("latin-1", "replace"))
-        if hlen is None:
-            await _reply(send, 200, out, [*_JSON, ridh])
-        else:
-            await _reply(
-                send,
-                200,
-                out,
-                [
-                    (b"content-type", b"application/octet-stream"),
-                    (b"inference-header-content-length", str(hlen).encode()),
-                    ridh,
-                ],
-            )
-        self.gw.metrics.observe_response(spec, 200, time.monotonic() - t0)
+            return parse_infer_request(body, hl, self.limits.max_body_size)
+        async with self._big_decodes:
+            encoding = enc.decode("latin-1") if enc is not None else None
+            return await asyncio.to_thread(self._decode_now, body, encoding, hl)
 
-    def _decode(self, body: bytes, encoding: str | None, hl: int | None) -> InferRequest:
-        """Decompress and parse a body (pure work: the caller picks the thread)."""
-        limit = self.cfg.max_body_size
+    def _decode_now(self, body: bytes, encoding: str | None, hl: int | None) -> InferRequest:
+        limit = self.limits.max_body_size
         if encoding is not None:
             try:
                 body = decompress(body, encoding, limit)
             except CompressionError as e:
                 raise ProtocolError(str(e), e.status) from None
         return parse_infer_request(body, hl, limit)
+
+    def _request_id(self, req: InferRequest, headers: dict[bytes, bytes]) -> str:
+        """The request's ``id``, else its ``X-Request-Id``, else a new one: it goes to the worker, the
+        logs and the answer."""
+        xrid = headers.get(b"x-request-id")
+        if xrid is None or req.id:
+            return req.id or self.service.new_request_id()
+        xs = xrid.decode("latin-1")
+        if not valid_request_id(xs):
+            raise ProtocolError("X-Request-Id must be 1 to 256 printable ASCII characters")
+        return xs
+
+    async def _infer_passthrough(
+        self, target: Target, req: InferRequest, arrays: dict[str, np.ndarray], deadline: float, rid: str, send: Any
+    ) -> None:
+        assert target.pool is not None
+        h, payload = await self.service.call_model(target.pool, arrays, deadline, None, rid, raw=True)
+        try:
+            out, hlen = binary_response(target.spec.name, target.spec.version, req.id, h.outputs, payload)
+        except (TensorError, KeyError) as e:
+            raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
+        headers = [*_BINARY, (b"inference-header-content-length", str(hlen).encode()), _rid_header(rid)]
+        await _reply(send, 200, out, headers)
+
+    async def _answer(
+        self,
+        target: Target,
+        req: InferRequest,
+        arrays: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+        rid: str,
+        who: Principal,
+        t0: float,
+        send: Any,
+    ) -> None:
+        # With result storage the answer carries rid: the device can fetch the stored result later.
+        answer_id = req.id if self.results is None else rid
+        encode = (target.spec.name, target.spec.version, answer_id, outputs, req.outputs, req.binary_output)
+        if req.binary_output or _nbytes(outputs) <= BIG_JSON:
+            out, hlen = encode_infer_response(*encode)
+        else:  # a large JSON answer is written on a thread, as large requests are read
+            async with self._big_decodes:
+                out, hlen = await asyncio.to_thread(encode_infer_response, *encode)
+        self._record(target, 200, t0, rid, who, arrays, outputs)
+        if hlen is None:
+            await _reply(send, 200, out, [*_JSON, _rid_header(rid)])
+        else:
+            headers = [*_BINARY, (b"inference-header-content-length", str(hlen).encode()), _rid_header(rid)]
+            await _reply(send, 200, out, headers)
+
+    def _record(
+        self,
+        target: Target,
+        status: int,
+        t0: float,
+        rid: str,
+        who: Principal,
+        arrays: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray] | None,
+        error: RequestFailed | None = None,
+    ) -> None:
+        """A failed request's metrics and log line, and either answer stored when storage is on."""
+        if error is not None:
+            self.metrics.observe_response(target.spec, status, time.monotonic() - t0)
+            if status >= 500:
+                model = target.spec.name
+                log.warning("request %s to %s failed: %s", rid, model, error, extra={"request_id": rid, "model": model})
+        if self.results is not None:
+            why = str(error) if error is not None else None
+            record_request(self.results, rid, target.spec, arrays, outputs, status, t0, who.who, why)
+
+    # ------------------------------------------------------------------------- repository
 
     async def _repository(self, method: str, path: str, receive: Any, send: Any) -> None:
         """Model management (Triton's repository extension): index, load, unload."""
@@ -334,27 +367,47 @@ class HttpApp:
         target = parse_repository_path(path)
         try:
             if target is not None and target[1] is None:
-                rows = repository.index(self.gw, bool(doc.get("ready", False)))
+                rows = self.repository.index(bool(doc.get("ready", False)))
                 await _reply(send, 200, orjson.dumps(rows))
                 return
             if target is not None and target[1] is not None:
                 action, name = target
-                await (repository.load if action == "load" else repository.unload)(self.gw, name)
+                await (self.repository.load if action == "load" else self.repository.unload)(name)
                 await _reply(send, 200, b"{}")
                 return
-        except repository.RepositoryError as e:
+        except RepositoryError as e:
             raise ProtocolError(str(e), e.status) from None
         await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
 
-    async def _fail(self, send: Any, e: ProtocolError | RequestFailed) -> None:
+    async def _fail(self, send: Any, e: ProtocolError | RequestFailed, rid: str | None = None) -> None:
         extra = []
         if isinstance(e, RequestFailed) and e.retry_after is not None:
             extra.append((b"retry-after", str(e.retry_after).encode()))
-        rid = getattr(e, "request_id", None)
         if rid:
-            extra.append((b"x-request-id", rid.encode("latin-1", "replace")))
-        self.gw.metrics.http_errors.labels(str(e.status)).inc()
+            extra.append(_rid_header(rid))
+        self.metrics.http_errors.labels(str(e.status)).inc()
         await _reply(send, e.status, error_body(str(e)), extra or None)
+
+
+def _check_outputs(req: InferRequest, target: Target) -> None:
+    if req.outputs is None:
+        return
+    known = {o.name for o in target.spec.outputs}
+    for o in req.outputs:
+        if o.name not in known:
+            raise ProtocolError(f"unknown output '{o.name}'; the model's outputs are {', '.join(known)}")
+
+
+def _timeout_s(req: InferRequest, default_s: float) -> float:
+    """The request's own ``timeout_ms`` when it asks for less than the gateway's timeout."""
+    t = req.parameters.get("timeout_ms")
+    if isinstance(t, (int, float)) and t > 0:
+        return min(default_s, t / 1000.0)
+    return default_s
+
+
+def _rid_header(rid: str) -> tuple[bytes, bytes]:
+    return (b"x-request-id", rid.encode("latin-1", "replace"))
 
 
 def _nbytes(arrays: dict[str, Any]) -> int:

@@ -1,6 +1,7 @@
 """Prometheus metrics of a gateway. Counters and histograms are updated on the request path through
 children cached per model version; gauges of live state (workers, in flight, queue) are read only
-when Prometheus scrapes, so they cost nothing per request."""
+when Prometheus scrapes, so they cost nothing per request. The collectors of live state are added by
+``watch`` once the parts they read exist."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from shoal.gateway.pool import ModelSpec, Pending
-    from shoal.gateway.server import Gateway
+    from shoal.autoscale.controller import Autoscaler
+    from shoal.gateway.pool import ModelSpec, ModelTable, Pending
+    from shoal.gateway.storage import ResultStore
     from shoal.protocol.link_messages import Result
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -19,8 +21,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class _LiveState:
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, models: ModelTable) -> None:
+        self.models = models
 
     def collect(self) -> Any:
         workers = GaugeMetricFamily(
@@ -45,7 +47,7 @@ class _LiveState:
             "Requests a worker said it can hold",
             labels=["worker", "model", "version"],
         )
-        for pool in self.gw.models.pools():
+        for pool in self.models.pools():
             m, v = pool.spec.name, pool.spec.version
             workers.add_metric([m, v], sum(1 for w in pool.workers if w.accepting))
             queue.add_metric([m, v], len(pool.queue))
@@ -61,17 +63,18 @@ class _Autoscale:
     """What the autoscaler decided and from what, per managed model version: the numbers KEDA or the
     HPA act on (``shoal_autoscale_desired_workers``) and the inputs behind them."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, models: ModelTable, scaler: Autoscaler | None) -> None:
+        self.models = models
+        self.scaler = scaler
 
     def collect(self) -> Any:
-        scaler = getattr(self.gw, "autoscaler", None)
+        scaler = self.scaler
         asleep = GaugeMetricFamily(
             "shoal_model_asleep",
             "1 while a model version has no worker and one is started for its first request",
             labels=["model", "version"],
         )
-        for pool in self.gw.models.pools():
+        for pool in self.models.pools():
             if pool.wakeable:
                 asleep.add_metric([pool.spec.name, pool.spec.version], 1.0 if pool.asleep else 0.0)
         yield asleep
@@ -104,14 +107,11 @@ class _Autoscale:
 class _ResultStats:
     """Result storage counters (``--store-results``), read from the store when Prometheus scrapes."""
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
 
     def collect(self) -> Any:
-        store = getattr(self.gw, "results", None)
-        if store is None:
-            return
-        s = store.stats
+        s = self.store.stats
         yield CounterMetricFamily(
             "shoal_results_stored", "Requests whose inputs and outputs were stored", value=s["stored"]
         )
@@ -128,7 +128,7 @@ class _ResultStats:
 
 
 class GatewayMetrics:
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -183,11 +183,15 @@ class GatewayMetrics:
             ["code"],
             registry=r,
         )
-        r.register(_LiveState(gw))
-        r.register(_Autoscale(gw))
-        r.register(_ResultStats(gw))
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._codes: dict[tuple[str, str, int], Any] = {}
+
+    def watch(self, models: ModelTable, scaler: Autoscaler | None, results: ResultStore | None) -> None:
+        """Read live state from these parts when Prometheus scrapes (once they exist)."""
+        self.registry.register(_LiveState(models))
+        self.registry.register(_Autoscale(models, scaler))
+        if results is not None:
+            self.registry.register(_ResultStats(results))
 
     def _model(self, spec: ModelSpec) -> tuple[Any, ...]:
         key = (spec.name, spec.version)

@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from shoal.gateway.dispatch import Admission, Dispatcher
 from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, RequestFailed
 from shoal.modelrepo.manifest import TensorSpec
 from shoal.protocol.names import RULE, valid_name
@@ -135,7 +137,8 @@ CallModel = Callable[[ModelPool, dict[str, np.ndarray], float], Awaitable[dict[s
 class Pipeline:
     spec: PipelineSpec
     models: ModelTable
-    _limits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    dispatcher: Dispatcher
+    _limits: dict[str, Admission] = field(default_factory=dict)
 
     def _pool(self, step: Step) -> ModelPool:
         try:
@@ -213,11 +216,10 @@ class Pipeline:
             inputs = {k: env[src][tensor] for k, (src, tensor) in step.inputs.items()}
             limit = self._limits.get(step.name)
             if limit is None:
-                limit = self._limits[step.name] = asyncio.Semaphore(self.spec.max_in_flight_per_step)
+                limit = self._limits[step.name] = self.dispatcher.admission(self.spec.max_in_flight_per_step)
             try:
                 if step.fanout is None:
-                    async with limit:
-                        env[step.name] = await call(pool, inputs, deadline)
+                    env[step.name] = await self._admitted(limit, deadline, partial(call, pool, inputs, deadline))
                 else:
                     env[step.name] = await self._fan_out(step, pool, inputs, deadline, call, limit)
             except RequestFailed as e:
@@ -226,21 +228,30 @@ class Pipeline:
                 ) from None
         return {name: env[src][tensor] for name, (src, tensor) in self.spec.outputs.items()}
 
-    @staticmethod
+    async def _admitted(self, limit: Admission, deadline: float, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call()`` once the step has a place for it (waiting at most until ``deadline``)."""
+        await self.dispatcher.admit(limit, deadline)
+        try:
+            return await call()
+        finally:
+            self.dispatcher.release(limit)
+
     async def _fan_out(
+        self,
         step: Step,
         pool: ModelPool,
         inputs: dict[str, np.ndarray],
         deadline: float,
         call: CallModel,
-        limit: asyncio.Semaphore,
+        limit: Admission,
     ) -> dict[str, np.ndarray]:
-        rows = inputs[step.fanout]  # type: ignore[index]
+        fan = step.fanout
+        assert fan is not None
+        rows = inputs[fan]
         n = int(rows.shape[0])
 
         async def one(i: int) -> dict[str, np.ndarray]:
-            async with limit:
-                return await call(pool, {**inputs, step.fanout: rows[i : i + 1]}, deadline)  # type: ignore[dict-item]
+            return await self._admitted(limit, deadline, lambda: call(pool, {**inputs, fan: rows[i : i + 1]}, deadline))
 
         results = await asyncio.gather(*(one(i) for i in range(n)))
         if not results:

@@ -44,6 +44,12 @@ class WorkerHandle(Protocol):
 
     def send_request(self, p: Pending) -> None: ...
 
+    def drain(self) -> None:
+        """Ask the worker to drain: it finishes what it holds and leaves."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the status shows of it."""
+
 
 @dataclass(eq=False, slots=True)
 class Pending:
@@ -245,11 +251,14 @@ class ModelTable:
             pool.spec = spec  # no live worker: the newcomer defines the interface
         return pool
 
-    def declare(self, spec: ModelSpec) -> ModelPool:
+    def declare(self, spec: ModelSpec, on_wait: Callable[[], None] | None = None) -> ModelPool:
         """A model version an engine serves, known before any worker joins (its interface read from
-        the model repository), so requests for it are checked and queued while a worker starts."""
+        the model repository), so requests for it are checked and queued while a worker starts;
+        ``on_wait`` is told when a request waits for a worker (the engine starts one)."""
         pool = self.pool_for_worker(spec)
         pool.wakeable = True
+        pool.on_wait = on_wait
+        self.expected.add(spec.name)
         return pool
 
     def find(self, model: str, version: str | None) -> ModelPool:

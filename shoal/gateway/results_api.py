@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
     from shoal.gateway.auth import Principal
     from shoal.gateway.pool import ModelSpec
-    from shoal.gateway.server import GatewayConfig
     from shoal.gateway.storage import ResultStore
 
 PREFIX = "/v2/results"
@@ -224,10 +223,13 @@ def record_request(
     )
 
 
-def open_store(cfg: GatewayConfig) -> ResultStore | None:
-    """The gateway's result store, or None when storage is off. Imports the database layer only
-    when it is on; a URL it cannot use is a ValueError, as for any other bad setting."""
-    if not cfg.results_db:
+def open_store(
+    db: str | None, folder: str, max_age_s: float | None, max_bytes: int | None, cluster: str
+) -> ResultStore | None:
+    """The gateway's result store (metadata in ``db``, tensors as files in ``folder``), or None when
+    storage is off. Imports the database layer only when it is on; a URL it cannot use is a
+    ValueError, as for any other bad setting."""
+    if not db:
         return None
     try:
         from shoal.gateway.storage import ResultStore
@@ -235,10 +237,4 @@ def open_store(cfg: GatewayConfig) -> ResultStore | None:
         raise ValueError(
             f"result storage needs SQLAlchemy and a database driver: pip install 'shoal[storage]' ({e})"
         ) from None
-    return ResultStore(
-        cfg.results_db,
-        Path(cfg.results_dir),
-        cfg.results_max_age_s,
-        cfg.results_max_bytes,
-        cluster=cfg.name,
-    )
+    return ResultStore(db, Path(folder), max_age_s, max_bytes, cluster=cluster)

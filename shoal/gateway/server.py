@@ -1,41 +1,41 @@
-"""A cluster gateway: the worker link server, the HTTP server and the timers that keep them honest.
+"""A cluster gateway, as its composition root and lifecycle: it builds the parts (the pools, the
+dispatcher that owns them, the request service, the worker site, the HTTP app, metrics, views, the
+repository API, the autoscaler, the result store) and hands each the others it uses; it starts and
+stops them in order. No request passes through it.
 
-Lifecycle: ``start()`` binds both ports and starts the heartbeat and deadline timers; ``stop()``
-closes the HTTP side, tells workers goodbye and fails what is still waiting.
+Lifecycle: ``start()`` binds both ports and starts the heartbeat and deadline timers; ``stop()`` stops
+reporting to central, stops taking HTTP requests, lets those in flight finish for ``drain_timeout_s``
+and fails the rest (503), stops the workers an engine started, then closes the worker links.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import resource
 import ssl
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-import shoal
 from shoal.aio import cancel_and_wait
 from shoal.autoscale.config import AutoscaleConfig
 from shoal.gateway.auth import Authenticator, parse_api_key
 from shoal.gateway.central_link import CentralConfig, CentralReporter
 from shoal.gateway.dispatch import Dispatcher
-from shoal.gateway.http_app import HttpApp
+from shoal.gateway.http_app import HttpApp, HttpLimits
 from shoal.gateway.logins import LoginGuard
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pipeline import Pipeline, PipelineSpec
-from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, Pending, RequestFailed, rows_of
+from shoal.gateway.pool import ModelSpec, ModelTable
+from shoal.gateway.repository import RepositoryApi
+from shoal.gateway.requests import RequestService
 from shoal.gateway.results_api import open_store
 from shoal.gateway.state import TokenKeyFile
+from shoal.gateway.views import GatewayViews
 from shoal.gateway.worker_link import LinkSite, WorkerConnection
 from shoal.httpserver import EmbeddedHttpServer, bind_tcp
-from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, FrameError
-from shoal.protocol.link_messages import Request
-from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
+from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 
 if TYPE_CHECKING:
     from shoal.autoscale.config import ModelScale
@@ -60,6 +60,7 @@ class GatewayConfig:
     max_queue: int = 1024  # requests per model version waiting for a worker before 503
     max_attempts: int = 5  # workers one request may be sent to before it fails
     request_timeout_s: float = 30.0
+    drain_timeout_s: float = 10.0  # on stop, requests in flight get this long to finish before 503
     unserved_wait_s: float = 3.0  # how long requests wait for a model that has no live worker
     heartbeat_s: float = 1.0
     dead_after_s: float = 5.0
@@ -109,18 +110,16 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         config.check()
         self.config = config
+        # The pools and their one owner.
         self.models = ModelTable(config.max_queue, config.max_attempts, config.version_policies)
         named = {step.model for spec in config.pipelines.values() for step in spec.steps}
         self.models.expect(
             config.expected_models | set(config.version_policies) | named, config.startup_grace_s
         )
-        self.auth = Authenticator(config.api_keys, config.token_key, config.name, config.no_auth)
-        self.key_file = (
-            TokenKeyFile(config.state_dir, config.name) if config.state_dir and config.central else None
-        )
         self.dispatcher = Dispatcher(self.models, config.unserved_wait_s)
-        self.metrics = GatewayMetrics(self)
+        self.metrics = GatewayMetrics()
         self.dispatcher.on_retry = self.metrics.count_retry
+        # The worker side.
         self.logins = LoginGuard(self.metrics)
         self.site = LinkSite(
             name=config.name,
@@ -133,22 +132,38 @@ class Gateway:
             dead_after_s=config.dead_after_s,
             max_frame_size=config.max_frame_size,
         )
-        self.app = HttpApp(self)
-        self.started_at = time.time()
+        # The request path, and what serves and watches it.
+        self.pipelines = {
+            name: Pipeline(spec, self.models, self.dispatcher) for name, spec in config.pipelines.items()
+        }
+        self.service = RequestService(self.models, self.dispatcher, self.pipelines, config.max_frame_size)
+        self.results = open_store(  # None unless --store-results: the request path checks this
+            config.results_db, config.results_dir, config.results_max_age_s, config.results_max_bytes, config.name
+        )
+        self.autoscaler: Autoscaler | None = None
+        if config.autoscale is not None:
+            self._autoscaler(config.autoscale)
+        self.metrics.watch(self.models, self.autoscaler, self.results)
+        self.views = GatewayViews(config.name, self.models, self.site, self.pipelines, self.autoscaler, self.results)
+        self.auth = Authenticator(config.api_keys, config.token_key, config.name, config.no_auth)
+        self.key_file = (
+            TokenKeyFile(config.state_dir, config.name) if config.state_dir and config.central else None
+        )
+        self.app = HttpApp(
+            self.service,
+            self.auth,
+            self.metrics,
+            self.views,
+            RepositoryApi(self.models, self.autoscaler, self.manage_model),
+            self.results,
+            HttpLimits(config.max_body_size, config.request_timeout_s),
+        )
         self.http_port = 0
         self.worker_port = 0
         self._worker_server: asyncio.AbstractServer | None = None
         self._http: EmbeddedHttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self.reporter: CentralReporter | None = None
-        self.results = open_store(config)  # None unless --store-results: the request path checks this
-        self.pipelines = {name: Pipeline(spec, self.models) for name, spec in config.pipelines.items()}
-        self.autoscaler: Autoscaler | None = None
-        if config.autoscale is not None:
-            self._autoscaler(config.autoscale)
-        self._ids = itertools.count(1)
-        self._rids = itertools.count(1)
-        self._rid_prefix = os.urandom(4).hex() + "-"
 
     def _autoscaler(self, acfg: AutoscaleConfig) -> Autoscaler:
         """The autoscaler and the pools of the versions it manages (a model the repository lacks is a
@@ -159,7 +174,13 @@ class Gateway:
 
         repo = acfg.repo or str(bundled_repo())
         self.autoscaler = Autoscaler(
-            acfg, make_engine(acfg), self._worker_address, self.config.secret, repo, self.config.name
+            acfg,
+            make_engine(acfg),
+            self._worker_address,
+            self.config.secret,
+            repo,
+            self.dispatcher,
+            self.config.name,
         )
         for name, scale in acfg.models.items():
             self.manage_model(name, scale)
@@ -178,9 +199,7 @@ class Gateway:
             _, manifest = resolve(scaler.repo, name, scale.version)
         except ManifestError as e:
             raise ValueError(f"autoscale.models.{name}: {e}") from None
-        pool = self.models.declare(ModelSpec.from_manifest(manifest))
-        pool.on_wait = scaler.poke
-        self.models.expected.add(name)
+        pool = self.models.declare(ModelSpec.from_manifest(manifest), on_wait=scaler.poke)
         scaler.manage(name, manifest.version, scale, pool, max(2, 2 * manifest.max_batch_size))
 
     def _worker_address(self) -> str:
@@ -190,10 +209,6 @@ class Gateway:
             return acfg.worker_gateway
         host = self.config.worker_host
         return f"{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{self.worker_port}"
-
-    def new_request_id(self) -> str:
-        """A request id unique across gateways and restarts: a random prefix and a counter."""
-        return f"{self._rid_prefix}{next(self._rids):x}"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
@@ -214,6 +229,8 @@ class Gateway:
                 self.key_file.save(key)
             except OSError as e:
                 log.warning("cannot keep the route-token key in %s: %s", self.key_file.path, e)
+
+    # ---------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         raise_fd_limit()
@@ -246,6 +263,7 @@ class Gateway:
             read_timeout_s=cfg.read_timeout_s,
         )
         self.http_port = self._http.port
+        self.views.http_port, self.views.worker_port = self.http_port, self.worker_port
         await self._http.start()
         self._tasks = [
             asyncio.create_task(self._heartbeats(), name="heartbeats"),
@@ -257,6 +275,7 @@ class Gateway:
             scheme = "https" if cfg.tls_cert else "http"
             public = cfg.central.public_url or f"{scheme}://{cfg.http_host}:{self.http_port}"
             self.reporter = CentralReporter(self.models, cfg.central, public, self.set_token_key)
+            self.views.reporter = self.reporter
             self.reporter.start()
         log.info(
             "cluster %s serving HTTP on %s:%d, workers on %s:%d%s",
@@ -270,14 +289,17 @@ class Gateway:
 
     async def stop(self) -> None:
         if self.reporter is not None:
-            await self.reporter.stop()
+            await self.reporter.stop()  # central stops sending devices here
+        http_stopped = None
+        if self._http is not None:  # no new requests; those in flight finish, while timers still run
+            http_stopped = asyncio.create_task(self._http.stop(), name="http-stop")
+        await self._drain(self.config.drain_timeout_s)
+        self.dispatcher.close(time.monotonic(), "gateway shutting down")
+        if http_stopped is not None:
+            await http_stopped
         if self.autoscaler is not None:
             await self.autoscaler.stop()  # the workers an engine started here end with the gateway
-        if self._http is not None:
-            self._http.server.should_exit = True
         await cancel_and_wait(self._tasks)
-        if self._http is not None:
-            await self._http.stop()
         if self.results is not None:
             await self.results.stop()  # after the HTTP side: nothing records any more
         if self._worker_server is not None:
@@ -285,10 +307,12 @@ class Gateway:
         for c in list(self.site.connections):
             if c.transport is not None:
                 c.transport.close()
-        for pool in self.models.pools():
-            for p in pool.queue:
-                if not p.future.done():
-                    p.future.set_exception(RequestFailed("gateway shutting down", 503))
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Wait until no request is queued or in flight, at most ``timeout_s``."""
+        end = time.monotonic() + timeout_s
+        while self.dispatcher.pending and time.monotonic() < end:
+            await asyncio.sleep(0.02)
 
     async def _heartbeats(self) -> None:
         while True:
@@ -303,91 +327,3 @@ class Gateway:
         while True:
             await asyncio.sleep(0.05)
             self.dispatcher.expire(time.monotonic())
-
-    async def call_model(
-        self,
-        pool: ModelPool,
-        arrays: dict[str, np.ndarray],
-        deadline: float,
-        outputs: list[str] | None = None,
-        request_id: str | None = None,
-        raw: bool = False,
-    ) -> Any:
-        """Send one request to a model version's pool and wait for its outputs (as arrays; or, with
-        ``raw``, the worker's result header and payload untouched)."""
-        specs, bufs = pack_tensors(arrays)
-        rid = next(self._ids)
-        # The device's request id goes to the worker for its logs.
-        header = Request(rid, specs, outputs, request_id)
-        fut = asyncio.get_running_loop().create_future()
-        try:
-            p = Pending.of(header, bufs, fut, deadline, rows_of(arrays))
-        except FrameError as e:
-            raise RequestFailed(f"request too large for the worker link: {e}", 413) from None
-        limit = pool.max_frame_size(self.config.max_frame_size)
-        if p.size > limit:
-            # Never sent: a worker would drop the whole connection (and every request on it).
-            raise RequestFailed(
-                f"request of {p.size} bytes exceeds the {limit} bytes the workers of "
-                f"'{pool.spec.name}' accept in one frame",
-                413,
-            )
-        self.dispatcher.submit(pool, p, time.monotonic())
-        h, payload = await fut
-        if raw:
-            return h, payload
-        try:
-            return unpack_tensors(h.outputs, payload)
-        except TensorError as e:
-            raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
-
-    def pipeline(self, name: str, version: str | None) -> Pipeline:
-        p = self.pipelines[name]
-        if version is not None and version != p.spec.version:
-            raise RequestFailed(
-                f"pipeline '{name}' has no version '{version}' (it is version {p.spec.version})", 404
-            )
-        return p
-
-    # ---------------------------------------------------------------------------------- views
-
-    def server_metadata(self) -> dict[str, Any]:
-        return {
-            "name": "shoal",
-            "version": shoal.__version__,
-            "extensions": ["binary_tensor_data", "shoal_status"],
-        }
-
-    def status(self) -> dict[str, Any]:
-        models = []
-        for pool in self.models.pools():
-            models.append(
-                {
-                    "name": pool.spec.name,
-                    "version": pool.spec.version,
-                    "ready": pool.ready,
-                    "asleep": pool.asleep,
-                    "unloaded": pool.unloaded,
-                    "unavailable": pool.unavailable,
-                    "queue": len(pool.queue),
-                    "in_flight": pool.in_flight,
-                    "capacity": pool.capacity,
-                    "latency_ms": round(pool.latency_ms(), 3),
-                    "workers": [w.describe() for w in pool.workers],
-                }
-            )
-        return {
-            "name": self.config.name,
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "http_port": self.http_port,
-            "worker_port": self.worker_port,
-            "models": models,
-            "pipelines": [
-                {"name": n, "version": p.spec.version, "ready": p.ready} for n, p in self.pipelines.items()
-            ],
-            "departed_workers": self.site.departed,
-            "autoscale": self.autoscaler.describe() if self.autoscaler else None,
-            "central": self.reporter.describe() if self.reporter else [],
-            "results": self.results.describe() if self.results else None,
-        }

@@ -1,0 +1,125 @@
+"""The request path as a service: from a model name (or a pipeline's) to outputs. It resolves the pool
+or pipeline a request goes to, builds the pending request (its frame encoded once), submits it to the
+dispatcher, waits, and unpacks the answer; it owns request ids. The HTTP app speaks to devices, this
+speaks to the dispatcher; neither knows the other's transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shoal.gateway.dispatch import Dispatcher
+from shoal.gateway.pipeline import Pipeline
+from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, Pending, RequestFailed, rows_of
+from shoal.protocol.frames import FrameError
+from shoal.protocol.link_messages import Request
+from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes: a model version's pool, or a pipeline; ``spec`` is its interface."""
+
+    spec: ModelSpec
+    pool: ModelPool | None = None
+    pipeline: Pipeline | None = None
+
+
+class RequestService:
+    def __init__(
+        self,
+        models: ModelTable,
+        dispatcher: Dispatcher,
+        pipelines: dict[str, Pipeline],
+        max_frame_size: int,
+    ) -> None:
+        self.models = models
+        self.dispatcher = dispatcher
+        self.pipelines = pipelines
+        self.max_frame_size = max_frame_size
+        self._ids = itertools.count(1)  # the worker link's ids, unique within this gateway
+        self._rids = itertools.count(1)
+        self._rid_prefix = os.urandom(4).hex() + "-"
+
+    def new_request_id(self) -> str:
+        """A request id unique across gateways and restarts: a random prefix and a counter."""
+        return f"{self._rid_prefix}{next(self._rids):x}"
+
+    def pipeline(self, name: str, version: str | None) -> Pipeline:
+        p = self.pipelines[name]
+        if version is not None and version != p.spec.version:
+            raise RequestFailed(
+                f"pipeline '{name}' has no version '{version}' (it is version {p.spec.version})", 404
+            )
+        return p
+
+    def target(self, model: str, version: str | None) -> Target:
+        """The pool or pipeline ``model`` names (``RequestFailed`` 404/503 when there is none)."""
+        if model in self.pipelines:
+            pipeline = self.pipeline(model, version)
+            try:
+                spec = pipeline.interface()
+            except RequestFailed as e:
+                raise RequestFailed(f"pipeline '{model}' is not ready: {e}", 503) from None
+            return Target(spec, pipeline=pipeline)
+        pool = self.models.find(model, version)
+        return Target(pool.spec, pool=pool)
+
+    async def infer(
+        self,
+        target: Target,
+        arrays: dict[str, np.ndarray],
+        deadline: float,
+        outputs: list[str] | None,
+        request_id: str,
+    ) -> dict[str, np.ndarray]:
+        """The outputs of a model or pipeline for these inputs (``outputs``: only those, for a model)."""
+        if target.pipeline is not None:
+            return await target.pipeline.run(
+                arrays, deadline, lambda p, a, d: self.call_model(p, a, d, None, request_id)
+            )
+        assert target.pool is not None
+        return await self.call_model(target.pool, arrays, deadline, outputs, request_id)
+
+    async def call_model(
+        self,
+        pool: ModelPool,
+        arrays: dict[str, np.ndarray],
+        deadline: float,
+        outputs: list[str] | None = None,
+        request_id: str | None = None,
+        raw: bool = False,
+    ) -> Any:
+        """Send one request to a model version's pool and wait for its outputs (as arrays; or, with
+        ``raw``, the worker's result header and payload untouched)."""
+        specs, bufs = pack_tensors(arrays)
+        # The device's request id goes to the worker for its logs.
+        header = Request(next(self._ids), specs, outputs, request_id)
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            p = Pending.of(header, bufs, fut, deadline, rows_of(arrays))
+        except FrameError as e:
+            raise RequestFailed(f"request too large for the worker link: {e}", 413) from None
+        limit = pool.max_frame_size(self.max_frame_size)
+        if p.size > limit:
+            # Never sent: a worker would drop the whole connection (and every request on it).
+            raise RequestFailed(
+                f"request of {p.size} bytes exceeds the {limit} bytes the workers of "
+                f"'{pool.spec.name}' accept in one frame",
+                413,
+            )
+        self.dispatcher.submit(pool, p, time.monotonic())
+        h, payload = await fut
+        if raw:
+            return h, payload
+        try:
+            return unpack_tensors(h.outputs, payload)
+        except TensorError as e:
+            raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
