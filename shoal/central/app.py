@@ -30,7 +30,7 @@ from shoal.central.errors import HttpError
 from shoal.protocol.central_messages import Error
 
 if TYPE_CHECKING:
-    from shoal.central.server import Central
+    from shoal.central.auth import Authenticator
 
 log = logging.getLogger("shoal.central")
 
@@ -64,7 +64,8 @@ class Call:
     query: dict[str, Any]
 
 
-Handler = Callable[["Central", Call], Awaitable[Any]]
+# A handler gets the parts the application was built with (``parts.CentralParts``) and the call.
+Handler = Callable[[Any, Call], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
@@ -196,11 +197,11 @@ def convert(values: Mapping[str, str], types: Mapping[str, Any], where: str) -> 
 # ---------------------------------------------------------------------------------- application
 
 
-def _endpoint(central: Central, op: Operation) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(
+    parts: Any, auth: Authenticator, limit: int, op: Operation
+) -> Callable[[Request], Awaitable[Response]]:
     decoder = msgspec.json.Decoder(op.body) if op.body is not None else None
     encoder = msgspec.json.Encoder()
-    limit = central.config.max_body_size
-    auth = central.auth
 
     async def endpoint(request: Request) -> Response:
         cookie = None
@@ -219,7 +220,7 @@ def _endpoint(central: Central, op: Operation) -> Callable[[Request], Awaitable[
             params = convert(request.path_params, op.params, "path parameter") if op.params else {}
             query = convert(request.query_params, op.query, "query parameter") if request.scope["query_string"] else {}
             value = decode_body(decoder, body, op.body_optional)
-            answer = await op.handler(central, Call(request, who, value, params, query))
+            answer = await op.handler(parts, Call(request, who, value, params, query))
             response = answer if isinstance(answer, Response) else respond(encoder.encode(answer), op.status)
         except HttpError as e:
             response = error(e.status, e.message, e.headers)
@@ -254,8 +255,10 @@ async def _routing_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, str(exc.detail))
 
 
-def build_app(central: Central, table: RouteTable, lifespan: Any) -> Starlette:
-    routes = [Route(op.path, _endpoint(central, op), methods=[op.method]) for op in table]
+def build_app(parts: Any, auth: Authenticator, max_body_size: int, table: RouteTable, lifespan: Any) -> Starlette:
+    """The application: each operation of ``table`` checks credentials with ``auth``, decodes, and
+    calls its handler with ``parts``."""
+    routes = [Route(op.path, _endpoint(parts, auth, max_body_size, op), methods=[op.method]) for op in table]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _routing_error}, lifespan=lifespan)
     app.router.redirect_slashes = False  # an unknown path is 404, not a redirect
     return app

@@ -10,15 +10,17 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from shoal.central.server import Central
+    from shoal.central.auth import Authenticator
+    from shoal.central.directory import Directory
+    from shoal.central.webhook import Webhook
 
 
 class _CentralState:
-    def __init__(self, central: Central) -> None:
-        self.c = central
+    def __init__(self, directory: Directory, auth: Authenticator, webhook: Webhook) -> None:
+        self.directory, self.auth, self.webhook = directory, auth, webhook
 
     def collect(self) -> Any:
-        d, auth, hook = self.c.directory, self.c.auth, self.c.webhook
+        d, auth, hook = self.directory, self.auth, self.webhook
         routes = CounterMetricFamily("shoal_central_routes", "Route requests answered", labels=["result"])
         routes.add_metric(["ok"], d.routes_answered)
         routes.add_metric(["unserved"], d.routes_unserved)
@@ -51,7 +53,7 @@ class _CentralState:
         yield load
 
 
-def central_registry(central: Central) -> CollectorRegistry:
+def central_registry(directory: Directory, auth: Authenticator, webhook: Webhook) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(_CentralState(central))  # type: ignore[arg-type]
+    reg.register(_CentralState(directory, auth, webhook))  # type: ignore[arg-type]
     return reg

@@ -43,7 +43,7 @@ from shoal.protocol.central_messages import (
 from shoal.security.tokens import sign_token
 
 if TYPE_CHECKING:
-    from shoal.central.server import Central
+    from shoal.central.parts import CentralParts
 
 log = logging.getLogger("shoal.central")
 
@@ -56,36 +56,36 @@ DEVICE_OR_SESSION = Credentials("device", session=True)
 # ------------------------------------------------------------------------------------- public
 
 
-async def status_page(c: Central, call: Call) -> Response:
+async def status_page(c: CentralParts, call: Call) -> Response:
     # Behind operator Basic auth: the browser asks once, then sends the same credentials with the
     # page's own requests to /v1/status.
     return respond(c.page, media_type="text/html; charset=utf-8")
 
 
-async def metrics(c: Central, call: Call) -> Response:
+async def metrics(c: CentralParts, call: Call) -> Response:
     # Operator credentials, like the rest of the status: Prometheus scrapes with basic_auth.
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     return respond(generate_latest(c.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
-async def health(c: Central, call: Call) -> Health:
+async def health(c: CentralParts, call: Call) -> Health:
     return Health(ok=True, replica=c.replica)
 
 
-async def openapi(c: Central, call: Call) -> Response:
+async def openapi(c: CentralParts, call: Call) -> Response:
     return respond(c.openapi)
 
 
 # ------------------------------------------------------------------------------------- devices
 
 
-async def login(c: Central, call: Call) -> Session:
+async def login(c: CentralParts, call: Call) -> Session:
     c.directory.seen(call.who)
     return c.auth.session(call.who)
 
 
-async def route(c: Central, call: Call) -> Route:
+async def route(c: CentralParts, call: Call) -> Route:
     req: RouteRequest = call.body
     c.directory.seen(call.who)
     now = time.monotonic()
@@ -111,14 +111,14 @@ async def route(c: Central, call: Call) -> Route:
     )
 
 
-async def get_commands(c: Central, call: Call) -> CommandList:
+async def get_commands(c: CentralParts, call: Call) -> CommandList:
     c.directory.seen(call.who)
     cmds = await c.commands.wait(call.who, call.query.get("wait", 0.0))
     c.directory.seen(call.who)
     return CommandList(cmds)
 
 
-async def ack_command(c: Central, call: Call) -> AckAnswer:
+async def ack_command(c: CentralParts, call: Call) -> AckAnswer:
     cid: int = call.params["id"]
     ack: Ack = call.body
     if not await c.store.ack_command(call.who, cid, ack.result):
@@ -130,7 +130,7 @@ async def ack_command(c: Central, call: Call) -> AckAnswer:
 # ------------------------------------------------------------------------------------ clusters
 
 
-async def report(c: Central, call: Call) -> ReportAnswer:
+async def report(c: CentralParts, call: Call) -> ReportAnswer:
     rep: Report = call.body
     if c.directory.report(call.who, rep, time.monotonic()):
         log.info("cluster %r is live at %s with %d model versions", call.who, rep.address, len(rep.models))
@@ -141,15 +141,15 @@ async def report(c: Central, call: Call) -> ReportAnswer:
 # ------------------------------------------------------------------------------------ operators
 
 
-async def clusters(c: Central, call: Call) -> ClusterList:
+async def clusters(c: CentralParts, call: Call) -> ClusterList:
     return ClusterList(c.directory.live_views(), c.config.report_interval_s)
 
 
-async def status(c: Central, call: Call) -> Status:
+async def status(c: CentralParts, call: Call) -> Status:
     return await c.status()
 
 
-async def add_account(c: Central, call: Call) -> AccountAdded:
+async def add_account(c: CentralParts, call: Call) -> AccountAdded:
     new: NewAccount = call.body
     if len(new.password.encode("utf-8")) > 1024:
         raise HttpError(400, "invalid body: password must be at most 1024 bytes - at `$.password`")
@@ -161,11 +161,11 @@ async def add_account(c: Central, call: Call) -> AccountAdded:
     return AccountAdded(new.kind, new.name)
 
 
-async def list_accounts(c: Central, call: Call) -> AccountList:
+async def list_accounts(c: CentralParts, call: Call) -> AccountList:
     return AccountList(await c.store.list_accounts(call.query.get("kind")))
 
 
-async def remove_account(c: Central, call: Call) -> AccountRemoved:
+async def remove_account(c: CentralParts, call: Call) -> AccountRemoved:
     kind, name = call.params["kind"], call.params["name"]
     if kind == "operator" and await c.store.count_accounts("operator") <= 1:
         if await c.store.password_hash(kind, name) is not None:
@@ -179,7 +179,7 @@ async def remove_account(c: Central, call: Call) -> AccountRemoved:
     return AccountRemoved(removed=True, kind=kind, name=name)
 
 
-async def post_command(c: Central, call: Call) -> CommandAdded:
+async def post_command(c: CentralParts, call: Call) -> CommandAdded:
     device: str = call.params["name"]
     new: NewCommand = call.body
     if await c.store.password_hash("device", device) is None:

@@ -41,17 +41,11 @@ from shoal.central.directory import Directory
 from shoal.central.keys import Keys
 from shoal.central.metrics import central_registry
 from shoal.central.openapi import openapi_document
+from shoal.central.parts import CentralParts
 from shoal.central.routes import route_table
 from shoal.central.webhook import Webhook
 from shoal.database import redact
 from shoal.httpserver import EmbeddedHttpServer
-from shoal.protocol.central_messages import (
-    AckedCommand,
-    ReplicaInfo,
-    RouteCounts,
-    Status,
-    WebhookPost,
-)
 
 log = logging.getLogger("shoal.central")
 
@@ -61,24 +55,35 @@ __all__ = ["Central", "CentralConfig", "endpoint_list"]
 
 
 class Central:
+    """The composition root and lifecycle of one replica: it makes the parts (``parts.py``) and the
+    application that serves them, opens the database, runs the background tasks."""
+
     def __init__(self, config: CentralConfig, store: Store | None = None) -> None:
         config.check()
         self.config = config
         self.store = store or Store(config.db_url, timeout_s=config.db_timeout_s)
-        self.replica = uuid.uuid4().hex[:12]
-        self.started_at = time.time()
         self.keys = Keys()
         self.auth = Authenticator(self.store, self.keys, config)
         self.directory = Directory(config)
         self.commands = CommandRelay(self.store, config.command_poll_s)
-        self.webhook = Webhook(
-            config.webhook_url, config.webhook_interval_s, config.webhook_timeout_s, self.webhook_post, self.store
+        p = self.parts = CentralParts(
+            config,
+            self.store,
+            self.keys,
+            self.auth,
+            self.directory,
+            self.commands,
+            replica=uuid.uuid4().hex[:12],
+            page=STATUS_PAGE.read_bytes(),
+        )
+        self.replica = p.replica
+        p.webhook = self.webhook = Webhook(
+            config.webhook_url, config.webhook_interval_s, config.webhook_timeout_s, p.webhook_post, self.store
         )
         self.routes = route_table(config)
-        self.openapi = msgspec.json.encode(openapi_document(self.routes, shoal.__version__))
-        self.page = STATUS_PAGE.read_bytes()
-        self.metrics = central_registry(self)
-        self.app = build_app(self, self.routes, self.lifespan)
+        p.openapi = msgspec.json.encode(openapi_document(self.routes, shoal.__version__))
+        p.metrics = central_registry(self.directory, self.auth, self.webhook)
+        self.app = build_app(p, self.auth, config.max_body_size, self.routes, self.lifespan)
         self.http_port = 0
         self._http: EmbeddedHttpServer | None = None
         self._running: contextlib.AbstractAsyncContextManager | None = None
@@ -145,33 +150,6 @@ class Central:
         if self._running is not None:
             await self._running.__aexit__(None, None, None)
             self._running = None
-
-    # ---------------------------------------------------------------------------------- views
-
-    async def status(self) -> Status:
-        return Status(
-            central=ReplicaInfo(
-                self.replica,
-                shoal.__version__,
-                round(time.time() - self.started_at, 1),
-                self.store.dialect,
-                self.config.report_interval_s,
-            ),
-            clusters=self.directory.all_views(),
-            devices=self.directory.devices_seen(),
-            devices_live=len(self.directory.devices),
-            routes=RouteCounts(self.directory.routes_answered, self.directory.routes_unserved),
-            reports=self.directory.reports,
-            auth_failures=self.auth.failures,
-            auth_throttled=self.auth.throttled,
-            commands=await self.store.command_counts(),
-            webhook=self.webhook.state(),
-        )
-
-    def webhook_post(self, acked: list[AckedCommand]) -> WebhookPost:
-        return WebhookPost(
-            "status", self.replica, time.time(), self.directory.live_views(), len(self.directory.devices), acked
-        )
 
 
 def endpoint_list() -> list[tuple[str, str]]:
