@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from shoal.multihead import data
+from shoal.train.figures import pyplot, save
 
 APPROACHES = ("MH", "2M", "HC")
 
@@ -84,10 +85,14 @@ def backbone_table(name: str, b: dict[str, Any]) -> list[str]:
     return rows + [""]
 
 
+def _head(columns: list[str]) -> list[str]:
+    """A markdown table's column names and the line under them."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def ratio_table(results: dict[str, Any]) -> list[str]:
     names = list(results["backbones"])
-    head = ["paper " + p for p in PAPER] + [f"ours, {n}" for n in names]
-    rows = ["| ratio | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    rows = _head(["ratio"] + ["paper " + p for p in PAPER] + [f"ours, {n}" for n in names])
     for key, label in RATIO_ROWS:
         for other, idx in (("2M", 1), ("HC", 2)):
             cells = []
@@ -101,10 +106,8 @@ def ratio_table(results: dict[str, Any]) -> list[str]:
 
 
 def heldout_table(results: dict[str, Any]) -> list[str]:
-    rows = [
-        "| backbone | images | MH digit | MH colour | MH both | 2M both | HC digit | HC colour | HC both |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    accuracies = ["MH digit", "MH colour", "MH both", "2M both", "HC digit", "HC colour", "HC both"]
+    rows = _head(["backbone", "images", *accuracies])
     for n, b in results["backbones"].items():
         u = b.get("unseen")
         if not u:
@@ -118,10 +121,8 @@ def heldout_table(results: dict[str, Any]) -> list[str]:
 
 
 def int8_table(results: dict[str, Any]) -> list[str]:
-    rows = [
-        "| backbone | model | size (MB) | latency (ms) | seen: digit | colour | both | held-out: digit | colour | both |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    seen, held_out = ["seen: digit", "colour", "both"], ["held-out: digit", "colour", "both"]
+    rows = _head(["backbone", "model", "size (MB)", "latency (ms)", *seen, *held_out])
     for n, b in results["backbones"].items():
         for kind in ("fp32", "int8"):
             r = b["int8"][kind]
@@ -170,11 +171,7 @@ def markdown(results: dict[str, Any], command: str = "") -> str:
 
 
 def charts(results: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(results["backbones"])
     colours = {"MH": "#1f77b4", "2M": "#ff7f0e", "HC": "#2ca02c"}
     paths = []
@@ -198,10 +195,7 @@ def charts(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
     axes[1].legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "accuracy.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save(fig, out / "accuracy.png", dpi=110))
     # Costs, relative to MH, per backbone (log scale: HC and 2M trained MACs differ by orders).
     keys = [k for k, _ in RATIO_ROWS]
     fig, axes = plt.subplots(1, len(keys), figsize=(15, 3.6))
@@ -217,20 +211,13 @@ def charts(results: dict[str, Any], out: Path) -> list[Path]:
         )
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "costs.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save(fig, out / "costs.png", dpi=110))
     return paths
 
 
 def samples_png(ds: data.ColouredDigits, path: Path, count: int = 24) -> Path:
     """A grid of generated images titled with both labels (held-out pairs in red)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = 8
     rows = (count + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5))
@@ -244,10 +231,7 @@ def samples_png(ds: data.ColouredDigits, path: Path, count: int = 24) -> Path:
                 fontsize=8,
                 color="red" if unseen[i] else "black",
             )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def write(results: dict[str, Any], out: Path, command: str = "") -> list[Path]:

@@ -35,6 +35,7 @@ from torch import nn
 
 from shoal.data import mnist as mnist_data
 from shoal.train import distributed
+from shoal.train.figures import pyplot, save
 from shoal.train.mnist_models import ARCHS, MEAN, STD, build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -330,10 +331,7 @@ class _TensorBoard:
 
 
 def plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
@@ -352,9 +350,7 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Non
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- training

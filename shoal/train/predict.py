@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shoal.train.figures import pyplot, save
+
 HELP = "predict MNIST test images with a checkpoint or an exported model; print and plot label vs prediction"
 EXAMPLE = """\
 shoal predict                                      # the bundled mnist-cnn, 10 random test images
@@ -126,11 +128,7 @@ def load_predictor(model: str | None) -> Predictor:
 def save_grid(
     images: np.ndarray, labels: np.ndarray, preds: np.ndarray, classes: list[str], path: Path
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(images)
     cols = min(n, 10)
     rows = (n + cols - 1) // cols
@@ -142,9 +140,7 @@ def save_grid(
         ok = y == p
         ax.set_title(f"{classes[y]} / {classes[p]}", fontsize=8, color="green" if ok else "red")
     fig.suptitle("label / prediction", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:
