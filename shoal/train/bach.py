@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -35,10 +34,10 @@ from torch import nn
 
 from shoal.data.mnist import DatasetError, cache_dir
 from shoal.modelrepo import TensorSpec
-from shoal.train.catalogue import Outcome, Run, Trained
-from shoal.train.loop import fit, plot_history, settings
+from shoal.train.catalogue import Run, Trained
+from shoal.train.figures import pyplot, save
+from shoal.train.loop import begin, plot_history
 from shoal.train.publish import torch_publisher
-from shoal.train.tabular import start
 
 ABC_FORMAT = 1  # bump when to_abc changes what it writes (the cache key)
 
@@ -254,10 +253,6 @@ def sample(model: CharLSTM, chars: list[str], prime: str, temperature: float, li
 
 def plot_roll(abc: str, out: Path) -> Path | None:
     """A piano roll of a tune as music21 reads it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from music21 import converter
 
     try:
@@ -266,20 +261,18 @@ def plot_roll(abc: str, out: Path) -> Path | None:
         return None
     if not notes:
         return None
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 3))
     for n in notes:
         ax.barh(n.pitch.midi, float(n.quarterLength), left=float(n.offset), height=0.8, color="tab:blue")
     ax.set_xlabel("quarter notes")
     ax.set_ylabel("MIDI pitch")
     ax.set_title("a generated tune, as music21 reads its ABC")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
-    ctx = start(run, cfg.seed)
+    trainer = begin(run, "bach", cfg, "bach lstm")
     text, names = chorales_abc(cfg.chorales, log)
     tunes = text.split("\n\n")
     n_test = max(1, round(len(tunes) * cfg.test_fraction))
@@ -293,49 +286,38 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
         f"{len(tunes)} chorales as ABC: {len(train_text):,} training and {len(test_text):,} test characters, "
         f"{len(chars)} distinct; {sum(p.numel() for p in model.parameters()):,} parameters"
     )
-    out, fit_cfg = settings(run, "bach lstm", cfg)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        return {"test_bits_per_char": bits_per_char(model, test_ids, cfg.length, ctx.device)}
+        return {"test_bits_per_char": bits_per_char(model, test_ids, cfg.length, trainer.ctx.device)}
 
-    t0 = time.perf_counter()
-    hist = fit(EveryStep(model), Sequences(train_ids, cfg.length), sequence_loss, evaluate, fit_cfg, ctx, log)
-    seconds = time.perf_counter() - t0
-    model.cpu()
+    hist = trainer.fit(EveryStep(model), Sequences(train_ids, cfg.length), sequence_loss, evaluate, log)
     bpc = hist.epochs[-1]["test_bits_per_char"]
     gen = torch.Generator().manual_seed(cfg.seed)
-    written = [sample(model, chars, "X:", cfg.temperature, 1500, gen) for _ in range(cfg.samples if ctx.main else 0)]
+    samples = cfg.samples if trainer.main else 0
+    written = [sample(model, chars, "X:", cfg.temperature, 1500, gen) for _ in range(samples)]
     notes = [parses(t) for t in written]
     valid = sum(1 for n in notes if n > 0)
-    plots = []
-    if ctx.main:
-        (out / "samples.abc").write_text("\n".join(written))
-        log(f"wrote {len(written)} tunes to {out / 'samples.abc'}; music21 reads {valid} of them as ABC")
-        if run.plot:
-            plots.append(str(plot_history(hist, out / "curves.png", "character LSTM on Bach chorales in ABC")))
-            first = next((t for t, n in zip(written, notes, strict=True) if n > 0), None)
-            roll = plot_roll(first, out / "sample.png") if first else None
-            if roll:
-                plots.append(str(roll))
-    outcome = Outcome(
-        family="bach",
-        data=cfg.data,
-        model="bach-lstm",
-        dataset=f"{len(tunes)} Bach chorales (music21 corpus), soprano lines in ABC",
-        metric="test bits per character",
-        value=bpc,
-        details={
-            "samples": len(written),
-            "samples_read_by_music21": valid,
-            "notes_per_sample": notes,
-            "vocabulary": len(chars),
-            "samples_file": str(out / "samples.abc"),
-        },
-        data_sha256={"abc_text": hashlib.sha256(text.encode()).hexdigest()},
-        seconds=seconds,
-        device=str(ctx.device),
-        plots=plots,
+    samples_file = trainer.out / "samples.abc"
+    if trainer.main:
+        samples_file.write_text("\n".join(written))
+        log(f"wrote {len(written)} tunes to {samples_file}; music21 reads {valid} of them as ABC")
+    first = next((t for t, n in zip(written, notes, strict=True) if n > 0), None)
+    trainer.draw(
+        {
+            "curves.png": lambda p: plot_history(hist, p, "character LSTM on Bach chorales in ABC"),
+            "sample.png": lambda p: plot_roll(first, p) if first else None,
+        }
     )
+    dataset = f"{len(tunes)} Bach chorales (music21 corpus), soprano lines in ABC"
+    details = {
+        "samples": len(written),
+        "samples_read_by_music21": valid,
+        "notes_per_sample": notes,
+        "vocabulary": len(chars),
+        "samples_file": str(samples_file),
+    }
+    sha = {"abc_text": hashlib.sha256(text.encode()).hexdigest()}
+    outcome = trainer.outcome("bach-lstm", dataset, "test bits per character", bpc, details, sha)
     feeds = {"text": test_ids[: 4 * 50].reshape(4, 50).numpy()}
     pub = torch_publisher(
         NextChar(model),

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -182,6 +184,57 @@ Publisher = Callable[[str, "str | None", bool, dict[str, Any]], Path]
 class Trained:
     outcome: Outcome
     publish: Publisher | None = None
+
+
+@dataclass
+class Session:
+    """A family's run on its way to its :class:`Outcome`: the run folder (made), the seconds spent
+    training and the figures drawn. ``main`` is the process that draws (rank 0 of several workers)."""
+
+    run: Run
+    family: str
+    data: str  # the --data choice
+    device: str = "cpu"
+    main: bool = True
+    seconds: float = 0.0
+    plots: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.run.out_dir)
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Count the block's time as training time."""
+        t0 = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - t0
+
+    def draw(self, figures: dict[str, Callable[[Path], Path | None]]) -> None:
+        """``figures``: a file name in the run folder and what draws it there (None: nothing to draw),
+        called only when the run asks for figures."""
+        if not (self.run.plot and self.main):
+            return
+        for file, plot in figures.items():
+            drawn = plot(self.out / file)
+            if drawn is not None:
+                self.plots.append(str(drawn))
+
+    def outcome(
+        self,
+        model: str,
+        dataset: str,
+        metric: str,
+        value: float,
+        details: dict[str, Any],
+        data_sha256: dict[str, str],
+    ) -> Outcome:
+        """What the run reached, with the time, device and figures this session holds."""
+        spent = {"seconds": self.seconds, "device": self.device, "plots": list(self.plots)}
+        return Outcome(self.family, self.data, model, dataset, metric, value, details, data_sha256, **spent)
 
 
 def provenance(outcome: Outcome, command: str) -> dict[str, Any]:

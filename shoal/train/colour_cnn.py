@@ -19,7 +19,6 @@ JPEG that way: the manifest's image block), output ``logits`` FP32 [-1, 10], lab
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.modelrepo import ImageSpec, TensorSpec
-from shoal.train.catalogue import Outcome, Run, Trained
+from shoal.train.catalogue import Publisher, Run, Trained
 from shoal.train.data import Images, coloured_fashion
-from shoal.train.loop import fit, plot_history, settings
+from shoal.train.figures import pyplot, save
+from shoal.train.loop import begin, plot_history
 from shoal.train.publish import torch_publisher
-from shoal.train.tabular import start
 
 
 @dataclass
@@ -114,11 +113,7 @@ def evaluate(model: nn.Module, ds: Images, device: torch.device, batch: int = 50
 
 
 def plot_predictions(model: nn.Module, ds: Images, out: Path, count: int = 24) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     with torch.no_grad():
         pred = model(to_input(ds.images[:count])).argmax(1).numpy()
     fig, axes = plt.subplots(3, count // 3, figsize=(count // 3 * 1.5, 5))
@@ -128,48 +123,44 @@ def plot_predictions(model: nn.Module, ds: Images, out: Path, count: int = 24) -
         ax.set_title(f"{ds.classes[ds.labels[i]]}\n{ds.classes[pred[i]]}", fontsize=7, color="black" if right else "red")
         ax.axis("off")
     fig.suptitle("test images: label / prediction (red: wrong)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)
+
+
+def publisher(model: nn.Module, name: str, test: Images, parity_images: int) -> Publisher:
+    """The model served as "which class" on images a worker decodes from PNG or JPEG, checked on the
+    first ``parity_images`` test images."""
+    feeds = {"image": to_input(test.images[:parity_images]).numpy()}
+    image = ImageSpec("image", mode="RGB", size=(28, 28), scale=1 / 255, mean=(0.0,) * 3, std=(1.0,) * 3)
+    outputs = [TensorSpec("logits", "FP32", (-1, len(test.classes)))]
+    labels = {"logits": list(test.classes)}
+    return torch_publisher(model, name, feeds, outputs, labels, classify=True, image=image)
 
 
 def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
-    ctx = start(run, cfg.seed)
+    trainer = begin(run, "colour-cnn", cfg, "colour-cnn")
     tr = coloured_fashion("train", cfg.train_images, cfg.seed, cfg.data_dir or None)
     te = coloured_fashion("test", cfg.test_images, cfg.seed, cfg.data_dir or None)
     model = Net(cfg.dropout, len(tr.classes))
-    out, fit_cfg = settings(run, "colour-cnn", cfg)
     log(f"coloured Fashion-MNIST: {len(tr)} training, {len(te)} test images; {sum(p.numel() for p in model.parameters()):,} parameters")
-    t0 = time.perf_counter()
-    hist = fit(model, Batches(tr, cfg.flip), F.cross_entropy, lambda m: evaluate(m, te, ctx.device), fit_cfg, ctx, log)
-    seconds = time.perf_counter() - t0
-    model.cpu()
+    device = trainer.ctx.device
+    hist = trainer.fit(model, Batches(tr, cfg.flip), F.cross_entropy, lambda m: evaluate(m, te, device), log)
     last = hist.epochs[-1]
-    plots = []
-    if run.plot and ctx.main:
-        plots.append(str(plot_history(hist, out / "curves.png", "CNN on coloured Fashion-MNIST (CIFAR-10 stand-in)")))
-        plots.append(str(plot_predictions(model, te, out / "predictions.png")))
-    name = "colour-cnn"
-    outcome = Outcome(
-        family="colour-cnn",
-        data=cfg.data,
-        model=name,
-        dataset=f"coloured Fashion-MNIST, {len(tr)} training / {len(te)} test images (seed {cfg.seed})",
-        metric="test accuracy",
-        value=last["test_accuracy"],
-        details={
-            "test_loss": round(last["test_loss"], 6),
-            "epochs": cfg.epochs,
-            "samples_per_s": round(hist.samples_per_s, 1),
-        },
-        data_sha256={"train": tr.sha256, "test": te.sha256},
-        seconds=seconds,
-        device=str(ctx.device) + (f" x {ctx.world} workers" if ctx.distributed else ""),
-        plots=plots,
+    title = "CNN on coloured Fashion-MNIST (CIFAR-10 stand-in)"
+    trainer.draw(
+        {
+            "curves.png": lambda p: plot_history(hist, p, title),
+            "predictions.png": lambda p: plot_predictions(model, te, p),
+        }
     )
-    feeds = {"image": to_input(te.images[:256]).numpy()}
-    image = ImageSpec("image", mode="RGB", size=(28, 28), scale=1 / 255, mean=(0.0,) * 3, std=(1.0,) * 3)
-    outputs = [TensorSpec("logits", "FP32", (-1, len(tr.classes)))]
-    pub = torch_publisher(model, name, feeds, outputs, {"logits": list(tr.classes)}, classify=True, image=image)
-    return Trained(outcome, pub)
+    if trainer.ctx.distributed:
+        trainer.device += f" x {trainer.ctx.world} workers"
+    name = "colour-cnn"
+    dataset = f"coloured Fashion-MNIST, {len(tr)} training / {len(te)} test images (seed {cfg.seed})"
+    details = {
+        "test_loss": round(last["test_loss"], 6),
+        "epochs": cfg.epochs,
+        "samples_per_s": round(hist.samples_per_s, 1),
+    }
+    sha = {"train": tr.sha256, "test": te.sha256}
+    outcome = trainer.outcome(name, dataset, "test accuracy", last["test_accuracy"], details, sha)
+    return Trained(outcome, publisher(model, name, te, 256))

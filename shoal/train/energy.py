@@ -20,7 +20,6 @@ Served as a forecaster: input ``window`` FP32 [-1, window, 1] (megawatts), outpu
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.modelrepo import TensorSpec
-from shoal.train.catalogue import Outcome, Run, Trained
+from shoal.train.catalogue import Run, Trained
 from shoal.train.data import TAYLOR_SHA256, taylor
-from shoal.train.loop import fit, plot_history, settings
+from shoal.train.figures import pyplot, save
+from shoal.train.loop import begin, plot_history
 from shoal.train.publish import torch_publisher
-from shoal.train.tabular import start
 
 WEEK = 336  # half-hours
 
@@ -90,11 +89,7 @@ def errors(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 
 def plot(series: np.ndarray, pred: np.ndarray, test_start: int, out: Path, mape: float) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(11, 4))
     t = np.arange(test_start, len(series)) / 48
     ax.plot(t, series[test_start:] / 1000, "k-", lw=1, label="demand")
@@ -104,14 +99,11 @@ def plot(series: np.ndarray, pred: np.ndarray, test_start: int, out: Path, mape:
     ax.set_title("England and Wales electricity demand: the test fortnight")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
-    ctx = start(run, cfg.seed)
+    trainer = begin(run, "energy", cfg, "energy lstm")
     values = taylor(cfg.data_dir or None, cfg.download)
     test_start = len(values) - cfg.test_weeks * WEEK
     if test_start <= cfg.window + 1 or test_start - WEEK < 0:
@@ -126,18 +118,14 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     @torch.no_grad()
     def evaluate(m: nn.Module) -> dict[str, float]:
         m.eval()
-        return errors(m(x_test.to(ctx.device)).cpu().numpy()[:, 0], truth)
+        return errors(m(x_test.to(trainer.ctx.device)).cpu().numpy()[:, 0], truth)
 
-    out, fit_cfg = settings(run, "energy lstm", cfg)
-    t0 = time.perf_counter()
     scale = float(train_part.std())
 
     def loss(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(pred / scale, y / scale)  # in standard deviations, not megawatts squared
 
-    hist = fit(model, Windows(series, cfg.window, 0, test_start), loss, evaluate, fit_cfg, ctx, log)
-    seconds = time.perf_counter() - t0
-    model.cpu()
+    hist = trainer.fit(model, Windows(series, cfg.window, 0, test_start), loss, evaluate, log)
     with torch.no_grad():
         pred = model(x_test).numpy()[:, 0]
     last = errors(pred, truth)
@@ -147,27 +135,23 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
         f"test MAPE: LSTM {last['test_mape']:.2f}%, last value {persistence['test_mape']:.2f}%, "
         f"same half-hour a week earlier {weekly['test_mape']:.2f}%"
     )
-    plots = []
-    if run.plot and ctx.main:
-        plots.append(str(plot_history(hist, out / "curves.png", "LSTM on half-hourly electricity demand")))
-        plots.append(str(plot(values, pred, test_start, out / "forecast.png", last["test_mape"])))
-    outcome = Outcome(
-        family="energy",
-        data=cfg.data,
-        model="energy-lstm",
-        dataset=f"England and Wales electricity demand, June-August 2000 ({len(values)} half-hours, last {cfg.test_weeks} weeks held out)",
-        metric="test MAPE %",
-        value=last["test_mape"],
-        details={
-            "test_rmse_mw": round(last["test_rmse"], 1),
-            "persistence_mape": round(persistence["test_mape"], 3),
-            "weekly_naive_mape": round(weekly["test_mape"], 3),
-            "window": cfg.window,
-        },
-        data_sha256={"taylor_values": TAYLOR_SHA256},
-        seconds=seconds,
-        device=str(ctx.device),
-        plots=plots,
+    trainer.draw(
+        {
+            "curves.png": lambda p: plot_history(hist, p, "LSTM on half-hourly electricity demand"),
+            "forecast.png": lambda p: plot(values, pred, test_start, p, last["test_mape"]),
+        }
     )
+    dataset = (
+        f"England and Wales electricity demand, June-August 2000 ({len(values)} half-hours, "
+        f"last {cfg.test_weeks} weeks held out)"
+    )
+    details = {
+        "test_rmse_mw": round(last["test_rmse"], 1),
+        "persistence_mape": round(persistence["test_mape"], 3),
+        "weekly_naive_mape": round(weekly["test_mape"], 3),
+        "window": cfg.window,
+    }
+    sha = {"taylor_values": TAYLOR_SHA256}
+    outcome = trainer.outcome("energy-lstm", dataset, "test MAPE %", last["test_mape"], details, sha)
     feeds = {"window": x_test[:128].numpy()}
     return Trained(outcome, torch_publisher(model, "energy-lstm", feeds, [TensorSpec("demand", "FP32", (-1, 1))]))

@@ -17,7 +17,6 @@ FP32 [-1, 1]; wine outputs ``probabilities`` FP32 [-1, 3] with the cultivar name
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.modelrepo import TensorSpec
-from shoal.train.catalogue import Outcome, Run, Trained
+from shoal.train.catalogue import Run, Trained
 from shoal.train.data import Table, array_sha256, cars, sklearn_set
-from shoal.train.loop import Tensors, fit, plot_history, settings
+from shoal.train.figures import pyplot, save
+from shoal.train.loop import Tensors, begin, plot_history
 from shoal.train.publish import torch_publisher
 from shoal.train.tabular import (
     Standardise,
@@ -38,7 +38,6 @@ from shoal.train.tabular import (
     predicted_against_true,
     regression_figures,
     split,
-    start,
 )
 
 
@@ -100,11 +99,7 @@ def load(cfg: Config) -> Table:
 
 
 def plot(cfg: Config, model: nn.Module, t: Table, test: np.ndarray, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     with torch.no_grad():
         if cfg.data == "wave":
@@ -117,14 +112,11 @@ def plot(cfg: Config, model: nn.Module, t: Table, test: np.ndarray, out: Path) -
         else:
             pred = model(f32(t.x[test])).numpy()[:, 0]
             predicted_against_true(ax, t.y[test], pred, "miles per gallon", "Auto MPG: test cars")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
-    ctx = start(run, cfg.seed)
+    trainer = begin(run, "feedforward", cfg)
     t = load(cfg)
     classify = bool(t.classes)
     tr, te = split(len(t.y), cfg.test_fraction, cfg.seed)
@@ -137,33 +129,16 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     else:
         y_train, yte = f32(t.y[tr]).unsqueeze(1), f32(t.y[te])
         loss, figures = F.mse_loss, regression_figures
-    out, fit_cfg = settings(run, f"feedforward {cfg.data}", cfg)
-    t0 = time.perf_counter()
-    hist = fit(net, Tensors(f32(t.x[tr]), y_train), loss, lambda m: figures(m, xte, yte), fit_cfg, ctx, log)
-    seconds = time.perf_counter() - t0
-    net.cpu()
+    hist = trainer.fit(net, Tensors(f32(t.x[tr]), y_train), loss, lambda m: figures(m, xte, yte), log)
     last = hist.epochs[-1]
-    plots = []
-    if run.plot and ctx.main:
-        plots.append(str(plot_history(hist, out / "curves.png", f"feed-forward network, {cfg.data}")))
-        if not classify:
-            plots.append(str(plot(cfg, net, t, te, out / "fit.png")))
+    trainer.draw({"curves.png": lambda p: plot_history(hist, p, f"feed-forward network, {cfg.data}")})
+    if not classify:
+        trainer.draw({"fit.png": lambda p: plot(cfg, net, t, te, p)})
     name = f"feedforward-{cfg.data}"
     metric = "test accuracy" if classify else ("test RMSE (mpg)" if cfg.data == "cars" else "test RMSE")
     value = last["test_accuracy"] if classify else last["test_rmse"]
-    outcome = Outcome(
-        family="feedforward",
-        data=cfg.data,
-        model=name,
-        dataset=t.name,
-        metric=metric,
-        value=value,
-        details={k: round(v, 6) for k, v in last.items() if k != "epoch"},
-        data_sha256={"table": t.sha256},
-        seconds=seconds,
-        device=str(ctx.device),
-        plots=plots,
-    )
+    details = {k: round(v, 6) for k, v in last.items() if k != "epoch"}
+    outcome = trainer.outcome(name, t.name, metric, value, details, {"table": t.sha256})
     feeds = {"features": t.x[te].astype(np.float32)}
     if classify:
         outputs = [TensorSpec("probabilities", "FP32", (-1, len(t.classes)))]

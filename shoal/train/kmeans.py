@@ -19,7 +19,6 @@ INT64 [-1] (the cluster) and ``scores`` FP32 [-1, k] (the distance to each centr
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from shoal.modelrepo import TensorSpec
-from shoal.train.catalogue import Outcome, Run, Trained
+from shoal.train.catalogue import Run, Session, Trained
 from shoal.train.data import array_sha256
+from shoal.train.figures import pyplot, save
 from shoal.train.publish import sklearn_publisher
 
 
@@ -75,11 +75,7 @@ def iterate(x: np.ndarray, k: int, seed: int, max_iterations: int) -> tuple[obje
 
 
 def plot(x: np.ndarray, labels: np.ndarray, path: list[np.ndarray], out: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.5))
     ax.scatter(x[:, 0], x[:, 1], c=labels, cmap="tab10", s=12, alpha=0.6)
     steps = np.stack(path)  # [iterations + 1, k, 2]
@@ -90,51 +86,36 @@ def plot(x: np.ndarray, labels: np.ndarray, path: list[np.ndarray], out: Path, t
     ax.set_title(title)
     ax.set_aspect("equal")
     ax.text(0.01, 0.01, "x: start, *: end, dots: each iteration", transform=ax.transAxes, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     from sklearn.metrics import adjusted_rand_score
 
+    session = Session(run, "kmeans", cfg.data, device="cpu (scikit-learn)")
     x, groups = make_set(cfg)
     k = cfg.clusters or len(np.unique(groups))
     half = len(x) // 2
-    t0 = time.perf_counter()
-    km, path, iterations = iterate(x[:half], k, cfg.seed, cfg.max_iterations)
-    seconds = time.perf_counter() - t0
+    with session.timed():
+        km, path, iterations = iterate(x[:half], k, cfg.seed, cfg.max_iterations)
     held_out = km.predict(x[half:])  # type: ignore[attr-defined]
     ari = float(adjusted_rand_score(groups[half:], held_out))
     log(
         f"k-means on {cfg.data}: k={k}, {iterations} iterations until no point moved; "
         f"adjusted Rand index on {len(x) - half} held-out points {ari:.3f}"
     )
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = []
-    if run.plot:
-        title = f"k-means, {cfg.data}: centroids over {iterations} iterations (ARI {ari:.2f})"
-        plots.append(str(plot(x[:half], km.labels_, path, out / "kmeans.png", title)))  # type: ignore[attr-defined]
+    title = f"k-means, {cfg.data}: centroids over {iterations} iterations (ARI {ari:.2f})"
+    labels = km.labels_  # type: ignore[attr-defined]
+    session.draw({"kmeans.png": lambda p: plot(x[:half], labels, path, p, title)})
     name = f"kmeans-{cfg.data}"
-    outcome = Outcome(
-        family="kmeans",
-        data=cfg.data,
-        model=name,
-        dataset=f"scikit-learn make_{cfg.data}, {cfg.samples} points, seed {cfg.seed}",
-        metric="adjusted Rand index",
-        value=ari,
-        details={
-            "iterations": iterations,
-            "clusters": k,
-            "inertia": round(float(km.inertia_), 4),  # type: ignore[attr-defined]
-            "centroids": np.round(path[-1], 4).tolist(),
-        },
-        data_sha256={"points": array_sha256(x, groups)},
-        seconds=seconds,
-        device="cpu (scikit-learn)",
-        plots=plots,
-    )
+    dataset = f"scikit-learn make_{cfg.data}, {cfg.samples} points, seed {cfg.seed}"
+    details = {
+        "iterations": iterations,
+        "clusters": k,
+        "inertia": round(float(km.inertia_), 4),  # type: ignore[attr-defined]
+        "centroids": np.round(path[-1], 4).tolist(),
+    }
+    sha = {"points": array_sha256(x, groups)}
+    outcome = session.outcome(name, dataset, "adjusted Rand index", ari, details, sha)
     outputs = [TensorSpec("label", "INT64", (-1,)), TensorSpec("scores", "FP32", (-1, k))]
     return Trained(outcome, sklearn_publisher(km, name, x[half:], outputs))

@@ -15,15 +15,15 @@ INT64 [-1] and ``probabilities`` FP32 [-1, classes] (the share of the k neighbou
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from shoal.modelrepo import TensorSpec
-from shoal.train.catalogue import Outcome, Run, Trained
+from shoal.train.catalogue import Run, Session, Trained
 from shoal.train.data import array_sha256
+from shoal.train.figures import pyplot, save
 from shoal.train.kmeans import Config as KMeansConfig
 from shoal.train.kmeans import make_set
 from shoal.train.publish import sklearn_publisher
@@ -41,11 +41,7 @@ CLASS_NAMES = {"circles": ["outer ring", "inner ring"], "blobs": [f"blob {i}" fo
 
 
 def plot(model: object, train: tuple, test: tuple, wrong: np.ndarray, out: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     (xtr, ytr), (xte, yte) = train, test
     lo, hi = np.vstack([xtr, xte]).min(0) - 0.3, np.vstack([xtr, xte]).max(0) + 0.3
     gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
@@ -58,44 +54,27 @@ def plot(model: object, train: tuple, test: tuple, wrong: np.ndarray, out: Path,
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title(title)
     ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     from sklearn.neighbors import KNeighborsClassifier
 
+    session = Session(run, "knn", cfg.data, device="cpu (scikit-learn)")
     x, y = make_set(KMeansConfig(data=cfg.data, samples=cfg.samples, seed=cfg.seed))
     half = len(x) // 2
-    t0 = time.perf_counter()
-    knn = KNeighborsClassifier(n_neighbors=cfg.neighbours).fit(x[:half], y[:half])
-    pred = knn.predict(x[half:])
-    seconds = time.perf_counter() - t0
+    with session.timed():
+        knn = KNeighborsClassifier(n_neighbors=cfg.neighbours).fit(x[:half], y[:half])
+        pred = knn.predict(x[half:])
     acc = float((pred == y[half:]).mean())
     log(f"k-NN on {cfg.data}: k={cfg.neighbours}, test accuracy {acc:.4f} on {len(x) - half} points")
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = []
-    if run.plot:
-        title = f"{cfg.neighbours}-nearest neighbours, {cfg.data}: test accuracy {acc:.1%}"
-        p = plot(knn, (x[:half], y[:half]), (x[half:], y[half:]), pred != y[half:], out / "knn.png", title)
-        plots.append(str(p))
+    title = f"{cfg.neighbours}-nearest neighbours, {cfg.data}: test accuracy {acc:.1%}"
+    train, test = (x[:half], y[:half]), (x[half:], y[half:])
+    session.draw({"knn.png": lambda p: plot(knn, train, test, pred != y[half:], p, title)})
     name = f"knn-{cfg.data}"
     classes = CLASS_NAMES[cfg.data]
-    outcome = Outcome(
-        family="knn",
-        data=cfg.data,
-        model=name,
-        dataset=f"scikit-learn make_{cfg.data}, {cfg.samples} points, seed {cfg.seed}",
-        metric="test accuracy",
-        value=acc,
-        details={"neighbours": cfg.neighbours, "test_points": len(x) - half},
-        data_sha256={"points": array_sha256(x, y)},
-        seconds=seconds,
-        device="cpu (scikit-learn)",
-        plots=plots,
-    )
+    dataset = f"scikit-learn make_{cfg.data}, {cfg.samples} points, seed {cfg.seed}"
+    details = {"neighbours": cfg.neighbours, "test_points": len(x) - half}
+    outcome = session.outcome(name, dataset, "test accuracy", acc, details, {"points": array_sha256(x, y)})
     outputs = [TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, len(classes)))]
     return Trained(outcome, sklearn_publisher(knn, name, x[half:], outputs, {"probabilities": classes}))

@@ -15,7 +15,6 @@ the graph), output ``prediction`` FP32 [-1, 1].
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.modelrepo import TensorSpec
-from shoal.train.catalogue import Outcome, Run, Trained
+from shoal.train.catalogue import Run, Trained
 from shoal.train.data import Table, array_sha256, sklearn_set
-from shoal.train.loop import Tensors, fit, plot_history, settings
+from shoal.train.figures import pyplot, save
+from shoal.train.loop import Tensors, begin, plot_history
 from shoal.train.publish import torch_publisher
-from shoal.train.tabular import Standardise, f32, predicted_against_true, regression_figures, split, start
+from shoal.train.tabular import Standardise, f32, predicted_against_true, regression_figures, split
 
 
 @dataclass
@@ -57,11 +57,7 @@ def load(cfg: Config) -> Table:
 
 
 def plot(cfg: Config, model: nn.Module, t: Table, test: np.ndarray, lines: list[tuple[float, float]], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     if cfg.data == "line":
         ax.scatter(t.x[:, 0], t.y, s=8, alpha=0.5, label="data")
@@ -77,14 +73,11 @@ def plot(cfg: Config, model: nn.Module, t: Table, test: np.ndarray, lines: list[
         with torch.no_grad():
             pred = model(f32(t.x[test])).reshape(-1).numpy()
         predicted_against_true(ax, t.y[test], pred, "disease progression", "diabetes: test rows")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
-    ctx = start(run, cfg.seed)
+    trainer = begin(run, "linear", cfg)
     t = load(cfg)
     tr, te = split(len(t.y), cfg.test_fraction, cfg.seed)
     model = nn.Sequential(Standardise(t.x[tr]), nn.Linear(t.x.shape[1], 1))
@@ -99,11 +92,7 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
             lines.append((w, b))
         return regression_figures(m, xte, yte)
 
-    out, fit_cfg = settings(run, f"linear {cfg.data}", cfg)
-    t0 = time.perf_counter()
-    hist = fit(model, Tensors(f32(t.x[tr]), f32(t.y[tr]).unsqueeze(1)), F.mse_loss, evaluate, fit_cfg, ctx, log)
-    seconds = time.perf_counter() - t0
-    model.cpu()
+    hist = trainer.fit(model, Tensors(f32(t.x[tr]), f32(t.y[tr]).unsqueeze(1)), F.mse_loss, evaluate, log)
     figures = hist.epochs[-1]
     details: dict[str, object] = {k: round(v, 6) for k, v in figures.items() if k != "epoch"}
     if cfg.data == "line" and lines:
@@ -114,23 +103,13 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
         ls = LinearRegression().fit(t.x[tr], t.y[tr])
         details["least_squares_test_r2"] = round(float(ls.score(t.x[te], t.y[te])), 6)
         log(f"closed-form least squares: test R² {details['least_squares_test_r2']:.4f}")
-    plots = []
-    if run.plot and ctx.main:
-        plots.append(str(plot_history(hist, out / "curves.png", f"linear regression, {cfg.data}")))
-        plots.append(str(plot(cfg, model, t, te, lines, out / "fit.png")))
-    name = f"linear-{cfg.data}"
-    outcome = Outcome(
-        family="linear",
-        data=cfg.data,
-        model=name,
-        dataset=t.name,
-        metric="test R²",
-        value=figures["test_r2"],
-        details=details,
-        data_sha256={"table": t.sha256},
-        seconds=seconds,
-        device=str(ctx.device),
-        plots=plots,
+    trainer.draw(
+        {
+            "curves.png": lambda p: plot_history(hist, p, f"linear regression, {cfg.data}"),
+            "fit.png": lambda p: plot(cfg, model, t, te, lines, p),
+        }
     )
+    name = f"linear-{cfg.data}"
+    outcome = trainer.outcome(name, t.name, "test R²", figures["test_r2"], details, {"table": t.sha256})
     feeds = {"features": t.x[te].astype(np.float32)}
     return Trained(outcome, torch_publisher(model, name, feeds, [TensorSpec("prediction", "FP32", (-1, 1))]))

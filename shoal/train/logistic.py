@@ -19,7 +19,6 @@ unit, so a device reads the class as with any classifier).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from shoal.modelrepo import TensorSpec
-from shoal.train.catalogue import Outcome, Run, Trained
+from shoal.train.catalogue import Run, Trained
 from shoal.train.data import Table, array_sha256, sklearn_set
-from shoal.train.loop import Tensors, fit, plot_history, settings
+from shoal.train.figures import pyplot, save
+from shoal.train.loop import Tensors, begin, plot_history
 from shoal.train.publish import torch_publisher
-from shoal.train.tabular import Standardise, f32, split, start
+from shoal.train.tabular import Standardise, f32, split
 
 
 @dataclass
@@ -98,11 +98,7 @@ def load(cfg: Config) -> Table:
 
 
 def plot(cfg: Config, model: nn.Module, t: Table, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if cfg.data == "cancer":
         fig, ax = plt.subplots(figsize=(6, 4))
         jitter = np.random.default_rng(0).uniform(-0.03, 0.03, len(t.y))
@@ -123,14 +119,11 @@ def plot(cfg: Config, model: nn.Module, t: Table, out: Path) -> Path:
             ax.set_title(str(d))
             ax.axis("off")
         fig.suptitle("softmax regression weights per class (red: against, blue: for)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out)
 
 
 def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
-    ctx = start(run, cfg.seed)
+    trainer = begin(run, "logistic", cfg)
     t = load(cfg)
     tr, te = split(len(t.y), cfg.test_fraction, cfg.seed)
     model: nn.Module = OneVariable(t.x[tr]) if cfg.data == "cancer" else Softmax(t.x[tr], len(t.classes))
@@ -144,35 +137,25 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     @torch.no_grad()
     def evaluate(m: nn.Module) -> dict[str, float]:
         m.eval()
-        p = m(xte.to(ctx.device)).cpu()
+        p = m(xte.to(trainer.ctx.device)).cpu()
         return {
             "test_loss": float(F.nll_loss(torch.log(p.clamp_min(1e-12)), yte)),
             "test_accuracy": float((p.argmax(1) == yte).float().mean()),
         }
 
-    out, fit_cfg = settings(run, f"logistic {cfg.data}", cfg)
-    t0 = time.perf_counter()
-    hist = fit(Logits(model), Tensors(f32(t.x[tr]), torch.tensor(t.y[tr])), loss, lambda _: evaluate(model), fit_cfg, ctx, log)
-    seconds = time.perf_counter() - t0
-    model.cpu()
+    train_set = Tensors(f32(t.x[tr]), torch.tensor(t.y[tr]))
+    hist = trainer.fit(Logits(model), train_set, loss, lambda _: evaluate(model), log)
     figures = hist.epochs[-1]
-    plots = []
-    if run.plot and ctx.main:
-        plots.append(str(plot_history(hist, out / "curves.png", f"logistic regression, {cfg.data}")))
-        plots.append(str(plot(cfg, model, t, out / ("fit.png" if cfg.data == "cancer" else "weights.png"))))
+    trainer.draw(
+        {
+            "curves.png": lambda p: plot_history(hist, p, f"logistic regression, {cfg.data}"),
+            ("fit.png" if cfg.data == "cancer" else "weights.png"): lambda p: plot(cfg, model, t, p),
+        }
+    )
     name = f"logistic-{cfg.data}"
-    outcome = Outcome(
-        family="logistic",
-        data=cfg.data,
-        model=name,
-        dataset=t.name,
-        metric="test accuracy",
-        value=figures["test_accuracy"],
-        details={"test_loss": round(figures["test_loss"], 6), "test_rows": len(te)},
-        data_sha256={"table": t.sha256},
-        seconds=seconds,
-        device=str(ctx.device),
-        plots=plots,
+    details = {"test_loss": round(figures["test_loss"], 6), "test_rows": len(te)}
+    outcome = trainer.outcome(
+        name, t.name, "test accuracy", figures["test_accuracy"], details, {"table": t.sha256}
     )
     feeds = {"features": t.x[te].astype(np.float32)}
     outputs = [TensorSpec("probabilities", "FP32", (-1, len(t.classes)))]

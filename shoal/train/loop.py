@@ -2,11 +2,12 @@
 progress, a test evaluation per epoch, checkpoints, and data parallelism when the elastic launcher
 started several workers (``shoal.train.distributed``).
 
-A family file builds its data, its model and its loss, then calls :func:`fit`. The loop is the same
-on one process and on N: the global batch is the one a single process would take, each worker runs
-its share of it, and DistributedDataParallel averages the gradients, so N workers take the same steps
-as one (up to the order of float additions). Rank 0 alone prints and writes the checkpoint; after an
-elastic restart every worker reads it back and carries on from its step.
+A family file starts its run with :func:`begin`, builds its data, its model and its loss, then calls
+:meth:`Trainer.fit`; the :class:`Trainer` then draws its figures and writes its outcome. The loop is
+the same on one process and on N: the global batch is the one a single process would take, each
+worker runs its share of it, and DistributedDataParallel averages the gradients, so N workers take
+the same steps as one (up to the order of float additions). Rank 0 alone prints and writes the
+checkpoint; after an elastic restart every worker reads it back and carries on from its step.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from torch import nn
 
 from shoal.train import distributed
-from shoal.train.catalogue import Run
+from shoal.train.catalogue import Run, Session
 from shoal.train.distributed import Context
+from shoal.train.figures import pyplot, save
 
 CHECKPOINT_FORMAT = "shoal.train.loop/1"
 
@@ -79,22 +81,52 @@ class History:
         return self.samples / self.seconds if self.seconds else 0.0
 
 
-def settings(run: Run, desc: str, config: object) -> tuple[Path, Fit]:
-    """The run folder, made, and the loop's settings: the hyperparameters a family's ``Config`` has
-    (epochs, batch size, learning rate, optimizer, weight decay, seed), checkpoints and progress as
-    the run says."""
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def start(run: Run, seed: int) -> Context:
+    """The start of any torch run: threads, seed, device, workers."""
+    torch.set_num_threads(max(1, run.threads))
+    torch.manual_seed(seed)  # every worker builds the same initial weights
+    return distributed.context(run.device)
+
+
+@dataclass
+class Trainer(Session):
+    """A torch family's :class:`Session`: the workers' context and the loop's settings."""
+
+    ctx: Context = field(kw_only=True)
+    settings: Fit = field(kw_only=True)
+
+    def fit(
+        self,
+        model: nn.Module,
+        train: Batches,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        evaluate: Callable[[nn.Module], dict[str, float]],
+        log: Callable[[str], None] = print,
+    ) -> History:
+        """:func:`fit`, timed; the model is left on the CPU, where it is drawn and exported."""
+        with self.timed():
+            hist = fit(model, train, loss_fn, evaluate, self.settings, self.ctx, log)
+        model.cpu()
+        return hist
+
+
+def begin(run: Run, family: str, config: Any, desc: str = "") -> Trainer:
+    """Start a torch family's run (:func:`start`: call it before building the model, whose weights it
+    seeds) with the loop's settings: the hyperparameters the family's ``Config`` has (epochs, batch
+    size, learning rate, optimizer, weight decay, seed), checkpoints and progress as the run says;
+    ``desc`` labels the progress bar ("FAMILY DATA" by default)."""
+    ctx = start(run, config.seed)
     names = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "seed")
     hyper = {k: getattr(config, k) for k in names if hasattr(config, k)}
-    return out, Fit(
+    settings = Fit(
         **hyper,
-        checkpoint=out / "checkpoint.pt",
+        checkpoint=Path(run.out_dir) / "checkpoint.pt",
         checkpoint_every=run.checkpoint_every,
         resume=run.resume,
         progress=run.progress,
-        desc=desc,
+        desc=desc or f"{family} {config.data}",
     )
+    return Trainer(run, family, config.data, str(ctx.device), ctx.main, ctx=ctx, settings=settings)
 
 
 def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -206,11 +238,7 @@ def fit(
 
 def plot_history(hist: History, path: Path, title: str, keys: list[str] | None = None) -> Path:
     """Training loss and each test figure against epochs, one panel per figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = keys or [k for k in hist.epochs[0] if k != "epoch"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     ep = [h["epoch"] for h in hist.epochs]
@@ -220,7 +248,4 @@ def plot_history(hist: History, path: Path, title: str, keys: list[str] | None =
         ax.set_title(k.replace("_", " "))
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -21,7 +21,7 @@ import torch
 
 from shoal.train import distributed
 from shoal.train.catalogue import Outcome, Run, Trained
-from shoal.train.tabular import start
+from shoal.train.loop import start
 
 
 @dataclass

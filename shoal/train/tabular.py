@@ -1,6 +1,6 @@
 """What the catalogue's regression and classification families on feature tables share: the split,
 the standardisation kept inside the network (so the served model takes raw features, as a device
-has them), the test figures, and the start of a run (threads, seed, device, workers)."""
+has them) and the test figures."""
 
 from __future__ import annotations
 
@@ -8,10 +8,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from shoal.train import distributed
-from shoal.train.catalogue import Run
-from shoal.train.distributed import Context
 
 
 class Standardise(nn.Module):
@@ -32,12 +28,6 @@ def split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     order = np.random.default_rng(seed).permutation(n)
     k = max(1, int(round(n * test_fraction)))
     return np.sort(order[k:]), np.sort(order[:k])
-
-
-def start(run: Run, seed: int) -> Context:
-    torch.set_num_threads(max(1, run.threads))
-    torch.manual_seed(seed)  # every worker builds the same initial weights
-    return distributed.context(run.device)
 
 
 def f32(a: np.ndarray) -> torch.Tensor:

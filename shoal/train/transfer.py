@@ -16,21 +16,17 @@ Served as "which class": the backbone and the new layer as one ONNX graph, input
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shoal.modelrepo import ImageSpec, TensorSpec
-from shoal.train.catalogue import Outcome, Run, Trained
-from shoal.train.colour_cnn import plot_predictions, to_input
+from shoal.train.catalogue import Run, Trained
+from shoal.train.colour_cnn import plot_predictions, publisher
 from shoal.train.data import coloured_fashion
-from shoal.train.loop import Tensors, fit, plot_history, settings
-from shoal.train.publish import torch_publisher
-from shoal.train.tabular import classification_figures, start
+from shoal.train.loop import Tensors, begin, plot_history
+from shoal.train.tabular import classification_figures
 
 
 @dataclass
@@ -62,7 +58,7 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     from shoal.multihead import compare
     from shoal.multihead.models import EFFICIENTNET, freeze, make_backbone
 
-    ctx = start(run, cfg.seed)
+    trainer = begin(run, "transfer", cfg, "transfer head")
     tr = coloured_fashion("train", cfg.train_images, cfg.seed, cfg.data_dir or None)
     te = coloured_fashion("test", cfg.test_images, cfg.seed, cfg.data_dir or None)
     backbone = freeze(make_backbone(EFFICIENTNET, cfg.image_size))
@@ -74,55 +70,46 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     root.mkdir(parents=True, exist_ok=True)
     key = compare.backbone_key(EFFICIENTNET, fcfg)
     onnx_path = root / f"backbone-{key}-v{compare.FEATURE_VERSION}.onnx"
-    t0 = time.perf_counter()
-    feats = {
-        split: compare.features(
-            backbone,
-            ds,  # type: ignore[arg-type]  (images and len() are all it reads)
-            root / f"feat-{key}-fashion-{ds.sha256[:16]}-v{compare.FEATURE_VERSION}.npy",
-            fcfg,
-            f"EfficientNet-Lite0 features ({split})",
-            onnx_path,
-        )
-        for split, ds in (("train", tr), ("test", te))
-    }
-    feature_seconds = time.perf_counter() - t0
+    with trainer.timed():  # the features count as training time: the new layer learns from them
+        feats = {
+            split: compare.features(
+                backbone,
+                ds,  # type: ignore[arg-type]  (images and len() are all it reads)
+                root / f"feat-{key}-fashion-{ds.sha256[:16]}-v{compare.FEATURE_VERSION}.npy",
+                fcfg,
+                f"EfficientNet-Lite0 features ({split})",
+                onnx_path,
+            )
+            for split, ds in (("train", tr), ("test", te))
+        }
+    feature_seconds = trainer.seconds
     log(f"EfficientNet-Lite0 features of {len(tr) + len(te)} images: {feature_seconds:.0f} s (cached after)")
     head = nn.Linear(feats["train"].shape[1], len(tr.classes))
     x_test, y_test = torch.from_numpy(feats["test"]), torch.from_numpy(te.labels)
-    out, fit_cfg = settings(run, "transfer head", cfg)
-    t0 = time.perf_counter()
     train_set = Tensors(torch.from_numpy(feats["train"]), torch.from_numpy(tr.labels))
-    hist = fit(head, train_set, F.cross_entropy, lambda m: classification_figures(m, x_test, y_test), fit_cfg, ctx, log)
-    seconds = time.perf_counter() - t0
-    model = Transferred(backbone, head.cpu()).eval()
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return classification_figures(m, x_test, y_test)
+
+    hist = trainer.fit(head, train_set, F.cross_entropy, evaluate, log)
+    model = Transferred(backbone, head).eval()
     last = hist.epochs[-1]
-    plots = []
-    if run.plot and ctx.main:
-        plots.append(str(plot_history(hist, out / "curves.png", "EfficientNet-Lite0 (ImageNet, frozen) + a new layer")))
-        plots.append(str(plot_predictions(model, te, out / "predictions.png")))
-    outcome = Outcome(
-        family="transfer",
-        data=cfg.data,
-        model="transfer-efficientnet",
-        dataset=f"coloured Fashion-MNIST, {len(tr)} training / {len(te)} test images (seed {cfg.seed})",
-        metric="test accuracy",
-        value=last["test_accuracy"],
-        details={
-            "test_loss": round(last["test_loss"], 6),
-            "feature_seconds": round(feature_seconds, 1),
-            "image_size": cfg.image_size,
-            "trained_parameters": sum(p.numel() for p in head.parameters()),
-        },
-        data_sha256={"train": tr.sha256, "test": te.sha256},
-        seconds=seconds + feature_seconds,
-        device=f"{ctx.device} (features: ONNX Runtime, cpu)",
-        plots=plots,
+    title = "EfficientNet-Lite0 (ImageNet, frozen) + a new layer"
+    trainer.draw(
+        {
+            "curves.png": lambda p: plot_history(hist, p, title),
+            "predictions.png": lambda p: plot_predictions(model, te, p),
+        }
     )
-    feeds = {"image": to_input(te.images[:64]).numpy().astype(np.float32)}
-    image = ImageSpec("image", mode="RGB", size=(28, 28), scale=1 / 255, mean=(0.0,) * 3, std=(1.0,) * 3)
-    outputs = [TensorSpec("logits", "FP32", (-1, len(tr.classes)))]
-    pub = torch_publisher(
-        model, "transfer-efficientnet", feeds, outputs, {"logits": list(tr.classes)}, classify=True, image=image
-    )
-    return Trained(outcome, pub)
+    trainer.device = f"{trainer.ctx.device} (features: ONNX Runtime, cpu)"
+    dataset = f"coloured Fashion-MNIST, {len(tr)} training / {len(te)} test images (seed {cfg.seed})"
+    details = {
+        "test_loss": round(last["test_loss"], 6),
+        "feature_seconds": round(feature_seconds, 1),
+        "image_size": cfg.image_size,
+        "trained_parameters": sum(p.numel() for p in head.parameters()),
+    }
+    sha = {"train": tr.sha256, "test": te.sha256}
+    name = "transfer-efficientnet"
+    outcome = trainer.outcome(name, dataset, "test accuracy", last["test_accuracy"], details, sha)
+    return Trained(outcome, publisher(model, name, te, 64))
