@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from shoal.command import command_parser, execute
+
 # name -> module; add a line here to add a command.
 COMMANDS: dict[str, str] = {
     "demo": "shoal.demo",
@@ -84,8 +86,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             epilog="example:\n  " + mod.EXAMPLE.strip().replace("\n", "\n  "),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        mod.add_arguments(p)
-        p.set_defaults(_module=mod, _parser=p)
+        command_parser(name, mod, p)
     return parser
 
 
@@ -101,23 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 0 if not argv else 2
-    from shoal.config import ConfigError, MissingSetting, declared, printable, resolve
-
-    if declared(args):  # the command's settings: flags, then SHOAL_* variables, then --config's file
-        try:
-            settings = resolve(args)
-        except MissingSetting as e:
-            args._parser.error(str(e))  # as argparse says it, with the usage line
-        except ConfigError as e:
-            print(f"shoal {args.command}: {e}", file=sys.stderr)
-            return 2
-        if getattr(args, "print_config", False):
-            print(printable(settings), end="")
-            return 0
     try:
-        return int(args._module.run(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+        return execute(args)
     except ImportError as e:  # a command imports what its extra brings when it runs
         if not _missing(e):
             raise

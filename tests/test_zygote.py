@@ -61,7 +61,7 @@ def _zygote(gateway: int) -> int:
     def find() -> int | None:
         for p in _children(gateway):
             try:
-                if b"shoal.autoscale.zygote" in Path(f"/proc/{p}/cmdline").read_bytes():
+                if b"shoal.worker.zygote" in Path(f"/proc/{p}/cmdline").read_bytes():
                     return p
             except OSError:
                 pass
@@ -237,7 +237,7 @@ def test_a_child_whose_start_cannot_be_reported_never_becomes_a_worker(tmp_path)
     # run, or it would serve with nobody to manage it (the same when the zygote is killed right
     # after the fork).
     zygote = subprocess.Popen(
-        [sys.executable, "-m", "shoal.autoscale.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [sys.executable, "-m", "shoal.worker.zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     try:
         zygote.stdout.close()

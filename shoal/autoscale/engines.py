@@ -128,7 +128,7 @@ class LocalEngine(Engine):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "shoal.autoscale.zygote",
+                "shoal.worker.zygote",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

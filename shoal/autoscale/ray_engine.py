@@ -32,7 +32,7 @@ this engine, the tests and the benchmarks; see docs/elastic.md, "Ray").
 from __future__ import annotations
 
 import asyncio
-import io
+import importlib
 import json
 import logging
 import os
@@ -41,9 +41,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,71 +141,6 @@ def placement_problem(demand: dict[str, float], nodes: list[dict[str, Any]]) -> 
     else:
         what = f"no node offers all of {json.dumps(_config_names(demand))} at once"
     return f"{what}; Ray's autoscaler adds one if configured"
-
-
-# ---------------------------------------------------------------------------------------- actor
-
-
-class _Tail(io.TextIOBase):
-    """Writes through to ``stream`` and keeps the last lines written: why a worker ended, for the
-    status, as the local engine points at its log file."""
-
-    def __init__(self, stream: Any, lines: deque[str], lock: threading.Lock) -> None:
-        self.stream = stream
-        self.lines = lines
-        self.lock = lock
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        with self.lock:
-            self.lines.extend(line.strip() for line in text.splitlines() if line.strip())
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-class WorkerActor:
-    """The body of each worker's Ray actor: ``shoal worker`` in a thread of the actor's process.
-
-    Threaded (the actor is created with ``max_concurrency`` above 1) so that ``ping``, which waits for
-    the worker to end, does not keep ``where`` from answering."""
-
-    def __init__(self, argv: list[str], secret: str) -> None:
-        os.environ["SHOAL_CLUSTER_SECRET"] = secret  # this process runs this one worker only
-        self.code: int | None = None
-        self.done = threading.Event()
-        self.lines: deque[str] = deque(maxlen=4)
-        self.lock = threading.Lock()
-        # The worker's log handler is made after this, on sys.stderr: it writes through the tail too.
-        sys.stdout = _Tail(sys.stdout, self.lines, self.lock)
-        sys.stderr = _Tail(sys.stderr, self.lines, self.lock)
-        threading.Thread(target=self._run, args=(argv,), name="shoal-worker", daemon=True).start()
-
-    def _run(self, argv: list[str]) -> None:
-        from shoal.cli import main
-
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse refusing an option
-            code = e.code if isinstance(e.code, int) else 2
-        except BaseException:  # reported through ping, never a silent actor
-            logging.getLogger("shoal.worker").exception("worker ended with an error")
-            code = 1
-        self.code = int(code or 0)
-        self.done.set()
-
-    def ping(self) -> tuple[int, str]:
-        """Answers once the worker has ended: its exit status and its last lines of output."""
-        self.done.wait()
-        with self.lock:
-            output = " | ".join(self.lines)[-600:]
-        return (self.code if self.code is not None else 1), output
-
-    def where(self) -> dict[str, Any]:
-        import ray
-
-        return {"node": ray.get_runtime_context().get_node_id()[:12], "pid": os.getpid(), "host": socket.gethostname()}
 
 
 # --------------------------------------------------------------------------------------- engine
@@ -310,7 +243,10 @@ class RayEngine(Engine):
         except Exception as e:  # ConnectionError, ValueError, RuntimeError from Ray
             raise EngineError(f"cannot join the Ray cluster at {opts.address!r}: {_first_line(e)}") from None
         self.ray = ray
-        self._remote = ray.remote(WorkerActor)
+        # The actor runs a worker, in a process of its own: the engine names its class for Ray and
+        # never runs it here (as the local engine names ``python -m shoal.worker.zygote``).
+        actor = importlib.import_module("shoal.worker.ray_actor").WorkerActor
+        self._remote = ray.remote(actor)
         log.info(
             "ray engine: joined %s (namespace %s, %d nodes, %s)",
             opts.address,

@@ -3,7 +3,7 @@ milliseconds instead of the second or two an interpreter takes to import numpy, 
 shoal before it can load its model (most of a new worker's start-up, and so of the time a scale-up
 or a wake from zero takes).
 
-Run as ``python -m shoal.autoscale.zygote`` by the engine, which speaks to it in JSON lines over the
+Run as ``python -m shoal.worker.zygote`` by the engine, which speaks to it in JSON lines over the
 pipes it gave as stdin and stdout:
 
 * in: ``{"argv": [...], "env": {...}, "log": "path"}``: start ``shoal`` with these arguments
@@ -57,7 +57,7 @@ def _preload() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import numpy  # noqa: F401
 
-    import shoal.cli  # noqa: F401
+    import shoal.command  # noqa: F401
     import shoal.runtime.runtimes  # noqa: F401
     import shoal.worker.batching  # noqa: F401
     import shoal.worker.cli  # noqa: F401
@@ -87,9 +87,15 @@ def _child(cmd: dict[str, Any]) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):  # SIGINT: ignored by the zygote
             signal.signal(sig, signal.SIG_DFL)
         os.environ.update(cmd.get("env") or {})
-        from shoal.cli import main
+        import shoal.worker.cli
+        from shoal.command import run_command
 
-        code = int(main(list(cmd["argv"])) or 0)
+        argv = list(cmd["argv"])
+        if argv[:1] == ["worker"]:
+            code = run_command("worker", shoal.worker.cli, argv[1:])
+        else:  # the engine runs workers only
+            print(f"the pre-started interpreter runs 'worker ...', not {argv[:1]}", file=sys.stderr)
+            code = 2
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
