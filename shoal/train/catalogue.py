@@ -110,7 +110,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "transfer",
-            "shoal.train.transfer",
+            "shoal.multihead.transfer",
             "8 deep architectures",
             {"coloured-fashion": "the CIFAR-10 stand-in, on frozen ImageNet EfficientNet-Lite0 features"},
         ),

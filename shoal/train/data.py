@@ -227,8 +227,8 @@ def coloured_fashion(split: str, n: int = 0, seed: int = 0, data_dir: str | None
     or noise), 28x28 RGB, 10 classes: the colour image set that stands in for CIFAR-10. The colour
     says nothing about the class, so a model must read shapes across colours, as on CIFAR. The same
     arguments give the same bytes (one numpy generator seeded with (seed, split))."""
+    from shoal.data.colour import hue_to_rgb, render
     from shoal.data.mnist import FASHION_MNIST, load
-    from shoal.multihead.data import hue_to_rgb, render
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
