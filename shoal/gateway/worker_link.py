@@ -245,10 +245,11 @@ class WorkerConnection(CoalescingProtocol):
         peer's address (throttled, and logged once per run of failures instead of once each);
         ``quiet`` ones (a stranger closed for its slot, or silent too long) are the guard's to count."""
         if quiet:
-            pass
+            self.site.logins.left(self)  # its slot is free now, not when the close is seen
         elif failed_login:
             self.site.logins.failed(self, reason)
         else:
+            self.site.logins.left(self)
             log.warning("refused worker connection from %s: %s", self.peer, reason)
         msg = Refuse(reason, max(0.1, round(retry_after, 1)) if retry_after is not None else None)
         self.send(self.link.send(msg))
