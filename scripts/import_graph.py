@@ -100,7 +100,7 @@ def upward(g: grimp.ImportGraph, order: list[list[str]]) -> list[tuple[str, str,
 
 
 def main() -> int:
-    g = grimp.build_graph("shoal", include_external_packages=False)
+    g = grimp.build_graph("shoal", include_external_packages=False, cache_dir=None)
     found = cycles(g)
     print(f"{len(found)} import cycle(s)")
     for comp in found:

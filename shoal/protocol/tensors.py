@@ -102,7 +102,7 @@ def to_buffer(arr: np.ndarray) -> tuple[str, tuple[int, ...], bytes | memoryview
     a = np.ascontiguousarray(arr)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    return dt, tuple(a.shape), memoryview(a).cast("B")
+    return dt, tuple(a.shape), a.data.cast("B")
 
 
 def from_buffer(
