@@ -38,7 +38,7 @@ class Clock:
 
 def route_reply(cluster: str, ttl: float = 300.0, now: float = NOW) -> Reply:
     doc = {"cluster": cluster, "url": f"http://{cluster}:8000", "token": f"tok-{cluster}",
-           "expires_at": now + ttl, "model": "m", "version": "1"}
+           "expires_at": int(now + ttl), "model": "m", "version": "1"}  # unix seconds, as central answers
     return Reply(200, {}, json.dumps(doc).encode())
 
 

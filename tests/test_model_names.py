@@ -18,7 +18,7 @@ from shoal.autoscale.config import AutoscaleError, parse_autoscale
 from shoal.gateway.pipeline import PipelineError, parse_pipelines
 from shoal.modelrepo.manifest import ManifestError, list_versions, parse_manifest, resolve
 from shoal.protocol.names import InvalidName, check_name, valid_name
-from shoal.protocol.oip import ProtocolError, Route, parse_path, parse_repository_path
+from shoal.protocol.oip import PathRoute, ProtocolError, parse_path, parse_repository_path
 
 BUNDLED = Path(__file__).parent.parent / "shoal" / "bundled" / "models"
 
@@ -40,8 +40,8 @@ def test_invalid_names_say_what_is_allowed(name):
 
 
 def test_paths_are_decoded_once_by_segment():
-    assert parse_path("/v2/models/echo/infer") == Route("infer", "echo", None)
-    assert parse_path("/v2/models/ech%6F/versions/%31/ready") == Route("model_ready", "echo", "1")
+    assert parse_path("/v2/models/echo/infer") == PathRoute("infer", "echo", None)
+    assert parse_path("/v2/models/ech%6F/versions/%31/ready") == PathRoute("model_ready", "echo", "1")
     for path in ("/v2/models/..%2Fother/infer", "/v2/models/..%252Fother%252Fpwn/infer",
                  "/v2/models/%2Ftmp%2Fx/infer", "/v2/models/echo%00/infer", "/v2/models/echo/versions/..%2F1",
                  "/v2/models/" + "a" * 5000 + "/infer", "/v2/models/echo/versions//infer"):

@@ -35,7 +35,7 @@ from shoal.protocol.central_messages import (
     NewCommand,
     Report,
     ReportAnswer,
-    Route,
+    RouteAnswer,
     RouteRequest,
     Session,
     Status,
@@ -85,7 +85,7 @@ async def login(c: CentralParts, call: Call) -> Session:
     return c.auth.session(call.who)
 
 
-async def route(c: CentralParts, call: Call) -> Route:
+async def route(c: CentralParts, call: Call) -> RouteAnswer:
     req: RouteRequest = call.body
     c.directory.seen(call.who)
     now = time.monotonic()
@@ -105,7 +105,7 @@ async def route(c: CentralParts, call: Call) -> Route:
     if req.version is not None:
         claims["version"] = req.version  # the token then opens that version only
     token = sign_token(claims, c.keys.route(name), ttl, now=wall)
-    return Route(
+    return RouteAnswer(
         name, choice.cluster.address, token, int(wall + ttl), req.model, choice.entry.version,
         choice.entry.latency_ms,
     )
@@ -206,7 +206,7 @@ def route_table(config: CentralConfig) -> RouteTable:
                 route,
                 DEVICE_OR_SESSION,
                 body=RouteRequest,
-                answer=Route,
+                answer=RouteAnswer,
                 errors=(404,),
             ),
             Operation(

@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import msgspec
 import numpy as np
 
+from shoal.protocol.central_messages import RouteAnswer
 from shoal.protocol.compression import compress
 from shoal.protocol.oip import build_infer_request, parse_infer_response
 
@@ -289,22 +291,15 @@ class ClientCore:
 
     @staticmethod
     def _parse_route(reply: Reply, model: str, version: str | None) -> Route:
+        """Central's typed answer (``RouteAnswer``), held under the model and version asked for."""
         if reply.status != 200:
             raise RouteError(f"central: HTTP {reply.status}: {error_message(reply.data)}", reply.status)
         try:
-            doc = json.loads(reply.data)
-            latency = doc.get("latency_ms")
-            return Route(
-                doc["cluster"],
-                doc["url"].rstrip("/"),
-                doc["token"],
-                float(doc["expires_at"]),
-                model,
-                version,
-                float(latency) if isinstance(latency, (int, float)) and latency > 0 else None,  # 0: not known
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise RouteError("central answered a route without cluster, url, token and expires_at") from None
+            a = msgspec.json.decode(reply.data, type=RouteAnswer)
+        except msgspec.MsgspecError as e:
+            raise RouteError(f"central answered a route this client cannot read: {e}") from None
+        latency = a.latency_ms if a.latency_ms > 0 else None  # 0: not known
+        return Route(a.cluster, a.url.rstrip("/"), a.token, float(a.expires_at), model, version, latency)
 
     def _fetch_labels(self, r: Route) -> Flow[None]:
         """The model's class labels from the cluster's metadata, for ``InferResult.label``; none on failure."""

@@ -30,8 +30,8 @@ from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.oip import (
     HEADER_LENGTH,
     InferRequest,
+    PathRoute,
     ProtocolError,
-    Route,
     binary_response,
     bind_inputs,
     encode_infer_response,
@@ -90,7 +90,7 @@ class HttpApp:
         # loop gets the interpreter back between chunks and other clients are not held up.
         self._big_decodes = asyncio.Semaphore(BIG_DECODES)
         # The protocol's GET routes, by kind; infer has a handler of its own.
-        self._gets: dict[str, Callable[[Route], Awaitable[tuple[int, dict[str, Any]]]]] = {
+        self._gets: dict[str, Callable[[PathRoute], Awaitable[tuple[int, dict[str, Any]]]]] = {
             "ready": self._ready,
             "server": self._server,
             "model": self._model,
@@ -159,21 +159,21 @@ class HttpApp:
 
     # ------------------------------------------------------------------------------ reads
 
-    async def _ready(self, route: Route) -> tuple[int, dict[str, Any]]:
+    async def _ready(self, route: PathRoute) -> tuple[int, dict[str, Any]]:
         ok = self.models.all_ready()
         return (200 if ok else 503), {"ready": ok}
 
-    async def _server(self, route: Route) -> tuple[int, dict[str, Any]]:
+    async def _server(self, route: PathRoute) -> tuple[int, dict[str, Any]]:
         return 200, self.views.server_metadata()
 
-    async def _model(self, route: Route) -> tuple[int, dict[str, Any]]:
+    async def _model(self, route: PathRoute) -> tuple[int, dict[str, Any]]:
         if route.model in self.service.pipelines:
             return 200, self.service.pipeline(route.model, route.version).metadata()
         pool = self.models.find(route.model, route.version)
         versions = sorted(self.models.served_versions(route.model)) or sorted(self.models.models[route.model])
         return 200, pool.spec.metadata(versions)
 
-    async def _model_ready(self, route: Route) -> tuple[int, dict[str, Any]]:
+    async def _model_ready(self, route: PathRoute) -> tuple[int, dict[str, Any]]:
         if route.model in self.service.pipelines:
             pl = self.service.pipeline(route.model, route.version)
             version, ok = pl.spec.version, pl.ready
@@ -206,7 +206,7 @@ class HttpApp:
     # ------------------------------------------------------------------------------ infer
 
     async def _infer(
-        self, who: Principal, route: Route, headers: dict[bytes, bytes], receive: Any, send: Any, t0: float
+        self, who: Principal, route: PathRoute, headers: dict[bytes, bytes], receive: Any, send: Any, t0: float
     ) -> None:
         """One inference request, step by step: where it goes, its body, its tensors checked against
         the model, its deadline and id, the call, the answer."""

@@ -1,7 +1,7 @@
 """The messages of central's HTTP API, each declared once as a typed structure (msgspec).
 
 Central decodes request bodies into these and encodes its answers from them; the gateway builds its
-report to central from ``Report`` and ``ModelLoad``; the device client reads ``Route``; central's
+report to central from ``Report`` and ``ModelLoad``; the device client reads ``RouteAnswer``; central's
 OpenAPI document is generated from them (``shoal/central/openapi.py``). Decoding validates types and
 limits and names the field on error (``Expected `float` >= 0.0 - at `$.models[0].capacity```).
 Unknown fields are ignored, so a newer peer may send more.
@@ -120,7 +120,7 @@ class RouteRequest(msgspec.Struct, frozen=True):
     ] = []
 
 
-class Route(msgspec.Struct, frozen=True):
+class RouteAnswer(msgspec.Struct, frozen=True):
     cluster: str
     url: str
     token: Annotated[str, msgspec.Meta(description="route token: Authorization: Bearer at the cluster")]

@@ -61,17 +61,17 @@ class ProtocolError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
+class PathRoute:
     kind: str  # live | ready | server | model | model_ready | infer
     model: str = ""
     version: str | None = None
 
 
 _FIXED = {
-    "/v2/health/live": Route("live"),
-    "/v2/health/ready": Route("ready"),
-    "/v2": Route("server"),
-    "/v2/": Route("server"),
+    "/v2/health/live": PathRoute("live"),
+    "/v2/health/ready": PathRoute("ready"),
+    "/v2": PathRoute("server"),
+    "/v2/": PathRoute("server"),
 }
 
 
@@ -97,7 +97,7 @@ def _name(segment: str, what: str) -> str:
     return segment
 
 
-def parse_path(path: str) -> Route | None:
+def parse_path(path: str) -> PathRoute | None:
     """Map a request path (as it came, percent-encoded) to a route, or None when the path is not part
     of the protocol. A model name or version that is not valid (``protocol/names.py``) is a
     ``ProtocolError`` (400), whatever it would have matched."""
@@ -123,7 +123,7 @@ def parse_path(path: str) -> Route | None:
     else:
         return None
     model = _name(parts[0], "model name")
-    return Route(kind, model, None if version is None else _name(version, "model version"))
+    return PathRoute(kind, model, None if version is None else _name(version, "model version"))
 
 
 def parse_repository_path(path: str) -> tuple[str, str | None] | None:
@@ -546,7 +546,7 @@ __all__ = [
     "InferRequest",
     "ProtocolError",
     "RequestedOutput",
-    "Route",
+    "PathRoute",
     "bind_inputs",
     "binary_response",
     "build_infer_request",
