@@ -62,18 +62,32 @@ async def status_of(a: Authenticator, name: str, password: str, cookie: str | No
     return 200
 
 
-def test_unknown_names_run_no_hash_and_wait_like_a_check(auth):
+def test_unknown_names_run_no_hash_and_wait_like_a_check(auth, monkeypatch):
+    waits: list[float] = []
+    all_in = asyncio.Event()
+    serial: list[int] = []
+
+    async def wait(seconds: float) -> None:
+        """An unknown name's wait: recorded, then held until all 200 are waiting at once."""
+        waits.append(seconds)
+        if len(waits) == 200:
+            all_in.set()
+        try:
+            await asyncio.wait_for(all_in.wait(), 10)
+        except asyncio.TimeoutError:  # waits taken one after another: never all 200 at once
+            serial.append(len(waits))
+            all_in.set()
+
     async def go():
-        auth.hash_times.record(0.05)
         auth.hash_times._times.clear()
         auth.hash_times.record(0.05)
-        t = time.monotonic()
-        got = await asyncio.gather(*(status_of(auth, f"ghost-{i}", "guess") for i in range(200)))
-        return got, time.monotonic() - t
+        monkeypatch.setattr(asyncio, "sleep", wait)
+        return await asyncio.gather(*(status_of(auth, f"ghost-{i}", "guess") for i in range(200)))
 
-    got, took = asyncio.run(go())
+    got = asyncio.run(go())
     assert got == [401] * 200 and auth.hashes == 0 and auth.unknown == 200 and auth.failures == 0
-    assert 0.05 <= took < 2.0  # each waited as long as a check takes, all at once
+    # Each waited as long as a check takes (the one time recorded), all at once.
+    assert waits == [0.05] * 200 and serial == []
 
 
 def test_a_burst_of_guesses_gets_no_more_checks_than_the_throttle_allows(auth):
@@ -136,12 +150,15 @@ def test_stale_credentials_work_only_while_the_database_does_not_answer(auth):
         asked = store.queries
         during.append(await attempt(f"Bearer {session}", session=True))
         during += [await attempt(basic("victim", PW)), await attempt(basic("cam", "wrong"))]
-        await asyncio.sleep(0.2)  # the background probe finds it still down
-        assert auth.outage.down
+        probe = auth._probe
+        assert probe is not None  # a stale login started one
+        await probe
+        assert auth.outage.down  # the background probe found it still down
         auth.forget()  # an account removed here: nothing stale is honoured any more
         removed = await attempt(basic("cam", PW))
         store.hung = False
-        await asyncio.sleep(0.1)
+        if auth._probe is not None:
+            await auth._probe  # one still asking the hung database ends first
         after = await attempt(basic("cam", PW))
         return during, asked, removed, after
 
