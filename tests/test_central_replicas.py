@@ -10,8 +10,9 @@ import time
 from typing import Any
 
 from conftest import _pg
-from test_central_server import OPERATOR, PW, CentralProc, key_of, model
+from test_central_server import OPERATOR, PW, CentralProc, devices_seen, key_of, model, wait_for
 
+from shoal.central.commands import RECHECK_S
 from shoal.security.tokens import verify_token
 
 
@@ -40,27 +41,32 @@ def _replicas_share_one_database(tmp_path, db: str) -> None:
         assert b.call("POST", "/v1/route", {"model": "rep-model"}, auth=token)[0] == 200
 
         # A command stored through replica a reaches a device waiting on replica b.
+        phone = a.account("device", "rep-phone")  # never seen by b before its long poll
         got: dict[str, Any] = {}
 
         def poll() -> None:
             t = time.monotonic()
-            got["answer"] = b.call("GET", "/v1/commands?wait=15", auth=device)
+            got["answer"] = b.call("GET", "/v1/commands?wait=15", auth=phone)
             got["waited"] = time.monotonic() - t
 
         th = threading.Thread(target=poll)
         th.start()
-        time.sleep(0.5)
-        code, posted = a.call("POST", "/v1/devices/rep-cam/commands", {"command": "ping"})
+        wait_for(lambda: "rep-phone" in devices_seen(b), "the long poll never reached replica b")
+        assert th.is_alive()  # no command yet: the poll waits
+        code, posted = a.call("POST", "/v1/devices/rep-phone/commands", {"command": "ping"})
         assert code == 201
-        th.join(20)
+        th.join(30)
+        assert not th.is_alive(), "the command stored on replica a did not end the poll on replica b"
         code, answer = got["answer"]
         assert code == 200 and [c["id"] for c in answer["commands"]] == [posted["id"]]
-        assert got["waited"] < 5
-        assert b.call("POST", f"/v1/commands/{posted['id']}/ack", {"result": "pong"}, auth=device)[0] == 200
+        # Product bound: b's poller finds commands other replicas stored every second; without it the
+        # poll would answer at its re-check, RECHECK_S after it began waiting.
+        assert got["waited"] < RECHECK_S
+        assert b.call("POST", f"/v1/commands/{posted['id']}/ack", {"result": "pong"}, auth=phone)[0] == 200
         assert a.call("GET", "/v1/status", auth=OPERATOR)[1]["commands"]["acked"] == 1
         # Both replicas list the same accounts.
         assert a.call("GET", "/v1/accounts")[1] == b.call("GET", "/v1/accounts")[1]
-        assert any(x["name"] == "rep-cam" for x in a.call("GET", "/v1/accounts")[1]["accounts"])
+        assert {"rep-cam", "rep-phone"} <= {x["name"] for x in a.call("GET", "/v1/accounts")[1]["accounts"]}
         assert PW not in a.log.read_text() + b.log.read_text()
     finally:
         a.stop()

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from shoal.central.commands import RECHECK_S
 from shoal.central.server import endpoint_list
 from shoal.security.tokens import TokenError, sign_token, verify_token
 
@@ -138,6 +139,20 @@ def table(central: CentralProc) -> list[tuple[str, str, list]]:
 
 def key_of(answer: dict) -> bytes:
     return base64.urlsafe_b64decode(answer["token_key"])
+
+
+def wait_for(cond, what: str, timeout: float = 30.0):
+    """Poll ``cond`` until it is true (returned); fail saying ``what`` after a generous ``timeout``."""
+    end = time.monotonic() + timeout
+    while not (got := cond()):
+        assert time.monotonic() < end, f"{what} (waited {timeout:g} s)"
+        time.sleep(0.02)
+    return got
+
+
+def devices_seen(central: CentralProc) -> set[str]:
+    """Devices central has seen: a long poll's device is listed once its request is in central's hands."""
+    return {d["name"] for d in central.call("GET", "/v1/status")[1]["devices"]}
 
 
 @pytest.fixture(scope="module")
@@ -341,20 +356,31 @@ def test_with_one_cluster_loaded_new_devices_go_to_the_other(central):
     assert served == {"t6-busy": 4, "t6-idle": 4}
 
 
-def test_a_cluster_missing_three_reports_is_out_until_it_comes_back(central):
-    cl = central.account("cluster", "t7-site")
-    dev = central.account("device", "t7-cam")
-    central.report(cl, [model("t7-model")])
-    assert central.call("POST", "/v1/route", {"model": "t7-model"}, auth=dev)[0] == 200
-    time.sleep(3.2)
-    code, answer = central.call("POST", "/v1/route", {"model": "t7-model"}, auth=dev)
-    assert code == 404 and "t7-model" in answer["error"]
-    assert "t7-site" not in {c["name"] for c in central.call("GET", "/v1/clusters")[1]["clusters"]}
-    st = {c["name"]: c for c in central.call("GET", "/v1/status")[1]["clusters"]}
-    assert st["t7-site"]["live"] is False
-    central.report(cl, [model("t7-model")])
-    code, r = central.call("POST", "/v1/route", {"model": "t7-model"}, auth=dev)
-    assert code == 200 and r["cluster"] == "t7-site"
+def test_a_cluster_missing_three_reports_is_out_until_it_comes_back(tmp_path):
+    # A central of its own with a short report interval: out after 3 x 0.5 s, not the default 3 s.
+    interval = 0.5
+    c = CentralProc(tmp_path, extra=["--startup-grace", "0", "--report-interval", str(interval)]).start()
+    try:
+        cl = c.account("cluster", "t7-site")
+        dev = c.account("device", "t7-cam")
+        assert c.call("POST", "/v1/route", {"model": "t7-model"}, auth=dev)[0] == 404  # its check cached
+        reported = time.monotonic()
+        assert c.report(cl, [model("t7-model")])["report_interval_s"] == interval
+        assert c.call("POST", "/v1/route", {"model": "t7-model"}, auth=dev)[0] == 200
+        code, answer = wait_for(
+            lambda: (r := c.call("POST", "/v1/route", {"model": "t7-model"}, auth=dev))[0] != 200 and r,
+            "the silent cluster was never taken out",
+        )
+        assert time.monotonic() - reported >= 3 * interval  # not before three reports were missed
+        assert code == 404 and "t7-model" in answer["error"]
+        assert "t7-site" not in {x["name"] for x in c.call("GET", "/v1/clusters")[1]["clusters"]}
+        st = {x["name"]: x for x in c.call("GET", "/v1/status")[1]["clusters"]}
+        assert st["t7-site"]["live"] is False
+        c.report(cl, [model("t7-model")])
+        code, r = c.call("POST", "/v1/route", {"model": "t7-model"}, auth=dev)
+        assert code == 200 and r["cluster"] == "t7-site"
+    finally:
+        c.stop()
 
 
 def test_accounts_api(central):
@@ -383,7 +409,6 @@ def test_accounts_api(central):
 
 def test_an_operator_command_reaches_the_device_by_long_poll(central):
     dev = central.account("device", "t9-cam")
-    assert central.call("GET", "/v1/commands?wait=0", auth=dev) == (200, {"commands": []})
     code, answer = central.call("POST", "/v1/devices/t9-nobody/commands", {"command": "reboot"})
     assert code == 404 and "t9-nobody" in answer["error"]
     got: dict[str, Any] = {}
@@ -395,14 +420,19 @@ def test_an_operator_command_reaches_the_device_by_long_poll(central):
 
     th = threading.Thread(target=poll)
     th.start()
-    time.sleep(0.5)
+    # The poll is t9-cam's first request: central lists the device once the poll is waiting there.
+    wait_for(lambda: "t9-cam" in devices_seen(central), "the long poll never reached central")
+    assert th.is_alive()  # no command yet: the poll waits
     code, posted = central.call(
         "POST", "/v1/devices/t9-cam/commands", {"command": "set-rate", "args": {"fps": 5}}
     )
     assert code == 201 and isinstance(posted["id"], int)
-    th.join(15)
+    th.join(30)
+    assert not th.is_alive(), "the command did not end the long poll"
     code, answer = got["answer"]
-    assert code == 200 and 0.4 < got["waited"] < 5
+    # Product bound: woken by the command; unwoken, the poll would answer at its re-check, RECHECK_S
+    # after it began waiting.
+    assert code == 200 and got["waited"] < RECHECK_S
     (cmd,) = answer["commands"]
     assert cmd["id"] == posted["id"] and cmd["command"] == "set-rate" and cmd["args"] == {"fps": 5}
     assert cmd["created_by"] == OPERATOR[0]
@@ -411,9 +441,10 @@ def test_an_operator_command_reaches_the_device_by_long_poll(central):
     code, answer = central.call("POST", f"/v1/commands/{posted['id']}/ack", {"result": {"fps": 5}}, auth=dev)
     assert (code, answer) == (200, {"ok": True, "id": posted["id"]})
     assert central.call("POST", f"/v1/commands/{posted['id']}/ack", auth=dev)[0] == 404
+    assert central.call("GET", "/v1/commands?wait=0", auth=dev) == (200, {"commands": []})
     t = time.monotonic()
-    assert central.call("GET", "/v1/commands?wait=1", auth=dev) == (200, {"commands": []})
-    assert time.monotonic() - t >= 0.9
+    assert central.call("GET", "/v1/commands?wait=0.3", auth=dev) == (200, {"commands": []})
+    assert time.monotonic() - t >= 0.3  # nothing to deliver: the poll waits as long as it asked
     other = central.account("device", "t9-other")
     assert central.call("POST", f"/v1/commands/{posted['id']}/ack", auth=other)[0] == 404
     assert central.call("GET", "/v1/commands?wait=999", auth=dev)[0] == 400
@@ -466,10 +497,16 @@ def test_accounts_on_the_command_line(tmp_path):
 
 class _Hook(http.server.BaseHTTPRequestHandler):
     posts: list[dict] = []
+    hang = threading.Event()  # set: each post is held (unanswered) until ``release``
+    held = threading.Event()  # a post is being held
+    release = threading.Event()
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = self.rfile.read(int(self.headers["content-length"]))
         _Hook.posts.append(json.loads(body))
+        if _Hook.hang.is_set():
+            _Hook.held.set()
+            _Hook.release.wait(30)
         self.send_response(204)
         self.end_headers()
 
@@ -479,30 +516,39 @@ class _Hook(http.server.BaseHTTPRequestHandler):
 
 def test_webhook_gets_the_status_and_its_failures_never_block_routing(tmp_path):
     hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
-    th = threading.Thread(target=hook.serve_forever, daemon=True)
+    th = threading.Thread(target=hook.serve_forever, args=(0.05,), daemon=True)  # shutdown() returns soon
     th.start()
     url = f"http://127.0.0.1:{hook.server_address[1]}/hook"
     c = CentralProc(tmp_path, extra=["--webhook", url, "--webhook-interval", "0.3"]).start()
+
+    def webhook() -> dict:
+        return c.call("GET", "/v1/status")[1]["webhook"]
+
     try:
         cl = c.account("cluster", "wh-site")
         dev = c.account("device", "wh-cam")
         c.report(cl, [model("wh-model")])
-        end = time.monotonic() + 10
-        while not any(p["clusters"] for p in _Hook.posts) and time.monotonic() < end:
-            time.sleep(0.05)
-        post = next(p for p in _Hook.posts if p["clusters"])
+        post = wait_for(lambda: next((p for p in _Hook.posts if p["clusters"]), None), "no webhook post")
         assert post["event"] == "status" and post["clusters"][0]["name"] == "wh-site"
         assert post["clusters"][0]["models"][0]["name"] == "wh-model"
+        # An endpoint that hangs: routes are answered while its post is held, and later posts are
+        # skipped meanwhile rather than piled up.
+        _Hook.hang.set()
+        wait_for(_Hook.held.is_set, "no webhook post reached the hanging endpoint")
+        failed = webhook()["failed"]
+        assert c.call("POST", "/v1/route", {"model": "wh-model"}, auth=dev)[0] == 200
+        assert webhook()["failed"] == failed  # the held post had not failed: the route did not wait on it
+        wait_for(lambda: webhook()["skipped"] >= 1, "no post was skipped while one was held")
+        # An endpoint that is gone: posts fail, routes go on.
+        _Hook.release.set()
         hook.shutdown()
         hook.server_close()
-        time.sleep(1.0)
         c.report(cl, [model("wh-model")])
-        t = time.monotonic()
+        st = wait_for(lambda: (w := webhook())["failed"] > failed and w, "no webhook post failed")
+        assert st["sent"] >= 1 and st["last_error"]
         assert c.call("POST", "/v1/route", {"model": "wh-model"}, auth=dev)[0] == 200
-        assert time.monotonic() - t < 1.0
-        st = c.call("GET", "/v1/status")[1]["webhook"]
-        assert st["sent"] >= 1 and st["failed"] >= 1 and st["last_error"]
     finally:
+        _Hook.release.set()
         c.stop()
 
 
