@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from shoal.client.http import InferError, OipHttpClient
-from shoal.gateway.storage import ResultStore
+from shoal.gateway.storage import ResultStore, writer
 from shoal.protocol.oip import build_infer_request
 
 
@@ -135,30 +136,34 @@ def test_same_request_id_twice_keeps_both_and_get_returns_the_newest(tmp_path):
     asyncio.run(main())
 
 
-def test_retention_by_age_removes_rows_files_and_orphans(tmp_path):
+def test_retention_by_age_removes_rows_files_and_orphans(tmp_path, monkeypatch):
     async def main() -> None:
-        store = store_in(tmp_path, max_age_s=0.5, max_bytes=None, janitor_s=0.1)
-        orphan = tmp_path / "files" / "2001010100" / "abc"
+        store = store_in(tmp_path, max_age_s=60, max_bytes=None, janitor_s=0.1)
+        files = tmp_path / "files"
+        orphan = files / "2001010100" / "abc"
         orphan.mkdir(parents=True)
         (orphan / "in-x.npy").write_bytes(b"junk")
-        (tmp_path / "files" / "keep-me").mkdir()  # not an hour folder: never touched
+        (files / "keep-me").mkdir()  # not an hour folder: never touched
         await store.start()
         try:
-            store.record("old", "echo", "1", {"x": np.zeros((1, 4), np.float32)}, None, None, 200, 1.0)
-            await settle(store)
-            (row,) = await store.list()
-            batch_file = tmp_path / "files" / (await store._row("old"))["path"]
-            assert batch_file.is_file() and store.stats["bytes"] > 0
-            await asyncio.sleep(0.4)
             store.record("new", "echo", "1", {"x": np.zeros((1, 4), np.float32)}, None, None, 200, 1.0)
             await settle(store)
-            end = time.monotonic() + 5
-            while await store.get("old") is not None:
-                assert time.monotonic() < end
+            new_file = set(files.rglob("*.results"))
+            assert len(new_file) == 1
+            # Recorded a day ago (the writer's clock turned back for this one call), not waited for;
+            # in a batch (a file) of its own.
+            with monkeypatch.context() as m:
+                m.setattr(writer, "time", types.SimpleNamespace(time=lambda: time.time() - 86400))
+                store.record("old", "echo", "1", {"x": np.zeros((1, 4), np.float32)}, None, None, 200, 1.0)
+            await settle(store)
+            assert store.stats["stored"] == 2 and store.stats["errors"] == 0
+            end = time.monotonic() + 10
+            while await store.get("old") is not None:  # the janitor's next round
+                assert time.monotonic() < end, "the day-old result was never removed"
                 await asyncio.sleep(0.05)
-            assert not batch_file.exists()
+            assert set(files.rglob("*.results")) == new_file  # the old one's file went with its row
             assert [r["request_id"] for r in await store.list()] == ["new"]
-            assert not orphan.parent.exists() and (tmp_path / "files" / "keep-me").is_dir()
+            assert not orphan.parent.exists() and (files / "keep-me").is_dir()
             assert store.stats["errors"] == 0
         finally:
             await store.stop()
