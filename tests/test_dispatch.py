@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from shoal.gateway.dispatch import Dispatcher
-from shoal.gateway.pool import ModelSpec, ModelTable, Pending, RequestFailed
+from shoal.gateway.pool import ModelTable, Pending, RequestFailed
+from shoal.protocol.interface import ModelInterface
 
 
 class FakeWorker:
@@ -35,7 +36,7 @@ def loop():
 
 def setup(loop, workers=(), max_queue=4, max_attempts=3, wakeable=False):
     table = ModelTable(max_queue=max_queue, max_attempts=max_attempts)
-    pool = table.pool_for_worker(ModelSpec("m", "1", (), (), 0, None))
+    pool = table.pool_for_worker(ModelInterface("m", "1", (), (), 0, None))
     pool.wakeable = wakeable
     d = Dispatcher(table, unserved_wait_s=3.0)
     for w in workers:

@@ -95,7 +95,8 @@ def test_one_order_of_versions_for_repository_gateway_and_central(tmp_path):
     """With versions 2, 10 and beta, every part of shoal calls 10 the newest: central routes and books
     load for the version the gateway serves."""
     from shoal.central.policy import ClusterInfo, ModelLoad, choose_cluster
-    from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable
+    from shoal.gateway.pool import ModelPool, ModelTable
+    from shoal.protocol.interface import ModelInterface
     from shoal.modelrepo.manifest import list_versions
 
     for v in ("2", "10", "beta"):
@@ -115,7 +116,7 @@ def test_one_order_of_versions_for_repository_gateway_and_central(tmp_path):
 
     table = ModelTable()
     for v in ("2", "10", "beta"):
-        spec = ModelSpec("m", v, (), (), 0, None)
+        spec = ModelInterface("m", v, (), (), 0, None)
         pool: ModelPool = table.pool_for_worker(spec)
         pool.workers.append(Live())
     assert table.find("m", None).spec.version == "10"

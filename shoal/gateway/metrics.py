@@ -12,8 +12,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from shoal.autoscale.controller import Autoscaler
-    from shoal.gateway.pool import ModelSpec, ModelTable, Pending
+    from shoal.gateway.pool import ModelTable, Pending
     from shoal.gateway.storage import ResultStore
+    from shoal.protocol.interface import ModelInterface
     from shoal.protocol.link_messages import Result
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -193,7 +194,7 @@ class GatewayMetrics:
         if results is not None:
             self.registry.register(_ResultStats(results))
 
-    def _model(self, spec: ModelSpec) -> tuple[Any, ...]:
+    def _model(self, spec: ModelInterface) -> tuple[Any, ...]:
         key = (spec.name, spec.version)
         c = self._children.get(key)
         if c is None:
@@ -207,7 +208,7 @@ class GatewayMetrics:
             )
         return c
 
-    def observe_result(self, spec: ModelSpec, r: Result, p: Pending) -> None:
+    def observe_result(self, spec: ModelInterface, r: Result, p: Pending) -> None:
         _, queue, compute, batch, _ = self._model(spec)
         queue.observe(max(0.0, p.t_sent - p.t_enqueued))
         if r.compute_ms is not None:
@@ -219,7 +220,7 @@ class GatewayMetrics:
         """A request sent again after its worker died or turned it away."""
         self._model(pool.spec)[4].inc()
 
-    def observe_response(self, spec: ModelSpec, code: int, seconds: float) -> None:
+    def observe_response(self, spec: ModelInterface, code: int, seconds: float) -> None:
         key = (spec.name, spec.version, code)
         c = self._codes.get(key)
         if c is None:

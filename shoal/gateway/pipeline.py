@@ -28,8 +28,9 @@ import msgspec
 import numpy as np
 
 from shoal.gateway.dispatch import Admission, Dispatcher
-from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, RequestFailed
+from shoal.gateway.pool import ModelPool, ModelTable, RequestFailed
 from shoal.modelrepo.manifest import TensorSpec
+from shoal.protocol.interface import ModelInterface
 from shoal.protocol.names import RULE, valid_name
 from shoal.typed import convert
 
@@ -153,7 +154,7 @@ class Pipeline:
         except RequestFailed:
             return False
 
-    def interface(self) -> ModelSpec:
+    def interface(self) -> ModelInterface:
         """The pipeline's inputs and outputs, from its steps' models as their workers announced them."""
         inputs: dict[str, TensorSpec] = {}
         produced: dict[tuple[str, str], TensorSpec] = {}
@@ -188,7 +189,7 @@ class Pipeline:
             outputs.append(TensorSpec(name, t.datatype, t.shape))
             if f"{src}.{tensor}" in labels:
                 out_labels[name] = labels[f"{src}.{tensor}"]
-        return ModelSpec(
+        return ModelInterface(
             name=self.spec.name,
             version=self.spec.version,
             inputs=tuple(inputs.values()),

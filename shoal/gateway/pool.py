@@ -9,16 +9,16 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from shoal.gateway.policy import VersionPolicy, newest_version, visible_versions
-from shoal.modelrepo.manifest import Manifest, TensorSpec
 from shoal.protocol.frames import MsgType, encode_frame
+from shoal.protocol.interface import ModelInterface
 from shoal.protocol.joined import join_key
-from shoal.protocol.link_messages import Hello, Request, TensorSpecMsg
+from shoal.protocol.link_messages import Request
 
 
 class RequestFailed(Exception):
@@ -83,71 +83,10 @@ class Pending:
         return Pending(header.id, frame, future, deadline, rows, header, bufs, sum(len(b) for b in frame), key)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What every worker of one model version must agree on."""
-
-    name: str
-    version: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    max_batch_size: int
-    image_input: str | None
-    labels: dict[str, list[str]] = field(default_factory=dict)
-    runtime: str = ""
-
-    @staticmethod
-    def from_hello(h: Hello) -> ModelSpec:
-        def specs(items: list[TensorSpecMsg]) -> tuple[TensorSpec, ...]:
-            return tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in items)
-
-        return ModelSpec(
-            name=h.model,
-            version=h.model_version,
-            inputs=specs(h.inputs),
-            outputs=specs(h.outputs),
-            max_batch_size=h.max_batch_size,
-            image_input=h.image_input,
-            labels=dict(h.labels),
-            runtime=h.runtime,
-        )
-
-    @staticmethod
-    def from_manifest(m: Manifest) -> ModelSpec:
-        return ModelSpec(
-            name=m.name,
-            version=m.version,
-            inputs=tuple(m.inputs),
-            outputs=tuple(m.outputs),
-            max_batch_size=m.max_batch_size,
-            image_input=m.image.input if m.image else None,
-            labels=dict(m.labels),
-            runtime=m.runtime,
-        )
-
-    def same_interface(self, other: ModelSpec) -> bool:
-        return (self.inputs, self.outputs, self.max_batch_size, self.image_input) == (
-            other.inputs,
-            other.outputs,
-            other.max_batch_size,
-            other.image_input,
-        )
-
-    def metadata(self, versions: list[str]) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "versions": versions,
-            "platform": self.runtime,
-            "inputs": [t.to_json() for t in self.inputs],
-            "outputs": [t.to_json() for t in self.outputs],
-            "parameters": {"max_batch_size": self.max_batch_size, "labels": self.labels},
-        }
-
-
 class ModelPool:
     """The live workers of one model version and the requests waiting for them."""
 
-    def __init__(self, spec: ModelSpec, max_queue: int, max_attempts: int) -> None:
+    def __init__(self, spec: ModelInterface, max_queue: int, max_attempts: int) -> None:
         self.spec = spec
         self.workers: list[WorkerHandle] = []
         self.queue: deque[Pending] = deque()
@@ -237,7 +176,7 @@ class ModelTable:
         live = [v for v, p in versions.items() if p.ready]
         return visible_versions(self.version_policies.get(model), live)
 
-    def pool_for_worker(self, spec: ModelSpec) -> ModelPool:
+    def pool_for_worker(self, spec: ModelInterface) -> ModelPool:
         """The pool a new worker joins; raises ValueError when it disagrees with its peers."""
         versions = self.models.setdefault(spec.name, {})
         pool = versions.get(spec.version)
@@ -251,7 +190,7 @@ class ModelTable:
             pool.spec = spec  # no live worker: the newcomer defines the interface
         return pool
 
-    def declare(self, spec: ModelSpec, on_wait: Callable[[], None] | None = None) -> ModelPool:
+    def declare(self, spec: ModelInterface, on_wait: Callable[[], None] | None = None) -> ModelPool:
         """A model version an engine serves, known before any worker joins (its interface read from
         the model repository), so requests for it are checked and queued while a worker starts;
         ``on_wait`` is told when a request waits for a worker (the engine starts one)."""

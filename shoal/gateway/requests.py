@@ -17,8 +17,9 @@ import numpy as np
 
 from shoal.gateway.dispatch import Dispatcher
 from shoal.gateway.pipeline import Pipeline
-from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, Pending, RequestFailed, rows_of
+from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, rows_of
 from shoal.protocol.frames import FrameError
+from shoal.protocol.interface import ModelInterface
 from shoal.protocol.link_messages import Request
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 
@@ -27,7 +28,7 @@ from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 class Target:
     """Where a request goes: a model version's pool, or a pipeline; ``spec`` is its interface."""
 
-    spec: ModelSpec
+    spec: ModelInterface
     pool: ModelPool | None = None
     pipeline: Pipeline | None = None
 

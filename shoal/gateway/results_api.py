@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from shoal.gateway.auth import Principal
-    from shoal.gateway.pool import ModelSpec
     from shoal.gateway.storage import ResultStore
+    from shoal.protocol.interface import ModelInterface
 
 PREFIX = "/v2/results"
 _TYPES = {
@@ -200,7 +200,7 @@ def parse_time(value: str, what: str = "time") -> float:
 def record_request(
     store: ResultStore,
     rid: str,
-    spec: ModelSpec,
+    spec: ModelInterface,
     inputs: dict[str, np.ndarray],
     outputs: dict[str, np.ndarray] | None,
     status: int,

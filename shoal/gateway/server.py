@@ -27,7 +27,7 @@ from shoal.gateway.http_app import HttpApp, HttpLimits
 from shoal.gateway.logins import LoginGuard
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pipeline import Pipeline, PipelineSpec
-from shoal.gateway.pool import ModelSpec, ModelTable
+from shoal.gateway.pool import ModelTable
 from shoal.gateway.repository import RepositoryApi
 from shoal.gateway.requests import RequestService
 from shoal.gateway.results_api import open_store
@@ -199,7 +199,7 @@ class Gateway:
             _, manifest = resolve(scaler.repo, name, scale.version)
         except ManifestError as e:
             raise ValueError(f"autoscale.models.{name}: {e}") from None
-        pool = self.models.declare(ModelSpec.from_manifest(manifest), on_wait=scaler.poke)
+        pool = self.models.declare(manifest.interface(), on_wait=scaler.poke)
         scaler.manage(name, manifest.version, scale, pool, max(2, 2 * manifest.max_batch_size))
 
     def _worker_address(self) -> str:

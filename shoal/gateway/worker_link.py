@@ -22,13 +22,14 @@ from typing import Any
 from shoal.aio import CoalescingProtocol
 from shoal.gateway.dispatch import Dispatcher
 from shoal.gateway.logins import LoginGuard
-from shoal.gateway.pool import ModelPool, ModelSpec, ModelTable, Pending, RequestFailed
+from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed
 from shoal.protocol.frames import (
     DEFAULT_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     MsgType,
 )
+from shoal.protocol.interface import ModelInterface
 from shoal.protocol.joined import join_requests, plan_joins, split_results
 from shoal.protocol.link import (
     Challenge,
@@ -70,7 +71,7 @@ class LinkSite:
     models: ModelTable
     dispatcher: Dispatcher
     logins: LoginGuard
-    observe_result: Callable[[ModelSpec, Result, Any], None]
+    observe_result: Callable[[ModelInterface, Result, Any], None]
     heartbeat_s: float = 1.0
     dead_after_s: float = 5.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
@@ -199,7 +200,7 @@ class WorkerConnection(CoalescingProtocol):
                 raise ValueError(f"max_frame_size {max_frame} below {MIN_WORKER_FRAME}")
             check_name(h.model)
             check_name(h.model_version, "model version")
-            spec = ModelSpec.from_hello(h)
+            spec = h.interface()
             pool = self.site.models.pool_for_worker(spec)
         except ValueError as e:
             self._refuse(f"bad registration: {e}", failed_login=False)

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from shoal.modelrepo.versions import version_key
-from shoal.protocol.interface import DATATYPES, TensorSpec
+from shoal.protocol.interface import DATATYPES, ModelInterface, TensorSpec
 from shoal.protocol.names import RULE, InvalidName, check_name, valid_name
 from shoal.typed import convert
 
@@ -81,20 +81,20 @@ class Manifest:
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
-    def interface(self) -> dict[str, Any]:
+    def interface(self) -> ModelInterface:
         """What a worker of this version announces when it joins a gateway (and what a gateway knows
         of a version before any worker joins): names, tensors, batching, labels."""
-        return {
-            "model": self.name,
-            "model_version": self.version,
-            "runtime": self.runtime,
-            "max_batch_size": self.max_batch_size,
-            "batch_delay_ms": self.batch_delay_ms,
-            "inputs": [t.to_json() for t in self.inputs],
-            "outputs": [t.to_json() for t in self.outputs],
-            "image_input": self.image.input if self.image else None,
-            "labels": self.labels,
-        }
+        return ModelInterface(
+            self.name,
+            self.version,
+            tuple(self.inputs),
+            tuple(self.outputs),
+            self.max_batch_size,
+            self.image.input if self.image else None,
+            dict(self.labels),
+            self.runtime,
+            self.batch_delay_ms,
+        )
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from shoal.protocol.frames import MsgType
-from shoal.protocol.interface import TensorSpec
+from shoal.protocol.interface import ModelInterface, TensorSpec
 
 TensorSpecMsg = TensorSpec  # the name HELLO's tensors had; one declaration (``interface.py``)
 
@@ -57,6 +57,35 @@ class Hello(msgspec.Struct, frozen=True, omit_defaults=True):
     # This worker takes REQUESTS (several requests in one frame) and answers them with RESULTS.
     # Gateways that do not know the field ignore it, and send it REQUEST frames only.
     joined: bool = False
+
+    def interface(self) -> ModelInterface:
+        """The model version this worker serves, as it announced it."""
+        return ModelInterface(
+            self.model,
+            self.model_version,
+            tuple(self.inputs),
+            tuple(self.outputs),
+            self.max_batch_size,
+            self.image_input,
+            dict(self.labels),
+            self.runtime,
+            self.batch_delay_ms,
+        )
+
+
+def announce(iface: ModelInterface) -> dict[str, Any]:
+    """A model's interface as HELLO's fields (their wire names, as they were in protocol version 1)."""
+    return {
+        "model": iface.name,
+        "model_version": iface.version,
+        "inputs": list(iface.inputs),
+        "outputs": list(iface.outputs),
+        "runtime": iface.runtime,
+        "max_batch_size": iface.max_batch_size,
+        "batch_delay_ms": iface.batch_delay_ms,
+        "image_input": iface.image_input,
+        "labels": iface.labels,
+    }
 
 
 class Welcome(msgspec.Struct, frozen=True, omit_defaults=True):

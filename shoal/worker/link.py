@@ -47,6 +47,7 @@ from shoal.protocol.link import (
     State,
     Welcome,
 )
+from shoal.protocol.link_messages import announce
 from shoal.protocol.tensors import BYTES_ELEMENT_COST, NP_DTYPES, TensorError, pack_tensors, unpack_tensors
 from shoal.runtime.runtimes import Runtime
 from shoal.security.tokens import login_proof
@@ -201,7 +202,7 @@ class Worker:
                 "protocol": PROTOCOL_VERSION,
                 "worker_id": self.worker_id,
                 "proof": login_proof(self.config.secret, nonce, self.worker_id),
-                **self.manifest.interface(),
+                **announce(self.manifest.interface()),
                 "device": self.config.device,
                 "capacity": self.capacity,
                 "pid": os.getpid(),
