@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.protocol.frames import MsgType, encode_frame_bytes
+from shoal.protocol.interface import TensorSpec
 from shoal.protocol.link import (
     CLOSE,
     LOGIN_MAX_FRAME,
@@ -35,7 +36,7 @@ from shoal.protocol.link import (
     State,
     Welcome,
 )
-from shoal.protocol.link_messages import TensorDesc, TensorSpecMsg
+from shoal.protocol.link_messages import TensorDesc
 
 
 def wire(parts) -> bytes:
@@ -43,7 +44,7 @@ def wire(parts) -> bytes:
 
 
 def hello(**kw) -> Hello:
-    spec = TensorSpecMsg("x", "FP32", [-1, 4])
+    spec = TensorSpec("x", "FP32", (-1, 4))
     return Hello(protocol=1, worker_id="w1", proof=b"p" * 32, model="echo", model_version="1",
                  inputs=[spec], outputs=[spec], capacity=8, **kw)
 

@@ -16,8 +16,6 @@ import msgspec
 from shoal.protocol.frames import MsgType
 from shoal.protocol.interface import ModelInterface, TensorSpec
 
-TensorSpecMsg = TensorSpec  # the name HELLO's tensors had; one declaration (``interface.py``)
-
 
 class TensorDesc(msgspec.Struct, frozen=True, omit_defaults=True):
     """A tensor in a header; its bytes follow in the payload, in header order."""
