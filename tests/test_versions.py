@@ -49,20 +49,27 @@ def test_rolling_upgrade_under_load_loses_nothing(cluster, two_version_repo):
                 except Exception as e:  # asserted on below
                     failures.append(repr(e))
 
+    def answers_after(n: int, more: int, what: str) -> None:
+        """Until ``more`` answers came after the first ``n`` (the devices are served meanwhile)."""
+        end = time.monotonic() + 30
+        while len(versions_seen) < n + more and not failures:
+            assert time.monotonic() < end, f"the devices got no {more} answers {what}"
+            time.sleep(0.02)
+
     threads = [threading.Thread(target=device) for _ in range(4)]
     for t in threads:
         t.start()
     try:
-        time.sleep(0.5)
+        answers_after(0, 50, "from version 1")
         for _ in range(2):
             lc.add_worker("echo", repo=two_version_repo, version="2")
         lc.wait_workers("echo", 2, version="2")
-        time.sleep(0.3)
+        answers_after(len(versions_seen), 60, "once version 2 was ready")
         for w in old:
             w.signal(signal.SIGTERM)
         for w in old:
             assert w.popen.wait(15) == 0
-        time.sleep(0.3)
+        answers_after(len(versions_seen), 50, "after version 1 left")
     finally:
         stop.set()
         for t in threads:
@@ -96,8 +103,8 @@ def test_one_order_of_versions_for_repository_gateway_and_central(tmp_path):
     load for the version the gateway serves."""
     from shoal.central.policy import ClusterInfo, ModelLoad, choose_cluster
     from shoal.gateway.pool import ModelPool, ModelTable
-    from shoal.protocol.interface import ModelInterface
     from shoal.modelrepo.manifest import list_versions
+    from shoal.protocol.interface import ModelInterface
 
     for v in ("2", "10", "beta"):
         (tmp_path / "m" / v).mkdir(parents=True)
