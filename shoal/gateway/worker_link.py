@@ -222,7 +222,6 @@ class WorkerConnection(CoalescingProtocol):
             "pid": h.pid,
             "host": h.host,
         }
-        self.accepting = True
         self.joined_at = now
         s = self.site
         welcome = Welcome(PROTOCOL_VERSION, s.name, s.heartbeat_s, s.dead_after_s, s.max_frame_size)
