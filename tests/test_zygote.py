@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from shoal.autoscale.engines import zygote_restart_delay
+from shoal.autoscale.engines import ZYGOTE_ANSWER_S, zygote_restart_delay
 from shoal.client.http import OipHttpClient
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -153,10 +153,11 @@ def test_a_zygote_killed_during_a_scale_out_is_replaced_and_every_wanted_worker_
     finally:
         load.end()
     print(f"all 4 workers served {took:.2f} s after the zygote was killed")
-    # The issue asks for 3 s; measured 1.3-2.3 s here, of which the controller's back-off after the
-    # killed starts (1 s for each in a row) is most. The bound leaves room for a busy 2-core machine;
-    # before the fix it took 80 s.
-    assert took < 5.0
+    # Product bound, kept: the issue asks for 3 s; measured 1.3-2.3 s here, of which the controller's
+    # back-off after the killed starts (1 s for each in a row) is most. The bound leaves room for a busy
+    # 2-core machine, and is half of ZYGOTE_ANSWER_S: a dead zygote waited out would take longer; before
+    # the fix it took 80 s.
+    assert took < ZYGOTE_ANSWER_S / 2
     assert load.failed == []
     engine = lc.status()["autoscale"]
     assert engine["zygote_pid"] not in (None, zygote) and engine["zygote_starts"] == 2
@@ -223,7 +224,7 @@ def test_ctrl_c_stops_an_autoscaling_gateway_and_all_its_workers_within_the_drai
         took = time.monotonic() - sent
         assert gw.wait(5) == 0
         print(f"the gateway and its {len(group) - 1} processes stopped {took:.2f} s after Ctrl+C")
-        assert took < drain_s
+        assert took < drain_s  # product bound: within the drain time this test configures
         assert _session(gw.pid) == []  # none started meanwhile either
     finally:
         for pid in set(group + _session(gw.pid)):
