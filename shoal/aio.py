@@ -62,16 +62,6 @@ def setup_logging(level: str = "info", component: str = "shoal", fmt: str = "tex
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
-def add_logging_arguments(p: Any) -> None:
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="text lines, or one JSON object per line",
-    )
-
-
 def split_hostport(value: str, default_port: int) -> tuple[str, int]:
     """'host:port', ':port', 'host' or '[v6]:port' -> (host, port)."""
     if value.startswith("["):

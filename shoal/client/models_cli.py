@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
+from typing import Annotated
+
+from shoal.config import Opt, Settings, add_settings
 
 HELP = "List, load and unload a gateway's models (Triton's repository API; operator credentials)."
 EXAMPLE = """
@@ -13,14 +15,24 @@ SHOAL_TOKEN=opkey shoal models unload mnist-cnn --url http://127.0.0.1:8000   # 
 """
 
 
+class ModelsSettings(Settings, kw_only=True):
+    """``shoal models``: its flags, the keys of its --config file, its SHOAL_MODELS_* variables."""
+
+    COMMAND = "models"
+
+    url: Annotated[str, Opt("the gateway (default %(default)s)")] = "http://127.0.0.1:8000"
+    token: Annotated[
+        str | None, Opt("an operator key (default: $SHOAL_TOKEN)", secret=True, env=("SHOAL_TOKEN",))
+    ] = None
+    ca: Annotated[str | None, Opt("CA file to verify the gateway's certificate")] = None
+    timeout: Annotated[float, Opt("seconds to wait (default %(default)s)")] = 120.0
+    json: Annotated[bool, Opt("print the answer as JSON")] = False
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("list", "load", "unload"))
     p.add_argument("model", nargs="?", help="the model to load or unload")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default %(default)s)")
-    p.add_argument("--token", default=None, help="an operator key (default: $SHOAL_TOKEN)")
-    p.add_argument("--ca", default=None, help="CA file to verify the gateway's certificate")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    add_settings(p, ModelsSettings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.model:
         print(f"shoal models {args.action}: name the model")
         return 2
-    token = args.token or os.environ.get("SHOAL_TOKEN")
+    token = args.token
     path = "/v2/repository/index" if args.action == "list" else (
         f"/v2/repository/models/{quote(args.model, safe='')}/{args.action}"
     )
