@@ -67,7 +67,8 @@ def test_kill_a_worker_under_load_loses_nothing(cluster, model_repo):
 
 def served_by(lc, model: str = "echo") -> dict[str, int]:
     """Requests each connected worker of ``model`` has answered, by worker id."""
-    return {w["worker_id"]: w["served"] for m in lc.status()["models"] if m["name"] == model for w in m["workers"]}
+    models = [m for m in lc.status()["models"] if m["name"] == model]
+    return {w["worker_id"]: w["served"] for m in models for w in m["workers"]}
 
 
 def wait_for(cond, what: str, timeout: float = 30.0):
@@ -570,5 +571,6 @@ def test_malformed_http_and_slow_clients_do_not_disturb_others(cluster, model_re
         s.settimeout(10)
         assert s.recv(4096).startswith(b"HTTP/1.1 408")
         s.close()
-    assert time.monotonic() - opened >= 1.5  # the silent one had its read timeout, not less
+    # The silent one had its read timeout (1.5 s, less the event loop's timer rounding), not less.
+    assert time.monotonic() - opened >= 1.45
     assert lc.gateway.alive()
