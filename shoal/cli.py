@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from shoal.command import command_parser, execute
@@ -47,11 +48,27 @@ EXTRAS: dict[str, str] = {
 }
 
 
+# What each command cannot run without: a few packages its extra brings, looked for before anything
+# is imported or parsed, so the command says what to install whatever its arguments.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "cluster": ("uvicorn", "starlette", "yaml"),
+    "worker": ("yaml", "PIL"),
+    "central": ("uvicorn", "starlette", "sqlalchemy"),
+    "demo": ("uvicorn", "onnxruntime", "PIL"),
+    "bench": ("uvicorn", "onnxruntime", "PIL"),
+}
+
+
 def missing_extra(command: str, e: ModuleNotFoundError) -> str:
     extra = EXTRAS.get(command)
     what = f"pip install 'shoal[{extra}]'" if extra else "pip install shoal again"
     missing = (e.name or "?").split(".")[0]
     return f"shoal {command} needs packages this install leaves out (no module named '{missing}'): {what}"
+
+
+def _absent(command: str) -> str | None:
+    """The first package ``command`` needs that is not installed, or None."""
+    return next((m for m in NEEDS.get(command, ()) if importlib.util.find_spec(m) is None), None)
 
 
 def _missing(e: ImportError) -> bool:
@@ -71,6 +88,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=f"see 'shoal {name} --help'")
             continue
         try:
+            absent = _absent(name)
+            if absent is not None:
+                raise ModuleNotFoundError(name=absent)
             mod = importlib.import_module(modname)
         except ImportError as e:
             if not _missing(e):

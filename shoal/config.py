@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
 import types
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import msgspec
-import yaml
 
 # A parser's defaults that name the Settings declared on it; one per level ("central accounts add"
 # under "central"), since a subparser's defaults override its parent's on the shared namespace.
@@ -236,6 +236,10 @@ def _value(f: Field, flag: Any, environ: Mapping[str, str], doc: dict[str, Any])
 
 def read_file(path: Path, cls: type[Settings]) -> dict[str, Any]:
     """A YAML file of these settings, by attribute name, each value checked against its type."""
+    try:  # PyYAML comes with every server extra; the device side (the base install) may lack it
+        import yaml
+    except ImportError:
+        raise ConfigError(f"{path}: reading a configuration file needs PyYAML: pip install pyyaml") from None
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
@@ -326,4 +330,8 @@ def printable(settings: list[Settings]) -> str:
             if f.opt.secret and v:
                 v = ["***"] * len(v) if isinstance(v, list) else "***"
             out[f.key] = v
+    try:
+        import yaml
+    except ImportError:  # JSON is YAML too: a file --config reads back, once PyYAML is there
+        return json.dumps(out, indent=2) + "\n"
     return yaml.safe_dump(out, sort_keys=False)
