@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from waiting import wait_for
 
 from shoal.client.http import InferError, OipHttpClient
 from shoal.security.tokens import sign_token
@@ -44,17 +45,6 @@ def _all_served(lc, model: str) -> bool:
     """Every accepting worker of ``model`` has answered a request."""
     workers = [w for m in lc.status()["models"] if m["name"] == model for w in m["workers"] if w["accepting"]]
     return bool(workers) and all(w["served"] > 0 for w in workers)
-
-
-def _wait(cond, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > end:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 class Load:
@@ -95,13 +85,13 @@ def out_and_back_in(lc, workers: int, timeout: float = 30) -> list[str]:
     is left (the others drained); the requests that failed."""
     busy = Load(lc, 8)
     try:
-        _wait(lambda: lc.live_workers("slow") >= workers, timeout, "no scale-out under load")
-        _wait(lambda: _all_served(lc, "slow"), timeout, "the new workers took no traffic")
+        wait_for(lambda: lc.live_workers("slow") >= workers, "no scale-out under load", timeout)
+        wait_for(lambda: _all_served(lc, "slow"), "the new workers took no traffic", timeout)
     finally:
         busy.end()
     quiet = Load(lc, 1, pause_s=0.2)  # about a fifth of one worker
     try:
-        _wait(lambda: _connected(lc, "slow") == 1, timeout, "no scale-in at low load")
+        wait_for(lambda: _connected(lc, "slow") == 1, "no scale-in at low load", timeout)
     finally:
         quiet.end()
     return busy.failed + quiet.failed
@@ -135,8 +125,7 @@ def test_a_model_at_zero_is_woken_by_its_first_request_and_sleeps_again(cluster,
         out = c.infer("checksum", {"data": np.arange(5, dtype=np.uint8).reshape(1, 5)})
         assert int(out["sum"][0]) == 10
         assert _autoscale(lc)["counts"]["wake"] == 1
-        _wait(lambda: next(m for m in lc.status()["models"] if m["name"] == "checksum")["asleep"], 30,
-              "the model never went back to sleep")
+        wait_for(lambda: next(m for m in lc.status()["models"] if m["name"] == "checksum")["asleep"], "the model never went back to sleep", 30)
         assert _autoscale(lc)["counts"]["sleep"] >= 1
         assert int(c.infer("checksum", {"data": np.ones((1, 3), np.uint8)})["sum"][0]) == 3
         assert _autoscale(lc)["counts"]["wake"] == 2
@@ -155,8 +144,7 @@ def test_a_model_that_cannot_load_is_marked_unavailable_until_an_operator_loads_
                                                                               "idle_to_zero_s": 60}})
     lc = cluster(gateway_args=["--config", str(cfg)])
     t0 = time.monotonic()
-    st = _wait(lambda: (m := _autoscale(lc)["models"]["mnist-cnn:1"])["unavailable"] and m, 90,
-               "the model that cannot load was not marked unavailable")
+    st = wait_for(lambda: (m := _autoscale(lc)["models"]["mnist-cnn:1"])["unavailable"] and m, "the model that cannot load was not marked unavailable", 90)
     elapsed = time.monotonic() - t0
     assert st["start_failures"] == 3 and "failed to start 3 times" in st["unavailable"], st
     assert "before joining" in st["unavailable"] and "log:" in st["unavailable"]

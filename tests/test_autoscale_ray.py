@@ -16,8 +16,9 @@ import time
 import numpy as np
 import pytest
 import yaml
-from test_autoscale import _wait, out_and_back_in
+from test_autoscale import out_and_back_in
 from test_model_names import _outside_model, assert_names_cannot_leave_the_repository
+from waiting import wait_for
 
 from shoal.autoscale.ray_engine import LocalRayHead, import_ray, placement_problem
 from shoal.local import LocalCluster
@@ -143,7 +144,7 @@ def test_workers_run_as_actors_serve_and_scale_in_drains_them(gateway, driver):
     gone = [d for d in st["departed_workers"] if d["model"] == "slow"]
     assert gone and all(d["left"] == "worker said goodbye" for d in gone)  # drained, never dropped
     for d in gone:
-        _wait(lambda d=d: _actor_gone(driver, d["worker_id"]), 30, f"actor {d['worker_id']} outlived its drain")
+        wait_for(lambda d=d: _actor_gone(driver, d["worker_id"]), f"actor {d['worker_id']} outlived its drain", 30)
 
 
 @needs_ray
@@ -153,8 +154,7 @@ def test_a_killed_actor_is_restarted_by_ray_and_serves_again(gateway, driver):
     wid, w = next(iter(_workers(lc).items()))
     killed_at = time.time()
     os.kill(w["pid"], signal.SIGKILL)  # the actor's process, as when its node dies
-    back = _wait(lambda: (x := _workers(lc).get(wid)) and x["accepting"] and x["pid"] != w["pid"] and x, 90,
-                 "Ray did not restart the killed actor")
+    back = wait_for(lambda: (x := _workers(lc).get(wid)) and x["accepting"] and x["pid"] != w["pid"] and x, "Ray did not restart the killed actor", 90)
     # Restarted by Ray, not replaced by the autoscaler while it was away.
     assert _events(lc, "up", since=killed_at) == []
     assert driver.get(driver.get_actor(wid, namespace=NAMESPACE).where.remote(), timeout=30)["pid"] == back["pid"]
@@ -166,12 +166,11 @@ def test_a_killed_actor_is_restarted_by_ray_and_serves_again(gateway, driver):
 @needs_ray
 def test_a_worker_no_node_can_host_is_reported_and_given_up(gateway, driver):
     lc = gateway
-    m = _wait(lambda: (x := lc.status()["autoscale"]["models"]["echo:1"])["start_failures"] >= 1 and x, 60,
-              "the unplaceable worker was not reported")
+    m = wait_for(lambda: (x := lc.status()["autoscale"]["models"]["echo:1"])["start_failures"] >= 1 and x, "the unplaceable worker was not reported", 60)
     assert "did not join within 3 s" in m["last_error"]
     assert 'no node offers {"site-a": 1}' in m["last_error"]
     wid = m["last_error"].split()[1]
-    _wait(lambda: _actor_gone(driver, wid), 30, "the actor that could not be placed was not removed")
+    wait_for(lambda: _actor_gone(driver, wid), "the actor that could not be placed was not removed", 30)
     assert lc.gateway.alive() and lc.live_workers("echo") == 0
     assert lc.status()["autoscale"]["models"]["slow:1"]["ready"] >= 1  # the others are not disturbed
 
@@ -179,11 +178,10 @@ def test_a_worker_no_node_can_host_is_reported_and_given_up(gateway, driver):
 @needs_ray
 def test_an_actor_killed_for_good_is_an_exit_and_is_replaced(gateway, driver):
     lc = gateway
-    _wait(lambda: len(ws := _workers(lc)) == 1 and next(iter(ws.values()))["accepting"], 90, "not one worker")
+    wait_for(lambda: len(ws := _workers(lc)) == 1 and next(iter(ws.values()))["accepting"], "not one worker", 90)
     wid = next(iter(_workers(lc)))
     driver.kill(driver.get_actor(wid, namespace=NAMESPACE), no_restart=True)  # as an operator might
-    _wait(lambda: (ws := _workers(lc)) and wid not in ws and any(w["accepting"] for w in ws.values()), 90,
-          "no new worker replaced the actor killed for good")
+    wait_for(lambda: (ws := _workers(lc)) and wid not in ws and any(w["accepting"] for w in ws.values()), "no new worker replaced the actor killed for good", 90)
     assert _actor_gone(driver, wid)
     with lc.client() as c:
         assert c.infer("slow", {"x": np.full((1, 1), 0.75, np.float32)})["y"][0, 0] == pytest.approx(0.75)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from shoal.central.commands import RECHECK_S
 from shoal.central.server import endpoint_list
@@ -139,15 +140,6 @@ def table(central: CentralProc) -> list[tuple[str, str, list]]:
 
 def key_of(answer: dict) -> bytes:
     return base64.urlsafe_b64decode(answer["token_key"])
-
-
-def wait_for(cond, what: str, timeout: float = 30.0):
-    """Poll ``cond`` until it is true (returned); fail saying ``what`` after a generous ``timeout``."""
-    end = time.monotonic() + timeout
-    while not (got := cond()):
-        assert time.monotonic() < end, f"{what} (waited {timeout:g} s)"
-        time.sleep(0.02)
-    return got
 
 
 def devices_seen(central: CentralProc) -> set[str]:

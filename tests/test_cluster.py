@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from many_clients import infer_concurrently
 from PIL import Image
+from waiting import wait_for
 
 from shoal.client.http import InferError, OipHttpClient
 from shoal.gateway.server import GatewayConfig
@@ -69,15 +70,6 @@ def served_by(lc, model: str = "echo") -> dict[str, int]:
     """Requests each connected worker of ``model`` has answered, by worker id."""
     models = [m for m in lc.status()["models"] if m["name"] == model]
     return {w["worker_id"]: w["served"] for m in models for w in m["workers"]}
-
-
-def wait_for(cond, what: str, timeout: float = 30.0):
-    """Poll ``cond`` until it is true (returned); fail saying ``what`` after a generous ``timeout``."""
-    end = time.monotonic() + timeout
-    while not (got := cond()):
-        assert time.monotonic() < end, f"{what} (waited {timeout:g} s)"
-        time.sleep(0.02)
-    return got
 
 
 def test_worker_joining_under_load_gets_traffic_at_once(cluster, model_repo):

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from waiting import wait_for
 
 from shoal.client.http import InferError
 from shoal.data import load_mnist
@@ -204,7 +205,7 @@ def test_a_request_over_the_pixel_budget_is_413_before_decoding_and_others_keep_
     t = threading.Thread(target=attack)
     t.start()
     try:
-        _wait_for(lambda: refused, 60, "the first oversized request was not answered")
+        wait_for(lambda: refused, "the first oversized request was not answered", 60)
         busy = p99_of_others()
     finally:
         stop.set()
@@ -213,15 +214,6 @@ def test_a_request_over_the_pixel_budget_is_413_before_decoding_and_others_keep_
     assert "2540160000 pixels in all" in refused[0]  # 64 x 6300 x 6300, read from the headers
     # 2x the quiet p99, plus 5 ms for the scheduling noise of a shared two-core machine.
     assert busy <= 2 * quiet + 0.005, (quiet, busy, len(refused))
-
-
-def _wait_for(cond, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while not (got := cond()):
-        if time.monotonic() > end:
-            raise TimeoutError(what)
-        time.sleep(0.02)
-    return got
 
 
 def test_the_pixel_budget_comes_from_the_manifest_or_fits_the_models_input():

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from shoal.client import Client, InferError
 from shoal.client.http import OipHttpClient
@@ -55,15 +56,6 @@ def shared_system(tmp_path_factory, model_repo):
     start-up grace is over by the time they run anyway."""
     with _system(tmp_path_factory.mktemp("shared"), model_repo, ["--startup-grace", "0"]) as s:
         yield s
-
-
-def _wait_for(cond, what: str, timeout: float = 30.0):
-    """Poll ``cond`` until it is true (returned); fail saying ``what`` after a generous ``timeout``."""
-    end = time.monotonic() + timeout
-    while not (got := cond()):
-        assert time.monotonic() < end, f"{what} (waited {timeout:g} s)"
-        time.sleep(0.02)
-    return got
 
 
 def _route(central, device: str, password: str) -> int:
@@ -153,7 +145,7 @@ def test_central_down_cached_routes_keep_working_and_restart_recovers(system):
             answers.append(_route(central, other, other_pw))
             return back
 
-        _wait_for(both_back, "the clusters did not report to the restarted central")
+        wait_for(both_back, "the clusters did not report to the restarted central")
         assert set(answers) <= {503, 200} and answers[-1] == 200, answers
         assert c.infer("echo", {"x": np.ones((1, 4), np.float32)}).outputs["y"].sum() == 4
 
@@ -241,7 +233,7 @@ def test_operator_command_reaches_the_device(shared_system):
         t = threading.Thread(target=lambda: got.extend(c.commands(wait_s=10)))
         t.start()
         # The poll is this device's first request: central lists it once the poll is waiting there.
-        _wait_for(lambda: name in {d["name"] for d in central.call("GET", "/v1/status")[1]["devices"]},
+        wait_for(lambda: name in {d["name"] for d in central.call("GET", "/v1/status")[1]["devices"]},
                   "the long poll never reached central")
         code, body = central.call(
             "POST", f"/v1/devices/{name}/commands", {"command": "reboot", "args": {"delay_s": 5}}
