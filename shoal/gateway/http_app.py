@@ -212,19 +212,49 @@ class HttpApp:
         the model, its deadline and id, the call, the answer."""
         target = self.service.target(route.model, route.version)
         body = await self._read_body(headers, receive)
-        req = await self._decode(body, headers)
+        enc, hl = headers.get(b"content-encoding"), _header_length(headers)
+        if enc is None and (len(body) if hl is None else hl) <= BIG_JSON:  # decoded here: most are small
+            req = parse_infer_request(body, hl, self.limits.max_body_size)
+        else:
+            req = await self._decode_large(body, enc, hl)
         arrays = bind_inputs(req, target.spec.inputs, target.spec.image_input, target.spec.max_batch_size)
-        _check_outputs(req, target)
-        deadline = t0 + _timeout_s(req, self.limits.request_timeout_s)
-        rid = self._request_id(req, headers)
+        if req.outputs is not None:
+            _check_outputs(req, target)
+        timeout = self.limits.request_timeout_s
+        deadline = t0 + (_timeout_s(req, timeout) if "timeout_ms" in req.parameters else timeout)
+        rid = req.id or self._request_id(headers)
         try:
-            if target.pool is not None and req.outputs is None and req.binary_output and self.results is None:
+            pool = target.pool
+            if pool is not None and req.outputs is None and req.binary_output and self.results is None:
                 # The common binary case: the worker's result bytes become the response as they are.
-                await self._infer_passthrough(target, req, arrays, deadline, rid, send)
+                h, payload = await self.service.call_model(pool, arrays, deadline, None, rid, raw=True)
+                try:
+                    out, hlen = binary_response(target.spec.name, target.spec.version, req.id, h.outputs, payload)
+                except (TensorError, KeyError) as e:
+                    raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
+                hh = [*_BINARY, (b"inference-header-content-length", str(hlen).encode()), _rid_header(rid)]
+                await _reply(send, 200, out, hh)
             else:
                 names = [o.name for o in req.outputs] if req.outputs is not None else None
-                outputs = await self.service.infer(target, arrays, deadline, names, rid)
-                await self._answer(target, req, arrays, outputs, rid, who, t0, send)
+                if pool is not None:
+                    outputs = await self.service.call_model(pool, arrays, deadline, names, rid)
+                else:
+                    outputs = await self.service.infer(target, arrays, deadline, names, rid)
+                # With result storage the answer carries rid: the device can fetch the stored result later.
+                answer_id = req.id if self.results is None else rid
+                encode = (target.spec.name, target.spec.version, answer_id, outputs, req.outputs, req.binary_output)
+                if req.binary_output or _nbytes(outputs) <= BIG_JSON:
+                    out, hlen = encode_infer_response(*encode)
+                else:  # a large JSON answer is written on a thread, as large requests are read
+                    async with self._big_decodes:
+                        out, hlen = await asyncio.to_thread(encode_infer_response, *encode)
+                if self.results is not None:
+                    self._record(target, 200, t0, rid, who, arrays, outputs)
+                if hlen is None:
+                    await _reply(send, 200, out, [*_JSON, _rid_header(rid)])
+                else:
+                    hh = [*_BINARY, (b"inference-header-content-length", str(hlen).encode()), _rid_header(rid)]
+                    await _reply(send, 200, out, hh)
         except RequestFailed as e:
             self._record(target, e.status, t0, rid, who, arrays, None, e)
             await self._fail(send, e, rid)
@@ -258,16 +288,8 @@ class HttpApp:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def _decode(self, body: bytes, headers: dict[bytes, bytes]) -> InferRequest:
-        """The body as a request: decompressed and parsed here when small, on a thread when large."""
-        enc = headers.get(b"content-encoding")
-        hl_raw = headers.get(_HEADER_LENGTH)
-        try:
-            hl = int(hl_raw) if hl_raw is not None else None
-        except ValueError:
-            raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
-        if enc is None and (len(body) if hl is None else hl) <= BIG_JSON:
-            return parse_infer_request(body, hl, self.limits.max_body_size)
+    async def _decode_large(self, body: bytes, enc: bytes | None, hl: int | None) -> InferRequest:
+        """A large or compressed body, decompressed and parsed on a thread (a few at a time)."""
         async with self._big_decodes:
             encoding = enc.decode("latin-1") if enc is not None else None
             return await asyncio.to_thread(self._decode_now, body, encoding, hl)
@@ -281,54 +303,16 @@ class HttpApp:
                 raise ProtocolError(str(e), e.status) from None
         return parse_infer_request(body, hl, limit)
 
-    def _request_id(self, req: InferRequest, headers: dict[bytes, bytes]) -> str:
-        """The request's ``id``, else its ``X-Request-Id``, else a new one: it goes to the worker, the
-        logs and the answer."""
+    def _request_id(self, headers: dict[bytes, bytes]) -> str:
+        """For a request without an ``id``: its ``X-Request-Id``, else a new one (it goes to the
+        worker, the logs and the answer)."""
         xrid = headers.get(b"x-request-id")
-        if xrid is None or req.id:
-            return req.id or self.service.new_request_id()
+        if xrid is None:
+            return self.service.new_request_id()
         xs = xrid.decode("latin-1")
         if not valid_request_id(xs):
             raise ProtocolError("X-Request-Id must be 1 to 256 printable ASCII characters")
         return xs
-
-    async def _infer_passthrough(
-        self, target: Target, req: InferRequest, arrays: dict[str, np.ndarray], deadline: float, rid: str, send: Any
-    ) -> None:
-        assert target.pool is not None
-        h, payload = await self.service.call_model(target.pool, arrays, deadline, None, rid, raw=True)
-        try:
-            out, hlen = binary_response(target.spec.name, target.spec.version, req.id, h.outputs, payload)
-        except (TensorError, KeyError) as e:
-            raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
-        headers = [*_BINARY, (b"inference-header-content-length", str(hlen).encode()), _rid_header(rid)]
-        await _reply(send, 200, out, headers)
-
-    async def _answer(
-        self,
-        target: Target,
-        req: InferRequest,
-        arrays: dict[str, np.ndarray],
-        outputs: dict[str, np.ndarray],
-        rid: str,
-        who: Principal,
-        t0: float,
-        send: Any,
-    ) -> None:
-        # With result storage the answer carries rid: the device can fetch the stored result later.
-        answer_id = req.id if self.results is None else rid
-        encode = (target.spec.name, target.spec.version, answer_id, outputs, req.outputs, req.binary_output)
-        if req.binary_output or _nbytes(outputs) <= BIG_JSON:
-            out, hlen = encode_infer_response(*encode)
-        else:  # a large JSON answer is written on a thread, as large requests are read
-            async with self._big_decodes:
-                out, hlen = await asyncio.to_thread(encode_infer_response, *encode)
-        self._record(target, 200, t0, rid, who, arrays, outputs)
-        if hlen is None:
-            await _reply(send, 200, out, [*_JSON, _rid_header(rid)])
-        else:
-            headers = [*_BINARY, (b"inference-header-content-length", str(hlen).encode()), _rid_header(rid)]
-            await _reply(send, 200, out, headers)
 
     def _record(
         self,
@@ -389,9 +373,17 @@ class HttpApp:
         await _reply(send, e.status, error_body(str(e)), extra or None)
 
 
+def _header_length(headers: dict[bytes, bytes]) -> int | None:
+    """Inference-Header-Content-Length: the JSON part's length (None: all JSON; 0: a raw body)."""
+    raw = headers.get(_HEADER_LENGTH)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
+
+
 def _check_outputs(req: InferRequest, target: Target) -> None:
-    if req.outputs is None:
-        return
+    assert req.outputs is not None
     known = {o.name for o in target.spec.outputs}
     for o in req.outputs:
         if o.name not in known:

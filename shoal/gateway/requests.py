@@ -10,8 +10,7 @@ import asyncio
 import itertools
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -24,9 +23,9 @@ from shoal.protocol.link_messages import Request
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where a request goes: a model version's pool, or a pipeline; ``spec`` is its interface."""
+class Target(NamedTuple):
+    """Where a request goes: a model version's pool, or a pipeline; ``spec`` is its interface. (A
+    tuple: one is made per request, and a frozen dataclass costs half a microsecond more.)"""
 
     spec: ModelInterface
     pool: ModelPool | None = None
