@@ -17,7 +17,6 @@ from PIL import Image
 from waiting import wait_for
 
 from shoal.client.http import InferError, OipHttpClient
-from shoal.gateway.server import GatewayConfig
 from shoal.protocol.frames import FrameDecoder, MsgType, encode_frame_bytes
 from shoal.security.tokens import sign_token
 from shoal.worker.link import WorkerConfig
@@ -98,7 +97,8 @@ def test_worker_joining_under_load_gets_traffic_at_once(cluster, model_repo):
 
 
 def test_readiness_follows_live_workers(cluster, model_repo):
-    lc = cluster(gateway_args=["--startup-grace", "0"])
+    # A request waits --unserved-wait (3 s by default) for a worker to rejoin: half a second here.
+    lc = cluster(gateway_args=["--startup-grace", "0", "--unserved-wait", "0.5"])
     with lc.client() as c:
         assert c.get_json("/v2/health/ready")[0] == 503  # no model at all yet
         w = lc.add_worker("echo", repo=model_repo)
@@ -486,7 +486,8 @@ def test_a_silent_worker_is_declared_dead_and_its_requests_go_elsewhere(cluster,
     from shoal.protocol.frames import encode_frame
     from shoal.security.tokens import login_proof
 
-    lc = cluster()
+    dead_after = 1.5  # a second and a half of silence (the default is 5 s)
+    lc = cluster(gateway_args=["--dead-after", str(dead_after)])
     s = socket.create_connection(("127.0.0.1", lc.worker_port), timeout=10)
     dec = FrameDecoder()
     frames = []
@@ -522,7 +523,7 @@ def test_a_silent_worker_is_declared_dead_and_its_requests_go_elsewhere(cluster,
     assert not t.is_alive(), "the requests held by the silent worker were never answered"
     ok, failures = results[0]
     assert failures == [] and ok == 4
-    assert answered - last_said > GatewayConfig.dead_after_s  # not before its silence passed the limit
+    assert answered - last_said > dead_after  # not before its silence passed the limit
     assert "silent for" in lc.gateway.tail(30)
     assert sum(served_by(lc).values()) == 4  # the four went to the other worker
 

@@ -16,7 +16,6 @@ import pytest
 
 from shoal.bench.security import measure_login_guessing
 from shoal.central.auth import GUESS_BUDGET_BURST, GUESS_BUDGET_PER_S
-from shoal.central.config import CentralConfig
 from shoal.client.http import OipHttpClient
 from shoal.local import LocalCentral
 from shoal.security.tokens import sign_token
@@ -152,7 +151,7 @@ def test_a_guesser_rotating_addresses_and_fresh_names_gets_no_hash_and_slows_no_
 def test_guessing_from_a_shared_address_locks_out_no_first_login_nor_a_known_client(tmp_path):
     # One client at 127.0.0.1 guesses 17 devices' passwords, one of them a device that logged in before;
     # new devices and the operator log in from the same address meanwhile.
-    r = measure_login_guessing(tmp_path, "shared-address", seconds=14.0, devices=6, known=1)
+    r = measure_login_guessing(tmp_path, "shared-address", seconds=8.0, devices=6, known=1, auth_cache_s=2.0)
     assert r["first_logins_refused"] == 0 and r["operator_refused"] is None, r
     assert r["known_clients_let_in"] == "1/1", r
     # Hash checks: a first guess per account, then the budget's burst and rate.
@@ -206,7 +205,7 @@ class FreezableProxy:
         self.listener.close()
 
 
-FRESH_S = CentralConfig().auth_cache_s  # how long a check stays fresh in central's cache (10 s)
+FRESH_S = 2.0  # how long a check stays fresh in central's cache here (--auth-cache; 10 s by default)
 
 
 def test_a_hung_database_makes_new_logins_503_and_keeps_recent_ones_routing(tmp_path, pg_url):
@@ -223,7 +222,8 @@ def test_a_hung_database_makes_new_logins_503_and_keeps_recent_ones_routing(tmp_
         return r.status, json.loads(r.read())
 
     try:
-        with LocalCentral(tmp_path, db=db, extra_args=["--db-timeout", "1", "--startup-grace", "0"]).start() as c:
+        args = ["--db-timeout", "1", "--startup-grace", "0", "--auth-cache", str(FRESH_S)]
+        with LocalCentral(tmp_path, db=db, extra_args=args).start() as c:
             c.add_account("device", "cam-new", "device-password")
             c.add_account("device", "cam-steady", "device-password")
             # A hung request fails these connections' reads after 30 s (--db-timeout answers in 1).

@@ -59,6 +59,13 @@ class CentralSettings(Settings, kw_only=True):
         float,
         Opt("seconds a database query may take before the request is answered 503 (default %(default)s)"),
     ] = 5.0
+    auth_cache: Annotated[
+        float,
+        Opt(
+            "seconds a checked password is trusted without checking it again; a removed account or a "
+            "changed password takes effect on other replicas within this (default %(default)s)"
+        ),
+    ] = 10.0
     startup_grace: Annotated[
         float | None,
         Opt(
@@ -242,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         bootstrap_operator=bootstrap,
         db_timeout_s=args.db_timeout,
+        auth_cache_s=args.auth_cache,
         startup_grace_s=args.startup_grace,
         max_wait_s=args.max_wait,
     )

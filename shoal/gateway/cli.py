@@ -73,6 +73,17 @@ class ClusterSettings(Settings, kw_only=True):
     drain_timeout: Annotated[
         float, Opt("on stop, seconds requests in flight get to finish before they are answered 503")
     ] = 10.0
+    dead_after: Annotated[
+        float,
+        Opt("seconds of silence after which a worker is dead and its requests go to others (default %(default)s)"),
+    ] = 5.0
+    unserved_wait: Annotated[
+        float,
+        Opt(
+            "seconds queued requests wait for a model that has no live worker (one restarting) before "
+            "503 (default %(default)s)"
+        ),
+    ] = 3.0
     central: Annotated[
         list[str], Opt("central server URL to report to every second (repeatable, one per replica)")
     ] = []
@@ -205,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         request_timeout_s=args.timeout,
         drain_timeout_s=args.drain_timeout,
+        dead_after_s=args.dead_after,
+        unserved_wait_s=args.unserved_wait,
         read_timeout_s=args.read_timeout,
         central=central,
         pipelines=pipelines,
