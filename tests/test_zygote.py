@@ -9,34 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
+from test_autoscale import Load, _config
 
 from shoal.autoscale.engines import ZYGOTE_ANSWER_S, zygote_restart_delay
 from shoal.client.http import OipHttpClient
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-
-
-def _config(tmp_path: Path, repo: Path, models: dict, **extra) -> Path:
-    doc = {
-        "autoscale": {
-            "engine": "local",
-            "repo": str(repo),
-            "workdir": str(tmp_path / "workers"),
-            "interval_s": 0.25,
-            "models": models,
-            **extra,
-        }
-    }
-    p = tmp_path / "gateway.yaml"
-    p.write_text(yaml.safe_dump(doc))
-    return p
 
 
 def _wait(cond, timeout: float, what: str):
@@ -101,32 +83,6 @@ def _session(sid: int) -> list[int]:
             except OSError:
                 pass
     return out
-
-
-class Load:
-    """Closed-loop clients of the ``slow`` model (50 ms a request, no CPU burnt)."""
-
-    def __init__(self, lc, clients: int) -> None:
-        self.lc = lc
-        self.stop = threading.Event()
-        self.failed: list[str] = []
-        self.threads = [threading.Thread(target=self._run) for _ in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        x = {"x": np.full((1, 1), 0.05, np.float32)}
-        with self.lc.client(timeout=60) as c:
-            while not self.stop.is_set():
-                try:
-                    c.infer("slow", x)
-                except Exception as e:  # the test asserts there are none
-                    self.failed.append(repr(e))
-
-    def end(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
 
 
 def test_a_zygote_killed_during_a_scale_out_is_replaced_and_every_wanted_worker_serves_in_seconds(
