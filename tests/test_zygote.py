@@ -14,22 +14,12 @@ from pathlib import Path
 
 import pytest
 from test_autoscale import Load, _config
+from waiting import wait_for
 
 from shoal.autoscale.engines import ZYGOTE_ANSWER_S, zygote_restart_delay
 from shoal.client.http import OipHttpClient
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-
-
-def _wait(cond, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > end:
-            raise TimeoutError(what)
-        time.sleep(0.01)
 
 
 def _children(pid: int) -> list[int]:
@@ -49,7 +39,7 @@ def _zygote(gateway: int) -> int:
                 pass
         return None
 
-    return _wait(find, 20, "the gateway started no zygote")
+    return wait_for(find, "the gateway started no zygote", 20)
 
 
 def _channels(pid: int) -> set[str]:
@@ -99,12 +89,12 @@ def test_a_zygote_killed_during_a_scale_out_is_replaced_and_every_wanted_worker_
     serving = set(_children(zygote))
     load = Load(lc, 8)  # four workers' worth and more: the policy wants the maximum, 4
     try:
-        starting = _wait(lambda: set(_children(zygote)) - serving, 30, "no scale-out under load")
+        starting = wait_for(lambda: set(_children(zygote)) - serving, "no scale-out under load", 30)
         killed = time.monotonic()
         os.kill(zygote, signal.SIGKILL)
         for pid in starting:  # the workers it was starting, half-way through loading their model
             os.kill(pid, signal.SIGKILL)
-        _wait(lambda: lc.live_workers("slow") >= 4, 20, "the wanted workers did not all serve")
+        wait_for(lambda: lc.live_workers("slow") >= 4, "the wanted workers did not all serve", 20)
         took = time.monotonic() - killed
     finally:
         load.end()
@@ -163,7 +153,7 @@ def test_ctrl_c_stops_an_autoscaling_gateway_and_all_its_workers_within_the_drai
         )
     group: list[int] = []
     try:
-        _wait(ports.exists, 30, "the gateway did not start")
+        wait_for(ports.exists, "the gateway did not start", 30)
         url = f"http://127.0.0.1:{json.loads(ports.read_text())['http']}"
 
         def serving() -> int:
@@ -171,12 +161,12 @@ def test_ctrl_c_stops_an_autoscaling_gateway_and_all_its_workers_within_the_drai
                 _, st = c.get_json("/v2/status")
             return sum(w["accepting"] for m in st["models"] if m["name"] == "echo" for w in m["workers"])
 
-        _wait(lambda: serving() >= 3, 30, "the workers did not start")
+        wait_for(lambda: serving() >= 3, "the workers did not start", 30)
         group = _session(gw.pid)
         assert len(group) >= 5  # the gateway, the zygote, three workers
         sent = time.monotonic()
         os.killpg(gw.pid, signal.SIGINT)  # what Ctrl+C in its terminal does
-        _wait(lambda: not [p for p in group if _running(p)], 30, "processes still running after Ctrl+C")
+        wait_for(lambda: not [p for p in group if _running(p)], "processes still running after Ctrl+C", 30)
         took = time.monotonic() - sent
         assert gw.wait(5) == 0
         print(f"the gateway and its {len(group) - 1} processes stopped {took:.2f} s after Ctrl+C")
