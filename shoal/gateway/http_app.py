@@ -239,7 +239,8 @@ class HttpApp:
                 if pool is not None:
                     outputs = await self.service.call_model(pool, arrays, deadline, names, rid)
                 else:
-                    outputs = await self.service.infer(target, arrays, deadline, names, rid)
+                    assert target.pipeline is not None
+                    outputs = await self.service.run_pipeline(target.pipeline, arrays, deadline, rid)
                 # With result storage the answer carries rid: the device can fetch the stored result later.
                 answer_id = req.id if self.results is None else rid
                 encode = (target.spec.name, target.spec.version, answer_id, outputs, req.outputs, req.binary_output)

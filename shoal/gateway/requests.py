@@ -72,21 +72,11 @@ class RequestService:
         pool = self.models.find(model, version)
         return Target(pool.spec, pool=pool)
 
-    async def infer(
-        self,
-        target: Target,
-        arrays: dict[str, np.ndarray],
-        deadline: float,
-        outputs: list[str] | None,
-        request_id: str,
+    async def run_pipeline(
+        self, pipeline: Pipeline, arrays: dict[str, np.ndarray], deadline: float, request_id: str
     ) -> dict[str, np.ndarray]:
-        """The outputs of a model or pipeline for these inputs (``outputs``: only those, for a model)."""
-        if target.pipeline is not None:
-            return await target.pipeline.run(
-                arrays, deadline, lambda p, a, d: self.call_model(p, a, d, None, request_id)
-            )
-        assert target.pool is not None
-        return await self.call_model(target.pool, arrays, deadline, outputs, request_id)
+        """A pipeline's outputs: each step's requests go through ``call_model`` under the request's id."""
+        return await pipeline.run(arrays, deadline, lambda p, a, d: self.call_model(p, a, d, None, request_id))
 
     async def call_model(
         self,
