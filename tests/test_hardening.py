@@ -229,6 +229,9 @@ def test_the_pixel_budget_comes_from_the_manifest_or_fits_the_models_input():
     with pytest.raises(ImageError, match="2400 pixels in all, over this model's 2399") as e:
         decode_images(two, ImageSpec("image"), budget=2399)
     assert e.value.status == 413
+    with pytest.raises(ImageError, match="1200 pixels in all, over this model's 1199") as e:  # one image
+        decode_images(two[:1], ImageSpec("image"), budget=1199)
+    assert e.value.status == 413
 
 
 # -------------------------------------------------------------------------------- size limits

@@ -54,9 +54,10 @@ def image_pixels(data: bytes) -> int:
     return w * h
 
 
-def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
+def decode_image(data: bytes, spec: ImageSpec, budget: int | None = None) -> np.ndarray:
     """One encoded image -> float32 array [C, H, W] (NCHW) or [H, W, C] (NHWC); every failure is an
-    ``ImageError``."""
+    ``ImageError``. Its size is checked from its header, before it is decoded, against the per-image
+    limit and ``budget`` (a request's pixel budget, when this image is all the request holds)."""
     if not data:
         raise ImageError("empty image")
     try:
@@ -64,6 +65,8 @@ def decode_image(data: bytes, spec: ImageSpec) -> np.ndarray:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise ImageError(f"image of {w}x{h} pixels exceeds the {MAX_PIXELS} pixel limit", 413)
+            if budget is not None and w * h > budget:
+                raise _over_budget(1, w * h, budget)
             im = im.convert(spec.mode)
             if im.size != tuple(spec.size):
                 im = im.resize(tuple(spec.size), Image.BILINEAR)
@@ -89,12 +92,18 @@ def decode_images(items: np.ndarray, spec: ImageSpec, budget: int | None = None)
     if items.size == 0:
         raise ImageError("no images in the batch (the tensor is empty)")
     blobs = [bytes(b) for b in items.reshape(-1)]
+    if len(blobs) == 1:  # its header is read once, as it is decoded
+        return decode_image(blobs[0], spec, budget)[None]
     if budget is not None:
         total = sum(image_pixels(b) for b in blobs)
         if total > budget:
-            raise ImageError(
-                f"the request's {len(blobs)} image(s) hold {total} pixels in all, over this model's "
-                f"{budget} pixels per request (the manifest's image.max_pixels); send fewer or smaller images",
-                413,
-            )
+            raise _over_budget(len(blobs), total, budget)
     return np.stack([decode_image(b, spec) for b in blobs])
+
+
+def _over_budget(images: int, pixels: int, budget: int) -> ImageError:
+    return ImageError(
+        f"the request's {images} image(s) hold {pixels} pixels in all, over this model's "
+        f"{budget} pixels per request (the manifest's image.max_pixels); send fewer or smaller images",
+        413,
+    )
