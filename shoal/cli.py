@@ -95,7 +95,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         except ImportError as e:
             if not _missing(e):
                 raise
-            p = sub.add_parser(name, help=f"(needs 'shoal[{EXTRAS.get(name)}]')", description=missing_extra(name, e))
+            p = sub.add_parser(
+                name, help=f"(needs 'shoal[{EXTRAS.get(name)}]')", description=missing_extra(name, e)
+            )
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             p.set_defaults(_missing=missing_extra(name, e))
             continue
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     only = argv[0] if argv and argv[0] in COMMANDS else None
     parser = build_parser(only)
     args = parser.parse_args(argv)
+    args._argv = list(argv)  # a command that runs copies of itself (shoal cluster --processes) reuses them
     if getattr(args, "_missing", None):
         print(args._missing, file=sys.stderr)
         return 2

@@ -188,12 +188,19 @@ def bounded_protocol(read_timeout_s: float) -> type[HttpToolsProtocol]:
     return type("BoundedHttpProtocol", (BoundedHttpProtocol,), {"read_timeout_s": read_timeout_s})
 
 
-def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
+def bind_tcp(
+    host: str, port: int, backlog: int, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
+    """A TCP socket bound to host:port. ``reuse_port``: shared with other processes that bind it the
+    same way (SO_REUSEPORT: the kernel spreads new connections over those listening)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind((host, port))
-    s.listen(backlog)
+    if listen:
+        s.listen(backlog)
     s.setblocking(False)
     return s
 
@@ -209,8 +216,9 @@ class EmbeddedHttpServer:
         tls_key: str | None = None,
         keep_alive_s: float = 60.0,
         read_timeout_s: float = 30.0,
+        reuse_port: bool = False,
     ) -> None:
-        self.sock = bind_tcp(host, port, backlog)
+        self.sock = bind_tcp(host, port, backlog, reuse_port)
         self.port: int = self.sock.getsockname()[1]
         self.config = uvicorn.Config(
             app,
@@ -247,7 +255,7 @@ class EmbeddedHttpServer:
         await self.server.shutdown()
 
 
-def write_ports_file(path: str | None, ports: dict[str, int]) -> None:
+def write_ports_file(path: str | None, ports: dict[str, Any]) -> None:
     """Tell whoever started us (tests, the demo, supervisors) which ports we bound: atomically."""
     if not path:
         return

@@ -79,7 +79,13 @@ class Managed:
         return f"{self.name}:{self.version}"
 
     def asleep(self) -> bool:
-        return not self.unloaded and not self.unavailable and self.policy.min_workers == 0 and not self.pool.workers and not self.starting()
+        return (
+            not self.unloaded
+            and not self.unavailable
+            and self.policy.min_workers == 0
+            and not self.pool.workers
+            and not self.starting()
+        )
 
     def starting(self) -> list[Launch]:
         return [x for x in self.launches.values() if not x.joined and x.handle.exit_code() is None]
@@ -109,8 +115,15 @@ class Autoscaler:
         self._ids = itertools.count(1)
         self._task: asyncio.Task | None = None
         self._changed = asyncio.Event()
+        # A cluster served by several gateways: only the one deciding starts and stops workers, on
+        # the load all of them carry; an operator's load or unload here is told to the others.
+        self.deciding: Callable[[], bool] = lambda: True
+        self.peer_load: Callable[[str, str], tuple[float, float]] = lambda name, version: (0.0, 0.0)
+        self.on_operation: Callable[[str, str], None] = lambda name, action: None
 
-    def manage(self, name: str, version: str, scale: ModelScale, pool: PoolView, capacity_hint: int) -> Managed:
+    def manage(
+        self, name: str, version: str, scale: ModelScale, pool: PoolView, capacity_hint: int
+    ) -> Managed:
         check_name(name)  # engines put these on command lines and into paths
         check_name(version, "model version")
         m = Managed(name, version, scale, scale.policy(), pool, capacity_hint)
@@ -165,7 +178,7 @@ class Autoscaler:
                 lead = m.scale.lead_s if m.scale.lead_s is not None else min(10.0, m.startup_s)
                 d = decide(m.samples, m.policy, now, m.last_scale_t, lead)
                 m.desired, m.reason, m.load = d.desired, d.reason, d.load
-            if not self.engine.external:
+            if not self.engine.external and self.deciding():
                 await self._act(m, sample, now)
 
     def _sample(self, m: Managed, now: float) -> LoadSample | None:
@@ -179,14 +192,15 @@ class Autoscaler:
             return None
         m.prev = (now, pool.arrivals, pool.busy_ms)
         ready = [w for w in pool.workers if w.accepting]
-        caps = [w.capacity for w in ready]
+        caps = [w.size for w in ready]  # a worker's whole capacity, not this gateway's share of it
         if caps:
             m.capacity_hint = max(caps)
+        queue, in_flight = self.peer_load(m.name, m.version)
         return LoadSample(
             t=now,
             arrivals_per_s=(pool.arrivals - a0) / dt,
-            queue=len(pool.queue),
-            in_flight=pool.in_flight,
+            queue=len(pool.queue) + int(queue),
+            in_flight=pool.in_flight + int(in_flight),
             busy=(pool.busy_ms - b0) / 1000.0 / dt,
             cpu=sum(w.cpu_rate for w in ready),
             ready=len(ready),
@@ -275,7 +289,9 @@ class Autoscaler:
             if not x.joined and now - x.launched_at > m.policy.start_timeout_s:
                 await self.engine.terminate(x.handle)
                 del m.launches[wid]
-                self._failed(m, now, f"worker {wid} did not join within {m.policy.start_timeout_s:g} s ({_where(x)})")
+                self._failed(
+                    m, now, f"worker {wid} did not join within {m.policy.start_timeout_s:g} s ({_where(x)})"
+                )
             elif x.drain_at is not None and now - x.drain_at > self.cfg.drain_timeout_s + 10.0:
                 await self.engine.terminate(x.handle)  # it was told to leave long ago
                 del m.launches[wid]
@@ -299,18 +315,29 @@ class Autoscaler:
     def _event(self, m: Managed, kind: str, before: int, after: int, now: float) -> None:
         m.last_scale_t = now
         self.counts[kind] += 1
-        ev = {"time": time.time(), "model": m.name, "version": m.version, "kind": kind,
-              "from": before, "to": after, "reason": m.reason}
+        ev = {
+            "time": time.time(),
+            "model": m.name,
+            "version": m.version,
+            "kind": kind,
+            "from": before,
+            "to": after,
+            "reason": m.reason,
+        }
         self.events.append(ev)
         log.info("%s: %s %d -> %d workers (%s)", m.key, kind, before, after, m.reason)
 
     # ------------------------------------------------------------------------ model management
 
-    async def load(self, name: str, timeout_s: float = 60.0) -> Managed:
-        """Serve a model again (after an unload, or after it was marked unavailable): at least one
-        worker, and wait until it is ready. ``LoadFailed`` when its workers fail to start again."""
+    def mark(self, name: str, action: str) -> list[Managed]:
+        """An operator's load or unload, here or at another gateway of the cluster: served again
+        (neither unloaded nor given up), or refused and drained, by whichever gateway decides."""
         ms = self.find(name)
         for m in ms:
+            if action == "unload":
+                m.unloaded = True
+                self.control.unload(m.pool, time.monotonic())
+                continue
             m.unloaded = False
             self.control.load(m.pool)
             m.unavailable = ""
@@ -319,6 +346,13 @@ class Autoscaler:
             if m.policy.min_workers == 0:
                 self.control.wake(m.pool)  # a load counts as a request: it wakes a sleeping model
         self.poke()
+        return ms
+
+    async def load(self, name: str, timeout_s: float = 60.0) -> Managed:
+        """Serve a model again (after an unload, or after it was marked unavailable): at least one
+        worker, and wait until it is ready. ``LoadFailed`` when its workers fail to start again."""
+        ms = self.mark(name, "load")
+        self.on_operation(name, "load")
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if any(m.pool.ready for m in ms):
@@ -330,11 +364,8 @@ class Autoscaler:
 
     async def unload(self, name: str, timeout_s: float = 60.0) -> None:
         """Stop serving a model: its workers drain and leave; requests for it are refused."""
-        ms = self.find(name)
-        for m in ms:
-            m.unloaded = True
-            self.control.unload(m.pool, time.monotonic())
-        self.poke()
+        ms = self.mark(name, "unload")
+        self.on_operation(name, "unload")
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if not any(x.joined or x.handle.exit_code() is None for m in ms for x in m.launches.values()):
@@ -388,4 +419,6 @@ class Autoscaler:
 
 def _where(x: Launch) -> str:
     d = x.handle.describe()
-    return f"log: {d['log']}" if "log" in d else ", ".join(f"{k}={v}" for k, v in d.items() if k != "worker_id")
+    return (
+        f"log: {d['log']}" if "log" in d else ", ".join(f"{k}={v}" for k, v in d.items() if k != "worker_id")
+    )

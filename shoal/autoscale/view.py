@@ -12,7 +12,8 @@ class LiveWorker(Protocol):
     worker_id: str
     accepting: bool
     in_flight: int
-    capacity: int
+    capacity: int  # what this gateway may send it (its share, when it serves several gateways)
+    size: int  # its whole capacity, as it announced it
     joined_at: float  # monotonic time it joined
     cpu_rate: float  # fraction of a core its process used recently
 

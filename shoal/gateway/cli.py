@@ -42,6 +42,40 @@ class ClusterSettings(Settings, kw_only=True):
     name: Annotated[str, Opt("cluster name (the audience of route tokens)")] = "cluster"
     http: Annotated[str, Opt("HTTP address for devices (default %(default)s)")] = "127.0.0.1:8000"
     workers: Annotated[str, Opt("address workers dial (default %(default)s)")] = "127.0.0.1:8001"
+    gateway_id: Annotated[
+        str | None,
+        Opt("this gateway's name among its cluster's gateways (default: host:worker-port)"),
+    ] = None
+    advertise_workers: Annotated[
+        str | None,
+        Opt(
+            "host:port where workers and the cluster's other gateways reach this gateway's worker port "
+            "(default: --workers, a wildcard host replaced by this host's name)"
+        ),
+    ] = None
+    peer: Annotated[
+        list[str],
+        Opt(
+            "another gateway of this cluster, as host:port of its worker port (repeatable; also "
+            "$SHOAL_CLUSTER_PEERS, comma separated); a name resolving to several addresses names them "
+            "all. Workers are told of every gateway and link to each",
+            env=("SHOAL_CLUSTER_PEERS",),
+        ),
+    ] = []
+    processes: Annotated[
+        int,
+        Opt(
+            "run this many gateway processes on this machine: one HTTP port shared (SO_REUSEPORT), "
+            "worker ports from --workers up, each process a gateway of the cluster (default %(default)s)"
+        ),
+    ] = 1
+    reuse_port: Annotated[
+        bool,
+        Opt(
+            "share the HTTP port with other processes bound the same way (SO_REUSEPORT), as "
+            "--processes runs its gateways"
+        ),
+    ] = False
     secret: Annotated[str | None, Opt("worker secret (default: $SHOAL_CLUSTER_SECRET)", secret=True)] = None
     api_key: Annotated[
         list[str],
@@ -75,7 +109,9 @@ class ClusterSettings(Settings, kw_only=True):
     ] = 10.0
     dead_after: Annotated[
         float,
-        Opt("seconds of silence after which a worker is dead and its requests go to others (default %(default)s)"),
+        Opt(
+            "seconds of silence after which a worker is dead and its requests go to others (default %(default)s)"
+        ),
     ] = 5.0
     unserved_wait: Annotated[
         float,
@@ -169,6 +205,13 @@ def run(args: argparse.Namespace) -> int:
     from shoal.httpserver import wait_for_stop_signal, write_ports_file
 
     setup_logging(args.log_level, "cluster", args.log_format)
+    if args.processes > 1:
+        from shoal.gateway.processes import run_processes
+
+        return run_processes(args)
+    if args.processes < 1:
+        print("shoal cluster: --processes must be at least 1")
+        return 2
     secret = args.secret or ""
     keys = list(args.api_key)
     token_key = args.token_key or None
@@ -205,6 +248,10 @@ def run(args: argparse.Namespace) -> int:
         http_port=hp,
         worker_host=wh,
         worker_port=wp,
+        gateway_id=args.gateway_id or "",
+        reuse_port=args.reuse_port,
+        advertise_workers=args.advertise_workers or "",
+        peers=[p.strip() for entry in args.peer for p in entry.split(",") if p.strip()],
         secret=secret.encode(),
         api_keys=keys,
         token_key=token_key.encode() if token_key else None,

@@ -118,7 +118,9 @@ class Dispatcher:
         if p is None:
             return None
         pool: ModelPool = p.pool
-        w.latency_ewma_ms = ewma(w.latency_ewma_ms, compute_ms if compute_ms is not None else (now - p.t_sent) * 1e3)
+        w.latency_ewma_ms = ewma(
+            w.latency_ewma_ms, compute_ms if compute_ms is not None else (now - p.t_sent) * 1e3
+        )
         if compute_ms is not None and batch_rows > 0:
             share = compute_ms * p.rows / batch_rows  # this request's part of its batch's model time
             pool.busy_ms += share
@@ -152,7 +154,9 @@ class Dispatcher:
         pool: ModelPool = p.pool
         if p.attempts >= pool.max_attempts:
             p.future.set_exception(
-                RequestFailed(f"request failed on {p.attempts} workers of '{pool.spec.name}' (last: {reason})", 502)
+                RequestFailed(
+                    f"request failed on {p.attempts} workers of '{pool.spec.name}' (last: {reason})", 502
+                )
             )
             return
         if self.on_retry is not None:
@@ -166,6 +170,13 @@ class Dispatcher:
         pool.workers.append(w)
         pool.no_worker_since = None
         self.dispatch(pool, now)
+
+    def worker_capacity(self, pool: ModelPool, w: WorkerHandle, capacity: int, now: float) -> None:
+        """A worker linked to several gateways changed this gateway's share of it."""
+        grew = capacity > w.capacity
+        w.capacity = capacity
+        if grew:
+            self.dispatch(pool, now)
 
     def worker_stopped_taking(self, pool: ModelPool, w: WorkerHandle, now: float) -> None:
         """It drains: nothing new goes to it; what it holds it still answers."""
@@ -183,7 +194,9 @@ class Dispatcher:
     def unload(self, pool: ModelPool, now: float) -> None:
         """An operator unloaded it: requests for it are refused (404), those waiting fail now."""
         pool.unloaded = True
-        self._fail_queue(pool, RequestFailed(f"model '{pool.spec.name}' version {pool.spec.version} is unloaded", 404))
+        self._fail_queue(
+            pool, RequestFailed(f"model '{pool.spec.name}' version {pool.spec.version} is unloaded", 404)
+        )
 
     def load(self, pool: ModelPool) -> None:
         """Served again (an operator's load): neither unloaded nor given up."""
@@ -200,7 +213,9 @@ class Dispatcher:
         if not pool.ready:
             self._fail_queue(
                 pool,
-                RequestFailed(f"model '{pool.spec.name}' version {pool.spec.version} is unavailable: {reason}", 503),
+                RequestFailed(
+                    f"model '{pool.spec.name}' version {pool.spec.version} is unavailable: {reason}", 503
+                ),
             )
 
     def _fail_queue(self, pool: ModelPool, error: RequestFailed) -> None:
@@ -292,7 +307,9 @@ class Dispatcher:
             if not p.future.done() and now > p.deadline:
                 w = p.worker
                 p.future.set_exception(
-                    RequestFailed(f"request timed out on worker {w.worker_id} after {now - p.t_enqueued:.0f} s", 504)
+                    RequestFailed(
+                        f"request timed out on worker {w.worker_id} after {now - p.t_enqueued:.0f} s", 504
+                    )
                 )
                 n += 1
         for pool in self.table.pools():
@@ -322,7 +339,9 @@ class Dispatcher:
         if not pool.queue:
             return 0
         orphaned = (
-            not pool.wakeable and pool.no_worker_since is not None and now - pool.no_worker_since > self.unserved_wait_s
+            not pool.wakeable
+            and pool.no_worker_since is not None
+            and now - pool.no_worker_since > self.unserved_wait_s
         )
         n = 0
         keep: deque[Pending] = deque()
@@ -334,7 +353,9 @@ class Dispatcher:
                 n += 1
             elif orphaned:
                 p.future.set_exception(
-                    RequestFailed(f"model '{pool.spec.name}' version {pool.spec.version} has no live worker", 503, 1)
+                    RequestFailed(
+                        f"model '{pool.spec.name}' version {pool.spec.version} has no live worker", 503, 1
+                    )
                 )
                 n += 1
             else:

@@ -11,11 +11,14 @@ and fails the rest (503), stops the workers an engine started, then closes the w
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import resource
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.aio import cancel_and_wait
@@ -25,6 +28,7 @@ from shoal.gateway.central_link import CentralConfig, CentralReporter
 from shoal.gateway.dispatch import Dispatcher
 from shoal.gateway.http_app import HttpApp, HttpLimits
 from shoal.gateway.logins import LoginGuard
+from shoal.gateway.membership import FolderChannel, Membership, Record
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pipeline import Pipeline, PipelineSpec
 from shoal.gateway.pool import ModelTable
@@ -33,7 +37,7 @@ from shoal.gateway.requests import RequestService
 from shoal.gateway.results_api import open_store
 from shoal.gateway.state import TokenKeyFile
 from shoal.gateway.views import GatewayViews
-from shoal.gateway.worker_link import LinkSite, WorkerConnection
+from shoal.gateway.worker_link import LinkSite, WorkerConnection, announce_peers
 from shoal.httpserver import EmbeddedHttpServer, bind_tcp
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 
@@ -51,6 +55,13 @@ class GatewayConfig:
     http_port: int = 8000
     worker_host: str = "127.0.0.1"
     worker_port: int = 8001
+    gateway_id: str = ""  # this gateway among the cluster's (default: host:worker port)
+    advertise_workers: str = (
+        ""  # where workers and other gateways reach the worker port (default: worker_host)
+    )
+    peers: list[str] = field(
+        default_factory=list
+    )  # other gateways' worker addresses (names may resolve to several)
     secret: bytes = b""  # cluster secret workers prove they know
     api_keys: list[str] = field(default_factory=list)  # static bearer keys, "role:key" (auth.parse_api_key)
     token_key: bytes | None = None  # key shared with central to verify signed route tokens
@@ -67,6 +78,7 @@ class GatewayConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     backlog: int = 4096
+    reuse_port: bool = False  # share the HTTP port with the machine's other gateway processes
     read_timeout_s: float = 30.0  # a client must send a whole request within this (408 after)
     central: CentralConfig | None = None  # report to central (and get the route-token key from it)
     pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
@@ -138,13 +150,21 @@ class Gateway:
         }
         self.service = RequestService(self.models, self.dispatcher, self.pipelines, config.max_frame_size)
         self.results = open_store(  # None unless --store-results: the request path checks this
-            config.results_db, config.results_dir, config.results_max_age_s, config.results_max_bytes, config.name
+            config.results_db,
+            config.results_dir,
+            config.results_max_age_s,
+            config.results_max_bytes,
+            config.name,
         )
+        self.membership = Membership("")  # its id once the worker port is bound
+        self.channel: FolderChannel | None = None
         self.autoscaler: Autoscaler | None = None
         if config.autoscale is not None:
             self._autoscaler(config.autoscale)
         self.metrics.watch(self.models, self.autoscaler, self.results)
-        self.views = GatewayViews(config.name, self.models, self.site, self.pipelines, self.autoscaler, self.results)
+        self.views = GatewayViews(
+            config.name, self.models, self.site, self.pipelines, self.autoscaler, self.results
+        )
         self.auth = Authenticator(config.api_keys, config.token_key, config.name, config.no_auth)
         self.key_file = (
             TokenKeyFile(config.state_dir, config.name) if config.state_dir and config.central else None
@@ -182,6 +202,9 @@ class Gateway:
             self.dispatcher,
             self.config.name,
         )
+        self.autoscaler.deciding = self.membership.deciding
+        self.autoscaler.peer_load = self.membership.peer_load
+        self.autoscaler.on_operation = self.membership.record_op
         for name, scale in acfg.models.items():
             self.manage_model(name, scale)
         return self.autoscaler
@@ -203,12 +226,66 @@ class Gateway:
         scaler.manage(name, manifest.version, scale, pool, max(2, 2 * manifest.max_batch_size))
 
     def _worker_address(self) -> str:
-        """Where the workers an engine starts dial this gateway."""
+        """Where the workers an engine starts dial this gateway (they learn the others from it)."""
         acfg = self.config.autoscale
         if acfg is not None and acfg.worker_gateway:
             return acfg.worker_gateway
         host = self.config.worker_host
         return f"{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{self.worker_port}"
+
+    def advertised_workers(self) -> str:
+        """Where workers and the cluster's other gateways reach this gateway's worker port."""
+        if self.config.advertise_workers:
+            return self.config.advertise_workers
+        host = self.config.worker_host
+        if host in ("0.0.0.0", "", "::"):
+            host = socket.gethostname()
+        return f"{host}:{self.worker_port}"
+
+    def record(self) -> Record:
+        """What this gateway tells the cluster's others of itself."""
+        models = {
+            f"{p.spec.name}:{p.spec.version}": [float(len(p.queue)), float(p.in_flight)]
+            for p in self.models.pools()
+        }
+        return Record(
+            self.site.gateway_id, self.advertised_workers(), models=models, ops=dict(self.membership.ops)
+        )
+
+    def apply_operations(self) -> None:
+        """Operators' loads and unloads made at the cluster's other gateways, applied here too."""
+        for name, action in self.membership.new_ops():
+            scaler = self.autoscaler
+            if scaler is None or action not in ("load", "unload"):
+                continue
+            if not scaler.find(name):
+                if action == "unload":
+                    continue
+                try:
+                    self.manage_model(name)
+                except ValueError as e:
+                    log.warning("cannot load %s as another gateway did: %s", name, e)
+                    continue
+            log.info("model %s: %s, as at another gateway of the cluster", name, action + "ed")
+            scaler.mark(name, action)
+
+    async def _share_folder(self, channel: FolderChannel) -> None:
+        while True:
+            try:
+                channel.step(self.record())
+                self.learn_gateways([r.workers for r in self.membership.others.values()])
+                self.apply_operations()
+            except OSError as e:
+                log.warning(
+                    "cannot share state with the cluster's other gateways in %s: %s", channel.folder, e
+                )
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    def learn_gateways(self, addresses: list[str]) -> None:
+        """More of the cluster's gateways (from central's answers): workers are told of them."""
+        known = set(self.site.peers) | {a for a in addresses if a}
+        if announce_peers(self.site, sorted(known)):
+            log.info("cluster %s: gateways at %s", self.config.name, ", ".join(self.site.peers))
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.tls_cert:
@@ -248,8 +325,11 @@ class Gateway:
             await self.results.start()
         loop = asyncio.get_running_loop()
         cfg = self.config
-        wsock = bind_tcp(cfg.worker_host, cfg.worker_port, cfg.backlog)
+        wsock = bind_tcp(cfg.worker_host, cfg.worker_port, cfg.backlog, cfg.reuse_port)
         self.worker_port = wsock.getsockname()[1]
+        self.site.gateway_id = cfg.gateway_id or f"{socket.gethostname()}:{self.worker_port}"
+        self.membership.gateway_id = self.site.gateway_id
+        announce_peers(self.site, [self.advertised_workers(), *cfg.peers])
         self._worker_server = await loop.create_server(
             lambda: WorkerConnection(self.site), sock=wsock, ssl=self.ssl_context()
         )
@@ -261,14 +341,23 @@ class Gateway:
             cfg.tls_cert,
             cfg.tls_key,
             read_timeout_s=cfg.read_timeout_s,
+            reuse_port=cfg.reuse_port,
         )
         self.http_port = self._http.port
         self.views.http_port, self.views.worker_port = self.http_port, self.worker_port
+        self.views.membership = self.membership
         await self._http.start()
         self._tasks = [
             asyncio.create_task(self._heartbeats(), name="heartbeats"),
             asyncio.create_task(self._deadlines(), name="deadlines"),
         ]
+        if cfg.central is None and cfg.state_dir and (cfg.peers or cfg.reuse_port):
+            # Gateways of this cluster on this machine: they agree through the state folder.
+            secret_id = hashlib.sha256(cfg.secret).hexdigest()[:12]
+            folder = Path(cfg.state_dir) / f"gateways-{cfg.name}-{secret_id}"
+            self.channel = FolderChannel(folder, self.membership, wants_to_decide=self.autoscaler is not None)
+            self.channel.step(self.record())  # the decider is known before the autoscaler starts
+            self._tasks.append(asyncio.create_task(self._share_folder(self.channel), name="gateways"))
         if self.autoscaler is not None:
             await self.autoscaler.start()
         if cfg.central is not None:
@@ -278,8 +367,9 @@ class Gateway:
             self.views.reporter = self.reporter
             self.reporter.start()
         log.info(
-            "cluster %s serving HTTP on %s:%d, workers on %s:%d%s",
+            "cluster %s (gateway %s) serving HTTP on %s:%d, workers on %s:%d%s",
             cfg.name,
+            self.site.gateway_id,
             cfg.http_host,
             self.http_port,
             cfg.worker_host,
@@ -300,6 +390,8 @@ class Gateway:
         if self.autoscaler is not None:
             await self.autoscaler.stop()  # the workers an engine started here end with the gateway
         await cancel_and_wait(self._tasks)
+        if self.channel is not None:
+            self.channel.stop()  # another gateway takes the decisions over at once
         if self.results is not None:
             await self.results.stop()  # after the HTTP side: nothing records any more
         if self._worker_server is not None:

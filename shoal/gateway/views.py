@@ -13,6 +13,7 @@ import shoal
 if TYPE_CHECKING:
     from shoal.autoscale.controller import Autoscaler
     from shoal.gateway.central_link import CentralReporter
+    from shoal.gateway.membership import Membership
     from shoal.gateway.pipeline import Pipeline
     from shoal.gateway.pool import ModelTable
     from shoal.gateway.storage import ResultStore
@@ -40,9 +41,14 @@ class GatewayViews:
         self.http_port = 0
         self.worker_port = 0
         self.reporter: CentralReporter | None = None
+        self.membership: Membership | None = None
 
     def server_metadata(self) -> dict[str, Any]:
-        return {"name": "shoal", "version": shoal.__version__, "extensions": ["binary_tensor_data", "shoal_status"]}
+        return {
+            "name": "shoal",
+            "version": shoal.__version__,
+            "extensions": ["binary_tensor_data", "shoal_status"],
+        }
 
     def status(self) -> dict[str, Any]:
         models = []
@@ -68,6 +74,9 @@ class GatewayViews:
             "uptime_s": round(time.time() - self.started_at, 1),
             "http_port": self.http_port,
             "worker_port": self.worker_port,
+            "gateway_id": self.site.gateway_id,
+            "gateways": self.site.peers,  # every gateway of the cluster this one knows (worker addresses)
+            "membership": self.membership.describe() if self.membership else None,
             "models": models,
             "pipelines": [
                 {"name": n, "version": p.spec.version, "ready": p.ready} for n, p in self.pipelines.items()

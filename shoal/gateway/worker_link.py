@@ -42,6 +42,7 @@ from shoal.protocol.link import (
     LinkError,
     Load,
     LocalLinkError,
+    Peers,
     Ping,
     Pong,
     Refuse,
@@ -75,6 +76,10 @@ class LinkSite:
     heartbeat_s: float = 1.0
     dead_after_s: float = 5.0
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    gateway_id: str = ""  # this gateway among its cluster's
+    peers: list[str] = field(
+        default_factory=list
+    )  # worker addresses of the cluster's gateways, this one's too
     connections: set[WorkerConnection] = field(default_factory=set)
     departed: list[dict[str, Any]] = field(default_factory=list)  # workers that left, newest last
 
@@ -93,6 +98,7 @@ class WorkerConnection(CoalescingProtocol):
         # What the dispatcher reads and writes (the WorkerHandle protocol).
         self.in_flight = 0
         self.capacity = 1
+        self.size = 1  # its whole capacity (``capacity`` is this gateway's share of it)
         self.latency_ewma_ms = 0.0
         self.accepting = False
         self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # the largest frame this worker accepts
@@ -100,6 +106,7 @@ class WorkerConnection(CoalescingProtocol):
         # those (the machine negotiated ``joined``) and the worker batches: at most its batch size.
         self.join_rows = 0
         self._joinable: list[Pending] = []
+        self.shares = False  # it divides its capacity between gateways: LOAD says this one's share
         # What the status and the autoscaler read.
         self.load: dict[str, Any] = {}
         self.info: dict[str, Any] = {}
@@ -121,7 +128,8 @@ class WorkerConnection(CoalescingProtocol):
         self.peer_host = str(pn[0]) if isinstance(pn, tuple) else str(pn)
         self.site.connections.add(self)
         self.site.logins.admit(self)
-        self.send(self.link.send(Challenge(list(SUPPORTED_VERSIONS), self.nonce, self.site.name)))
+        challenge = Challenge(list(SUPPORTED_VERSIONS), self.nonce, self.site.name, self.site.gateway_id)
+        self.send(self.link.send(challenge))
         self._handshake_timer = self._loop.call_later(HANDSHAKE_TIMEOUT_S, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
@@ -209,9 +217,10 @@ class WorkerConnection(CoalescingProtocol):
             self._handshake_timer.cancel()
         self.site.logins.logged_in(self)
         self.worker_id = h.worker_id
-        self.capacity = h.capacity
+        self.capacity = self.size = h.capacity
         self.max_frame_size = max_frame
         self.join_rows = h.max_batch_size
+        self.shares = h.shares
         self.info = {
             "model": h.model,
             "model_version": h.model_version,
@@ -226,6 +235,8 @@ class WorkerConnection(CoalescingProtocol):
         s = self.site
         welcome = Welcome(PROTOCOL_VERSION, s.name, s.heartbeat_s, s.dead_after_s, s.max_frame_size)
         self.send(self.link.send(welcome))
+        if s.peers:
+            self.send(self.link.send(Peers(list(s.peers))))
         self.pool = pool
         log.info(
             "worker %s joined from %s: %s v%s on %s, capacity %d",
@@ -325,7 +336,9 @@ class WorkerConnection(CoalescingProtocol):
             self.site.dispatcher.on_refused(self, e.id, e.error, now)
             return
         status = e.status if 400 <= e.status < 600 else 500
-        self.site.dispatcher.on_failed(self, e.id, RequestFailed(f"worker {self.worker_id}: {e.error}", status), now)
+        self.site.dispatcher.on_failed(
+            self, e.id, RequestFailed(f"worker {self.worker_id}: {e.error}", status), now
+        )
 
     def _on_load(self, m: Load, now: float) -> None:
         """A load report: kept for the status, and the worker's CPU use turned into a rate (the
@@ -335,6 +348,8 @@ class WorkerConnection(CoalescingProtocol):
                 self.cpu_rate = (m.cpu_s - self._cpu[1]) / (now - self._cpu[0])
             self._cpu = (now, m.cpu_s)
         self.load = {f: getattr(m, f) for f in m.__struct_fields__}
+        if self.shares and self.pool is not None and self.accepting and m.capacity != self.capacity:
+            self.site.dispatcher.worker_capacity(self.pool, self, max(1, min(m.capacity, MAX_CAPACITY)), now)
 
     def drain(self) -> None:
         """Ask this worker to leave: nothing new is sent to it from now; it finishes what it holds,
@@ -402,3 +417,16 @@ class WorkerConnection(CoalescingProtocol):
             "served": self.served,
             "load": self.load,
         }
+
+
+def announce_peers(site: LinkSite, addresses: list[str]) -> bool:
+    """The cluster's gateways, as this one knows them now: every logged-in worker is told when the
+    set changes (it links to those it lacks). True when it changed."""
+    peers = sorted(set(addresses))
+    if peers == site.peers:
+        return False
+    site.peers = peers
+    for c in list(site.connections):
+        if c.pool is not None and c.link.may_send(MsgType.PEERS):
+            c.send(c.link.send(Peers(peers)))
+    return True

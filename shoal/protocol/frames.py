@@ -60,6 +60,7 @@ class MsgType(IntEnum):
     GOODBYE = 12  # either side: closing on purpose
     REQUESTS = 13  # gateway -> worker: several alike requests, their tensors joined (``joined.py``)
     RESULTS = 14  # worker -> gateway: the outputs of one REQUESTS, joined the same way
+    PEERS = 15  # gateway -> worker: where every gateway of the cluster takes workers
 
 
 _TYPES = {int(t): t for t in MsgType}  # a dict lookup is several times faster than MsgType(n)

@@ -56,6 +56,7 @@ from shoal.protocol.link_messages import (
     Load,
     Message,
     MessageError,
+    Peers,
     Ping,
     Pong,
     Refuse,
@@ -108,6 +109,7 @@ TRANSITIONS: tuple[tuple[State, MsgType | str, tuple[Role, ...], State, str], ..
     (_RD, M.REQUEST, _G, _RD, ""),
     (_RD, M.REQUESTS, _G, _RD, "joined"),
     (_RD, M.PING, _G, _RD, ""),
+    (_RD, M.PEERS, _G, _RD, ""),
     (_RD, M.RESULT, _W, _RD, ""),
     (_RD, M.RESULTS, _W, _RD, "joined"),
     (_RD, M.ERROR, _W, _RD, ""),
@@ -119,6 +121,7 @@ TRANSITIONS: tuple[tuple[State, MsgType | str, tuple[Role, ...], State, str], ..
     (_DR, M.REQUEST, _G, _DR, "late"),
     (_DR, M.REQUESTS, _G, _DR, "joined late"),
     (_DR, M.PING, _G, _DR, ""),
+    (_DR, M.PEERS, _G, _DR, ""),
     (_DR, M.RESULT, _W, _DR, ""),
     (_DR, M.RESULTS, _W, _DR, "joined"),
     (_DR, M.ERROR, _W, _DR, ""),
@@ -163,7 +166,10 @@ class _Rules:
 
 
 _RULES: dict[tuple[Role, State, bool], _Rules] = {
-    (role, state, joined): _Rules(role, state, joined) for role in Role for state in State for joined in (False, True)
+    (role, state, joined): _Rules(role, state, joined)
+    for role in Role
+    for state in State
+    for joined in (False, True)
 }
 
 
@@ -325,6 +331,7 @@ __all__ = [
     "LinkError",
     "Load",
     "LocalLinkError",
+    "Peers",
     "Ping",
     "Pong",
     "Refuse",

@@ -29,7 +29,8 @@ class TensorDesc(msgspec.Struct, frozen=True, omit_defaults=True):
 class Challenge(msgspec.Struct, frozen=True):
     versions: list[int]
     nonce: bytes
-    gateway: str = ""
+    gateway: str = ""  # the cluster's name
+    gateway_id: str = ""  # this gateway among the cluster's: a worker keeps one link to each
 
 
 class Hello(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -55,6 +56,9 @@ class Hello(msgspec.Struct, frozen=True, omit_defaults=True):
     # This worker takes REQUESTS (several requests in one frame) and answers them with RESULTS.
     # Gateways that do not know the field ignore it, and send it REQUEST frames only.
     joined: bool = False
+    # This worker links to every gateway of its cluster and divides its capacity between them: the
+    # ``capacity`` of its LOAD reports is this gateway's share, which may change.
+    shares: bool = False
 
     def interface(self) -> ModelInterface:
         """The model version this worker serves, as it announced it."""
@@ -88,10 +92,18 @@ def announce(iface: ModelInterface) -> dict[str, Any]:
 
 class Welcome(msgspec.Struct, frozen=True, omit_defaults=True):
     version: int
-    gateway: str = ""
+    gateway: str = ""  # the cluster's name
     heartbeat_s: float = 1.0
     dead_after_s: float = 5.0
     max_frame_size: int | None = None
+
+
+class Peers(msgspec.Struct, frozen=True):
+    """The addresses (host:port) workers reach every gateway of the cluster at, as this gateway knows
+    them, itself included: sent after WELCOME and whenever the set changes. A worker links to each;
+    one that does not know the message ignores it."""
+
+    gateways: list[str]
 
 
 class Refuse(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -150,6 +162,8 @@ class Load(msgspec.Struct, frozen=True, omit_defaults=True):
     busy_s: float = 0.0
     cpu_s: float | None = None
     draining: bool = False
+    links: int = 1  # gateways this worker is linked to now
+    unreached: list[str] = []  # gateways it knows of and cannot reach (their worker addresses)
 
 
 class Ping(msgspec.Struct, frozen=True):
@@ -169,8 +183,21 @@ class Goodbye(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 Message = (
-    Challenge | Hello | Welcome | Refuse | Request | Result | Error | Load | Ping | Pong | Drain | Goodbye
-    | Requests | Results
+    Challenge
+    | Hello
+    | Welcome
+    | Refuse
+    | Request
+    | Result
+    | Error
+    | Load
+    | Ping
+    | Pong
+    | Drain
+    | Goodbye
+    | Requests
+    | Results
+    | Peers
 )
 
 TYPE_OF: dict[type, MsgType] = {
@@ -188,8 +215,11 @@ TYPE_OF: dict[type, MsgType] = {
     Goodbye: MsgType.GOODBYE,
     Requests: MsgType.REQUESTS,
     Results: MsgType.RESULTS,
+    Peers: MsgType.PEERS,
 }
-DECODERS: dict[MsgType, msgspec.msgpack.Decoder[Any]] = {t: msgspec.msgpack.Decoder(c) for c, t in TYPE_OF.items()}
+DECODERS: dict[MsgType, msgspec.msgpack.Decoder[Any]] = {
+    t: msgspec.msgpack.Decoder(c) for c, t in TYPE_OF.items()
+}
 ENCODER = msgspec.msgpack.Encoder()
 
 

@@ -11,6 +11,7 @@ HELP = "Serve one model version: dial a cluster gateway, batch requests, run the
 EXAMPLE = """
 shoal worker --gateway 127.0.0.1:8001 --repo ./models --model mnist-cnn --secret s3cret
 shoal worker --gateway gw.example.org:8001 --tls-ca ca.pem --model mnist-cnn --version 2 --device cuda:0
+shoal worker --gateway gw-a:8001,gw-b:8001 --model mnist-cnn        # a cluster served by two gateways
 """
 
 
@@ -19,7 +20,14 @@ class WorkerSettings(Settings, kw_only=True):
 
     COMMAND = "worker"
 
-    gateway: Annotated[str, Opt("gateway worker port, host:port (default %(default)s)")] = "127.0.0.1:8001"
+    gateway: Annotated[
+        str,
+        Opt(
+            "the cluster's gateways' worker port, host:port, or several comma separated; a name that "
+            "resolves to several addresses names a gateway at each, and the gateways reached name the "
+            "others: the worker links to every one (default %(default)s)"
+        ),
+    ] = "127.0.0.1:8001"
     repo: Annotated[
         str | None,
         Opt("model repository folder (default: the models bundled with shoal)", env=("SHOAL_MODEL_REPO",)),
@@ -101,10 +109,18 @@ def run(args: argparse.Namespace) -> int:
     except (ManifestError, RuntimeError_, ValueError) as e:
         print(f"shoal worker: {e}")
         return 2
-    host, port = split_hostport(args.gateway, 8001)
+    gateways = [g.strip() for g in args.gateway.split(",") if g.strip()]
+    try:
+        for g in gateways:
+            split_hostport(g, 8001)
+    except ValueError as e:
+        print(f"shoal worker: --gateway: {e}")
+        return 2
+    if not gateways:
+        print("shoal worker: --gateway names no gateway")
+        return 2
     cfg = WorkerConfig(
-        gateway_host=host,
-        gateway_port=port,
+        gateways=gateways,
         secret=secret.encode(),
         worker_id=args.worker_id,
         device=runtime.device,  # what it resolved to ("auto" -> cpu or cuda:0)

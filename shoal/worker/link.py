@@ -7,6 +7,7 @@ gateway's HTTP stack. The link's rules are in ``protocol/link.py``; this file is
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import random
@@ -15,14 +16,14 @@ import socket
 import ssl
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from shoal.aio import CoalescingProtocol
+from shoal.aio import CoalescingProtocol, cancel_and_wait, split_hostport
 from shoal.modelrepo.manifest import Manifest
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION
 from shoal.protocol.joined import JoinError, check_rows
@@ -36,6 +37,7 @@ from shoal.protocol.link import (
     LinkConnection,
     LinkError,
     Load,
+    Peers,
     Ping,
     Pong,
     Refuse,
@@ -53,10 +55,13 @@ from shoal.runtime.runtimes import Runtime
 from shoal.security.tokens import login_proof
 from shoal.worker.batching import Done, InferenceEngine, Item, split_outputs
 from shoal.worker.reconnect import backoff_delay
+from shoal.worker.shares import capacity_shares, demand
 
 log = logging.getLogger("shoal.worker")
 
 _FIXED = set(NP_DTYPES.values())
+MAX_PEERS = 64  # gateways one PEERS may name
+MAX_UNREACHED = 16  # gateways one LOAD may name as unreachable
 
 
 def joinable(v: Any, rows: int) -> bool:
@@ -87,8 +92,10 @@ class RefusedForNow(ConnectionError):
 
 @dataclass
 class WorkerConfig:
-    gateway_host: str = "127.0.0.1"
-    gateway_port: int = 8001
+    # Where the cluster's gateways take workers: host:port each. A name that resolves to several
+    # addresses (a Kubernetes headless Service) names a gateway at each; the gateways reached name
+    # the others (PEERS). The worker links to every one and divides its capacity between them.
+    gateways: list[str] = field(default_factory=lambda: ["127.0.0.1:8001"])
     secret: bytes = b""
     worker_id: str = ""
     device: str = "cpu"
@@ -100,26 +107,56 @@ class WorkerConfig:
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     backoff_base_s: float = 0.1
     backoff_cap_s: float = 2.0
+    resolve_every_s: float = 5.0  # how often names are looked up again (gateways join and leave)
     health: tuple[str, int] | None = None  # serve GET /live and /ready here (orchestrators' probes)
 
 
+@dataclass(eq=False)
+class Target:
+    """One address the worker dials: a gateway, unless it turns out to be one already linked."""
+
+    host: str  # as named (for TLS and logs)
+    ip: str
+    port: int
+    configured: bool  # from the worker's own list (dialled for as long as it runs)
+    listed: bool = True  # in the last lookup of its name, or named by a linked gateway
+    task: asyncio.Task | None = None
+    link: GatewayLink | None = None  # logged in
+    failures: int = 0  # failed dials in a row
+    refused: str = ""  # refused for good (a wrong secret): not dialled again
+    same_as: str = ""  # the gateway id it reached, already linked through another address
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
 class GatewayLink(CoalescingProtocol):
-    """One connection to the gateway: a thin adapter around the link's state machine
+    """One connection to one gateway: a thin adapter around the link's state machine
     (``protocol/link.py``), which says which message may come when."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, target: Target | None = None) -> None:
         super().__init__()
         self.w = worker
+        self.target = target
         self.link = LinkConnection(Role.WORKER, worker.config.max_frame_size)
         self.welcomed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.gateway_id = ""
         self.in_flight = 0
+        self.arrivals = 0  # requests received since the last share was computed
+        self.demand = 0.0
+        self.share = worker.capacity
         self.heartbeat_clock = Heartbeat(5.0, time.monotonic())
 
     @property
     def max_frame_size(self) -> int:
         """The largest frame the gateway accepts (from its WELCOME)."""
         return self.link.peer_max_frame_size
+
+    @property
+    def open(self) -> bool:
+        return self.link.state in (State.READY, State.DRAINING) and not self.closed.done()
 
     def say(self, msg: Any, payload: Any = b"") -> None:
         """Send one message, unless the link is closing (the gateway has gone or said goodbye)."""
@@ -142,6 +179,8 @@ class GatewayLink(CoalescingProtocol):
                 self.w.on_requests(self, msg, payload)
             elif isinstance(msg, Ping):
                 self.say(Pong(msg.t))
+            elif isinstance(msg, Peers):
+                self.w.on_peers(self, msg.gateways)
             elif isinstance(msg, Challenge):
                 self.w.on_challenge(self, msg)
             elif isinstance(msg, Welcome):
@@ -171,6 +210,10 @@ class GatewayLink(CoalescingProtocol):
             self.transport.abort()
 
 
+class SameGateway(ConnectionError):
+    """This address reaches a gateway the worker is already linked to through another one."""
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, model_dir: Path, manifest: Manifest, runtime: Runtime) -> None:
         self.config = config
@@ -185,12 +228,17 @@ class Worker:
         self.worker_id = (
             config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{manifest.name}-{manifest.version}"
         )
-        self.link: GatewayLink | None = None
+        self.targets: dict[str, Target] = {}  # by ip:port
+        self.links: dict[str, GatewayLink] = {}  # logged-in links, by gateway id
+        self.peers: dict[GatewayLink, list[str]] = {}  # what each linked gateway says of the others
+        self.in_flight = 0  # over all links
         self.engine: InferenceEngine | None = None
         self.draining = False
         self.served = 0
         self.started = time.monotonic()
         self.first_served_at: float | None = None
+        self.heartbeat_s = 1.0  # until a gateway's WELCOME says otherwise
+        self.dead_after_s = 5.0
         self.exit_code = 0
         self._stop = asyncio.Event()
 
@@ -209,11 +257,17 @@ class Worker:
                 "host": socket.gethostname(),
                 "max_frame_size": self.config.max_frame_size,
                 "joined": True,
+                "shares": True,
             },
             Hello,
         )
 
     def on_challenge(self, link: GatewayLink, c: Challenge) -> None:
+        if c.gateway_id and c.gateway_id in self.links:  # reached again through another address
+            link.welcomed.set_exception(SameGateway(c.gateway_id))
+            link.abort()
+            return
+        link.gateway_id = c.gateway_id
         if PROTOCOL_VERSION not in c.versions:
             link.welcomed.set_exception(
                 Refused(f"gateway speaks protocol versions {c.versions}, this worker {PROTOCOL_VERSION}")
@@ -228,6 +282,7 @@ class Worker:
         self, link: GatewayLink, r: Request, payload: bytes | memoryview, alone: bool = False
     ) -> None:
         """One request; ``alone``: nothing else came with it (it may run at once on this thread)."""
+        link.arrivals += 1
         try:
             inputs = unpack_tensors(r.inputs, payload, self.max_bytes_elements)
         except TensorError as e:
@@ -239,6 +294,7 @@ class Worker:
 
     def on_requests(self, link: GatewayLink, r: Requests, payload: bytes | memoryview) -> None:
         """Several requests joined in one frame (``protocol/joined.py``): one item of the batch."""
+        link.arrivals += len(r.ids)
         try:
             rows = check_rows(r.ids, r.rows, r.inputs)
             inputs = unpack_tensors(r.inputs, payload, self.max_bytes_elements)
@@ -253,12 +309,13 @@ class Worker:
             self._submit(link, item)
 
     def _admit(self, link: GatewayLink, ids: list[int]) -> bool:
-        """Room for these requests: else each is turned away (503) for the gateway to send elsewhere."""
+        """Room for these requests: else each is turned away (503) for the gateway to send elsewhere.
+        The room is the worker's, over all its gateways (each keeps to its share, so this is rare)."""
         assert self.engine is not None
         why = None
         if self.engine.dead is not None:
             why = "worker out of service"
-        elif link.in_flight + len(ids) > self.capacity:
+        elif self.in_flight + len(ids) > self.capacity:
             why = "worker full"
         if why is None:
             return True
@@ -268,7 +325,9 @@ class Worker:
 
     def _submit(self, link: GatewayLink, item: Item, alone: bool = False) -> None:
         assert self.engine is not None
-        link.in_flight += len(item.joined[0]) if item.joined else 1
+        n = len(item.joined[0]) if item.joined else 1
+        link.in_flight += n
+        self.in_flight += n
         if not (alone and self.engine.run_now(item)):  # run_now answers through on_done itself
             self.engine.submit(item)
 
@@ -277,6 +336,7 @@ class Worker:
             link = d.item.conn
             ids = d.item.joined[0] if d.item.joined else [d.item.id]
             link.in_flight -= len(ids)
+            self.in_flight -= len(ids)
             if link.transport is None or link.transport.is_closing():
                 continue  # that connection is gone; its gateway has sent the request elsewhere
             try:
@@ -290,7 +350,9 @@ class Worker:
         if d.error is not None:
             rq = d.item.request_id
             if d.status != 503:
-                log.warning("request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status})
+                log.warning(
+                    "request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status}
+                )
             for i in ids:
                 link.say(Error(i, d.error, d.status))
             return
@@ -328,19 +390,117 @@ class Worker:
         self.exit_code = 70
         self.begin_drain()
 
-    def load_report(self) -> Load:
+    def load_report(self, link: GatewayLink) -> Load:
         s = self.engine.stats if self.engine else None
         return Load(
-            in_flight=self.link.in_flight if self.link else 0,
+            in_flight=link.in_flight,
             queued=self.engine.queued if self.engine else 0,
-            capacity=self.capacity,
+            capacity=link.share,
             served=self.served,
             batches=s.batches if s else 0,
             rows=s.rows if s else 0,
             busy_s=round(s.busy_s, 4) if s else 0.0,
-            cpu_s=round(time.process_time(), 4),  # the whole process: model, batching and the link
+            cpu_s=round(time.process_time(), 4),  # the whole process: model, batching and the links
             draining=self.draining,
+            links=len(self.links),
+            unreached=self.unreached()[:MAX_UNREACHED],
         )
+
+    def unreached(self) -> list[str]:
+        """Gateways this worker knows of and cannot reach now (reported to those it can)."""
+        return sorted(
+            t.address for t in self.targets.values() if t.link is None and not t.same_as and t.failures > 0
+        )
+
+    # ---------------------------------------------------------------------- capacity shares
+
+    def rebalance(self, tick: bool = False) -> None:
+        """Divide the capacity between the linked gateways (``shares.py``); tell each whose share
+        changed at once. ``tick``: a heartbeat passed, so the links' recent arrivals count as demand."""
+        links = list(self.links.values())
+        if tick:
+            for link in links:
+                link.demand = demand(link.demand, link.arrivals)
+                link.arrivals = 0
+        for link, share in zip(links, capacity_shares(self.capacity, [x.demand for x in links]), strict=True):
+            if share != link.share:
+                link.share = share
+                if not tick:  # a heartbeat sends every link its LOAD anyway
+                    link.say(self.load_report(link))
+
+    # -------------------------------------------------------------------- finding gateways
+
+    def on_peers(self, link: GatewayLink, gateways: list[str]) -> None:
+        """A gateway named every gateway of the cluster it knows: dial those not dialled yet."""
+        self.peers[link] = [g for g in gateways[:MAX_PEERS] if isinstance(g, str) and 0 < len(g) <= 300]
+        asyncio.get_running_loop().create_task(self._discover())
+
+    async def _resolve(self, entry: str) -> list[tuple[str, str, int]]:
+        """(name, address, port) of each gateway an entry names; [] when it cannot be looked up now."""
+        try:
+            host, port = split_hostport(entry, 8001)
+        except ValueError:
+            log.warning("ignoring gateway address %r: not host:port", entry)
+            return []
+        try:
+            ipaddress.ip_address(host)
+            return [(host, host, port)]
+        except ValueError:
+            pass
+        loop = asyncio.get_running_loop()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError):
+                continue
+            ips = sorted({str(i[4][0]) for i in infos})
+            if ips:
+                return [(host, ip, port) for ip in ips]
+        return []
+
+    async def _discover(self) -> None:
+        """Look up the configured gateways and those the linked ones name; dial each new address,
+        forget learned ones no longer named (unless linked). A name that cannot be looked up now
+        keeps the addresses it had."""
+        configured = list(self.config.gateways)
+        learned = sorted({g for names in self.peers.values() for g in names} - set(configured))
+        found: dict[str, tuple[str, str, int, bool]] = {}
+        for entries, is_configured in ((configured, True), (learned, False)):
+            for entry in entries:
+                resolved = await self._resolve(entry)
+                if not resolved:  # keep what this entry gave before
+                    for key, t in self.targets.items():
+                        if entry.startswith(t.host + ":") or entry == t.host:
+                            found.setdefault(key, (t.host, t.ip, t.port, is_configured))
+                for host, ip, port in resolved:
+                    key = f"{ip}:{port}"
+                    if key not in found or is_configured:
+                        found[key] = (host, ip, port, is_configured)
+        if self._stop.is_set():
+            return
+        for key, (host, ip, port, is_configured) in found.items():
+            t = self.targets.get(key)
+            if t is None:
+                t = self.targets[key] = Target(host, ip, port, is_configured)
+            t.configured = t.configured or is_configured
+            t.listed = True
+            if (t.task is None or t.task.done()) and not t.refused:
+                t.task = asyncio.get_running_loop().create_task(self._dial(t), name=f"gateway {key}")
+        for key, t in list(self.targets.items()):
+            if key not in found and not t.configured:
+                t.listed = False
+                if t.link is None:  # a learned gateway that is gone: stop dialling it
+                    if t.task is not None:
+                        t.task.cancel()
+                    del self.targets[key]
+
+    async def _discovery(self) -> None:
+        while not self._stop.is_set():
+            await self._discover()
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.config.resolve_every_s)
+            except asyncio.TimeoutError:
+                pass
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -351,16 +511,16 @@ class Worker:
         ctx = ssl.create_default_context(cafile=c.tls_ca)
         return ctx
 
-    async def _connect(self) -> GatewayLink:
+    async def _connect(self, t: Target) -> GatewayLink:
         loop = asyncio.get_running_loop()
         c = self.config
         ctx = self.ssl_context()
         _, link = await loop.create_connection(
-            lambda: GatewayLink(self),
-            c.gateway_host,
-            c.gateway_port,
+            lambda: GatewayLink(self, t),
+            t.ip,
+            t.port,
             ssl=ctx,
-            server_hostname=(c.tls_server_name or c.gateway_host) if ctx else None,
+            server_hostname=(c.tls_server_name or t.host) if ctx else None,
         )
         try:
             welcome = await asyncio.wait_for(link.welcomed, 10.0)
@@ -371,6 +531,82 @@ class Worker:
         self.heartbeat_s = welcome.heartbeat_s
         link.heartbeat_clock.dead_after_s = welcome.dead_after_s
         return link
+
+    async def _dial(self, t: Target) -> None:
+        """Keep one link to the gateway at ``t``: connect, log in, serve, reconnect with back-off.
+        Ends when the worker stops, the gateway refuses it for good, or ``t`` is forgotten."""
+        c = self.config
+        while not self._stop.is_set():
+            try:
+                link = await self._connect(t)
+            except Refused as e:
+                log.error("gateway %s refused this worker: %s", t.address, e)
+                t.refused = str(e)
+                self._refused_everywhere()
+                return
+            except SameGateway as e:  # wait for that link to end, then try this address again
+                t.same_as = str(e)
+                other = self.links.get(t.same_as)
+                if other is not None:
+                    await asyncio.shield(other.closed)
+                t.same_as = ""
+                continue
+            except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+                d = backoff_delay(t.failures, c.backoff_base_s, c.backoff_cap_s, random.random())
+                if isinstance(e, RefusedForNow):
+                    d = max(d, e.retry_after_s)
+                if t.failures == 0 or t.failures % 10 == 0:
+                    log.warning(
+                        "cannot reach gateway %s (%s); retrying in %.2f s", t.address, error_text(e), d
+                    )
+                t.failures += 1
+                try:
+                    await asyncio.wait_for(self._stop.wait(), d)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            t.failures = 0
+            gid = link.gateway_id or t.address  # an older gateway has no id: its address is one
+            if gid in self.links:  # two addresses reached one gateway at once: keep the first
+                link.say(Goodbye("already linked to this gateway"))
+                link.flush()
+                link.abort()
+                continue
+            t.link = link
+            self.links[gid] = link
+            self.rebalance()
+            log.info(
+                "worker %s serving %s v%s on %s via gateway %s at %s (%d gateway%s, capacity %d, this one's share %d)",
+                self.worker_id,
+                self.manifest.name,
+                self.manifest.version,
+                c.device,
+                gid,
+                t.address,
+                len(self.links),
+                "" if len(self.links) == 1 else "s",
+                self.capacity,
+                link.share,
+            )
+            if self.draining:
+                link.say(Drain())
+            try:
+                await self._serve(link)
+            finally:
+                t.link = None
+                if self.links.get(gid) is link:
+                    del self.links[gid]
+                self.peers.pop(link, None)
+                self.rebalance()  # the others' shares grow at once
+            if not self._stop.is_set():
+                log.warning("lost gateway %s at %s; reconnecting", gid, t.address)
+
+    def _refused_everywhere(self) -> None:
+        """Every configured gateway refused this worker for good (a wrong secret): exit with 3."""
+        configured = [t for t in self.targets.values() if t.configured]
+        if configured and all(t.refused for t in configured) and not self.links:
+            self.exit_code = self.exit_code or 3
+            self._stop.set()
 
     async def run(self) -> int:
         # The event loop and the inference thread share the GIL; when a batch ends, the inference
@@ -392,61 +628,31 @@ class Worker:
                 loop.add_signal_handler(sig, self.begin_drain)
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (a Ray actor)
                 pass
-        attempt = 0
-        rc = 0
-        c = self.config
+        tasks = [
+            loop.create_task(self._discovery(), name="gateway discovery"),
+            loop.create_task(self._shares(), name="capacity shares"),
+        ]
         try:
-            while not self._stop.is_set():
-                try:
-                    self.link = await self._connect()
-                except Refused as e:
-                    log.error("gateway %s:%d refused this worker: %s", c.gateway_host, c.gateway_port, e)
-                    rc = 3
-                    break
-                except (OSError, asyncio.TimeoutError, ConnectionError) as e:
-                    d = backoff_delay(attempt, c.backoff_base_s, c.backoff_cap_s, random.random())
-                    if isinstance(e, RefusedForNow):
-                        d = max(d, e.retry_after_s)
-                    if attempt == 0 or attempt % 10 == 0:
-                        log.warning(
-                            "cannot reach gateway %s:%d (%s); retrying in %.2f s",
-                            c.gateway_host,
-                            c.gateway_port,
-                            error_text(e),
-                            d,
-                        )
-                    attempt += 1
-                    try:
-                        await asyncio.wait_for(self._stop.wait(), d)
-                    except asyncio.TimeoutError:
-                        pass
-                    continue
-                attempt = 0
-                log.info(
-                    "worker %s serving %s v%s on %s (capacity %d) via %s:%d",
-                    self.worker_id,
-                    self.manifest.name,
-                    self.manifest.version,
-                    c.device,
-                    self.capacity,
-                    c.gateway_host,
-                    c.gateway_port,
-                )
-                if self.draining:
-                    self.link.say(Drain())
-                await self._serve(self.link)
-                if not self._stop.is_set():
-                    log.warning("lost the gateway; reconnecting")
+            await self._stop.wait()
         finally:
+            dials = [t.task for t in self.targets.values() if t.task is not None]
+            await cancel_and_wait(tasks + dials)
+            for link in list(self.links.values()):
+                link.abort()
             self.engine.stop()
             if health is not None:
                 health.close()
-        return rc or self.exit_code
+        return self.exit_code
+
+    async def _shares(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            self.rebalance(tick=True)
 
     async def _serve(self, link: GatewayLink) -> None:
         """Report load every heartbeat until the link closes or a drain completes."""
         while not link.closed.done():
-            link.say(self.load_report())
+            link.say(self.load_report(link))
             try:
                 await asyncio.wait_for(asyncio.shield(link.closed), self.heartbeat_s)
             except asyncio.TimeoutError:
@@ -458,45 +664,39 @@ class Worker:
                 break
 
     def ready(self) -> bool:
-        """Logged in to the gateway and serving (the health endpoint's /ready)."""
-        link = self.link
+        """Logged in to a gateway and serving (the health endpoint's /ready)."""
         return (
-            link is not None
-            and link.welcomed.done()
-            and not link.welcomed.cancelled()
-            and link.welcomed.exception() is None
-            and not link.closed.done()
+            any(link.open for link in self.links.values())
             and not self.draining
             and self.engine is not None
             and self.engine.dead is None
         )
 
     def begin_drain(self) -> None:
-        """SIGTERM: accept nothing new, finish what is held, say goodbye, exit."""
+        """SIGTERM, or a gateway scaling in: accept nothing new from any gateway, finish what is held,
+        say goodbye, exit."""
         if self.draining:
             return
         self.draining = True
-        log.info(
-            "draining: finishing %d requests, accepting no more", self.link.in_flight if self.link else 0
-        )
-        if self.link is not None:
-            self.link.say(Drain())
+        log.info("draining: finishing %d requests, accepting no more", self.in_flight)
+        for link in self.links.values():
+            link.say(Drain())
         asyncio.get_running_loop().create_task(self._finish_drain())
 
     async def _finish_drain(self) -> None:
         end = time.monotonic() + self.config.drain_timeout_s
-        # Requests the gateway sent before it read DRAIN may still arrive: wait until none is held
+        # Requests a gateway sent before it read DRAIN may still arrive: wait until none is held
         # and none arrived for a moment.
         quiet_since = time.monotonic()
         while time.monotonic() < end:
-            held = self.link.in_flight if self.link else 0
-            if held:
+            if self.in_flight:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > 0.2:
                 break
             await asyncio.sleep(0.02)
-        if self.link is not None and self.link.transport is not None:
-            self.link.say(Goodbye("drained"))
-            self.link.flush()
-            self.link.transport.close()
+        for link in list(self.links.values()):
+            if link.transport is not None:
+                link.say(Goodbye("drained"))
+                link.flush()
+                link.transport.close()
         self._stop.set()
