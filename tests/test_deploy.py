@@ -11,7 +11,10 @@
   bounds against the gateway's own configuration, and every container's arguments and SHOAL_*
   variables against shoal's real command-line parser.
 * The gateway and a worker run as real processes with the Deployments' own command lines,
-  environment and configuration (addresses on loopback): probes, the metric KEDA queries, the drain.
+  environment and configuration (addresses on loopback, a real central for the gateway to report
+  to): probes, the metric KEDA queries, the drain.
+* Several gateways: replicas, rollout, PodDisruptionBudget, anti-affinity, the pod's own name and
+  address, a headless Service for workers and peers, central wherever autoscale is.
 * The systemd units pass `systemd-analyze verify` and `security --offline`.
 """
 
@@ -43,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import shoal
 from shoal.cli import build_parser
 from shoal.config import declared, variables
-from shoal.local import Child, LocalCluster
+from shoal.local import Child, LocalCentral, LocalCluster
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (dev extra)")
 jsonschema = pytest.importorskip("jsonschema")
@@ -226,6 +229,20 @@ def _is_worker(w: dict) -> bool:
     return w["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
 
 
+def _first_args(w: dict) -> list[str]:
+    return w["spec"]["template"]["spec"]["containers"][0].get("args", [])
+
+
+def _field_refs(c: dict) -> dict[str, str]:
+    """Variable -> the pod field it is set from (env valueFrom.fieldRef)."""
+    out = {}
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("fieldRef")
+        if ref:
+            out[e["name"]] = ref["fieldPath"]
+    return out
+
+
 # ------------------------------------------------------------------------------------- schemas
 
 
@@ -332,8 +349,13 @@ def test_selectors_services_and_ports_line_up(rendered, target):
     for pdb in _of(docs, "PodDisruptionBudget"):
         hit = [w for w, labels in pods if _matches(pdb["spec"]["selector"]["matchLabels"], labels)]
         assert len(hit) == 1, f"{_where(pdb)} covers {len(hit)} workloads"
-        # maxUnavailable: minAvailable 1 on a single replica would block every node drain.
-        assert "minAvailable" not in pdb["spec"] and pdb["spec"]["maxUnavailable"] >= 1
+        if _is_worker(hit[0]) or "replicas" not in hit[0]["spec"]:
+            # maxUnavailable: minAvailable 1 on a single replica would block every node drain.
+            assert "minAvailable" not in pdb["spec"] and pdb["spec"]["maxUnavailable"] >= 1
+        else:
+            # Fixed replicas (the gateways): some stay, and a drain may still take one.
+            assert 1 <= pdb["spec"].get("minAvailable", 1) < hit[0]["spec"]["replicas"], _where(pdb)
+            assert "maxUnavailable" not in pdb["spec"] or pdb["spec"]["maxUnavailable"] >= 1
     for w in _workloads(docs):
         spec = w["spec"]["template"]["spec"]
         if "serviceAccountName" in spec:
@@ -353,6 +375,8 @@ def test_selectors_services_and_ports_line_up(rendered, target):
 def test_network_policies_let_workers_in_and_nobody_else(rendered, target):
     docs = rendered[target]
     workers = [w for w in _workloads(docs) if _is_worker(w)]
+    # Gateways with --peer dial each other's worker port: they must be let in too.
+    peers = [w for w in _workloads(docs) if not _is_worker(w) and "--peer" in _first_args(w)]
     for pol in _of(docs, "NetworkPolicy"):
         selector = pol["spec"]["podSelector"]["matchLabels"]
         selected = [w for w in _workloads(docs) if _matches(selector, _pod_labels(w))]
@@ -362,7 +386,7 @@ def test_network_policies_let_workers_in_and_nobody_else(rendered, target):
                 assert all(port["port"] in _port_names(w) for w in selected), f"{_where(pol)}: {port['port']}"
                 if port["port"] == "workers":
                     assert rule.get("from"), "the worker port must not be open to everyone"
-                    for w in workers:
+                    for w in workers + peers:
                         froms = [f["podSelector"]["matchLabels"] for f in rule["from"]]
                         shut_out = not any(_matches(f, _pod_labels(w)) for f in froms)
                         assert not shut_out, f"{_where(pol)} shuts out {_where(w)}"
@@ -422,8 +446,21 @@ def test_gateway_ports_and_worker_arguments_agree(rendered, target):
     docs = rendered[target]
     config = _gateway_config(docs)
     gateway = _named(docs, "Deployment", "shoal-gateway")
-    assert gateway["spec"]["replicas"] == 1 and gateway["spec"]["strategy"]["type"] == "Recreate"
-    (gw,) = gateway["spec"]["template"]["spec"]["containers"]
+    # Several gateways: every worker links to each, so they roll one at a time, never all at once.
+    assert gateway["spec"]["replicas"] >= 2
+    assert gateway["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert gateway["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = gateway["spec"]["template"]["spec"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert _matches(term["podAffinityTerm"]["labelSelector"]["matchLabels"], _pod_labels(gateway))
+    (pdb,) = [
+        d
+        for d in _of(docs, "PodDisruptionBudget")
+        if _matches(d["spec"]["selector"]["matchLabels"], _pod_labels(gateway))
+    ]
+    assert pdb["spec"]["minAvailable"] == 1
+    (gw,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in gw["ports"]}
     assert ports["http"] == int(config["http"].rsplit(":", 1)[1])
     assert ports["workers"] == int(config["workers"].rsplit(":", 1)[1])
@@ -431,17 +468,41 @@ def test_gateway_ports_and_worker_arguments_agree(rendered, target):
     mount = next(m for m in gw["volumeMounts"] if m["name"] == "config")
     assert Path(args.config).parent == Path(mount["mountPath"])
     assert any(m["mountPath"] == args.state_dir for m in gw["volumeMounts"]), "--state-dir is writable"
-    joiners = _named(docs, "Service", "shoal-gateway-workers")
-    assert joiners["spec"]["publishNotReadyAddresses"] is True
+    # Each gateway is its pod: its name, and the pod's own address for workers and peers.
+    fields = _field_refs(gw)
+    assert fields.get("POD_NAME") == "metadata.name" and fields.get("POD_IP") == "status.podIP"
+    assert args.gateway_id == "$(POD_NAME)"
+    assert args.advertise_workers == f"$(POD_IP):{ports['workers']}"
+    # One autoscaling decision for all the gateways: the lease is kept at central.
+    if config.get("autoscale"):
+        assert config.get("central"), "a gateway that runs an autoscale block must report to central"
+        refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}) for e in gw["env"]}
+        assert not refs["SHOAL_CENTRAL_PASSWORD"].get("optional"), "central needs the cluster's password"
+
+    def every_gateway(address: str) -> dict:
+        """The Service an address names: headless (its name resolves to each gateway pod, ready or
+        not), selecting the gateways, on their worker port itself (clients reach the pods directly)."""
+        host, port = address.rsplit(":", 1)
+        svc = _named(docs, "Service", host)
+        assert svc["spec"].get("clusterIP") == "None", f"{_where(svc)} is not headless"
+        assert svc["spec"]["publishNotReadyAddresses"] is True
+        assert _matches(svc["spec"]["selector"], _pod_labels(gateway))
+        assert any(
+            p["port"] == int(port) == ports["workers"] and p["targetPort"] == "workers"
+            for p in svc["spec"]["ports"]
+        ), f"{_where(svc)}: port {port}"
+        return svc
+
+    assert args.peer, "the gateways find each other"
+    headless = {every_gateway(a)["metadata"]["name"] for a in args.peer}
     workers = [w for w in _workloads(docs) if _is_worker(w)]
     assert workers
     for w in workers:
         spec = w["spec"]["template"]["spec"]
         (c,) = spec["containers"]
         args = _parse(c["args"])
-        host, port = args.gateway.rsplit(":", 1)
-        svc = _named(docs, "Service", host)
-        assert any(p["port"] == int(port) and p["targetPort"] == "workers" for p in svc["spec"]["ports"])
+        for address in args.gateway.split(","):
+            assert every_gateway(address)["metadata"]["name"] in headless, f"{_where(w)}: {address}"
         assert (args.model, args.version) == _worker_model(w), _where(w)
         assert args.repo == config["autoscale"]["repo"]
         # SIGTERM drains for at most --drain-timeout; the kubelet's SIGKILL must come later.
@@ -500,14 +561,30 @@ def _until(what: str, check: Any, child: Child, timeout: float = 30.0) -> Any:
         time.sleep(0.05)
 
 
-def _container_env(c: dict, secrets: dict[str, str]) -> dict[str, str]:
-    """The environment Kubernetes would give the container, with these Secret values."""
+def _container_env(c: dict, secrets: dict[str, str], fields: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment Kubernetes would give the container, with these Secret values and pod fields."""
     env: dict[str, str] = {}
     for e in c.get("env", []):
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        value = secrets[ref["key"]] if ref else e["value"]
+        source = e.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            value = secrets[source["secretKeyRef"]["key"]]
+        elif "fieldRef" in source:
+            value = (fields or {})[source["fieldRef"]["fieldPath"]]
+        else:
+            value = e["value"]
         env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
     return env
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """The arguments as Kubernetes passes them: $(VAR) of the container's environment expanded."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _set(args: list[str], flag: str, value: str) -> list[str]:
@@ -516,23 +593,35 @@ def _set(args: list[str], flag: str, value: str) -> list[str]:
     return args
 
 
-def test_the_shipped_gateway_and_worker_run_as_the_manifests_say(rendered, tmp_path):
-    """The gateway and a worker started with the manifests' own command lines, environment and
-    configuration (addresses moved to loopback, the repository to the bundled models): the probes
-    answer without credentials, Prometheus' key reads the very series each ScaledObject queries,
-    and SIGTERM ends the worker well inside its grace period."""
+def test_the_shipped_gateway_and_worker_run_as_the_manifests_say(rendered, tmp_path, request):
+    """A gateway and a worker started with the manifests' own command lines, environment and
+    configuration (addresses moved to loopback, the repository to the bundled models, central a
+    real one on SQLite): the probes answer without credentials, Prometheus' key reads the very
+    series each ScaledObject queries, and SIGTERM ends the worker well inside its grace period.
+    One gateway of the Deployment's replicas: the headless name its --peer and the workers'
+    --gateway give resolves, here, to that one gateway's worker port."""
     docs = rendered["add-model"]
     secrets = {k: f"test-{k}" for k in _secret_keys()[("shoal", "shoal-secrets")]}
     config = _gateway_config(docs)
-    config.update(http="127.0.0.1:0", workers="127.0.0.1:0")
+    workers_port = _free_port()
+    config.update(http="127.0.0.1:0", workers=f"127.0.0.1:{workers_port}")
     config["autoscale"]["repo"] = str(BUNDLED_MODELS)
+    central = LocalCentral(tmp_path / "central")
+    request.addfinalizer(central.stop)
+    central.start()
+    central.add_account("cluster", config["name"], secrets["central-password"])
+    config["central"] = [central.url]
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
     gw = _named(docs, "Deployment", "shoal-gateway")["spec"]["template"]["spec"]["containers"][0]
-    args = _set(gw["args"], "--config", str(tmp_path / "gateway.yaml"))
+    genv = _container_env(gw, secrets, {"metadata.name": "shoal-gateway-test-a", "status.podIP": "127.0.0.1"})
+    args = _set(_expand(gw["args"], genv), "--config", str(tmp_path / "gateway.yaml"))
+    assert _parse(args).advertise_workers == "127.0.0.1:8001", "the pod's IP and the worker port"
+    args = _set(args, "--advertise-workers", f"127.0.0.1:{workers_port}")
+    args = _set(args, "--peer", f"127.0.0.1:{workers_port}")
     args = [*_set(args, "--state-dir", str(tmp_path / "state")), "--ports-file", str(tmp_path / "ports.json")]
     processes = LocalCluster(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
-    gateway = processes.spawn("gateway", args, {**env, **_container_env(gw, secrets)})
+    gateway = processes.spawn("gateway", args, {**env, **genv})
     try:
         _until("ports file", lambda: (tmp_path / "ports.json").exists(), gateway)
         ports = json.loads((tmp_path / "ports.json").read_text())
@@ -557,9 +646,7 @@ def test_the_shipped_gateway_and_worker_run_as_the_manifests_say(rendered, tmp_p
 
         worker_spec = _named(docs, "Deployment", "shoal-worker-mnist-cnn-v1")["spec"]["template"]["spec"]
         (wc,) = worker_spec["containers"]
-        with socket.socket() as s:  # a free port for the worker's health endpoint
-            s.bind(("127.0.0.1", 0))
-            health = s.getsockname()[1]
+        health = _free_port()  # for the worker's health endpoint
         wargs = _set(wc["args"], "--gateway", f"127.0.0.1:{ports['workers']}")
         wargs = _set(_set(wargs, "--repo", str(BUNDLED_MODELS)), "--health", f"127.0.0.1:{health}")
         worker = processes.spawn("worker", wargs, {**env, **_container_env(wc, secrets)})
@@ -737,3 +824,27 @@ def test_systemd_commands_and_variables_are_shoals_own():
     drain = float(env["SHOAL_WORKER_DRAIN_TIMEOUT"])
     assert float(worker["TimeoutStopSec"][0]) > drain
     assert "EnvironmentFile" in worker and "%i" in worker["EnvironmentFile"][0]
+
+
+def test_systemd_gateway_example_runs_two_gateways_and_workers_list_them(tmp_path, capsys, monkeypatch):
+    """gateway.yaml.example as `shoal cluster --config` reads it (every key shoal's own): two
+    processes, one HTTP port, worker ports from `workers` on; the worker's example lists gateways."""
+    from shoal.cli import main
+
+    for name in [k for k in os.environ if k.startswith("SHOAL_")]:
+        monkeypatch.delenv(name)
+    example = yaml.safe_load((SYSTEMD / "gateway.yaml.example").read_text())
+    assert example["processes"] == 2
+    (line,) = _unit("shoal-cluster.service")["ExecStart"]
+    args = shlex.split(line)[1:]
+    args[args.index("--config") + 1] = str(SYSTEMD / "gateway.yaml.example")
+    assert main([*args, "--print-config"]) == 0, capsys.readouterr().err
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["processes"] == 2 and shown["workers"].endswith(":8001")
+    # Commented out in the examples, but each must be what shoal reads.
+    peers = _env_file("cluster.env.example")["SHOAL_CLUSTER_PEERS"]
+    parsed = _parse(["cluster", *(a for p in peers.split(",") for a in ("--peer", p))])
+    assert parsed.peer == peers.split(",")
+    gateways = _env_file("worker.env.example")["SHOAL_WORKER_GATEWAY"].split(",")
+    assert len(gateways) >= 2 and all(re.fullmatch(r"[\w.-]+:\d+", g) for g in gateways), gateways
+    assert _parse(["worker", "--gateway", ",".join(gateways)]).gateway == ",".join(gateways)
