@@ -68,8 +68,13 @@ class LocalCluster:
     central_urls: list[str] = field(default_factory=list)  # report to these central replicas
     central_password: str = ""
     tls: tuple[str, str, str] | None = None  # (certificate, key, CA file): TLS on both gateway ports
+    processes: int = 1  # gateway processes (shoal cluster --processes): one HTTP port, a worker port each
     http_port: int = 0
     worker_port: int = 0
+    worker_ports: list[int] = field(default_factory=list)
+    gateway_pids: list[int] = field(
+        default_factory=list
+    )  # the gateway processes (their supervisor's children)
     gateway: Child | None = None
     workers: list[Child] = field(default_factory=list)
     _n: int = 0
@@ -121,6 +126,7 @@ class LocalCluster:
                 str(ports),
                 "--state-dir",
                 str(self.workdir / "state"),
+                f"--processes={self.processes}",
                 *central,
                 *self.gateway_args,
             ],
@@ -138,7 +144,15 @@ class LocalCluster:
             time.sleep(0.02)
         info = json.loads(ports.read_text())
         self.http_port, self.worker_port = info["http"], info["workers"]
+        self.worker_ports = info.get("worker_ports", [self.worker_port])
+        self.gateway_pids = info.get("pids", [info["pid"]])
         return self
+
+    def kill_gateway(self, index: int = 0, sig: int = signal.SIGKILL) -> int:
+        """Signal one gateway process (its supervisor restarts it when there are several); its pid."""
+        pid = self.gateway_pids[index]
+        os.kill(pid, sig)
+        return pid
 
     def add_worker(
         self,
