@@ -25,6 +25,9 @@ Suites (each starts its own gateway and workers as real processes and stops them
   they get, other devices' first-route latency meanwhile, and whether the known device gets in.
 * ``autoscale``  workers started and drained by load: load step to a new worker serving, requests lost
   over 20+ scale events, worker-seconds on a day-shaped trace against a static fleet, wake from zero.
+* ``gateways``   a cluster served by several gateways: requests/s and gateway CPU per request through 1, 2
+  (and 4) gateway processes; one of two gateways SIGKILLed under devices' load (failed requests, p99
+  after the kill, detection); 50 000 idle connections held over four gateway processes.
 * ``edge``       the device client's placement policies (local, remote, fastest, cascade, split) on
   emulated Wi-Fi, LTE and outage links, in network namespaces it creates (root; run only when named).
 """
@@ -59,6 +62,7 @@ SUITES = (
     "request-memory",
     "login-guessing",
     "autoscale",
+    "gateways",
     "edge",
 )
 # Suites run only when named: they need root (network namespaces) and take long.
@@ -78,18 +82,24 @@ MODULES = {
     "request-memory": "shoal.bench.big_requests",
     "login-guessing": "shoal.bench.security",
     "autoscale": "shoal.bench.autoscale",
+    "gateways": "shoal.bench.gateways",
     "edge": "shoal.bench.edge",
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # Checked in run(): argparse refuses an empty list against choices (a known argparse bug).
-    p.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all): {', '.join(SUITES)}")
+    p.add_argument(
+        "suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all): {', '.join(SUITES)}"
+    )
     p.add_argument(
         "--seconds", type=float, default=8.0, help="measuring time per load run (default %(default)s)"
     )
     p.add_argument("--connections", type=int, default=64, help="keep-alive clients for throughput runs")
     p.add_argument("--hold", type=int, default=10_000, help="connections for the connections suite")
+    p.add_argument(
+        "--gateway-hold", type=int, default=50_000, help="gateways: idle connections held over four gateways"
+    )
     p.add_argument("--soak-seconds", type=float, default=120.0, help="length of the soak suite")
     p.add_argument("--pipeline-images", type=int, default=300, help="images for the pipeline suite")
     p.add_argument(
@@ -102,9 +112,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-seconds", type=float, default=60.0, help="edge: seconds per link profile")
     p.add_argument("--edge-out", default=None, help="edge: folder for results.json and the plots")
     p.add_argument(
-        "--edge-split-repo", default=None, help="edge: a repository holding the split pair (else trained here)"
+        "--edge-split-repo",
+        default=None,
+        help="edge: a repository holding the split pair (else trained here)",
     )
-    p.add_argument("--edge-profiles", nargs="+", default=None, help="edge: link profiles to run (default: all)")
+    p.add_argument(
+        "--edge-profiles", nargs="+", default=None, help="edge: link profiles to run (default: all)"
+    )
     p.add_argument("--edge-policies", nargs="+", default=None, help="edge: policies to run (default: all)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="folder for process logs")
