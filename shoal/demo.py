@@ -1,20 +1,21 @@
 """``shoal demo``: the whole system on one machine, under load, with a failure part way.
 
-Starts a central server (SQLite), two cluster gateways that report to it, and workers serving the
-MNIST CNN, all as real processes. Many simulated devices, each with its own account, ask central for a
-route and send real MNIST test images (PNG files, as a camera would) to the cluster they were sent
-to. Part way, one worker is killed with SIGKILL. The summary says what happened: requests, failures,
-accuracy, latency, throughput, and which cluster and worker served how much. Exits non-zero if any
-request failed.
+Starts a central server (SQLite), two clusters of two gateway processes each that report to it, and
+workers serving the MNIST CNN (each linked to both gateways of its cluster), all as real processes.
+Many simulated devices, each with its own account, ask central for a route and send real MNIST test
+images (PNG files, as a camera would) to the cluster they were sent to. Part way, one worker is
+killed with SIGKILL, and later one gateway process (its supervisor restarts it). The summary says what
+happened: requests, failures, accuracy, latency, throughput, and which cluster and worker served how
+much. Exits non-zero if any request failed.
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "Run central, two clusters and their workers on this machine under load; kill a worker; summarise."
+HELP = "Run central, two clusters and their workers on this machine under load; kill a worker and a gateway; summarise."
 EXAMPLE = """
-shoal demo                      # about 20 s: 3000 images from 32 devices, one worker killed
+shoal demo                      # about 20 s: 3000 images from 32 devices, a worker and a gateway killed
 shoal demo --requests 10000 --devices 64 --json
 shoal demo --elastic            # about 75 s: workers follow a day of load; a model woken from zero
 """
@@ -31,10 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clusters", type=int, default=2, help="clusters (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="workers per cluster (default %(default)s)")
     p.add_argument(
+        "--gateways", type=int, default=2, help="gateway processes per cluster (default %(default)s)"
+    )
+    p.add_argument(
         "--kill-at",
         type=float,
         default=0.4,
         help="fraction of requests after which a worker is killed (0: none; default %(default)s)",
+    )
+    p.add_argument(
+        "--kill-gateway-at",
+        type=float,
+        default=0.7,
+        help="fraction of requests after which one gateway process of the first cluster is killed "
+        "(0: none; needs --gateways 2 or more; default %(default)s)",
     )
     p.add_argument("--model", default="mnist-cnn", help="model to serve (default %(default)s)")
     p.add_argument("--repo", default=None, help="model repository (default: the models bundled with shoal)")
@@ -105,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         central.start()
         for c in range(args.clusters):
             name = f"cluster-{chr(ord('a') + c)}"
-            lc = central.start_cluster(workdir / name, name)
+            lc = central.start_cluster(workdir / name, name, processes=args.gateways)
             clusters.append(lc)
             for _ in range(args.workers):
                 lc.add_worker(args.model, repo=repo)
@@ -121,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         kill_after = int(args.requests * args.kill_at) if args.kill_at > 0 and args.workers > 1 else -1
+        kill_gw_after = (
+            int(args.requests * args.kill_gateway_at)
+            if args.kill_gateway_at > 0 and args.gateways > 1
+            else -1
+        )
         bar = tqdm(total=args.requests, unit="img", disable=args.no_progress, desc="devices", leave=False)
         done = 0
 
@@ -146,6 +162,17 @@ def run(args: argparse.Namespace) -> int:
                         bar.write(
                             f"shoal demo: killed worker {victim.name} (pid {victim.pid}) with SIGKILL after {done} images"
                         )
+                    if done == kill_gw_after:
+                        pid = clusters[0].kill_gateway(0)
+                        killed.update(
+                            gateway=f"{clusters[0].name} gateway process 0",
+                            gateway_pid=pid,
+                            gateway_after=done,
+                        )
+                        bar.write(
+                            f"shoal demo: killed gateway process 0 of {clusters[0].name} (pid {pid}) with SIGKILL "
+                            f"after {done} images; its supervisor restarts it"
+                        )
 
         async def all_devices() -> float:
             t = time.perf_counter()
@@ -164,9 +191,10 @@ def run(args: argparse.Namespace) -> int:
         central.stop()
 
     workers: dict[str, int] = {}
-    for st in status:
-        workers.update({w["worker_id"]: w["served"] for w in st["departed_workers"]})
-        workers.update({w["worker_id"]: w["served"] for m in st["models"] for w in m["workers"]})
+    for st in status:  # each worker's own count (it serves every gateway of its cluster)
+        for w in [*st["departed_workers"], *(w for m in st["models"] for w in m["workers"])]:
+            served = w.get("load", {}).get("served", w["served"])
+            workers[w["worker_id"]] = max(served, workers.get(w["worker_id"], 0))
     lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
     summary = {
         "requests": args.requests,
@@ -207,7 +235,12 @@ def _print_summary(s: dict, failures: list[str]) -> None:
         print(f"    {k:<22} {v:>7}")
     print("  served by worker (the killed one's unanswered requests went to the others):")
     for k, v in s["workers"].items():
-        tag = "  (killed with SIGKILL)" if s["killed"] and k == s["killed"]["worker"] else ""
+        tag = "  (killed with SIGKILL)" if s["killed"] and k == s["killed"].get("worker") else ""
         print(f"    {k:<22} {v:>7}{tag}")
+    if s["killed"] and "gateway" in s["killed"]:
+        k = s["killed"]
+        print(
+            f"  killed with SIGKILL after {k['gateway_after']} images: {k['gateway']} (pid {k['gateway_pid']})"
+        )
     for f in failures[:10]:
         print(f"  failure: {f}")
