@@ -119,7 +119,6 @@ class Target:
     ip: str
     port: int
     configured: bool  # from the worker's own list (dialled for as long as it runs)
-    listed: bool = True  # in the last lookup of its name, or named by a linked gateway
     task: asyncio.Task | None = None
     link: GatewayLink | None = None  # logged in
     failures: int = 0  # failed dials in a row
@@ -232,6 +231,7 @@ class Worker:
         self.links: dict[str, GatewayLink] = {}  # logged-in links, by gateway id
         self.peers: dict[GatewayLink, list[str]] = {}  # what each linked gateway says of the others
         self.in_flight = 0  # over all links
+        self._discovering = asyncio.Lock()
         self.engine: InferenceEngine | None = None
         self.draining = False
         self.served = 0
@@ -461,7 +461,11 @@ class Worker:
     async def _discover(self) -> None:
         """Look up the configured gateways and those the linked ones name; dial each new address,
         forget learned ones no longer named (unless linked). A name that cannot be looked up now
-        keeps the addresses it had."""
+        keeps the addresses it had. One lookup at a time: a slow one must not undo a newer one."""
+        async with self._discovering:
+            await self._discover_now()
+
+    async def _discover_now(self) -> None:
         configured = list(self.config.gateways)
         learned = sorted({g for names in self.peers.values() for g in names} - set(configured))
         found: dict[str, tuple[str, str, int, bool]] = {}
@@ -483,12 +487,10 @@ class Worker:
             if t is None:
                 t = self.targets[key] = Target(host, ip, port, is_configured)
             t.configured = t.configured or is_configured
-            t.listed = True
             if (t.task is None or t.task.done()) and not t.refused:
                 t.task = asyncio.get_running_loop().create_task(self._dial(t), name=f"gateway {key}")
         for key, t in list(self.targets.items()):
             if key not in found and not t.configured:
-                t.listed = False
                 if t.link is None:  # a learned gateway that is gone: stop dialling it
                     if t.task is not None:
                         t.task.cancel()
