@@ -3,7 +3,17 @@
 import pytest
 
 from shoal.central import passwords
-from shoal.central.policy import ClusterInfo, ModelLoad, choose_cluster, load_of, version_key
+from shoal.central.policy import (
+    ClusterInfo,
+    GatewayInfo,
+    ModelLoad,
+    choose_cluster,
+    cluster_of,
+    is_live,
+    load_of,
+    merge_models,
+    version_key,
+)
 
 NOW = 1000.0
 
@@ -115,3 +125,67 @@ def test_a_cluster_where_the_model_sleeps_is_chosen_only_when_none_has_it_awake(
     assert pick([sleepy, busy]) == ("busy", "1")  # awake, even nearly full, before waking another
     assert pick([sleepy]) == ("sleepy", "1")  # the only one that can serve it: it will wake it
     assert pick([sleepy, cluster("down", ModelLoad("mnist", "1", ready=False))]) == ("sleepy", "1")
+
+
+# ------------------------------------------------------------------- clusters of several gateways
+
+
+def gw(gid, *models, age=0.0):
+    return GatewayInfo(gid, f"http://{gid}:8000", tuple(models), NOW - age, f"{gid}:8001")
+
+
+def test_a_clusters_gateways_add_up_capacity_and_load_and_merge_the_rest():
+    a = gw("a", ModelLoad("mnist", "1", True, 4, 10, 2, 2.0, 2))
+    b = gw("b", ModelLoad("mnist", "1", False, 1, 30, 0, 6.0, 3, asleep=False))
+    c = cluster_of("site", [b, a], NOW, 3.0)
+    (merged,) = c.models
+    assert (merged.in_flight, merged.queue, merged.capacity, merged.workers) == (5, 2, 40, 3)
+    assert merged.ready and not merged.asleep and merged.latency_ms == (2.0 * 10 + 6.0 * 30) / 40
+    assert c.address == "http://b:8000" and [g.id for g in c.gateways] == ["a", "b"]  # b: 1/30, a: 6/10
+    c2 = cluster_of("site", [gw("a", m(in_flight=6)), gw("b", m(in_flight=1))], NOW, 3.0)
+    assert c2.address == "http://b:8000"
+    asleep = [gw(x, ModelLoad("mnist", "1", False, capacity=0, asleep=True)) for x in "ab"]
+    assert cluster_of("site", asleep, NOW, 3.0).models[0].asleep
+    assert merge_models([[m(capacity=0, latency_ms=2)], [m(capacity=0, latency_ms=4)]])[0].latency_ms == 3.0
+
+
+def test_a_silent_gateway_drops_out_and_the_cluster_lives_while_any_gateway_does():
+    live, silent = gw("a", m(in_flight=1)), gw("b", m(in_flight=9), age=3.0)
+    c = cluster_of("site", [live, silent], NOW, 3.0)
+    assert [g.id for g in c.gateways] == ["a"] and c.models[0].in_flight == 1 and is_live(c, NOW, 3.0)
+    gone = cluster_of("site", [gw("a", m(), age=5.0), gw("b", m(in_flight=2), age=4.0)], NOW, 3.0)
+    assert not is_live(gone, NOW, 3.0) and gone.models[0].in_flight == 2  # what it served last
+    assert pick([gone]) is None
+
+
+def test_the_cluster_is_chosen_on_its_summed_load_then_its_least_loaded_gateway_first():
+    # Two gateways half full make a cluster at 0.5; one gateway at 0.6 elsewhere loses to it.
+    two = cluster_of("two", [gw("x", m(in_flight=5)), gw("y", m(in_flight=5))], NOW, 3.0)
+    one = cluster_of("one", [gw("z", m(in_flight=6))], NOW, 3.0)
+    choice = choose_cluster([one, two], "mnist", now=NOW)
+    assert choice is not None and choice.cluster.name == "two"
+    assert choice.urls == ["http://x:8000", "http://y:8000"]  # a tie: by id
+    site = cluster_of(
+        "site", [gw("a", m(in_flight=7)), gw("b", m(in_flight=2)), gw("c", m(name="other"))], NOW, 3.0
+    )
+    choice = choose_cluster([site], "mnist", now=NOW)
+    assert choice is not None and choice.urls == ["http://b:8000", "http://a:8000"]  # c serves another model
+    # Routes handed out since b's last report count against b.
+    choice = choose_cluster([site], "mnist", now=NOW, gateway_assigned={"site": {"b": 6.0}})
+    assert choice is not None and choice.urls == ["http://a:8000", "http://b:8000"]
+    # Awake before asleep, whatever the load; and a cluster given without gateways keeps its address.
+    sleepy = cluster_of(
+        "s", [gw("a", ModelLoad("mnist", "1", False, asleep=True)), gw("b", m(in_flight=9))], NOW, 3.0
+    )
+    assert choose_cluster([sleepy], "mnist", now=NOW).urls == ["http://b:8000", "http://a:8000"]
+    assert choose_cluster([cluster("old", m())], "mnist", now=NOW).urls == ["http://old:8000"]
+
+
+def test_routes_spread_over_a_clusters_gateways_within_one_report_interval():
+    site = cluster_of("site", [gw("a", m()), gw("b", m())], NOW, 3.0)
+    per_gateway: dict[str, float] = {}
+    for _ in range(10):
+        choice = choose_cluster([site], "mnist", now=NOW, gateway_assigned={"site": per_gateway})
+        first = choice.gateways[0].id
+        per_gateway[first] = per_gateway.get(first, 0) + 1
+    assert per_gateway == {"a": 5, "b": 5}

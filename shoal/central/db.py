@@ -1,9 +1,11 @@
-"""The central database: accounts, the master secret and commands for devices (SQLAlchemy 2, async).
+"""The central database: accounts, the master secret, commands for devices and each cluster's decision
+lease (SQLAlchemy 2, async).
 
 SQLite by default (``aiosqlite``), PostgreSQL by URL (``asyncpg``). The schema is managed by Alembic
 (``shoal/central/migrations``); ``Store.open()`` brings the database to the newest revision, holding a
 lock so that several replicas starting together on one database migrate it once. The live table of
-clusters is not here: every replica keeps its own, since clusters report to each of them.
+clusters is not here: every replica keeps its own, since clusters report to each of them; only the
+decision lease, which replicas must agree on, is.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     delete,
     func,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -85,6 +89,15 @@ class CommandRow(Base):
     delivered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     acked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     result: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON, as the device acked it
+
+
+class LeaseRow(Base):
+    """Which gateway of a cluster decides (runs the autoscaler), until when (unix seconds, central's clock)."""
+
+    __tablename__ = "shoal_decision_leases"
+    cluster: Mapped[str] = mapped_column(String(128), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Float)
 
 
 class AccountExists(Exception):
@@ -231,7 +244,9 @@ class Store:
         async with self.sessions.begin() as s:
             r = await s.execute(
                 update(CommandRow)
-                .where(CommandRow.id == command_id, CommandRow.device == device, CommandRow.acked_at.is_(None))
+                .where(
+                    CommandRow.id == command_id, CommandRow.device == device, CommandRow.acked_at.is_(None)
+                )
                 .values(acked_at=time.time(), result=json.dumps(result))
             )
             return (r.rowcount or 0) > 0
@@ -240,7 +255,9 @@ class Store:
     async def commands_since(self, last_id: int) -> list[tuple[int, str]]:
         async with self.sessions() as s:
             rows = await s.execute(
-                select(CommandRow.id, CommandRow.device).where(CommandRow.id > last_id).order_by(CommandRow.id)
+                select(CommandRow.id, CommandRow.device)
+                .where(CommandRow.id > last_id)
+                .order_by(CommandRow.id)
             )
             return [(int(i), d) for i, d in rows.all()]
 
@@ -264,7 +281,45 @@ class Store:
             q = select(CommandRow).where(CommandRow.acked_at > since).order_by(CommandRow.acked_at)
             rows = (await s.scalars(q)).all()
         return [
-            AckedCommand(r.id, r.device, r.command, r.acked_at or 0.0, json.loads(r.result) if r.result else None)
+            AckedCommand(
+                r.id, r.device, r.command, r.acked_at or 0.0, json.loads(r.result) if r.result else None
+            )
             for r in rows
         ]
 
+    # ---------------------------------------------------------------------------- decision lease
+
+    @_bounded
+    async def take_lease(self, cluster: str, gateway: str, lease_s: float, now: float) -> tuple[str, float]:
+        """Give ``gateway`` the cluster's decision lease until ``now + lease_s`` when it is free,
+        expired or already its own; the holder and its expiry either way. One statement (an upsert
+        that keeps the row unless the lease may change hands), so replicas on one database never hand
+        it to two gateways: PostgreSQL re-checks the condition on the latest row after waiting for
+        its lock, SQLite has one writer at a time."""
+        t = LeaseRow.__table__
+        c = t.c
+        free = (c.holder == gateway) | (c.expires_at <= now)
+        ins = (postgresql if self.dialect == "postgresql" else sqlite).insert(t)
+        stmt = ins.values(cluster=cluster, holder=gateway, expires_at=now + lease_s).on_conflict_do_update(
+            index_elements=[c.cluster],
+            set_={
+                "holder": case((free, ins.excluded.holder), else_=c.holder),
+                "expires_at": case((free, ins.excluded.expires_at), else_=c.expires_at),
+            },
+        )
+        async with self.sessions.begin() as s:
+            holder, expires = (await s.execute(stmt.returning(c.holder, c.expires_at))).one()
+        return str(holder), float(expires)
+
+    @_bounded
+    async def release_lease(self, cluster: str, gateway: str) -> None:
+        """Drop the lease if ``gateway`` holds it (it no longer asks to decide)."""
+        async with self.sessions.begin() as s:
+            await s.execute(delete(LeaseRow).where(LeaseRow.cluster == cluster, LeaseRow.holder == gateway))
+
+    @_bounded
+    async def lease(self, cluster: str) -> tuple[str, float] | None:
+        """The lease row as it is (tests and tools); None when nobody holds it."""
+        async with self.sessions() as s:
+            row = await s.get(LeaseRow, cluster)
+            return None if row is None else (row.holder, row.expires_at)

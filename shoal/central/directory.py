@@ -1,37 +1,74 @@
-"""The live directory of one central replica: clusters as their reports describe them, the routes
-handed out since each cluster's last report, and the devices seen recently.
+"""The live directory of one central replica: clusters and their gateways as their reports describe
+them, the routes handed out since each gateway's last report, the decision lease holders it last
+learnt, and the devices seen recently.
 
-Each replica keeps its own (clusters report to every replica); nothing here touches the database.
-The choice of cluster is ``policy.choose_cluster``, a pure function; this keeps its inputs and the
-counters the status and metrics show.
+Each replica keeps its own (gateways report to every replica); nothing here touches the database.
+The choice of cluster and gateway is ``policy.choose_cluster``, a pure function; this keeps its
+inputs and the counters the status and metrics show.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from dataclasses import dataclass, field
 
 from shoal.central.config import CentralConfig
-from shoal.central.policy import Choice, ClusterInfo, choose_cluster, is_live, load_of
+from shoal.central.policy import (
+    Choice,
+    ClusterInfo,
+    GatewayInfo,
+    choose_cluster,
+    cluster_of,
+    is_live,
+    load_of,
+    total_load,
+)
 from shoal.modelrepo.versions import version_key
-from shoal.protocol.central_messages import ClusterView, DeviceSeen, ModelView, Report
+from shoal.protocol.central_messages import (
+    MAX_GATEWAYS_PER_CLUSTER,
+    ClusterView,
+    DeviceSeen,
+    GatewayPeer,
+    GatewayView,
+    ModelView,
+    Report,
+)
 
 DEVICE_LIVE_S = 60.0  # a device counts as live this long after its last request
-FORGET_CLUSTER_S = 600.0  # a silent cluster stays on the status page (as not live) this long
+FORGET_CLUSTER_S = 600.0  # a silent gateway (cluster) stays on the status page (as not live) this long
 SWEEP_S = 5.0
 
 
-def _finite(x: float) -> float | None:
-    return None if x == float("inf") else round(x, 4)
+def _finite(x: float | None) -> float | None:
+    return None if x is None or x == math.inf else round(x, 4)
+
+
+class TooManyGateways(Exception):
+    pass
+
+
+@dataclass
+class _Cluster:
+    """What a replica keeps of one cluster: its gateways' last reports, and its merged view."""
+
+    gateways: dict[str, GatewayInfo] = field(default_factory=dict)
+    assigned: dict[str, float] = field(default_factory=dict)  # routes per gateway since its last report
+    decide: set[str] = field(default_factory=set)  # gateways whose last report asked for the lease
+    decider: str = ""  # the lease holder this replica last learnt, ...
+    decider_until: float = 0.0  # ... and until when (unix seconds) it holds it
+    merged: ClusterInfo | None = None  # ``cluster_of`` the gateways; None: to be made again
+    merged_until: float = 0.0  # monotonic time at which a merged gateway falls silent
 
 
 class Directory:
     def __init__(self, config: CentralConfig) -> None:
         self.max_age_s = config.max_age_s
         self.grace_s = config.grace_s
-        self.clusters: dict[str, ClusterInfo] = {}
+        self._clusters: dict[str, _Cluster] = {}
         self.first_seen: dict[str, float] = {}  # unix time of a cluster's first report here
-        self.assigned: dict[str, float] = {}  # routes handed out per cluster since its last report
+        self.assigned: dict[str, float] = {}  # routes handed out per cluster since its gateways' last reports
         self.devices: dict[str, float] = {}  # device name -> unix time last seen
         self.listening_since = time.monotonic()
         self.routes_answered = 0
@@ -41,30 +78,87 @@ class Directory:
     # -------------------------------------------------------------------------------- changes
 
     def report(self, name: str, report: Report, now: float) -> bool:
-        """Take a cluster's report; True when the cluster was not live before it."""
-        old = self.clusters.get(name)
-        self.clusters[name] = ClusterInfo(name, report.address, tuple(report.models), now)
+        """Take a gateway's report; True when its cluster was not live before it. ``TooManyGateways``
+        when the cluster already has ``MAX_GATEWAYS_PER_CLUSTER`` live ones and this is another."""
+        c = self._clusters.get(name)
+        was_live = c is not None and any(is_live(g, now, self.max_age_s) for g in c.gateways.values())
+        if c is None:
+            c = self._clusters[name] = _Cluster()
+        gid = report.gateway
+        if gid not in c.gateways and len(c.gateways) >= MAX_GATEWAYS_PER_CLUSTER:
+            for g in [g.id for g in c.gateways.values() if not is_live(g, now, self.max_age_s)]:
+                self._drop_gateway(name, c, g)
+            if len(c.gateways) >= MAX_GATEWAYS_PER_CLUSTER:
+                raise TooManyGateways(
+                    f"cluster {name!r} already has {MAX_GATEWAYS_PER_CLUSTER} live gateways; "
+                    f"gateway {gid!r} is refused until one stops"
+                )
+        c.gateways[gid] = GatewayInfo(gid, report.address, tuple(report.models), now, report.workers)
+        # The report's load now includes the devices sent to this gateway.
+        self.assigned[name] = max(0.0, self.assigned.get(name, 0.0) - c.assigned.pop(gid, 0.0))
+        if report.decide:
+            c.decide.add(gid)
+        else:
+            c.decide.discard(gid)
+        c.merged = None
         self.first_seen.setdefault(name, time.time())
-        self.assigned[name] = 0.0  # the report's load now includes the devices sent there
         self.reports += 1
-        return old is None or not is_live(old, now, self.max_age_s)
+        return not was_live
+
+    def asked_to_decide(self, name: str, gateway: str) -> bool:
+        """Whether the gateway's last report asked for the lease (ask before ``report`` takes the next)."""
+        c = self._clusters.get(name)
+        return c is not None and gateway in c.decide
+
+    def learn_decider(self, name: str, holder: str, until: float) -> None:
+        """The lease holder the database answered (``""``: none), held until ``until`` (unix seconds)."""
+        c = self._clusters.get(name)
+        if c is not None:
+            c.decider, c.decider_until = holder, until
+
+    def decider(self, name: str, wall: float | None = None) -> str:
+        """The lease holder this replica last learnt, while its lease lasts; ``wall=None``: whatever
+        it last learnt (the database is unreachable: it may still hold it)."""
+        c = self._clusters.get(name)
+        if c is None or (wall is not None and wall >= c.decider_until):
+            return ""
+        return c.decider
+
+    def cluster(self, name: str, now: float) -> ClusterInfo | None:
+        """The cluster its gateways make now (made again after a report or when one falls silent)."""
+        c = self._clusters.get(name)
+        if c is None or not c.gateways:
+            return None
+        if c.merged is None or now >= c.merged_until:
+            c.merged = cluster_of(name, c.gateways.values(), now, self.max_age_s)
+            live = [
+                g.last_report + self.max_age_s for g in c.gateways.values() if is_live(g, now, self.max_age_s)
+            ]
+            c.merged_until = min(live) if live else math.inf
+        return c.merged
 
     def choose(self, model: str, version: str | None, exclude: list[str], now: float) -> Choice | None:
-        """The cluster to route a device to (counted as assigned to it), or None."""
+        """The cluster to route a device to and its gateways in turn (counted as assigned to the
+        first), or None."""
         choice = choose_cluster(
-            self.clusters.values(),
+            self.clusters(now),
             model,
             version,
             exclude,
             now=now,
             max_age_s=self.max_age_s,
             assigned=self.assigned,
+            gateway_assigned={n: c.assigned for n, c in self._clusters.items()},
         )
         if choice is None:
             self.routes_unserved += 1
             return None
         name = choice.cluster.name
         self.assigned[name] = self.assigned.get(name, 0.0) + 1.0
+        if choice.gateways:
+            c = self._clusters[name]
+            gid = choice.gateways[0].id
+            c.assigned[gid] = c.assigned.get(gid, 0.0) + 1.0
         self.routes_answered += 1
         return choice
 
@@ -73,19 +167,28 @@ class Directory:
         return now - self.listening_since < self.grace_s
 
     def forget(self, cluster: str) -> None:
-        self.clusters.pop(cluster, None)
+        self._clusters.pop(cluster, None)
         self.assigned.pop(cluster, None)
+
+    def _drop_gateway(self, name: str, c: _Cluster, gid: str) -> None:
+        c.gateways.pop(gid, None)
+        self.assigned[name] = max(0.0, self.assigned.get(name, 0.0) - c.assigned.pop(gid, 0.0))
+        c.decide.discard(gid)
+        c.merged = None
 
     def seen(self, device: str) -> None:
         self.devices[device] = time.time()
 
     def sweep(self, now: float, wall: float) -> None:
-        """Forget devices not seen for a minute and clusters silent for long: memory stays bounded."""
+        """Forget devices not seen for a minute and gateways (clusters) silent for long: memory stays bounded."""
         cutoff = wall - DEVICE_LIVE_S
         for d in [d for d, t in self.devices.items() if t < cutoff]:
             del self.devices[d]
-        for name in [n for n, c in self.clusters.items() if now - c.last_report > FORGET_CLUSTER_S]:
-            self.forget(name)
+        for name, c in list(self._clusters.items()):
+            for gid in [g.id for g in c.gateways.values() if now - g.last_report > FORGET_CLUSTER_S]:
+                self._drop_gateway(name, c, gid)
+            if not c.gateways:
+                self.forget(name)
 
     async def run_sweeper(self) -> None:
         while True:
@@ -94,8 +197,24 @@ class Directory:
 
     # ---------------------------------------------------------------------------------- views
 
+    def clusters(self, now: float) -> list[ClusterInfo]:
+        """Every cluster known here, live or silent."""
+        return [c for name in self._clusters if (c := self.cluster(name, now)) is not None]
+
     def live(self, now: float) -> list[ClusterInfo]:
-        return [c for c in self.clusters.values() if is_live(c, now, self.max_age_s)]
+        return [c for c in self.clusters(now) if is_live(c, now, self.max_age_s)]
+
+    def peers(self, name: str, now: float, wall: float) -> list[GatewayPeer]:
+        """The cluster's live gateways for a gateway's report answer, by id."""
+        c = self._clusters.get(name)
+        if c is None:
+            return []
+        decider = self.decider(name, wall)
+        return [
+            GatewayPeer(g.id, g.address, g.workers, list(g.models), g.id == decider)
+            for g in sorted(c.gateways.values(), key=lambda g: g.id)
+            if is_live(g, now, self.max_age_s)
+        ]
 
     def view(self, c: ClusterInfo, now: float) -> ClusterView:
         models = [
@@ -113,15 +232,28 @@ class Directory:
             )
             for m in sorted(c.models, key=lambda m: (m.name, version_key(m.version)))
         ]
-        in_flight = sum(m.in_flight + m.queue for m in c.models)
-        capacity = sum(m.capacity for m in c.models)
+        state = self._clusters.get(c.name)
+        decider = self.decider(c.name, time.time())
+        gateways = [
+            GatewayView(
+                g.id,
+                g.address,
+                g.workers,
+                is_live(g, now, self.max_age_s),
+                round(now - g.last_report, 3),
+                _finite(total_load(g.models)),
+                g.id == decider,
+            )
+            for g in sorted(state.gateways.values() if state else (), key=lambda g: g.id)
+        ]
         return ClusterView(
             name=c.name,
             address=c.address,
             live=is_live(c, now, self.max_age_s),
             last_report_s=round(now - c.last_report, 3),
-            load=round(in_flight / capacity, 4) if capacity > 0 else None,
+            load=_finite(total_load(c.models)),
             models=models,
+            gateways=gateways,
         )
 
     def live_views(self) -> list[ClusterView]:
@@ -130,7 +262,7 @@ class Directory:
 
     def all_views(self) -> list[ClusterView]:
         now = time.monotonic()
-        return [self.view(c, now) for c in sorted(self.clusters.values(), key=lambda c: c.name)]
+        return [self.view(c, now) for c in sorted(self.clusters(now), key=lambda c: c.name)]
 
     def devices_seen(self) -> list[DeviceSeen]:
         wall = time.time()

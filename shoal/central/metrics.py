@@ -38,6 +38,12 @@ class _CentralState:
         yield hooks
         live = d.live(time.monotonic())
         yield GaugeMetricFamily("shoal_central_clusters_live", "Clusters in the route table", value=len(live))
+        gateways = GaugeMetricFamily(
+            "shoal_central_gateways_live", "Live gateways of each live cluster", labels=["cluster"]
+        )
+        for x in live:
+            gateways.add_metric([x.name], len(x.gateways) or 1)
+        yield gateways
         yield GaugeMetricFamily(
             "shoal_central_devices_live", "Devices seen in the last minute", value=len(d.devices)
         )

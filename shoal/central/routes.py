@@ -6,6 +6,7 @@ already checked and decoded (``app.py``), and return a message of ``protocol/cen
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -14,9 +15,10 @@ from typing import TYPE_CHECKING, Annotated
 import msgspec
 from starlette.responses import Response
 
-from shoal.central.app import Call, Credentials, Operation, RouteTable, respond
+from shoal.central.app import DATABASE_ERRORS, Call, Credentials, Operation, RouteTable, respond
 from shoal.central.config import CentralConfig
 from shoal.central.db import AccountExists
+from shoal.central.directory import TooManyGateways
 from shoal.central.errors import RETRY_SOON, HttpError
 from shoal.protocol.central_messages import (
     AccountAdded,
@@ -94,7 +96,9 @@ async def route(c: CentralParts, call: Call) -> RouteAnswer:
         what = f"model '{req.model}'" + (f" version '{req.version}'" if req.version is not None else "")
         if c.directory.starting(now):
             raise HttpError(
-                503, f"central has just started and clusters are reporting; no route for {what} yet", RETRY_SOON
+                503,
+                f"central has just started and clusters are reporting; no route for {what} yet",
+                RETRY_SOON,
             )
         extra = f" (excluding {', '.join(req.exclude)})" if req.exclude else ""
         raise HttpError(404, f"no live cluster serves {what}{extra}")
@@ -105,9 +109,9 @@ async def route(c: CentralParts, call: Call) -> RouteAnswer:
     if req.version is not None:
         claims["version"] = req.version  # the token then opens that version only
     token = sign_token(claims, c.keys.route(name), ttl, now=wall)
+    url, *fallbacks = choice.urls
     return RouteAnswer(
-        name, choice.cluster.address, token, int(wall + ttl), req.model, choice.entry.version,
-        choice.entry.latency_ms,
+        name, url, token, int(wall + ttl), req.model, choice.entry.version, choice.entry.latency_ms, fallbacks
     )
 
 
@@ -132,10 +136,56 @@ async def ack_command(c: CentralParts, call: Call) -> AckAnswer:
 
 async def report(c: CentralParts, call: Call) -> ReportAnswer:
     rep: Report = call.body
-    if c.directory.report(call.who, rep, time.monotonic()):
-        log.info("cluster %r is live at %s with %d model versions", call.who, rep.address, len(rep.models))
-    key = base64.urlsafe_b64encode(c.keys.route(call.who)).decode("ascii")
-    return ReportAnswer(ok=True, cluster=call.who, token_key=key, report_interval_s=c.config.report_interval_s)
+    d, name, gid = c.directory, call.who, rep.gateway
+    asked_before = d.asked_to_decide(name, gid)
+    now = time.monotonic()
+    try:
+        if d.report(name, rep, now):
+            log.info("cluster %r is live at %s with %d model versions", name, rep.address, len(rep.models))
+    except TooManyGateways as e:
+        raise HttpError(409, str(e)) from None
+    wall = time.time()
+    if rep.decide or asked_before or (gid and d.decider(name) == gid):
+        decider = await _decision_lease(c, name, gid, rep.decide, wall)
+    else:
+        decider = d.decider(name, wall)  # no database write for gateways that do not ask
+    key = base64.urlsafe_b64encode(c.keys.route(name)).decode("ascii")
+    return ReportAnswer(
+        ok=True,
+        cluster=name,
+        token_key=key,
+        report_interval_s=c.config.report_interval_s,
+        gateways=d.peers(name, now, wall),
+        decider=decider,
+    )
+
+
+async def _decision_lease(c: CentralParts, cluster: str, gateway: str, decide: bool, wall: float) -> str:
+    """Take or extend the cluster's decision lease for ``gateway`` (``decide``), or release it; the
+    holder. The database unreachable: the lease is left as it is and the answer is the holder this
+    replica learnt last (it may have expired meanwhile; the gateways learn better once it is back)."""
+    d = c.directory
+    lease_s = max(3.0, 3 * c.config.report_interval_s)
+    try:
+        # Bounded by the report interval: a report answers in time, database or not.
+        bound = min(c.config.db_timeout_s, c.config.report_interval_s)
+        if decide:
+            holder, until = await asyncio.wait_for(c.store.take_lease(cluster, gateway, lease_s, wall), bound)
+            if holder != d.decider(cluster):
+                log.info("gateway %r of cluster %r holds the decision lease", holder, cluster)
+            d.learn_decider(cluster, holder, until)
+            return holder
+        await asyncio.wait_for(c.store.release_lease(cluster, gateway), bound)
+        if d.decider(cluster) == gateway:
+            d.learn_decider(cluster, "", 0.0)
+        return d.decider(cluster, wall)
+    except DATABASE_ERRORS as e:
+        log.warning(
+            "decision lease of cluster %r unchanged, the database is unreachable: %s",
+            cluster,
+            str(e).splitlines()[0][:200] if str(e) else type(e).__name__,
+        )
+        return d.decider(cluster)
 
 
 # ------------------------------------------------------------------------------------ operators
@@ -202,7 +252,7 @@ def route_table(config: CentralConfig) -> RouteTable:
             Operation(
                 "POST",
                 "/v1/route",
-                "the least-loaded live cluster serving a model, with a route token for it",
+                "the least-loaded live cluster serving a model, its gateways in turn, with a route token for it",
                 route,
                 DEVICE_OR_SESSION,
                 body=RouteRequest,
@@ -212,19 +262,32 @@ def route_table(config: CentralConfig) -> RouteTable:
             Operation(
                 "POST",
                 "/v1/clusters/report",
-                "a cluster's report (every report_interval_s); the account name is the cluster name",
+                "a cluster gateway's report (every report_interval_s); the account name is the cluster name",
                 report,
                 CLUSTER,
                 body=Report,
                 answer=ReportAnswer,
+                errors=(409,),
             ),
             Operation("GET", "/", "the status page (HTML)", status_page, OPERATOR, media_type="text/html"),
-            Operation("GET", "/metrics", "Prometheus metrics (text format)", metrics, OPERATOR, media_type="text/plain"),
+            Operation(
+                "GET",
+                "/metrics",
+                "Prometheus metrics (text format)",
+                metrics,
+                OPERATOR,
+                media_type="text/plain",
+            ),
             Operation("GET", "/v1/health", "liveness of this replica", health, None, answer=Health),
             Operation("GET", "/v1/openapi.json", "this document (OpenAPI 3.1)", openapi, None),
             Operation("POST", "/v1/login", "a device session token", login, DEVICE, answer=Session),
             Operation(
-                "GET", "/v1/clusters", "the live clusters, their models and load", clusters, OPERATOR, answer=ClusterList
+                "GET",
+                "/v1/clusters",
+                "the live clusters, their models and load",
+                clusters,
+                OPERATOR,
+                answer=ClusterList,
             ),
             Operation(
                 "GET",

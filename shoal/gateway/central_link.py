@@ -3,6 +3,11 @@ per model version the load (in flight, capacity, queue, recent latency, workers)
 (``protocol/central_messages.py``). Central answers with the key this cluster verifies route tokens
 with; the gateway starts accepting tokens once it has it.
 
+A cluster may be served by several gateways, all logging in with the cluster's account: each reports
+its own id and the address its workers dial, and may ask for the cluster's decision lease (the one
+gateway that runs the autoscaler). Central's answer lists the cluster's live gateways and the lease
+holder; the reporter hands every answer to whoever wants it (``on_answer``).
+
 A central that is down costs nothing but a logged line now and then: devices with a route keep
 coming, and reports resume when it is back. One httpx client keeps a connection to each replica.
 """
@@ -50,7 +55,9 @@ class _Replica:
     last_error: str = ""
 
 
-def report_body(table: ModelTable, public_url: str) -> Report:
+def report_body(
+    table: ModelTable, public_url: str, gateway_id: str = "", workers_address: str = "", decide: bool = False
+) -> Report:
     models = []
     for pool in table.pools():
         served = pool.spec.version in table.served_versions(pool.spec.name)
@@ -67,12 +74,17 @@ def report_body(table: ModelTable, public_url: str) -> Report:
                 workers=sum(1 for w in pool.workers if w.accepting),
             )
         )
-    return Report(address=public_url, models=models)
+    # A gateway without an id is a cluster of one: it decides alone and asks no lease.
+    return Report(public_url, models, gateway_id, workers_address, decide and bool(gateway_id))
 
 
 class CentralReporter:
     """Reports ``table``'s load as ``public_url`` to every replica; hands each token key central
-    sends to ``on_token_key(key, source)``."""
+    sends to ``on_token_key(key, source)``.
+
+    In a cluster of several gateways: ``gateway_id`` names this one, ``workers_address`` is the
+    host:port its workers dial, ``decide()`` (asked before every report) says whether it wants the
+    cluster's decision lease, and ``on_answer`` gets every answer (its peers, the lease holder)."""
 
     def __init__(
         self,
@@ -80,11 +92,19 @@ class CentralReporter:
         cfg: CentralConfig,
         public_url: str,
         on_token_key: Callable[[bytes, str], None],
+        gateway_id: str = "",
+        workers_address: str = "",
+        decide: Callable[[], bool] | None = None,
+        on_answer: Callable[[ReportAnswer], None] | None = None,
     ) -> None:
         self.table = table
         self.cfg = cfg
         self.public_url = public_url
         self.on_token_key = on_token_key
+        self.gateway_id = gateway_id
+        self.workers_address = workers_address
+        self.decide = decide
+        self.on_answer = on_answer
         self.interval_s = cfg.interval_s  # central may ask for another in its answers
         auth = base64.b64encode(f"{cfg.user}:{cfg.password}".encode()).decode()
         self.headers = {
@@ -110,7 +130,9 @@ class CentralReporter:
     async def _loop(self) -> None:
         while True:
             t = time.monotonic()
-            body = msgspec.json.encode(report_body(self.table, self.public_url))
+            decide = self.decide() if self.decide is not None else False
+            report = report_body(self.table, self.public_url, self.gateway_id, self.workers_address, decide)
+            body = msgspec.json.encode(report)
             await asyncio.gather(*(self._report(r, body) for r in self.replicas))
             await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - t)))
 
@@ -126,6 +148,8 @@ class CentralReporter:
                 self.on_token_key(raw, f"central {r.url}")
             if 0.1 <= answer.report_interval_s <= 60:
                 self.interval_s = answer.report_interval_s
+            if self.on_answer is not None:
+                self.on_answer(answer)
             if r.ok_since is None:
                 log.info("reporting to central %s as cluster %s", r.url, self.cfg.user)
                 r.ok_since = time.monotonic()

@@ -21,6 +21,7 @@ ACCOUNT_KINDS = ("device", "cluster", "operator")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
 MAX_MODELS_PER_REPORT = 1000
 MAX_EXCLUDED = 100
+MAX_GATEWAYS_PER_CLUSTER = 64  # live gateways central keeps per cluster (more are refused, 409)
 
 AccountKind = Literal["device", "cluster", "operator"]
 Name = Annotated[
@@ -28,8 +29,19 @@ Name = Annotated[
     msgspec.Meta(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '@', '-'; up to 128"),
 ]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+# A gateway's id within its cluster: the account name rule, ':' allowed too (host:port makes a good
+# id); "" is an older gateway that sends none (a cluster of one).
+GatewayId = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^([A-Za-z0-9][A-Za-z0-9._@:-]{0,127})?$",
+        description="letters, digits, '.', '_', '@', ':', '-'; up to 128; '' for a cluster of one gateway",
+    ),
+]
 # A model name or version: the one rule of shoal/protocol/names.py.
-ModelName = Annotated[str, msgspec.Meta(pattern=MODEL_NAME_PATTERN, max_length=128, description=MODEL_NAME_RULE)]
+ModelName = Annotated[
+    str, msgspec.Meta(pattern=MODEL_NAME_PATTERN, max_length=128, description=MODEL_NAME_RULE)
+]
 Amount = Annotated[float, msgspec.Meta(ge=0)]  # JSON has no NaN, and 1e999 is refused as out of range
 Count = Annotated[int, msgspec.Meta(ge=0)]
 CommandId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # a 64-bit database id
@@ -72,36 +84,86 @@ class ModelLoad(msgspec.Struct, frozen=True):
 
 
 class Report(msgspec.Struct, frozen=True):
-    """A cluster's report, sent every ``report_interval_s`` to every central replica."""
+    """A gateway's report, sent every ``report_interval_s`` to every central replica. A cluster is
+    served by one or more gateways, all logging in with the cluster's account, each with its own
+    ``gateway`` id; older gateways send none (a cluster of one)."""
 
-    address: Annotated[Url, msgspec.Meta(description="where devices reach the cluster")]
+    address: Annotated[Url, msgspec.Meta(description="where devices reach this gateway")]
     models: Annotated[list[ModelLoad], msgspec.Meta(max_length=MAX_MODELS_PER_REPORT)]
+    gateway: GatewayId = ""
+    workers: Annotated[
+        str,
+        msgspec.Meta(max_length=256, description="host:port workers dial this gateway at ('' if not said)"),
+    ] = ""
+    decide: Annotated[
+        bool,
+        msgspec.Meta(description="this gateway runs an autoscaler and asks for the cluster's decision lease"),
+    ] = False
 
     def __post_init__(self) -> None:
         if not urlsplit(self.address).hostname:
-            raise ValueError(f"`$.address` must be an http:// or https:// URL with a host, not {self.address!r}")
+            raise ValueError(
+                f"`$.address` must be an http:// or https:// URL with a host, not {self.address!r}"
+            )
+        if self.decide and not self.gateway:
+            raise ValueError(
+                "`$.decide` needs a `$.gateway` id: the decision lease is held by a named gateway"
+            )
+
+
+class GatewayPeer(msgspec.Struct, frozen=True):
+    """One live gateway of a cluster, as its last report to this central replica described it."""
+
+    id: str
+    address: str
+    workers: str
+    models: list[ModelLoad]
+    decider: Annotated[bool, msgspec.Meta(description="it holds the cluster's decision lease")]
 
 
 class ReportAnswer(msgspec.Struct, frozen=True):
     ok: bool
     cluster: str
     token_key: Annotated[
-        str, msgspec.Meta(description="base64url (padded) of the 32-byte key this cluster verifies route tokens with")
+        str,
+        msgspec.Meta(
+            description="base64url (padded) of the 32-byte key this cluster verifies route tokens with"
+        ),
     ]
     report_interval_s: float
+    gateways: Annotated[
+        list[GatewayPeer],
+        msgspec.Meta(description="every live gateway of the cluster, the reporter included"),
+    ] = []
+    decider: Annotated[
+        str, msgspec.Meta(description="the gateway holding the cluster's decision lease ('' if none)")
+    ] = ""
 
 
 class ModelView(ModelLoad, frozen=True, kw_only=True):
     load: float | None = None  # (in_flight + queue) / capacity; None where capacity is 0
 
 
-class ClusterView(msgspec.Struct, frozen=True):
-    name: str
+class GatewayView(msgspec.Struct, frozen=True):
+    """One gateway of a cluster on the status page and the cluster list."""
+
+    id: str
     address: str
+    workers: str
     live: bool
     last_report_s: float
+    load: float | None  # (in_flight + queue) / capacity over its models; None where capacity is 0
+    decider: bool = False
+
+
+class ClusterView(msgspec.Struct, frozen=True):
+    name: str
+    address: str  # its least-loaded live gateway's
+    live: bool  # any of its gateways is
+    last_report_s: float  # since its latest report from any gateway
     load: float | None
-    models: list[ModelView]
+    models: list[ModelView]  # summed over its live gateways
+    gateways: list[GatewayView] = []
 
 
 class ClusterList(msgspec.Struct, frozen=True):
@@ -128,8 +190,16 @@ class RouteAnswer(msgspec.Struct, frozen=True):
     model: str
     version: str
     latency_ms: Annotated[
-        float, msgspec.Meta(description="the cluster's recent compute latency for the model (its last report)")
+        float,
+        msgspec.Meta(description="the cluster's recent compute latency for the model (its last report)"),
     ] = 0.0
+    fallbacks: Annotated[
+        list[str],
+        msgspec.Meta(
+            description="the cluster's other live gateways serving the model, least loaded first: the same "
+            "request with the same token goes to the next when one cannot be reached or is going away"
+        ),
+    ] = []
 
 
 class Session(msgspec.Struct, frozen=True):
