@@ -283,3 +283,125 @@ def test_commands_long_poll_and_ack():
     s = Script({("POST", "/ack"): [error(404, "no unacknowledged command 7")]})
     with pytest.raises(RouteError, match="no unacknowledged"):
         s.run(c.ack(7))
+
+
+# ------------------------------------------------------------------ a cluster of several gateways
+
+
+def gateways_reply(cluster: str, urls: list[str]) -> Reply:
+    doc = {
+        "cluster": cluster,
+        "url": urls[0],
+        "fallbacks": urls[1:],
+        "token": f"tok-{cluster}",
+        "expires_at": int(NOW + 300),
+        "model": "m",
+        "version": "1",
+    }
+    return Reply(200, {}, json.dumps(doc).encode())
+
+
+GW = ["http://g1:8000", "http://g2:8000", "http://g3:8000"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Unreachable("connection refused"),
+        Unreachable("reset mid-request"),
+        error(503, "gateway shutting down"),
+        error(503, "model 'm' version 1 is saturated", retry_after="2"),
+        error(502, "request failed on 2 workers"),
+    ],
+)
+def test_a_failed_gateway_hands_the_same_request_to_the_routes_next_gateway_without_central(failure):
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): [gateways_reply("site", GW)],
+            ("POST", "http://g1:8000"): [failure],
+            ("POST", "http://g2:8000"): [infer_ok(2.0)],
+            **NO_META,
+        }
+    )
+    r = s.run(c.infer("m", X))
+    assert r.cluster == "site" and r.gateway == "http://g2:8000" and r.outputs["y"][0, 0] == 2.0
+    assert len(s.urls(part="/v1/route")) == 1 and s.sleeps == []
+    sent = [call for call in s.calls if call.url.endswith("/infer")]
+    assert [call.url.split("/v2")[0] for call in sent] == GW[:2]
+    # The same request: body, token and request id.
+    assert sent[0].body == sent[1].body and sent[0].headers == sent[1].headers
+    assert sent[0].headers["Authorization"] == "Bearer tok-site"
+    assert len(sent[0].headers["X-Request-Id"]) == 32
+    # The gateway that failed goes last for the next requests; g2 answers them at once.
+    assert c.routes[("m", None)].urls == ["http://g2:8000", "http://g3:8000", "http://g1:8000"]
+    s.run(c.infer("m", X))
+    assert s.urls(part="/infer")[-1] == "http://g2:8000/v2/models/m/infer" and len(s.urls(part="/infer")) == 3
+
+
+def test_when_every_gateway_of_the_route_failed_central_is_asked_for_another_cluster():
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): lambda call: (
+                route_reply("b") if "exclude" in json.loads(call.body) else gateways_reply("a", GW[:2])
+            ),
+            ("POST", "http://g1:8000"): [Unreachable("refused")],
+            ("POST", "http://g2:8000"): [error(503, "gateway shutting down", retry_after="1")],
+            ("POST", "http://b:8000"): [infer_ok(3.0)],
+            **NO_META,
+        }
+    )
+    r = s.run(c.infer("m", X))
+    assert r.cluster == "b" and r.outputs["y"][0, 0] == 3.0
+    assert s.route_bodies() == [{"model": "m"}, {"model": "m", "exclude": ["a"]}]
+    assert s.urls(part="/infer") == [f"{u}/v2/models/m/infer" for u in (*GW[:2], "http://b:8000")]
+    assert s.sleeps == [0.05]  # one back-off, after the whole route failed
+    ids = {call.headers["X-Request-Id"] for call in s.calls if call.url.endswith("/infer")}
+    assert len(ids) == 1  # one request, whichever gateway and cluster it went to
+
+
+def test_a_clusters_own_answers_are_not_tried_on_its_other_gateways():
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): [gateways_reply("a", GW[:2])],
+            ("POST", "http://g1:8000"): [error(400, "bad shape")],
+            ("POST", "http://g2:8000"): [infer_ok()],
+            **NO_META,
+        }
+    )
+    with pytest.raises(InferError, match="bad shape"):
+        s.run(c.infer("m", X))
+    assert s.urls(part="/infer") == ["http://g1:8000/v2/models/m/infer"]
+    # A 504 (the request ran out of time there) re-routes as before instead of waiting as long again.
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): lambda call: (
+                route_reply("b") if "exclude" in json.loads(call.body) else gateways_reply("a", GW[:2])
+            ),
+            ("POST", "http://g1:8000"): [error(504, "timed out")],
+            ("POST", "http://b:8000"): [infer_ok()],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "b" and "http://g2:8000/v2/models/m/infer" not in s.urls()
+
+
+def test_a_callers_request_id_is_kept_and_labels_come_from_a_gateway_that_answers():
+    c = core()
+    meta = {"name": "m", "versions": ["1"], "parameters": {"labels": {"y": ["a", "b", "c", "d"]}}}
+    s = Script(
+        {
+            ("POST", "/v1/route"): [gateways_reply("site", GW[:2])],
+            ("GET", "http://g1:8000"): [Unreachable("refused")],
+            ("GET", "http://g2:8000"): [Reply(200, {}, json.dumps(meta).encode())],
+            ("POST", "http://g1:8000"): [infer_ok()],
+        }
+    )
+    body, headers = c.infer_body(X, None)
+    r = s.run(c.send_infer("m", body, {**headers, "x-request-id": "cam-7-frame-12"}))
+    assert r.labels == {"y": ["a", "b", "c", "d"]}
+    (sent,) = [call for call in s.calls if call.url.endswith("/infer")]
+    assert sent.headers["x-request-id"] == "cam-7-frame-12" and "X-Request-Id" not in sent.headers

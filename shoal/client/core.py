@@ -8,9 +8,13 @@ So the rules are tested by feeding replies to a generator (tests/test_client_cor
 
 Rules:
 
-* A route (cluster URL and a token signed for that cluster) is cached per model and version and
-  renewed shortly before its token expires.
-* The cluster cannot be reached, or answers 502/503/504: ask central for another route, excluding
+* A route (a cluster's gateway URLs, least loaded first, and a token signed for that cluster) is
+  cached per model and version and renewed shortly before its token expires.
+* A gateway cannot be reached (refused, reset, cut off mid-request, timed out) or answers 502/503
+  (going away, saturated, its workers gone): send the same request, with the same token and request
+  id, to the route's next gateway at once; central is not asked. A gateway that failed while another
+  answered goes to the end of the cached route's list.
+* Every gateway of the route failed, or one answered 504: ask central for another route, excluding
   that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
   retries of the default span the three seconds central takes to drop a dead cluster).
 * The cluster answers 401 (token expired or the cluster's key rotated): ask central for a fresh route.
@@ -25,7 +29,9 @@ Rules:
   let in while someone guesses its password (docs/security.md).
 
 Images (PNG/JPEG bytes) are sent as they are and decoded in the cluster; tensors travel with the
-binary tensor extension, compressed with zstd when larger than ``compress_above`` bytes.
+binary tensor extension, compressed with zstd when larger than ``compress_above`` bytes. Each request
+carries an ``X-Request-Id`` (the caller's, else a new one) that stays the same on every retry and
+fail-over, so the gateways' logs and stored results show a retried request as one.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -46,6 +53,10 @@ from shoal.protocol.compression import compress
 from shoal.protocol.oip import build_infer_request, parse_infer_response
 
 RETRY_STATUSES = (502, 503, 504)
+# Answers after which the same request goes to the route's next gateway: the gateway is going away or
+# saturated, or its workers failed the request; another gateway of the cluster may well serve it.
+NEXT_GATEWAY_STATUSES = (502, 503)
+REQUEST_ID_HEADER = "X-Request-Id"
 COOKIE_HEADER = "Shoal-Device-Cookie"
 RENEW_BEFORE_S = 10.0
 
@@ -143,6 +154,18 @@ class Route:
     model: str
     version: str | None
     latency_ms: float | None = None  # the cluster's recent latency for the model, when central says it
+    fallbacks: list[str] = field(default_factory=list)  # the cluster's other gateways, in the order to try
+
+    @property
+    def urls(self) -> list[str]:
+        """The gateways to send a request to, in turn."""
+        return [self.url, *self.fallbacks]
+
+    def demote(self, failed: list[str]) -> None:
+        """Move gateways that just failed (while another answered) to the end, keeping the order."""
+        urls = self.urls
+        order = [u for u in urls if u not in failed] + [u for u in urls if u in failed]
+        self.url, self.fallbacks = order[0], order[1:]
 
 
 @dataclass
@@ -161,6 +184,7 @@ class InferResult:
     bytes_up: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
     fallback: str | None = None
+    gateway: str = ""  # the URL of the gateway that answered
 
     def label(self, output: str | None = None, row: int = 0) -> str | int:
         """The top class of an output (its label when the model has labels, else its index)."""
@@ -208,6 +232,11 @@ def _seconds(header: str | None) -> float:
     except ValueError:
         return 0.0
     return s if 0.0 <= s < float("inf") else 0.0
+
+
+def new_request_id() -> str:
+    """An id for one inference request, the same on each of its retries (``X-Request-Id``)."""
+    return uuid.uuid4().hex
 
 
 def backoff(attempt: int, retry_after: str | None) -> float:
@@ -261,7 +290,11 @@ class ClientCore:
         central cannot be reached, the last one it gave."""
         exclude = exclude or set()
         cached = self.routes.get((model, version))
-        if cached is not None and cached.cluster not in exclude and self.clock() < cached.expires_at - RENEW_BEFORE_S:
+        if (
+            cached is not None
+            and cached.cluster not in exclude
+            and self.clock() < cached.expires_at - RENEW_BEFORE_S
+        ):
             return cached
         body: dict[str, Any] = {"model": model}
         if version:
@@ -299,13 +332,20 @@ class ClientCore:
         except msgspec.MsgspecError as e:
             raise RouteError(f"central answered a route this client cannot read: {e}") from None
         latency = a.latency_ms if a.latency_ms > 0 else None  # 0: not known
-        return Route(a.cluster, a.url.rstrip("/"), a.token, float(a.expires_at), model, version, latency)
+        url = a.url.rstrip("/")
+        fallbacks = list(dict.fromkeys(u.rstrip("/") for u in a.fallbacks if u.rstrip("/") != url))
+        return Route(a.cluster, url, a.token, float(a.expires_at), model, version, latency, fallbacks)
 
     def _fetch_labels(self, r: Route) -> Flow[None]:
         """The model's class labels from the cluster's metadata, for ``InferResult.label``; none on failure."""
-        try:
-            reply = yield Call("GET", r.url + model_path(r.model, None), None, {"Authorization": f"Bearer {r.token}"})
-        except Unreachable:
+        for url in r.urls:
+            try:
+                auth = {"Authorization": f"Bearer {r.token}"}
+                reply = yield Call("GET", url + model_path(r.model, None), None, auth)
+            except Unreachable:
+                continue
+            break
+        else:
             return
         assert reply is not None
         if reply.status != 200:
@@ -339,9 +379,12 @@ class ClientCore:
         retries: int | None = None,
     ) -> Flow[InferResult]:
         """Send a request body made by ``infer_body``; ``retries`` overrides the client's (0: one
-        attempt, for callers with an answer of their own to fall back on)."""
+        attempt, for callers with an answer of their own to fall back on). An attempt tries the
+        route's gateways in turn (``Route.urls``) before central is asked for another route."""
         retries = self.retries if retries is None else retries
         path = model_path(model, version) + "/infer"
+        if not any(k.lower() == REQUEST_ID_HEADER.lower() for k in headers):
+            headers = {**headers, REQUEST_ID_HEADER: new_request_id()}
         exclude: set[str] = set()
         last = ""
         for attempt in range(retries + 1):
@@ -353,24 +396,40 @@ class ClientCore:
                 last = str(e)
                 yield Sleep(backoff(attempt, None))
                 continue
-            t0 = time.perf_counter()
-            try:
-                reply = yield Call("POST", r.url + path, body, {**headers, "Authorization": f"Bearer {r.token}"})
-            except Unreachable as e:
-                self._forget(r, exclude)
-                last, wait = f"cluster {r.cluster} unreachable: {e}", backoff(attempt, None)
-            else:
+            sent = {**headers, "Authorization": f"Bearer {r.token}"}
+            failed: list[str] = []
+            reply: Reply | None = None
+            for url in r.urls:
+                t0 = time.perf_counter()
+                try:
+                    reply = yield Call("POST", url + path, body, sent)
+                except Unreachable as e:
+                    reply, last = None, f"cluster {r.cluster} unreachable at {url}: {e}"
+                    failed.append(url)
+                    continue
                 assert reply is not None
-                if reply.status == 200:
-                    result = self._result(r, reply, t0)
-                    result.bytes_up = len(body)
-                    return result
+                if reply.status not in NEXT_GATEWAY_STATUSES:
+                    break
+                failed.append(url)
+            if reply is not None and reply.status == 200:
+                if failed:
+                    r.demote(failed)
+                result = self._result(r, reply, t0)
+                result.bytes_up = len(body)
+                result.gateway = url
+                return result
+            if reply is None:  # the last gateway tried could not be reached
+                self._forget(r, exclude)
+                wait = backoff(attempt, None)
+            else:
                 last, wait = self._failed(r, reply, exclude, attempt)
             if attempt < retries:  # no wait after the last attempt
                 yield Sleep(wait)
         raise InferError(f"gave up after {retries + 1} attempts; last: {last}", 503)
 
-    def infer_body(self, inputs: dict[str, np.ndarray] | None, image: bytes | None) -> tuple[bytes, dict[str, str]]:
+    def infer_body(
+        self, inputs: dict[str, np.ndarray] | None, image: bytes | None
+    ) -> tuple[bytes, dict[str, str]]:
         if image is not None:
             return image, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}
         if not inputs:
@@ -419,7 +478,11 @@ class ClientCore:
         for url in self.centrals:
             try:
                 reply = yield Call(
-                    "GET", f"{url}/v1/commands?wait={wait_s:g}", None, self._central_headers(False), wait_s + timeout
+                    "GET",
+                    f"{url}/v1/commands?wait={wait_s:g}",
+                    None,
+                    self._central_headers(False),
+                    wait_s + timeout,
                 )
             except Unreachable as e:
                 last = e
