@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from shoal.client.http import OipHttpClient
 from shoal.local import LocalCluster
-from waiting import wait_for
 
 X = {"x": np.arange(4, dtype=np.float32).reshape(1, 4)}
 
@@ -209,3 +209,76 @@ def test_an_unload_at_one_gateway_applies_at_every_gateway(gateways, tmp_path):
         lambda: all(workers_seen(s, "echo") and not unloaded(s) for s in statuses(lc, 2).values()),
         "echo served again at both gateways",
     )
+
+
+def test_gateways_on_separate_machines_agree_through_central(tmp_path, gateways):
+    """Two gateways of one cluster that know nothing of each other but central: central names each to
+    the other (the workers link to both), holds the one decision lease, and carries an unload made
+    at one gateway to the other; when the decider dies, the other takes the lease over."""
+    from shoal.local import LocalCentral
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(AUTOSCALE)
+    central = LocalCentral(tmp_path / "central", extra_args=["--report-interval", "0.5"]).start()
+    try:
+        password = "site-password-1"
+        central.add_account("cluster", "site", password)
+        first = gateways(name="site", central_urls=[central.url], central_password=password)
+        gws = [first] + [
+            gateways(
+                name="site",
+                secret=first.secret,
+                api_key=first.api_key,
+                central_urls=[central.url],
+                central_password=password,
+            )
+        ]
+        for i, lc in enumerate(gws):
+            lc.gateway_args = ["--config", str(cfg), f"--gateway-id=g{i}"]
+            lc.start()
+
+        def views() -> dict[str, dict]:
+            return {
+                s["gateway_id"]: s for s in (status(lc.url, lc.api_key) for lc in gws if lc.gateway.alive())
+            }
+
+        wait_for(
+            lambda: all(
+                [w["load"].get("links") for w in workers_seen(s, "echo")] == [2] for s in views().values()
+            ),
+            "one echo worker, linked to both gateways",
+            timeout=40.0,
+        )
+        deciding = [g for g, s in views().items() if s["membership"]["deciding"]]
+        assert len(deciding) == 1, views()
+        follower = gws[1] if deciding == ["g0"] else gws[0]
+        with follower.client() as c:
+            code, _, body = c.request("POST", "/v2/repository/models/echo/unload")
+        assert code == 200, body
+        wait_for(
+            lambda: all(
+                any(m["name"] == "echo" and m["unloaded"] for m in s["models"])
+                and not workers_seen(s, "echo")
+                for s in views().values()
+            ),
+            "echo unloaded at both gateways, its worker gone",
+            timeout=30.0,
+        )
+        with follower.client() as c:
+            code, _, body = c.request("POST", "/v2/repository/models/echo/load")
+        assert code == 200, body
+        wait_for(lambda: all(workers_seen(s, "echo") for s in views().values()), "echo served again at both")
+
+        decider = gws[0] if deciding == ["g0"] else gws[1]
+        decider.gateway.signal(9)
+        decider.gateway.popen.wait(10)
+        wait_for(
+            lambda: (
+                (s := status(follower.url, follower.api_key))["membership"]["deciding"]
+                and workers_seen(s, "echo")
+            ),
+            "the other gateway deciding, with a worker of its own engine",
+            timeout=30.0,
+        )
+    finally:
+        central.stop()

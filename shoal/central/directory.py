@@ -93,7 +93,7 @@ class Directory:
                     f"cluster {name!r} already has {MAX_GATEWAYS_PER_CLUSTER} live gateways; "
                     f"gateway {gid!r} is refused until one stops"
                 )
-        c.gateways[gid] = GatewayInfo(gid, report.address, tuple(report.models), now, report.workers)
+        c.gateways[gid] = GatewayInfo(gid, report.address, tuple(report.models), now, report.workers, tuple(report.ops))
         # The report's load now includes the devices sent to this gateway.
         self.assigned[name] = max(0.0, self.assigned.get(name, 0.0) - c.assigned.pop(gid, 0.0))
         if report.decide:
@@ -211,7 +211,7 @@ class Directory:
             return []
         decider = self.decider(name, wall)
         return [
-            GatewayPeer(g.id, g.address, g.workers, list(g.models), g.id == decider)
+            GatewayPeer(g.id, g.address, g.workers, list(g.models), g.id == decider, list(g.ops))
             for g in sorted(c.gateways.values(), key=lambda g: g.id)
             if is_live(g, now, self.max_age_s)
         ]

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from shoal.modelrepo.versions import version_key
-from shoal.protocol.central_messages import ModelLoad
+from shoal.protocol.central_messages import ModelLoad, Operation
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class GatewayInfo:
     models: tuple[ModelLoad, ...]
     last_report: float  # monotonic seconds of its last report
     workers: str = ""
+    ops: tuple[Operation, ...] = ()  # operators' loads and unloads made at it
 
 
 @dataclass(frozen=True)

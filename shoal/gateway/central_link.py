@@ -28,7 +28,7 @@ import msgspec
 
 import shoal
 from shoal.aio import cancel_and_wait
-from shoal.protocol.central_messages import ModelLoad, Report, ReportAnswer
+from shoal.protocol.central_messages import ModelLoad, Operation, Report, ReportAnswer
 
 if TYPE_CHECKING:
     from shoal.gateway.pool import ModelTable
@@ -56,7 +56,12 @@ class _Replica:
 
 
 def report_body(
-    table: ModelTable, public_url: str, gateway_id: str = "", workers_address: str = "", decide: bool = False
+    table: ModelTable,
+    public_url: str,
+    gateway_id: str = "",
+    workers_address: str = "",
+    decide: bool = False,
+    ops: list[Operation] | None = None,
 ) -> Report:
     models = []
     for pool in table.pools():
@@ -75,7 +80,7 @@ def report_body(
             )
         )
     # A gateway without an id is a cluster of one: it decides alone and asks no lease.
-    return Report(public_url, models, gateway_id, workers_address, decide and bool(gateway_id))
+    return Report(public_url, models, gateway_id, workers_address, decide and bool(gateway_id), ops or [])
 
 
 class CentralReporter:
@@ -96,6 +101,7 @@ class CentralReporter:
         workers_address: str = "",
         decide: Callable[[], bool] | None = None,
         on_answer: Callable[[ReportAnswer], None] | None = None,
+        operations: Callable[[], list[Operation]] | None = None,
     ) -> None:
         self.table = table
         self.cfg = cfg
@@ -105,6 +111,7 @@ class CentralReporter:
         self.workers_address = workers_address
         self.decide = decide
         self.on_answer = on_answer
+        self.operations = operations
         self.interval_s = cfg.interval_s  # central may ask for another in its answers
         auth = base64.b64encode(f"{cfg.user}:{cfg.password}".encode()).decode()
         self.headers = {
@@ -131,7 +138,8 @@ class CentralReporter:
         while True:
             t = time.monotonic()
             decide = self.decide() if self.decide is not None else False
-            report = report_body(self.table, self.public_url, self.gateway_id, self.workers_address, decide)
+            ops = self.operations() if self.operations is not None else []
+            report = report_body(self.table, self.public_url, self.gateway_id, self.workers_address, decide, ops)
             body = msgspec.json.encode(report)
             await asyncio.gather(*(self._report(r, body) for r in self.replicas))
             await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - t)))

@@ -14,7 +14,11 @@ Two channels carry it, chosen by where the gateways run:
   exclusive ``flock`` on the folder's lock file, which the kernel releases the moment its process
   dies, so another takes over at its next try (a second at most).
 
-A gateway that knows of no other gateway decides alone, as a lone gateway always did.
+A gateway that knows of no other gateway decides alone, as a lone gateway always did; one that
+reports to central waits for central's first answer (at most a lease's length) before it does, so a
+gateway joining a running cluster does not start workers the decider already runs. A gateway whose
+channel has gone quiet for a lease's length stops deciding (the lease may be another's by then);
+while central is unreachable, a cluster of several gateways makes no scaling decision.
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shoal.protocol.central_messages import ReportAnswer
 
 log = logging.getLogger("shoal.gateway")
 
@@ -57,10 +64,41 @@ class Membership:
         self.ops: dict[str, list[Any]] = {}  # operators' actions seen, this gateway's and others'
         self.channel = "alone"
         self.took_over_at: float | None = None
+        self.lease_s = 3.0  # how long what the channel said holds
+        self.heard_at: float | None = None  # monotonic time the channel last spoke
+        self.started_at = time.monotonic()
+
+    def use_central(self) -> None:
+        self.channel = "central"
 
     def deciding(self) -> bool:
         """This gateway takes the autoscaling decisions now."""
-        return self.decider == self.gateway_id or (not self.others and self.channel == "alone")
+        now = time.monotonic()
+        if self.channel == "alone":
+            return True
+        if self.heard_at is None:  # not heard yet: decide alone only once it has waited a lease
+            return now - self.started_at > self.lease_s
+        fresh = now - self.heard_at < self.lease_s
+        return (self.decider == self.gateway_id and fresh) or not self.others
+
+    def heard(self) -> None:
+        self.heard_at = time.monotonic()
+
+    def from_central(self, answer: ReportAnswer) -> list[str]:
+        """A report answer: the cluster's gateways, their load and actions, and the lease holder.
+        Returns where every gateway takes workers."""
+        others = {}
+        for g in answer.gateways:
+            if g.id == self.gateway_id:
+                continue
+            models = {f"{m.name}:{m.version}": [m.queue, m.in_flight] for m in g.models}
+            ops = {o.model: [o.action, o.at] for o in g.ops}
+            others[g.id] = Record(g.id, g.workers, g.decider, models, ops)
+        self.others = others
+        self.lease_s = max(3.0, 3 * answer.report_interval_s)
+        self.heard()
+        self.set_decider(answer.decider)
+        return [g.workers for g in answer.gateways if g.workers]
 
     def set_decider(self, decider: str) -> None:
         if decider != self.decider:
@@ -160,6 +198,7 @@ class FolderChannel:
             if r.decider and not decider:
                 decider = r.id
         self.m.others = others
+        self.m.heard()
         self.m.set_decider(decider)
 
     def stop(self) -> None:

@@ -39,6 +39,7 @@ from shoal.gateway.state import TokenKeyFile
 from shoal.gateway.views import GatewayViews
 from shoal.gateway.worker_link import LinkSite, WorkerConnection, announce_peers
 from shoal.httpserver import EmbeddedHttpServer, bind_tcp
+from shoal.protocol.central_messages import Operation, ReportAnswer
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 
 if TYPE_CHECKING:
@@ -281,9 +282,19 @@ class Gateway:
                 )
             await asyncio.sleep(self.config.heartbeat_s)
 
+    def central_answer(self, answer: ReportAnswer) -> None:
+        """What central says of the cluster's gateways: workers are told of them, the decider and the
+        others' load and actions are taken in."""
+        self.learn_gateways(self.membership.from_central(answer))
+        self.apply_operations()
+
+    def operations(self) -> list[Operation]:
+        return [Operation(name, action, at) for name, (action, at) in self.membership.ops.items()]
+
     def learn_gateways(self, addresses: list[str]) -> None:
-        """More of the cluster's gateways (from central's answers): workers are told of them."""
-        known = set(self.site.peers) | {a for a in addresses if a}
+        """The cluster's live gateways as central or the shared folder says now, besides this one and
+        its ``--peer``s: workers are told of them (and forget those that have gone)."""
+        known = {self.advertised_workers(), *self.config.peers} | {a for a in addresses if a}
         if announce_peers(self.site, sorted(known)):
             log.info("cluster %s: gateways at %s", self.config.name, ", ".join(self.site.peers))
 
@@ -363,7 +374,18 @@ class Gateway:
         if cfg.central is not None:
             scheme = "https" if cfg.tls_cert else "http"
             public = cfg.central.public_url or f"{scheme}://{cfg.http_host}:{self.http_port}"
-            self.reporter = CentralReporter(self.models, cfg.central, public, self.set_token_key)
+            self.membership.use_central()
+            self.reporter = CentralReporter(
+                self.models,
+                cfg.central,
+                public,
+                self.set_token_key,
+                gateway_id=self.site.gateway_id,
+                workers_address=self.advertised_workers(),
+                decide=(lambda: True) if self.autoscaler is not None else None,
+                on_answer=self.central_answer,
+                operations=self.operations,
+            )
             self.views.reporter = self.reporter
             self.reporter.start()
         log.info(

@@ -83,6 +83,15 @@ class ModelLoad(msgspec.Struct, frozen=True):
     ] = False
 
 
+class Operation(msgspec.Struct, frozen=True):
+    """An operator's load or unload of a model at one gateway, which every gateway of the cluster
+    applies (the newest per model wins)."""
+
+    model: ModelName
+    action: Literal["load", "unload"]
+    at: Annotated[float, msgspec.Meta(ge=0, description="unix seconds, the gateway's clock")]
+
+
 class Report(msgspec.Struct, frozen=True):
     """A gateway's report, sent every ``report_interval_s`` to every central replica. A cluster is
     served by one or more gateways, all logging in with the cluster's account, each with its own
@@ -99,6 +108,10 @@ class Report(msgspec.Struct, frozen=True):
         bool,
         msgspec.Meta(description="this gateway runs an autoscaler and asks for the cluster's decision lease"),
     ] = False
+    ops: Annotated[
+        list[Operation],
+        msgspec.Meta(max_length=MAX_MODELS_PER_REPORT, description="operators' loads and unloads made here"),
+    ] = []
 
     def __post_init__(self) -> None:
         if not urlsplit(self.address).hostname:
@@ -119,6 +132,7 @@ class GatewayPeer(msgspec.Struct, frozen=True):
     workers: str
     models: list[ModelLoad]
     decider: Annotated[bool, msgspec.Meta(description="it holds the cluster's decision lease")]
+    ops: list[Operation] = []
 
 
 class ReportAnswer(msgspec.Struct, frozen=True):
