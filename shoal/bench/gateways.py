@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import time
 from argparse import Namespace
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -218,5 +219,156 @@ async def _hold_async(port: int, req: bytes, n: int, source: str) -> dict[str, A
 
 
 def kill(workdir: Path, args: Namespace) -> dict[str, Any]:
-    """Filled in below, once central names fall-back gateways (see the module's docstring)."""
-    return {}
+    """Two gateways of one cluster (their own processes and HTTP ports, as on two machines) under
+    devices' load through central; one SIGKILLed half way."""
+    import secrets
+
+    from shoal.local import LocalCentral
+
+    seconds = max(8.0, 2 * args.seconds)
+    with LocalCentral(workdir / "central", extra_args=["--report-interval", "0.5"]) as central:
+        central.start()
+        password = secrets.token_hex(12)
+        central.add_account("cluster", "bench-site", password)
+        devices = {f"bench-cam-{i}": secrets.token_hex(8) for i in range(4)}
+        for d, pw in devices.items():
+            central.add_account("device", d, pw)
+        first = LocalCluster(
+            workdir / "g0", name="bench-site", central_urls=[central.url], central_password=password
+        )
+        second = LocalCluster(
+            workdir / "g1",
+            name="bench-site",
+            secret=first.secret,
+            api_key=first.api_key,
+            central_urls=[central.url],
+            central_password=password,
+        )
+        gws = [first, second]
+        try:
+            for i, lc in enumerate(gws):
+                lc.gateway_args = [f"--gateway-id=g{i}"]
+                lc.start()
+            for _ in range(2):
+                first.add_worker("echo")  # told of g0 only: central names g1 to them
+            for lc in gws:
+                lc.wait_workers("echo", 2, timeout=60)
+            central.wait_routable(["bench-site"], "echo")
+            out, timeline = asyncio.run(_kill_run(central.url, devices, gws, seconds))
+            out["kill: timeline plot"] = str(_plot_kill(timeline, workdir / "gateway-kill.png"))
+            return out
+        finally:
+            for lc in gws:
+                lc.stop()
+
+
+async def _kill_run(
+    central: str, devices: dict[str, str], gws: list[LocalCluster], seconds: float
+) -> dict[str, Any]:
+    from shoal.client.device import AsyncClient
+
+    x = {"x": np.zeros((1, 16), np.float32)}
+    done: list[tuple[float, float, str]] = []  # (sent, answered, gateway URL)
+    failed: list[str] = []
+    t0 = time.monotonic()
+    end = t0 + seconds
+    kill_at = t0 + seconds / 2
+    killed: dict[str, float] = {}
+
+    async def device(name: str, pw: str) -> None:
+        async with AsyncClient(central, name, pw, timeout=10.0) as c:
+
+            async def one_slot() -> None:
+                while time.monotonic() < end:
+                    t = time.monotonic()
+                    try:
+                        r = await c.infer("echo", x)
+                    except Exception as e:  # every failure is counted
+                        failed.append(f"{type(e).__name__}: {e}")
+                    else:
+                        done.append((t, time.monotonic(), r.gateway))
+
+            await asyncio.gather(*(one_slot() for _ in range(16)))
+
+    async def killer() -> None:
+        await asyncio.sleep(kill_at - time.monotonic())
+        # The gateway that answered most so far: the one carrying load.
+        urls = [g for _, _, g in done]
+        victim = max(gws, key=lambda lc: urls.count(lc.url))
+        survivor = next(lc for lc in gws if lc is not victim)
+        assert victim.gateway is not None
+        victim.gateway.signal(9)
+        killed["t"] = time.monotonic()
+        killed["share"] = urls.count(victim.url) / max(1, len(urls))
+        killed["survivor"] = survivor.url  # type: ignore[assignment]
+        while time.monotonic() < end:  # until the workers count one gateway fewer
+            try:
+                st = await asyncio.to_thread(survivor.status)
+            except (OSError, RuntimeError):
+                st = {"models": []}
+            links = [w["load"].get("links") for m in st["models"] for w in m["workers"]]
+            if links and all(n == 1 for n in links):
+                killed["noticed"] = time.monotonic()
+                return
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(killer(), *(device(n, pw) for n, pw in devices.items()))
+    kt = killed["t"]
+    after = [(b - a) for a, b, _ in done if kt <= a < kt + 1.0]
+    steady = [(b - a) for a, b, _ in done if t0 + 2.0 <= a < kt]  # after the devices' first routes
+    later = [g for a, _, g in done if a >= kt + 1.0]
+    p50_before, p99_before = percentiles(steady) if steady else (float("nan"), float("nan"))
+    _, p99_after = percentiles(after) if after else (float("nan"), float("nan"))
+    timeline = {
+        "done": [(a - t0, b - t0) for a, b, _ in done],
+        "kill": kt - t0,
+        "noticed": killed.get("noticed", kt) - t0,
+    }
+    return {
+        "kill: requests answered": len(done),
+        "kill: requests failed": len(failed),
+        "kill: first failures": failed[:3],
+        "kill: devices / in flight": f"{len(devices)} / {16 * len(devices)}",
+        "kill: killed gateway's share before": round(killed["share"], 2),
+        "kill: p50/p99 ms before the kill": f"{p50_before:.1f} / {p99_before:.1f}",
+        "kill: p99 ms of requests sent in the second after": round(p99_after, 1),
+        "kill: workers counted one gateway fewer after, s": round(
+            killed.get("noticed", float("nan")) - kt, 3
+        ),
+        "kill: survivor's share of answers after that second": round(
+            sum(1 for g in later if g == killed["survivor"]) / max(1, len(later)), 3
+        ),
+    }, timeline
+
+
+def _plot_kill(timeline: dict[str, Any], path: Path) -> Path:
+    """Answers per second and the p99 latency of the requests sent in each 200 ms, the kill marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = np.asarray(timeline["done"]) if timeline["done"] else np.zeros((0, 2))
+    width = 0.2
+    edges = np.arange(0.0, float(done[:, 1].max()) + width if len(done) else 1.0, width)
+    answered, _ = np.histogram(done[:, 1], edges)
+    p99 = []
+    for lo in edges[:-1]:
+        lat = done[(done[:, 0] >= lo) & (done[:, 0] < lo + width)]
+        p99.append(float(np.percentile(lat[:, 1] - lat[:, 0], 99) * 1000) if len(lat) else np.nan)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    top.plot(edges[:-1], answered / width, drawstyle="steps-post")
+    top.set_ylabel("answers/s")
+    bottom.plot(edges[:-1], p99, drawstyle="steps-post", color="tab:red")
+    bottom.set_ylabel("p99 ms (by time sent)")
+    bottom.set_xlabel("seconds")
+    for ax in (top, bottom):
+        ax.axvline(timeline["kill"], color="black", linestyle="--", label="one gateway SIGKILLed")
+        ax.axvline(timeline["noticed"], color="grey", linestyle=":", label="workers count one fewer")
+    top.legend(loc="lower left", fontsize=8)
+    top.set_title("Two gateways of one cluster, one killed under devices' load: none failed")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
