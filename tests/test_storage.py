@@ -130,6 +130,7 @@ def test_same_request_id_twice_keeps_both_and_get_returns_the_newest(tmp_path):
             got = await store.get("dup")
             back = np.load(io.BytesIO(await store.payload("dup", "input", "x")))
             assert got["id"] == (await store.list())[0]["id"] and back[0, 0] == 2.0
+            assert got["stored"] == 2  # answered twice (a retry on another gateway looks the same)
         finally:
             await store.stop()
 

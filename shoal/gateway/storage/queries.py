@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shoal.gateway.storage.schema import results_table
@@ -63,6 +63,15 @@ async def newest_row(engine: AsyncEngine, cluster: str, request_id: str) -> Any:
     )
     async with engine.connect() as conn:
         return (await conn.execute(q)).mappings().first()
+
+
+async def count_rows(engine: AsyncEngine, cluster: str, request_id: str) -> int:
+    """How many times a request with this id was stored (more than once: it was answered more than
+    once, by this gateway or another of the cluster: a device retried it after its first gateway went
+    away, or reused its id)."""
+    q = select(func.count()).select_from(results_table).where(_t.cluster == cluster, _t.request_id == request_id)
+    async with engine.connect() as conn:
+        return int((await conn.execute(q)).scalar_one())
 
 
 async def result(folder: Path, row: Any) -> dict[str, Any]:

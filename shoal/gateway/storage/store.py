@@ -211,9 +211,14 @@ class ResultStore:
         return await queries.newest_row(await self._ready(), self.cluster, request_id)
 
     async def get(self, request_id: str) -> dict[str, Any] | None:
-        """One stored request (the newest with this id), its outputs with their data."""
+        """One stored request (the newest with this id), its outputs with their data, and ``stored``:
+        how many requests with this id were stored (retries on another gateway count)."""
         r = await self._row(request_id)
-        return None if r is None else await queries.result(self.folder, r)
+        if r is None:
+            return None
+        out = await queries.result(self.folder, r)
+        out["stored"] = await queries.count_rows(await self._ready(), self.cluster, request_id)
+        return out
 
     async def payload_file(
         self, request_id: str, kind: str, name: str, owner: str | None = None
