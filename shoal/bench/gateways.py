@@ -152,7 +152,11 @@ def held(workdir: Path, args: Namespace) -> dict[str, Any]:
     if hard < per_process + 1000 and hard != resource.RLIM_INFINITY:
         per_process = max(100, hard - 1000)
         clients = max(1, -(-want // per_process))
-    with LocalCluster(workdir, processes=4, gateway_args=["--max-queue", str(want + 100)]) as lc:
+    # Every request arrives at once: the queues hold them all. Opening tens of thousands of
+    # connections takes longer than the default 30 s a connection may wait before its request is
+    # whole (a slow client's limit): the first opened would be answered 408.
+    gateway_args = ["--max-queue", str(want + 100), "--read-timeout", "600"]
+    with LocalCluster(workdir, processes=4, gateway_args=gateway_args) as lc:
         lc.start()
         lc.add_worker("echo")
         lc.wait_workers("echo", 1)
@@ -175,6 +179,8 @@ def held(workdir: Path, args: Namespace) -> dict[str, Any]:
         "held: all outcomes": codes,
         "held: gateways' memory growth, MB (all four)": round((rss1 - rss0) / 1024, 1),
         "held: memory per connection, KB": round((rss1 - rss0) / max(1, opened), 1),
+        "held: seconds to open all": round(max(r["open_s"] for r in results), 1),
+        "held: seconds to answer all": round(max(r["answer_s"] for r in results), 1),
         "held: gateways still serving": bool(status["models"]),
     }
 
@@ -190,12 +196,14 @@ def _hold(port: int, req: bytes, n: int, k: int) -> dict[str, Any]:
 async def _hold_async(port: int, req: bytes, n: int, source: str) -> dict[str, Any]:
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     sem = asyncio.Semaphore(256)
+    t0 = time.perf_counter()
 
     async def open_one() -> None:
         async with sem:
             conns.append(await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)))
 
     await asyncio.gather(*(open_one() for _ in range(n)), return_exceptions=True)
+    t1 = time.perf_counter()
 
     async def ask(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> str:
         w.write(req)
@@ -206,13 +214,20 @@ async def _hold_async(port: int, req: bytes, n: int, source: str) -> dict[str, A
         return head[9:12].decode()
 
     answers = await asyncio.gather(*(ask(r, w) for r, w in conns), return_exceptions=True)
+    t2 = time.perf_counter()
     for _, w in conns:
         w.close()
     codes: dict[str, int] = {}
     for a in answers:
         key = a if isinstance(a, str) else type(a).__name__
         codes[key] = codes.get(key, 0) + 1
-    return {"opened": len(conns), "answered": codes.get("200", 0), "codes": codes}
+    return {
+        "opened": len(conns),
+        "answered": codes.get("200", 0),
+        "codes": codes,
+        "open_s": t1 - t0,
+        "answer_s": t2 - t1,
+    }
 
 
 # ------------------------------------------------------------------------ a gateway killed under load
