@@ -189,3 +189,13 @@ def test_routes_spread_over_a_clusters_gateways_within_one_report_interval():
         first = choice.gateways[0].id
         per_gateway[first] = per_gateway.get(first, 0) + 1
     assert per_gateway == {"a": 5, "b": 5}
+
+
+def test_gateways_a_device_could_not_reach_are_left_out_and_a_cluster_left_with_none_is_skipped():
+    two = cluster_of("two", [gw("x", m(in_flight=1)), gw("y", m(in_flight=5))], NOW, 3.0)
+    one = cluster_of("one", [gw("z", m(in_flight=9))], NOW, 3.0)
+    choice = choose_cluster([one, two], "mnist", now=NOW, avoid=["http://x:8000/"])
+    assert choice is not None and choice.cluster.name == "two" and choice.urls == ["http://y:8000"]
+    choice = choose_cluster([one, two], "mnist", now=NOW, avoid=["http://x:8000", "http://y:8000"])
+    assert choice is not None and choice.cluster.name == "one"  # two has no gateway left
+    assert choose_cluster([two], "mnist", now=NOW, avoid=["http://x:8000", "http://y:8000"]) is None

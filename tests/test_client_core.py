@@ -110,11 +110,13 @@ def test_a_route_is_asked_once_then_cached_until_shortly_before_it_expires():
     assert len(s.urls(part="/v1/route")) == 2
 
 
-def test_an_unreachable_cluster_is_excluded_and_the_next_route_avoids_it():
+def test_an_unreachable_gateway_is_avoided_and_the_next_route_leaves_it_out():
+    """Central leaves the gateway out of the next route: the cluster's other gateways (that the first
+    route did not name yet), else another cluster."""
     c = core()
     s = Script(
         {
-            ("POST", "/v1/route"): lambda call: route_reply("b" if "exclude" in json.loads(call.body) else "a"),
+            ("POST", "/v1/route"): lambda call: route_reply("b" if "avoid" in json.loads(call.body) else "a"),
             ("POST", "http://a:8000"): [Unreachable("connection refused")],
             ("POST", "http://b:8000"): [infer_ok(2.0)],
             **NO_META,
@@ -122,7 +124,7 @@ def test_an_unreachable_cluster_is_excluded_and_the_next_route_avoids_it():
     )
     r = s.run(c.infer("m", X))
     assert r.cluster == "b" and r.outputs["y"][0, 0] == 2.0
-    assert s.route_bodies() == [{"model": "m"}, {"model": "m", "exclude": ["a"]}]
+    assert s.route_bodies() == [{"model": "m"}, {"model": "m", "avoid": ["http://a:8000"]}]
     assert s.sleeps == [0.05]
 
 

@@ -137,7 +137,9 @@ class Directory:
             c.merged_until = min(live) if live else math.inf
         return c.merged
 
-    def choose(self, model: str, version: str | None, exclude: list[str], now: float) -> Choice | None:
+    def choose(
+        self, model: str, version: str | None, exclude: list[str], now: float, avoid: list[str] | None = None
+    ) -> Choice | None:
         """The cluster to route a device to and its gateways in turn (counted as assigned to the
         first), or None."""
         choice = choose_cluster(
@@ -149,6 +151,7 @@ class Directory:
             max_age_s=self.max_age_s,
             assigned=self.assigned,
             gateway_assigned={n: c.assigned for n, c in self._clusters.items()},
+            avoid=avoid or (),
         )
         if choice is None:
             self.routes_unserved += 1

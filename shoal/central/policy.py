@@ -170,10 +170,13 @@ def choose_cluster(
     max_age_s: float = 3.0,
     assigned: Mapping[str, float] | None = None,
     gateway_assigned: Mapping[str, Mapping[str, float]] | None = None,
+    avoid: Iterable[str] = (),
 ) -> Choice | None:
     """The cluster to send a device to, and its gateways to try in turn, or None when no live cluster
     outside ``exclude`` serves it. ``assigned``: routes handed out per cluster since its last reports;
-    ``gateway_assigned``: the same per cluster and gateway."""
+    ``gateway_assigned``: the same per cluster and gateway; ``avoid``: gateway addresses the device
+    could not reach, left out (a cluster left with none serving the model is skipped)."""
+    avoided = {a.rstrip("/") for a in avoid}
     skip = set(exclude)
     assigned = assigned or {}
     candidates: list[tuple[ClusterInfo, ModelLoad]] = []
@@ -188,8 +191,7 @@ def choose_cluster(
     if version is None:
         newest = max((m.version for _, m in candidates), key=version_key)
         candidates = [(c, m) for c, m in candidates if m.version == newest]
-    best = min(
-        candidates,
+    candidates.sort(
         key=lambda cm: (
             not cm[1].ready,  # awake first
             load_of(cm[1], assigned.get(cm[0].name, 0.0)),
@@ -197,13 +199,18 @@ def choose_cluster(
             cm[0].name,
         ),
     )
-    chosen, entry = best
-    gateways = rank_gateways(
-        chosen.gateways,
-        model,
-        entry.version,
-        now=now,
-        max_age_s=max_age_s,
-        assigned=(gateway_assigned or {}).get(chosen.name),
-    )
-    return Choice(chosen, entry, load_of(entry, assigned.get(chosen.name, 0.0)), gateways)
+    for chosen, entry in candidates:
+        gateways = rank_gateways(
+            chosen.gateways,
+            model,
+            entry.version,
+            now=now,
+            max_age_s=max_age_s,
+            assigned=(gateway_assigned or {}).get(chosen.name),
+        )
+        if avoided:
+            gateways = tuple(g for g in gateways if g.address.rstrip("/") not in avoided)
+            if not gateways:
+                continue
+        return Choice(chosen, entry, load_of(entry, assigned.get(chosen.name, 0.0)), gateways)
+    return None

@@ -91,7 +91,7 @@ async def route(c: CentralParts, call: Call) -> RouteAnswer:
     req: RouteRequest = call.body
     c.directory.seen(call.who)
     now = time.monotonic()
-    choice = c.directory.choose(req.model, req.version, req.exclude, now)
+    choice = c.directory.choose(req.model, req.version, req.exclude, now, req.avoid)
     if choice is None:
         what = f"model '{req.model}'" + (f" version '{req.version}'" if req.version is not None else "")
         if c.directory.starting(now):

@@ -48,7 +48,7 @@ from urllib.parse import quote
 import msgspec
 import numpy as np
 
-from shoal.protocol.central_messages import RouteAnswer
+from shoal.protocol.central_messages import MAX_EXCLUDED, RouteAnswer
 from shoal.protocol.compression import compress
 from shoal.protocol.oip import build_infer_request, parse_infer_response
 
@@ -285,14 +285,23 @@ class ClientCore:
 
     # ---------------------------------------------------------------------------------- routes
 
-    def route(self, model: str, version: str | None = None, exclude: set[str] | None = None) -> Flow[Route]:
+    def route(
+        self,
+        model: str,
+        version: str | None = None,
+        exclude: set[str] | None = None,
+        avoid: set[str] | None = None,
+    ) -> Flow[Route]:
         """A route for the model: cached, else from central (each replica in turn), else, while
-        central cannot be reached, the last one it gave."""
+        central cannot be reached, the last one it gave. ``exclude``: clusters that failed;
+        ``avoid``: gateways that could not be reached (central names their clusters' others)."""
         exclude = exclude or set()
+        avoid = avoid or set()
         cached = self.routes.get((model, version))
         if (
             cached is not None
             and cached.cluster not in exclude
+            and not avoid.issuperset(cached.urls)
             and self.clock() < cached.expires_at - RENEW_BEFORE_S
         ):
             return cached
@@ -301,6 +310,8 @@ class ClientCore:
             body["version"] = version
         if exclude:
             body["exclude"] = sorted(exclude)
+        if avoid:
+            body["avoid"] = sorted(avoid)[:MAX_EXCLUDED]
         headers = self._central_headers()
         last: Exception | None = None
         for url in self.centrals:
@@ -311,8 +322,8 @@ class ClientCore:
                 continue
             assert reply is not None
             self._keep_cookie(reply)
-            if reply.status == 404 and exclude:  # every cluster failed once: try them all again
-                return (yield from self.route(model, version, set()))
+            if reply.status == 404 and (exclude or avoid):  # every cluster failed once: try them all again
+                return (yield from self.route(model, version, set(), set()))
             r = self._parse_route(reply, model, version)
             self.routes[(model, version)] = self.last_routes[(model, version)] = r
             yield from self._fetch_labels(r)
@@ -386,10 +397,11 @@ class ClientCore:
         if not any(k.lower() == REQUEST_ID_HEADER.lower() for k in headers):
             headers = {**headers, REQUEST_ID_HEADER: new_request_id()}
         exclude: set[str] = set()
+        avoid: set[str] = set()
         last = ""
         for attempt in range(retries + 1):
             try:
-                r = yield from self.route(model, version, exclude)
+                r = yield from self.route(model, version, exclude, avoid)
             except RouteError as e:
                 if not e.retryable or attempt >= retries:
                     raise
@@ -418,8 +430,10 @@ class ClientCore:
                 result.bytes_up = len(body)
                 result.gateway = url
                 return result
-            if reply is None:  # the last gateway tried could not be reached
-                self._forget(r, exclude)
+            if reply is None:  # no gateway of the route answered: central may know others of the
+                # cluster (it leaves these out, and skips a cluster that has no other)
+                avoid.update(failed)
+                self.routes.pop((r.model, r.version), None)
                 wait = backoff(attempt, None)
             else:
                 last, wait = self._failed(r, reply, exclude, attempt)

@@ -194,6 +194,14 @@ class RouteRequest(msgspec.Struct, frozen=True):
     exclude: Annotated[
         list[Text], msgspec.Meta(max_length=MAX_EXCLUDED, description="clusters to avoid (they just failed)")
     ] = []
+    avoid: Annotated[
+        list[Text],
+        msgspec.Meta(
+            max_length=MAX_EXCLUDED,
+            description="gateway URLs that could not be reached just now: the route leaves them out (a "
+            "cluster with no other gateway serving the model is skipped)",
+        ),
+    ] = []
 
 
 class RouteAnswer(msgspec.Struct, frozen=True):
