@@ -269,12 +269,28 @@ def kill(workdir: Path, args: Namespace) -> dict[str, Any]:
             for lc in gws:
                 lc.wait_workers("echo", 2, timeout=60)
             central.wait_routable(["bench-site"], "echo")
+            _wait_gateways_serving(central, "bench-site", 2)
             out, timeline = asyncio.run(_kill_run(central.url, devices, gws, seconds))
             out["kill: timeline plot"] = str(_plot_kill(timeline, workdir / "gateway-kill.png"))
             return out
         finally:
             for lc in gws:
                 lc.stop()
+
+
+def _wait_gateways_serving(central: Any, cluster: str, n: int, timeout: float = 30.0) -> None:
+    """Until central lists ``n`` live gateways of the cluster with workers (so every route names them)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        code, body = central.call("GET", "/v1/clusters")
+        for c in body.get("clusters", []) if code == 200 else []:
+            if (
+                c["name"] == cluster
+                and sum(1 for g in c["gateways"] if g["live"] and g["load"] is not None) >= n
+            ):
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"central did not list {n} serving gateways of {cluster} within {timeout:g} s")
 
 
 async def _kill_run(
@@ -330,7 +346,7 @@ async def _kill_run(
     await asyncio.gather(killer(), *(device(n, pw) for n, pw in devices.items()))
     kt = killed["t"]
     after = [(b - a) for a, b, _ in done if kt <= a < kt + 1.0]
-    steady = [(b - a) for a, b, _ in done if t0 + 2.0 <= a < kt]  # after the devices' first routes
+    steady = [(b - a) for a, b, _ in done if kt - 3.0 <= a < kt]  # the three seconds before
     later = [g for a, _, g in done if a >= kt + 1.0]
     p50_before, p99_before = percentiles(steady) if steady else (float("nan"), float("nan"))
     _, p99_after = percentiles(after) if after else (float("nan"), float("nan"))
@@ -345,7 +361,7 @@ async def _kill_run(
         "kill: first failures": failed[:3],
         "kill: devices / in flight": f"{len(devices)} / {16 * len(devices)}",
         "kill: killed gateway's share before": round(killed["share"], 2),
-        "kill: p50/p99 ms before the kill": f"{p50_before:.1f} / {p99_before:.1f}",
+        "kill: p50/p99 ms in the 3 s before the kill": f"{p50_before:.1f} / {p99_before:.1f}",
         "kill: p99 ms of requests sent in the second after": round(p99_after, 1),
         "kill: workers counted one gateway fewer after, s": round(
             killed.get("noticed", float("nan")) - kt, 3
