@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "multihead": "shoal.multihead.cli",
     "devices": "shoal.devices",
     "models": "shoal.client.models_cli",
+    "lab": "shoal.lab.cli",
 }
 # The extra (pyproject.toml) each command needs beyond the base install, the device side.
 EXTRAS: dict[str, str] = {
@@ -45,6 +46,7 @@ EXTRAS: dict[str, str] = {
     "federation": "fusion",
     "central": "central",
     "multihead": "train",
+    "lab": "demo",
 }
 
 
@@ -56,6 +58,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "central": ("uvicorn", "starlette", "sqlalchemy"),
     "demo": ("uvicorn", "onnxruntime", "PIL"),
     "bench": ("uvicorn", "onnxruntime", "PIL"),
+    "lab": ("uvicorn", "sqlalchemy", "matplotlib"),
 }
 
 

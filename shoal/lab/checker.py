@@ -1,0 +1,297 @@
+"""The checker: the rules applied after a run to the devices' logs, the samples the lab took of the
+gateways and central, and the fault records. Pure functions of those (no clock, no I/O but
+``read_jsonl``).
+
+Requests (each device log line pairs a ``send`` with its ``done``, by request id):
+
+* every request sent was answered exactly once or failed with an error the device saw: a ``send``
+  without a ``done`` is **lost**, two ``done``s are **answered twice**;
+* no answer carries another request's data: an answer whose output is not the request's own input
+  is **wrong** (and **foreign** when it is another request's input).
+
+Per fault (times from the fault's start, or from the heal for a partition's recovery), by the role
+of the machine it hit:
+
+* a worker's machine: **detected** when a gateway drops the worker from its pool (or holds it as not
+  accepting), ``detected_by_all_s`` when every gateway has; after a partition, **recovered** when
+  every gateway that answers holds it accepting again.
+* a gateway's machine: **detected** when every worker the other gateways hold links to one gateway
+  fewer (``load.links``), ``central_dropped_s`` when central lists it as not live; after a partition,
+  **recovered** when every worker links to all the gateways again and central lists it as live.
+* a crash is **recovered** when the devices carry on without the machine (``devices_recovered_s``);
+  ``answers_from_it_after`` counts answers from a crashed gateway to requests sent after its crash,
+  ``its_share_before`` the gateway's share of the answers in the 2 s before the fault.
+* every fault's **devices_recovered_s**: when the last request the fault held up ended (one in flight
+  at the fault or sent after it, ended before the next fault, that failed, was answered by a machine
+  the fault took down, or took longer than ``max(1 s, 5 x the p99 before the first fault)``); 0 when
+  none was held up.
+
+Latency p50/p99 per phase (by the time a request was sent): the warm-up (routes asked for, connections
+opened), before the first fault, during each fault (its start until it and the devices recovered),
+between faults and after the last.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return out
+
+
+def _pct(lat: list[float]) -> tuple[float | None, float | None]:
+    if not lat:
+        return None, None
+    a = np.asarray(lat) * 1000.0
+    return round(float(np.percentile(a, 50)), 2), round(float(np.percentile(a, 99)), 2)
+
+
+def pair_requests(log: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One record a request (``sent``, ``done`` or None, ``ok``, ``gateway``, ``correct``, ``in``,
+    ``out``, ``error``), and the request rules' counts."""
+    sends: dict[str, dict[str, Any]] = {}
+    dones: dict[str, list[dict[str, Any]]] = {}
+    for r in log:
+        if r.get("e") == "send":
+            sends[r["id"]] = r
+        elif r.get("e") == "done":
+            dones.setdefault(r["id"], []).append(r)
+    reqs = []
+    for rid, s in sends.items():
+        d = (dones.get(rid) or [None])[0]
+        reqs.append(
+            {
+                "id": rid,
+                "sent": s["t"],
+                "in": s.get("in"),
+                "done": d["t"] if d else None,
+                "ok": bool(d and d.get("ok")),
+                "error": d.get("error") if d else None,
+                "gateway": d.get("gateway") if d else None,
+                "out": d.get("out") if d else None,
+                "correct": bool(d and d.get("correct")),
+            }
+        )
+    reqs.sort(key=lambda r: r["sent"])
+    inputs = {r["in"]: r["id"] for r in reqs}
+    ok = [r for r in reqs if r["ok"]]
+    wrong = [r for r in ok if not r["correct"]]
+    failed = [r for r in reqs if r["done"] is not None and not r["ok"]]
+    counts = {
+        "requests": len(reqs),
+        "answered": len(ok),
+        "failed": len(failed),
+        "lost": sum(1 for r in reqs if r["done"] is None),
+        "answered_twice": sum(1 for rid in sends if len(dones.get(rid, [])) > 1),
+        "answers_never_sent": sum(1 for rid in dones if rid not in sends),
+        "wrong_answers": len(wrong),
+        "foreign_answers": sum(1 for r in wrong if inputs.get(r["out"], r["id"]) != r["id"]),
+        "first_failures": [f"{r['id']}: {r['error']}" for r in failed[:5]],
+    }
+    return reqs, counts
+
+
+Timeline = list[tuple[float, dict[str, dict[str, Any]], dict[str, bool] | None]]
+
+
+def _timeline(samples: list[dict[str, Any]], gateways: set[str], since: float, until: float) -> Timeline:
+    """For each sample in [since, until): (time, the latest answered sample of each gateway up to
+    then, the gateways central listed as live in its latest answer)."""
+    latest: dict[str, dict[str, Any]] = {}
+    central: dict[str, bool] | None = None
+    out: Timeline = []
+    for s in sorted(samples, key=lambda s: s["t"]):
+        if s["t"] >= until:
+            break
+        if s["source"] == "central":
+            central = s["gateways"] if s["ok"] else central
+        elif s["source"] in gateways:
+            if s["ok"]:
+                latest[s["source"]] = s
+            else:
+                latest.pop(s["source"], None)  # a gateway that does not answer holds nobody
+        if s["t"] >= since:
+            out.append((s["t"], dict(latest), central))
+    return out
+
+
+def _first(timeline: Timeline, cond: Callable[[list[dict[str, Any]]], bool]) -> float | None:
+    """When ``cond`` of the answering gateways' samples first held."""
+    return next((t for t, latest, _ in timeline if cond(list(latest.values()))), None)
+
+
+def _holds(s: dict[str, Any], worker: str) -> bool:
+    w = s["workers"].get(worker)
+    return bool(w and w["accepting"])
+
+
+def _since(t: float | None, start: float) -> float | None:
+    return None if t is None else round(t - start, 3)
+
+
+def _worker_gone(w: str, tl: Timeline, start: float) -> dict[str, Any]:
+    """When a gateway dropped the worker from its pool (or held it as not accepting), and when all had."""
+    det = _first(tl, lambda gs: any(not _holds(s, w) for s in gs))
+    det_all = _first(tl, lambda gs: bool(gs) and all(not _holds(s, w) for s in gs))
+    return {"detected_s": _since(det, start), "detected_by_all_s": _since(det_all, start)}
+
+
+def _worker_back(w: str, tl: Timeline) -> float | None:
+    """When every gateway that answers held the worker as accepting again."""
+    return _first(tl, lambda gs: bool(gs) and all(_holds(s, w) for s in gs))
+
+
+def _links_at_most(n: int) -> Callable[[list[dict[str, Any]]], bool]:
+    def cond(gs: list[dict[str, Any]]) -> bool:
+        ws = [w for s in gs for w in s["workers"].values()]
+        return bool(ws) and all(w["links"] is not None and w["links"] <= n for w in ws)
+
+    return cond
+
+
+def _gateway_gone(g: str, tl: Timeline, start: float, others: int) -> dict[str, Any]:
+    """When the workers the other gateways hold linked to ``others`` gateways (one fewer), and when
+    central listed the gateway as not live."""
+    dropped = next((t for t, _, c in tl if c is not None and not c.get(g, False)), None)
+    return {
+        "detected_s": _since(_first(tl, _links_at_most(others)), start),
+        "central_dropped_s": _since(dropped, start),
+    }
+
+
+def _gateway_back(g: str, tl: Timeline, gateways: int) -> float | None:
+    """When every worker linked to all ``gateways`` again and central listed ``g`` as live."""
+    linked = [x for x in tl if _links_at_most(gateways)(list(x[1].values()))]
+    full = [
+        t
+        for t, lt, c in linked
+        if c and c.get(g) and all(w["links"] == gateways for s in lt.values() for w in s["workers"].values())
+    ]
+    return full[0] if full else None
+
+
+def check(
+    log: list[dict[str, Any]],
+    samples: list[dict[str, Any]],
+    faults: list[dict[str, Any]],
+    gateways: dict[str, str],
+    warm: float | None = None,
+) -> dict[str, Any]:
+    """The run's summary. ``gateways``: gateway URL -> machine; ``faults``: ``faults.inject``'s
+    records in order; ``warm``: when the system was first steady under load (the requests before it,
+    routes asked for and connections opened, are the 'warm-up' phase). Times in the summary are
+    seconds from the first request."""
+    reqs, counts = pair_requests(log)
+    t0 = reqs[0]["sent"] if reqs else 0.0
+    end = max((r["done"] or r["sent"] for r in reqs), default=t0)
+    gw_machines = set(gateways.values())
+    for r in reqs:
+        r["machine"] = gateways.get((r["gateway"] or "").rstrip("/"), r["gateway"])
+    first_fault = faults[0]["start"] if faults else end
+    warm = t0 if warm is None else warm
+    before = [r["done"] - r["sent"] for r in reqs if r["ok"] and warm <= r["sent"] < first_fault]
+    slow = max(1.0, 5 * float(np.percentile(before, 99) if before else 0.2))
+
+    down: set[str] = set()  # machines taken down for good so far
+    out_faults = []
+    phases: dict[str, Any] = {"warm-up": _phase(reqs, t0, warm, t0)} if warm > t0 else {}
+    mark = warm
+    for i, f in enumerate(faults):
+        start = f["start"]
+        nxt = faults[i + 1]["start"] if i + 1 < len(faults) else end + 1.0
+        tl = _timeline(samples, gw_machines, start, nxt)
+        rec: dict[str, Any] = {"fault": f["label"], "at_s": round(start - t0, 3)}
+        recovered_at = None
+        m = f["machine"]
+        if m in gw_machines:
+            rec.update(_gateway_gone(m, tl, start, len(gw_machines - down - {m})))
+            last = [r["machine"] for r in reqs if r["ok"] and start - 2.0 <= r["done"] < start]
+            rec["its_share_before"] = round(last.count(m) / len(last), 3) if last else None
+        else:
+            rec.update(_worker_gone(m, tl, start))
+        if f["kind"] == "partition":
+            heal = f["heal"]
+            rec["heal_at_s"] = round(heal - t0, 3)
+            after_heal = [x for x in tl if x[0] >= heal]
+            recovered_at = (
+                _gateway_back(m, after_heal, len(gw_machines - down))
+                if m in gw_machines
+                else _worker_back(m, after_heal)
+            )
+            rec["recovered_s"] = _since(recovered_at, heal)
+        else:
+            down.add(m)
+            if m in gw_machines:
+                rec["answers_from_it_after"] = sum(  # to requests sent after its link went down
+                    1 for r in reqs if r["ok"] and r["machine"] == m and r["sent"] > start
+                )
+        # The requests the fault held up: in flight at it or sent after it (before the next one).
+        held = [
+            r
+            for r in reqs
+            if r["sent"] < nxt
+            and (r["done"] is None or start <= r["done"] < nxt)
+            and (r["done"] is None or not r["ok"] or r["machine"] in down or r["done"] - r["sent"] > slow)
+        ]
+        dev_rec = max((r["done"] or end for r in held), default=start)
+        rec["held_up_requests"] = len(held)
+        rec["longest_held_s"] = round(max(((r["done"] or end) - r["sent"] for r in held), default=0.0), 3)
+        rec["devices_recovered_s"] = round(dev_rec - start, 3)
+        if f["kind"] == "crash":  # it does not come back: recovered when the devices carry on
+            rec["recovered_s"] = rec["devices_recovered_s"]
+            after = [r for r in reqs if r["ok"] and dev_rec < r["sent"] < nxt]
+            rec["survivors_share_after"] = (
+                round(sum(1 for r in after if r["machine"] not in down) / len(after), 3) if after else None
+            )
+        fault_end = max(x for x in (start, f.get("heal"), recovered_at, dev_rec) if x is not None)
+        phases["before" if i == 0 else f"between {i} and {i + 1}"] = _phase(reqs, mark, start, t0)
+        phases[f["label"]] = _phase(reqs, start, fault_end, t0)
+        mark = fault_end
+        out_faults.append(rec)
+    phases["after" if faults else "all"] = _phase(reqs, mark, end + 1.0, t0)
+    answered_by = Counter(r["machine"] for r in reqs if r["ok"])
+    return {
+        **counts,
+        "duration_s": round(end - t0, 3),
+        "answered_by": dict(sorted(answered_by.items())),
+        "slow_threshold_s": round(slow, 3),
+        "faults": out_faults,
+        "phases": phases,
+    }
+
+
+def _phase(reqs: list[dict[str, Any]], lo: float, hi: float, t0: float) -> dict[str, Any]:
+    inside = [r for r in reqs if lo <= r["sent"] < hi]
+    p50, p99 = _pct([r["done"] - r["sent"] for r in inside if r["ok"]])
+    return {
+        "from_s": round(lo - t0, 3),
+        "to_s": round(hi - t0, 3),
+        "requests": len(inside),
+        "failed": sum(1 for r in inside if r["done"] is not None and not r["ok"]),
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+
+
+def passed(summary: dict[str, Any]) -> bool:
+    """No request failed, lost, answered twice or answered wrongly, and every fault was detected and
+    recovered."""
+    clean = not any(
+        summary[k] for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers")
+    )
+    return clean and all(
+        f["detected_s"] is not None and f["recovered_s"] is not None for f in summary["faults"]
+    )

@@ -1,0 +1,176 @@
+"""The lab's device load driver, a program run on a device machine:
+
+    python -m shoal.lab.device --central URL --device cam-0,cam-1 --in-flight 4 --log dev.jsonl --seed 1
+
+Each device account gets one ``shoal.client.AsyncClient`` (routes through central, fail-over as the
+client does it) and ``--in-flight`` requests at once, each sent as soon as the one before it in its
+slot ends. Every request is the echo model with an input of its own (seeded random numbers), so its
+answer can be checked against it. Two JSON lines a request go to ``--log``:
+
+    {"e": "send", "id": "cam-0/2/17", "t": 1712.3, "in": "9f..."}
+    {"e": "done", "id": "cam-0/2/17", "t": 1712.4, "ok": true, "gateway": "http://10.77.1.2:8000",
+     "out": "9f...", "correct": true}                       (or "ok": false, "error": "InferError: ...")
+
+``in`` and ``out`` are digests of the input and the output (a wrong answer is traced to the request it
+belonged to), times are the wall clock (the lab's fault records use it too). SIGTERM: no new
+requests; those in flight finish; the log is flushed; exit 0. The password is ``$SHOAL_DEVICE_PASSWORD``
+(one for all the accounts named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shoal.client import AsyncClient
+
+MODEL = "echo"
+
+
+def digest(a: np.ndarray | None) -> str:
+    return "" if a is None else hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=8).hexdigest()
+
+
+class LogTail:
+    """The lab's live view of a device log while the run goes on: the requests still outstanding
+    (id -> time sent), when the last answer came, and the answers so far per device."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pos = 0
+        self.outstanding: dict[str, float] = {}
+        self.last_answer = 0.0
+        self.answered: dict[str, int] = {}
+
+    def read(self) -> LogTail:
+        if not self.path.exists():
+            return self
+        with open(self.path, "rb") as f:
+            f.seek(self.pos)
+            chunk = f.read()
+        whole = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next read
+        self.pos += len(whole)
+        for line in whole.splitlines():
+            r = json.loads(line)
+            if r["e"] == "send":
+                self.outstanding[r["id"]] = r["t"]
+            else:
+                self.outstanding.pop(r["id"], None)
+                if r["ok"]:
+                    self.last_answer = max(self.last_answer, r["t"])
+                    device = r["id"].split("/")[0]
+                    self.answered[device] = self.answered.get(device, 0) + 1
+        return self
+
+    def oldest(self) -> float | None:
+        """When the oldest request still outstanding was sent."""
+        return min(self.outstanding.values(), default=None)
+
+
+class Log:
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "a", buffering=1 << 20)  # noqa: SIM115 (closed in close)
+
+    def emit(self, **rec: Any) -> None:
+        self.f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+
+    async def flush_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+async def slot(
+    c: AsyncClient,
+    device: str,
+    k: int,
+    rng: np.random.Generator,
+    log: Log,
+    stop: asyncio.Event,
+    first: asyncio.Event | None = None,
+) -> None:
+    """Requests one after the other until ``stop``; ``first`` is set when the first one ended."""
+    n = 0
+    while not stop.is_set():
+        if n == 1 and first is not None:
+            first.set()
+        x = rng.standard_normal((1, 16)).astype(np.float32)
+        rid = f"{device}/{k}/{n}"
+        n += 1
+        log.emit(e="send", id=rid, t=time.time(), **{"in": digest(x)})
+        try:
+            r = await c.infer(MODEL, {"x": x})
+        except Exception as e:  # every failure the device sees is recorded
+            log.emit(e="done", id=rid, t=time.time(), ok=False, error=f"{type(e).__name__}: {e}"[:300])
+            continue
+        y = r.outputs.get("y")
+        log.emit(
+            e="done",
+            id=rid,
+            t=time.time(),
+            ok=True,
+            gateway=r.gateway,
+            out=digest(y),
+            correct=bool(y is not None and y.shape == x.shape and np.array_equal(y, x)),
+        )
+
+
+async def drive(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    password = os.environ.get("SHOAL_DEVICE_PASSWORD", "")
+    log = Log(args.log)
+    flusher = asyncio.create_task(log.flush_every(0.2))
+    clients = [AsyncClient(args.central, d, password, timeout=args.timeout) for d in args.device.split(",")]
+    tasks = []
+    try:
+        # The devices come up one after another: each sends one request alone (it gets its route from
+        # central, so a device's concurrent first requests do not each ask central, the last answer
+        # winning) and then keeps its requests in flight; central spreads them over the gateways.
+        for i, c in enumerate(clients):
+            first = asyncio.Event()
+            rngs = [np.random.default_rng([args.seed, i, k]) for k in range(args.in_flight)]
+            tasks.append(asyncio.create_task(slot(c, c.core.device, 0, rngs[0], log, stop, first)))
+            waiter = asyncio.create_task(first.wait())
+            await asyncio.wait([waiter, tasks[-1]], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            tasks += [
+                asyncio.create_task(slot(c, c.core.device, k, rngs[k], log, stop))
+                for k in range(1, args.in_flight)
+            ]
+        await asyncio.gather(*tasks)
+    finally:
+        flusher.cancel()
+        for c in clients:
+            await c.close()
+        log.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shoal.lab.device", description=__doc__.split("\n\n")[0])
+    p.add_argument("--central", required=True)
+    p.add_argument("--device", required=True, help="device accounts, comma separated")
+    p.add_argument("--in-flight", type=int, default=4, help="requests at once per device")
+    p.add_argument("--timeout", type=float, default=10.0, help="the client's timeout (default 10 s, its own)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--log", required=True)
+    return asyncio.run(drive(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""One lab run end to end: build the world, deploy, put the devices' load on it, inject the seeded
+faults one after the other (each once the system is steady again), stop, check, plot, and tear
+everything down whatever happens (an exception, Ctrl+C, SIGTERM turned into one by the command).
+
+What a run writes to its folder: ``summary.json`` (the checker's), ``timeline.png``,
+``faults.json`` (the records, wall clock), ``samples.jsonl`` (the observer's), ``device.jsonl``
+(the devices' log) and each process's log under ``logs/``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from shoal.lab import checker
+from shoal.lab.deploy import Deployment, deploy
+from shoal.lab.device import LogTail
+from shoal.lab.faults import Fault, ci_schedule, inject
+from shoal.lab.observe import Observer, central_sample, gateway_sample
+from shoal.lab.plot import plot_timeline
+from shoal.lab.procs import Processes
+from shoal.lab.world import World, claim_run
+
+GATEWAYS = ["gw-a", "gw-b"]
+WORKERS = ["w1", "w2"]
+SLOW_S = 1.0  # a request outstanding longer than this holds the system from being steady
+
+
+@dataclass
+class LabConfig:
+    out: Path
+    seed: int = 1
+    run: int | None = None  # the run number (addresses 10.77.<run>.N); the first free one by default
+    devices: int = 4  # device accounts on the device machine, each its own client
+    in_flight: int = 4  # requests at once per device
+    client_timeout: float = 10.0  # the device client's timeout (its default)
+    tail_s: float = 3.0  # steady seconds after the last fault
+    recover_timeout_s: float = 45.0  # longest wait for a fault's recovery before going on
+    schedule: list[Fault] = field(default_factory=list)  # default: ci_schedule(seed)
+
+
+def _wait(cond: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            return False
+        time.sleep(every)
+    return True
+
+
+class Lab:
+    def __init__(self, cfg: LabConfig, say: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.say = say
+        self.world: World | None = None
+        self.procs: Processes | None = None
+        self.observer: Observer | None = None
+        self.down: set[str] = set()  # machines crashed
+
+    # ------------------------------------------------------------------ conditions on the live system
+
+    def _holding(self, dep: Deployment) -> bool:
+        """Every gateway still up answers and holds every worker still up as accepting."""
+        assert self.observer is not None
+        for g in dep.gateways:
+            if g in self.down:
+                continue
+            s = self.observer.latest(g)
+            if not s or not s["ok"]:
+                return False
+            if any(
+                not (s["workers"].get(w) or {}).get("accepting") for w in dep.workers if w not in self.down
+            ):
+                return False
+        return True
+
+    def _flowing(self, tail: LogTail, since: float) -> bool:
+        """The devices carry on: nothing sent before ``since`` is outstanding, nothing outstanding is
+        older than SLOW_S, and answers came within the last second."""
+        tail.read()
+        now = time.time()
+        oldest = tail.oldest()
+        return (
+            oldest is None or (oldest >= since and now - oldest < SLOW_S)
+        ) and now - tail.last_answer < 1.0
+
+    def _links_fewer(self, dep: Deployment) -> bool:
+        """The workers the surviving gateways hold link to no gateway that is down."""
+        assert self.observer is not None
+        alive = len([g for g in dep.gateways if g not in self.down])
+        for g in dep.gateways:
+            s = self.observer.latest(g) if g not in self.down else None
+            if s and s["ok"] and any((w["links"] or 0) > alive for w in s["workers"].values()):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        out = cfg.out
+        out.mkdir(parents=True, exist_ok=True)
+        for sub in ("logs", "central", *GATEWAYS):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for f in ("device.jsonl", "samples.jsonl", "faults.json", "summary.json", "timeline.png"):
+            (out / f).unlink(missing_ok=True)
+        schedule = cfg.schedule or ci_schedule(cfg.seed)
+        run = claim_run(cfg.run)
+        self.world = world = World(run)
+        atexit.register(self.teardown)
+        try:
+            return self._run(world, schedule, out)
+        finally:
+            self.teardown()
+            atexit.unregister(self.teardown)
+
+    def _run(self, world: World, schedule: list[Fault], out: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        t = time.monotonic()
+        world.create()
+        for name in ("central", *GATEWAYS, *WORKERS, "dev"):
+            world.add(name)
+        self.say(f"lab run {world.run}: bridge and {len(world.machines)} machines on 10.77.{world.run}.0/24")
+        self.procs = procs = Processes(world, out / "logs")
+        self.observer = obs = Observer(world.bridge_ns)
+        devices = [f"cam-{i}" for i in range(cfg.devices)]
+        dep = deploy(world, procs, obs, out, GATEWAYS, WORKERS, devices)
+        self.say(
+            f"deployed in {time.monotonic() - t:.1f} s: central, {', '.join(GATEWAYS)}, {', '.join(WORKERS)}"
+        )
+        for g, gw in dep.gateways.items():
+            obs.watch(g, partial(gateway_sample, gw), 0.1)
+        obs.watch("central", partial(central_sample, dep.central), 0.25)
+
+        log = out / "device.jsonl"
+        dev = procs.spawn(
+            "dev",
+            "dev",
+            [
+                sys.executable,
+                "-m",
+                "shoal.lab.device",
+                "--central",
+                dep.central.url,
+                "--device",
+                ",".join(devices),
+                "--in-flight",
+                str(cfg.in_flight),
+                "--timeout",
+                str(cfg.client_timeout),
+                "--seed",
+                str(cfg.seed),
+                "--log",
+                str(log),
+            ],
+            {"SHOAL_DEVICE_PASSWORD": dep.devices[devices[0]]},
+        )
+        tail = LogTail(log)
+        if not _wait(lambda: len(tail.read().answered) == len(devices) or not dev.alive(), 60):
+            raise RuntimeError(f"the devices got no answers within 60 s:\n{dev.tail()}")
+        if not dev.alive():
+            raise RuntimeError(f"the device driver exited:\n{dev.tail()}")
+        self.say(f"devices answered: {cfg.devices} x {cfg.in_flight} in flight")
+
+        def steady() -> bool:
+            return self._holding(dep) and self._flowing(tail, 0.0)
+
+        if not _wait(steady, cfg.recover_timeout_s):
+            raise RuntimeError("the deployment did not become steady under the devices' load")
+        warm = time.time()
+        records = []
+        for f in schedule:
+            if not _wait(steady, cfg.recover_timeout_s):
+                self.say("not steady before the next fault; going on")
+            time.sleep(f.pause_s)  # the schedule's pause, drawn from the seed
+            self.say(f"fault: {f.label}")
+            rec = inject(f, world, procs)
+            records.append(rec)
+            if f.kind == "crash":
+                self.down.add(f.machine)
+            start = rec["start"]
+            ok = _wait(
+                lambda start=start: (
+                    self._holding(dep) and self._links_fewer(dep) and self._flowing(tail, start)
+                ),
+                cfg.recover_timeout_s,
+            )
+            self.say(f"  {'recovered' if ok else 'NOT recovered'} {time.time() - start:.1f} s after it began")
+        time.sleep(cfg.tail_s)  # steady load after the last fault: the 'after' phase
+        procs.stop([dev], timeout=3 * cfg.client_timeout)
+        obs.stop()
+
+        samples = list(obs.samples)
+        gateways = {gw.url: g for g, gw in dep.gateways.items()}
+        entries = checker.read_jsonl(log)
+        summary = checker.check(entries, samples, records, gateways, warm)
+        reqs, _ = checker.pair_requests(entries)
+        t0 = reqs[0]["sent"] if reqs else 0.0
+        plot = plot_timeline(
+            reqs,
+            samples,
+            records,
+            list(dep.gateways),
+            t0,
+            out / "timeline.png",
+            f"shoal lab, seed {cfg.seed}: {', '.join(r['label'] for r in records)}",
+        )
+        summary = {
+            "seed": cfg.seed,
+            "run": world.run,
+            "schedule": [asdict(f) for f in schedule],
+            "devices": cfg.devices,
+            "in_flight": cfg.devices * cfg.in_flight,
+            **summary,
+            "passed": checker.passed(summary),
+            "timeline": str(plot),
+        }
+        (out / "faults.json").write_text(json.dumps(records, indent=1))
+        with open(out / "samples.jsonl", "w") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def teardown(self) -> None:
+        """Stop every process the lab started, delete its namespaces, give up its run number."""
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer = None
+        if self.procs is not None:
+            self.procs.stop_all(timeout=10)
+            self.procs = None
+        if self.world is not None:
+            self.world.release()
+            self.world = None
+
+
+def run_lab(cfg: LabConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the lab once; the checker's summary (also in ``cfg.out / 'summary.json'``)."""
+    return Lab(cfg, say or (lambda s: None)).run()

@@ -1,0 +1,222 @@
+"""The lab (``shoal lab``): the checker's rules on made-up logs, and, where network namespaces can be
+made (root, ``ip``), the CI-sized scenario across emulated machines (a worker's machine partitioned
+and healed, a gateway's machine crashed under the devices' load: nothing lost, failed or wrong, each
+fault detected and recovered), a lab interrupted with Ctrl+C leaving nothing behind, and a killed
+lab's leftovers removed at the next start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from waiting import wait_for
+
+from shoal.lab import checker
+from shoal.lab.world import lab_namespaces, unavailable
+
+WHY = unavailable()
+needs_netns = pytest.mark.skipif(WHY is not None, reason=f"the lab needs network namespaces: {WHY}")
+
+GW = {"http://a:8000": "gw-a", "http://b:8000": "gw-b"}
+
+
+def _req(rid: str, sent: float, done: float | None, gw: str = "http://a:8000", out: str | None = None, **kw):
+    lines = [{"e": "send", "id": rid, "t": sent, "in": f"in-{rid}"}]
+    if done is not None:
+        ok = kw.get("ok", True)
+        d = {"e": "done", "id": rid, "t": done, "ok": ok}
+        if ok:
+            d |= {"gateway": gw, "out": out or f"in-{rid}", "correct": out is None}
+        else:
+            d["error"] = "InferError: gave up"
+        lines.append(d)
+    return lines
+
+
+def test_checker_counts_lost_twice_failed_and_wrong_answers():
+    log = [
+        *_req("r1", 0.0, 0.1),
+        *_req("r2", 0.0, None),  # never answered
+        *_req("r3", 0.0, 0.2, ok=False),  # failed, and the device saw it
+        *_req("r4", 0.0, 0.3, out="in-r1"),  # another request's data
+        *_req("r5", 0.0, 0.3, out="garbage"),  # nobody's
+        *_req("r6", 0.0, 0.1),
+        {
+            "e": "done",
+            "id": "r6",
+            "t": 0.2,
+            "ok": True,
+            "gateway": "http://b:8000",
+            "out": "in-r6",
+            "correct": True,
+        },
+    ]
+    s = checker.check(log, [], [], GW)
+    assert (s["requests"], s["answered"], s["failed"], s["lost"]) == (6, 4, 1, 1)
+    assert (s["answered_twice"], s["wrong_answers"], s["foreign_answers"]) == (1, 2, 1)
+    assert not checker.passed(s)
+    clean = checker.check(_req("r1", 0.0, 0.1) + _req("r2", 0.1, 0.2, gw="http://b:8000"), [], [], GW)
+    assert checker.passed(clean) and clean["answered_by"] == {"gw-a": 1, "gw-b": 1}
+
+
+def _gw(t: float, source: str, workers: dict[str, int] | None) -> dict:
+    """A gateway sample: worker -> links (all accepting), or None for a gateway that did not answer."""
+    if workers is None:
+        return {"t": t, "source": source, "ok": False}
+    return {
+        "t": t,
+        "source": source,
+        "ok": True,
+        "workers": {w: {"accepting": True, "links": n} for w, n in workers.items()},
+    }
+
+
+def test_checker_times_detection_and_recovery_per_fault():
+    # A worker partitioned at 10 (healed at 16): gw-a drops it at 14, gw-b at 15, both hold it at 17.
+    # gw-a crashed at 20: the workers link to one gateway at 24, central drops it at 21.5.
+    samples = []
+    for t in range(0, 31):
+        w1 = {"w1": 2 if t < 20 else 1, "w2": 2 if t < 24 else 1}
+        if 14 <= t < 17:
+            w1.pop("w1")
+        b = dict(w1)
+        if t == 14:
+            b["w1"] = 2
+        samples.append(_gw(t, "gw-a", w1 if t < 20 else None))
+        samples.append(_gw(t + 0.01, "gw-b", b))
+        samples.append(
+            {"t": t + 0.5, "source": "central", "ok": True, "gateways": {"gw-a": t < 21, "gw-b": True}}
+        )
+    log = []
+    for i in range(300):  # one request every 0.1 s, 20 ms each; those in flight at the crash take 5 s
+        sent = i * 0.1
+        held = 19.9 <= sent < 20.0
+        log += _req(
+            f"r{i}",
+            sent,
+            sent + (5.0 if held else 0.02),
+            gw="http://b:8000" if sent >= 20 or held else "http://a:8000",
+        )
+    faults = [
+        {"kind": "partition", "machine": "w1", "label": "partition(w1)", "start": 10.0, "heal": 16.0},
+        {"kind": "crash", "machine": "gw-a", "label": "crash(gw-a)", "start": 20.0},
+    ]
+    s = checker.check(log, samples, faults, GW, warm=1.0)
+    part, crash = s["faults"]
+    approx = lambda *x: pytest.approx(x, abs=0.02)  # noqa: E731 (samples of gw-b come 10 ms later)
+    assert (part["detected_s"], part["detected_by_all_s"], part["recovered_s"]) == approx(4.0, 5.0, 1.0)
+    assert part["held_up_requests"] == 0 and part["devices_recovered_s"] == 0.0
+    assert (crash["detected_s"], crash["central_dropped_s"]) == approx(4.0, 1.5)
+    assert crash["held_up_requests"] == 1 and crash["recovered_s"] == pytest.approx(4.9, abs=0.01)
+    assert crash["its_share_before"] == 1.0 and crash["answers_from_it_after"] == 0
+    assert crash["survivors_share_after"] == 1.0
+    assert list(s["phases"]) == [
+        "warm-up",
+        "before",
+        "partition(w1)",
+        "between 1 and 2",
+        "crash(gw-a)",
+        "after",
+    ]
+    assert checker.passed(s)
+
+
+@pytest.mark.slow
+@needs_netns
+def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):
+    from shoal.lab.run import LabConfig, run_lab
+
+    s = run_lab(LabConfig(out=tmp_path, seed=1))
+    assert s["requests"] > 500
+    for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers"):
+        assert s[k] == 0, (k, s["first_failures"])
+    part, crash = s["faults"]
+    # The worker's machine cut off silently: the gateways notice (their dead-after is 5 s) and take
+    # it back once the link returns.
+    assert part["detected_s"] is not None and part["detected_s"] < 10, part
+    assert part["recovered_s"] is not None and part["recovered_s"] < 10, part
+    # The gateway's machine lost while it carried devices: they carry on through gw-b.
+    assert crash["its_share_before"] > 0, crash
+    assert crash["detected_s"] is not None and crash["detected_s"] < 15, crash
+    assert crash["recovered_s"] < 30 and crash["answers_from_it_after"] == 0, crash
+    assert crash["survivors_share_after"] == 1.0, crash
+    assert s["passed"]
+    assert json.loads((tmp_path / "summary.json").read_text())["faults"] == s["faults"]
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+    assert s["run"] not in lab_namespaces()  # torn down
+
+
+@pytest.mark.slow
+@needs_netns
+def test_ctrl_c_tears_the_lab_down(tmp_path):
+    before = set(lab_namespaces())
+    p = subprocess.Popen(
+        [sys.executable, "-m", "shoal", "lab", "--out", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert p.stderr is not None
+        for line in p.stderr:  # the deployment is up: processes on every machine
+            if line.startswith("deployed"):
+                break
+        else:
+            pytest.fail("the lab never said it was deployed")
+        mine = set(lab_namespaces()) - before
+        assert len(mine) == 1
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert not (set(lab_namespaces()) & mine)
+
+
+@needs_netns
+def test_a_killed_lab_is_cleaned_at_the_next_start(tmp_path):
+    from shoal.lab.world import World, claim_run, clean_stale
+
+    # A lab process that claims a run, builds a machine, starts a process in it and is then killed.
+    code = (
+        "import subprocess, sys, time; from shoal.lab.world import World, claim_run;"
+        "w = World(claim_run()).create(); m = w.add('m');"
+        "subprocess.Popen(['ip', 'netns', 'exec', m.ns, 'sleep', '600']);"
+        "print(w.run, m.ns, flush=True); time.sleep(600)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    run, ns = p.stdout.readline().split()
+    pids = wait_for(
+        lambda: subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split(),
+        "the process in the machine",
+    )
+    p.kill()
+    p.wait()
+    assert int(run) in lab_namespaces()
+    assert int(run) in clean_stale()
+    assert int(run) not in lab_namespaces()
+    for pid in pids:
+        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _zombie(pid), f"process {pid} gone")
+    World(claim_run(int(run))).release()  # the run number is free again
+
+
+def _zombie(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_the_schedule_is_drawn_from_the_seed():
+    from shoal.lab.faults import ci_schedule
+
+    assert ci_schedule(3) == ci_schedule(3) != ci_schedule(4)
+    kinds = [(f.kind, f.machine) for f in ci_schedule(3)]
+    assert kinds == [("partition", "w1"), ("crash", "gw-a")]
+    assert 6.5 <= ci_schedule(3)[0].seconds <= 7.5
