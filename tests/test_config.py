@@ -185,7 +185,7 @@ def test_file_values_are_read_as_before(gw_file):
             {},
             "gw.yaml: key 'central', item 2: expected str, got {'url': 'x'}",
         ),
-        ("colour: blue\n", {}, "gw.yaml: unknown key 'colour' (known: api-key, autoscale, central"),
+        ("colour: blue\n", {}, "gw.yaml: unknown key 'colour' (known: advertise-workers, api-key, autoscale, central"),
         ("config: other.yaml\n", {}, "gw.yaml: unknown key 'config'"),
         ("print-config: true\n", {}, "gw.yaml: unknown key 'print-config'"),
         ("- a list\n", {}, "gw.yaml: must be a map of options"),

@@ -190,6 +190,12 @@ class InferenceEngine:
                 done = self._run_batch([item])
         except Exception as e:  # never lose the request, whatever broke
             done = [Done(item, error=f"cannot run the request: {type(e).__name__}: {e}", status=500)]
+        except BaseException as e:  # the model ended its thread (SystemExit): as if the thread died
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            self._running = [item]
+            self._fatal(e, deque())  # fails this request, hands the rest back, takes the worker out
+            return True
         self._finished += len(done)
         self.on_done(done)
         return True
