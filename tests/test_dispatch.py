@@ -86,6 +86,21 @@ def test_a_worker_that_leaves_hands_back_what_it_held_oldest_first(loop):
     assert d.on_result(a, 2, "late", 1.0, 1, 0.3) is None  # a result from the dead: dropped
 
 
+def test_a_silent_worker_hands_back_what_it_held_and_takes_requests_again_when_it_speaks(loop):
+    a, b = FakeWorker("a", 3), FakeWorker("b", 1)
+    d, pool = setup(loop, [a, b])
+    for i in range(1, 4):
+        d.submit(pool, req(loop, i), 0.0)
+    held_by_a = [i for i in a.sent]
+    assert d.worker_silent(pool, a, "fell silent", 0.2) == len(held_by_a)
+    assert a in pool.workers and not a.accepting and a.in_flight == 0  # kept, but sent nothing
+    assert d.on_result(a, held_by_a[0], "late", 1.0, 1, 0.3) is None  # no longer its: dropped
+    d.submit(pool, req(loop, 9), 0.4)
+    assert 9 not in a.sent
+    d.worker_heard(pool, a, 0.5)
+    assert a.accepting and a.sent[-1] in held_by_a + [9]  # the queue moves to it again
+
+
 def test_a_request_turned_away_goes_elsewhere_until_its_attempts_are_spent(loop):
     a = FakeWorker("a", 1)
     d, pool = setup(loop, [a], max_attempts=2)

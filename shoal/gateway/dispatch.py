@@ -287,6 +287,20 @@ class Dispatcher:
             pool.workers.remove(w)
         if not pool.workers:
             pool.no_worker_since = now
+        return self._take_back(pool, w, reason, now)
+
+    def worker_silent(self, pool: ModelPool, w: WorkerHandle, reason: str, now: float) -> int:
+        """It has fallen silent (its machine may be cut off, its socket never closing): nothing new
+        goes to it, and what it held goes to other workers now, oldest first (a late answer from it
+        is dropped: the request is no longer its). ``worker_heard`` takes it back if it speaks."""
+        return self._take_back(pool, w, reason, now)
+
+    def worker_heard(self, pool: ModelPool, w: WorkerHandle, now: float) -> None:
+        """A worker that had fallen silent spoke again: it takes requests again."""
+        w.accepting = True
+        self.dispatch(pool, now)
+
+    def _take_back(self, pool: ModelPool, w: WorkerHandle, reason: str, now: float) -> int:
         held = sorted((p for p in self.in_flight.values() if p.worker is w), key=lambda p: p.id)
         for p in held:
             del self.in_flight[p.id]

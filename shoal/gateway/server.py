@@ -429,8 +429,10 @@ class Gateway:
             await asyncio.sleep(0.02)
 
     async def _heartbeats(self) -> None:
+        # Four times a heartbeat: a worker that falls silent has what it holds sent elsewhere within
+        # a quarter heartbeat of ``silent_after_s``; each connection PINGs once a heartbeat.
         while True:
-            await asyncio.sleep(self.config.heartbeat_s)
+            await asyncio.sleep(self.config.heartbeat_s / 4)
             now = time.monotonic()
             for c in list(self.site.connections):
                 c.heartbeat(now)

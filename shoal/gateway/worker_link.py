@@ -75,6 +75,9 @@ class LinkSite:
     observe_result: Callable[[ModelInterface, Result, Any], None]
     heartbeat_s: float = 1.0
     dead_after_s: float = 5.0
+    # Silent this long (a worker sends LOAD every heartbeat): it may be cut off without its socket
+    # closing, so what it holds goes to other workers now; it is dropped after ``dead_after_s``.
+    silent_after_s: float = 1.5
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     gateway_id: str = ""  # this gateway among its cluster's
     peers: list[str] = field(
@@ -118,6 +121,8 @@ class WorkerConnection(CoalescingProtocol):
         self._cpu: tuple[float, float] | None = None  # (when, cpu_s) of the last LOAD
         self._gone = False
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self.silent = False  # fell silent: what it held went elsewhere, it gets nothing new
+        self._pinged_at = 0.0
 
     # ----------------------------------------------------------------------------- transport
 
@@ -144,6 +149,8 @@ class WorkerConnection(CoalescingProtocol):
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
         self.heartbeat_clock.seen(now)
+        if self.silent:
+            self._heard(now)
         try:
             messages = self.link.receive_data(data)
         except LinkError as e:
@@ -367,12 +374,36 @@ class WorkerConnection(CoalescingProtocol):
     # ------------------------------------------------------------------------------ liveness
 
     def heartbeat(self, now: float) -> None:
+        """Checked several times a heartbeat: a PING every heartbeat; silent for ``silent_after_s``:
+        what it holds goes elsewhere; for ``dead_after_s``: dropped."""
         if self.link.state not in (State.READY, State.DRAINING):
             return
+        quiet = self.heartbeat_clock.silent_for(now)
         if self.heartbeat_clock.dead(now):
-            self._drop(f"silent for {self.heartbeat_clock.silent_for(now):.1f} s")
+            self._drop(f"silent for {quiet:.1f} s")
             return
-        self.send(self.link.send(Ping(time.time())))
+        if quiet > self.site.silent_after_s and not self.silent and self.accepting and self.pool is not None:
+            self.silent = True
+            held = self.site.dispatcher.worker_silent(
+                self.pool, self, f"worker {self.worker_id} fell silent", now
+            )
+            log.warning(
+                "worker %s (%s) silent for %.1f s: %d requests it held sent to other workers; nothing new "
+                "goes to it until it speaks",
+                self.worker_id,
+                self.peer,
+                quiet,
+                held,
+            )
+        if now - self._pinged_at >= self.site.heartbeat_s:
+            self._pinged_at = now
+            self.send(self.link.send(Ping(time.time())))
+
+    def _heard(self, now: float) -> None:
+        self.silent = False
+        if self.pool is not None and self.link.state is State.READY and self.draining_since is None:
+            log.info("worker %s (%s) speaks again: it takes requests again", self.worker_id, self.peer)
+            self.site.dispatcher.worker_heard(self.pool, self, now)
 
     def _drop(self, reason: str, quiet: bool = False) -> None:
         if not quiet:
