@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from shoal.client.core import (
+    NEXT_GATEWAY_AFTER_S,
     Call,
     ClientCore,
     Finished,
@@ -407,3 +408,25 @@ def test_a_callers_request_id_is_kept_and_labels_come_from_a_gateway_that_answer
     assert r.labels == {"y": ["a", "b", "c", "d"]}
     (sent,) = [call for call in s.calls if call.url.endswith("/infer")]
     assert sent.headers["x-request-id"] == "cam-7-frame-12" and "X-Request-Id" not in sent.headers
+
+
+def test_a_gateway_that_answers_nothing_is_left_after_a_bounded_wait_and_tried_last_from_then_on():
+    """A gateway whose machine vanished never answers and never closes: a request waits at most
+    NEXT_GATEWAY_AFTER_S there while the route has another gateway (the last one gets the client's
+    whole timeout), and the device's next requests start with the others."""
+    c = ClientCore([CENTRAL], "cam", "pw", clock=Clock(), timeout=10.0)
+    s = Script(
+        {
+            ("POST", "/v1/route"): [gateways_reply("site", GW[:2])],
+            ("POST", "http://g1:8000"): [Unreachable("timed out")],
+            ("POST", "http://g2:8000"): [infer_ok(2.0)],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
+    waits = {c_.url.split("/v2")[0]: c_.timeout for c_ in s.calls if c_.url.endswith("/infer")}
+    assert waits == {"http://g1:8000": NEXT_GATEWAY_AFTER_S, "http://g2:8000": None}
+    assert c.routes[("m", None)].urls == ["http://g2:8000", "http://g1:8000"]
+    s.calls.clear()
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
+    assert s.urls("POST", "/infer") == ["http://g2:8000/v2/models/m/infer"]  # straight to g2

@@ -59,6 +59,10 @@ NEXT_GATEWAY_STATUSES = (502, 503)
 REQUEST_ID_HEADER = "X-Request-Id"
 COOKIE_HEADER = "Shoal-Device-Cookie"
 RENEW_BEFORE_S = 10.0
+# A request to a gateway that has another behind it in the route waits at most this long (or ten
+# times the model's recent latency, if longer) before it goes to the next: a gateway whose machine
+# vanished answers nothing, and its connections never close.
+NEXT_GATEWAY_AFTER_S = 2.0
 
 
 class InferError(Exception):
@@ -256,7 +260,9 @@ class ClientCore:
         retries: int = 6,
         compress_above: int = 4096,
         clock: Any = time.time,
+        timeout: float | None = None,  # the driver's own per request, if it has one
     ) -> None:
+        self.timeout = timeout
         self.centrals = [u.rstrip("/") for u in ([central] if isinstance(central, str) else list(central))]
         if not self.centrals:
             raise ValueError("give at least one central URL")
@@ -411,13 +417,16 @@ class ClientCore:
             sent = {**headers, "Authorization": f"Bearer {r.token}"}
             failed: list[str] = []
             reply: Reply | None = None
-            for url in r.urls:
+            urls = r.urls
+            for k, url in enumerate(urls):
                 t0 = time.perf_counter()
+                wait = self.next_gateway_after(r) if k < len(urls) - 1 else None
                 try:
-                    reply = yield Call("POST", url + path, body, sent)
+                    reply = yield Call("POST", url + path, body, sent, wait)
                 except Unreachable as e:
                     reply, last = None, f"cluster {r.cluster} unreachable at {url}: {e}"
                     failed.append(url)
+                    r.demote([url])  # this device's other requests try the route's others first now
                     continue
                 assert reply is not None
                 if reply.status not in NEXT_GATEWAY_STATUSES:
@@ -440,6 +449,11 @@ class ClientCore:
             if attempt < retries:  # no wait after the last attempt
                 yield Sleep(wait)
         raise InferError(f"gave up after {retries + 1} attempts; last: {last}", 503)
+
+    def next_gateway_after(self, r: Route) -> float:
+        """How long a request waits at a gateway with another behind it in the route."""
+        floor = max(NEXT_GATEWAY_AFTER_S, 10 * (r.latency_ms or 0.0) / 1000.0)
+        return min(self.timeout, floor) if self.timeout else floor
 
     def infer_body(
         self, inputs: dict[str, np.ndarray] | None, image: bytes | None

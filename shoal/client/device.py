@@ -64,7 +64,7 @@ class _Operations(ABC):
         policy: str = "remote",
         threshold: float = 0.9,
     ) -> None:
-        self.core = ClientCore(central, device, password, retries, compress_above)
+        self.core = ClientCore(central, device, password, retries, compress_above, timeout=timeout)
         self.edge = Edge(self.core, local, policy, threshold)
         self.timeout = timeout
         self._http = self._connect(timeout, ca_file)
