@@ -22,6 +22,9 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
 
 
+LIBRARY_LOGGERS = ("httpx", "httpcore", "urllib3", "filelock", "aiosqlite", "asyncio", "grpc", "multipart")
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, component, pid, message, and any ``extra`` fields
     (``request_id``, ``worker``, ``model`` ...) a log call passed."""
@@ -60,6 +63,10 @@ def setup_logging(level: str = "info", component: str = "shoal", fmt: str = "tex
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    # Libraries speak up only for problems unless asked (httpx logs every request at INFO: the
+    # gateway's report to central, every second).
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 def split_hostport(value: str, default_port: int) -> tuple[str, int]:

@@ -32,6 +32,7 @@ from shoal.protocol.central_messages import (
     DeviceSeen,
     GatewayPeer,
     GatewayView,
+    ModelLoad,
     ModelView,
     Report,
 )
@@ -60,6 +61,11 @@ class _Cluster:
     decider_until: float = 0.0  # ... and until when (unix seconds) it holds it
     merged: ClusterInfo | None = None  # ``cluster_of`` the gateways; None: to be made again
     merged_until: float = 0.0  # monotonic time at which a merged gateway falls silent
+
+
+def serving(models: tuple[ModelLoad, ...] | list[ModelLoad]) -> frozenset[tuple[str, str]]:
+    """(name, version) of the models a report says are served (ready, or asleep until a request)."""
+    return frozenset((m.name, m.version) for m in models if m.ready or m.asleep)
 
 
 class Directory:
@@ -104,6 +110,12 @@ class Directory:
         self.first_seen.setdefault(name, time.time())
         self.reports += 1
         return not was_live
+
+    def serving(self, name: str, gateway: str) -> frozenset[tuple[str, str]] | None:
+        """The model versions a gateway's last report said it serves (None: no report yet)."""
+        c = self._clusters.get(name)
+        g = c.gateways.get(gateway) if c is not None else None
+        return None if g is None else serving(g.models)
 
     def asked_to_decide(self, name: str, gateway: str) -> bool:
         """Whether the gateway's last report asked for the lease (ask before ``report`` takes the next)."""

@@ -18,7 +18,7 @@ from starlette.responses import Response
 from shoal.central.app import DATABASE_ERRORS, Call, Credentials, Operation, RouteTable, respond
 from shoal.central.config import CentralConfig
 from shoal.central.db import AccountExists
-from shoal.central.directory import TooManyGateways
+from shoal.central.directory import TooManyGateways, serving
 from shoal.central.errors import RETRY_SOON, HttpError
 from shoal.protocol.central_messages import (
     AccountAdded,
@@ -138,12 +138,21 @@ async def report(c: CentralParts, call: Call) -> ReportAnswer:
     rep: Report = call.body
     d, name, gid = c.directory, call.who, rep.gateway
     asked_before = d.asked_to_decide(name, gid)
+    served_before = d.serving(name, gid)
     now = time.monotonic()
     try:
         if d.report(name, rep, now):
             log.info("cluster %r is live at %s with %d model versions", name, rep.address, len(rep.models))
     except TooManyGateways as e:
         raise HttpError(409, str(e)) from None
+    served = serving(rep.models)
+    if served_before is not None and served != served_before:
+        log.info(
+            "cluster %r%s now serves %s",
+            name,
+            f" (gateway {gid})" if gid else "",
+            ", ".join(f"{m} v{v}" for m, v in sorted(served)) or "no model",
+        )
     wall = time.time()
     if rep.decide or asked_before or (gid and d.decider(name) == gid):
         decider = await _decision_lease(c, name, gid, rep.decide, wall)

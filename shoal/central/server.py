@@ -150,6 +150,7 @@ class Central:
         if self._running is not None:
             await self._running.__aexit__(None, None, None)
             self._running = None
+        log.info("central %s stopped", self.replica)
 
 
 def endpoint_list() -> list[tuple[str, str]]:

@@ -125,6 +125,7 @@ class CentralReporter:
             timeout=cfg.timeout_s, verify=ssl.create_default_context(cafile=cfg.ca_file), trust_env=False
         )
         self._task: asyncio.Task | None = None
+        self._served: list[tuple[str, str]] | None = None  # what the last report said is served
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="central-reports")
@@ -140,9 +141,19 @@ class CentralReporter:
             decide = self.decide() if self.decide is not None else False
             ops = self.operations() if self.operations is not None else []
             report = report_body(self.table, self.public_url, self.gateway_id, self.workers_address, decide, ops)
+            self._say_models(report)
             body = msgspec.json.encode(report)
             await asyncio.gather(*(self._report(r, body) for r in self.replicas))
             await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - t)))
+
+    def _say_models(self, report: Report) -> None:
+        """One log line when the set of model versions this gateway reports as served changes."""
+        served = sorted((m.name, m.version) for m in report.models if m.ready or m.asleep)
+        if served != self._served:
+            log.info(
+                "reporting to central: %s", ", ".join(f"{n} v{v}" for n, v in served) or "no model served"
+            )
+            self._served = served
 
     async def _report(self, r: _Replica, body: bytes) -> None:
         try:

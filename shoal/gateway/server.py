@@ -421,6 +421,7 @@ class Gateway:
         for c in list(self.site.connections):
             if c.transport is not None:
                 c.transport.close()
+        log.info("cluster %s (gateway %s) stopped", self.config.name, self.site.gateway_id)
 
     async def _drain(self, timeout_s: float) -> None:
         """Wait until no request is queued or in flight, at most ``timeout_s``."""
