@@ -32,7 +32,7 @@ from shoal.central.config import CentralConfig
 from shoal.central.db import Store
 from shoal.central.errors import HttpError
 from shoal.central.keys import Keys
-from shoal.protocol.central_messages import Session
+from shoal.protocol.central_messages import Session, a_kind
 from shoal.security.logins import Decision, LoginPolicy
 from shoal.security.tokens import TokenError, sign_token, verify_token
 
@@ -275,7 +275,7 @@ class Authenticator:
                 address,
             ):
                 self._unlogged_unknown = 0
-        raise HttpError(401, f"wrong name or password for a {kind} account", _challenge(kind))
+        raise HttpError(401, f"wrong name or password for {a_kind(kind)} account", _challenge(kind))
 
     def _summary(self, key: str, message: str, *args: object) -> bool:
         """Log ``message`` unless ``key`` was logged in the last ``SUMMARY_EVERY_S``: a flood of guesses

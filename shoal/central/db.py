@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shoal.database import async_url, create_engine, dialect_of, migrate, private_sqlite_file, sqlite_path
-from shoal.protocol.central_messages import Account, AckedCommand, CommandCounts
+from shoal.protocol.central_messages import Account, AckedCommand, CommandCounts, a_kind
 from shoal.protocol.central_messages import Command as CommandMessage
 
 log = logging.getLogger("shoal.central")
@@ -176,7 +176,7 @@ class Store:
             async with self.sessions.begin() as s:
                 s.add(AccountRow(kind=kind, name=name, password_hash=password_hash, created_at=time.time()))
         except IntegrityError:
-            raise AccountExists(f"a {kind} account named {name!r} already exists") from None
+            raise AccountExists(f"{a_kind(kind)} account named {name!r} already exists") from None
 
     @_bounded
     async def password_hash(self, kind: str, name: str) -> str | None:

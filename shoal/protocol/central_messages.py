@@ -24,6 +24,12 @@ MAX_EXCLUDED = 100
 MAX_GATEWAYS_PER_CLUSTER = 64  # live gateways central keeps per cluster (more are refused, 409)
 
 AccountKind = Literal["device", "cluster", "operator"]
+
+
+def a_kind(kind: str) -> str:
+    """The kind with its article, for messages: "a device", "an operator"."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
 Name = Annotated[
     str,
     msgspec.Meta(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '@', '-'; up to 128"),
