@@ -134,12 +134,22 @@ def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):
     assert s["requests"] > 500
     for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers"):
         assert s[k] == 0, (k, s["first_failures"])
-    part, crash = s["faults"]
+    part, gw_part, central_lost, db_restart, crash = s["faults"]
     # The worker's machine cut off silently: the gateways notice (their dead-after is 5 s) and take
     # it back once the link returns.
     assert part["detected_s"] is not None and part["detected_s"] < 10, part
     assert part["recovered_s"] is not None and part["recovered_s"] < 10, part
-    # The gateway's machine lost while it carried devices: they carry on through gw-b.
+    # A gateway's machine cut off silently: the devices carry on through the other gateway within
+    # 3 s; healed, the workers link to it again and central names it in its routes again.
+    assert gw_part["longest_held_s"] < 3.0 and gw_part["recovered_s"] < 10, gw_part
+    assert gw_part["in_routes_s"] is not None and gw_part["in_routes_s"] < 10, gw_part
+    # A central replica's machine lost: the other answers every route asked of it.
+    routes = central_lost["routes_by_survivors"]
+    assert routes["asked"] > 0 and routes["answered"] == routes["asked"], central_lost
+    assert central_lost["held_up_requests"] == 0, central_lost
+    # PostgreSQL killed and started again: the devices never notice; the replicas answer again.
+    assert db_restart["held_up_requests"] == 0 and db_restart["recovered_s"] < 10, db_restart
+    # The gateway's machine lost while it carried devices: they carry on through the other.
     assert crash["its_share_before"] > 0, crash
     assert crash["detected_s"] is not None and crash["detected_s"] < 15, crash
     assert crash["recovered_s"] < 30 and crash["answers_from_it_after"] == 0, crash
@@ -214,9 +224,17 @@ def _zombie(pid: str) -> bool:
 
 
 def test_the_schedule_is_drawn_from_the_seed():
-    from shoal.lab.faults import ci_schedule
+    from shoal.lab.faults import ci_schedule, full_schedule
 
     assert ci_schedule(3) == ci_schedule(3) != ci_schedule(4)
     kinds = [(f.kind, f.machine) for f in ci_schedule(3)]
-    assert kinds == [("partition", "w1"), ("crash", "gw-a")]
+    assert kinds == [
+        ("partition", "w1"),
+        ("partition", "gw-a"),
+        ("crash", "central-1"),
+        ("restart", "db"),
+        ("crash", "gw-b"),
+    ]
     assert 6.5 <= ci_schedule(3)[0].seconds <= 7.5
+    full = [(f.kind, f.machine) for f in full_schedule(3)]
+    assert full == [*kinds[:2], ("wan", "wan"), *kinds[2:4], ("partition", "db"), kinds[4]]

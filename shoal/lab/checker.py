@@ -26,6 +26,16 @@ of the machine it hit:
   the fault took down, or took longer than ``max(1 s, 5 x the p99 before the first fault)``); 0 when
   none was held up.
 
+* a central replica's machine (``central-*``) crashed: **detected** when the observer's polls of it
+  fail; ``routes_by_survivors``: the route probes (a device account asking each replica for a route
+  every 250 ms) the replicas still up answered, out of those asked, until the next fault.
+* the database (``db``) stopped or cut off: ``routes_while_down``: the route probes answered, refused
+  (an HTTP error) and unanswered while it was down; **recovered** when every replica up answers a
+  probe again after it is back (``recovered_s``, from the heal).
+* the WAN (``wan``) on: ``central_listed_live`` (the share of central's lists during it that name
+  every gateway up as live: the reports crossed the WAN), ``routes_complete`` (the share of the
+  probes answered that name every gateway up); recovered at its end.
+
 Latency p50/p99 per phase (by the time a request was sent): the warm-up (routes asked for, connections
 opened), before the first fault, during each fault (its start until it and the devices recovered),
 between faults and after the last.
@@ -116,7 +126,7 @@ def _timeline(samples: list[dict[str, Any]], gateways: set[str], since: float, u
     for s in sorted(samples, key=lambda s: s["t"]):
         if s["t"] >= until:
             break
-        if s["source"] == "central":
+        if s["source"].startswith("central"):  # any replica's latest answer
             central = s["gateways"] if s["ok"] else central
         elif s["source"] in gateways:
             if s["ok"]:
@@ -183,6 +193,83 @@ def _gateway_back(g: str, tl: Timeline, gateways: int) -> float | None:
     return full[0] if full else None
 
 
+def role(machine: str, gateways: set[str]) -> str:
+    """What a machine runs, by the lab's names: gateway, central, database, wan or worker."""
+    if machine in gateways:
+        return "gateway"
+    if machine.startswith("central"):
+        return "central"
+    return {"db": "database", "wan": "wan"}.get(machine, "worker")
+
+
+def _probes(samples: list[dict[str, Any]], lo: float, hi: float, skip: set[str]) -> list[dict[str, Any]]:
+    """The route probes in [lo, hi) of the replicas not in ``skip``."""
+    return [
+        s
+        for s in samples
+        if s["source"].startswith("route-") and s["source"][6:] not in skip and lo <= s["t"] < hi
+    ]
+
+
+def _central_rows(
+    f: dict[str, Any],
+    role_: str,
+    samples: list[dict[str, Any]],
+    start: float,
+    nxt: float,
+    down: set[str],
+    gw_urls: dict[str, str],
+) -> tuple[dict[str, Any], float | None]:
+    """The rows of a fault on central's side (a replica, the database, the WAN) and when it recovered
+    (None: not yet; for a crash the caller decides)."""
+    m = f["machine"]
+    rec: dict[str, Any] = {}
+    if role_ == "central":
+        gone = next((s["t"] for s in samples if s["source"] == m and s["t"] >= start and not s["ok"]), None)
+        rec["detected_s"] = _since(gone, start)
+        ps = _probes(samples, start, nxt, down | {m})
+        rec["routes_by_survivors"] = {
+            "answered": sum(1 for p in ps if p["ok"] and p["code"] == 200),
+            "asked": len(ps),
+        }
+        return rec, None
+    heal = f.get("heal", start)
+    live_gws = {u for u, g in gw_urls.items() if g not in down}
+    if role_ == "database":
+        ps = _probes(samples, start, heal, down)
+        rec["routes_while_down"] = {
+            "answered": sum(1 for p in ps if p["ok"] and p["code"] == 200),
+            "refused": sum(1 for p in ps if p["ok"] and p["code"] != 200),
+            "unanswered": sum(1 for p in ps if not p["ok"]),
+        }
+        latest: dict[str, bool] = {}
+        back = None
+        replicas = {p["source"] for p in _probes(samples, start, nxt, down)}
+        for p in sorted(_probes(samples, heal, nxt, down), key=lambda p: p["t"]):
+            latest[p["source"]] = p["ok"] and p["code"] == 200
+            if set(latest) == replicas and all(latest.values()):
+                back = p["t"]
+                break
+        rec["recovered_s"] = _since(back, heal)
+        return rec, back
+    # the WAN: reports and routes while it is on
+    lists = [s for s in samples if s["source"].startswith("central") and s["ok"] and start <= s["t"] < heal]
+    gw_names = set(gw_urls.values()) - down
+    rec["central_listed_live"] = (
+        round(sum(1 for s in lists if all(s["gateways"].get(g) for g in gw_names)) / len(lists), 3)
+        if lists
+        else None
+    )
+    ps = [p for p in _probes(samples, start, heal, down) if p["ok"] and p["code"] == 200]
+    rec["routes_complete"] = (
+        round(sum(1 for p in ps if live_gws <= {u.rstrip("/") for u in p["gateways"]}) / len(ps), 3)
+        if ps
+        else None
+    )
+    rec["recovered_s"] = 0.0
+    return rec, heal
+
+
 def check(
     log: list[dict[str, Any]],
     samples: list[dict[str, Any]],
@@ -216,13 +303,22 @@ def check(
         rec: dict[str, Any] = {"fault": f["label"], "at_s": round(start - t0, 3)}
         recovered_at = None
         m = f["machine"]
-        if m in gw_machines:
+        r_ = role(m, gw_machines)
+        if r_ in ("central", "database", "wan"):
+            if "heal" in f:
+                rec["heal_at_s"] = round(f["heal"] - t0, 3)
+            more, recovered_at = _central_rows(f, r_, samples, start, nxt, down, gateways)
+            rec.update(more)
+        elif m in gw_machines:
             rec.update(_gateway_gone(m, tl, start, len(gw_machines - down - {m})))
             last = [r["machine"] for r in reqs if r["ok"] and start - 2.0 <= r["done"] < start]
             rec["its_share_before"] = round(last.count(m) / len(last), 3) if last else None
         else:
             rec.update(_worker_gone(m, tl, start))
-        if f["kind"] == "partition":
+        if r_ in ("central", "database", "wan"):
+            if f["kind"] == "crash":
+                down.add(m)
+        elif f["kind"] == "partition":
             heal = f["heal"]
             rec["heal_at_s"] = round(heal - t0, 3)
             after_heal = [x for x in tl if x[0] >= heal]
@@ -232,6 +328,17 @@ def check(
                 else _worker_back(m, after_heal)
             )
             rec["recovered_s"] = _since(recovered_at, heal)
+            if m in gw_machines:  # back in the routes central answers
+                url = next(u for u, g in gateways.items() if g == m)
+                named = next(
+                    (
+                        p["t"]
+                        for p in _probes(samples, heal, nxt, down)
+                        if p["ok"] and url in {u.rstrip("/") for u in p["gateways"]}
+                    ),
+                    None,
+                )
+                rec["in_routes_s"] = _since(named, heal)
         else:
             down.add(m)
             if m in gw_machines:
@@ -256,6 +363,8 @@ def check(
             rec["survivors_share_after"] = (
                 round(sum(1 for r in after if r["machine"] not in down) / len(after), 3) if after else None
             )
+        if "recovered_s" not in rec:
+            rec["recovered_s"] = None
         fault_end = max(x for x in (start, f.get("heal"), recovered_at, dev_rec) if x is not None)
         phases["before" if i == 0 else f"between {i} and {i + 1}"] = _phase(reqs, mark, start, t0)
         phases[f["label"]] = _phase(reqs, start, fault_end, t0)
@@ -293,5 +402,5 @@ def passed(summary: dict[str, Any]) -> bool:
         summary[k] for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers")
     )
     return clean and all(
-        f["detected_s"] is not None and f["recovered_s"] is not None for f in summary["faults"]
+        f.get("detected_s", 0) is not None and f["recovered_s"] is not None for f in summary["faults"]
     )

@@ -18,6 +18,7 @@ HELP = (
 EXAMPLE = """
 sudo shoal lab --seed 1 --out runs/lab            # the CI-sized scenario, about a minute
 sudo shoal lab --seed 7 --out runs/lab7 --json    # print the summary as JSON
+sudo shoal lab --scenario full --out runs/lab-full # the WAN and the database cut off too
 """
 
 
@@ -33,6 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="run number 1..250 (addresses 10.77.RUN.N; default: the first free)",
+    )
+    p.add_argument(
+        "--scenario",
+        choices=("ci", "full"),
+        default="ci",
+        help="ci: the CI-sized fault schedule (about a minute); full: with the WAN on and the database "
+        "cut off too (default ci)",
     )
     p.add_argument("--devices", type=int, default=4, help="device accounts, one client each (default 4)")
     p.add_argument("--in-flight", type=int, default=4, help="requests at once per device (default 4)")
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGHUP):  # tear down as on Ctrl+C
         signal.signal(sig, _interrupt)
-    names = ("seed", "run", "devices", "in_flight", "client_timeout")
+    names = ("seed", "scenario", "run", "devices", "in_flight", "client_timeout")
     cfg = LabConfig(args.out, **{k: getattr(args, k) for k in names})
     summary = run_lab(cfg, lambda s: print(s, file=sys.stderr, flush=True))
     if args.json:

@@ -1,16 +1,20 @@
-"""A small distributed deployment on the lab's machines: central on SQLite on a machine of its own,
-the gateways of ONE cluster each on its own machine (every one reporting to central, advertising
+"""A small distributed deployment on the lab's machines: central on a machine of its own (or several
+replicas, each on its own machine, sharing a PostgreSQL server on the ``db`` machine), the gateways of ONE cluster each on its own machine (every one reporting to central, advertising
 its own address to workers and devices), and echo workers each on its own machine, told of the
-first gateway only (they learn the others from it: PEERS)."""
+first gateway only (they learn the others from it: PEERS). With a ``wan`` machine, the site (the
+gateways, the devices) reaches central through the WAN relay on it: one port a replica."""
 
 from __future__ import annotations
 
 import secrets
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shoal.bench.gateways import _wait_gateways_serving
 from shoal.lab.observe import LabCentral, LabGateway, Observer
+from shoal.lab.pg import LabPostgres
 from shoal.lab.procs import Processes, wait_ports
 from shoal.lab.world import World
 from shoal.local import Child
@@ -18,13 +22,16 @@ from shoal.local import Child
 CENTRAL_PORT = 7000
 HTTP_PORT = 8000
 WORKER_PORT = 8001
+WAN_PORT = 7100  # + the replica's number: central-1 through the WAN at 7101
 MODEL = "echo"
 
 
 @dataclass
 class Deployment:
     cluster: str
-    central: LabCentral
+    central: LabCentral  # the first replica
+    centrals: dict[str, LabCentral]  # machine -> replica
+    site_centrals: list[str]  # central's URLs as the site reaches them (through the WAN if any)
     gateways: dict[str, LabGateway]  # machine -> gateway (its id is the machine's name)
     workers: dict[str, Child]  # machine -> worker (its id is the machine's name)
     devices: dict[str, str] = field(default_factory=dict)  # device account -> password (one for all)
@@ -42,37 +49,70 @@ def deploy(
     gateways: list[str],
     workers: list[str],
     devices: list[str],
+    centrals: list[str] | None = None,
+    pg: LabPostgres | None = None,
+    wan: str | None = None,
     cluster: str = "site",
     report_interval: float = 0.5,
     timeout: float = 90.0,
 ) -> Deployment:
-    """Start everything on machines already in ``world`` (``central``, ``gateways``, ``workers``),
-    give the cluster and ``devices`` accounts, and wait until every gateway holds every worker and
-    central routes the model to a cluster whose gateways all report."""
+    """Start everything on machines already in ``world`` (``centrals``, default ``central``; the
+    ``db`` machine when ``pg`` is given; ``wan``; ``gateways``, ``workers``), give the cluster and
+    ``devices`` accounts, and wait until every gateway holds every worker and every replica routes
+    the model to a cluster whose gateways all report."""
     m = world.machines
-    cdir = workdir / "central"
-    cdir.mkdir(parents=True, exist_ok=True)
-    central = LabCentral(cdir, host=m["central"].address, http_port=CENTRAL_PORT)
-    child = procs.shoal(
-        "central",
-        "central",
-        [
-            "central",
-            "--http",
-            f"{central.host}:{CENTRAL_PORT}",
-            "--db",
-            f"sqlite:///{cdir / 'central.db'}",
-            "--ports-file",
-            str(cdir / "ports.json"),
-            "--bootstrap-operator",
-            central.operator,
-            "--report-interval",
-            str(report_interval),
-        ],
-        {"SHOAL_OPERATOR_PASSWORD": central.operator_password},
-    )
-    central.proc = child
-    wait_ports(child, cdir / "ports.json", timeout)
+    names = centrals or ["central"]
+    db = None
+    if pg is not None:
+        pg.init()
+        procs.spawn("db", "db", pg.argv(), user="postgres")
+        pg.create_database(timeout)
+        db = pg.url
+    reps: dict[str, LabCentral] = {}
+    operator_password = secrets.token_hex(16)
+    for name in names:  # one after the other: the first migrates the database
+        cdir = workdir / name
+        cdir.mkdir(parents=True, exist_ok=True)
+        central = LabCentral(
+            cdir, name=name, host=m[name].address, http_port=CENTRAL_PORT, operator_password=operator_password
+        )
+        child = procs.shoal(
+            name,
+            name,
+            [
+                "central",
+                "--http",
+                f"{central.host}:{CENTRAL_PORT}",
+                "--db",
+                db or f"sqlite:///{cdir / 'central.db'}",
+                "--ports-file",
+                str(cdir / "ports.json"),
+                "--bootstrap-operator",
+                central.operator,
+                "--report-interval",
+                str(report_interval),
+            ],
+            {"SHOAL_OPERATOR_PASSWORD": central.operator_password},
+        )
+        central.proc = child
+        wait_ports(child, cdir / "ports.json", timeout)
+        reps[name] = central
+    central = reps[names[0]]
+    site = [c.url for c in reps.values()]
+    if wan is not None:
+        w = m[wan].address
+        routes = [
+            f"--route={w}:{WAN_PORT + i}={c.host}:{CENTRAL_PORT}" for i, c in enumerate(reps.values(), 1)
+        ]
+        ready = workdir / "wan.ready"
+        ready.unlink(missing_ok=True)
+        child = procs.spawn(wan, wan, [sys.executable, "-m", "shoal.lab.wan", *routes, "--ready", str(ready)])
+        end = time.monotonic() + timeout
+        while not ready.exists():
+            if not child.alive() or time.monotonic() > end:
+                raise RuntimeError(f"the WAN relay did not start:\n{child.tail()}")
+            time.sleep(0.05)
+        site = [f"http://{w}:{WAN_PORT + i}" for i in range(1, len(reps) + 1)]
     cluster_password = secrets.token_hex(12)
     observer.call(central.add_account, "cluster", cluster, cluster_password)
     accounts = dict.fromkeys(devices, secrets.token_hex(8))  # one password: one driver runs them all
@@ -105,8 +145,7 @@ def deploy(
                 f"{gw.host}:{WORKER_PORT}",
                 "--public-url",
                 gw.url,
-                "--central",
-                central.url,
+                *[a for u in site for a in ("--central", u)],
                 "--state-dir",
                 str(gdir / "state"),
                 "--ports-file",
@@ -137,6 +176,7 @@ def deploy(
     for gw in gws.values():
         gw.workers = list(ws.values())  # named in wait_workers' message if one dies
         observer.call(gw.wait_workers, MODEL, len(ws), timeout)
-    observer.call(central.wait_routable, {cluster}, MODEL, timeout)
-    observer.call(_wait_gateways_serving, central, cluster, len(gws), timeout)
-    return Deployment(cluster, central, gws, ws, accounts)
+    for c in reps.values():
+        observer.call(c.wait_routable, {cluster}, MODEL, timeout)
+        observer.call(_wait_gateways_serving, c, cluster, len(gws), timeout)
+    return Deployment(cluster, central, reps, site, gws, ws, accounts)

@@ -135,7 +135,8 @@ async def drive(args: argparse.Namespace) -> int:
     password = os.environ.get("SHOAL_DEVICE_PASSWORD", "")
     log = Log(args.log)
     flusher = asyncio.create_task(log.flush_every(0.2))
-    clients = [AsyncClient(args.central, d, password, timeout=args.timeout) for d in args.device.split(",")]
+    centrals = args.central.split(",")  # every replica: the client asks the next when one fails
+    clients = [AsyncClient(centrals, d, password, timeout=args.timeout) for d in args.device.split(",")]
     tasks = []
     try:
         # The devices come up one after another: each sends one request alone (it gets its route from
@@ -163,7 +164,7 @@ async def drive(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shoal.lab.device", description=__doc__.split("\n\n")[0])
-    p.add_argument("--central", required=True)
+    p.add_argument("--central", required=True, help="central's URLs, comma separated (one a replica)")
     p.add_argument("--device", required=True, help="device accounts, comma separated")
     p.add_argument("--in-flight", type=int, default=4, help="requests at once per device")
     p.add_argument("--timeout", type=float, default=10.0, help="the client's timeout (default 10 s, its own)")

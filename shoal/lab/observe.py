@@ -78,6 +78,19 @@ def central_sample(central: LabCentral) -> dict[str, Any]:
     return {"gateways": {g["id"]: g["live"] for c in body["clusters"] for g in c["gateways"]}}
 
 
+def route_sample(central: LabCentral, device: str, password: str, model: str) -> dict[str, Any]:
+    """A device's route as the replica answers it now: the HTTP status and the gateways it names."""
+    auth = base64.b64encode(f"{device}:{password}".encode()).decode()
+    body = json.dumps({"model": model}).encode()
+    headers = {"Authorization": f"Basic {auth}", "Content-Type": "application/json"}
+    with OipHttpClient(central.url, timeout=1.0) as c:
+        code, _, raw = c.request("POST", "/v1/route", body, headers)
+    if code != 200:
+        return {"code": code, "gateways": []}
+    r = json.loads(raw)
+    return {"code": code, "gateways": [r["url"], *r.get("fallbacks", [])]}
+
+
 class Observer:
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -111,8 +124,9 @@ class Observer:
             enter(self.ns)
             while not self._stop.is_set():
                 t = time.time()
-                try:
-                    s = {"t": t, "source": source, "ok": True, **sample()}
+                try:  # an answer is timed when it came (a poll may take a while on a busy machine)
+                    s = {**sample(), "source": source, "ok": True}
+                    s["t"] = time.time()
                 except Exception as e:  # an unreachable or crashed machine is a sample too
                     s = {"t": t, "source": source, "ok": False, "error": f"{type(e).__name__}: {e}"}
                 self.samples.append(s)

@@ -24,13 +24,29 @@ class Processes:
         self.world = world
         self.logs = logs
         self.by_machine: dict[str, list[Child]] = {}
+        self.argv: dict[
+            int, tuple[str, list[str], dict[str, str] | None, str | None]
+        ] = {}  # pid -> how it started
 
-    def spawn(self, machine: str, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def spawn(
+        self,
+        machine: str,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        user: str | None = None,
+    ) -> Child:
+        """``argv`` on ``machine`` (as ``user`` when given: ``setpriv`` changes to it, then asks for
+        the death signal again, since a change of user clears it)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.log"
+        inner = argv
+        if user is not None:
+            ids = ["--reuid", user, "--regid", user, "--clear-groups", "--pdeathsig", "KILL", "--"]
+            inner = ["setpriv", *ids, *argv]
         with open(log, "ab") as f:
             p = subprocess.Popen(
-                self.world.in_machine(machine, argv),
+                self.world.in_machine(machine, inner),
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -39,7 +55,19 @@ class Processes:
             )
         child = Child(name, p, log)
         self.by_machine.setdefault(machine, []).append(child)
+        self.argv[child.pid] = (name, argv, env, user)
         return child
+
+    def respawn(self, machine: str) -> list[Child]:
+        """Start again, as they were started, the processes of ``machine`` that are no longer running."""
+        again = []
+        for c in list(self.by_machine.get(machine, [])):
+            if c.alive():
+                continue
+            self.by_machine[machine].remove(c)
+            name, argv, env, user = self.argv.pop(c.pid)
+            again.append(self.spawn(machine, name, argv, env, user))
+        return again
 
     def shoal(self, machine: str, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
         """``shoal ARGS`` on ``machine``."""
@@ -52,6 +80,13 @@ class Processes:
     def _signal_group(child: Child, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, sig)
+
+    def signal_machine(self, machine: str, sig: int) -> None:
+        """``sig`` to every process the lab started on ``machine`` (the process only, not its group)."""
+        for c in self.by_machine.get(machine, []):
+            if c.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.pid, sig)
 
     def kill_machine(self, machine: str) -> list[int]:
         """SIGKILL every process the lab started on ``machine``; their ids."""

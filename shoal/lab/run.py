@@ -21,16 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from shoal.lab import checker
-from shoal.lab.deploy import Deployment, deploy
+from shoal.lab.deploy import MODEL, Deployment, deploy
 from shoal.lab.device import LogTail
-from shoal.lab.faults import Fault, ci_schedule, inject
-from shoal.lab.observe import Observer, central_sample, gateway_sample
+from shoal.lab.faults import SCENARIOS, Fault, inject
+from shoal.lab.observe import Observer, central_sample, gateway_sample, route_sample
+from shoal.lab.pg import LabPostgres
 from shoal.lab.plot import plot_timeline
 from shoal.lab.procs import Processes
 from shoal.lab.world import World, claim_run
 
+CENTRALS = ["central-1", "central-2"]
 GATEWAYS = ["gw-a", "gw-b"]
 WORKERS = ["w1", "w2"]
+PROBE = "probe"  # the device account the observer asks each replica for routes with
 SLOW_S = 1.0  # a request outstanding longer than this holds the system from being steady
 
 
@@ -38,13 +41,14 @@ SLOW_S = 1.0  # a request outstanding longer than this holds the system from bei
 class LabConfig:
     out: Path
     seed: int = 1
+    scenario: str = "ci"  # the schedule: SCENARIOS[scenario](seed) ("ci" or "full")
     run: int | None = None  # the run number (addresses 10.77.<run>.N); the first free one by default
     devices: int = 4  # device accounts on the device machine, each its own client
     in_flight: int = 4  # requests at once per device
     client_timeout: float = 10.0  # the device client's timeout (its default)
     tail_s: float = 3.0  # steady seconds after the last fault
     recover_timeout_s: float = 45.0  # longest wait for a fault's recovery before going on
-    schedule: list[Fault] = field(default_factory=list)  # default: ci_schedule(seed)
+    schedule: list[Fault] = field(default_factory=list)  # default: the scenario's
 
 
 def _wait(cond: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
@@ -63,6 +67,7 @@ class Lab:
         self.world: World | None = None
         self.procs: Processes | None = None
         self.observer: Observer | None = None
+        self.pg: LabPostgres | None = None
         self.down: set[str] = set()  # machines crashed
 
     # ------------------------------------------------------------------ conditions on the live system
@@ -108,11 +113,13 @@ class Lab:
         cfg = self.cfg
         out = cfg.out
         out.mkdir(parents=True, exist_ok=True)
-        for sub in ("logs", "central", *GATEWAYS):
+        for sub in ("logs", *CENTRALS, *GATEWAYS):
             shutil.rmtree(out / sub, ignore_errors=True)
         for f in ("device.jsonl", "samples.jsonl", "faults.json", "summary.json", "timeline.png"):
             (out / f).unlink(missing_ok=True)
-        schedule = cfg.schedule or ci_schedule(cfg.seed)
+        if cfg.scenario not in SCENARIOS:
+            raise ValueError(f"scenarios are {', '.join(SCENARIOS)}: {cfg.scenario!r}")
+        schedule = cfg.schedule or SCENARIOS[cfg.scenario](cfg.seed)
         run = claim_run(cfg.run)
         self.world = world = World(run)
         atexit.register(self.teardown)
@@ -126,19 +133,35 @@ class Lab:
         cfg = self.cfg
         t = time.monotonic()
         world.create()
-        for name in ("central", *GATEWAYS, *WORKERS, "dev"):
+        for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev"):
             world.add(name)
         self.say(f"lab run {world.run}: bridge and {len(world.machines)} machines on 10.77.{world.run}.0/24")
         self.procs = procs = Processes(world, out / "logs")
         self.observer = obs = Observer(world.bridge_ns)
         devices = [f"cam-{i}" for i in range(cfg.devices)]
-        dep = deploy(world, procs, obs, out, GATEWAYS, WORKERS, devices)
+        self.pg = LabPostgres(world.machines["db"].address, f"10.77.{world.run}.0/24")
+        dep = deploy(
+            world,
+            procs,
+            obs,
+            out,
+            GATEWAYS,
+            WORKERS,
+            [*devices, PROBE],
+            centrals=CENTRALS,
+            pg=self.pg,
+            wan="wan",
+        )
         self.say(
-            f"deployed in {time.monotonic() - t:.1f} s: central, {', '.join(GATEWAYS)}, {', '.join(WORKERS)}"
+            f"deployed in {time.monotonic() - t:.1f} s: PostgreSQL, {', '.join(CENTRALS)}, the WAN relay, "
+            f"{', '.join(GATEWAYS)}, {', '.join(WORKERS)}"
         )
         for g, gw in dep.gateways.items():
             obs.watch(g, partial(gateway_sample, gw), 0.1)
-        obs.watch("central", partial(central_sample, dep.central), 0.25)
+        for name, c in dep.centrals.items():
+            obs.watch(name, partial(central_sample, c), 0.25)
+            probe = partial(route_sample, c, PROBE, dep.devices[PROBE], MODEL)
+            obs.watch(f"route-{name}", probe, 0.25)
 
         log = out / "device.jsonl"
         dev = procs.spawn(
@@ -149,7 +172,7 @@ class Lab:
                 "-m",
                 "shoal.lab.device",
                 "--central",
-                dep.central.url,
+                ",".join(dep.site_centrals),
                 "--device",
                 ",".join(devices),
                 "--in-flight",
@@ -241,6 +264,9 @@ class Lab:
         if self.world is not None:
             self.world.release()
             self.world = None
+        if self.pg is not None:
+            self.pg.remove()
+            self.pg = None
 
 
 def run_lab(cfg: LabConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
