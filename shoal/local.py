@@ -71,6 +71,7 @@ class LocalCluster:
     processes: int = 1  # gateway processes (shoal cluster --processes): one HTTP port, a worker port each
     http_port: int = 0
     worker_port: int = 0
+    grpc_port: int = 0  # gRPC (0 at start: any free port; stays 0 without shoal[grpc])
     worker_ports: list[int] = field(default_factory=list)
     gateway_pids: list[int] = field(
         default_factory=list
@@ -120,6 +121,8 @@ class LocalCluster:
                 self.name,
                 "--http",
                 f"127.0.0.1:{hp}",
+                "--grpc",
+                f"127.0.0.1:{self.grpc_port}",
                 "--workers",
                 f"127.0.0.1:{wp}",
                 "--ports-file",
@@ -145,6 +148,7 @@ class LocalCluster:
         info = json.loads(ports.read_text())
         self.http_port, self.worker_port = info["http"], info["workers"]
         self.worker_ports = info.get("worker_ports", [self.worker_port])
+        self.grpc_port = info.get("grpc", 0)
         self.gateway_pids = info.get("pids", [info["pid"]])
         return self
 

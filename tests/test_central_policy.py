@@ -131,7 +131,7 @@ def test_a_cluster_where_the_model_sleeps_is_chosen_only_when_none_has_it_awake(
 
 
 def gw(gid, *models, age=0.0):
-    return GatewayInfo(gid, f"http://{gid}:8000", tuple(models), NOW - age, f"{gid}:8001")
+    return GatewayInfo(gid, f"http://{gid}:8000", tuple(models), NOW - age, f"{gid}:8003")
 
 
 def test_a_clusters_gateways_add_up_capacity_and_load_and_merge_the_rest():

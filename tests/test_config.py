@@ -50,7 +50,7 @@ def test_flags_beat_variables_beat_the_file_beats_defaults(gw_file):
     assert args.max_queue == 99  # variable over file
     assert args.no_auth is False  # a variable can turn off what the file turned on
     assert (args.name, args.http) == ("from-file", "0.0.0.0:9000")  # file over default
-    assert (args.workers, args.read_timeout) == ("127.0.0.1:8001", 30.0)  # defaults
+    assert (args.workers, args.read_timeout) == ("127.0.0.1:8003", 30.0)  # defaults
     assert settings(["cluster"]).max_queue == 1024
 
 

@@ -615,7 +615,7 @@ def test_the_shipped_gateway_and_worker_run_as_the_manifests_say(rendered, tmp_p
     gw = _named(docs, "Deployment", "shoal-gateway")["spec"]["template"]["spec"]["containers"][0]
     genv = _container_env(gw, secrets, {"metadata.name": "shoal-gateway-test-a", "status.podIP": "127.0.0.1"})
     args = _set(_expand(gw["args"], genv), "--config", str(tmp_path / "gateway.yaml"))
-    assert _parse(args).advertise_workers == "127.0.0.1:8001", "the pod's IP and the worker port"
+    assert _parse(args).advertise_workers == "127.0.0.1:8003", "the pod's IP and the worker port"
     args = _set(args, "--advertise-workers", f"127.0.0.1:{workers_port}")
     args = _set(args, "--peer", f"127.0.0.1:{workers_port}")
     args = [*_set(args, "--state-dir", str(tmp_path / "state")), "--ports-file", str(tmp_path / "ports.json")]
@@ -840,7 +840,7 @@ def test_systemd_gateway_example_runs_two_gateways_and_workers_list_them(tmp_pat
     args[args.index("--config") + 1] = str(SYSTEMD / "gateway.yaml.example")
     assert main([*args, "--print-config"]) == 0, capsys.readouterr().err
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown["processes"] == 2 and shown["workers"].endswith(":8001")
+    assert shown["processes"] == 2 and shown["workers"].endswith(":8003")
     # Commented out in the examples, but each must be what shoal reads.
     peers = _env_file("cluster.env.example")["SHOAL_CLUSTER_PEERS"]
     parsed = _parse(["cluster", *(a for p in peers.split(",") for a in ("--peer", p))])

@@ -223,7 +223,7 @@ def sample(t: MsgType, joined: bool = True):
         T.GOODBYE: Goodbye("bye"),
         T.REQUESTS: Requests([1, 2], [1, 1], []),
         T.RESULTS: Results([1, 2], [1, 1], []),
-        T.PEERS: Peers(["127.0.0.1:8001"]),
+        T.PEERS: Peers(["127.0.0.1:8003"]),
     }[t]
 
 

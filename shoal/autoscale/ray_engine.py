@@ -4,7 +4,7 @@
 autoscale:
   engine: ray
   ray: {address: auto, namespace: shoal}   # auto: the cluster this machine is a node of
-  worker_gateway: 10.0.0.5:8001             # where actors on other machines reach this gateway
+  worker_gateway: 10.0.0.5:8003             # where actors on other machines reach this gateway
   models:
     mnist-cnn:
       max: 8

@@ -9,7 +9,7 @@ from shoal.config import LOG_FORMAT, LOG_LEVEL, LogFormat, LogLevel, Opt, Settin
 
 HELP = "Run a cluster gateway: devices over HTTP (Open Inference Protocol), workers dial in."
 EXAMPLE = """
-SHOAL_CLUSTER_SECRET=s3cret SHOAL_API_KEYS=operator:opkey,scrape:promkey shoal cluster --http 0.0.0.0:8000 --workers 0.0.0.0:8001
+SHOAL_CLUSTER_SECRET=s3cret SHOAL_API_KEYS=operator:opkey,scrape:promkey shoal cluster --http 0.0.0.0:8000 --grpc 0.0.0.0:8001 --workers 0.0.0.0:8003
 SHOAL_CENTRAL_PASSWORD=pw shoal cluster --name site-a --central https://central:7000 --public-url https://gw-a:8000 ...
 curl -H 'Authorization: Bearer opkey' localhost:8000/v2/health/ready
 
@@ -41,7 +41,20 @@ class ClusterSettings(Settings, kw_only=True):
 
     name: Annotated[str, Opt("cluster name (the audience of route tokens)")] = "cluster"
     http: Annotated[str, Opt("HTTP address for devices (default %(default)s)")] = "127.0.0.1:8000"
-    workers: Annotated[str, Opt("address workers dial (default %(default)s)")] = "127.0.0.1:8001"
+    grpc: Annotated[
+        str,
+        Opt(
+            "gRPC address for devices (the Open Inference Protocol's GRPCInferenceService, as "
+            "tritonclient.grpc speaks it; needs shoal[grpc]); none: no gRPC (default %(default)s)"
+        ),
+    ] = "127.0.0.1:8001"
+    workers: Annotated[
+        str,
+        Opt(
+            "address workers dial, the worker link (default %(default)s; it was 8001 before gRPC took "
+            "Triton's port)"
+        ),
+    ] = "127.0.0.1:8003"
     gateway_id: Annotated[
         str | None,
         Opt("this gateway's name among its cluster's gateways (default: host:worker-port)"),
@@ -241,13 +254,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"shoal cluster: {args.config}: {e}")
         return 2
     hh, hp = split_hostport(args.http, 8000)
-    wh, wp = split_hostport(args.workers, 8001)
+    wh, wp = split_hostport(args.workers, 8003)
+    from shoal.gateway.processes import grpc_address
+
+    gh, gp = grpc_address(args.grpc)
     cfg = GatewayConfig(
         name=args.name,
         http_host=hh,
         http_port=hp,
         worker_host=wh,
         worker_port=wp,
+        grpc_host=gh,
+        grpc_port=gp,
         gateway_id=args.gateway_id or "",
         reuse_port=args.reuse_port,
         advertise_workers=args.advertise_workers or "",
@@ -292,7 +310,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"shoal cluster: {e}")
             await gw.stop()
             return 2
-        write_ports_file(args.ports_file, {"http": gw.http_port, "workers": gw.worker_port})
+        write_ports_file(
+            args.ports_file, {"http": gw.http_port, "workers": gw.worker_port, "grpc": gw.grpc_port}
+        )
         await wait_for_stop_signal()
         await gw.stop()
         return 0

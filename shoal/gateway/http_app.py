@@ -90,7 +90,7 @@ class HttpApp:
         # loop gets the interpreter back between chunks and other clients are not held up.
         self._big_decodes = asyncio.Semaphore(BIG_DECODES)
         # The protocol's GET routes, by kind; infer has a handler of its own.
-        self._gets: dict[str, Callable[[PathRoute], Awaitable[tuple[int, dict[str, Any]]]]] = {
+        self.gets: dict[str, Callable[[PathRoute], Awaitable[tuple[int, dict[str, Any]]]]] = {
             "ready": self._ready,
             "server": self._server,
             "model": self._model,
@@ -134,7 +134,7 @@ class HttpApp:
             if route is None:
                 await self._other(who, method, scope["path"], raw, scope, receive, send)
                 return
-            self._check(who, _ROUTE_ACTION[route.kind], route.model or None, route.version)
+            self.check(who, _ROUTE_ACTION[route.kind], route.model or None, route.version)
             if route.kind == "infer":
                 if method != "POST":
                     raise ProtocolError("infer takes POST", 405)
@@ -142,7 +142,7 @@ class HttpApp:
                 return
             if method != "GET":
                 raise ProtocolError(f"{scope['path']} takes GET", 405)
-            status, body = await self._gets[route.kind](route)
+            status, body = await self.gets[route.kind](route)
             await _reply(send, status, orjson.dumps(body))
         except Forbidden as e:
             self.metrics.auth_refused.labels("403").inc()
@@ -150,7 +150,7 @@ class HttpApp:
         except (ProtocolError, RequestFailed) as e:
             await self._fail(send, e)
 
-    def _check(self, who: Principal, action: str, model: str | None = None, version: str | None = None) -> None:
+    def check(self, who: Principal, action: str, model: str | None = None, version: str | None = None) -> None:
         if who is OPEN:
             return
         why = permit(who, action, model, version)
@@ -188,17 +188,17 @@ class HttpApp:
         """Everything that is not the Open Inference Protocol: metrics, status, the repository API,
         stored results."""
         if path == "/metrics" and method == "GET":
-            self._check(who, "metrics")
+            self.check(who, "metrics")
             body = generate_latest(self.metrics.registry)
             await _reply(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
         elif path == "/v2/status" and method == "GET":
-            self._check(who, "status")
+            self.check(who, "status")
             await _reply(send, 200, orjson.dumps(self.views.status()))
         elif path.startswith("/v2/repository/"):
-            self._check(who, "repository")
+            self.check(who, "repository")
             await self._repository(method, raw, receive, send)
         elif (action := results_action(path)) is not None:
-            self._check(who, action)
+            self.check(who, action)
             await serve_results(self.results, who, scope, receive, send)
         else:
             await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
@@ -219,9 +219,9 @@ class HttpApp:
             req = await self._decode_large(body, enc, hl)
         arrays = bind_inputs(req, target.spec.inputs, target.spec.image_input, target.spec.max_batch_size)
         if req.outputs is not None:
-            _check_outputs(req, target)
+            check_outputs(req, target)
         timeout = self.limits.request_timeout_s
-        deadline = t0 + (_timeout_s(req, timeout) if "timeout_ms" in req.parameters else timeout)
+        deadline = t0 + (timeout_s(req, timeout) if "timeout_ms" in req.parameters else timeout)
         rid = req.id or self._request_id(headers)
         try:
             pool = target.pool
@@ -250,14 +250,14 @@ class HttpApp:
                     async with self._big_decodes:
                         out, hlen = await asyncio.to_thread(encode_infer_response, *encode)
                 if self.results is not None:
-                    self._record(target, 200, t0, rid, who, arrays, outputs)
+                    self.record(target, 200, t0, rid, who, arrays, outputs)
                 if hlen is None:
                     await _reply(send, 200, out, [*_JSON, _rid_header(rid)])
                 else:
                     hh = [*_BINARY, (b"inference-header-content-length", str(hlen).encode()), _rid_header(rid)]
                     await _reply(send, 200, out, hh)
         except RequestFailed as e:
-            self._record(target, e.status, t0, rid, who, arrays, None, e)
+            self.record(target, e.status, t0, rid, who, arrays, None, e)
             await self._fail(send, e, rid)
             return
         self.metrics.observe_response(target.spec, 200, time.monotonic() - t0)
@@ -315,7 +315,7 @@ class HttpApp:
             raise ProtocolError("X-Request-Id must be 1 to 256 printable ASCII characters")
         return xs
 
-    def _record(
+    def record(
         self,
         target: Target,
         status: int,
@@ -383,7 +383,7 @@ def _header_length(headers: dict[bytes, bytes]) -> int | None:
         raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
 
 
-def _check_outputs(req: InferRequest, target: Target) -> None:
+def check_outputs(req: InferRequest, target: Target) -> None:
     assert req.outputs is not None
     known = {o.name for o in target.spec.outputs}
     for o in req.outputs:
@@ -391,7 +391,7 @@ def _check_outputs(req: InferRequest, target: Target) -> None:
             raise ProtocolError(f"unknown output '{o.name}'; the model's outputs are {', '.join(known)}")
 
 
-def _timeout_s(req: InferRequest, default_s: float) -> float:
+def timeout_s(req: InferRequest, default_s: float) -> float:
     """The request's own ``timeout_ms`` when it asks for less than the gateway's timeout."""
     t = req.parameters.get("timeout_ms")
     if isinstance(t, (int, float)) and t > 0:

@@ -60,6 +60,13 @@ def advertised_host(args: argparse.Namespace, worker_host: str) -> str:
     return socket.gethostname() if worker_host in WILDCARDS else worker_host
 
 
+def grpc_address(value: str) -> tuple[str, int | None]:
+    """``--grpc``: host and port, or no port for ``none``."""
+    if value.strip().lower() in ("none", "off", ""):
+        return "127.0.0.1", None
+    return split_hostport(value, 8001)
+
+
 def child_arguments(
     argv: list[str],
     index: int,
@@ -69,6 +76,7 @@ def child_arguments(
     advertised: str,
     gateway_id: str | None,
     ports_file: Path,
+    grpc: str = "none",
 ) -> list[str]:
     """The command line of gateway ``index``: the user's, then what makes it one of N (later flags
     win over earlier ones; ``--peer`` adds to the user's)."""
@@ -77,6 +85,7 @@ def child_arguments(
         "--processes=1",
         "--reuse-port",
         f"--http={http}",
+        f"--grpc={grpc}",
         f"--workers={worker_host}:{ports[index]}",
         f"--advertise-workers={advertised}:{ports[index]}",
         f"--ports-file={ports_file}",
@@ -90,11 +99,18 @@ def child_arguments(
 def run_processes(args: argparse.Namespace) -> int:
     n = args.processes
     hh, hp = split_hostport(args.http, 8000)
-    wh, wp = split_hostport(args.workers, 8001)
+    wh, wp = split_hostport(args.workers, 8003)
+    gh, gp = grpc_address(args.grpc)
     try:
         # Held (bound, not listening) until every gateway listens: port 0 becomes one port for all.
         http_hold = bind_tcp(hh, hp, 0, reuse_port=True, listen=False)
         holds = [http_hold]
+        if gp is not None:  # gRPC's port is shared as HTTP's is
+            grpc_hold = bind_tcp(gh, gp, 0, reuse_port=True, listen=False)
+            holds.append(grpc_hold)
+            grpc = f"{gh}:{grpc_hold.getsockname()[1]}"
+        else:
+            grpc = "none"
         ports = []
         for i in range(n):
             s = bind_tcp(wh, 0 if wp == 0 else wp + i, 0, reuse_port=True, listen=False)
@@ -110,7 +126,7 @@ def run_processes(args: argparse.Namespace) -> int:
         _Gateway(
             i,
             child_arguments(
-                args._argv, i, http, wh, ports, advertised, args.gateway_id, folder / f"{i}.json"
+                args._argv, i, http, wh, ports, advertised, args.gateway_id, folder / f"{i}.json", grpc
             ),
             folder / f"{i}.json",
         )
@@ -136,6 +152,7 @@ def run_processes(args: argparse.Namespace) -> int:
                 "http": int(http.rsplit(":", 1)[1]),
                 "workers": ports[0],
                 "worker_ports": ports,
+                "grpc": 0 if grpc == "none" else int(grpc.rsplit(":", 1)[1]),
                 "pids": [g.popen.pid for g in gateways if g.popen is not None],
             },
         )

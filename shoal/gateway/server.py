@@ -55,7 +55,9 @@ class GatewayConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     worker_host: str = "127.0.0.1"
-    worker_port: int = 8001
+    worker_port: int = 8003  # Triton's users expect 8000 HTTP, 8001 gRPC, 8002 metrics: workers next
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int | None = None  # gRPC (shoal[grpc]) on this port; None: not served (the CLI serves 8001)
     gateway_id: str = ""  # this gateway among the cluster's (default: host:worker port)
     advertise_workers: str = (
         ""  # where workers and other gateways reach the worker port (default: worker_host)
@@ -181,6 +183,8 @@ class Gateway:
         )
         self.http_port = 0
         self.worker_port = 0
+        self.grpc_port = 0  # 0 while gRPC is not served
+        self._grpc: Any = None  # grpc_app.GrpcServer, imported only when asked for (an extra)
         self._worker_server: asyncio.AbstractServer | None = None
         self._http: EmbeddedHttpServer | None = None
         self._tasks: list[asyncio.Task] = []
@@ -358,6 +362,10 @@ class Gateway:
         self.views.http_port, self.views.worker_port = self.http_port, self.worker_port
         self.views.membership = self.membership
         await self._http.start()
+        if cfg.grpc_port is not None:
+            await self._start_grpc(cfg.grpc_host, cfg.grpc_port)
+        grpc_at = f"gRPC is on port {self.grpc_port}" if self.grpc_port else "gRPC is not served"
+        self.site.fronts = f"{grpc_at}, HTTP on port {self.http_port}"
         self._tasks = [
             asyncio.create_task(self._heartbeats(), name="heartbeats"),
             asyncio.create_task(self._deadlines(), name="deadlines"),
@@ -399,16 +407,36 @@ class Gateway:
             " (TLS)" if cfg.tls_cert else "",
         )
 
+    async def _start_grpc(self, host: str, port: int) -> None:
+        """The gRPC front on the same request path as HTTP, when grpcio is installed."""
+        try:
+            from shoal.gateway.grpc_app import GrpcFront, GrpcServer
+        except ImportError as e:
+            log.warning("gRPC not served (%s): pip install 'shoal[grpc]', or --grpc none to say so", e)
+            return
+        cfg = self.config
+        tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert and cfg.tls_key else None
+        self._grpc = GrpcServer(
+            GrpcFront(self.app), host, port, cfg.max_body_size, cfg.max_frame_size, tls, cfg.reuse_port
+        )
+        self.grpc_port = await self._grpc.start()
+        log.info("cluster %s: gRPC on %s:%d%s", cfg.name, host, self.grpc_port, " (TLS)" if tls else "")
+
     async def stop(self) -> None:
         if self.reporter is not None:
             await self.reporter.stop()  # central stops sending devices here
         http_stopped = None
         if self._http is not None:  # no new requests; those in flight finish, while timers still run
             http_stopped = asyncio.create_task(self._http.stop(), name="http-stop")
+        grpc_stopped = None
+        if self._grpc is not None:
+            grpc_stopped = asyncio.create_task(self._grpc.stop(self.config.drain_timeout_s), name="grpc-stop")
         await self._drain(self.config.drain_timeout_s)
         self.dispatcher.close(time.monotonic(), "gateway shutting down")
         if http_stopped is not None:
             await http_stopped
+        if grpc_stopped is not None:
+            await grpc_stopped
         if self.autoscaler is not None:
             await self.autoscaler.stop()  # the workers an engine started here end with the gateway
         await cancel_and_wait(self._tasks)

@@ -53,6 +53,7 @@ from shoal.protocol.link import (
     Welcome,
 )
 from shoal.protocol.names import check_name
+from shoal.protocol.ports import foreign_protocol
 from shoal.security.tokens import check_login_proof, new_nonce
 
 log = logging.getLogger("shoal.gateway")
@@ -80,6 +81,7 @@ class LinkSite:
     silent_after_s: float = 1.5
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     gateway_id: str = ""  # this gateway among its cluster's
+    fronts: str = ""  # where devices go instead, told to one that dials the worker link
     peers: list[str] = field(
         default_factory=list
     )  # worker addresses of the cluster's gateways, this one's too
@@ -151,6 +153,9 @@ class WorkerConnection(CoalescingProtocol):
         self.heartbeat_clock.seen(now)
         if self.silent:
             self._heard(now)
+        if self.link.state is State.HANDSHAKE and (spoke := foreign_protocol(data[:16])) is not None:
+            self._wrong_port(spoke)
+            return
         try:
             messages = self.link.receive_data(data)
         except LinkError as e:
@@ -181,6 +186,20 @@ class WorkerConnection(CoalescingProtocol):
             elif isinstance(msg, Goodbye):
                 self._drop("worker said goodbye", quiet=True)
                 return
+
+    def _wrong_port(self, spoke: str) -> None:
+        """A device's client at the worker link: told (in its protocol where that is HTTP/1) and
+        logged where the gateway's ports are, then closed."""
+        text = f"this is shoal's worker link port; {self.site.fronts or 'devices use the other ports'}\n"
+        log.warning("%s client %s dialled the worker link port: %s", spoke, self.peer, text.strip())
+        self.site.logins.left(self)
+        if spoke == "HTTP/1" and self.transport is not None:
+            body = text.encode()
+            head = b"HTTP/1.1 421 Misdirected Request\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+            self.send([head, b"content-length: %d\r\n\r\n" % len(body), body])
+            self.flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.link.connection_lost()

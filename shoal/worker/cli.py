@@ -9,9 +9,9 @@ from shoal.config import LOG_FORMAT, LOG_LEVEL, LogFormat, LogLevel, Opt, Settin
 
 HELP = "Serve one model version: dial a cluster gateway, batch requests, run the model."
 EXAMPLE = """
-shoal worker --gateway 127.0.0.1:8001 --repo ./models --model mnist-cnn --secret s3cret
-shoal worker --gateway gw.example.org:8001 --tls-ca ca.pem --model mnist-cnn --version 2 --device cuda:0
-shoal worker --gateway gw-a:8001,gw-b:8001 --model mnist-cnn        # a cluster served by two gateways
+shoal worker --gateway 127.0.0.1:8003 --repo ./models --model mnist-cnn --secret s3cret
+shoal worker --gateway gw.example.org:8003 --tls-ca ca.pem --model mnist-cnn --version 2 --device cuda:0
+shoal worker --gateway gw-a:8003,gw-b:8003 --model mnist-cnn        # a cluster served by two gateways
 """
 
 
@@ -27,7 +27,7 @@ class WorkerSettings(Settings, kw_only=True):
             "resolves to several addresses names a gateway at each, and the gateways reached name the "
             "others: the worker links to every one (default %(default)s)"
         ),
-    ] = "127.0.0.1:8001"
+    ] = "127.0.0.1:8003"
     repo: Annotated[
         str | None,
         Opt("model repository folder (default: the models bundled with shoal)", env=("SHOAL_MODEL_REPO",)),
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     gateways = [g.strip() for g in args.gateway.split(",") if g.strip()]
     try:
         for g in gateways:
-            split_hostport(g, 8001)
+            split_hostport(g, 8003)
     except ValueError as e:
         print(f"shoal worker: --gateway: {e}")
         return 2

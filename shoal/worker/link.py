@@ -50,6 +50,7 @@ from shoal.protocol.link import (
     Welcome,
 )
 from shoal.protocol.link_messages import announce
+from shoal.protocol.ports import WORKER_PORT, foreign_protocol, worker_at_wrong_port
 from shoal.protocol.tensors import BYTES_ELEMENT_COST, NP_DTYPES, TensorError, pack_tensors, unpack_tensors
 from shoal.runtime.runtimes import Runtime
 from shoal.security.tokens import login_proof
@@ -95,7 +96,7 @@ class WorkerConfig:
     # Where the cluster's gateways take workers: host:port each. A name that resolves to several
     # addresses (a Kubernetes headless Service) names a gateway at each; the gateways reached name
     # the others (PEERS). The worker links to every one and divides its capacity between them.
-    gateways: list[str] = field(default_factory=lambda: ["127.0.0.1:8001"])
+    gateways: list[str] = field(default_factory=lambda: [f"127.0.0.1:{WORKER_PORT}"])
     secret: bytes = b""
     worker_id: str = ""
     device: str = "cpu"
@@ -138,6 +139,8 @@ class GatewayLink(CoalescingProtocol):
         super().__init__()
         self.w = worker
         self.target = target
+        self.address = target.address if target is not None else "the gateway"
+        self.challenged = False  # a CHALLENGE came: this is a gateway's worker link
         self.link = LinkConnection(Role.WORKER, worker.config.max_frame_size)
         self.welcomed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -164,6 +167,12 @@ class GatewayLink(CoalescingProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.heartbeat_clock.seen(time.monotonic())
+        if self.link.state is State.HANDSHAKE and not self.welcomed.done():
+            spoke = foreign_protocol(data[:16])
+            if spoke is not None:  # not a gateway's worker link: one clear line, then retried
+                self.welcomed.set_exception(ConnectionError(worker_at_wrong_port(self.address, spoke)))
+                self.abort()
+                return
         try:
             messages = self.link.receive_data(data)
         except LinkError as e:
@@ -181,6 +190,7 @@ class GatewayLink(CoalescingProtocol):
             elif isinstance(msg, Peers):
                 self.w.on_peers(self, msg.gateways)
             elif isinstance(msg, Challenge):
+                self.challenged = True
                 self.w.on_challenge(self, msg)
             elif isinstance(msg, Welcome):
                 if not self.welcomed.done():
@@ -438,7 +448,7 @@ class Worker:
     async def _resolve(self, entry: str) -> list[tuple[str, str, int]]:
         """(name, address, port) of each gateway an entry names; [] when it cannot be looked up now."""
         try:
-            host, port = split_hostport(entry, 8001)
+            host, port = split_hostport(entry, WORKER_PORT)
         except ValueError:
             log.warning("ignoring gateway address %r: not host:port", entry)
             return []
@@ -526,6 +536,12 @@ class Worker:
         )
         try:
             welcome = await asyncio.wait_for(link.welcomed, 10.0)
+        except asyncio.TimeoutError:
+            link.abort()
+            if link.challenged:
+                raise
+            # Silence: an HTTP or gRPC server waits for a request a worker never sends.
+            raise ConnectionError(worker_at_wrong_port(t.address, None)) from None
         except BaseException:
             link.abort()
             raise

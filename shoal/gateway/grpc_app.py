@@ -1,0 +1,351 @@
+"""The gateway's gRPC face: the Open Inference Protocol's ``inference.GRPCInferenceService`` (as
+``tritonclient.grpc`` speaks it) on grpcio's asyncio server. An extra (``pip install shoal[grpc]``):
+the composition root starts it only when grpcio is importable.
+
+One request path: every call goes through the HTTP app's pieces (credentials and roles, the request
+service, metrics, result storage, model and readiness views, the repository API), so gRPC and HTTP
+check, queue, batch, run, count and store requests alike. Only the transport differs:
+``grpc_tensors`` converts the messages, this file maps outcomes to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from shoal.gateway.auth import AuthError, Principal
+from shoal.gateway.grpc_tensors import (
+    infer_request,
+    infer_response,
+    model_metadata,
+    raw_infer_response,
+    timeout_ms,
+)
+from shoal.gateway.http_app import Forbidden, HttpApp, check_outputs
+from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
+from shoal.gateway.oip_grpc.grpc_service_pb2_grpc import (
+    GRPCInferenceServiceServicer,
+    add_GRPCInferenceServiceServicer_to_server,
+)
+from shoal.gateway.pool import RequestFailed
+from shoal.gateway.repository import RepositoryError
+from shoal.protocol.names import InvalidName, check_name
+from shoal.protocol.oip import PathRoute, ProtocolError, bind_inputs
+from shoal.protocol.tensors import TensorError
+
+log = logging.getLogger("shoal.gateway")
+SC = grpc.StatusCode
+# HTTP statuses (what the shared pieces raise) as gRPC status codes.
+_CODES = {
+    400: SC.INVALID_ARGUMENT,
+    401: SC.UNAUTHENTICATED,
+    403: SC.PERMISSION_DENIED,
+    404: SC.NOT_FOUND,
+    405: SC.UNIMPLEMENTED,
+    408: SC.DEADLINE_EXCEEDED,
+    409: SC.FAILED_PRECONDITION,
+    413: SC.RESOURCE_EXHAUSTED,
+    429: SC.RESOURCE_EXHAUSTED,
+    499: SC.CANCELLED,
+    501: SC.UNIMPLEMENTED,
+    503: SC.UNAVAILABLE,
+    504: SC.DEADLINE_EXCEEDED,
+}
+_NOT_YET = (
+    "{} is not served yet: per-model statistics and configuration come with the gateway's statistics "
+    "work (issue 24); use ModelMetadata for the model's inputs and outputs"
+)
+
+
+class CallFailed(Exception):
+    """One call's outcome as a gRPC status: aborts a unary call, becomes a stream's error_message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@contextlib.contextmanager
+def _outcome(app: HttpApp) -> Iterator[None]:
+    """The shared pieces' exceptions as ``CallFailed`` with the matching code, counted as HTTP's are."""
+    try:
+        yield
+    except Forbidden as e:
+        app.metrics.auth_refused.labels("403").inc()
+        raise CallFailed(SC.PERMISSION_DENIED, str(e)) from None
+    except (ProtocolError, RequestFailed, RepositoryError) as e:
+        app.metrics.http_errors.labels(str(e.status)).inc()
+        raise CallFailed(_CODES.get(e.status, SC.INTERNAL), str(e)) from None
+    except InvalidName as e:
+        raise CallFailed(SC.INVALID_ARGUMENT, str(e)) from None
+
+
+def _target_names(model: str, version: str) -> tuple[str, str | None]:
+    return check_name(model, "model name"), (check_name(version, "model version") if version else None)
+
+
+class GrpcFront(GRPCInferenceServiceServicer):
+    def __init__(self, app: HttpApp) -> None:
+        self.app = app
+        self.service = app.service
+
+    # ------------------------------------------------------------------------ credentials
+
+    def _who(self, context: grpc.aio.ServicerContext) -> Principal:
+        authz = None
+        for k, v in context.invocation_metadata() or ():
+            if k == "authorization":
+                authz = v.encode("latin-1") if isinstance(v, str) else v
+                break
+        try:
+            return self.app.auth.principal(authz)
+        except AuthError as e:
+            self.app.metrics.auth_refused.labels("401").inc()
+            raise CallFailed(SC.UNAUTHENTICATED, str(e)) from None
+
+    async def _call(
+        self, context: grpc.aio.ServicerContext, action: str, model: str = "", version: str = ""
+    ) -> tuple[Principal, str, str | None]:
+        """The caller, allowed ``action`` on the model named (its name and version checked)."""
+        try:
+            who = self._who(context)
+            with _outcome(self.app):
+                name, ver = _target_names(model, version) if model else ("", None)
+                self.app.check(who, action, name or None, ver)
+        except CallFailed as e:
+            await context.abort(e.code, str(e))
+        return who, name, ver
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, e: CallFailed) -> Any:
+        await context.abort(e.code, str(e))
+
+    # ----------------------------------------------------------------- health and metadata
+
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        await self._call(context, "server")
+        return pb.ServerReadyResponse(ready=self.app.models.all_ready())
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        await self._call(context, "server")
+        doc = self.app.views.server_metadata()
+        return pb.ServerMetadataResponse(
+            name=doc["name"], version=doc["version"], extensions=doc["extensions"]
+        )
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        doc = await self._model_view(context, "model_ready", request)
+        return pb.ModelReadyResponse(ready=bool(doc["ready"]))
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        return model_metadata(await self._model_view(context, "model", request))
+
+    async def _model_view(self, context: Any, kind: str, request: Any) -> dict[str, Any]:
+        """What HTTP's GET of the model's ``kind`` route answers (its document, whatever the status)."""
+        _, name, ver = await self._call(context, "model", request.name, request.version)
+        try:
+            with _outcome(self.app):
+                _, doc = await self.app.gets[kind](PathRoute(kind, name, ver))
+        except CallFailed as e:
+            await self._abort(context, e)
+        return doc
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        await self._call(context, "model", request.name, request.version)
+        await context.abort(SC.UNIMPLEMENTED, _NOT_YET.format("ModelConfig"))
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        await self._call(context, "model", request.name, request.version)
+        await context.abort(SC.UNIMPLEMENTED, _NOT_YET.format("ModelStatistics"))
+
+    # ---------------------------------------------------------------------------- infer
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        try:
+            who = self._who(context)
+            return await self._infer(who, request, context.time_remaining())
+        except CallFailed as e:
+            return await self._abort(context, e)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request of the stream runs as it arrives (several at once, batched with everyone's);
+        answers come back as they finish, a failed one as its ``error_message``."""
+        try:
+            who = self._who(context)
+        except CallFailed as e:
+            await self._abort(context, e)
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def one(req: pb.ModelInferRequest) -> None:
+            try:
+                msg = pb.ModelStreamInferResponse(
+                    infer_response=await self._infer(who, req, context.time_remaining())
+                )
+            except CallFailed as e:
+                failed = pb.ModelInferResponse(
+                    model_name=req.model_name, model_version=req.model_version, id=req.id
+                )
+                msg = pb.ModelStreamInferResponse(error_message=str(e), infer_response=failed)
+            answers.put_nowait(msg)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    t = asyncio.create_task(one(req))
+                    running.add(t)
+                    t.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*list(running))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (msg := await answers.get()) is not None:
+                yield msg
+            await reader  # a reading error (the client's stream broken) ends the call with it
+        finally:
+            for t in [reader, *running]:
+                t.cancel()
+
+    async def _infer(
+        self, who: Principal, req: pb.ModelInferRequest, left_s: float | None
+    ) -> pb.ModelInferResponse:
+        """One request, step by step as HTTP's: where it goes, its tensors checked against the model,
+        its deadline and id, the call through the request service, the answer."""
+        t0 = time.monotonic()
+        app = self.app
+        with _outcome(app):
+            name, ver = _target_names(req.model_name, req.model_version)
+            app.check(who, "infer", name, ver)
+            target = self.service.target(name, ver)
+            ireq = infer_request(req, app.limits.max_body_size)
+            spec = target.spec
+            arrays = bind_inputs(ireq, spec.inputs, spec.image_input, spec.max_batch_size)
+            if ireq.outputs is not None:
+                check_outputs(ireq, target)
+            budget = app.limits.request_timeout_s
+            ms = timeout_ms(ireq.parameters)
+            if ms is not None:
+                budget = min(budget, ms / 1000.0)
+            if left_s is not None:
+                budget = min(budget, left_s)
+            rid = ireq.id or self.service.new_request_id()
+            answer_id = (ireq.id or "") if app.results is None else rid
+            names = [o.name for o in ireq.outputs] if ireq.outputs is not None else None
+            try:
+                if target.pool is not None and app.results is None:
+                    # Common case: the worker's result bytes become the raw contents as they are.
+                    h, payload = await self.service.call_model(
+                        target.pool, arrays, t0 + budget, names, rid, raw=True
+                    )
+                    try:
+                        resp = raw_infer_response(spec.name, spec.version, answer_id, h.outputs, payload)
+                    except (TensorError, KeyError) as e:
+                        raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
+                else:
+                    if target.pool is not None:
+                        outputs = await self.service.call_model(target.pool, arrays, t0 + budget, names, rid)
+                    else:
+                        assert target.pipeline is not None
+                        outputs = await self.service.run_pipeline(target.pipeline, arrays, t0 + budget, rid)
+                    if app.results is not None:
+                        app.record(target, 200, t0, rid, who, arrays, outputs)
+                    resp = infer_response(spec.name, spec.version, answer_id, outputs)
+            except RequestFailed as e:
+                app.record(target, e.status, t0, rid, who, arrays, None, e)
+                raise
+        app.metrics.observe_response(spec, 200, time.monotonic() - t0)
+        return resp
+
+    # ------------------------------------------------------------------------- repository
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        await self._call(context, "repository")
+        rows = self.app.repository.index(request.ready)
+        Index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                Index(name=r["name"], version=str(r["version"]), state=r["state"], reason=r["reason"])
+                for r in rows
+            ]
+        )
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> pb.RepositoryModelLoadResponse:
+        await self._manage(context, self.app.repository.load, request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> pb.RepositoryModelUnloadResponse:
+        await self._manage(context, self.app.repository.unload, request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _manage(self, context: Any, action: Callable[[str], Awaitable[None]], name: str) -> None:
+        await self._call(context, "repository")
+        try:
+            with _outcome(self.app):
+                await action(name)
+        except CallFailed as e:
+            await self._abort(context, e)
+
+
+# Room for a request's envelope around the largest body HTTP takes.
+_ENVELOPE = 64 * 1024
+
+
+class GrpcServer:
+    """grpcio's asyncio server holding the front, on its own port (TLS with the gateway's pair)."""
+
+    def __init__(
+        self,
+        front: GrpcFront,
+        host: str,
+        port: int,
+        max_receive: int,
+        max_send: int,
+        tls: tuple[str, str] | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.front, self.host, self.port = front, host, port
+        options = [
+            ("grpc.max_receive_message_length", max_receive + _ENVELOPE),
+            ("grpc.max_send_message_length", max_send + _ENVELOPE),
+            # grpcio shares ports by default: two gateways on one port must fail, not split its calls.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        add_GRPCInferenceServiceServicer_to_server(front, self.server)
+        self.tls = tls
+
+    async def start(self) -> int:
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        try:
+            if self.tls is not None:
+                cert, key = (Path(p).read_bytes() for p in self.tls)
+                bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                bound = self.server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot serve gRPC on {address}: {e}") from None
+        if not bound:
+            raise OSError(f"cannot serve gRPC on {address} (in use?)")
+        self.port = bound
+        await self.server.start()
+        return bound
+
+    async def stop(self, grace_s: float) -> None:
+        await self.server.stop(grace_s)
