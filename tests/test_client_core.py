@@ -11,6 +11,7 @@ import pytest
 
 from shoal.client.core import (
     NEXT_GATEWAY_AFTER_S,
+    RENEW_AFTER_FAILURE_S,
     Call,
     ClientCore,
     Finished,
@@ -414,7 +415,8 @@ def test_a_gateway_that_answers_nothing_is_left_after_a_bounded_wait_and_tried_l
     """A gateway whose machine vanished never answers and never closes: a request waits at most
     NEXT_GATEWAY_AFTER_S there while the route has another gateway (the last one gets the client's
     whole timeout), and the device's next requests start with the others."""
-    c = ClientCore([CENTRAL], "cam", "pw", clock=Clock(), timeout=10.0)
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
     s = Script(
         {
             ("POST", "/v1/route"): [gateways_reply("site", GW[:2])],
@@ -430,3 +432,9 @@ def test_a_gateway_that_answers_nothing_is_left_after_a_bounded_wait_and_tried_l
     s.calls.clear()
     assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
     assert s.urls("POST", "/infer") == ["http://g2:8000/v2/models/m/infer"]  # straight to g2
+    # A while later the route is asked for again: central orders the gateways by load, a gateway
+    # that came back included (it would otherwise stay last until the token expired).
+    clock.t += RENEW_AFTER_FAILURE_S
+    s.rules[("POST", "http://g1:8000")] = [infer_ok(1.0)]
+    assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
+    assert len(s.route_bodies()) == 1

@@ -63,6 +63,10 @@ RENEW_BEFORE_S = 10.0
 # times the model's recent latency, if longer) before it goes to the next: a gateway whose machine
 # vanished answers nothing, and its connections never close.
 NEXT_GATEWAY_AFTER_S = 2.0
+# A route one of whose gateways failed is asked for again this long after: central then orders the
+# cluster's gateways by load again, a gateway that came back included (else it would stay last until
+# the token expired).
+RENEW_AFTER_FAILURE_S = 10.0
 
 
 class InferError(Exception):
@@ -159,6 +163,7 @@ class Route:
     version: str | None
     latency_ms: float | None = None  # the cluster's recent latency for the model, when central says it
     fallbacks: list[str] = field(default_factory=list)  # the cluster's other gateways, in the order to try
+    renew_at: float = float("inf")  # asked for again from then on (a gateway of it failed: it may heal)
 
     @property
     def urls(self) -> list[str]:
@@ -304,11 +309,13 @@ class ClientCore:
         exclude = exclude or set()
         avoid = avoid or set()
         cached = self.routes.get((model, version))
+        now = self.clock()
         if (
             cached is not None
             and cached.cluster not in exclude
             and not avoid.issuperset(cached.urls)
-            and self.clock() < cached.expires_at - RENEW_BEFORE_S
+            and now < cached.expires_at - RENEW_BEFORE_S
+            and now < cached.renew_at
         ):
             return cached
         body: dict[str, Any] = {"model": model}
@@ -427,6 +434,7 @@ class ClientCore:
                     reply, last = None, f"cluster {r.cluster} unreachable at {url}: {e}"
                     failed.append(url)
                     r.demote([url])  # this device's other requests try the route's others first now
+                    r.renew_at = min(r.renew_at, self.clock() + RENEW_AFTER_FAILURE_S)
                     continue
                 assert reply is not None
                 if reply.status not in NEXT_GATEWAY_STATUSES:
@@ -435,6 +443,7 @@ class ClientCore:
             if reply is not None and reply.status == 200:
                 if failed:
                     r.demote(failed)
+                    r.renew_at = min(r.renew_at, self.clock() + RENEW_AFTER_FAILURE_S)
                 result = self._result(r, reply, t0)
                 result.bytes_up = len(body)
                 result.gateway = url
