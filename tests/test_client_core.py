@@ -438,3 +438,24 @@ def test_a_gateway_that_answers_nothing_is_left_after_a_bounded_wait_and_tried_l
     s.rules[("POST", "http://g1:8000")] = [infer_ok(1.0)]
     assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
     assert len(s.route_bodies()) == 1
+
+
+def test_a_route_due_again_is_asked_for_once_and_kept_when_central_is_slow():
+    """One request asks central again (with a bounded wait: a replica whose machine vanished answers
+    nothing); it and the others go on with the route they had while central does not answer."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    s = Script(
+        {
+            ("POST", "/v1/route"): [gateways_reply("site", GW[:2]), Unreachable("timed out")],
+            ("POST", "http://g1:8000"): [infer_ok(1.0)],
+            **NO_META,
+        }
+    )
+    s.run(c.infer("m", X))
+    c.routes[("m", None)].renew_at = clock.t  # due again now
+    assert s.run(c.infer("m", X)).gateway == "http://g1:8000"  # central timed out: the route it had
+    asked = [call for call in s.calls if call.url.endswith("/v1/route")]
+    assert len(asked) == 2 and asked[1].timeout == NEXT_GATEWAY_AFTER_S
+    assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
+    assert len([call for call in s.calls if call.url.endswith("/v1/route")]) == 2  # not asked again yet

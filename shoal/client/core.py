@@ -310,14 +310,18 @@ class ClientCore:
         avoid = avoid or set()
         cached = self.routes.get((model, version))
         now = self.clock()
-        if (
+        usable = (
             cached is not None
             and cached.cluster not in exclude
             and not avoid.issuperset(cached.urls)
             and now < cached.expires_at - RENEW_BEFORE_S
-            and now < cached.renew_at
-        ):
-            return cached
+        )
+        if cached is not None and usable:
+            if now < cached.renew_at:
+                return cached
+            # Only due to be asked for again (one of its gateways failed a while ago): one request
+            # asks, the others go on with it meanwhile, and it stays in use if central is slow.
+            cached.renew_at = now + RENEW_AFTER_FAILURE_S
         body: dict[str, Any] = {"model": model}
         if version:
             body["version"] = version
@@ -327,9 +331,12 @@ class ClientCore:
             body["avoid"] = sorted(avoid)[:MAX_EXCLUDED]
         headers = self._central_headers()
         last: Exception | None = None
-        for url in self.centrals:
+        for k, url in enumerate(self.centrals):
+            # A replica whose machine vanished answers nothing: wait a bounded time while another
+            # replica (or a cached route) is there to fall back on.
+            wait = NEXT_GATEWAY_AFTER_S if usable or k < len(self.centrals) - 1 else None
             try:
-                reply = yield Call("POST", url + "/v1/route", json.dumps(body).encode(), headers)
+                reply = yield Call("POST", url + "/v1/route", json.dumps(body).encode(), headers, wait)
             except Unreachable as e:
                 last = e
                 continue

@@ -21,7 +21,8 @@ from shoal.local import Child
 
 CENTRAL_PORT = 7000
 HTTP_PORT = 8000
-WORKER_PORT = 8001
+GRPC_PORT = 8001
+WORKER_PORT = 8003
 WAN_PORT = 7100  # + the replica's number: central-1 through the WAN at 7101
 MODEL = "echo"
 
@@ -139,6 +140,8 @@ def deploy(
                 name,
                 "--http",
                 f"0.0.0.0:{HTTP_PORT}",
+                "--grpc",
+                f"0.0.0.0:{GRPC_PORT}",
                 "--workers",
                 f"0.0.0.0:{WORKER_PORT}",
                 "--advertise-workers",
