@@ -124,26 +124,29 @@ class CentralReporter:
         self._http = httpx.AsyncClient(
             timeout=cfg.timeout_s, verify=ssl.create_default_context(cafile=cfg.ca_file), trust_env=False
         )
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._served: list[tuple[str, str]] | None = None  # what the last report said is served
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="central-reports")
+        # One loop per replica: a replica whose machine vanished (its reports time out) must not slow
+        # the reports to the others, or they would find this gateway silent and drop it.
+        self._tasks = [asyncio.create_task(self._loop(r), name=f"central-reports {r.url}") for r in self.replicas]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait([self._task])
+        await cancel_and_wait(self._tasks)
         await self._http.aclose()
 
-    async def _loop(self) -> None:
+    def _body(self) -> bytes:
+        decide = self.decide() if self.decide is not None else False
+        ops = self.operations() if self.operations is not None else []
+        report = report_body(self.table, self.public_url, self.gateway_id, self.workers_address, decide, ops)
+        self._say_models(report)
+        return msgspec.json.encode(report)
+
+    async def _loop(self, replica: _Replica) -> None:
         while True:
             t = time.monotonic()
-            decide = self.decide() if self.decide is not None else False
-            ops = self.operations() if self.operations is not None else []
-            report = report_body(self.table, self.public_url, self.gateway_id, self.workers_address, decide, ops)
-            self._say_models(report)
-            body = msgspec.json.encode(report)
-            await asyncio.gather(*(self._report(r, body) for r in self.replicas))
+            await self._report(replica, self._body())
             await asyncio.sleep(max(0.05, self.interval_s - (time.monotonic() - t)))
 
     def _say_models(self, report: Report) -> None:
