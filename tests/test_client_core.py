@@ -413,8 +413,8 @@ def test_a_callers_request_id_is_kept_and_labels_come_from_a_gateway_that_answer
 
 def test_a_gateway_that_answers_nothing_is_left_after_a_bounded_wait_and_tried_last_from_then_on():
     """A gateway whose machine vanished never answers and never closes: a request waits at most
-    NEXT_GATEWAY_AFTER_S there while the route has another gateway (the last one gets the client's
-    whole timeout), and the device's next requests start with the others."""
+    NEXT_GATEWAY_AFTER_S there on its first attempt (the last gateway of a later attempt gets the
+    client's whole timeout), and the device's next requests start with the others."""
     clock = Clock()
     c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
     s = Script(
@@ -427,7 +427,7 @@ def test_a_gateway_that_answers_nothing_is_left_after_a_bounded_wait_and_tried_l
     )
     assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
     waits = {c_.url.split("/v2")[0]: c_.timeout for c_ in s.calls if c_.url.endswith("/infer")}
-    assert waits == {"http://g1:8000": NEXT_GATEWAY_AFTER_S, "http://g2:8000": None}
+    assert waits == {"http://g1:8000": NEXT_GATEWAY_AFTER_S, "http://g2:8000": NEXT_GATEWAY_AFTER_S}
     assert c.routes[("m", None)].urls == ["http://g2:8000", "http://g1:8000"]
     s.calls.clear()
     assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
@@ -459,3 +459,16 @@ def test_a_route_due_again_is_asked_for_once_and_kept_when_central_is_slow():
     assert len(asked) == 2 and asked[1].timeout == NEXT_GATEWAY_AFTER_S
     assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
     assert len([call for call in s.calls if call.url.endswith("/v1/route")]) == 2  # not asked again yet
+
+
+def test_the_only_gateway_of_a_route_gets_a_bounded_first_attempt_then_the_whole_timeout():
+    c = ClientCore([CENTRAL], "cam", "pw", clock=Clock(), timeout=10.0)
+    s = Script(
+        {
+            ("POST", "/v1/route"): [route_reply("a")],
+            ("POST", "http://a:8000"): [Unreachable("timed out"), infer_ok(1.0)],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "a"
+    assert [call.timeout for call in s.calls if call.url.endswith("/infer")] == [NEXT_GATEWAY_AFTER_S, None]

@@ -59,9 +59,10 @@ NEXT_GATEWAY_STATUSES = (502, 503)
 REQUEST_ID_HEADER = "X-Request-Id"
 COOKIE_HEADER = "Shoal-Device-Cookie"
 RENEW_BEFORE_S = 10.0
-# A request to a gateway that has another behind it in the route waits at most this long (or ten
-# times the model's recent latency, if longer) before it goes to the next: a gateway whose machine
-# vanished answers nothing, and its connections never close.
+# A request to a gateway that has another behind it in the route, or on its first attempt, waits at
+# most this long (or ten times the model's recent latency, if longer) before it goes to the next
+# gateway or asks central: a gateway whose machine vanished answers nothing, and its connections
+# never close.
 NEXT_GATEWAY_AFTER_S = 2.0
 # A route one of whose gateways failed is asked for again this long after: central then orders the
 # cluster's gateways by load again, a gateway that came back included (else it would stay last until
@@ -434,7 +435,9 @@ class ClientCore:
             urls = r.urls
             for k, url in enumerate(urls):
                 t0 = time.perf_counter()
-                wait = self.next_gateway_after(r) if k < len(urls) - 1 else None
+                # Bounded while another gateway remains, and on a first attempt (central may know
+                # gateways this route does not name); the last gateway of a later attempt gets it all.
+                wait = self.next_gateway_after(r) if k < len(urls) - 1 or attempt == 0 else None
                 try:
                     reply = yield Call("POST", url + path, body, sent, wait)
                 except Unreachable as e:
