@@ -54,7 +54,7 @@ def test_a_gateway_that_cannot_reach_its_ray_cluster_says_so_and_exits(tmp_path)
                                                  "models": {"echo": {}}}}))
     r = subprocess.run(
         [sys.executable, "-m", "shoal", "cluster", "--config", str(cfg), "--http", "127.0.0.1:0",
-         "--workers", "127.0.0.1:0", "--no-auth", "--state-dir", "none"],
+         "--workers", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--no-auth", "--state-dir", "none"],
         capture_output=True, text=True, timeout=120,
         env={**os.environ, "SHOAL_CLUSTER_SECRET": "x", "HOME": str(tmp_path)},
     )

@@ -34,7 +34,7 @@ def test_serving_side_and_cli_do_not_import_torch():
 
 def test_gateway_refuses_to_start_without_credentials():
     r = subprocess.run(
-        [sys.executable, "-m", "shoal", "cluster", "--http", "127.0.0.1:0", "--workers", "127.0.0.1:0"],
+        [sys.executable, "-m", "shoal", "cluster", "--http", "127.0.0.1:0", "--workers", "127.0.0.1:0", "--grpc", "127.0.0.1:0"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -157,7 +157,7 @@ def test_tour_commands_say_what_to_do(tmp_path):
 
 def test_bad_api_key_declarations_are_refused_at_start():
     r = subprocess.run(
-        [sys.executable, "-m", "shoal", "cluster", "--http", "127.0.0.1:0", "--workers", "127.0.0.1:0",
+        [sys.executable, "-m", "shoal", "cluster", "--http", "127.0.0.1:0", "--workers", "127.0.0.1:0", "--grpc", "127.0.0.1:0",
          "--api-key", "device::k"],
         capture_output=True,
         text=True,

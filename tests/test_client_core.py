@@ -436,13 +436,17 @@ def test_a_gateway_that_answers_nothing_is_left_after_a_bounded_wait_and_tried_l
     # that came back included (it would otherwise stay last until the token expired).
     clock.t += RENEW_AFTER_FAILURE_S
     s.rules[("POST", "http://g1:8000")] = [infer_ok(1.0)]
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000"  # not on the request's path: g2 still
+    assert c.due == {("m", None)} and not s.route_bodies()
+    s.run(c.renew("m", None))  # what the driver runs beside the requests
     assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
     assert len(s.route_bodies()) == 1
 
 
-def test_a_route_due_again_is_asked_for_once_and_kept_when_central_is_slow():
-    """One request asks central again (with a bounded wait: a replica whose machine vanished answers
-    nothing); it and the others go on with the route they had while central does not answer."""
+def test_a_route_due_again_is_asked_for_beside_the_requests_and_kept_when_central_is_slow():
+    """No request waits for it: the driver asks central (a bounded wait: a replica whose machine
+    vanished answers nothing) while requests go on with the route they had, which stays if central
+    does not answer."""
     clock = Clock()
     c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
     s = Script(
@@ -454,11 +458,13 @@ def test_a_route_due_again_is_asked_for_once_and_kept_when_central_is_slow():
     )
     s.run(c.infer("m", X))
     c.routes[("m", None)].renew_at = clock.t  # due again now
-    assert s.run(c.infer("m", X)).gateway == "http://g1:8000"  # central timed out: the route it had
-    asked = [call for call in s.calls if call.url.endswith("/v1/route")]
-    assert len(asked) == 2 and asked[1].timeout == NEXT_GATEWAY_AFTER_S
     assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
-    assert len([call for call in s.calls if call.url.endswith("/v1/route")]) == 2  # not asked again yet
+    assert len(s.route_bodies()) == 1 and c.due == {("m", None)}
+    assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
+    s.run(c.renew("m", None))
+    asked = [call for call in s.calls if call.url.endswith("/v1/route")]
+    assert len(asked) == 2 and asked[1].timeout == NEXT_GATEWAY_AFTER_S and not c.due
+    assert s.run(c.infer("m", X)).gateway == "http://g1:8000"  # central timed out: the route it had
 
 
 def test_the_only_gateway_of_a_route_gets_a_bounded_first_attempt_then_the_whole_timeout():

@@ -281,6 +281,7 @@ class ClientCore:
         self.last_routes: dict[tuple[str, str | None], Route] = {}  # kept after a failure, for outages
         self.labels: dict[tuple[str, str, str], dict[str, list[str]]] = {}  # (cluster, model, version)
         self.cookie: str | None = None  # central's device cookie: this client logged in before
+        self.due: set[tuple[str, str | None]] = set()  # routes to ask central for again (``renew``)
 
     def _central_headers(self, json_body: bool = True) -> dict[str, str]:
         headers = {"Authorization": self.auth}
@@ -318,11 +319,23 @@ class ClientCore:
             and now < cached.expires_at - RENEW_BEFORE_S
         )
         if cached is not None and usable:
-            if now < cached.renew_at:
-                return cached
-            # Only due to be asked for again (one of its gateways failed a while ago): one request
-            # asks, the others go on with it meanwhile, and it stays in use if central is slow.
-            cached.renew_at = now + RENEW_AFTER_FAILURE_S
+            if now >= cached.renew_at:
+                # Due to be asked for again (one of its gateways failed a while ago): off the request
+                # path, by the driver (``renew``); requests go on with this one meanwhile.
+                cached.renew_at = now + RENEW_AFTER_FAILURE_S
+                self.due.add((model, version))
+            return cached
+        return (yield from self._ask_central(model, version, exclude, avoid))
+
+    def renew(self, model: str, version: str | None) -> Flow[None]:
+        """Ask central again for a route in use (a driver runs this beside the requests); the route in
+        use stays if central does not answer within a bounded wait."""
+        self.due.discard((model, version))
+        yield from self._ask_central(model, version, set(), set(), bounded=True)
+
+    def _ask_central(
+        self, model: str, version: str | None, exclude: set[str], avoid: set[str], bounded: bool = False
+    ) -> Flow[Route]:
         body: dict[str, Any] = {"model": model}
         if version:
             body["version"] = version
@@ -335,7 +348,7 @@ class ClientCore:
         for k, url in enumerate(self.centrals):
             # A replica whose machine vanished answers nothing: wait a bounded time while another
             # replica (or a cached route) is there to fall back on.
-            wait = NEXT_GATEWAY_AFTER_S if usable or k < len(self.centrals) - 1 else None
+            wait = NEXT_GATEWAY_AFTER_S if bounded or k < len(self.centrals) - 1 else None
             try:
                 reply = yield Call("POST", url + "/v1/route", json.dumps(body).encode(), headers, wait)
             except Unreachable as e:

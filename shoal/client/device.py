@@ -65,6 +65,7 @@ class _Operations(ABC):
         threshold: float = 0.9,
     ) -> None:
         self.core = ClientCore(central, device, password, retries, compress_above, timeout=timeout)
+        self._renewing: set[asyncio.Task] = set()  # routes being asked for again (AsyncClient)
         self.edge = Edge(self.core, local, policy, threshold)
         self.timeout = timeout
         self._http = self._connect(timeout, ca_file)
@@ -125,6 +126,8 @@ class Client(_Operations):
                 outcome = step.fn()
             else:
                 outcome = send(self._http, step) if isinstance(step, Call) else time.sleep(step.seconds)
+        while self.core.due:  # routes due again: asked for after the answer is in hand
+            self._run(self.core.renew(*self.core.due.pop()))
         return step.value
 
     def close(self) -> None:
@@ -150,9 +153,15 @@ class AsyncClient(_Operations):
                 outcome = await asyncio.to_thread(step.fn)
             else:
                 outcome = await (asend(self._http, step) if isinstance(step, Call) else asyncio.sleep(step.seconds))
+        while self.core.due:  # routes due again: asked for beside the requests, none waits for it
+            task = asyncio.create_task(self._run(self.core.renew(*self.core.due.pop())))
+            self._renewing.add(task)
+            task.add_done_callback(self._renewing.discard)
         return step.value
 
     async def close(self) -> None:
+        for task in list(self._renewing):
+            task.cancel()
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncClient:

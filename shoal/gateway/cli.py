@@ -306,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             await gw.start()
-        except EngineError as e:  # the engine cannot reach where workers run (a Ray cluster)
+        except (EngineError, OSError) as e:  # the engine cannot reach its workers; a port is taken
             print(f"shoal cluster: {e}")
             await gw.stop()
             return 2
