@@ -145,6 +145,7 @@ class Membership:
             "channel": self.channel,
             "decider": self.decider or (self.gateway_id if self.deciding() else ""),
             "deciding": self.deciding(),
+            "took_over_at": self.took_over_at,  # unix time this gateway last took the decisions over
             "others": sorted(self.others),
         }
 
