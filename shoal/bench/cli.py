@@ -28,6 +28,8 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``gateways``   a cluster served by several gateways: requests/s and gateway CPU per request through 1, 2
   (and 4) gateway processes; one of two gateways SIGKILLed under devices' load (failed requests, p99
   after the kill, detection); 50 000 idle connections held over four gateway processes.
+* ``grpc``       the gateway's gRPC front against its HTTP binary extension, side by side: requests/s at
+  64 in flight and p50 one at a time (needs ``shoal[grpc]``).
 * ``edge``       the device client's placement policies (local, remote, fastest, cascade, split) on
   emulated Wi-Fi, LTE and outage links, in network namespaces it creates (root; run only when named).
 """
@@ -63,6 +65,7 @@ SUITES = (
     "login-guessing",
     "autoscale",
     "gateways",
+    "grpc",
     "edge",
 )
 # Suites run only when named: they need root (network namespaces) and take long.
@@ -83,6 +86,7 @@ MODULES = {
     "login-guessing": "shoal.bench.security",
     "autoscale": "shoal.bench.autoscale",
     "gateways": "shoal.bench.gateways",
+    "grpc": "shoal.bench.grpc_bench",
     "edge": "shoal.bench.edge",
 }
 
