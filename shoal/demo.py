@@ -60,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="capacity following load: devices come and go over a compressed day while the cluster's "
         "autoscaler starts and drains workers (see --day-s)",
     )
-    p.add_argument("--day-s", type=float, default=60.0, help="--elastic: length of the day in seconds")
+    p.add_argument(
+        "--day-s", type=float, default=60.0, help="--elastic: length of the day in seconds (default %(default)s)"
+    )
     p.add_argument("--think-ms", type=float, default=5.0, help="--elastic: pause between a device's images")
     p.add_argument("--plot", default=None, help="--elastic: where to write the PNG (default: in the workdir)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
