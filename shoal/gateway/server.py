@@ -315,7 +315,8 @@ class Gateway:
         if key == self.auth.token_key:
             return
         self.auth.set_token_key(key)
-        log.info("route-token key from %s", source)
+        # Which key, without the key: a key left in the state folder by an earlier run shows here.
+        log.info("route-token key %s (sha256 prefix) from %s", hashlib.sha256(key).hexdigest()[:12], source)
         if self.key_file is not None and source != self.key_file.path:
             try:
                 self.key_file.save(key)
