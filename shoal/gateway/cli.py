@@ -115,6 +115,29 @@ class ClusterSettings(Settings, kw_only=True):
         float, Opt("largest result a worker may send back, in MB (default %(default)s)")
     ] = 64.0
     max_queue: Annotated[int, Opt("requests per model waiting for a worker before 503")] = 1024
+    quota: Annotated[
+        list[str],
+        Opt(
+            "rate limit on inference per credential: WHO=RATE[/BURST], WHO a role (device, operator) or "
+            "an account (device:NAME, key:HASH as logged), RATE requests a second, BURST at once "
+            "(repeatable; also $SHOAL_CLUSTER_QUOTAS, comma separated); over it: 429 with Retry-After",
+            env=("SHOAL_CLUSTER_QUOTAS",),
+        ),
+    ] = []
+    priority_levels: Annotated[
+        int,
+        Opt(
+            "priority levels of the queues (a request's 'priority' parameter: 1 the highest); "
+            "default %(default)s"
+        ),
+    ] = 2
+    default_priority: Annotated[
+        int,
+        Opt(
+            "the level of a request that names none (default %(default)s; per model in the file's "
+            "priorities block)"
+        ),
+    ] = 2
     read_timeout: Annotated[float, Opt("seconds a client has to send one whole request (408 after)")] = 30.0
     timeout: Annotated[float, Opt("request deadline in seconds")] = 30.0
     drain_timeout: Annotated[
@@ -200,6 +223,10 @@ class ClusterSettings(Settings, kw_only=True):
     autoscale: Annotated[
         Any, Opt("the scaling engine and each model's policy", flag=False, environment=False)
     ] = None
+    priorities: Annotated[
+        Any,
+        Opt("per model: the priority level of its requests that name none", flag=False, environment=False),
+    ] = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -212,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
     from shoal.autoscale.config import AutoscaleError, parse_autoscale
     from shoal.gateway.central_link import CentralConfig
     from shoal.gateway.pipeline import PipelineError, parse_pipelines
-    from shoal.gateway.policy import parse_version_policy
+    from shoal.gateway.policy import parse_priorities, parse_version_policy
+    from shoal.gateway.pool import Priorities
+    from shoal.gateway.quotas import parse_quota
     from shoal.gateway.server import Gateway, GatewayConfig
     from shoal.gateway.state import default_state_dir
     from shoal.httpserver import wait_for_stop_signal, write_ports_file
@@ -250,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
             raise PipelineError("versions: must map model names to version policies")
         policies = {str(m): parse_version_policy(d, f"versions.{m}") for m, d in versions_block.items()}
         autoscale = parse_autoscale(args.autoscale) if args.autoscale is not None else None
+        levels, default, per_model = parse_priorities(args.priority_levels, args.default_priority, args.priorities)
+        quotas = dict(parse_quota(q.strip()) for entry in args.quota for q in entry.split(",") if q.strip())
     except (PipelineError, AutoscaleError, ValueError) as e:
         print(f"shoal cluster: {args.config}: {e}")
         return 2
@@ -287,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
         central=central,
         pipelines=pipelines,
         version_policies=policies,
+        priorities=Priorities(levels, default, per_model),
+        quotas=quotas,
         results_db=args.store_results,
         results_dir=args.results_dir,
         results_max_age_s=args.results_max_age,

@@ -26,7 +26,6 @@ from shoal.gateway.grpc_tensors import (
     infer_response,
     model_metadata,
     raw_infer_response,
-    timeout_ms,
 )
 from shoal.gateway.http_app import Forbidden, HttpApp, check_outputs
 from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
@@ -37,7 +36,7 @@ from shoal.gateway.oip_grpc.grpc_service_pb2_grpc import (
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.repository import RepositoryError
 from shoal.protocol.names import InvalidName, check_name
-from shoal.protocol.oip import PathRoute, ProtocolError, bind_inputs
+from shoal.protocol.oip import PathRoute, ProtocolError, bind_inputs, request_priority, request_timeout_ms
 from shoal.protocol.tensors import TensorError
 
 log = logging.getLogger("shoal.gateway")
@@ -231,6 +230,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
         with _outcome(app):
             name, ver = _target_names(req.model_name, req.model_version)
             app.check(who, "infer", name, ver)
+            if app.quotas is not None:
+                app.charge(who, t0)
             target = self.service.target(name, ver)
             ireq = infer_request(req, app.limits.max_body_size)
             spec = target.spec
@@ -238,9 +239,10 @@ class GrpcFront(GRPCInferenceServiceServicer):
             if ireq.outputs is not None:
                 check_outputs(ireq, target)
             budget = app.limits.request_timeout_s
-            ms = timeout_ms(ireq.parameters)
+            ms = request_timeout_ms(ireq.parameters)
             if ms is not None:
                 budget = min(budget, ms / 1000.0)
+            priority = request_priority(ireq.parameters)
             if left_s is not None:
                 budget = min(budget, left_s)
             rid = ireq.id or self.service.new_request_id()
@@ -250,7 +252,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 if target.pool is not None and app.results is None:
                     # Common case: the worker's result bytes become the raw contents as they are.
                     h, payload = await self.service.call_model(
-                        target.pool, arrays, t0 + budget, names, rid, raw=True
+                        target.pool, arrays, t0 + budget, names, rid, True, priority
                     )
                     try:
                         resp = raw_infer_response(spec.name, spec.version, answer_id, h.outputs, payload)
@@ -258,10 +260,14 @@ class GrpcFront(GRPCInferenceServiceServicer):
                         raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
                 else:
                     if target.pool is not None:
-                        outputs = await self.service.call_model(target.pool, arrays, t0 + budget, names, rid)
+                        outputs = await self.service.call_model(
+                            target.pool, arrays, t0 + budget, names, rid, False, priority
+                        )
                     else:
                         assert target.pipeline is not None
-                        outputs = await self.service.run_pipeline(target.pipeline, arrays, t0 + budget, rid)
+                        outputs = await self.service.run_pipeline(
+                            target.pipeline, arrays, t0 + budget, rid, priority
+                        )
                     if app.results is not None:
                         app.record(target, 200, t0, rid, who, arrays, outputs)
                     resp = infer_response(spec.name, spec.version, answer_id, outputs)

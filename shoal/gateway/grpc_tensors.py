@@ -62,18 +62,6 @@ def parameters(params: Any) -> dict[str, Any]:
     return {k: parameter_value(v) for k, v in params.items()}
 
 
-def timeout_ms(params: dict[str, Any]) -> float | None:
-    """The request's own deadline: ``timeout_ms`` as on HTTP, or ``timeout`` in microseconds as
-    ``tritonclient.grpc`` sends its ``timeout`` argument."""
-    t = params.get("timeout_ms")
-    if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
-        return float(t)
-    t = params.get("timeout")
-    if isinstance(t, int) and not isinstance(t, bool) and t > 0:
-        return t / 1000.0
-    return None
-
-
 def _typed(t: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], max_bytes: int) -> np.ndarray:
     field = CONTENTS_FIELD.get(t.datatype)
     if field is None:

@@ -73,10 +73,18 @@ class RequestService:
         return Target(pool.spec, pool=pool)
 
     async def run_pipeline(
-        self, pipeline: Pipeline, arrays: dict[str, np.ndarray], deadline: float, request_id: str
+        self,
+        pipeline: Pipeline,
+        arrays: dict[str, np.ndarray],
+        deadline: float,
+        request_id: str,
+        priority: int = 0,
     ) -> dict[str, np.ndarray]:
-        """A pipeline's outputs: each step's requests go through ``call_model`` under the request's id."""
-        return await pipeline.run(arrays, deadline, lambda p, a, d: self.call_model(p, a, d, None, request_id))
+        """A pipeline's outputs: each step's requests go through ``call_model`` under the request's id
+        and priority."""
+        return await pipeline.run(
+            arrays, deadline, lambda p, a, d: self.call_model(p, a, d, None, request_id, False, priority)
+        )
 
     async def call_model(
         self,
@@ -86,9 +94,11 @@ class RequestService:
         outputs: list[str] | None = None,
         request_id: str | None = None,
         raw: bool = False,
+        priority: int = 0,
     ) -> Any:
         """Send one request to a model version's pool and wait for its outputs (as arrays; or, with
-        ``raw``, the worker's result header and payload untouched)."""
+        ``raw``, the worker's result header and payload untouched). ``priority`` is Triton's: 1 the
+        highest level, 0 the model's default."""
         specs, bufs = pack_tensors(arrays)
         # The device's request id goes to the worker for its logs.
         header = Request(next(self._ids), specs, outputs, request_id)
@@ -105,8 +115,16 @@ class RequestService:
                 f"'{pool.spec.name}' accept in one frame",
                 413,
             )
+        if priority:
+            p.level = pool.level(priority)
+        else:
+            p.level = pool.default_level
         self.dispatcher.submit(pool, p, time.monotonic())
-        h, payload = await fut
+        try:
+            h, payload = await fut
+        except asyncio.CancelledError:  # the client has gone
+            self.dispatcher.cancel(p, time.monotonic())
+            raise
         if raw:
             return h, payload
         try:

@@ -31,7 +31,8 @@ from shoal.gateway.logins import LoginGuard
 from shoal.gateway.membership import FolderChannel, Membership, Record
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pipeline import Pipeline, PipelineSpec
-from shoal.gateway.pool import ModelTable
+from shoal.gateway.pool import ModelTable, Priorities
+from shoal.gateway.quotas import Quota, Quotas
 from shoal.gateway.repository import RepositoryApi
 from shoal.gateway.requests import RequestService
 from shoal.gateway.results_api import open_store
@@ -86,6 +87,8 @@ class GatewayConfig:
     central: CentralConfig | None = None  # report to central (and get the route-token key from it)
     pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
     version_policies: dict[str, Any] = field(default_factory=dict)  # model -> parsed version policy
+    priorities: Priorities = field(default_factory=Priorities)  # levels and default levels
+    quotas: dict[str, Quota] = field(default_factory=dict)  # role or account -> its rate limit
     results_db: str | None = None  # store requests' inputs and outputs: metadata in this database
     results_dir: str = "shoal-results"  # ... and their tensors as files here
     results_max_age_s: float | None = None
@@ -126,7 +129,9 @@ class Gateway:
         config.check()
         self.config = config
         # The pools and their one owner.
-        self.models = ModelTable(config.max_queue, config.max_attempts, config.version_policies)
+        self.models = ModelTable(
+            config.max_queue, config.max_attempts, config.version_policies, config.priorities
+        )
         named = {step.model for spec in config.pipelines.values() for step in spec.steps}
         self.models.expect(
             config.expected_models | set(config.version_policies) | named, config.startup_grace_s
@@ -180,6 +185,7 @@ class Gateway:
             RepositoryApi(self.models, self.autoscaler, self.manage_model),
             self.results,
             HttpLimits(config.max_body_size, config.request_timeout_s),
+            Quotas(config.quotas) if config.quotas else None,
         )
         self.http_port = 0
         self.worker_port = 0
