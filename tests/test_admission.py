@@ -127,8 +127,8 @@ def test_a_request_whose_answer_would_come_after_its_deadline_is_refused_at_once
     for i in range(2, 7):
         d.submit(pool, req(loop, pool, i, deadline=1.0), 0.0)  # waits 0.2 .. 0.6 s: admitted
     with pytest.raises(RequestFailed) as e:
-        d.submit(pool, req(loop, pool, 7, deadline=0.5), 0.0)  # 6 before it: 0.7 s > 0.5 s
-    assert e.value.status == 503 and e.value.retry_after_ms == 200 and e.value.retry_after == 1
+        d.submit(pool, req(loop, pool, 7, deadline=0.5), 0.0)  # 6 before it: 0.7 s > 0.8 x 0.5 s
+    assert e.value.status == 503 and e.value.retry_after_ms == 300 and e.value.retry_after == 1
     assert "overloaded" in str(e.value) and pool.shed == 1 and len(pool.queue) == 5
     d.submit(pool, req(loop, pool, 8, deadline=0.5, priority=1), 0.0)  # high: only the one in flight
     assert pool.queue.head().id == 8

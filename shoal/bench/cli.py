@@ -30,6 +30,8 @@ Suites (each starts its own gateway and workers as real processes and stops them
   after the kill, detection); 50 000 idle connections held over four gateway processes.
 * ``grpc``       the gateway's gRPC front against its HTTP binary extension, side by side: requests/s at
   64 in flight and p50 one at a time (needs ``shoal[grpc]``).
+* ``overload``   one worker past its capacity, open-loop, requests with deadlines: good answers, the
+  admitted p99, how fast the rest are refused; priorities; model time on answers nobody read.
 * ``edge``       the device client's placement policies (local, remote, fastest, cascade, split) on
   emulated Wi-Fi, LTE and outage links, in network namespaces it creates (root; run only when named).
 """
@@ -66,6 +68,7 @@ SUITES = (
     "autoscale",
     "gateways",
     "grpc",
+    "overload",
     "edge",
 )
 # Suites run only when named: they need root (network namespaces) and take long.
@@ -87,6 +90,7 @@ MODULES = {
     "autoscale": "shoal.bench.autoscale",
     "gateways": "shoal.bench.gateways",
     "grpc": "shoal.bench.grpc_bench",
+    "overload": "shoal.bench.overload",
     "edge": "shoal.bench.edge",
 }
 

@@ -28,6 +28,11 @@ from typing import Any
 from shoal.gateway.policy import ewma, pick_worker, retry_after_s, shed_retry_after_ms
 from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, WorkerHandle
 
+# A request that must queue is admitted when its answer is predicted within this share of the time
+# left before its deadline: the rest is the prediction's margin (a worker slower for a while, the
+# answer's way back), so that admitted requests are answered in time.
+ADMIT_SHARE = 0.8
+
 
 @dataclass(eq=False)
 class Admission:
@@ -68,10 +73,10 @@ class Dispatcher:
         if not pool.workers and pool.on_wait is not None:
             pool.on_wait()  # a sleeping model: tell whoever can wake it, now
         wait = pool.predicted_wait_s(p.level)
-        if wait is not None and now + wait > p.deadline:
+        if wait is not None and wait > ADMIT_SHARE * (p.deadline - now):
             pool.shed += 1
             left = max(0.0, p.deadline - now)
-            ms = shed_retry_after_ms(wait, left)
+            ms = shed_retry_after_ms(wait, ADMIT_SHARE * left)
             raise RequestFailed(
                 f"model '{pool.spec.name}' version {pool.spec.version} is overloaded: its answer is "
                 f"expected in {wait * 1e3:.0f} ms, after the request's deadline ({left * 1e3:.0f} ms)",

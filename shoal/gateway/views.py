@@ -70,6 +70,7 @@ class GatewayViews:
                     "shed": pool.shed,
                     "cancelled": pool.cancelled,
                     "unread_ms": round(pool.unread_ms, 3),
+                    "busy_ms": round(pool.busy_ms, 3),
                     "per_request_ms": round(pool.per_request_s * 1e3, 3),
                     "workers": [w.describe() for w in pool.workers],
                 }
