@@ -132,3 +132,55 @@ def test_a_device_over_its_rate_limit_is_refused_429_and_others_go_on(cluster, m
     assert 1 <= ms <= 10_000 and int(limited.headers["retry-after"]) == -(-ms // 1000)
     assert operator.status_code == 200  # the operator's role has no quota
     assert 'shoal_quota_refused_total{role="device"} 1.0' in metrics
+
+
+def test_a_grpc_call_cancelled_while_queued_never_runs(slow):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    import numpy as np
+
+    running = _send_raw(slow.http_port, slow.api_key, body(0.5))
+    held = _send_raw(slow.http_port, slow.api_key, body(0.5))
+    wait_for(lambda: slow_pool(slow)["in_flight"] == 2, "the worker does not hold two requests")
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{slow.grpc_port}")
+    x = grpcclient.InferInput("x", [1, 1], "FP32")
+    x.set_data_from_numpy(np.array([[0.5]], np.float32))
+    answers: list = []
+    call = c.async_infer(
+        "slow", [x], lambda result, error: answers.append(error), headers={"authorization": f"Bearer {slow.api_key}"}
+    )
+    wait_for(lambda: slow_pool(slow)["queue"] == 1, "the call was not queued")
+    call.cancel()
+    wait_for(lambda: slow_pool(slow)["cancelled"] == 1, "the gateway did not see the call cancelled")
+    assert slow_pool(slow)["queue"] == 0
+    for s in (running, held):
+        assert s.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+        s.close()
+    m = wait_for(lambda: (p := slow_pool(slow))["in_flight"] == 0 and p, "the worker never finished")
+    assert m["unread_ms"] == 0  # the cancelled call never ran
+    c.close()
+
+
+def test_a_grpc_call_that_cannot_be_answered_in_time_is_refused_with_when_to_try_again(slow):
+    grpc = pytest.importorskip("grpc")
+    from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
+    from shoal.gateway.oip_grpc.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+
+    warm = httpx.post(
+        f"{slow.url}/v2/models/slow/infer", content=body(0.5), headers={"Authorization": f"Bearer {slow.api_key}"}
+    )
+    assert warm.status_code == 200  # the gateway learns the model's time
+    running = [_send_raw(slow.http_port, slow.api_key, body(0.5)) for _ in range(2)]
+    wait_for(lambda: slow_pool(slow)["in_flight"] == 2, "the worker does not hold two requests")
+    req = pb.ModelInferRequest(model_name="slow")
+    t = req.inputs.add()
+    t.name, t.datatype = "x", "FP32"
+    t.shape.extend([1, 1])
+    req.raw_input_contents.append(b"\x00\x00\x00\x3f")  # 0.5
+    with grpc.insecure_channel(f"127.0.0.1:{slow.grpc_port}") as ch:
+        stub = GRPCInferenceServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:  # 1.5 s of work before it, a 1 s deadline
+            stub.ModelInfer(req, metadata=(("authorization", f"Bearer {slow.api_key}"),), timeout=1.0)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "overloaded" in e.value.details()
+    assert int(dict(e.value.trailing_metadata())["retry-after-ms"]) >= 1
+    for s in running:
+        s.close()

@@ -251,27 +251,42 @@ def _giving_up(lc: LocalCluster, cap: float, seconds: float) -> dict[str, Any]:
     }
 
 
+def _cluster(workdir: Path, repo: Path, pinned: bool, gateway_args: list[str]) -> LocalCluster:
+    lc = LocalCluster(workdir, gateway_args=gateway_args)
+    try:
+        lc.start(cpu=CPU_SERVER if pinned else None)
+        lc.add_worker("paced", repo=str(repo), cpu=CPU_CLIENT if pinned else None)
+        lc.wait_workers("paced", 1)
+    except BaseException:
+        lc.stop()
+        raise
+    return lc
+
+
 def overload(workdir: Path, args: Namespace) -> dict[str, Any]:
     pinned = two_cores()
     repo = workdir / "repo"
     write_model(repo)
     seconds = max(3.0, args.seconds)
-    with LocalCluster(workdir) as lc:
-        lc.start(cpu=CPU_SERVER if pinned else None)
-        lc.add_worker("paced", repo=str(repo), cpu=CPU_CLIENT if pinned else None)
-        lc.wait_workers("paced", 1)
+    result: dict[str, Any] = {"model": f"paced: {BATCH_S * 1e3:.0f} ms a batch of up to {BATCH} (one worker)"}
+    with _cluster(workdir / "default", repo, pinned, []) as lc:
         if pinned:
             pin_self(CPU_CLIENT)
         try:
             cap = asyncio.run(_capacity(lc, seconds))
-            result: dict[str, Any] = {
-                "model": f"paced: {BATCH_S * 1e3:.0f} ms a batch of up to {BATCH} (one worker)",
-                "capacity C, answers/s (closed loop, 32 in flight)": round(cap),
-            }
+            result["capacity C, answers/s (closed loop, 32 in flight)"] = round(cap)
             for factor in (1.2, 2.0):
                 result[f"{factor} C, 500 ms deadline"] = _step(lc, cap, factor, seconds, 500)
             result["priorities"] = _priorities(lc, cap, seconds)
-            result["clients giving up after 300 ms"] = _giving_up(lc, cap, seconds)
+            result["clients giving up after 300 ms, not told"] = _giving_up(lc, cap, seconds)
+        finally:
+            unpin_self()
+    # The same clients, where the operator has set the gateway's deadline to their patience.
+    with _cluster(workdir / "timeout", repo, pinned, ["--timeout", "0.3"]) as lc:
+        if pinned:
+            pin_self(CPU_CLIENT)
+        try:
+            result["the same, gateway --timeout 0.3"] = _giving_up(lc, cap, seconds)
         finally:
             unpin_self()
     return result

@@ -66,9 +66,10 @@ _NOT_YET = (
 class CallFailed(Exception):
     """One call's outcome as a gRPC status: aborts a unary call, becomes a stream's error_message."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_ms = retry_after_ms  # overloaded or over a rate limit: when to try again
 
 
 @contextlib.contextmanager
@@ -81,7 +82,8 @@ def _outcome(app: HttpApp) -> Iterator[None]:
         raise CallFailed(SC.PERMISSION_DENIED, str(e)) from None
     except (ProtocolError, RequestFailed, RepositoryError) as e:
         app.metrics.http_errors.labels(str(e.status)).inc()
-        raise CallFailed(_CODES.get(e.status, SC.INTERNAL), str(e)) from None
+        ms = e.retry_after_ms if isinstance(e, RequestFailed) else None
+        raise CallFailed(_CODES.get(e.status, SC.INTERNAL), str(e), ms) from None
     except InvalidName as e:
         raise CallFailed(SC.INVALID_ARGUMENT, str(e)) from None
 
@@ -124,6 +126,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, e: CallFailed) -> Any:
+        if e.retry_after_ms is not None:
+            await context.abort(e.code, str(e), (("retry-after-ms", str(e.retry_after_ms)),))
         await context.abort(e.code, str(e))
 
     # ----------------------------------------------------------------- health and metadata
