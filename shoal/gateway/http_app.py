@@ -26,7 +26,10 @@ from shoal.gateway.repository import RepositoryApi, RepositoryError
 from shoal.gateway.requests import RequestService, Target
 from shoal.gateway.results_api import record_request, results_action, serve_results
 from shoal.gateway.views import GatewayViews
+from shoal.protocol.classification import ClassificationError, classify
 from shoal.protocol.compression import CompressionError, decompress
+from shoal.protocol.interface import ModelInterface
+from shoal.protocol.model_config import model_config
 from shoal.protocol.oip import (
     HEADER_LENGTH,
     InferRequest,
@@ -34,6 +37,7 @@ from shoal.protocol.oip import (
     ProtocolError,
     binary_response,
     bind_inputs,
+    class_counts,
     encode_infer_response,
     error_body,
     parse_infer_request,
@@ -54,7 +58,15 @@ _HEADER_LENGTH = HEADER_LENGTH.encode()
 BIG_JSON = 1 << 20
 BIG_DECODES = 2  # at once: each holds a body and its decoded tensors
 # What each protocol route needs of a credential (``auth.permit``).
-_ROUTE_ACTION = {"ready": "server", "server": "server", "model": "model", "model_ready": "model", "infer": "infer"}
+_ROUTE_ACTION = {
+    "ready": "server",
+    "server": "server",
+    "model": "model",
+    "model_ready": "model",
+    "infer": "infer",
+    "stats": "model",  # one model's; every model's is "all_stats"
+    "config": "model",
+}
 
 
 class Forbidden(Exception):
@@ -95,6 +107,8 @@ class HttpApp:
             "server": self._server,
             "model": self._model,
             "model_ready": self._model_ready,
+            "stats": self._stats,
+            "config": self._config,
         }
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -134,7 +148,8 @@ class HttpApp:
             if route is None:
                 await self._other(who, method, scope["path"], raw, scope, receive, send)
                 return
-            self.check(who, _ROUTE_ACTION[route.kind], route.model or None, route.version)
+            action = _ROUTE_ACTION[route.kind] if route.model or route.kind != "stats" else "all_stats"
+            self.check(who, action, route.model or None, route.version)
             if route.kind == "infer":
                 if method != "POST":
                     raise ProtocolError("infer takes POST", 405)
@@ -181,6 +196,17 @@ class HttpApp:
             pool = self.models.find(route.model, route.version)
             version, ok = pool.spec.version, pool.ready
         return (200 if ok else 503), {"name": route.model, "version": version, "ready": ok}
+
+    async def _stats(self, route: PathRoute) -> tuple[int, dict[str, Any]]:
+        """Triton's statistics of a model (its version, else every version it has), or of every model
+        and pipeline."""
+        return 200, self.metrics.stats.document(self.views.stats_versions(route.model, route.version))
+
+    async def _config(self, route: PathRoute) -> tuple[int, dict[str, Any]]:
+        """Triton's configuration of a model version or pipeline (``protocol/model_config.py``)."""
+        if route.model in self.service.pipelines:
+            return 200, self.service.pipeline(route.model, route.version).config()
+        return 200, model_config(self.models.find(route.model, route.version).spec)
 
     async def _other(
         self, who: Principal, method: str, path: str, raw: str, scope: dict[str, Any], receive: Any, send: Any
@@ -241,6 +267,8 @@ class HttpApp:
                 else:
                     assert target.pipeline is not None
                     outputs = await self.service.run_pipeline(target.pipeline, arrays, deadline, rid)
+                if req.outputs is not None:
+                    outputs = classified(req, target.spec, outputs)
                 # With result storage the answer carries rid: the device can fetch the stored result later.
                 answer_id = req.id if self.results is None else rid
                 encode = (target.spec.name, target.spec.version, answer_id, outputs, req.outputs, req.binary_output)
@@ -385,10 +413,23 @@ def _header_length(headers: dict[bytes, bytes]) -> int | None:
 
 def check_outputs(req: InferRequest, target: Target) -> None:
     assert req.outputs is not None
-    known = {o.name for o in target.spec.outputs}
+    known = {o.name: o.datatype for o in target.spec.outputs}
     for o in req.outputs:
         if o.name not in known:
             raise ProtocolError(f"unknown output '{o.name}'; the model's outputs are {', '.join(known)}")
+        if o.classification and known[o.name] == "BYTES":
+            raise ProtocolError(f"output '{o.name}' is BYTES: classification needs a numeric output")
+
+
+def classified(req: InferRequest, spec: ModelInterface, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The outputs asked for as classes replaced by their top k (the classification extension)."""
+    counts = class_counts(req.outputs)
+    if not counts:
+        return outputs
+    try:
+        return classify(outputs, counts, spec.max_batch_size > 0, spec.labels)
+    except ClassificationError as e:
+        raise ProtocolError(str(e)) from None
 
 
 def timeout_s(req: InferRequest, default_s: float) -> float:
