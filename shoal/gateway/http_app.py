@@ -19,8 +19,10 @@ import numpy as np
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+import shoal
 from shoal.gateway.auth import OPEN, Authenticator, AuthError, Principal, permit
 from shoal.gateway.metrics import GatewayMetrics
+from shoal.gateway.openapi import openapi_document
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.repository import RepositoryApi, RepositoryError
 from shoal.gateway.requests import RequestService, Target
@@ -101,6 +103,7 @@ class HttpApp:
         # Large bodies are decoded on threads, a few at a time: decoding is chunked, so the event
         # loop gets the interpreter back between chunks and other clients are not held up.
         self._big_decodes = asyncio.Semaphore(BIG_DECODES)
+        self._openapi: bytes | None = None  # the OpenAPI document, made when first asked for
         # The protocol's GET routes, by kind; infer has a handler of its own.
         self.gets: dict[str, Callable[[PathRoute], Awaitable[tuple[int, dict[str, Any]]]]] = {
             "ready": self._ready,
@@ -217,6 +220,11 @@ class HttpApp:
             self.check(who, "metrics")
             body = generate_latest(self.metrics.registry)
             await _reply(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+        elif path == "/v2/openapi.json" and method == "GET":
+            self.check(who, "server")
+            if self._openapi is None:
+                self._openapi = orjson.dumps(openapi_document(shoal.__version__, self.results is not None))
+            await _reply(send, 200, self._openapi)
         elif path == "/v2/status" and method == "GET":
             self.check(who, "status")
             await _reply(send, 200, orjson.dumps(self.views.status()))
@@ -380,7 +388,10 @@ class HttpApp:
         target = parse_repository_path(path)
         try:
             if target is not None and target[1] is None:
-                rows = self.repository.index(bool(doc.get("ready", False)))
+                ready = doc.get("ready", False)
+                if not isinstance(ready, bool):
+                    raise ProtocolError("'ready' must be true or false")
+                rows = self.repository.index(ready)
                 await _reply(send, 200, orjson.dumps(rows))
                 return
             if target is not None and target[1] is not None:

@@ -192,7 +192,7 @@ def _json_tensor(t: InputDoc, i: int) -> tuple[str, str, tuple[int, ...], dict[s
         shape = check_shape(t.shape)
     except TensorError as e:
         raise ProtocolError(f"input '{name}': {e}") from None
-    params = t.parameters or {}
+    params = t.parameters if t.parameters is not None else {}
     if not isinstance(params, dict):
         raise ProtocolError(f"input '{name}': 'parameters' must be an object")
     return name, dt, shape, params
@@ -249,7 +249,7 @@ def parse_infer_request(
     rid = req.id
     if rid is not None and not (isinstance(rid, str) and valid_request_id(rid)):
         raise ProtocolError(f"'id' must be a string of 1 to {MAX_REQUEST_ID} printable ASCII characters")
-    params = req.parameters or {}
+    params = req.parameters if req.parameters is not None else {}
     if not isinstance(params, dict):
         raise ProtocolError("'parameters' must be an object")
     declared: list[tuple[str, str, tuple[int, ...], dict[str, Any], InputDoc]] = []
@@ -304,7 +304,7 @@ def parse_infer_request(
         for j, o in enumerate(outs):
             if not isinstance(o.name, str):
                 raise ProtocolError(f"outputs[{j}] must be an object with a 'name'")
-            op = o.parameters or {}
+            op = o.parameters if o.parameters is not None else {}
             if not isinstance(op, dict):
                 raise ProtocolError(f"output '{o.name}': 'parameters' must be an object")
             binary = bool(op.get("binary_data", used_binary))
