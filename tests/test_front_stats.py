@@ -7,13 +7,114 @@ from __future__ import annotations
 import time
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 
+from shoal.gateway.stats import ModelStats
 from shoal.local import LocalCluster
+from shoal.protocol.classification import ClassificationError, class_count, top_k
+from shoal.protocol.frames import MsgType
+from shoal.protocol.interface import ModelInterface, TensorSpec
+from shoal.protocol.link_messages import Result, Results, decode_header, encode_header
+from shoal.protocol.model_config import model_config
+from shoal.protocol.oip import ProtocolError, parse_infer_request
 
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
+
+
+# ------------------------------------------------------------------------------ pure parts
+
+
+def test_top_k_as_triton_writes_it():
+    x = np.array([[0.1, 0.9, 0.5, 0.9], [3.0, 1.0, 2.0, 0.0]], np.float32)
+    got = top_k(x, 3, batched=True, labels=["a", "b", "c"])
+    assert got.shape == (2, 3)
+    # Highest first, ties in index order, labels where the list has one.
+    assert got[0].tolist() == [b"0.900000:1:b", b"0.900000:3", b"0.500000:2:c"]
+    assert got[1].tolist() == [b"3.000000:0:a", b"2.000000:2:c", b"1.000000:1:b"]
+    # Integers as integers; a model that does not batch is one entry ([k]); k beyond the classes.
+    ints = top_k(np.array([[5, 7]], np.int64), 9, batched=False)
+    assert ints.tolist() == [b"7:1", b"5:0"]
+    with pytest.raises(ClassificationError):
+        top_k(np.array([b"x"], dtype=object), 1, batched=False)
+    assert class_count(0, "y") is None and class_count(None, "y") is None and class_count(4, "y") == 4
+    for bad in (-1, True, 2.5, "3", 1 << 20):
+        with pytest.raises(ClassificationError):
+            class_count(bad, "y")
+
+
+def test_classification_is_parsed_from_the_request():
+    body = (b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}],'
+            b'"outputs":[{"name":"y","parameters":{"classification":2}},{"name":"z"}]}')
+    req = parse_infer_request(body, None)
+    assert req.outputs is not None and [(o.name, o.classification) for o in req.outputs] == [("y", 2), ("z", None)]
+    for params in (b'"three"', b"-1", b"false", b"[]"):
+        bad = body.replace(b'{"classification":2}', b'{"classification":' + params + b"}")
+        with pytest.raises(ProtocolError):
+            parse_infer_request(bad, None)
+    with pytest.raises(ProtocolError):  # a falsy non-object is no more 'none' than a truthy one
+        parse_infer_request(body.replace(b'{"classification":2}', b"[]"), None)
+
+
+def test_configuration_of_an_interface():
+    spec = ModelInterface(
+        "m", "3", (TensorSpec("x", "UINT8", (-1, 4)),), (TensorSpec("y", "BYTES", (-1, 2)),), 8,
+        labels={"y": ["a"]}, runtime="torchscript", batch_delay_ms=1.5,
+    )
+    cfg = model_config(spec)
+    assert (cfg["platform"], cfg["backend"], cfg["max_batch_size"]) == ("pytorch_libtorch", "pytorch", 8)
+    assert cfg["input"] == [{"name": "x", "data_type": "TYPE_UINT8", "dims": [4]}]
+    assert cfg["output"] == [{"name": "y", "data_type": "TYPE_STRING", "dims": [2], "label_filename": "y.labels"}]
+    assert cfg["dynamic_batching"] == {"max_queue_delay_microseconds": 1500}
+    assert cfg["version_policy"] == {"specific": {"versions": [3]}}
+    grpc_tensors = pytest.importorskip("shoal.gateway.grpc_tensors")
+    msg = grpc_tensors.model_config_response(cfg).config  # the proto takes the document as it is
+    assert msg.max_batch_size == 8 and list(msg.output[0].dims) == [2]
+
+
+def test_statistics_share_batches_between_their_requests():
+    s = ModelStats()
+    # One batch of 4 rows made of a 1-row and a 3-row request; then a request alone.
+    s.result(1, 0.001, 4, 2.0, 0.5, 0.1, 0.05)
+    s.result(3, 0.002, 4, 2.0, 0.5, 0.1, 0.05)
+    s.result(2, 0.0, 2, 1.0, None, None, None)  # a worker that reports only the model's time
+    s.response(True, 0.01)
+    s.response(False, 0.02)
+    doc = s.triton("m", "1")
+    assert doc["inference_count"] == 6 and doc["execution_count"] == 2
+    inf = doc["inference_stats"]
+    assert inf["success"] == {"count": 1, "ns": 10_000_000} and inf["fail"] == {"count": 1, "ns": 20_000_000}
+    assert inf["queue"] == {"count": 3, "ns": 4_000_000}  # the gateway's wait and the worker's
+    assert inf["compute_infer"] == {"count": 3, "ns": 5_000_000}  # each request counts its batch's time
+    assert inf["compute_input"]["count"] == 2
+    sizes = {b["batch_size"]: b for b in doc["batch_stats"]}
+    assert sizes[4]["compute_infer"] == {"count": 1, "ns": 2_000_000}
+    assert sizes[2]["compute_infer"] == {"count": 1, "ns": 1_000_000}
+
+
+def test_result_timings_are_optional_on_the_link():
+    """A worker that does not send the new timings is read as before; one that does is read by a
+    gateway that does not know them (msgspec ignores fields a structure does not declare)."""
+    old = encode_header(Result(7, [], 1.0, 3))
+    r = decode_header(MsgType.RESULT, old)
+    assert isinstance(r, Result) and r.queue_ms is None and r.compute_ms == 1.0
+    new = encode_header(Results([1, 2], [1, 1], [], 1.0, 2, 0.25, 0.5, 0.125))
+    r2 = decode_header(MsgType.RESULTS, new)
+    assert isinstance(r2, Results) and (r2.queue_ms, r2.input_ms, r2.output_ms) == (0.25, 0.5, 0.125)
+
+    class OldResults(msgspec.Struct):
+        ids: list[int]
+        rows: list[int]
+        outputs: list
+        compute_ms: float | None = None
+        batch: int = 0
+
+    assert msgspec.msgpack.decode(new, type=OldResults).batch == 2
+
+
+# --------------------------------------------------------------------------- a real gateway
 
 
 @pytest.fixture(scope="module")
