@@ -39,6 +39,8 @@ def test_top_k_as_triton_writes_it():
     assert ints.tolist() == [b"7:1", b"5:0"]
     with pytest.raises(ClassificationError):
         top_k(np.array([b"x"], dtype=object), 1, batched=False)
+    with pytest.raises(ClassificationError, match="strings"):  # bounded work on the event loop
+        top_k(np.zeros((300, 1000), np.float32), 1000, batched=True)
     assert class_count(0, "y") is None and class_count(None, "y") is None and class_count(4, "y") == 4
     for bad in (-1, True, 2.5, "3", 1 << 20):
         with pytest.raises(ClassificationError):

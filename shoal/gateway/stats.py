@@ -45,7 +45,6 @@ class ModelStats:
         "output_count",
         "output_ms",
         "rows",
-        "executions",
         "last_inference",
         "batches",
     )
@@ -56,10 +55,9 @@ class ModelStats:
         self.queue_count = self.input_count = self.infer_count = self.output_count = 0
         self.queue_ms = self.input_ms = self.infer_ms = self.output_ms = 0.0
         self.rows = 0
-        self.executions = 0.0
         self.last_inference = 0.0  # wall clock, seconds
-        # batch size -> [executions, input ms, infer ms, output ms] (this gateway's share of each)
-        self.batches: dict[int, list[float]] = {}
+        # batch size -> [rows, input ms, model ms, output ms], the times weighted by rows
+        self.batches: dict[int, list[Any]] = {}
 
     def response(self, ok: bool, seconds: float) -> None:
         """A request answered at the front: with outputs (``ok``) or an error."""
@@ -85,26 +83,46 @@ class ModelStats:
         self.rows += rows
         self.queue_count += 1
         self.queue_ms += gateway_queue_s * 1000.0 + (queue_ms or 0.0)
-        share = rows / batch if batch >= rows > 0 else 1.0
-        self.executions += share
         if compute_ms is not None:
             self.infer_count += 1
             self.infer_ms += compute_ms
-        if input_ms is not None:
+        else:
+            compute_ms = 0.0
+        if input_ms is not None:  # a worker that reports its timings (RESULT's optional fields)
             self.input_count += 1
             self.input_ms += input_ms
+        else:
+            input_ms = 0.0
         if output_ms is not None:
             self.output_count += 1
             self.output_ms += output_ms
+        else:
+            output_ms = 0.0
+        # Per batch size: rows, and times weighted by rows; divided by the size when read (so a
+        # request's share of its batch is its rows over the batch's, with no division here).
         b = self.batches.get(batch)
         if b is None:
             if len(self.batches) >= MAX_BATCH_SIZES:
                 return
-            b = self.batches[batch] = [0.0, 0.0, 0.0, 0.0]
-        b[0] += share
-        b[1] += (input_ms or 0.0) * share
-        b[2] += (compute_ms or 0.0) * share
-        b[3] += (output_ms or 0.0) * share
+            b = self.batches[batch] = [0, 0.0, 0.0, 0.0]
+        b[0] += rows
+        if rows == 1:
+            b[1] += input_ms
+            b[2] += compute_ms
+            b[3] += output_ms
+        else:
+            b[1] += input_ms * rows
+            b[2] += compute_ms * rows
+            b[3] += output_ms * rows
+
+    def _per_batch(self) -> dict[int, tuple[float, float, float, float]]:
+        """Each batch size's runs and their input, model and output ms (this gateway's shares). A
+        worker that does not say its batch (0) counts each request as a run of its own size."""
+        out: dict[int, tuple[float, float, float, float]] = {}
+        for size, (rows, i, c, o) in self.batches.items():
+            if size > 0:
+                out[size] = (rows / size, i / size, c / size, o / size)
+        return out
 
     def triton(self, name: str, version: str) -> dict[str, Any]:
         """This model version's entry of Triton's ``model_stats`` list."""
@@ -113,12 +131,15 @@ class ModelStats:
             return {"count": int(round(count)), "ns": int(round(ns))}
 
         ms = NS_PER_MS
+        per_batch = self._per_batch()
+        unsized = self.batches.get(0)
+        executions = sum(b[0] for b in per_batch.values()) + (unsized[0] if unsized else 0)
         return {
             "name": name,
             "version": version,
             "last_inference": int(self.last_inference * 1000),  # ms since the epoch, 0: never
             "inference_count": self.rows,
-            "execution_count": int(round(self.executions)),
+            "execution_count": int(round(executions)),
             "inference_stats": {
                 "success": d(self.success_count, self.success_s * NS_PER_S),
                 "fail": d(self.fail_count, self.fail_s * NS_PER_S),
@@ -136,8 +157,8 @@ class ModelStats:
                     "compute_infer": d(b[0], b[2] * ms),
                     "compute_output": d(b[0], b[3] * ms),
                 }
-                for size, b in sorted(self.batches.items())
-                if size > 0 and round(b[0]) > 0
+                for size, b in sorted(per_batch.items())
+                if round(b[0]) > 0
             ],
             "memory_usage": [],
         }
