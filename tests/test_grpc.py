@@ -54,10 +54,10 @@ def test_sync_infer_metadata_and_readiness(echo):
         x = np.full((1, 4), i, np.float32)
         out = c.infer("echo", _echo_inputs(x), outputs=[grpcclient.InferRequestedOutput("y")], headers=h)
         assert float(out.as_numpy("y")[0, 0]) == i
-    # Statistics and configuration are not built yet: said so, not faked.
-    with pytest.raises(InferenceServerException) as e:
-        c.get_model_config("echo", headers=h)
-    assert e.value.status() == "StatusCode.UNIMPLEMENTED" and "not served yet" in e.value.message()
+    # Configuration and statistics (tests/test_front_stats.py has the rest).
+    assert c.get_model_config("echo", headers=h).config.max_batch_size == 256
+    (stats,) = c.get_inference_statistics("echo", headers=h).model_stats
+    assert stats.inference_stats.success.count >= 51
     c.close()
 
 

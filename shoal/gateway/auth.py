@@ -34,6 +34,7 @@ ACTIONS: dict[str, tuple[str, frozenset[str]]] = {
     "model": ("read a model's metadata and readiness", frozenset({"operator", "device"})),
     "infer": ("run inference", frozenset({"operator", "device"})),
     "metrics": ("read /metrics", frozenset({"operator", "scrape"})),
+    "all_stats": ("read every model's statistics", frozenset({"operator", "scrape"})),
     "status": ("read /v2/status", frozenset({"operator"})),
     "results": ("list or read stored results", frozenset({"operator"})),
     "result": ("read a stored result", frozenset({"operator", "device"})),

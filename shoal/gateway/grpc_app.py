@@ -24,10 +24,12 @@ from shoal.gateway.auth import AuthError, Principal
 from shoal.gateway.grpc_tensors import (
     infer_request,
     infer_response,
+    model_config_response,
     model_metadata,
+    model_statistics,
     raw_infer_response,
 )
-from shoal.gateway.http_app import Forbidden, HttpApp, check_outputs
+from shoal.gateway.http_app import Forbidden, HttpApp, check_outputs, classified
 from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
 from shoal.gateway.oip_grpc.grpc_service_pb2_grpc import (
     GRPCInferenceServiceServicer,
@@ -36,7 +38,14 @@ from shoal.gateway.oip_grpc.grpc_service_pb2_grpc import (
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.repository import RepositoryError
 from shoal.protocol.names import InvalidName, check_name
-from shoal.protocol.oip import PathRoute, ProtocolError, bind_inputs, request_priority, request_timeout_ms
+from shoal.protocol.oip import (
+    PathRoute,
+    ProtocolError,
+    bind_inputs,
+    class_counts,
+    request_priority,
+    request_timeout_ms,
+)
 from shoal.protocol.tensors import TensorError
 
 log = logging.getLogger("shoal.gateway")
@@ -57,10 +66,6 @@ _CODES = {
     503: SC.UNAVAILABLE,
     504: SC.DEADLINE_EXCEEDED,
 }
-_NOT_YET = (
-    "{} is not served yet: per-model statistics and configuration come with the gateway's statistics "
-    "work (issue 24); use ModelMetadata for the model's inputs and outputs"
-)
 
 
 class CallFailed(Exception):
@@ -163,13 +168,18 @@ class GrpcFront(GRPCInferenceServiceServicer):
             await self._abort(context, e)
         return doc
 
-    async def ModelConfig(self, request: Any, context: Any) -> Any:
-        await self._call(context, "model", request.name, request.version)
-        await context.abort(SC.UNIMPLEMENTED, _NOT_YET.format("ModelConfig"))
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        return model_config_response(await self._model_view(context, "config", request))
 
-    async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        await self._call(context, "model", request.name, request.version)
-        await context.abort(SC.UNIMPLEMENTED, _NOT_YET.format("ModelStatistics"))
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        """One model's statistics (a version's, or every version's), or every model's (no name)."""
+        if not request.name:
+            await self._call(context, "all_stats")
+            _, doc = await self.app.gets["stats"](PathRoute("stats"))
+            return model_statistics(doc)
+        return model_statistics(await self._model_view(context, "stats", request))
 
     # ---------------------------------------------------------------------------- infer
 
@@ -253,7 +263,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
             answer_id = (ireq.id or "") if app.results is None else rid
             names = [o.name for o in ireq.outputs] if ireq.outputs is not None else None
             try:
-                if target.pool is not None and app.results is None:
+                if target.pool is not None and app.results is None and not class_counts(ireq.outputs):
                     # Common case: the worker's result bytes become the raw contents as they are.
                     h, payload = await self.service.call_model(
                         target.pool, arrays, t0 + budget, names, rid, True, priority
@@ -272,6 +282,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
                         outputs = await self.service.run_pipeline(
                             target.pipeline, arrays, t0 + budget, rid, priority
                         )
+                    if ireq.outputs is not None:
+                        outputs = classified(ireq, spec, outputs)
                     if app.results is not None:
                         app.record(target, 200, t0, rid, who, arrays, outputs)
                     resp = infer_response(spec.name, spec.version, answer_id, outputs)

@@ -13,8 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
 from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
+from shoal.gateway.oip_grpc import model_config_pb2
+from shoal.protocol.classification import ClassificationError, class_count
 from shoal.protocol.link_messages import TensorDesc
 from shoal.protocol.oip import (
     MAX_REQUEST_ID,
@@ -124,8 +127,17 @@ def infer_request(req: pb.ModelInferRequest, max_tensor_bytes: int) -> InferRequ
                 arrays[t.name] = _typed(t, shape, max_tensor_bytes)
         except TensorError as e:
             raise ProtocolError(f"input '{t.name}': {e}", e.status) from None
-    outputs = [RequestedOutput(o.name, True) for o in req.outputs] if req.outputs else None
+    outputs = [_requested(o) for o in req.outputs] if req.outputs else None
     return InferRequest(req.id or None, arrays, outputs, parameters(req.parameters), True)
+
+
+def _requested(o: pb.ModelInferRequest.InferRequestedOutputTensor) -> RequestedOutput:
+    """A requested output; ``classification`` (tritonclient's ``class_count``) asks for its top k."""
+    k = o.parameters.get("classification")
+    try:
+        return RequestedOutput(o.name, True, class_count(parameter_value(k) if k is not None else None, o.name))
+    except ClassificationError as e:
+        raise ProtocolError(str(e)) from None
 
 
 def _output_tensor(name: str, datatype: str, shape: Any) -> pb.ModelInferResponse.InferOutputTensor:
@@ -181,3 +193,13 @@ def model_metadata(doc: dict[str, Any]) -> pb.ModelMetadataResponse:
         inputs=[tensor(t) for t in doc.get("inputs", [])],
         outputs=[tensor(t) for t in doc.get("outputs", [])],
     )
+
+
+def model_statistics(doc: dict[str, Any]) -> pb.ModelStatisticsResponse:
+    """The HTTP statistics document (``gateway/stats.py``) as the gRPC message: the same field names."""
+    return json_format.ParseDict(doc, pb.ModelStatisticsResponse())
+
+
+def model_config_response(doc: dict[str, Any]) -> pb.ModelConfigResponse:
+    """The HTTP configuration document (``protocol/model_config.py``) as the gRPC message."""
+    return pb.ModelConfigResponse(config=json_format.ParseDict(doc, model_config_pb2.ModelConfig()))

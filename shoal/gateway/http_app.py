@@ -20,8 +20,10 @@ import numpy as np
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+import shoal
 from shoal.gateway.auth import OPEN, Authenticator, AuthError, Principal, permit
 from shoal.gateway.metrics import GatewayMetrics
+from shoal.gateway.openapi import openapi_document
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.quotas import Quotas
 from shoal.gateway.repository import RepositoryApi, RepositoryError
@@ -29,7 +31,10 @@ from shoal.gateway.requests import RequestService, Target
 from shoal.gateway.results_api import record_request, results_action, serve_results
 from shoal.gateway.views import GatewayViews
 from shoal.httpserver import CANCEL, CLIENT_LEFT
+from shoal.protocol.classification import ClassificationError, classify
 from shoal.protocol.compression import CompressionError, decompress
+from shoal.protocol.interface import ModelInterface
+from shoal.protocol.model_config import model_config
 from shoal.protocol.oip import (
     HEADER_LENGTH,
     MAX_PRIORITY,
@@ -40,6 +45,7 @@ from shoal.protocol.oip import (
     ProtocolError,
     binary_response,
     bind_inputs,
+    class_counts,
     encode_infer_response,
     error_body,
     header_number,
@@ -63,7 +69,15 @@ _HEADER_LENGTH = HEADER_LENGTH.encode()
 BIG_JSON = 1 << 20
 BIG_DECODES = 2  # at once: each holds a body and its decoded tensors
 # What each protocol route needs of a credential (``auth.permit``).
-_ROUTE_ACTION = {"ready": "server", "server": "server", "model": "model", "model_ready": "model", "infer": "infer"}
+_ROUTE_ACTION = {
+    "ready": "server",
+    "server": "server",
+    "model": "model",
+    "model_ready": "model",
+    "infer": "infer",
+    "stats": "model",  # one model's; every model's is "all_stats"
+    "config": "model",
+}
 
 
 class Forbidden(Exception):
@@ -100,12 +114,15 @@ class HttpApp:
         # Large bodies are decoded on threads, a few at a time: decoding is chunked, so the event
         # loop gets the interpreter back between chunks and other clients are not held up.
         self._big_decodes = asyncio.Semaphore(BIG_DECODES)
+        self._openapi: bytes | None = None  # the OpenAPI document, made when first asked for
         # The protocol's GET routes, by kind; infer has a handler of its own.
         self.gets: dict[str, Callable[[PathRoute], Awaitable[tuple[int, dict[str, Any]]]]] = {
             "ready": self._ready,
             "server": self._server,
             "model": self._model,
             "model_ready": self._model_ready,
+            "stats": self._stats,
+            "config": self._config,
         }
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -145,7 +162,8 @@ class HttpApp:
             if route is None:
                 await self._other(who, method, scope["path"], raw, scope, receive, send)
                 return
-            self.check(who, _ROUTE_ACTION[route.kind], route.model or None, route.version)
+            action = _ROUTE_ACTION[route.kind] if route.model or route.kind != "stats" else "all_stats"
+            self.check(who, action, route.model or None, route.version)
             if route.kind == "infer":
                 if method != "POST":
                     raise ProtocolError("infer takes POST", 405)
@@ -193,6 +211,17 @@ class HttpApp:
             version, ok = pool.spec.version, pool.ready
         return (200 if ok else 503), {"name": route.model, "version": version, "ready": ok}
 
+    async def _stats(self, route: PathRoute) -> tuple[int, dict[str, Any]]:
+        """Triton's statistics of a model (its version, else every version it has), or of every model
+        and pipeline."""
+        return 200, self.metrics.stats.document(self.views.stats_versions(route.model, route.version))
+
+    async def _config(self, route: PathRoute) -> tuple[int, dict[str, Any]]:
+        """Triton's configuration of a model version or pipeline (``protocol/model_config.py``)."""
+        if route.model in self.service.pipelines:
+            return 200, self.service.pipeline(route.model, route.version).config()
+        return 200, model_config(self.models.find(route.model, route.version).spec)
+
     async def _other(
         self, who: Principal, method: str, path: str, raw: str, scope: dict[str, Any], receive: Any, send: Any
     ) -> None:
@@ -202,6 +231,11 @@ class HttpApp:
             self.check(who, "metrics")
             body = generate_latest(self.metrics.registry)
             await _reply(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
+        elif path == "/v2/openapi.json" and method == "GET":
+            self.check(who, "server")
+            if self._openapi is None:
+                self._openapi = orjson.dumps(openapi_document(shoal.__version__, self.results is not None))
+            await _reply(send, 200, self._openapi)
         elif path == "/v2/status" and method == "GET":
             self.check(who, "status")
             await _reply(send, 200, orjson.dumps(self.views.status()))
@@ -263,6 +297,8 @@ class HttpApp:
                 else:
                     assert target.pipeline is not None
                     outputs = await self.service.run_pipeline(target.pipeline, arrays, deadline, rid, priority)
+                if req.outputs is not None:
+                    outputs = classified(req, target.spec, outputs)
                 # With result storage the answer carries rid: the device can fetch the stored result later.
                 answer_id = req.id if self.results is None else rid
                 encode = (target.spec.name, target.spec.version, answer_id, outputs, req.outputs, req.binary_output)
@@ -411,7 +447,10 @@ class HttpApp:
         target = parse_repository_path(path)
         try:
             if target is not None and target[1] is None:
-                rows = self.repository.index(bool(doc.get("ready", False)))
+                ready = doc.get("ready", False)
+                if not isinstance(ready, bool):
+                    raise ProtocolError("'ready' must be true or false")
+                rows = self.repository.index(ready)
                 await _reply(send, 200, orjson.dumps(rows))
                 return
             if target is not None and target[1] is not None:
@@ -446,10 +485,23 @@ def _header_length(headers: dict[bytes, bytes]) -> int | None:
 
 def check_outputs(req: InferRequest, target: Target) -> None:
     assert req.outputs is not None
-    known = {o.name for o in target.spec.outputs}
+    known = {o.name: o.datatype for o in target.spec.outputs}
     for o in req.outputs:
         if o.name not in known:
             raise ProtocolError(f"unknown output '{o.name}'; the model's outputs are {', '.join(known)}")
+        if o.classification and known[o.name] == "BYTES":
+            raise ProtocolError(f"output '{o.name}' is BYTES: classification needs a numeric output")
+
+
+def classified(req: InferRequest, spec: ModelInterface, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The outputs asked for as classes replaced by their top k (the classification extension)."""
+    counts = class_counts(req.outputs)
+    if not counts:
+        return outputs
+    try:
+        return classify(outputs, counts, spec.max_batch_size > 0, spec.labels)
+    except ClassificationError as e:
+        raise ProtocolError(str(e)) from None
 
 
 def _rid_header(rid: str) -> tuple[bytes, bytes]:

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from shoal.gateway.stats import StatsTable
+
 if TYPE_CHECKING:
     from shoal.autoscale.controller import Autoscaler
     from shoal.gateway.pool import ModelTable, Pending
@@ -209,6 +211,8 @@ class GatewayMetrics:
             registry=r,
         )
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
+        # Triton's per-model statistics, counted alongside (``stats.py``).
+        self.stats = StatsTable()
         self._codes: dict[tuple[str, str, int], Any] = {}
 
     def watch(self, models: ModelTable, scaler: Autoscaler | None, results: ResultStore | None) -> None:
@@ -229,16 +233,19 @@ class GatewayMetrics:
                 self.compute.labels(m),
                 self.batch.labels(m),
                 self.retries.labels(m),
+                self.stats.of(spec.name, spec.version),
             )
         return c
 
     def observe_result(self, spec: ModelInterface, r: Result, p: Pending) -> None:
-        _, queue, compute, batch, _ = self._model(spec)
-        queue.observe(max(0.0, p.t_sent - p.t_enqueued))
+        _, queue, compute, batch, _, stats = self._model(spec)
+        waited = max(0.0, p.t_sent - p.t_enqueued)
+        queue.observe(waited)
         if r.compute_ms is not None:
             compute.observe(r.compute_ms / 1000.0)
         if r.batch:
             batch.observe(r.batch)
+        stats.result(p.rows, waited, r.batch, r.compute_ms, r.queue_ms, r.input_ms, r.output_ms)
 
     def count_retry(self, pool: Any) -> None:
         """A request sent again after its worker died or turned it away."""
@@ -250,4 +257,6 @@ class GatewayMetrics:
         if c is None:
             c = self._codes[key] = self.requests.labels(spec.name, spec.version, str(code))
         c.inc()
-        self._model(spec)[0].observe(seconds)
+        children = self._model(spec)
+        children[0].observe(seconds)
+        children[5].response(code == 200, seconds)

@@ -31,6 +31,7 @@ from shoal.gateway.dispatch import Admission, Dispatcher
 from shoal.gateway.pool import ModelPool, ModelTable, RequestFailed
 from shoal.modelrepo.manifest import TensorSpec
 from shoal.protocol.interface import ModelInterface
+from shoal.protocol.model_config import model_config
 from shoal.protocol.names import RULE, valid_name
 from shoal.typed import convert
 
@@ -207,6 +208,18 @@ class Pipeline:
             for s in self.spec.steps
         ]
         return md
+
+    def config(self) -> dict[str, Any]:
+        """Triton's configuration of the pipeline: an ensemble, its steps mapping each model's tensor
+        names to the pipeline's (``request.x`` is the request's ``x``, ``step.y`` a step's ``y``)."""
+        exposed = {(src, tensor): name for name, (src, tensor) in self.spec.outputs.items()}
+        steps = []
+        for step in self.spec.steps:
+            pool = self._pool(step)
+            ins = {k: (t if src == REQUEST else f"{src}.{t}") for k, (src, t) in step.inputs.items()}
+            outs = {t.name: exposed.get((step.name, t.name), f"{step.name}.{t.name}") for t in pool.spec.outputs}
+            steps.append((step.model, step.version, ins, outs))
+        return model_config(self.interface(), steps)
 
     async def run(
         self, request: dict[str, np.ndarray], deadline: float, call: CallModel

@@ -9,6 +9,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import shoal
+from shoal.gateway.pool import RequestFailed
+from shoal.modelrepo.versions import version_key
 
 if TYPE_CHECKING:
     from shoal.autoscale.controller import Autoscaler
@@ -44,11 +46,41 @@ class GatewayViews:
         self.membership: Membership | None = None
 
     def server_metadata(self) -> dict[str, Any]:
-        return {
-            "name": "shoal",
-            "version": shoal.__version__,
-            "extensions": ["binary_tensor_data", "shoal_status"],
-        }
+        return {"name": "shoal", "version": shoal.__version__, "extensions": self.extensions()}
+
+    def extensions(self) -> list[str]:
+        """Exactly the protocol extensions this gateway serves, by Triton's names (and shoal's own)."""
+        served = [
+            "binary_tensor_data",  # Inference-Header-Content-Length, binary_data_size, binary_data_output
+            "classification",  # parameters.classification on a requested output
+            "model_configuration",  # GET /v2/models/{m}/config, gRPC ModelConfig
+            "model_repository",  # /v2/repository index, load, unload (operators)
+            "statistics",  # GET /v2/models/{m}/stats, gRPC ModelStatistics
+            "shoal_status",  # GET /v2/status
+        ]
+        if self.results is not None:
+            served.append("shoal_results")  # GET /v2/results (--store-results)
+        return served
+
+    def stats_versions(self, model: str, version: str | None) -> list[tuple[str, str]]:
+        """The (model, version) pairs a statistics request names: every model version and pipeline
+        (``model`` empty), a pipeline, a model's version, or every version of a model."""
+        if not model:
+            pairs = [(p.spec.name, p.spec.version) for p in self.models.pools()]
+            return sorted(pairs + [(n, p.spec.version) for n, p in self.pipelines.items()])
+        pipeline = self.pipelines.get(model)
+        if pipeline is not None:
+            if version is not None and version != pipeline.spec.version:
+                raise RequestFailed(f"pipeline '{model}' has no version '{version}'", 404)
+            return [(model, pipeline.spec.version)]
+        versions = self.models.models.get(model)
+        if not versions:
+            raise self.models.unknown(model)
+        if version is None:
+            return [(model, v) for v in sorted(versions, key=version_key)]
+        if version not in versions:
+            raise RequestFailed(f"model '{model}' has no version '{version}'", 404)
+        return [(model, version)]
 
     def status(self) -> dict[str, Any]:
         models = []

@@ -112,7 +112,7 @@ def split_results(msg: Results, payload: bytes | memoryview) -> list[tuple[Resul
             pieces.append(mv[start + at * row : start + (at + n) * row])
         at += n
         body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        out.append((Result(rid, descs, msg.compute_ms, msg.batch), body))
+        out.append((Result(rid, descs, msg.compute_ms, msg.batch, msg.queue_ms, msg.input_ms, msg.output_ms), body))
     return out
 
 

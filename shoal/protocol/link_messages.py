@@ -121,8 +121,14 @@ class Request(msgspec.Struct, frozen=True, omit_defaults=True):
 class Result(msgspec.Struct, frozen=True, omit_defaults=True):
     id: int
     outputs: list[TensorDesc]
-    compute_ms: float | None = None
+    compute_ms: float | None = None  # the model's time on the batch the request ran in
     batch: int = 0  # rows of the batch the request ran in
+    # Where else the worker's time went, for the gateway's statistics (Triton's queue, compute_input
+    # and compute_output). Optional, added within protocol version 1: a gateway that does not know
+    # them ignores them, and one that does counts nothing when a worker leaves them out.
+    queue_ms: float | None = None  # from its arrival in the worker to the start of its batch
+    input_ms: float | None = None  # decoding its inputs (images) and joining the batch's
+    output_ms: float | None = None  # cutting the batch's outputs into each request's
 
 
 class Requests(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -144,6 +150,9 @@ class Results(msgspec.Struct, frozen=True, omit_defaults=True):
     outputs: list[TensorDesc]
     compute_ms: float | None = None
     batch: int = 0
+    queue_ms: float | None = None  # as RESULT's, the same for every request of the frame
+    input_ms: float | None = None
+    output_ms: float | None = None
 
 
 class Error(msgspec.Struct, frozen=True):

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 import numpy as np
 import orjson
 
+from shoal.protocol.classification import ClassificationError, class_count
 from shoal.protocol.interface import TensorSpec
 from shoal.protocol.json_tensors import (
     BYTES_ELEMENT_COST,
@@ -95,7 +96,7 @@ def header_number(raw: bytes, name: str, limit: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class PathRoute:
-    kind: str  # live | ready | server | model | model_ready | infer
+    kind: str  # live | ready | server | model | model_ready | infer | stats | config (model "": all)
     model: str = ""
     version: str | None = None
 
@@ -142,6 +143,8 @@ def parse_path(path: str) -> PathRoute | None:
     parts = path_segments(path[len("/v2/models/") :])
     if not parts[0]:
         return None
+    if parts == ["stats"]:  # every model's statistics, as Triton has it (a model named "stats" loses)
+        return PathRoute("stats")
     rest = parts[1:]
     version = None
     if len(rest) >= 2 and rest[0] == "versions":
@@ -153,6 +156,10 @@ def parse_path(path: str) -> PathRoute | None:
         kind = "model_ready"
     elif rest == ["infer"]:
         kind = "infer"
+    elif rest == ["stats"]:
+        kind = "stats"
+    elif rest == ["config"]:
+        kind = "config"
     else:
         return None
     model = _name(parts[0], "model name")
@@ -181,6 +188,14 @@ def parse_repository_path(path: str) -> tuple[str, str | None] | None:
 class RequestedOutput:
     name: str
     binary: bool
+    classification: int | None = None  # the classification extension: its top k classes
+
+
+def class_counts(requested: list[RequestedOutput] | None) -> dict[str, int]:
+    """The outputs asked for as classes (the classification extension), with their k."""
+    if requested is None:
+        return {}
+    return {o.name: o.classification for o in requested if o.classification}
 
 
 @dataclass(slots=True)
@@ -210,7 +225,7 @@ def _json_tensor(t: InputDoc, i: int) -> tuple[str, str, tuple[int, ...], dict[s
         shape = check_shape(t.shape)
     except TensorError as e:
         raise ProtocolError(f"input '{name}': {e}") from None
-    params = t.parameters or {}
+    params = t.parameters if t.parameters is not None else {}
     if not isinstance(params, dict):
         raise ProtocolError(f"input '{name}': 'parameters' must be an object")
     return name, dt, shape, params
@@ -267,7 +282,7 @@ def parse_infer_request(
     rid = req.id
     if rid is not None and not (isinstance(rid, str) and valid_request_id(rid)):
         raise ProtocolError(f"'id' must be a string of 1 to {MAX_REQUEST_ID} printable ASCII characters")
-    params = req.parameters or {}
+    params = req.parameters if req.parameters is not None else {}
     if not isinstance(params, dict):
         raise ProtocolError("'parameters' must be an object")
     declared: list[tuple[str, str, tuple[int, ...], dict[str, Any], InputDoc]] = []
@@ -322,9 +337,15 @@ def parse_infer_request(
         for j, o in enumerate(outs):
             if not isinstance(o.name, str):
                 raise ProtocolError(f"outputs[{j}] must be an object with a 'name'")
-            op = o.parameters or {}
-            binary = bool(op.get("binary_data", used_binary)) if isinstance(op, dict) else used_binary
-            outputs.append(RequestedOutput(o.name, binary))
+            op = o.parameters if o.parameters is not None else {}
+            if not isinstance(op, dict):
+                raise ProtocolError(f"output '{o.name}': 'parameters' must be an object")
+            binary = bool(op.get("binary_data", used_binary))
+            try:
+                k = class_count(op.get("classification"), o.name)
+            except ClassificationError as e:
+                raise ProtocolError(str(e)) from None
+            outputs.append(RequestedOutput(o.name, binary, k))
     binary_default = bool(params.get("binary_data_output", used_binary))
     return InferRequest(rid, arrays, outputs, params, binary_default)
 
@@ -583,6 +604,7 @@ __all__ = [
     "bind_inputs",
     "binary_response",
     "build_infer_request",
+    "class_counts",
     "decode_bytes_elements",
     "encode_infer_response",
     "error_body",

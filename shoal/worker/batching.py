@@ -48,6 +48,7 @@ class Item:
     request_id: str | None = None  # the device's request id, for logs
     # Several requests joined into one item (a REQUESTS frame): their ids and rows, in order.
     joined: tuple[list[int], list[int]] | None = None
+    decode_ms: float = 0.0  # decoding its images, when it had any
 
 
 @dataclass(slots=True)
@@ -56,8 +57,13 @@ class Done:
     outputs: dict[str, np.ndarray] | None = None
     error: str | None = None
     status: int = 200
-    compute_ms: float = 0.0
+    compute_ms: float = 0.0  # the model's run on the batch
     batch_rows: int = 0
+    # For the gateway's statistics: waiting in this worker for its batch; decoding its inputs and
+    # joining the batch's; cutting the batch's outputs.
+    queue_ms: float = 0.0
+    input_ms: float = 0.0
+    output_ms: float = 0.0
 
 
 def signature(inputs: dict[str, np.ndarray]) -> tuple:
@@ -210,11 +216,13 @@ class InferenceEngine:
             if img is not None:
                 a = item.inputs.get(img.input)
                 if a is not None and a.dtype == object:
+                    t = time.perf_counter()
                     try:
                         item.inputs[img.input] = decode_images(a, img, self.pixel_budget)
                     except ImageError as e:
                         errors.append(Done(item, error=f"input '{img.input}': {e}", status=e.status))
                         return False
+                    item.decode_ms = (time.perf_counter() - t) * 1000.0
             first = next(iter(item.inputs.values()), None)
             item.rows = int(first.shape[0]) if first is not None and first.ndim else 1
             if item.rows == 0:
@@ -302,10 +310,15 @@ class InferenceEngine:
             pass
 
     def _run_batch(self, batch: list[Item]) -> list[Done]:
+        started = time.monotonic()  # the clock of ``Item.t_received``
         t = time.perf_counter()
         rows = sum(i.rows for i in batch)
+        t_in = t_out = t
         try:
-            out = self.runtime.infer(concat_inputs(batch))
+            inputs = concat_inputs(batch)
+            t_in = time.perf_counter()
+            out = self.runtime.infer(inputs)
+            t_out = time.perf_counter()
             parts = split_outputs(out, [it.rows for it in batch])
         except Exception as e:  # a model error fails this batch's requests, never the worker
             ms = (time.perf_counter() - t) * 1000.0
@@ -314,19 +327,23 @@ class InferenceEngine:
                 Done(it, error=f"model failed: {type(e).__name__}: {e}", status=500, compute_ms=ms)
                 for it in batch
             ]
-        ms = (time.perf_counter() - t) * 1000.0
-        self.batch_s = ms / 1000.0 if self.batch_s is None else 0.8 * self.batch_s + 0.2 * ms / 1000.0
+        end = time.perf_counter()
+        step_s = end - t  # joining, the model, cutting: the batch's time on this thread
+        self.batch_s = step_s if self.batch_s is None else 0.8 * self.batch_s + 0.2 * step_s
         s = self.stats
         s.batches += 1
         s.rows += rows
         s.requests += len(batch)
-        s.busy_s += ms / 1000.0
+        s.busy_s += step_s
         s.last_batch_rows = rows
+        ms = (t_out - t_in) * 1000.0
+        join_ms, cut_ms = (t_in - t) * 1000.0, (end - t_out) * 1000.0
         done = []
         for it, o in zip(batch, parts, strict=True):
             if it.outputs is not None:
                 o = {k: o[k] for k in it.outputs if k in o}
-            done.append(Done(it, o, compute_ms=ms, batch_rows=rows))
+            queue_ms = max(0.0, (started - it.t_received) * 1000.0)
+            done.append(Done(it, o, None, 200, ms, rows, queue_ms, it.decode_ms + join_ms, cut_ms))
         return done
 
     def _finish(self, done: list[Done]) -> None:

@@ -368,17 +368,18 @@ class Worker:
             return
         outputs = d.outputs or {}
         joined = d.item.joined
-        ms = round(d.compute_ms, 4)
+        ms, rows = round(d.compute_ms, 4), d.batch_rows
+        times = (d.queue_ms, d.input_ms, d.output_ms)  # for the gateway's statistics
         if joined is None:
             specs, bufs = pack_tensors(outputs)
-            self._send_result(link, Result(d.item.id, specs, ms, d.batch_rows), bufs)
+            self._send_result(link, Result(d.item.id, specs, ms, rows, *times), bufs)
         elif all(joinable(v, d.item.rows) for v in outputs.values()):
             specs, bufs = pack_tensors(outputs)
-            self._send_result(link, Results(joined[0], joined[1], specs, ms, d.batch_rows), bufs)
+            self._send_result(link, Results(joined[0], joined[1], specs, ms, rows, *times), bufs)
         else:  # outputs the gateway cannot cut by rows (BYTES, or not one row per input row): cut here
             for i, part in zip(ids, split_outputs(outputs, joined[1]), strict=True):
                 specs, bufs = pack_tensors(part)
-                self._send_result(link, Result(i, specs, ms, d.batch_rows), bufs)
+                self._send_result(link, Result(i, specs, ms, rows, *times), bufs)
 
     def _send_result(self, link: GatewayLink, msg: Result | Results, bufs: list[Any]) -> None:
         size = sum(len(b) for b in bufs)
