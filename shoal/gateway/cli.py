@@ -124,6 +124,20 @@ class ClusterSettings(Settings, kw_only=True):
             env=("SHOAL_CLUSTER_QUOTAS",),
         ),
     ] = []
+    trace_endpoint: Annotated[
+        str | None,
+        Opt(
+            "send traces of inference requests to this OTLP/HTTP endpoint (e.g. "
+            "http://collector:4318/v1/traces; needs shoal[trace]); default: no tracing"
+        ),
+    ] = None
+    trace_ratio: Annotated[
+        float,
+        Opt(
+            "share of requests traced among those that come without a traceparent (those that come "
+            "with one follow the device's choice); default %(default)s"
+        ),
+    ] = 1.0
     priority_levels: Annotated[
         int,
         Opt(
@@ -320,6 +334,8 @@ def run(args: argparse.Namespace) -> int:
         version_policies=policies,
         priorities=Priorities(levels, default, per_model),
         quotas=quotas,
+        trace_endpoint=args.trace_endpoint,
+        trace_ratio=args.trace_ratio,
         results_db=args.store_results,
         results_dir=args.results_dir,
         results_max_age_s=args.results_max_age,

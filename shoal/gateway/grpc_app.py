@@ -93,6 +93,14 @@ def _outcome(app: HttpApp) -> Iterator[None]:
         raise CallFailed(SC.INVALID_ARGUMENT, str(e)) from None
 
 
+def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
+    """The caller's W3C ``traceparent``, from the call's metadata."""
+    for k, v in context.invocation_metadata() or ():
+        if k == "traceparent":
+            return v if isinstance(v, str) else v.decode("latin-1")
+    return None
+
+
 def _target_names(model: str, version: str) -> tuple[str, str | None]:
     return check_name(model, "model name"), (check_name(version, "model version") if version else None)
 
@@ -186,7 +194,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         try:
             who = self._who(context)
-            return await self._infer(who, request, context.time_remaining())
+            return await self._infer(who, request, context.time_remaining(), _traceparent(context))
         except CallFailed as e:
             return await self._abort(context, e)
 
@@ -205,7 +213,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
         async def one(req: pb.ModelInferRequest) -> None:
             try:
                 msg = pb.ModelStreamInferResponse(
-                    infer_response=await self._infer(who, req, context.time_remaining())
+                    infer_response=await self._infer(who, req, context.time_remaining(), _traceparent(context))
                 )
             except CallFailed as e:
                 failed = pb.ModelInferResponse(
@@ -235,7 +243,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 t.cancel()
 
     async def _infer(
-        self, who: Principal, req: pb.ModelInferRequest, left_s: float | None
+        self, who: Principal, req: pb.ModelInferRequest, left_s: float | None, traceparent: str | None = None
     ) -> pb.ModelInferResponse:
         """One request, step by step as HTTP's: where it goes, its tensors checked against the model,
         its deadline and id, the call through the request service, the answer."""
@@ -262,11 +270,12 @@ class GrpcFront(GRPCInferenceServiceServicer):
             rid = ireq.id or self.service.new_request_id()
             answer_id = (ireq.id or "") if app.results is None else rid
             names = [o.name for o in ireq.outputs] if ireq.outputs is not None else None
+            tr = None if app.tracing is None else app.begin_trace(traceparent, target, t0)
             try:
                 if target.pool is not None and app.results is None and not class_counts(ireq.outputs):
                     # Common case: the worker's result bytes become the raw contents as they are.
                     h, payload = await self.service.call_model(
-                        target.pool, arrays, t0 + budget, names, rid, True, priority
+                        target.pool, arrays, t0 + budget, names, rid, True, priority, tr
                     )
                     try:
                         resp = raw_infer_response(spec.name, spec.version, answer_id, h.outputs, payload)
@@ -275,12 +284,12 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 else:
                     if target.pool is not None:
                         outputs = await self.service.call_model(
-                            target.pool, arrays, t0 + budget, names, rid, False, priority
+                            target.pool, arrays, t0 + budget, names, rid, False, priority, tr
                         )
                     else:
                         assert target.pipeline is not None
                         outputs = await self.service.run_pipeline(
-                            target.pipeline, arrays, t0 + budget, rid, priority
+                            target.pipeline, arrays, t0 + budget, rid, priority, tr
                         )
                     if ireq.outputs is not None:
                         outputs = classified(ireq, spec, outputs)
@@ -289,7 +298,15 @@ class GrpcFront(GRPCInferenceServiceServicer):
                     resp = infer_response(spec.name, spec.version, answer_id, outputs)
             except RequestFailed as e:
                 app.record(target, e.status, t0, rid, who, arrays, None, e)
+                if tr is not None:
+                    tr.end(e.status, rid, time.monotonic())
                 raise
+            except asyncio.CancelledError:  # the caller cancelled its call
+                if tr is not None:
+                    tr.end(499, rid, time.monotonic())
+                raise
+        if tr is not None:
+            tr.end(200, rid, time.monotonic())
         app.metrics.observe_response(spec, 200, time.monotonic() - t0)
         return resp
 

@@ -60,6 +60,7 @@ from shoal.protocol.tensors import TensorError
 
 if TYPE_CHECKING:
     from shoal.gateway.storage import ResultStore
+    from shoal.gateway.tracing import RequestTrace, Tracing
 
 log = logging.getLogger("shoal.gateway")
 _JSON = [(b"content-type", b"application/json")]
@@ -101,9 +102,11 @@ class HttpApp:
         results: ResultStore | None,
         limits: HttpLimits,
         quotas: Quotas | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.service = service
         self.quotas = quotas
+        self.tracing = tracing
         self.models = service.models
         self.auth = auth
         self.metrics = metrics
@@ -279,11 +282,12 @@ class HttpApp:
         deadline = t0 + budget
         rid = req.id or self._request_id(headers)
         scope[CANCEL] = asyncio.current_task().cancel  # type: ignore[union-attr]
+        tr = None if self.tracing is None else self.begin_trace(headers.get(b"traceparent"), target, t0)
         try:
             pool = target.pool
             if pool is not None and req.outputs is None and req.binary_output and self.results is None:
                 # The common binary case: the worker's result bytes become the response as they are.
-                h, payload = await self.service.call_model(pool, arrays, deadline, None, rid, True, priority)
+                h, payload = await self.service.call_model(pool, arrays, deadline, None, rid, True, priority, tr)
                 try:
                     out, hlen = binary_response(target.spec.name, target.spec.version, req.id, h.outputs, payload)
                 except (TensorError, KeyError) as e:
@@ -293,10 +297,12 @@ class HttpApp:
             else:
                 names = [o.name for o in req.outputs] if req.outputs is not None else None
                 if pool is not None:
-                    outputs = await self.service.call_model(pool, arrays, deadline, names, rid, False, priority)
+                    outputs = await self.service.call_model(
+                        pool, arrays, deadline, names, rid, False, priority, tr
+                    )
                 else:
                     assert target.pipeline is not None
-                    outputs = await self.service.run_pipeline(target.pipeline, arrays, deadline, rid, priority)
+                    outputs = await self.service.run_pipeline(target.pipeline, arrays, deadline, rid, priority, tr)
                 if req.outputs is not None:
                     outputs = classified(req, target.spec, outputs)
                 # With result storage the answer carries rid: the device can fetch the stored result later.
@@ -317,13 +323,19 @@ class HttpApp:
         except RequestFailed as e:
             self.record(target, e.status, t0, rid, who, arrays, None, e)
             await self._fail(send, e, rid)
+            if tr is not None:
+                tr.end(e.status, rid, time.monotonic())
             return
         except asyncio.CancelledError:
             if not scope.get(CLIENT_LEFT):
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             self.metrics.observe_response(target.spec, 499, time.monotonic() - t0)
+            if tr is not None:
+                tr.end(499, rid, time.monotonic())
             return
+        if tr is not None:
+            tr.end(200, rid, time.monotonic())
         self.metrics.observe_response(target.spec, 200, time.monotonic() - t0)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
@@ -379,6 +391,14 @@ class HttpApp:
             raise RequestFailed(
                 f"over this credential's rate limit ({who.who}); try again in {ms} ms", 429, -(-ms // 1000), ms
             )
+
+    def begin_trace(self, traceparent: bytes | str | None, target: Target, t0: float) -> RequestTrace | None:
+        """The request's trace (tracing is on): continuing the device's ``traceparent``, if it sent
+        one; None when this request is not recorded."""
+        assert self.tracing is not None
+        if isinstance(traceparent, bytes):
+            traceparent = traceparent.decode("latin-1")
+        return self.tracing.begin(traceparent, target.spec.name, t0)
 
     def _budget(self, params: dict[str, Any], headers: dict[bytes, bytes]) -> tuple[float, int]:
         """The request's time budget in seconds (the gateway's ``--timeout``, shortened by the

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import os
 import time
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from shoal.protocol.frames import FrameError
 from shoal.protocol.interface import ModelInterface
 from shoal.protocol.link_messages import Request
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
+
+if TYPE_CHECKING:
+    from shoal.gateway.tracing import RequestTrace
 
 
 class Target(NamedTuple):
@@ -79,11 +82,12 @@ class RequestService:
         deadline: float,
         request_id: str,
         priority: int = 0,
+        trace: RequestTrace | None = None,
     ) -> dict[str, np.ndarray]:
-        """A pipeline's outputs: each step's requests go through ``call_model`` under the request's id
-        and priority."""
+        """A pipeline's outputs: each step's requests go through ``call_model`` under the request's id,
+        priority and trace."""
         return await pipeline.run(
-            arrays, deadline, lambda p, a, d: self.call_model(p, a, d, None, request_id, False, priority)
+            arrays, deadline, lambda p, a, d: self.call_model(p, a, d, None, request_id, False, priority, trace)
         )
 
     async def call_model(
@@ -95,10 +99,12 @@ class RequestService:
         request_id: str | None = None,
         raw: bool = False,
         priority: int = 0,
+        trace: RequestTrace | None = None,
     ) -> Any:
         """Send one request to a model version's pool and wait for its outputs (as arrays; or, with
         ``raw``, the worker's result header and payload untouched). ``priority`` is Triton's: 1 the
-        highest level, 0 the model's default."""
+        highest level, 0 the model's default; ``trace``, where the request is traced, gets the call's
+        spans."""
         specs, bufs = pack_tensors(arrays)
         # The device's request id goes to the worker for its logs.
         header = Request(next(self._ids), specs, outputs, request_id)
@@ -125,6 +131,8 @@ class RequestService:
         except asyncio.CancelledError:  # the client has gone
             self.dispatcher.cancel(p, time.monotonic())
             raise
+        if trace is not None:
+            trace.model_call(p, h, time.monotonic())
         if raw:
             return h, payload
         try:

@@ -46,6 +46,7 @@ from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 if TYPE_CHECKING:
     from shoal.autoscale.config import ModelScale
     from shoal.autoscale.controller import Autoscaler
+    from shoal.gateway.tracing import Tracing
 
 log = logging.getLogger("shoal.gateway")
 
@@ -89,6 +90,8 @@ class GatewayConfig:
     version_policies: dict[str, Any] = field(default_factory=dict)  # model -> parsed version policy
     priorities: Priorities = field(default_factory=Priorities)  # levels and default levels
     quotas: dict[str, Quota] = field(default_factory=dict)  # role or account -> its rate limit
+    trace_endpoint: str | None = None  # OTLP/HTTP traces endpoint: traces on (shoal[trace])
+    trace_ratio: float = 1.0  # of requests that come without a traceparent
     results_db: str | None = None  # store requests' inputs and outputs: metadata in this database
     results_dir: str = "shoal-results"  # ... and their tensors as files here
     results_max_age_s: float | None = None
@@ -186,6 +189,7 @@ class Gateway:
             self.results,
             HttpLimits(config.max_body_size, config.request_timeout_s),
             Quotas(config.quotas) if config.quotas else None,
+            self._tracing(config),
         )
         self.http_port = 0
         self.worker_port = 0
@@ -195,6 +199,17 @@ class Gateway:
         self._http: EmbeddedHttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self.reporter: CentralReporter | None = None
+
+    @staticmethod
+    def _tracing(config: GatewayConfig) -> Tracing | None:
+        """Traces exported over OTLP when an endpoint is given (``shoal[trace]``); else none."""
+        if not config.trace_endpoint:
+            return None
+        try:
+            from shoal.gateway.tracing import Tracing
+        except ImportError as e:
+            raise ValueError(f"--trace-endpoint needs shoal[trace] (pip install 'shoal[trace]'): {e}") from None
+        return Tracing(config.trace_endpoint, config.gateway_id or config.name, config.trace_ratio)
 
     def _autoscaler(self, acfg: AutoscaleConfig) -> Autoscaler:
         """The autoscaler and the pools of the versions it manages (a model the repository lacks is a
@@ -451,6 +466,8 @@ class Gateway:
             self.channel.stop()  # another gateway takes the decisions over at once
         if self.results is not None:
             await self.results.stop()  # after the HTTP side: nothing records any more
+        if self.app.tracing is not None:
+            await asyncio.to_thread(self.app.tracing.close)  # the spans still buffered are sent
         if self._worker_server is not None:
             self._worker_server.close()
         for c in list(self.site.connections):
