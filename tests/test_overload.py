@@ -162,8 +162,8 @@ def test_a_grpc_call_cancelled_while_queued_never_runs(slow):
 
 def test_a_grpc_call_that_cannot_be_answered_in_time_is_refused_with_when_to_try_again(slow):
     grpc = pytest.importorskip("grpc")
-    from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
-    from shoal.gateway.oip_grpc.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+    from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
+    from shoal.protocol.oip_grpc.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 
     warm = httpx.post(
         f"{slow.url}/v2/models/slow/infer", content=body(0.5), headers={"Authorization": f"Bearer {slow.api_key}"}

@@ -28,7 +28,7 @@ IN_FLIGHT = 64
 
 def grpc_request(x: np.ndarray) -> bytes:
     """A serialised ``ModelInferRequest`` for the echo model, its tensor as raw contents."""
-    from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
+    from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
 
     req = pb.ModelInferRequest(model_name="echo")
     t = req.inputs.add()

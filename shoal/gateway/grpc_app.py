@@ -30,11 +30,6 @@ from shoal.gateway.grpc_tensors import (
     raw_infer_response,
 )
 from shoal.gateway.http_app import Forbidden, HttpApp, check_outputs, classified
-from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
-from shoal.gateway.oip_grpc.grpc_service_pb2_grpc import (
-    GRPCInferenceServiceServicer,
-    add_GRPCInferenceServiceServicer_to_server,
-)
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.repository import RepositoryError
 from shoal.protocol.names import InvalidName, check_name
@@ -45,6 +40,11 @@ from shoal.protocol.oip import (
     class_counts,
     request_priority,
     request_timeout_ms,
+)
+from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
+from shoal.protocol.oip_grpc.grpc_service_pb2_grpc import (
+    GRPCInferenceServiceServicer,
+    add_GRPCInferenceServiceServicer_to_server,
 )
 from shoal.protocol.tensors import TensorError
 

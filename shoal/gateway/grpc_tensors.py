@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
-from shoal.gateway.oip_grpc import model_config_pb2
 from shoal.protocol.classification import ClassificationError, class_count
 from shoal.protocol.link_messages import TensorDesc
 from shoal.protocol.oip import (
@@ -28,6 +26,8 @@ from shoal.protocol.oip import (
     tensor_cost,
     valid_request_id,
 )
+from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
+from shoal.protocol.oip_grpc import model_config_pb2
 from shoal.protocol.tensors import (
     BYTES_ELEMENT_COST,
     NP_DTYPES,
