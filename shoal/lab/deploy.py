@@ -36,6 +36,13 @@ class Deployment:
     gateways: dict[str, LabGateway]  # machine -> gateway (its id is the machine's name)
     workers: dict[str, Child]  # machine -> worker (its id is the machine's name)
     devices: dict[str, str] = field(default_factory=dict)  # device account -> password (one for all)
+    secret: str = ""  # the cluster's secret, for workers started later
+
+    def worker_args(self, name: str, *extra: str) -> list[str]:
+        """``shoal worker``'s arguments for a worker on machine ``name`` (told of the first gateway,
+        as every worker of the lab), with ``SHOAL_CLUSTER_SECRET`` from ``secret``."""
+        first = next(iter(self.gateways.values()))
+        return ["worker", "--gateway", f"{first.host}:{WORKER_PORT}", "--model", MODEL, "--worker-id", name, *extra]
 
     def gateway_of(self, url: str) -> str:
         """The machine of the gateway at ``url`` (as the client reports who answered)."""
@@ -120,7 +127,7 @@ def deploy(
     for d, pw in accounts.items():
         observer.call(central.add_account, "device", d, pw)
 
-    secret, api_key = secrets.token_hex(16), secrets.token_hex(16)
+    secret, api_key = secrets.token_hex(16), secrets.token_hex(16)  # the cluster's, an operator's key
     gws: dict[str, LabGateway] = {}
     for name in gateways:
         gdir = workdir / name
@@ -166,20 +173,13 @@ def deploy(
         wait_ports(gw.gateway, workdir / name / "ports.json", timeout)
         gw.gateway_pids = [gw.gateway.pid]
 
-    first = gws[gateways[0]]
-    ws = {
-        name: procs.shoal(
-            name,
-            name,
-            ["worker", "--gateway", f"{first.host}:{WORKER_PORT}", "--model", MODEL, "--worker-id", name],
-            {"SHOAL_CLUSTER_SECRET": secret},
-        )
-        for name in workers
-    }
+    dep = Deployment(cluster, reps[names[0]], reps, site, gws, {}, {}, secret)
+    ws = {name: procs.shoal(name, name, dep.worker_args(name), {"SHOAL_CLUSTER_SECRET": secret}) for name in workers}
     for gw in gws.values():
         gw.workers = list(ws.values())  # named in wait_workers' message if one dies
         observer.call(gw.wait_workers, MODEL, len(ws), timeout)
     for c in reps.values():
         observer.call(c.wait_routable, {cluster}, MODEL, timeout)
         observer.call(_wait_gateways_serving, c, cluster, len(gws), timeout)
-    return Deployment(cluster, central, reps, site, gws, ws, accounts)
+    dep.workers, dep.devices = ws, accounts
+    return dep

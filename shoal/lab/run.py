@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import re
 import shutil
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 from shoal.lab import checker
 from shoal.lab.deploy import MODEL, Deployment, deploy
 from shoal.lab.device import LogTail
-from shoal.lab.faults import SCENARIOS, Fault, inject
+from shoal.lab.faults import CRASHES, SCENARIOS, Fault, inject
 from shoal.lab.observe import Observer, central_sample, gateway_sample, route_sample
 from shoal.lab.pg import LabPostgres
 from shoal.lab.plot import plot_timeline
@@ -35,6 +36,34 @@ GATEWAYS = ["gw-a", "gw-b"]
 WORKERS = ["w1", "w2"]
 PROBE = "probe"  # the device account the observer asks each replica for routes with
 SLOW_S = 1.0  # a request outstanding longer than this holds the system from being steady
+SLOW_MODEL_S = 0.8  # a batch of the workers the scale-out and drain faults start (they hold requests)
+STARTED = ("crash-joining", "crash-draining")  # faults that start a worker on an idle machine first
+
+SLOW_ECHO = f"""\"\"\"The lab's slow echo: the bundled echo model, {SLOW_MODEL_S} s a batch (the workers that the
+scale-out and drain faults start and lose, so that they hold requests when it happens).\"\"\"
+
+import time
+
+
+class Echo:
+    def __init__(self, model_dir, manifest) -> None:
+        self.manifest = manifest
+
+    def __call__(self, inputs):
+        time.sleep({SLOW_MODEL_S})
+        return {{"y": inputs["x"]}}
+"""
+
+
+def slow_echo_repo(root: Path) -> Path:
+    """A model repository with the bundled echo model's manifest and a slow handler."""
+    from shoal.worker.cli import bundled_repo
+
+    v = root / MODEL / "1"
+    v.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(bundled_repo()) / MODEL / "1" / "manifest.json", v / "manifest.json")
+    (v / "handler.py").write_text(SLOW_ECHO)
+    return root
 
 
 @dataclass
@@ -69,6 +98,8 @@ class Lab:
         self.observer: Observer | None = None
         self.pg: LabPostgres | None = None
         self.down: set[str] = set()  # machines crashed
+        self.dep: Deployment | None = None
+        self.slow_repo: Path | None = None
 
     # ------------------------------------------------------------------ conditions on the live system
 
@@ -107,13 +138,36 @@ class Lab:
                 return False
         return True
 
+    # ------------------------------------------------------------------ what the faults need (faults.Site)
+
+    def start_worker(self, machine: str) -> None:
+        """A worker of the slow echo (``SLOW_MODEL_S`` a batch, capacity 4) on ``machine``."""
+        assert self.procs is not None and self.dep is not None and self.slow_repo is not None
+        args = self.dep.worker_args(machine, "--repo", str(self.slow_repo), "--capacity", "4")
+        child = self.procs.shoal(machine, machine, args, {"SHOAL_CLUSTER_SECRET": self.dep.secret})
+        self.dep.workers[machine] = child
+
+    def holds_requests(self, machine: str, served: int = 0) -> bool:
+        assert self.observer is not None and self.dep is not None
+        held, answered = False, 0
+        for g in self.dep.gateways:
+            s = self.observer.latest(g)
+            w = s["workers"].get(machine) if s and s["ok"] else None
+            if w:
+                held = held or w["in_flight"] > 0
+                answered += w["served"]
+        return held and answered >= served
+
+    def wait(self, cond: Callable[[], bool], timeout: float) -> bool:
+        return _wait(cond, timeout, every=0.02)
+
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         out = cfg.out
         out.mkdir(parents=True, exist_ok=True)
-        for sub in ("logs", *CENTRALS, *GATEWAYS):
+        for sub in ("logs", "models", *CENTRALS, *GATEWAYS):
             shutil.rmtree(out / sub, ignore_errors=True)
         for f in ("device.jsonl", "samples.jsonl", "faults.json", "summary.json", "timeline.png"):
             (out / f).unlink(missing_ok=True)
@@ -133,8 +187,10 @@ class Lab:
         cfg = self.cfg
         t = time.monotonic()
         world.create()
-        for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev"):
+        spare = [f.machine for f in schedule if f.kind in STARTED]  # idle until their fault
+        for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev", *spare):
             world.add(name)
+        self.slow_repo = slow_echo_repo(out / "models")
         self.say(f"lab run {world.run}: bridge and {len(world.machines)} machines on 10.77.{world.run}.0/24")
         self.procs = procs = Processes(world, out / "logs")
         self.observer = obs = Observer(world.bridge_ns)
@@ -152,6 +208,7 @@ class Lab:
             pg=self.pg,
             wan="wan",
         )
+        self.dep = dep
         self.say(
             f"deployed in {time.monotonic() - t:.1f} s: PostgreSQL, {', '.join(CENTRALS)}, the WAN relay, "
             f"{', '.join(GATEWAYS)}, {', '.join(WORKERS)}"
@@ -205,9 +262,9 @@ class Lab:
                 self.say("not steady before the next fault; going on")
             time.sleep(f.pause_s)  # the schedule's pause, drawn from the seed
             self.say(f"fault: {f.label}")
-            rec = inject(f, world, procs)
+            rec = inject(f, world, procs, self)
             records.append(rec)
-            if f.kind == "crash":
+            if f.kind in CRASHES:
                 self.down.add(f.machine)
             start = rec["start"]
             ok = _wait(
@@ -218,6 +275,13 @@ class Lab:
             )
             self.say(f"  {'recovered' if ok else 'NOT recovered'} {time.time() - start:.1f} s after it began")
         time.sleep(cfg.tail_s)  # steady load after the last fault: the 'after' phase
+        for i, rec in enumerate(records):  # what the gateways did with the requests a lost worker held
+            if rec["machine"] in dep.workers and rec["kind"] not in ("lossy", "slow"):
+                hi = records[i + 1]["start"] if i + 1 < len(records) else time.time()
+                rec["handed_back"] = {
+                    g: handed_back(out / "logs" / f"{g}.log", rec["machine"], rec["start"], hi)
+                    for g in dep.gateways
+                }
         procs.stop([dev], timeout=3 * cfg.client_timeout)
         obs.stop()
 
@@ -267,6 +331,31 @@ class Lab:
         if self.pg is not None:
             self.pg.remove()
             self.pg = None
+
+
+HANDED_BACK = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*worker (\S+) (?:\(\S+\) silent for [\d.]+ s: (\d+) requests it held"
+    r"|left with (\d+) requests in flight)"
+)
+
+
+def handed_back(log: Path, worker: str, lo: float, hi: float) -> list[dict[str, Any]]:
+    """From a gateway's log: each time it sent what ``worker`` held to other workers between ``lo``
+    and ``hi`` (wall clock): when (seconds after ``lo``), how many requests, and why (``silent``:
+    after 1.5 heartbeats of silence; ``left``: dropped after its dead-after, or its link closed)."""
+    out = []
+    if not log.exists():
+        return out
+    for line in log.read_text(errors="replace").splitlines():
+        m = HANDED_BACK.match(line)
+        if not m or m.group(3) != worker:
+            continue
+        t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+        if lo <= t < hi:  # the same wall clock, to the millisecond
+            silent = m.group(4) is not None
+            n = int(m.group(4) if silent else m.group(5))
+            out.append({"after_s": round(t - lo, 3), "requests": n, "how": "silent" if silent else "left"})
+    return out
 
 
 def run_lab(cfg: LabConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
