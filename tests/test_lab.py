@@ -172,6 +172,113 @@ def test_checker_rows_of_dropped_packets_a_slow_link_and_a_worker_lost_while_dra
     assert checker.passed(s)
 
 
+def test_netem_loses_delays_in_order_and_queues_at_its_rate():
+    import random
+
+    from shoal.lab.netem import Direction, Profile, due
+
+    d = Direction("a->b", 0, 0)
+    p = Profile(delay_ms=10.0, jitter_ms=5.0, loss=0.2)
+    rng = random.Random(1)
+    times = [due(p, rng, d, i * 0.001, 100) for i in range(2000)]
+    kept = [t for t in times if t is not None]
+    assert 0.17 < d.lost / 2000 < 0.23 and len(kept) + d.lost == 2000
+    assert kept == sorted(kept)  # jitter never reorders
+    assert all(t - i * 0.001 >= 0 for i, t in enumerate(times) if t is not None)
+    slow = Direction("b->a", 0, 0)
+    narrow = Profile(rate_mbit=1.0, queue_ms=100.0)  # 1500-byte frames: 12 ms each
+    at = [due(narrow, rng, slow, 0.0, 1500) for _ in range(20)]
+    assert at[:9] == pytest.approx([0.012 * (i + 1) for i in range(9)])
+    assert at[9:] == [None] * 11 and slow.dropped == 11  # queued past 100 ms: dropped
+
+
+@needs_netns
+def test_link_faults_on_two_machines(tmp_path):
+    """Dropped packets leave the link up and say nothing; a lossy link delays and loses frames and
+    TCP gets everything through; a narrow one takes its time; each ends cleanly."""
+    import socket
+    import threading
+    import time
+
+    from shoal.lab.faults import LOSSY
+    from shoal.lab.world import BRIDGE, World, claim_run, enter
+
+    w = World(claim_run()).create()
+    try:
+        a, b = w.add("a"), w.add("b")
+        ready = threading.Event()
+
+        def server() -> None:
+            enter(b.ns)
+            with socket.create_server((b.address, 9999)) as s:
+                ready.set()
+                c, _ = s.accept()
+                while data := c.recv(65536):
+                    c.sendall(data)
+
+        threading.Thread(target=server, daemon=True).start()
+        ready.wait(10)
+        out: dict = {}
+
+        def client() -> None:
+            enter(a.ns)
+            c = socket.create_connection((b.address, 9999), timeout=10)
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def echo(n: int) -> float:
+                t = time.perf_counter()
+                c.sendall(b"x" * n)
+                got = 0
+                while got < n:
+                    got += len(c.recv(1 << 20))
+                return time.perf_counter() - t
+
+            out["base"] = min(echo(100) for _ in range(20))
+            ready_file = tmp_path / "netem.ready"
+            p = subprocess.Popen(
+                w.in_machine(BRIDGE, [sys.executable, "-m", "shoal.lab.netem", "--taps", ",".join(w.taps("a"))])
+                + ["--delay-ms", str(LOSSY["delay_ms"]), "--loss", "0.05", "--ready", str(ready_file)]
+                + ["--stats", str(tmp_path / "netem.json")]
+            )
+            try:
+                wait_for(ready_file.exists, "shoal.lab.netem never started")
+                w.impair("a")
+                out["lossy"] = sorted(echo(100) for _ in range(40))
+                out["lossy_1mb"] = echo(1_000_000)
+                w.unimpair("a")
+            finally:
+                p.terminate()
+                p.wait(10)
+            out["frames"] = json.loads((tmp_path / "netem.json").read_text())
+            w.set_rate("a", 1.0)
+            out["narrow_200kb"] = echo(200_000)
+            w.set_rate("a", None)
+            w.set_dropping("a", True)
+            c.sendall(b"z")
+            c.settimeout(1.0)
+            try:
+                out["while_dropped"] = c.recv(1)
+            except TimeoutError:
+                out["while_dropped"] = None
+            link = subprocess.run(["ip", "-n", a.ns, "link", "show", "eth0"], capture_output=True, text=True)
+            out["link_up"] = "LOWER_UP" in link.stdout and "blackhole" in link.stdout
+            w.set_dropping("a", False)
+            c.settimeout(10.0)
+            out["after"] = c.recv(1)  # retransmitted once the packets pass again
+
+        th = threading.Thread(target=client)
+        th.start()
+        th.join(60)
+        assert not th.is_alive()
+    finally:
+        w.release()
+    assert out["lossy"][0] >= 2 * LOSSY["delay_ms"] / 1000 > out["base"]  # a round trip crosses it twice
+    lost = sum(x["lost"] for x in out["frames"].values())
+    assert lost > 0 and out["lossy_1mb"] < 30  # frames lost, every byte there
+    assert 1.2 < out["narrow_200kb"] < 5  # 200 KB = 1.6 Mbit each way at 1 Mbit/s, pipelined
+    assert out["while_dropped"] is None and out["link_up"] and out["after"] == b"z"
+
+
 @pytest.mark.slow
 @needs_netns
 def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):

@@ -80,6 +80,25 @@ class Direction:
     timer: asyncio.TimerHandle | None = None
 
 
+def due(p: Profile, rng: random.Random, d: Direction, now: float, size: int) -> float | None:
+    """When a frame of ``size`` bytes that arrived ``now`` leaves, one way; None when it is lost."""
+    if p.loss and rng.random() < p.loss:
+        d.lost += 1
+        return None
+    at = now
+    if p.rate_mbit:
+        start = max(now, d.free_at)
+        if start - now > p.queue_ms / 1000.0:
+            d.dropped += 1
+            return None
+        d.free_at = start + size * 8 / (p.rate_mbit * 1e6)
+        at = d.free_at
+    delay = rng.gauss(p.delay_ms, p.jitter_ms) if p.jitter_ms else p.delay_ms
+    at += max(0.0, delay) / 1000.0
+    d.last = max(at, d.last)
+    return d.last
+
+
 class Link:
     def __init__(self, a: int, b: int, profile: Profile, rng: random.Random) -> None:
         self.profile = profile
@@ -88,25 +107,6 @@ class Link:
         self.ways = [Direction("a->b", a, b), Direction("b->a", b, a)]
         for d in self.ways:
             self.loop.add_reader(d.src, self._read, d)
-
-    def due(self, d: Direction, now: float, size: int) -> float | None:
-        """When a frame of ``size`` bytes that arrived ``now`` leaves; None when it is lost."""
-        p = self.profile
-        if p.loss and self.rng.random() < p.loss:
-            d.lost += 1
-            return None
-        at = now
-        if p.rate_mbit:
-            start = max(now, d.free_at)
-            if start - now > p.queue_ms / 1000.0:
-                d.dropped += 1
-                return None
-            d.free_at = start + size * 8 / (p.rate_mbit * 1e6)
-            at = d.free_at
-        delay = self.rng.gauss(p.delay_ms, p.jitter_ms) if p.jitter_ms else p.delay_ms
-        at += max(0.0, delay) / 1000.0
-        d.last = max(at, d.last)
-        return d.last
 
     def _read(self, d: Direction) -> None:
         now = self.loop.time()
@@ -117,7 +117,7 @@ class Link:
                 break
             except OSError:
                 return
-            at = self.due(d, now, len(frame))
+            at = due(self.profile, self.rng, d, now, len(frame))
             if at is None:
                 continue
             if at <= now and not d.queue:
