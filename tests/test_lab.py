@@ -286,8 +286,15 @@ def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):
 
     s = run_lab(LabConfig(out=tmp_path, seed=1))
     assert s["requests"] > 500
-    for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers"):
+    for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers", "wrong_cluster"):
         assert s[k] == 0, (k, s["first_failures"])
+    # The second site, its own cluster and model, reaching central over a WAN (100 ms, 1 % loss,
+    # 10 Mbit/s): its devices are routed to it for its model and served throughout; central lists it.
+    site2 = s["sites"]["site-2"]
+    assert site2["answered"] > 100 and site2["failed"] == 0, site2
+    assert s["answered_by"].get("gw-c") == site2["answered"], s["answered_by"]
+    assert site2["routes_asked"] > 0 and site2["routes_to_it"] == 1.0, site2
+    assert site2["central_listed_live"] >= 0.9, site2
     part, drop, joining, draining, gw_part, central_lost, db_restart, crash = s["faults"]
     # The worker's machine cut off silently: the gateways notice (their dead-after is 5 s) and take
     # it back once the link returns.

@@ -102,6 +102,7 @@ def pair_requests(log: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict
                 "gateway": d.get("gateway") if d else None,
                 "out": d.get("out") if d else None,
                 "correct": bool(d and d.get("correct")),
+                "model": s.get("model"),
             }
         )
     reqs.sort(key=lambda r: r["sent"])
@@ -357,17 +358,24 @@ def check(
     faults: list[dict[str, Any]],
     gateways: dict[str, str],
     warm: float | None = None,
+    clusters: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The run's summary. ``gateways``: gateway URL -> machine; ``faults``: ``faults.inject``'s
     records in order; ``warm``: when the system was first steady under load (the requests before it,
-    routes asked for and connections opened, are the 'warm-up' phase). Times in the summary are
-    seconds from the first request."""
+    routes asked for and connections opened, are the 'warm-up' phase); ``clusters``: name ->
+    ``{"model", "gateways"}`` (machines), the first the one the faults hit (default: one cluster of
+    every gateway). Times in the summary are seconds from the first request."""
     reqs, counts = pair_requests(log)
     t0 = reqs[0]["sent"] if reqs else 0.0
     end = max((r["done"] or r["sent"] for r in reqs), default=t0)
-    gw_machines = set(gateways.values())
     for r in reqs:
         r["machine"] = gateways.get((r["gateway"] or "").rstrip("/"), r["gateway"])
+    gw_machines = set(next(iter(clusters.values()))["gateways"]) if clusters else set(gateways.values())
+    if clusters:  # every answer from a gateway of the cluster that serves the request's model
+        serving = {c["model"]: set(c["gateways"]) for c in clusters.values()}
+        counts["wrong_cluster"] = sum(
+            1 for r in reqs if r["ok"] and r["model"] in serving and r["machine"] not in serving[r["model"]]
+        )
     first_fault = faults[0]["start"] if faults else end
     warm = t0 if warm is None else warm
     before = [r["done"] - r["sent"] for r in reqs if r["ok"] and warm <= r["sent"] < first_fault]
@@ -466,14 +474,63 @@ def check(
         out_faults.append(rec)
     phases["after" if faults else "all"] = _phase(reqs, mark, end + 1.0, t0)
     answered_by = Counter(r["machine"] for r in reqs if r["ok"])
+    sites = {
+        name: _site(name, c, reqs, samples, gateways, t0, first=i == 0)
+        for i, (name, c) in enumerate((clusters or {}).items())
+    }
     return {
         **counts,
         "duration_s": round(end - t0, 3),
         "answered_by": dict(sorted(answered_by.items())),
+        **({"sites": sites} if len(sites) > 1 else {}),
         "slow_threshold_s": round(slow, 3),
         "faults": out_faults,
         "phases": phases,
     }
+
+
+def _site(
+    name: str,
+    c: dict[str, Any],
+    reqs: list[dict[str, Any]],
+    samples: list[dict[str, Any]],
+    urls: dict[str, str],
+    t0: float,
+    first: bool,
+) -> dict[str, Any]:
+    """A cluster's requests (those for its model) over the whole run, and, for a site other than
+    the first (whose gateways the faults hit), how central saw it: ``central_listed_live`` (the
+    share of central's lists naming every one of its gateways live: its reports crossed its WAN) and
+    ``routes_to_it`` (the share of the route probes for its model answered that name its gateways
+    and no other)."""
+    mine = [r for r in reqs if r["model"] == c["model"]]
+    p50, p99 = _pct([r["done"] - r["sent"] for r in mine if r["ok"]])
+    out: dict[str, Any] = {
+        "model": c["model"],
+        "gateways": c["gateways"],
+        "requests": len(mine),
+        "answered": sum(1 for r in mine if r["ok"]),
+        "failed": sum(1 for r in mine if r["done"] is not None and not r["ok"]),
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+    if first:
+        return out
+    lo = min((r["sent"] for r in mine), default=t0)
+    lists = [s for s in samples if s["source"].startswith("central") and s["ok"] and s["t"] >= lo]
+    out["central_listed_live"] = (
+        round(sum(1 for s in lists if all(s["gateways"].get(g) for g in c["gateways"])) / len(lists), 3)
+        if lists
+        else None
+    )
+    probes = [s for s in samples if s["source"].startswith(f"{name}-route-") and s["ok"] and s["t"] >= lo]
+    answered = [p for p in probes if p["code"] == 200]
+    def its_own(p: dict[str, Any]) -> bool:
+        return bool(p["gateways"]) and all(urls.get(u.rstrip("/")) in c["gateways"] for u in p["gateways"])
+
+    out["routes_asked"] = len(probes)
+    out["routes_to_it"] = round(sum(1 for p in answered if its_own(p)) / len(answered), 3) if answered else None
+    return out
 
 
 def _phase(reqs: list[dict[str, Any]], lo: float, hi: float, t0: float) -> dict[str, Any]:
@@ -493,7 +550,8 @@ def passed(summary: dict[str, Any]) -> bool:
     """No request failed, lost, answered twice or answered wrongly, and every fault was detected and
     recovered."""
     clean = not any(
-        summary[k] for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers")
+        summary.get(k)
+        for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers", "wrong_cluster")
     )
     return clean and all(
         f.get("detected_s", 0) is not None and f["recovered_s"] is not None for f in summary["faults"]

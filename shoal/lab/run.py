@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.lab import checker
-from shoal.lab.deploy import MODEL, Deployment, deploy
+from shoal.lab.deploy import MODEL, Deployment, SiteSpec, deploy
 from shoal.lab.device import LogTail
 from shoal.lab.faults import CRASHES, SCENARIOS, Fault, inject
 from shoal.lab.observe import Observer, central_sample, gateway_sample, route_sample
@@ -34,6 +34,11 @@ from shoal.lab.world import World, claim_run
 CENTRALS = ["central-1", "central-2"]
 GATEWAYS = ["gw-a", "gw-b"]
 WORKERS = ["w1", "w2"]
+# The second site: a cluster of its own (one gateway, two workers) serving a model of its own,
+# reaching central through a WAN of its own (100 ms one way, 1 % loss, 10 Mbit/s, throughout), its
+# devices on a machine of their own asking for that model.
+SITE2 = SiteSpec("site-2", ["gw-c"], ["w5", "w6"], "echo-b", wan="wan-2", wan_mbit=10.0)
+SITE2_DEVICES = "dev-2"
 PROBE = "probe"  # the device account the observer asks each replica for routes with
 SLOW_S = 1.0  # a request outstanding longer than this holds the system from being steady
 SLOW_MODEL_S = 0.8  # a batch of the workers the scale-out and drain faults start (they hold requests)
@@ -55,14 +60,21 @@ class Echo:
 """
 
 
-def slow_echo_repo(root: Path) -> Path:
-    """A model repository with the bundled echo model's manifest and a slow handler."""
+def lab_repo(root: Path) -> Path:
+    """The lab's model repository: the bundled echo model's manifest with a slow handler
+    (``SLOW_ECHO``), and ``SITE2.model``, the bundled echo under another name."""
     from shoal.worker.cli import bundled_repo
 
+    echo = Path(bundled_repo()) / MODEL / "1"
     v = root / MODEL / "1"
     v.mkdir(parents=True, exist_ok=True)
-    shutil.copy(Path(bundled_repo()) / MODEL / "1" / "manifest.json", v / "manifest.json")
+    shutil.copy(echo / "manifest.json", v / "manifest.json")
     (v / "handler.py").write_text(SLOW_ECHO)
+    v = root / SITE2.model / "1"
+    v.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((echo / "manifest.json").read_text())
+    (v / "manifest.json").write_text(json.dumps({**manifest, "name": SITE2.model}, indent=1))
+    shutil.copy(echo / "handler.py", v / "handler.py")
     return root
 
 
@@ -77,6 +89,9 @@ class LabConfig:
     client_timeout: float = 10.0  # the device client's timeout (its default)
     tail_s: float = 3.0  # steady seconds after the last fault
     recover_timeout_s: float = 45.0  # longest wait for a fault's recovery before going on
+    second_site: bool = True  # SITE2 and its devices (SITE2_DEVICES)
+    site2_devices: int = 2  # device accounts at the second site
+    site2_in_flight: int = 1  # requests at once per device there
     schedule: list[Fault] = field(default_factory=list)  # default: the scenario's
 
 
@@ -106,16 +121,17 @@ class Lab:
     def _holding(self, dep: Deployment) -> bool:
         """Every gateway still up answers and holds every worker still up as accepting."""
         assert self.observer is not None
-        for g in dep.gateways:
-            if g in self.down:
-                continue
-            s = self.observer.latest(g)
-            if not s or not s["ok"]:
-                return False
-            if any(
-                not (s["workers"].get(w) or {}).get("accepting") for w in dep.workers if w not in self.down
-            ):
-                return False
+        for d in (dep, *dep.sites.values()):
+            for g in d.gateways:
+                if g in self.down:
+                    continue
+                s = self.observer.latest(g)
+                if not s or not s["ok"]:
+                    return False
+                if any(
+                    not (s["workers"].get(w) or {}).get("accepting") for w in d.workers if w not in self.down
+                ):
+                    return False
         return True
 
     def _flowing(self, tail: LogTail, since: float) -> bool:
@@ -188,13 +204,15 @@ class Lab:
         t = time.monotonic()
         world.create()
         spare = [f.machine for f in schedule if f.kind in STARTED]  # idle until their fault
-        for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev", *spare):
+        site2 = [SITE2.wan or "", *SITE2.gateways, *SITE2.workers, SITE2_DEVICES] if cfg.second_site else []
+        for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev", *spare, *site2):
             world.add(name)
-        self.slow_repo = slow_echo_repo(out / "models")
+        self.slow_repo = lab_repo(out / "models")
         self.say(f"lab run {world.run}: bridge and {len(world.machines)} machines on 10.77.{world.run}.0/24")
         self.procs = procs = Processes(world, out / "logs")
         self.observer = obs = Observer(world.bridge_ns)
         devices = [f"cam-{i}" for i in range(cfg.devices)]
+        devices2 = [f"cam-b{i}" for i in range(cfg.site2_devices)] if cfg.second_site else []
         self.pg = LabPostgres(world.machines["db"].address, f"10.77.{world.run}.0/24")
         dep = deploy(
             world,
@@ -203,22 +221,30 @@ class Lab:
             out,
             GATEWAYS,
             WORKERS,
-            [*devices, PROBE],
+            [*devices, *devices2, PROBE],
             centrals=CENTRALS,
             pg=self.pg,
             wan="wan",
+            sites=[SiteSpec(**{**asdict(SITE2), "repo": self.slow_repo})] if cfg.second_site else [],
         )
         self.dep = dep
+        more = "".join(
+            f"; {c}: {', '.join(d.gateways)}, {', '.join(d.workers)} ({d.model})" for c, d in dep.sites.items()
+        )
         self.say(
             f"deployed in {time.monotonic() - t:.1f} s: PostgreSQL, {', '.join(CENTRALS)}, the WAN relay, "
-            f"{', '.join(GATEWAYS)}, {', '.join(WORKERS)}"
+            f"{', '.join(GATEWAYS)}, {', '.join(WORKERS)}{more}"
         )
-        for g, gw in dep.gateways.items():
+        all_gateways = {g: gw for d in (dep, *dep.sites.values()) for g, gw in d.gateways.items()}
+        for g, gw in all_gateways.items():
             obs.watch(g, partial(gateway_sample, gw), 0.1)
         for name, c in dep.centrals.items():
             obs.watch(name, partial(central_sample, c), 0.25)
             probe = partial(route_sample, c, PROBE, dep.devices[PROBE], MODEL)
             obs.watch(f"route-{name}", probe, 0.25)
+            for cluster, d in dep.sites.items():  # a route for the other site's model, from each replica
+                probe = partial(route_sample, c, PROBE, dep.devices[PROBE], d.model)
+                obs.watch(f"{cluster}-route-{name}", probe, 0.25)
 
         log = out / "device.jsonl"
         dev = procs.spawn(
@@ -243,12 +269,35 @@ class Lab:
             ],
             {"SHOAL_DEVICE_PASSWORD": dep.devices[devices[0]]},
         )
-        tail = LogTail(log)
-        if not _wait(lambda: len(tail.read().answered) == len(devices) or not dev.alive(), 60):
+        drivers = [dev]
+        logs = [log]
+        for cluster, d in dep.sites.items():  # the other site's devices, through its own WAN to central
+            log2 = out / f"device-{cluster}.jsonl"
+            drivers.append(
+                procs.spawn(
+                    SITE2_DEVICES,
+                    f"dev-{cluster}",
+                    [
+                        *[sys.executable, "-m", "shoal.lab.device", "--central", ",".join(d.site_centrals)],
+                        *["--device", ",".join(devices2), "--in-flight", str(cfg.site2_in_flight)],
+                        *["--timeout", str(cfg.client_timeout), "--seed", str(cfg.seed + 1000)],
+                        *["--model", d.model, "--log", str(log2)],
+                    ],
+                    {"SHOAL_DEVICE_PASSWORD": dep.devices[devices[0]]},
+                )
+            )
+            logs.append(log2)
+        tail = LogTail(*logs)
+        every = len(devices) + len(devices2)
+        if not _wait(lambda: len(tail.read().answered) == every or not all(d.alive() for d in drivers), 60):
             raise RuntimeError(f"the devices got no answers within 60 s:\n{dev.tail()}")
-        if not dev.alive():
-            raise RuntimeError(f"the device driver exited:\n{dev.tail()}")
-        self.say(f"devices answered: {cfg.devices} x {cfg.in_flight} in flight")
+        for d in drivers:
+            if not d.alive():
+                raise RuntimeError(f"the device driver exited:\n{d.tail()}")
+        self.say(
+            f"devices answered: {cfg.devices} x {cfg.in_flight} in flight"
+            + (f"; at {SITE2.cluster}: {len(devices2)} x {cfg.site2_in_flight}" if devices2 else "")
+        )
 
         def steady() -> bool:
             return self._holding(dep) and self._flowing(tail, 0.0)
@@ -282,20 +331,23 @@ class Lab:
                     g: handed_back(out / "logs" / f"{g}.log", rec["machine"], rec["start"], hi)
                     for g in dep.gateways
                 }
-        procs.stop([dev], timeout=3 * cfg.client_timeout)
+        procs.stop(drivers, timeout=3 * cfg.client_timeout)
         obs.stop()
 
         samples = list(obs.samples)
-        gateways = {gw.url: g for g, gw in dep.gateways.items()}
-        entries = checker.read_jsonl(log)
-        summary = checker.check(entries, samples, records, gateways, warm)
+        gateways = {gw.url: g for g, gw in all_gateways.items()}
+        entries = [e for path in logs for e in checker.read_jsonl(path)]
+        clusters = {
+            c: {"model": d.model, "gateways": sorted(d.gateways)} for c, d in [(dep.cluster, dep), *dep.sites.items()]
+        }
+        summary = checker.check(entries, samples, records, gateways, warm, clusters)
         reqs, _ = checker.pair_requests(entries)
         t0 = reqs[0]["sent"] if reqs else 0.0
         plot = plot_timeline(
             reqs,
             samples,
             records,
-            list(dep.gateways),
+            list(all_gateways),
             t0,
             out / "timeline.png",
             f"shoal lab, seed {cfg.seed}: {', '.join(r['label'] for r in records)}",
