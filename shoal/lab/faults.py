@@ -21,9 +21,10 @@ when, by the wall clock the devices' logs use.
 * ``slow(machine, seconds)``: the machine's link narrowed to ``SLOW_MBIT`` each way (``tbf``, a
   200 ms queue) for ``seconds``.
 * ``crash-joining(machine)``: a worker started on the idle machine (scale-out); once a gateway holds
-  it with requests in flight (its first batches), the machine crashed as ``crash`` does.
+  it with requests in flight (its first batch, held until then: ``Site.hold``), the machine crashed
+  as ``crash`` does.
 * ``crash-draining(machine)``: a worker started on the idle machine; once it has answered twice and
-  holds requests, it is told to drain (SIGTERM, as an orchestrator's scale-in does: it tells every gateway DRAIN and
+  holds requests (the batch it computes held until the loss), it is told to drain (SIGTERM, as an orchestrator's scale-in does: it tells every gateway DRAIN and
   finishes what it holds); once it says it is draining, the machine crashed.
 """
 
@@ -57,9 +58,14 @@ class Site(Protocol):
     def start_worker(self, machine: str) -> None:
         """A worker on ``machine`` (idle so far), as the lab's other workers are started."""
 
-    def holds_requests(self, machine: str, served: int = 0) -> bool:
+    def holds_requests(self, machine: str, served: int = 0, since: float = 0.0) -> bool:
         """Some gateway holds the worker on ``machine`` with requests in flight, and the gateways
-        have had at least ``served`` answers from it."""
+        have had at least ``served`` answers from it (by the gateways' samples taken after the wall
+        clock's ``since``)."""
+
+    def hold(self, machine: str, on: bool) -> None:
+        """The batch the worker on ``machine`` computes does not end while ``on`` (it holds its
+        requests until its machine is lost, whatever the timing of the lab's own steps)."""
 
     def wait(self, cond: Callable[[], bool], timeout: float) -> bool:
         """Until ``cond()``; False when ``timeout`` passed first."""
@@ -212,10 +218,17 @@ def _worker_lost(fault: Fault, world: World, procs: Processes, site: Site) -> di
     flight) or while draining (once it says it drains)."""
     m = fault.machine
     rec: dict[str, Any] = {"started": time.time()}
+    joining = fault.kind == "crash-joining"
+    site.hold(m, joining)  # joining: its first batch holds its requests until the machine is lost
     site.start_worker(m)
-    served = 2 if fault.kind == "crash-draining" else 0  # drained once it has served a little
+    served = 0 if joining else 2  # drained once it has served a little
     if not site.wait(lambda: site.holds_requests(m, served), STEP_TIMEOUT_S):
         raise RuntimeError(f"the worker on {m} never took requests:\n{procs.by_machine[m][-1].tail()}")
+    if not joining:  # the batch it computes when told to drain holds its requests until the loss
+        held_from = time.time()
+        site.hold(m, True)
+        if not site.wait(lambda: site.holds_requests(m, since=held_from), STEP_TIMEOUT_S):
+            raise RuntimeError(f"the worker on {m} took no more requests")
     rec["serving"] = time.time()
     if fault.kind == "crash-draining":
         log = procs.logs / f"{m}.log"

@@ -47,7 +47,10 @@ STARTED = ("crash-joining", "crash-draining")  # faults that start a worker on a
 SLOW_ECHO = f"""\"\"\"The lab's slow echo: the bundled echo model, {SLOW_MODEL_S} s a batch (the workers that the
 scale-out and drain faults start and lose, so that they hold requests when it happens).\"\"\"
 
+import os
 import time
+
+HOLD = os.environ.get("SHOAL_LAB_HOLD", "")  # while this file exists, a batch does not end
 
 
 class Echo:
@@ -56,6 +59,8 @@ class Echo:
 
     def __call__(self, inputs):
         time.sleep({SLOW_MODEL_S})
+        while HOLD and os.path.exists(HOLD):
+            time.sleep(0.01)
         return {{"y": inputs["x"]}}
 """
 
@@ -156,18 +161,30 @@ class Lab:
 
     # ------------------------------------------------------------------ what the faults need (faults.Site)
 
+    def _hold_file(self, machine: str) -> Path:
+        return self.cfg.out / f"hold-{machine}"
+
     def start_worker(self, machine: str) -> None:
         """A worker of the slow echo (``SLOW_MODEL_S`` a batch, capacity 4) on ``machine``."""
         assert self.procs is not None and self.dep is not None and self.slow_repo is not None
         args = self.dep.worker_args(machine, "--repo", str(self.slow_repo), "--capacity", "4")
-        child = self.procs.shoal(machine, machine, args, {"SHOAL_CLUSTER_SECRET": self.dep.secret})
-        self.dep.workers[machine] = child
+        env = {"SHOAL_CLUSTER_SECRET": self.dep.secret, "SHOAL_LAB_HOLD": str(self._hold_file(machine))}
+        self.dep.workers[machine] = self.procs.shoal(machine, machine, args, env)
 
-    def holds_requests(self, machine: str, served: int = 0) -> bool:
+    def hold(self, machine: str, on: bool) -> None:
+        f = self._hold_file(machine)
+        if on:
+            f.touch()
+        else:
+            f.unlink(missing_ok=True)
+
+    def holds_requests(self, machine: str, served: int = 0, since: float = 0.0) -> bool:
         assert self.observer is not None and self.dep is not None
         held, answered = False, 0
         for g in self.dep.gateways:
             s = self.observer.latest(g)
+            if s is not None and s["t"] < since:
+                return False
             w = s["workers"].get(machine) if s and s["ok"] else None
             if w:
                 held = held or w["in_flight"] > 0
@@ -187,6 +204,8 @@ class Lab:
             shutil.rmtree(out / sub, ignore_errors=True)
         for f in ("device.jsonl", "samples.jsonl", "faults.json", "summary.json", "timeline.png"):
             (out / f).unlink(missing_ok=True)
+        for f in [*out.glob("hold-*"), *out.glob("device-*.jsonl")]:
+            f.unlink()
         if cfg.scenario not in SCENARIOS:
             raise ValueError(f"scenarios are {', '.join(SCENARIOS)}: {cfg.scenario!r}")
         schedule = cfg.schedule or SCENARIOS[cfg.scenario](cfg.seed)
