@@ -12,6 +12,7 @@ much. Exits non-zero if any request failed.
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "Run central, two clusters and their workers on this machine under load; kill a worker and a gateway; summarise."
 EXAMPLE = """
@@ -70,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    small = [f"--{k}" for k in ("requests", "devices", "clusters", "workers", "gateways") if getattr(args, k) < 1]
+    if small:
+        print(f"shoal demo: {', '.join(small)} must be at least 1", file=sys.stderr)
+        return 2
     if args.elastic:
         from shoal import demo_elastic
 
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         resolve(repo, args.model)
         images, labels = load_mnist("test")
     except (ManifestError, DatasetError) as e:
-        print(f"shoal demo: {e}")
+        print(f"shoal demo: {e}", file=sys.stderr)
         return 2
     n_img = min(args.requests, len(images))
     pngs = [to_png(images[i]) for i in range(n_img)]

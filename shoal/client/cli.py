@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         return None, path.read_bytes()
 
     policy = args.policy or ("local" if args.local and not args.central else "remote")
+    if args.ca and not Path(args.ca).is_file():
+        print(f"shoal infer: --ca {args.ca}: no such file", file=sys.stderr)
+        return 2
     if args.local and args.url:
         print("shoal infer: --local routes through central (--central), not --url", file=sys.stderr)
         return 2
@@ -124,10 +127,14 @@ def run(args: argparse.Namespace) -> int:
     rc = 0
     if edge is None and args.url:
         token = args.token
-        direct = OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca)
-        code, meta = direct.get_json(
-            f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
-        )
+        try:
+            direct = OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca)
+            code, meta = direct.get_json(
+                f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
+            )
+        except (OSError, ValueError) as e:  # unreachable, TLS refused, a CA file that is not one, not JSON
+            print(f"shoal infer: {args.url}: {e}", file=sys.stderr)
+            return 2
         if code != 200:
             print(
                 f"shoal infer: {args.url}: HTTP {code}: {meta.get('error') if isinstance(meta, dict) else meta}",

@@ -67,7 +67,12 @@ def _request(call: Call) -> dict[str, Any]:
 
 
 def _unreachable(call: Call, e: httpx.TransportError) -> Unreachable:
-    failure = Unreachable(f"{call.method} {call.url}: {e or type(e).__name__}")
+    why = str(e) or type(e).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in why:  # a private CA: the one thing to do is to name it
+        why += " (give the CA file that signed the server's certificate: --ca FILE, ca_file=)"
+    elif isinstance(e, httpx.RemoteProtocolError) and call.url.startswith("http://"):
+        why += " (if the server speaks TLS, its URL starts with https://)"
+    failure = Unreachable(f"{call.method} {call.url}: {why}")
     failure.__cause__ = e
     return failure
 

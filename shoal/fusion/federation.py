@@ -163,6 +163,9 @@ def flwr_cli(
         shutil.rmtree(home, ignore_errors=True)
 
 
+_BOX = str.maketrans(dict.fromkeys("╭╮╰╯─│", " "))
+
+
 def enroll(superlink: str, ca: str | None, public_key: Path, name: str) -> int:
     """Register a site's public key with the SuperLink under ``name``; returns its node id."""
     r = flwr_cli(
@@ -171,7 +174,8 @@ def enroll(superlink: str, ca: str | None, public_key: Path, name: str) -> int:
     out = r.stdout or ""
     start = out.find("{")
     if r.returncode != 0 or start < 0:
-        raise RuntimeError(f"enrolling {name} failed: {(r.stderr or out).strip()[-500:]}")
+        said = " ".join((r.stderr or out).translate(_BOX).split())  # flwr's framed message, as one line
+        raise RuntimeError(f"enrolling {name} failed: {said[-500:]}")
     return int(json.loads(out[start:])["node-id"])
 
 
@@ -422,6 +426,9 @@ def run(args: argparse.Namespace) -> int:
     if args.role == "superlink":
         return run_superlink(args)
     if args.role == "enroll":
+        if not Path(args.public_key).is_file():
+            print(f"shoal federation enroll: {args.public_key}: no such file", file=sys.stderr)
+            return 2
         try:
             node = enroll(args.superlink, args.ca, args.public_key, args.name)
         except RuntimeError as e:

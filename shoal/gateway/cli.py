@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Annotated, Any
 
 from shoal.config import LOG_FORMAT, LOG_LEVEL, LogFormat, LogLevel, Opt, Settings, add_settings
@@ -223,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_processes(args)
     if args.processes < 1:
-        print("shoal cluster: --processes must be at least 1")
+        print("shoal cluster: --processes must be at least 1", file=sys.stderr)
         return 2
     secret = args.secret or ""
     keys = list(args.api_key)
@@ -233,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
         pw = args.central_password or ""
         if not pw:
             print(
-                "shoal cluster: --central needs this cluster's password: --central-password or SHOAL_CENTRAL_PASSWORD"
+                "shoal cluster: --central needs this cluster's password: --central-password or SHOAL_CENTRAL_PASSWORD",
+                file=sys.stderr,
             )
             return 2
         central = CentralConfig(
@@ -251,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         policies = {str(m): parse_version_policy(d, f"versions.{m}") for m, d in versions_block.items()}
         autoscale = parse_autoscale(args.autoscale) if args.autoscale is not None else None
     except (PipelineError, AutoscaleError, ValueError) as e:
-        print(f"shoal cluster: {args.config}: {e}")
+        print(f"shoal cluster: {args.config}: {e}", file=sys.stderr)
         return 2
     hh, hp = split_hostport(args.http, 8000)
     wh, wp = split_hostport(args.workers, 8003)
@@ -298,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         gw = Gateway(cfg)
     except ValueError as e:
-        print(f"shoal cluster: {e}")
+        print(f"shoal cluster: {e}", file=sys.stderr)
         return 2
 
     async def main() -> int:
@@ -307,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             await gw.start()
         except (EngineError, OSError) as e:  # the engine cannot reach its workers; a port is taken
-            print(f"shoal cluster: {e}")
+            print(f"shoal cluster: {e}", file=sys.stderr)
             await gw.stop()
             return 2
         write_ports_file(
