@@ -53,8 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir",
         default=None,
-        help="folder for the database and process logs (default: a temporary folder)",
+        help="folder for the database and process logs (default: a temporary folder, removed at the end "
+        "unless --keep or the demo failed)",
     )
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder of logs at the end")
     p.add_argument(
         "--elastic",
         action="store_true",
@@ -65,7 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--day-s", type=float, default=60.0, help="--elastic: length of the day in seconds (default %(default)s)"
     )
     p.add_argument("--think-ms", type=float, default=5.0, help="--elastic: pause between a device's images")
-    p.add_argument("--plot", default=None, help="--elastic: where to write the PNG (default: in the workdir)")
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="--elastic: where to write the PNG (default: elastic.png in --workdir, else shoal-demo-elastic.png "
+        "in the temporary directory)",
+    )
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -218,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
     }
     _print_summary(summary, failures)
+    from shoal.demo_elastic import tidy
+
+    tidy(workdir, args, summary["failed"] == 0)
     if args.json:
         print(json.dumps(summary))
     return 0 if summary["failed"] == 0 else 1
