@@ -176,3 +176,26 @@ def test_an_abbreviated_flag_beats_the_config_file(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "max-queue: 5" in r.stdout and "name: from-file" in r.stdout
+
+
+def test_every_subcommand_and_training_family_has_an_example():
+    """Below the commands too: federation's roles, central's accounts, every shoal train FAMILY."""
+    import argparse
+
+    from shoal.cli import build_parser
+    from shoal.train.catalogue import FAMILIES
+    from shoal.train.cli import family_parser
+
+    def walk(p: argparse.ArgumentParser, path: str):
+        yield path, p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+
+    for path, p in walk(build_parser(), "shoal"):
+        if path != "shoal":
+            assert "example:" in p.format_help(), path
+    for fam in FAMILIES.values():
+        text = family_parser(fam).format_help()
+        assert "example:" in text and f"shoal train {fam.name}" in text.split("example:")[1], fam.name
