@@ -81,13 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
-    import time
     from pathlib import Path
 
     import numpy as np
 
-    from shoal.client.device import Client, InferResult, RouteError
-    from shoal.client.edge import Edge, EdgeError, run_offline
+    from shoal.client.device import Client, RouteError
+    from shoal.client.edge import Edge, EdgeError, encode_frame, run_offline
     from shoal.client.http import InferError, OipHttpClient
     from shoal.client.placement import PlacementError
     from shoal.modelrepo import ManifestError
@@ -184,16 +183,11 @@ def run(args: argparse.Namespace) -> int:
                 res = run_offline(edge.infer(args.model or "", inputs, image, frame, args.version))
             elif args.url:
                 name = args.input or first_input
+                if frame is not None:  # encoded here, as the routed client does
+                    image = encode_frame(frame, args.frame_format, args.quality)
                 if inputs is not None:
                     inputs = {name: inputs["__input__"]}
-                t0 = time.perf_counter()
-                if image is not None:
-                    outs = direct.infer_raw(args.model, image, args.version)
-                else:
-                    outs = direct.infer(args.model, inputs, args.version)
-                res = InferResult(
-                    outs, args.model, args.version or "", args.url, (time.perf_counter() - t0) * 1000, labels
-                )
+                res = direct.infer_result(args.model, inputs, image, args.version, labels)
             else:
                 if inputs is not None:
                     if not args.input:
