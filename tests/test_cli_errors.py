@@ -137,6 +137,10 @@ def test_cluster_and_worker_mistakes(tmp_path, busy_port):
         f"127.0.0.1:{busy_port}",
     )
     said(shoal("cluster", "--config", str(tmp_path / "none.yaml")), "none.yaml")
+    # --print-config shows settings that hold together, or says why they do not.
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("autoscale:\n  models:\n    mnist-cnn: {min: 3, max: 2}\n")
+    said(shoal("cluster", "--config", str(cfg), "--print-config"), "autoscale.models.mnist-cnn.min: 3 is above max 2")
     said(shoal("worker", "--model", "nope", "--repo", str(tmp_path), "--secret", "s"), "no versions of model 'nope'")
     said(shoal("worker", "--model", "mnist-cnn", env={"SHOAL_CLUSTER_SECRET": ""}), "secret")
     said(

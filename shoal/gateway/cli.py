@@ -207,6 +207,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_settings(p, ClusterSettings)
 
 
+def check(args: argparse.Namespace) -> str | None:
+    """The file's blocks (pipelines, versions, autoscale) hold together: checked before --print-config
+    shows them as the settings in force."""
+    from shoal.autoscale.config import AutoscaleError, parse_autoscale
+    from shoal.gateway.pipeline import PipelineError, parse_pipelines
+    from shoal.gateway.policy import parse_version_policy
+
+    try:
+        parse_pipelines(args.pipelines)
+        versions_block = args.versions or {}
+        if not isinstance(versions_block, dict):
+            raise PipelineError("versions: must map model names to version policies")
+        for m, d in versions_block.items():
+            parse_version_policy(d, f"versions.{m}")
+        if args.autoscale is not None:
+            parse_autoscale(args.autoscale)
+    except (PipelineError, AutoscaleError, ValueError) as e:
+        return f"{args.config}: {e}" if args.config else str(e)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from shoal.aio import run as aio_run
     from shoal.aio import setup_logging, split_hostport
