@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -455,6 +456,12 @@ def test_infer_command_prints_one_json_result_per_file(cluster, tmp_path):
     assert [d["labels"]["logits"] for d in lines[:3]] == [str(int(v)) for v in labels[:3]]
     assert lines[3]["labels"]["logits"] == str(int(labels[0]))  # row 0 of the .npy batch
     assert "error" in lines[4] and r.returncode == 1
+    # The fields mean what they mean through central: the version that answered, the bytes sent,
+    # latency_ms the whole request (here one exchange: timings' remote and total).
+    for d, f in zip(lines[:3], files, strict=True):
+        assert d["version"] == "1" and d["bytes_up"] == Path(f).stat().st_size, d
+        assert d["latency_ms"] == d["timings_ms"]["total"] >= d["timings_ms"]["remote"] > 0, d
+    assert lines[3]["bytes_up"] > 2 * 28 * 28 * 4
 
 
 def test_request_ids_reach_the_worker_log_and_json_logs(cluster, model_repo):

@@ -39,6 +39,7 @@ Suites (each starts its own gateway and workers as real processes and stops them
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "Measure the serving path: latency, throughput, worker link, dynamic batching, transfer."
 EXAMPLE = """
@@ -141,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
 
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
-        print(f"shoal bench: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+        print(
+            f"shoal bench: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}", file=sys.stderr
+        )
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-bench-"))
     chosen = args.suites or [s for s in SUITES if s not in ON_REQUEST]
@@ -152,10 +155,11 @@ def run(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
         },
     }
+    # Every chosen suite's module first: one that cannot run says so before any suite starts.
+    modules = {name: importlib.import_module(MODULES[name]) for name in chosen}
     for name in chosen:
         print(f"== {name}", flush=True)
-        mod = importlib.import_module(MODULES[name])
-        res = getattr(mod, name.replace("-", "_"))(workdir / name, args)
+        res = getattr(modules[name], name.replace("-", "_"))(workdir / name, args)
         results[name] = res
         for k, v in res.items():
             print(f"  {k:<36} {v}")

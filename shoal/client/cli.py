@@ -81,13 +81,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
-    import time
     from pathlib import Path
 
     import numpy as np
 
-    from shoal.client.device import Client, InferResult, RouteError
-    from shoal.client.edge import Edge, EdgeError, run_offline
+    from shoal.client.device import Client, RouteError
+    from shoal.client.edge import Edge, EdgeError, encode_frame, run_offline
     from shoal.client.http import InferError, OipHttpClient
     from shoal.client.placement import PlacementError
     from shoal.modelrepo import ManifestError
@@ -98,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         return None, path.read_bytes()
 
     policy = args.policy or ("local" if args.local and not args.central else "remote")
+    if args.ca and not Path(args.ca).is_file():
+        print(f"shoal infer: --ca {args.ca}: no such file", file=sys.stderr)
+        return 2
     if args.local and args.url:
         print("shoal infer: --local routes through central (--central), not --url", file=sys.stderr)
         return 2
@@ -124,10 +126,14 @@ def run(args: argparse.Namespace) -> int:
     rc = 0
     if edge is None and args.url:
         token = args.token
-        direct = OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca)
-        code, meta = direct.get_json(
-            f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
-        )
+        try:
+            direct = OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca)
+            code, meta = direct.get_json(
+                f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
+            )
+        except (OSError, ValueError) as e:  # unreachable, TLS refused, a CA file that is not one, not JSON
+            print(f"shoal infer: {args.url}: {e}", file=sys.stderr)
+            return 2
         if code != 200:
             print(
                 f"shoal infer: {args.url}: HTTP {code}: {meta.get('error') if isinstance(meta, dict) else meta}",
@@ -177,16 +183,11 @@ def run(args: argparse.Namespace) -> int:
                 res = run_offline(edge.infer(args.model or "", inputs, image, frame, args.version))
             elif args.url:
                 name = args.input or first_input
+                if frame is not None:  # encoded here, as the routed client does
+                    image = encode_frame(frame, args.frame_format, args.quality)
                 if inputs is not None:
                     inputs = {name: inputs["__input__"]}
-                t0 = time.perf_counter()
-                if image is not None:
-                    outs = direct.infer_raw(args.model, image, args.version)
-                else:
-                    outs = direct.infer(args.model, inputs, args.version)
-                res = InferResult(
-                    outs, args.model, args.version or "", args.url, (time.perf_counter() - t0) * 1000, labels
-                )
+                res = direct.infer_result(args.model, inputs, image, args.version, labels)
             else:
                 if inputs is not None:
                     if not args.input:

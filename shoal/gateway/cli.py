@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Annotated, Any
 
 from shoal.config import LOG_FORMAT, LOG_LEVEL, LogFormat, LogLevel, Opt, Settings, add_settings
@@ -247,6 +248,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_settings(p, ClusterSettings)
 
 
+def check(args: argparse.Namespace) -> str | None:
+    """The file's blocks (pipelines, versions, autoscale) hold together: checked before --print-config
+    shows them as the settings in force."""
+    from shoal.autoscale.config import AutoscaleError, parse_autoscale
+    from shoal.gateway.pipeline import PipelineError, parse_pipelines
+    from shoal.gateway.policy import parse_version_policy
+
+    try:
+        parse_pipelines(args.pipelines)
+        versions_block = args.versions or {}
+        if not isinstance(versions_block, dict):
+            raise PipelineError("versions: must map model names to version policies")
+        for m, d in versions_block.items():
+            parse_version_policy(d, f"versions.{m}")
+        if args.autoscale is not None:
+            parse_autoscale(args.autoscale)
+    except (PipelineError, AutoscaleError, ValueError) as e:
+        return f"{args.config}: {e}" if args.config else str(e)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from shoal.aio import run as aio_run
     from shoal.aio import setup_logging, split_hostport
@@ -266,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_processes(args)
     if args.processes < 1:
-        print("shoal cluster: --processes must be at least 1")
+        print("shoal cluster: --processes must be at least 1", file=sys.stderr)
         return 2
     secret = args.secret or ""
     keys = list(args.api_key)
@@ -276,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
         pw = args.central_password or ""
         if not pw:
             print(
-                "shoal cluster: --central needs this cluster's password: --central-password or SHOAL_CENTRAL_PASSWORD"
+                "shoal cluster: --central needs this cluster's password: --central-password or SHOAL_CENTRAL_PASSWORD",
+                file=sys.stderr,
             )
             return 2
         central = CentralConfig(
@@ -296,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         levels, default, per_model = parse_priorities(args.priority_levels, args.default_priority, args.priorities)
         quotas = dict(parse_quota(q.strip()) for entry in args.quota for q in entry.split(",") if q.strip())
     except (PipelineError, AutoscaleError, ValueError) as e:
-        print(f"shoal cluster: {args.config}: {e}")
+        print(f"shoal cluster: {args.config}: {e}", file=sys.stderr)
         return 2
     hh, hp = split_hostport(args.http, 8000)
     wh, wp = split_hostport(args.workers, 8003)
@@ -347,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         gw = Gateway(cfg)
     except ValueError as e:
-        print(f"shoal cluster: {e}")
+        print(f"shoal cluster: {e}", file=sys.stderr)
         return 2
 
     async def main() -> int:
@@ -356,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             await gw.start()
         except (EngineError, OSError) as e:  # the engine cannot reach its workers; a port is taken
-            print(f"shoal cluster: {e}")
+            print(f"shoal cluster: {e}", file=sys.stderr)
             await gw.stop()
             return 2
         write_ports_file(
