@@ -53,3 +53,30 @@ def test_tensors_images_and_errors(cluster, model_repo):
     s.close()
     with OipGrpcClient(f"grpc://127.0.0.1:{closed}", timeout=5) as c, pytest.raises(ConnectionError):
         c.infer("echo", {"x": x})
+
+
+def test_shoal_infer_over_grpc(cluster, model_repo, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    lc = cluster()
+    lc.add_worker("mnist-cnn", repo=model_repo)
+    lc.wait_workers("mnist-cnn", 1)
+    digit = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(digit)
+    url = f"grpc://127.0.0.1:{lc.grpc_port}"
+
+    def infer(key: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "shoal", "infer", "--url", url, "--token", key, "--model", "mnist-cnn", str(digit)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    ok = infer(lc.api_key)
+    assert ok.returncode == 0, ok.stderr
+    line = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert line["model"] == "mnist-cnn" and line["bytes_up"] > 0, line
+    bad = infer("wrong-key")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "UNAUTHENTICATED" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

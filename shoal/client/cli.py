@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from shoal.config import Opt, Settings, add_settings
 
@@ -14,6 +14,7 @@ HELP = (
 EXAMPLE = """
 SHOAL_DEVICE_PASSWORD=pw shoal infer --central http://127.0.0.1:7000 --device cam-1 --model mnist-cnn digit.png
 shoal infer --url http://127.0.0.1:8000 --token devkey --model mnist-cnn digit.png other.png
+shoal infer --url grpc://127.0.0.1:8001 --token devkey --model mnist-cnn digit.png   # the gRPC front
 shoal infer --local models/mnist-mlp/1 digit.png                       # on this device only
 SHOAL_DEVICE_PASSWORD=pw shoal infer --central http://127.0.0.1:7000 --device cam-1 --model mnist-cnn \\
     --local models/mnist-mlp/1 --policy cascade --threshold 0.99 --frame-format jpeg frame.npy
@@ -36,7 +37,13 @@ class InferSettings(Settings, kw_only=True):
         str | None,
         Opt("device password (default: $SHOAL_DEVICE_PASSWORD)", secret=True, env=("SHOAL_DEVICE_PASSWORD",)),
     ] = None
-    url: Annotated[str | None, Opt("talk to this gateway directly instead of routing through central")] = None
+    url: Annotated[
+        str | None,
+        Opt(
+            "talk to this gateway directly instead of routing through central: http(s)://HOST:8000, or "
+            "grpc(s)://HOST:8001 for its gRPC front (needs shoal[grpc])"
+        ),
+    ] = None
     token: Annotated[
         str | None, Opt("bearer token for --url (default: $SHOAL_TOKEN)", secret=True, env=("SHOAL_TOKEN",))
     ] = None
@@ -127,11 +134,15 @@ def run(args: argparse.Namespace) -> int:
     if edge is None and args.url:
         token = args.token
         try:
-            direct = OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca)
-            code, meta = direct.get_json(
-                f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
-            )
-        except (OSError, ValueError) as e:  # unreachable, TLS refused, a CA file that is not one, not JSON
+            if args.url.startswith(("grpc://", "grpcs://")):
+                direct = _grpc_client(args)
+                code, meta = 200, direct.metadata(args.model, args.version)
+            else:
+                direct = OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca)
+                code, meta = direct.get_json(
+                    f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
+                )
+        except (OSError, ValueError, InferError) as e:  # unreachable, TLS refused, a bad CA file, not JSON
             print(f"shoal infer: {args.url}: {e}", file=sys.stderr)
             return 2
         if code != 200:
@@ -211,3 +222,12 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"file": str(path), "error": str(e)}), flush=True)
             rc = 1
     return rc
+
+
+def _grpc_client(args: argparse.Namespace) -> Any:
+    """The gateway's gRPC front, for ``--url grpc://...``: ``ValueError`` when grpcio is missing."""
+    try:
+        from shoal.client.grpc_client import OipGrpcClient
+    except ImportError:
+        raise ValueError("a grpc:// address needs shoal[grpc] (pip install 'shoal[grpc]')") from None
+    return OipGrpcClient(args.url, args.token, timeout=args.timeout, ca_file=args.ca)

@@ -6,13 +6,14 @@ contents, as ``tritonclient.grpc`` sends and reads them.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
-from shoal.client.core import InferError
+from shoal.client.core import InferError, InferResult
 from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
 from shoal.protocol.tensors import TensorError, from_buffer, to_buffer
 
@@ -102,22 +103,42 @@ class OipGrpcClient:
     def infer(
         self, model: str, inputs: dict[str, np.ndarray], version: str | None = None, outputs: list[str] | None = None
     ) -> dict[str, np.ndarray]:
-        req = pb.ModelInferRequest(model_name=model, model_version=version or "")
-        for name, arr in inputs.items():
-            dt, shape, buf = to_buffer(np.asarray(arr))
-            req.inputs.append(pb.ModelInferRequest.InferInputTensor(name=name, datatype=dt, shape=shape))
-            req.raw_input_contents.append(bytes(buf))
-        for name in outputs or ():
-            req.outputs.append(pb.ModelInferRequest.InferRequestedOutputTensor(name=name))
-        return self._outputs(self._call(self._infer, req))
+        return self._outputs(self._call(self._infer, _request(model, inputs, version, outputs)))
+
+    def infer_result(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray] | None = None,
+        payload: bytes | None = None,
+        version: str | None = None,
+        labels: dict[str, list[str]] | None = None,
+    ) -> InferResult:
+        """Tensors (``inputs``) or an encoded image (``payload``) as an ``InferResult`` with the fields
+        the HTTP client fills: the version that answered, the bytes sent, the timings."""
+        if payload is not None:
+            name = self.metadata(model, version)["inputs"][0]["name"]
+            inputs = {name: _one_bytes(payload)}
+        req = _request(model, inputs or {}, version, None)
+        t0 = time.perf_counter()
+        resp = self._call(self._infer, req)
+        ms = (time.perf_counter() - t0) * 1000.0
+        return InferResult(
+            self._outputs(resp),
+            resp.model_name or model,
+            resp.model_version or version or "",
+            self.url,
+            ms,
+            labels or {},
+            bytes_up=req.ByteSize(),
+            timings_ms={"remote": ms, "total": ms},
+            gateway=self.url,
+        )
 
     def infer_raw(self, model: str, payload: bytes, version: str | None = None, input_name: str = "") -> dict[str, np.ndarray]:
         """An encoded image (a PNG or JPEG file's bytes) as the model's one input: a BYTES tensor of one."""
         if not input_name:
             input_name = self.metadata(model, version)["inputs"][0]["name"]
-        arr = np.empty(1, dtype=object)
-        arr[0] = payload
-        return self.infer(model, {input_name: arr}, version)
+        return self.infer(model, {input_name: _one_bytes(payload)}, version)
 
     @staticmethod
     def _outputs(resp: pb.ModelInferResponse) -> dict[str, np.ndarray]:
@@ -130,3 +151,22 @@ class OipGrpcClient:
             except TensorError as e:
                 raise InferError(f"output '{t.name}': {e}", 502) from None
         return out
+
+
+def _one_bytes(payload: bytes) -> np.ndarray:
+    arr = np.empty(1, dtype=object)
+    arr[0] = payload
+    return arr
+
+
+def _request(
+    model: str, inputs: dict[str, np.ndarray], version: str | None, outputs: list[str] | None
+) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=model, model_version=version or "")
+    for name, arr in inputs.items():
+        dt, shape, buf = to_buffer(np.asarray(arr))
+        req.inputs.append(pb.ModelInferRequest.InferInputTensor(name=name, datatype=dt, shape=shape))
+        req.raw_input_contents.append(bytes(buf))
+    for name in outputs or ():
+        req.outputs.append(pb.ModelInferRequest.InferRequestedOutputTensor(name=name))
+    return req
