@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from shoal.gateway.dispatch import Dispatcher
-from shoal.gateway.policy import shed_retry_after_ms
+from shoal.gateway.policy import Patience, shed_retry_after_ms
 from shoal.gateway.pool import ModelTable, Pending, Priorities, RequestFailed
 from shoal.gateway.quotas import Quota, Quotas, parse_quota
 from shoal.gateway.request_queue import RequestQueue
@@ -180,3 +180,29 @@ def test_quotas_per_role_and_per_account():
 def test_a_malformed_quota_says_what_is_wrong(spec):
     with pytest.raises(ValueError, match="quota"):
         parse_quota(spec)
+
+
+def test_the_clients_patience_is_learned_from_those_that_leave():
+    p = Patience()
+    for i in range(7):
+        p.left(0.3 + i * 0.01, float(i))
+    assert p.seconds(7.0) is None  # too few to tell
+    p.left(0.5, 7.0)
+    assert p.seconds(7.0) == pytest.approx(0.3)  # the 10th percentile of what they waited
+    assert p.seconds(17.5) is None  # nobody left for 10 s: forgotten
+
+
+def test_requests_that_do_not_say_their_deadline_are_admitted_against_the_clients_patience(loop):
+    w = Worker("w", 1)
+    d, pool = setup([w])
+    pool.per_request_s = 0.1
+    for i in range(8):  # clients that gave up after about 300 ms
+        pool.patience.left(0.3, 0.0)
+    d.submit(pool, req(loop, pool, 1, deadline=30.0), 0.0)  # sent at once
+    d.submit(pool, req(loop, pool, 2, deadline=30.0), 0.0)  # 0.2 s <= 0.8 x 0.3 s: queued
+    with pytest.raises(RequestFailed, match="its clients wait before they give up"):
+        d.submit(pool, req(loop, pool, 3, deadline=30.0), 0.0)  # 0.3 s: they would be gone
+    told = req(loop, pool, 4, deadline=30.0)
+    told.told = True  # a client that said its deadline is held to it, not to the others' patience
+    d.submit(pool, told, 0.0)
+    assert [p.id for p in pool.queue] == [2, 4]

@@ -73,17 +73,21 @@ class Dispatcher:
         if not pool.workers and pool.on_wait is not None:
             pool.on_wait()  # a sleeping model: tell whoever can wake it, now
         wait = pool.predicted_wait_s(p.level)
-        if wait is not None and wait > ADMIT_SHARE * (p.deadline - now):
-            pool.shed += 1
+        if wait is not None:
             left = max(0.0, p.deadline - now)
-            ms = shed_retry_after_ms(wait, ADMIT_SHARE * left)
-            raise RequestFailed(
-                f"model '{pool.spec.name}' version {pool.spec.version} is overloaded: its answer is "
-                f"expected in {wait * 1e3:.0f} ms, after the request's deadline ({left * 1e3:.0f} ms)",
-                503,
-                -(-ms // 1000),
-                ms,
-            )
+            what = "the request's deadline"
+            if not p.told and (patience := pool.patience.seconds(now)) is not None and patience < left:
+                left, what = patience, "the time its clients wait before they give up"
+            if wait > ADMIT_SHARE * left:
+                pool.shed += 1
+                ms = shed_retry_after_ms(wait, ADMIT_SHARE * left)
+                raise RequestFailed(
+                    f"model '{pool.spec.name}' version {pool.spec.version} is overloaded: its answer is "
+                    f"expected in {wait * 1e3:.0f} ms, after {what} ({left * 1e3:.0f} ms)",
+                    503,
+                    -(-ms // 1000),
+                    ms,
+                )
         if len(pool.queue) >= pool.max_queue:
             bumped = pool.queue.pop_lower(p.level)
             if bumped is None:
@@ -184,6 +188,7 @@ class Dispatcher:
         out and never runs; one a worker holds runs, and its answer is dropped."""
         pool: ModelPool = p.pool
         pool.cancelled += 1
+        pool.patience.left(now - p.t_enqueued, now)
         if self.in_flight.get(p.id) is not p:
             pool.queue.remove(p)
 

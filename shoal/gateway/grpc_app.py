@@ -267,6 +267,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
             priority = request_priority(ireq.parameters)
             if left_s is not None:
                 budget = min(budget, left_s)
+            told = budget < app.limits.request_timeout_s
             rid = ireq.id or self.service.new_request_id()
             answer_id = (ireq.id or "") if app.results is None else rid
             names = [o.name for o in ireq.outputs] if ireq.outputs is not None else None
@@ -275,7 +276,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 if target.pool is not None and app.results is None and not class_counts(ireq.outputs):
                     # Common case: the worker's result bytes become the raw contents as they are.
                     h, payload = await self.service.call_model(
-                        target.pool, arrays, t0 + budget, names, rid, True, priority, tr
+                        target.pool, arrays, t0 + budget, names, rid, raw=True, priority=priority, trace=tr, told=told
                     )
                     try:
                         resp = raw_infer_response(spec.name, spec.version, answer_id, h.outputs, payload)
@@ -284,12 +285,12 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 else:
                     if target.pool is not None:
                         outputs = await self.service.call_model(
-                            target.pool, arrays, t0 + budget, names, rid, False, priority, tr
+                            target.pool, arrays, t0 + budget, names, rid, priority=priority, trace=tr, told=told
                         )
                     else:
                         assert target.pipeline is not None
                         outputs = await self.service.run_pipeline(
-                            target.pipeline, arrays, t0 + budget, rid, priority, tr
+                            target.pipeline, arrays, t0 + budget, rid, priority=priority, trace=tr, told=told
                         )
                     if ireq.outputs is not None:
                         outputs = classified(ireq, spec, outputs)

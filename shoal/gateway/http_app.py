@@ -280,6 +280,7 @@ class HttpApp:
             check_outputs(req, target)
         budget, priority = self._budget(req.parameters, headers)
         deadline = t0 + budget
+        told = budget < self.limits.request_timeout_s
         rid = req.id or self._request_id(headers)
         scope[CANCEL] = asyncio.current_task().cancel  # type: ignore[union-attr]
         tr = None if self.tracing is None else self.begin_trace(headers.get(b"traceparent"), target, t0)
@@ -287,7 +288,9 @@ class HttpApp:
             pool = target.pool
             if pool is not None and req.outputs is None and req.binary_output and self.results is None:
                 # The common binary case: the worker's result bytes become the response as they are.
-                h, payload = await self.service.call_model(pool, arrays, deadline, None, rid, True, priority, tr)
+                h, payload = await self.service.call_model(
+                    pool, arrays, deadline, None, rid, raw=True, priority=priority, trace=tr, told=told
+                )
                 try:
                     out, hlen = binary_response(target.spec.name, target.spec.version, req.id, h.outputs, payload)
                 except (TensorError, KeyError) as e:
@@ -298,11 +301,13 @@ class HttpApp:
                 names = [o.name for o in req.outputs] if req.outputs is not None else None
                 if pool is not None:
                     outputs = await self.service.call_model(
-                        pool, arrays, deadline, names, rid, False, priority, tr
+                        pool, arrays, deadline, names, rid, priority=priority, trace=tr, told=told
                     )
                 else:
                     assert target.pipeline is not None
-                    outputs = await self.service.run_pipeline(target.pipeline, arrays, deadline, rid, priority, tr)
+                    outputs = await self.service.run_pipeline(
+                        target.pipeline, arrays, deadline, rid, priority=priority, trace=tr, told=told
+                    )
                 if req.outputs is not None:
                     outputs = classified(req, target.spec, outputs)
                 # With result storage the answer carries rid: the device can fetch the stored result later.

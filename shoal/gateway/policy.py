@@ -55,6 +55,36 @@ def shed_retry_after_ms(wait_s: float, left_s: float) -> int:
     return max(1, math.ceil(round((wait_s - left_s) * 1000.0, 3)))
 
 
+class Patience:
+    """How long a model's clients wait before they give up, learned from those that leave (disconnect
+    or cancel) before their answer: the 10th percentile of the last 64 waits, once at least 8 came
+    within 10 s, forgotten 10 s after the last. A request whose client did not say its deadline is
+    admitted against this as well (``Dispatcher.submit``): clients that give up after 300 ms without
+    saying so are refused at once instead of queued for answers nobody will read."""
+
+    WINDOW_S = 10.0
+    MIN_SEEN = 8
+    KEEP = 64
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []  # (when, how long it had waited)
+        self.value: float | None = None
+
+    def left(self, waited_s: float, now: float) -> None:
+        seen = self.seen
+        seen.append((now, waited_s))
+        if len(seen) > self.KEEP:
+            del seen[0]
+        recent = sorted(w for t, w in seen if now - t <= self.WINDOW_S)
+        self.value = recent[len(recent) // 10] if len(recent) >= self.MIN_SEEN else None
+
+    def seconds(self, now: float) -> float | None:
+        """The clients' patience now; None when too few left lately to tell."""
+        if self.value is None or now - self.seen[-1][0] > self.WINDOW_S:
+            return None
+        return self.value
+
+
 MAX_PRIORITY_LEVELS = 16
 
 

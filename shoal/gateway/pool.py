@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from shoal.gateway.policy import VersionPolicy, ewma, newest_version, visible_versions
+from shoal.gateway.policy import Patience, VersionPolicy, ewma, newest_version, visible_versions
 from shoal.gateway.request_queue import RequestQueue
 from shoal.protocol.frames import MsgType, encode_frame
 from shoal.protocol.interface import ModelInterface
@@ -73,6 +73,7 @@ class Pending:
     join_key: tuple | None = None
     attempts: int = 0
     level: int = 0  # its priority level in the queue (0 first)
+    told: bool = False  # its client said its deadline (else it is the gateway's --timeout)
     t_enqueued: float = 0.0
     t_sent: float = 0.0
     worker: Any = None
@@ -119,6 +120,7 @@ class ModelPool:
         self._window_answers = 0
         self.shed = 0  # requests refused at arrival: their answer was predicted after their deadline
         self.cancelled = 0  # requests whose client left before the answer
+        self.patience = Patience()  # how long its clients wait, learned from those that left
         self.unread_ms = 0.0  # model time spent on answers nobody read (client gone, deadline passed)
 
     def level(self, priority: int) -> int:

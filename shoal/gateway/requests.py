@@ -81,13 +81,17 @@ class RequestService:
         arrays: dict[str, np.ndarray],
         deadline: float,
         request_id: str,
+        *,
         priority: int = 0,
         trace: RequestTrace | None = None,
+        told: bool = False,
     ) -> dict[str, np.ndarray]:
         """A pipeline's outputs: each step's requests go through ``call_model`` under the request's id,
-        priority and trace."""
+        priority, trace and deadline."""
         return await pipeline.run(
-            arrays, deadline, lambda p, a, d: self.call_model(p, a, d, None, request_id, False, priority, trace)
+            arrays,
+            deadline,
+            lambda p, a, d: self.call_model(p, a, d, None, request_id, priority=priority, trace=trace, told=told),
         )
 
     async def call_model(
@@ -97,14 +101,16 @@ class RequestService:
         deadline: float,
         outputs: list[str] | None = None,
         request_id: str | None = None,
+        *,
         raw: bool = False,
         priority: int = 0,
         trace: RequestTrace | None = None,
+        told: bool = False,
     ) -> Any:
         """Send one request to a model version's pool and wait for its outputs (as arrays; or, with
         ``raw``, the worker's result header and payload untouched). ``priority`` is Triton's: 1 the
         highest level, 0 the model's default; ``trace``, where the request is traced, gets the call's
-        spans."""
+        spans; ``told``: the deadline is the client's own, not the gateway's default."""
         specs, bufs = pack_tensors(arrays)
         # The device's request id goes to the worker for its logs.
         header = Request(next(self._ids), specs, outputs, request_id)
@@ -125,6 +131,7 @@ class RequestService:
             p.level = pool.level(priority)
         else:
             p.level = pool.default_level
+        p.told = told
         self.dispatcher.submit(pool, p, time.monotonic())
         try:
             h, payload = await fut
