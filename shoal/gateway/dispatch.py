@@ -72,41 +72,40 @@ class Dispatcher:
                 return
         if not pool.workers and pool.on_wait is not None:
             pool.on_wait()  # a sleeping model: tell whoever can wake it, now
-        wait = pool.predicted_wait_s(p.level)
-        if wait is not None:
-            left = max(0.0, p.deadline - now)
-            what = "the request's deadline"
-            if not p.told and (patience := pool.patience.seconds(now)) is not None and patience < left:
-                left, what = patience, "the time its clients wait before they give up"
-            if wait > ADMIT_SHARE * left:
-                pool.shed += 1
-                ms = shed_retry_after_ms(wait, ADMIT_SHARE * left)
-                raise RequestFailed(
-                    f"model '{pool.spec.name}' version {pool.spec.version} is overloaded: its answer is "
-                    f"expected in {wait * 1e3:.0f} ms, after {what} ({left * 1e3:.0f} ms)",
-                    503,
-                    -(-ms // 1000),
-                    ms,
-                )
+        self._refuse_if_late(pool, p, now)
         if len(pool.queue) >= pool.max_queue:
-            bumped = pool.queue.pop_lower(p.level)
+            bumped = pool.queue.pop_lower(p.level)  # the newest of a lower level gives its place
             if bumped is None:
-                raise RequestFailed(
-                    f"model '{pool.spec.name}' version {pool.spec.version} is saturated: "
-                    f"{len(pool.queue)} requests already queued",
-                    503,
-                    retry_after_s(len(pool.queue), pool.capacity, pool.latency_ms()),
-                )
-            if not bumped.future.done():  # the newest of a lower level makes room for this one
+                raise _saturated(pool, f"{len(pool.queue)} requests already queued")
+            if not bumped.future.done():
                 bumped.future.set_exception(
-                    RequestFailed(
-                        f"model '{pool.spec.name}' version {pool.spec.version} is saturated: "
-                        "the queue's place went to a request of a higher priority",
-                        503,
-                        retry_after_s(len(pool.queue), pool.capacity, pool.latency_ms()),
-                    )
+                    _saturated(pool, "the queue's place went to a request of a higher priority")
                 )
         pool.queue.append(p)
+
+    @staticmethod
+    def _refuse_if_late(pool: ModelPool, p: Pending, now: float) -> None:
+        """``RequestFailed`` (503, with when to try again) for a request whose answer is predicted
+        after its deadline, or, when its client did not say its deadline, after the time the
+        model's clients wait before they give up."""
+        wait = pool.predicted_wait_s(p.level)
+        if wait is None:
+            return
+        left = max(0.0, p.deadline - now)
+        what = "the request's deadline"
+        if not p.told and (patience := pool.patience.seconds(now)) is not None and patience < left:
+            left, what = patience, "the time its clients wait before they give up"
+        if wait <= ADMIT_SHARE * left:
+            return
+        pool.shed += 1
+        ms = shed_retry_after_ms(wait, ADMIT_SHARE * left)
+        raise RequestFailed(
+            f"model '{pool.spec.name}' version {pool.spec.version} is overloaded: its answer is "
+            f"expected in {wait * 1e3:.0f} ms, after {what} ({left * 1e3:.0f} ms)",
+            503,
+            -(-ms // 1000),
+            ms,
+        )
 
     def _send(self, w: WorkerHandle, p: Pending, now: float) -> None:
         p.worker = w
@@ -422,3 +421,11 @@ class Dispatcher:
 
 def _waiting(p: Pending) -> bool:
     return not p.future.done()
+
+
+def _saturated(pool: ModelPool, why: str) -> RequestFailed:
+    return RequestFailed(
+        f"model '{pool.spec.name}' version {pool.spec.version} is saturated: {why}",
+        503,
+        retry_after_s(len(pool.queue), pool.capacity, pool.latency_ms()),
+    )

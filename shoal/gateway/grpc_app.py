@@ -33,14 +33,7 @@ from shoal.gateway.http_app import Forbidden, HttpApp, check_outputs, classified
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.repository import RepositoryError
 from shoal.protocol.names import InvalidName, check_name
-from shoal.protocol.oip import (
-    PathRoute,
-    ProtocolError,
-    bind_inputs,
-    class_counts,
-    request_priority,
-    request_timeout_ms,
-)
+from shoal.protocol.oip import PathRoute, ProtocolError, bind_inputs, class_counts
 from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
 from shoal.protocol.oip_grpc.grpc_service_pb2_grpc import (
     GRPCInferenceServiceServicer,
@@ -260,12 +253,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
             arrays = bind_inputs(ireq, spec.inputs, spec.image_input, spec.max_batch_size)
             if ireq.outputs is not None:
                 check_outputs(ireq, target)
-            budget = app.limits.request_timeout_s
-            ms = request_timeout_ms(ireq.parameters)
-            if ms is not None:
-                budget = min(budget, ms / 1000.0)
-            priority = request_priority(ireq.parameters)
-            if left_s is not None:
+            budget, priority = app.budget(ireq.parameters, {})
+            if left_s is not None:  # the call's own deadline
                 budget = min(budget, left_s)
             told = budget < app.limits.request_timeout_s
             rid = ireq.id or self.service.new_request_id()

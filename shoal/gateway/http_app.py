@@ -278,7 +278,7 @@ class HttpApp:
         arrays = bind_inputs(req, target.spec.inputs, target.spec.image_input, target.spec.max_batch_size)
         if req.outputs is not None:
             check_outputs(req, target)
-        budget, priority = self._budget(req.parameters, headers)
+        budget, priority = self.budget(req.parameters, headers)
         deadline = t0 + budget
         told = budget < self.limits.request_timeout_s
         rid = req.id or self._request_id(headers)
@@ -405,10 +405,11 @@ class HttpApp:
             traceparent = traceparent.decode("latin-1")
         return self.tracing.begin(traceparent, target.spec.name, t0)
 
-    def _budget(self, params: dict[str, Any], headers: dict[bytes, bytes]) -> tuple[float, int]:
+    def budget(self, params: dict[str, Any], headers: dict[bytes, bytes]) -> tuple[float, int]:
         """The request's time budget in seconds (the gateway's ``--timeout``, shortened by the
         request's own ``timeout_ms``, Triton's ``timeout`` or ``X-Request-Timeout-Ms``) and its
-        ``priority`` (the parameter, else ``X-Request-Priority``; 0: the model's default)."""
+        ``priority`` (the parameter, else ``X-Request-Priority``; 0: the model's default). gRPC's
+        front asks the same of a call's parameters (its headers: none; its deadline it applies)."""
         budget = self.limits.request_timeout_s
         priority = 0
         if params:
