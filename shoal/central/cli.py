@@ -222,7 +222,7 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from shoal.aio import run as aio_run
-    from shoal.aio import setup_logging, split_hostport
+    from shoal.aio import settle_gc, setup_logging, split_hostport
     from shoal.httpserver import wait_for_stop_signal, write_ports_file
 
     setup_logging(args.log_level, "central", args.log_format)
@@ -276,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
             from shoal.database import redact
 
             raise ConnectionError(f"database {redact(cfg.db_url)}: {e}") from e
+        settle_gc()
         write_ports_file(args.ports_file, {"http": central.http_port})
         await wait_for_stop_signal()
         await central.stop()

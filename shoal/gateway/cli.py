@@ -271,7 +271,7 @@ def check(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from shoal.aio import run as aio_run
-    from shoal.aio import setup_logging, split_hostport
+    from shoal.aio import settle_gc, setup_logging, split_hostport
     from shoal.autoscale.config import AutoscaleError, parse_autoscale
     from shoal.gateway.central_link import CentralConfig
     from shoal.gateway.pipeline import PipelineError, parse_pipelines
@@ -382,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"shoal cluster: {e}", file=sys.stderr)
             await gw.stop()
             return 2
+        settle_gc()
         write_ports_file(
             args.ports_file, {"http": gw.http_port, "workers": gw.worker_port, "grpc": gw.grpc_port}
         )

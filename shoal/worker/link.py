@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from shoal.aio import CoalescingProtocol, cancel_and_wait, split_hostport
+from shoal.aio import CoalescingProtocol, cancel_and_wait, settle_gc, split_hostport
 from shoal.modelrepo.manifest import Manifest
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION
 from shoal.protocol.joined import JoinError, check_rows
@@ -645,6 +645,7 @@ class Worker:
             self.runtime, self.manifest, loop.call_soon_threadsafe, self.on_done, self.on_fatal
         )
         self.engine.start()
+        settle_gc()  # the model loaded: it leaves the collector's view
         health = None
         if self.config.health is not None:
             from shoal.worker.health import serve_health
