@@ -66,6 +66,7 @@ SUITES = (
     "autoscale",
     "gateways",
     "grpc",
+    "request-cpu",
     "edge",
 )
 # Suites run only when named: they need root (network namespaces) and take long.
@@ -87,6 +88,7 @@ MODULES = {
     "autoscale": "shoal.bench.autoscale",
     "gateways": "shoal.bench.gateways",
     "grpc": "shoal.bench.grpc_bench",
+    "request-cpu": "shoal.bench.request_cpu",
     "edge": "shoal.bench.edge",
 }
 
@@ -110,8 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--baseline",
         default=None,
         metavar="DIR",
-        help="central and client suites: also run the central (client) of this shoal source tree (e.g. a "
-        "git worktree of an older commit), alternating with this one",
+        help="central, client and request-cpu suites: also run the central (client; gateway and worker) "
+        "of this shoal source tree (e.g. a git worktree of an older commit), alternating with this one",
     )
     p.add_argument("--edge-seconds", type=float, default=60.0, help="edge: seconds per link profile")
     p.add_argument("--edge-out", default=None, help="edge: folder for results.json and the plots")
