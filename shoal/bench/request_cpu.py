@@ -73,4 +73,22 @@ def request_cpu(workdir: Path, args: Namespace) -> dict[str, Any]:
             f"{statistics.median(w):.1f} ({' / '.join(f'{x:.0f}' for x in w)})"
         )
     out["requests per run"] = requests
+    out.update(stats_cost())
     return out
+
+
+def stats_cost() -> dict[str, str]:
+    """What the gateway's per-model statistics add to a request, in process: the minimum over many
+    repeats (the least disturbed by other processes), less an empty call's."""
+    import timeit
+
+    from shoal.gateway.stats import ModelStats
+
+    def best(f: Any) -> float:
+        return min(timeit.repeat(f, number=20_000, repeat=25)) / 20_000 * 1e6
+
+    s = ModelStats()
+    empty = best(lambda: None)
+    result = best(lambda: s.result(1, 0.0001, 8, 0.25, 0.05, 0.01, 0.005)) - empty
+    response = best(lambda: s.response(True, 0.001)) - empty
+    return {"statistics per request, in process": f"{result:.2f} us (a result) + {response:.2f} us (the answer)"}
