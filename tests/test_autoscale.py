@@ -228,4 +228,4 @@ def test_an_invalid_autoscale_block_is_refused_naming_the_field(tmp_path, block,
          "--workers", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--no-auth", "--state-dir", "none"],
         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "SHOAL_CLUSTER_SECRET": "x"},
     )
-    assert r.returncode == 2 and message in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 2 and message in r.stderr, r.stdout + r.stderr

@@ -62,7 +62,7 @@ def test_a_gateway_that_cannot_reach_its_ray_cluster_says_so_and_exits(tmp_path)
         expected = "pip install 'shoal[ray]'"
     else:
         expected = f"cannot join the Ray cluster at '{address}': nothing answers there"
-    assert r.returncode == 2 and expected in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 2 and expected in r.stderr, r.stdout + r.stderr
 
 
 # ------------------------------------------------------------------------------ with a real head

@@ -610,4 +610,4 @@ def test_https_with_a_private_ca(tmp_path):
         timeout=60,
         cwd=tmp_path,
     )
-    assert r.returncode == 2 and "--tls-key" in r.stdout
+    assert r.returncode == 2 and "--tls-key" in r.stderr

@@ -40,7 +40,7 @@ def test_gateway_refuses_to_start_without_credentials():
         timeout=60,
         env={"PATH": "/usr/bin:/bin", "SHOAL_CLUSTER_SECRET": "x"},
     )
-    assert r.returncode == 2 and "--api-key" in r.stdout
+    assert r.returncode == 2 and "--api-key" in r.stderr
 
 
 def test_worker_with_unknown_model_says_where_it_looked(tmp_path):
@@ -61,7 +61,7 @@ def test_worker_with_unknown_model_says_where_it_looked(tmp_path):
         text=True,
         timeout=60,
     )
-    assert r.returncode == 2 and "no versions of model 'nope'" in r.stdout
+    assert r.returncode == 2 and "no versions of model 'nope'" in r.stderr
 
 
 def test_config_file_env_and_flags_with_secrets_masked(tmp_path):
@@ -131,7 +131,7 @@ def test_bench_runs_and_writes_its_figures(tmp_path):
 def test_tour_commands_say_what_to_do(tmp_path):
     # `shoal bench` bare means every suite; a wrong name is refused saying the right ones.
     r = shoal("bench", "no-such-suite")
-    assert r.returncode == 2 and "latency" in r.stdout
+    assert r.returncode == 2 and "latency" in r.stderr
     import argparse
 
     from shoal.bench.cli import SUITES, add_arguments
@@ -142,7 +142,7 @@ def test_tour_commands_say_what_to_do(tmp_path):
     # `shoal certs` without the TLS extra names the extra instead of a traceback.
     code = "import sys; sys.modules['cryptography'] = None; from shoal.cli import main; sys.exit(main(['certs', '--out', 'x']))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert r.returncode == 2 and "shoal[tls]" in r.stdout and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "shoal[tls]" in r.stderr and "Traceback" not in r.stderr
     # Adding an account prints one line, not the migration tool's narration.
     r = subprocess.run(
         [sys.executable, "-m", "shoal", "central", "accounts", "add", "device", "cam-1", "--db", f"sqlite:///{tmp_path}/c.db"],
@@ -164,7 +164,7 @@ def test_bad_api_key_declarations_are_refused_at_start():
         timeout=60,
         env={"PATH": "/usr/bin:/bin", "SHOAL_CLUSTER_SECRET": "x"},
     )
-    assert r.returncode == 2 and "device:MODEL" in r.stdout
+    assert r.returncode == 2 and "device:MODEL" in r.stderr
 
 
 def test_an_abbreviated_flag_beats_the_config_file(tmp_path):
@@ -176,3 +176,26 @@ def test_an_abbreviated_flag_beats_the_config_file(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "max-queue: 5" in r.stdout and "name: from-file" in r.stdout
+
+
+def test_every_subcommand_and_training_family_has_an_example():
+    """Below the commands too: federation's roles, central's accounts, every shoal train FAMILY."""
+    import argparse
+
+    from shoal.cli import build_parser
+    from shoal.train.catalogue import FAMILIES
+    from shoal.train.cli import family_parser
+
+    def walk(p: argparse.ArgumentParser, path: str):
+        yield path, p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+
+    for path, p in walk(build_parser(), "shoal"):
+        if path != "shoal":
+            assert "example:" in p.format_help(), path
+    for fam in FAMILIES.values():
+        text = family_parser(fam).format_help()
+        assert "example:" in text and f"shoal train {fam.name}" in text.split("example:")[1], fam.name

@@ -145,6 +145,31 @@ def test_503_waits_as_the_cluster_says_and_goes_elsewhere():
     assert s.sleeps == [0.05, 1.0]
 
 
+def test_each_attempt_tells_the_gateway_its_time_and_a_refusal_in_milliseconds_is_honoured():
+    c = ClientCore([CENTRAL], "cam", "pw", retries=6, clock=Clock(), timeout=5.0)
+    refused = Reply(503, {"retry-after": "1", "retry-after-ms": "250"}, b'{"error": "overloaded"}')
+    s = Script(
+        {
+            ("POST", "/v1/route"): [route_reply("a")],
+            ("POST", "http://a:8000"): [refused, refused, infer_ok()],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "a"
+    sent = [call for call in s.calls if call.url.endswith("/infer")]
+    # A first attempt with a route of one gateway waits at most NEXT_GATEWAY_AFTER_S; then the rest.
+    assert [call.headers["X-Request-Timeout-Ms"] for call in sent] == ["2000", "5000", "5000"]
+    assert s.sleeps == [0.05, 0.25]  # the millisecond hint, not the rounded-up second
+
+
+def test_a_rate_limited_device_waits_as_told_then_tries_again():
+    c = core()
+    limited = Reply(429, {"retry-after": "1", "retry-after-ms": "700"}, b'{"error": "over the rate limit"}')
+    s = Script({("POST", "/v1/route"): [route_reply("a")], ("POST", "http://a:8000"): [limited, infer_ok()], **NO_META})
+    assert s.run(c.infer("m", X)).cluster == "a"
+    assert s.sleeps == [0.7] and len(s.urls(part="/v1/route")) == 1  # the same route, no other cluster
+
+
 @pytest.mark.parametrize("header", ["²", "nan", "inf", "-3", "1e999", "Wed, 21 Oct 2026 07:28:00 GMT", "", None])
 def test_a_retry_after_that_is_not_seconds_counts_as_none(header):
     assert backoff(1, header) == 0.1  # the doubling alone, no exception

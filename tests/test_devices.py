@@ -82,4 +82,4 @@ def test_worker_refuses_cuda_without_the_cuda_provider() -> None:
         timeout=120,
     )
     assert r.returncode == 2
-    assert "no CUDA execution provider" in r.stdout and "onnx-gpu" in r.stdout
+    assert "no CUDA execution provider" in r.stderr and "onnx-gpu" in r.stderr

@@ -195,7 +195,11 @@ def test_infer_command_runs_a_local_model_and_a_policy(site, tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["where"] == "remote" and d["policy"] == "cascade" and d["labels"]["logits"] == str(y[1])
-    assert d["bytes_up"] > 0 and {"local", "encode", "remote"} <= set(d["timings_ms"])
+    assert d["bytes_up"] > 0 and {"local", "encode", "remote", "routing", "total"} <= set(d["timings_ms"])
+    # latency_ms is the whole request, on every path; its parts add up to no more than it.
+    t = d["timings_ms"]
+    assert d["latency_ms"] == t["total"] >= t["local"] + t["encode"] + t["routing"] + t["remote"] - 0.05, d
+    assert d["version"] == "1"
     r = shoal_cli("infer", "--local", str(MLP), "--policy", "cascade", str(tmp_path / "digit.png"))
     assert r.returncode == 2 and "needs --model" in r.stderr
 
@@ -262,3 +266,28 @@ def test_a_device_namespace_reaches_the_cluster_through_the_impaired_link(tmp_pa
         pair.delete()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert pair.cluster_ns not in listed and pair.device_ns not in listed
+
+
+def test_bench_edge_says_not_run_for_checks_whose_runs_did_not_take_place():
+    from shoal.bench.edge import NOT_RUN, targets
+
+    row = {"image": 0, "ms": 5.0, "t": 0.0}
+    summary = {"p50_ms": 5.0, "failed": 0, "accuracy": 1.0, "bytes_up_per_request": 100}
+    run = {p: {"rows": [row], "summary": summary} for p in ("local", "remote", "fastest")}
+    t = targets({"runs": {"wifi-good": run}})  # no outage profile, no cascade sweep, no split
+    assert t["no_failure_in_outage"] == NOT_RUN and t["outage_failures"] == NOT_RUN
+    assert t["cascade_held"] == NOT_RUN and t["split_held"] == NOT_RUN
+    assert t["fastest_within_10pct"] is True
+    assert targets({"runs": {}})["fastest_within_10pct"] == NOT_RUN
+
+
+def test_a_request_over_its_budget_says_so():
+    from shoal.client.edge import Edge, run_offline
+
+    x, _ = load_mnist("test")
+    edge = Edge(None, MLP, "local")
+    r = run_offline(edge.infer("", None, None, camera(x[0]), None, "local", 1e-6))
+    assert r.where == "local" and r.fallback and "over the 1e-06 ms budget" in r.fallback
+    assert r.latency_ms == r.timings_ms["total"] >= r.timings_ms["local"]
+    r = run_offline(edge.infer("", None, None, camera(x[0]), None, "local", 60_000))
+    assert r.fallback is None

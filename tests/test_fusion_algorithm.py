@@ -261,3 +261,18 @@ def test_peer_fusion_rounds_skip_absent_peers_and_keep_their_weights() -> None:
 def test_peer_fusion_rejects_bad_parameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         PeerFusion(4, **kwargs)
+
+
+@pytest.mark.parametrize("update", ["sequential", "simultaneous"])
+@pytest.mark.parametrize("f", [0.3, 0.5, 0.55, 0.9])
+def test_torch_lerp_path_is_within_two_ulp_of_the_written_rule(update: str, f: float) -> None:
+    """docs/fusion.md: the numpy path is the paper's formula term by term; the torch engines' lerp is
+    the same value, rounded differently."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 100_000)).astype(np.float32)
+    written = fuse(a, b, np.float32(f), update)
+    lerped = fuse(torch.from_numpy(a), torch.from_numpy(b), f, update)
+    ulp = np.spacing(np.maximum(np.abs(a), np.abs(b)))
+    for w, t in zip(written, lerped, strict=True):
+        assert (np.abs(t.numpy() - w) / ulp).max() <= 2.0

@@ -56,13 +56,28 @@ def test_the_base_install_holds_the_device_side_only(device_env):
     assert installed <= BASE and {"shoal", "numpy", "httpx", "msgspec", "zstandard"} <= installed, installed
     r = _run([str(device_env / "bin" / "shoal"), "infer", "--help"])
     assert r.returncode == 0 and "example:" in r.stdout and "shoal infer" in r.stdout, r.stderr
-    # Server commands name the extra to install instead of failing with a traceback.
-    for command, extra in (("central", "central"), ("cluster", "gateway"), ("worker", "worker")):
-        r = _run([str(device_env / "bin" / "shoal"), command])
-        assert r.returncode == 2 and f"pip install 'shoal[{extra}]'" in r.stderr, (command, r.stderr)
-        assert "Traceback" not in r.stderr
+    # Commands name the extra to install instead of failing with a traceback, whatever their arguments
+    # (an option the base install's parser does not know included), and print nothing before it.
+    for argv, extra in (
+        (["central"], "central"),
+        (["central", "--http", "127.0.0.1:7000", "--bootstrap-operator", "admin"], "central"),
+        (["cluster", "--name", "site-a", "--http", "127.0.0.1:8000"], "gateway"),
+        (["worker", "--gateway", "127.0.0.1:8003", "--model", "mnist-cnn"], "worker"),
+        (["bench", "latency"], "demo"),
+        (["predict", "--count", "2"], "predict"),
+        (["certs", "--out", "pki"], "tls"),
+    ):
+        r = _run([str(device_env / "bin" / "shoal"), *argv])
+        assert r.returncode == 2 and f"pip install 'shoal[{extra}]'" in r.stderr, (argv, r.stderr)
+        assert "Traceback" not in r.stderr and r.stdout == "", (argv, r.stdout, r.stderr)
     r = _run([str(device_env / "bin" / "shoal"), "--help"])
     assert r.returncode == 0 and "needs 'shoal[gateway]'" in r.stdout
+    # Every command's line in the overview says what it needs.
+    from shoal.cli import COMMANDS, EXTRAS
+
+    overview = " ".join(r.stdout.split())  # as wrapped to any width
+    for name in COMMANDS:
+        assert (f"shoal[{EXTRAS[name]}]" if name in EXTRAS else "[base install]") in overview, name
 
 
 def test_the_base_install_infers_through_a_running_cluster(device_env, tmp_path, model_repo):

@@ -125,6 +125,160 @@ def test_checker_times_detection_and_recovery_per_fault():
     assert checker.passed(s)
 
 
+def test_checker_rows_of_dropped_packets_a_slow_link_and_a_worker_lost_while_draining():
+    # w1's packets dropped at 10 (healed at 16): gw-a holds it as not accepting from 11.5 to 16.5.
+    # w2's link slow from 20 to 30: it answers 1 request a second there, 3 before.
+    # w3 started at 40, joined at 41, drained at 43, lost at 43.1; its requests went elsewhere 1.6 s on.
+    samples, served = [], {"w1": 0, "w2": 0, "w3": 0}
+    for i in range(0, 500):
+        t = i / 10
+        served["w1"] += 1
+        served["w2"] += 1 if 20 <= t < 30 else 3
+        ws = {
+            "w1": {"accepting": not 11.5 <= t < 16.5, "links": 2, "in_flight": 0, "served": served["w1"]},
+            "w2": {"accepting": True, "links": 2, "in_flight": 0, "served": served["w2"]},
+        }
+        if 41 <= t < 48:
+            served["w3"] += 1 if t < 43 else 0
+            ws["w3"] = {"accepting": t < 43, "links": 2, "in_flight": 1, "served": served["w3"]}
+        samples.append({"t": t, "source": "gw-a", "ok": True, "workers": ws})
+    log = []
+    for i in range(500):
+        log += _req(f"r{i}", i / 10, i / 10 + 0.02)
+    back = {"gw-a": [{"after_s": 1.6, "requests": 2, "how": "silent"}]}
+    faults = [
+        {"kind": "drop", "machine": "w1", "label": "drop(w1)", "start": 10.0, "heal": 16.0},
+        {"kind": "slow", "machine": "w2", "label": "slow(w2)", "start": 20.0, "heal": 30.0},
+        {
+            "kind": "crash-draining",
+            "machine": "w3",
+            "label": "crash-draining(w3)",
+            "started": 40.0,
+            "drain": 43.0,
+            "held_at_drain": 2,
+            "start": 43.1,
+            "handed_back": back,
+        },
+    ]
+    s = checker.check(log, samples, faults, GW, warm=1.0)
+    drop, slow, lost = s["faults"]
+    assert (drop["detected_s"], drop["recovered_s"]) == pytest.approx((1.5, 0.5), abs=0.02)
+    assert slow["dropped_s"] is None and slow["recovered_s"] == 0.0
+    assert slow["its_share_before"] == pytest.approx(0.75, abs=0.02)
+    assert slow["its_share_during"] == pytest.approx(0.5, abs=0.02)
+    assert lost["joined_s"] == pytest.approx(1.0) and lost["served_before_lost"] > 0
+    assert lost["detected_s"] == 1.6 and lost["lost_after_drain_s"] == pytest.approx(0.1)
+    assert lost["held_at_drain"] == 2 and lost["handed_back"] == back
+    assert checker.passed(s)
+
+
+def test_netem_loses_delays_in_order_and_queues_at_its_rate():
+    import random
+
+    from shoal.lab.netem import Direction, Profile, due
+
+    d = Direction("a->b", 0, 0)
+    p = Profile(delay_ms=10.0, jitter_ms=5.0, loss=0.2)
+    rng = random.Random(1)
+    times = [due(p, rng, d, i * 0.001, 100) for i in range(2000)]
+    kept = [t for t in times if t is not None]
+    assert 0.17 < d.lost / 2000 < 0.23 and len(kept) + d.lost == 2000
+    assert kept == sorted(kept)  # jitter never reorders
+    assert all(t - i * 0.001 >= 0 for i, t in enumerate(times) if t is not None)
+    slow = Direction("b->a", 0, 0)
+    narrow = Profile(rate_mbit=1.0, queue_ms=100.0)  # 1500-byte frames: 12 ms each
+    at = [due(narrow, rng, slow, 0.0, 1500) for _ in range(20)]
+    assert at[:9] == pytest.approx([0.012 * (i + 1) for i in range(9)])
+    assert at[9:] == [None] * 11 and slow.dropped == 11  # queued past 100 ms: dropped
+
+
+@needs_netns
+def test_link_faults_on_two_machines(tmp_path):
+    """Dropped packets leave the link up and say nothing; a lossy link delays and loses frames and
+    TCP gets everything through; a narrow one takes its time; each ends cleanly."""
+    import socket
+    import threading
+    import time
+
+    from shoal.lab.faults import LOSSY
+    from shoal.lab.world import BRIDGE, World, claim_run, enter
+
+    w = World(claim_run()).create()
+    try:
+        a, b = w.add("a"), w.add("b")
+        ready = threading.Event()
+
+        def server() -> None:
+            enter(b.ns)
+            with socket.create_server((b.address, 9999)) as s:
+                ready.set()
+                c, _ = s.accept()
+                while data := c.recv(65536):
+                    c.sendall(data)
+
+        threading.Thread(target=server, daemon=True).start()
+        ready.wait(10)
+        out: dict = {}
+
+        def client() -> None:
+            enter(a.ns)
+            c = socket.create_connection((b.address, 9999), timeout=10)
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def echo(n: int) -> float:
+                t = time.perf_counter()
+                c.sendall(b"x" * n)
+                got = 0
+                while got < n:
+                    got += len(c.recv(1 << 20))
+                return time.perf_counter() - t
+
+            out["base"] = min(echo(100) for _ in range(20))
+            ready_file = tmp_path / "netem.ready"
+            p = subprocess.Popen(
+                w.in_machine(BRIDGE, [sys.executable, "-m", "shoal.lab.netem", "--taps", ",".join(w.taps("a"))])
+                + ["--delay-ms", str(LOSSY["delay_ms"]), "--loss", "0.05", "--ready", str(ready_file)]
+                + ["--stats", str(tmp_path / "netem.json")]
+            )
+            try:
+                wait_for(ready_file.exists, "shoal.lab.netem never started")
+                w.impair("a")
+                out["lossy"] = sorted(echo(100) for _ in range(40))
+                out["lossy_1mb"] = echo(1_000_000)
+                w.unimpair("a")
+            finally:
+                p.terminate()
+                p.wait(10)
+            out["frames"] = json.loads((tmp_path / "netem.json").read_text())
+            w.set_rate("a", 1.0)
+            out["narrow_200kb"] = echo(200_000)
+            w.set_rate("a", None)
+            w.set_dropping("a", True)
+            c.sendall(b"z")
+            c.settimeout(1.0)
+            try:
+                out["while_dropped"] = c.recv(1)
+            except TimeoutError:
+                out["while_dropped"] = None
+            link = subprocess.run(["ip", "-n", a.ns, "link", "show", "eth0"], capture_output=True, text=True)
+            out["link_up"] = "LOWER_UP" in link.stdout and "blackhole" in link.stdout
+            w.set_dropping("a", False)
+            c.settimeout(10.0)
+            out["after"] = c.recv(1)  # retransmitted once the packets pass again
+
+        th = threading.Thread(target=client)
+        th.start()
+        th.join(60)
+        assert not th.is_alive()
+    finally:
+        w.release()
+    assert out["lossy"][0] >= 2 * LOSSY["delay_ms"] / 1000 > out["base"]  # a round trip crosses it twice
+    lost = sum(x["lost"] for x in out["frames"].values())
+    assert lost > 0 and out["lossy_1mb"] < 30  # frames lost, every byte there
+    assert 1.2 < out["narrow_200kb"] < 5  # 200 KB = 1.6 Mbit each way at 1 Mbit/s, pipelined
+    assert out["while_dropped"] is None and out["link_up"] and out["after"] == b"z"
+
+
 @pytest.mark.slow
 @needs_netns
 def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):
@@ -132,13 +286,32 @@ def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):
 
     s = run_lab(LabConfig(out=tmp_path, seed=1))
     assert s["requests"] > 500
-    for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers"):
+    for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers", "wrong_cluster"):
         assert s[k] == 0, (k, s["first_failures"])
-    part, gw_part, central_lost, db_restart, crash = s["faults"]
+    # The second site, its own cluster and model, reaching central over a WAN (100 ms, 1 % loss,
+    # 10 Mbit/s): its devices are routed to it for its model and served throughout; central lists it.
+    site2 = s["sites"]["site-2"]
+    assert site2["answered"] > 100 and site2["failed"] == 0, site2
+    assert s["answered_by"].get("gw-c") == site2["answered"], s["answered_by"]
+    assert site2["routes_asked"] > 0 and site2["routes_to_it"] == 1.0, site2
+    assert site2["central_listed_live"] >= 0.9, site2
+    part, drop, joining, draining, gw_part, central_lost, db_restart, crash = s["faults"]
     # The worker's machine cut off silently: the gateways notice (their dead-after is 5 s) and take
     # it back once the link returns.
     assert part["detected_s"] is not None and part["detected_s"] < 10, part
     assert part["recovered_s"] is not None and part["recovered_s"] < 10, part
+    # Every packet of the other worker's machine dropped, its link up: the same, and what it held
+    # is sent elsewhere after 1.5 heartbeats of silence.
+    assert drop["detected_s"] is not None and drop["recovered_s"] is not None, drop
+    assert drop["longest_held_s"] < 3.0, drop
+    # A worker lost while taking its first batches, and one lost while it drains: what each held
+    # goes to the other workers within 3 s (before the fix, a draining one's waited 5 to 6 s).
+    for lost in (joining, draining):
+        assert lost["joined_s"] is not None, lost
+        assert sum(h["requests"] for hs in lost["handed_back"].values() for h in hs) > 0, lost
+        assert all(h["after_s"] < 3.0 for hs in lost["handed_back"].values() for h in hs), lost
+        assert lost["longest_held_s"] < 3.0, lost
+    assert draining["held_at_drain"] > 0 and draining["served_before_lost"] > 0, draining
     # A gateway's machine cut off silently: the devices carry on through the other gateway within
     # 3 s; healed, the workers link to it again and central names it in its routes again.
     assert gw_part["longest_held_s"] < 3.0 and gw_part["recovered_s"] < 10, gw_part
@@ -230,6 +403,9 @@ def test_the_schedule_is_drawn_from_the_seed():
     kinds = [(f.kind, f.machine) for f in ci_schedule(3)]
     assert kinds == [
         ("partition", "w1"),
+        ("drop", "w2"),
+        ("crash-joining", "w3"),
+        ("crash-draining", "w4"),
         ("partition", "gw-a"),
         ("crash", "central-1"),
         ("restart", "db"),
@@ -237,4 +413,13 @@ def test_the_schedule_is_drawn_from_the_seed():
     ]
     assert 6.5 <= ci_schedule(3)[0].seconds <= 7.5
     full = [(f.kind, f.machine) for f in full_schedule(3)]
-    assert full == [*kinds[:2], ("wan", "wan"), *kinds[2:4], ("partition", "db"), kinds[4]]
+    assert full == [
+        *kinds[:4],
+        ("lossy", "w1"),
+        ("slow", "w2"),
+        kinds[4],
+        ("wan", "wan"),
+        *kinds[5:7],
+        ("partition", "db"),
+        kinds[7],
+    ]

@@ -55,3 +55,20 @@ def test_versions_sort_numerically_and_missing_model_is_clear(tmp_path):
         resolve(tmp_path, "x")
     with pytest.raises(ManifestError, match="model file"):
         resolve(tmp_path, "m", "10")
+
+
+def test_features_say_what_each_column_of_an_input_means(tmp_path):
+    from shoal.train.data import CARS_INPUTS
+
+    doc = {**GOOD, "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, 9]}], "image": None,
+           "features": {"features": CARS_INPUTS}}
+    m = parse_manifest(doc)
+    assert len(m.features["features"]) == 9 and "four digits" in m.features["features"][5]
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "model.onnx").write_bytes(b"x")
+    write_manifest(tmp_path / "m" / "1", m)
+    assert resolve(tmp_path, "m")[1] == m
+    with pytest.raises(ManifestError, match=r"features: 'nope' is not an input"):
+        parse_manifest({**doc, "features": {"nope": ["a"]}})
+    with pytest.raises(ManifestError, match=r"features.features: 2 features for an input whose last dimension is 9"):
+        parse_manifest({**doc, "features": {"features": ["a", "b"]}})

@@ -3,6 +3,7 @@
 import base64
 import contextlib
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -177,24 +178,13 @@ def test_route_token_is_for_one_cluster_only(shared_system):
 
 
 def test_demo_runs_and_reports_json(tmp_path):
+    # Its logs go to a temporary folder (here under tmp_path), removed when it succeeds.
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shoal",
-            "demo",
-            "--requests",
-            "600",
-            "--devices",
-            "8",
-            "--json",
-            "--no-progress",
-            "--workdir",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "shoal", "demo", "--requests", "600", "--devices", "8", "--json", "--no-progress"],
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -202,6 +192,7 @@ def test_demo_runs_and_reports_json(tmp_path):
     assert summary["accuracy"] >= 0.97
     assert set(summary["clusters"]) == {"cluster-a", "cluster-b"}
     assert summary["killed"] and summary["p50_ms"] > 0 and summary["rps"] > 0
+    assert not list(tmp_path.glob("shoal-demo-*")), "the demo left its temporary folder"
 
 
 def test_elastic_demo_follows_the_load_and_reports_json(tmp_path):

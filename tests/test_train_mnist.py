@@ -129,6 +129,28 @@ def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(
     assert signal.getsignal(signal.SIGINT) is before  # the handler it found is back
 
 
+def test_an_interrupted_command_exits_non_zero_saying_how_to_export(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from waiting import wait_for
+
+    run = tmp_path / "run"
+    argv = ["train", "mnist", "--arch", "softmax", "--epochs", "50", "--train-subset", "20000",
+            "--test-subset", "200", "--out", str(run), "--checkpoint-every", "1", "--no-tensorboard", "--no-plot"]
+    proc = subprocess.Popen([sys.executable, "-m", "shoal", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:  # a checkpoint on disk: the loop is stepping (and Ctrl-C is its to handle)
+        wait_for(lambda: (run / "checkpoint.pt").exists() or proc.poll() is not None, "a first checkpoint", 120)
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "nothing exported" in err and "--resume --export models/" in err and "Traceback" not in err
+
+
 def test_resume_refuses_other_hyperparameters(tmp_path: Path) -> None:
     from shoal.train.mnist import train
 

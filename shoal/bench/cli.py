@@ -30,6 +30,10 @@ Suites (each starts its own gateway and workers as real processes and stops them
   after the kill, detection); 50 000 idle connections held over four gateway processes.
 * ``grpc``       the gateway's gRPC front against its HTTP binary extension, side by side: requests/s at
   64 in flight and p50 one at a time (needs ``shoal[grpc]``).
+* ``overload``   one worker past its capacity, open-loop, requests with deadlines: good answers, the
+  admitted p99, how fast the rest are refused; priorities; model time on answers nobody read.
+* ``request-cpu`` gateway and worker CPU time per request (echo, small JSON, 16 connections); with
+  ``--baseline DIR`` alternating with another source tree's, to measure a change to the request path.
 * ``edge``       the device client's placement policies (local, remote, fastest, cascade, split) on
   emulated Wi-Fi, LTE and outage links, in network namespaces it creates (root; run only when named).
 """
@@ -37,6 +41,7 @@ Suites (each starts its own gateway and workers as real processes and stops them
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "Measure the serving path: latency, throughput, worker link, dynamic batching, transfer."
 EXAMPLE = """
@@ -66,6 +71,7 @@ SUITES = (
     "autoscale",
     "gateways",
     "grpc",
+    "overload",
     "request-cpu",
     "edge",
 )
@@ -88,6 +94,7 @@ MODULES = {
     "autoscale": "shoal.bench.autoscale",
     "gateways": "shoal.bench.gateways",
     "grpc": "shoal.bench.grpc_bench",
+    "overload": "shoal.bench.overload",
     "request-cpu": "shoal.bench.request_cpu",
     "edge": "shoal.bench.edge",
 }
@@ -139,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
 
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
-        print(f"shoal bench: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+        print(
+            f"shoal bench: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}", file=sys.stderr
+        )
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-bench-"))
     chosen = args.suites or [s for s in SUITES if s not in ON_REQUEST]
@@ -150,10 +159,11 @@ def run(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
         },
     }
+    # Every chosen suite's module first: one that cannot run says so before any suite starts.
+    modules = {name: importlib.import_module(MODULES[name]) for name in chosen}
     for name in chosen:
         print(f"== {name}", flush=True)
-        mod = importlib.import_module(MODULES[name])
-        res = getattr(mod, name.replace("-", "_"))(workdir / name, args)
+        res = getattr(modules[name], name.replace("-", "_"))(workdir / name, args)
         results[name] = res
         for k, v in res.items():
             print(f"  {k:<36} {v}")

@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from shoal.bench.process import CPU_CLIENT, CPU_SERVER, percentiles, pin_self, two_cores, unpin_self
+from shoal.bench.process import (
+    CPU_CLIENT,
+    CPU_SERVER,
+    cpu_seconds,
+    percentiles,
+    pin_self,
+    two_cores,
+    unpin_self,
+)
 from shoal.bench.serving import infer_request, run_load
 from shoal.local import LocalCluster
 
@@ -28,7 +36,7 @@ IN_FLIGHT = 64
 
 def grpc_request(x: np.ndarray) -> bytes:
     """A serialised ``ModelInferRequest`` for the echo model, its tensor as raw contents."""
-    from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
+    from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
 
     req = pb.ModelInferRequest(model_name="echo")
     t = req.inputs.add()
@@ -39,13 +47,19 @@ def grpc_request(x: np.ndarray) -> bytes:
 
 
 async def _grpc_load(
-    address: str, key: str, body: bytes, in_flight: int, seconds: float | None, total: int | None
+    address: str,
+    key: str,
+    body: bytes,
+    in_flight: int,
+    seconds: float | None,
+    total: int | None,
+    method: str = METHOD,
 ) -> tuple[int, float, list[float]]:
     """(answers, seconds, latencies) of ``in_flight`` concurrent calls for ``seconds`` or ``total``."""
     import grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
         meta = (("authorization", f"Bearer {key}"),)
         for _ in range(50):  # warm the channel and the worker
             await call(body, metadata=meta)
@@ -82,13 +96,21 @@ def grpc(workdir: Path, args: Namespace) -> dict[str, Any]:
             pin_self(CPU_CLIENT)
         try:
             rounds: dict[str, list[float]] = {"http": [], "grpc": []}
+            cpu_us: dict[str, list[float]] = {"http": [], "grpc": []}
+            pids = [lc.gateway.pid, *(w.pid for w in lc.workers)]
             for _ in range(2):  # alternating, so drift weighs on both alike
                 run_load(lc, http_req, IN_FLIGHT, seconds=1.0)
-                rounds["http"].append(run_load(lc, http_req, IN_FLIGHT, seconds=args.seconds).rps)
+                c0 = sum(cpu_seconds(p) for p in pids)
+                r = run_load(lc, http_req, IN_FLIGHT, seconds=args.seconds)
+                cpu_us["http"].append((sum(cpu_seconds(p) for p in pids) - c0) / max(1, r.count) * 1e6)
+                rounds["http"].append(r.rps)
+                c0 = sum(cpu_seconds(p) for p in pids)
                 n, s, _ = asyncio.run(_grpc_load(address, lc.api_key, body, IN_FLIGHT, args.seconds, None))
+                cpu_us["grpc"].append((sum(cpu_seconds(p) for p in pids) - c0) / max(1, n) * 1e6)
                 rounds["grpc"].append(n / s)
             one_http = run_load(lc, http_req, 1, total=2200, warmup=200)
             _, _, one_grpc = asyncio.run(_grpc_load(address, lc.api_key, body, 1, None, 2000))
+            bare = {kind: _bare_server_cpu_us(kind, cpu, args.seconds) for kind in ("aio", "sync")}
         finally:
             unpin_self()
     p50_h, p99_h = percentiles(one_http.latencies_s)
@@ -100,5 +122,68 @@ def grpc(workdir: Path, args: Namespace) -> dict[str, Any]:
         "gRPC / HTTP": round(grpc_rps / http_rps, 2),
         "one at a time, HTTP p50/p99 ms": f"{p50_h:.3f} / {p99_h:.3f}",
         "one at a time, gRPC p50/p99 ms": f"{p50_g:.3f} / {p99_g:.3f}",
+        "CPU per request, gateway and worker, HTTP / gRPC, us (median of 2)": (
+            f"{np.median(cpu_us['http']):.0f} / {np.median(cpu_us['grpc']):.0f}"
+        ),
+        "grpcio alone, a server echoing bytes: CPU per call, asyncio / sync (8 threads), us": (
+            f"{bare['aio']:.0f} / {bare['sync']:.0f}"
+        ),
         "gateway+worker pinned to one core": pinned,
     }
+
+
+def _bare_server(kind: str, cpu: int | None, ready: Any) -> None:
+    """A grpcio server that echoes bytes and nothing else: what the transport alone costs a call."""
+    from concurrent import futures
+
+    import grpc
+
+    if cpu is not None:
+        pin_self(cpu)
+    handler = grpc.method_handlers_generic_handler(
+        "bare.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo if kind == "sync" else _echo_async)}
+    )
+    if kind == "sync":
+        server = grpc.server(futures.ThreadPoolExecutor(8))
+        server.add_generic_rpc_handlers((handler,))
+        ready.put(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        server.wait_for_termination()
+        return
+
+    async def main() -> None:
+        aserver = grpc.aio.server()
+        aserver.add_generic_rpc_handlers((handler,))
+        ready.put(aserver.add_insecure_port("127.0.0.1:0"))
+        await aserver.start()
+        await aserver.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def _echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
+async def _echo_async(request: bytes, context: Any) -> bytes:
+    return request
+
+
+def _bare_server_cpu_us(kind: str, cpu: int | None, seconds: float) -> float:
+    """CPU per call of a bare grpcio server (``kind``: aio or sync) at 64 calls in flight."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=_bare_server, args=(kind, cpu, ready), daemon=True)
+    proc.start()
+    try:
+        port = ready.get(timeout=60)
+        address = f"127.0.0.1:{port}"
+        asyncio.run(_grpc_load(address, "", b"x" * 100, IN_FLIGHT, 1.0, None, "/bare.Echo/Echo"))
+        c0 = cpu_seconds(proc.pid)
+        n, _, _ = asyncio.run(_grpc_load(address, "", b"x" * 100, IN_FLIGHT, seconds, None, "/bare.Echo/Echo"))
+        return (cpu_seconds(proc.pid) - c0) / max(1, n) * 1e6
+    finally:
+        proc.terminate()
+        proc.join(10)

@@ -185,6 +185,12 @@ async def _accounts(args: argparse.Namespace) -> int:
             print(f"shoal central: {args.name!r} is not a valid name", file=sys.stderr)
             return 2
         password = args.password or _read_password()
+        if password is None:
+            print(
+                "shoal central: no password: set SHOAL_PASSWORD, give --password, or type it at a terminal",
+                file=sys.stderr,
+            )
+            return 2
         why = passwords.check_new_password(password)
         if why:
             print(f"shoal central: {why}", file=sys.stderr)
@@ -220,10 +226,14 @@ def run(args: argparse.Namespace) -> int:
     from shoal.httpserver import wait_for_stop_signal, write_ports_file
 
     setup_logging(args.log_level, "central", args.log_format)
-    if args.central_command == "accounts":
-        return aio_run(_accounts(args))
-    if args.central_command == "migrate":
-        return aio_run(_migrate(args))
+    if args.central_command in ("accounts", "migrate"):
+        from shoal.database import redact
+
+        try:
+            return aio_run(_accounts(args) if args.central_command == "accounts" else _migrate(args))
+        except OSError as e:  # the database cannot be reached: one line that names it
+            print(f"shoal central: database {redact(_db(args))}: {e}", file=sys.stderr)
+            return 1
 
     from shoal.central.server import Central, CentralConfig
 
@@ -232,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap_operator:
         pw = args.operator_password or ""
         if not pw:
-            print("shoal central: --bootstrap-operator needs the password in $SHOAL_OPERATOR_PASSWORD")
+            print("shoal central: --bootstrap-operator needs the password in $SHOAL_OPERATOR_PASSWORD", file=sys.stderr)
             return 2
         bootstrap = (args.bootstrap_operator, pw)
     cfg = CentralConfig(
@@ -256,11 +266,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         central = Central(cfg)
     except ValueError as e:
-        print(f"shoal central: {e}")
+        print(f"shoal central: {e}", file=sys.stderr)
         return 2
 
     async def main() -> int:
-        await central.start()
+        try:
+            await central.start()
+        except ConnectionError as e:  # the database server did not answer (a port in use is an OSError)
+            from shoal.database import redact
+
+            raise ConnectionError(f"database {redact(cfg.db_url)}: {e}") from e
         write_ports_file(args.ports_file, {"http": central.http_port})
         await wait_for_stop_signal()
         await central.stop()

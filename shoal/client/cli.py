@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from shoal.config import Opt, Settings, add_settings
 
@@ -14,6 +14,7 @@ HELP = (
 EXAMPLE = """
 SHOAL_DEVICE_PASSWORD=pw shoal infer --central http://127.0.0.1:7000 --device cam-1 --model mnist-cnn digit.png
 shoal infer --url http://127.0.0.1:8000 --token devkey --model mnist-cnn digit.png other.png
+shoal infer --url grpc://127.0.0.1:8001 --token devkey --model mnist-cnn digit.png   # the gRPC front
 shoal infer --local models/mnist-mlp/1 digit.png                       # on this device only
 SHOAL_DEVICE_PASSWORD=pw shoal infer --central http://127.0.0.1:7000 --device cam-1 --model mnist-cnn \\
     --local models/mnist-mlp/1 --policy cascade --threshold 0.99 --frame-format jpeg frame.npy
@@ -36,7 +37,13 @@ class InferSettings(Settings, kw_only=True):
         str | None,
         Opt("device password (default: $SHOAL_DEVICE_PASSWORD)", secret=True, env=("SHOAL_DEVICE_PASSWORD",)),
     ] = None
-    url: Annotated[str | None, Opt("talk to this gateway directly instead of routing through central")] = None
+    url: Annotated[
+        str | None,
+        Opt(
+            "talk to this gateway directly instead of routing through central: http(s)://HOST:8000, or "
+            "grpc(s)://HOST:8001 for its gRPC front (needs shoal[grpc])"
+        ),
+    ] = None
     token: Annotated[
         str | None, Opt("bearer token for --url (default: $SHOAL_TOKEN)", secret=True, env=("SHOAL_TOKEN",))
     ] = None
@@ -81,13 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
     import sys
-    import time
     from pathlib import Path
 
     import numpy as np
 
-    from shoal.client.device import Client, InferResult, RouteError
-    from shoal.client.edge import Edge, EdgeError, run_offline
+    from shoal.client.device import Client, RouteError
+    from shoal.client.edge import Edge, EdgeError, encode_frame, run_offline
     from shoal.client.http import InferError, OipHttpClient
     from shoal.client.placement import PlacementError
     from shoal.modelrepo import ManifestError
@@ -98,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         return None, path.read_bytes()
 
     policy = args.policy or ("local" if args.local and not args.central else "remote")
+    if args.ca and not Path(args.ca).is_file():
+        print(f"shoal infer: --ca {args.ca}: no such file", file=sys.stderr)
+        return 2
     if args.local and args.url:
         print("shoal infer: --local routes through central (--central), not --url", file=sys.stderr)
         return 2
@@ -124,10 +133,18 @@ def run(args: argparse.Namespace) -> int:
     rc = 0
     if edge is None and args.url:
         token = args.token
-        direct = OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca)
-        code, meta = direct.get_json(
-            f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
-        )
+        try:
+            if args.url.startswith(("grpc://", "grpcs://")):
+                direct = _grpc_client(args)
+                code, meta = 200, direct.metadata(args.model, args.version)
+            else:
+                direct = OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca)
+                code, meta = direct.get_json(
+                    f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
+                )
+        except (OSError, ValueError, InferError) as e:  # unreachable, TLS refused, a bad CA file, not JSON
+            print(f"shoal infer: {args.url}: {e}", file=sys.stderr)
+            return 2
         if code != 200:
             print(
                 f"shoal infer: {args.url}: HTTP {code}: {meta.get('error') if isinstance(meta, dict) else meta}",
@@ -177,16 +194,11 @@ def run(args: argparse.Namespace) -> int:
                 res = run_offline(edge.infer(args.model or "", inputs, image, frame, args.version))
             elif args.url:
                 name = args.input or first_input
+                if frame is not None:  # encoded here, as the routed client does
+                    image = encode_frame(frame, args.frame_format, args.quality)
                 if inputs is not None:
                     inputs = {name: inputs["__input__"]}
-                t0 = time.perf_counter()
-                if image is not None:
-                    outs = direct.infer_raw(args.model, image, args.version)
-                else:
-                    outs = direct.infer(args.model, inputs, args.version)
-                res = InferResult(
-                    outs, args.model, args.version or "", args.url, (time.perf_counter() - t0) * 1000, labels
-                )
+                res = direct.infer_result(args.model, inputs, image, args.version, labels)
             else:
                 if inputs is not None:
                     if not args.input:
@@ -210,3 +222,12 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"file": str(path), "error": str(e)}), flush=True)
             rc = 1
     return rc
+
+
+def _grpc_client(args: argparse.Namespace) -> Any:
+    """The gateway's gRPC front, for ``--url grpc://...``: ``ValueError`` when grpcio is missing."""
+    try:
+        from shoal.client.grpc_client import OipGrpcClient
+    except ImportError:
+        raise ValueError("a grpc:// address needs shoal[grpc] (pip install 'shoal[grpc]')") from None
+    return OipGrpcClient(args.url, args.token, timeout=args.timeout, ca_file=args.ca)

@@ -57,6 +57,8 @@ RETRY_STATUSES = (502, 503, 504)
 # saturated, or its workers failed the request; another gateway of the cluster may well serve it.
 NEXT_GATEWAY_STATUSES = (502, 503)
 REQUEST_ID_HEADER = "X-Request-Id"
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+MAX_RATE_LIMIT_WAIT_S = 60.0  # the longest wait a 429's Retry-After is honoured for
 COOKIE_HEADER = "Shoal-Device-Cookie"
 RENEW_BEFORE_S = 10.0
 # A request to a gateway that has another behind it in the route, or on its first attempt, waits at
@@ -249,9 +251,13 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def backoff(attempt: int, retry_after: str | None) -> float:
-    """Seconds before attempt ``attempt + 1``: doubling from 50 ms to 2 s, or the server's hint."""
-    hint = _seconds(retry_after) if attempt else 0.0
+def backoff(attempt: int, retry_after: str | None, retry_after_ms: str | None = None) -> float:
+    """Seconds before attempt ``attempt + 1``: doubling from 50 ms to 2 s, or the server's hint
+    (``Retry-After-Ms`` where it sent one, else ``Retry-After``)."""
+    hint = 0.0
+    if attempt:
+        ms = _seconds(retry_after_ms)
+        hint = ms / 1000.0 if ms else _seconds(retry_after)
     return min(2.0, max(hint, 0.05 * (2**attempt)))
 
 
@@ -451,8 +457,12 @@ class ClientCore:
                 # Bounded while another gateway remains, and on a first attempt (central may know
                 # gateways this route does not name); the last gateway of a later attempt gets it all.
                 wait = self.next_gateway_after(r) if k < len(urls) - 1 or attempt == 0 else None
+                # The gateway is told how long this attempt may take: a request it cannot answer
+                # in time is refused at once (503 and when to try again), not queued to time out.
+                budget = wait if wait is not None else self.timeout
+                call_headers = sent if budget is None else {**sent, TIMEOUT_HEADER: str(max(1, int(budget * 1000)))}
                 try:
-                    reply = yield Call("POST", url + path, body, sent, wait)
+                    reply = yield Call("POST", url + path, body, call_headers, wait)
                 except Unreachable as e:
                     reply, last = None, f"cluster {r.cluster} unreachable at {url}: {e}"
                     failed.append(url)
@@ -521,9 +531,13 @@ class ClientCore:
         if reply.status == 401:  # token expired, or the cluster's key changed: a fresh route
             self.routes.pop((r.model, r.version), None)
             return last, 0.0
+        if reply.status == 429:  # over this credential's rate limit: wait as told, then try again
+            ms = _seconds(reply.headers.get("retry-after-ms"))
+            hint = ms / 1000.0 if ms else _seconds(reply.headers.get("retry-after"))
+            return last, min(MAX_RATE_LIMIT_WAIT_S, max(hint, backoff(attempt, None)))
         if reply.status in RETRY_STATUSES:
             self._forget(r, exclude)
-            return last, backoff(attempt, reply.headers.get("retry-after"))
+            return last, backoff(attempt, reply.headers.get("retry-after"), reply.headers.get("retry-after-ms"))
         raise InferError(last, reply.status)
 
     def _forget(self, r: Route, exclude: set[str]) -> None:

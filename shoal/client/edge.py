@@ -305,12 +305,12 @@ class Edge:
         if d.run in ("local", "cascade", "split"):
             outputs = yield from self._run_local(inputs, image, frame, timings)
         if d.run == "local":
-            return self._local_result(outputs, policy, timings, t0, d.fallback)
+            return self._local_result(outputs, policy, timings, t0, d.fallback, budget_ms)
         if d.run == "split":
             assert self.core is not None
             body, headers = self.core.infer_body(outputs, None)
             r = yield from self._remote(model, version, body, headers, None, timings)
-            return self._finish(r, "split", policy, timings, t0)
+            return self._finish(r, "split", policy, timings, t0, budget_ms)
         if d.run == "cascade":
             spent = (time.perf_counter() - t0) * 1000.0
             confidence = self.local.confidence(outputs)
@@ -318,7 +318,7 @@ class Edge:
             if d.probe and (yield from self._probe(model, version)) is not None:
                 d = pl.escalate(req, self.measured, confidence, self.threshold, spent, self.clock())
             if d.run == "local":
-                return self._local_result(outputs, policy, timings, t0, d.fallback)
+                return self._local_result(outputs, policy, timings, t0, d.fallback, budget_ms)
         # The cluster, with a deadline (and the local model to fall back on) under fastest and cascade.
         try:
             if frame is not None:
@@ -332,8 +332,8 @@ class Edge:
             if outputs is None:
                 outputs = yield from self._run_local(inputs, image if frame is None else None, frame, timings)
             why = f"cluster failed ({str(e)[:160]}): answered locally"
-            return self._local_result(outputs, policy, timings, t0, why)
-        return self._finish(r, "remote", policy, timings, t0)
+            return self._local_result(outputs, policy, timings, t0, why, budget_ms)
+        return self._finish(r, "remote", policy, timings, t0, budget_ms)
 
     # ------------------------------------------------------------------------------ the parts
 
@@ -407,8 +407,10 @@ class Edge:
             if _fallback_worthy(e):
                 self.measured = pl.observe_failure(self.measured, self.clock())
             raise
-        timings["remote"] = (time.perf_counter() - t) * 1000.0
-        # The infer exchange alone (not the route or labels fetched before it) is the round trip.
+        # The infer exchange alone (not the route or labels fetched before it, nor earlier attempts) is
+        # the round trip; what came before it in this flow is routing.
+        timings["remote"] = r.latency_ms
+        timings["routing"] = max(0.0, (time.perf_counter() - t) * 1000.0 - r.latency_ms)
         self.measured = pl.observe_remote(self.measured, len(body), r.latency_ms, self.clock())
         route = self.core.routes.get((model, version))
         if route is not None:
@@ -416,11 +418,12 @@ class Edge:
         return r
 
     def _finish(
-        self, r: InferResult, where: str, policy: str, timings: dict[str, float], t0: float
+        self, r: InferResult, where: str, policy: str, timings: dict[str, float], t0: float, budget_ms: float | None
     ) -> InferResult:
         timings["total"] = (time.perf_counter() - t0) * 1000.0
         r.where, r.policy, r.timings_ms = where, policy, timings
-        return r
+        r.latency_ms = timings["total"]
+        return _over_budget(r, budget_ms)
 
     def _local_result(
         self,
@@ -429,16 +432,17 @@ class Edge:
         timings: dict[str, float],
         t0: float,
         fallback: str | None,
+        budget_ms: float | None = None,
     ) -> InferResult:
         local = self.local
         assert local is not None and outputs is not None
         timings["total"] = (time.perf_counter() - t0) * 1000.0
-        return InferResult(
+        r = InferResult(
             outputs,
             local.name,
             local.version,
             "device",
-            timings.get("local", 0.0),
+            timings["total"],
             dict(local.manifest.labels),
             where="local",
             policy=policy,
@@ -446,6 +450,16 @@ class Edge:
             timings_ms=timings,
             fallback=fallback,
         )
+        return _over_budget(r, budget_ms)
+
+
+def _over_budget(r: InferResult, budget_ms: float | None) -> InferResult:
+    """A request that took longer than its budget says so (in ``fallback``): the budget was not kept,
+    whatever the policy chose."""
+    if budget_ms is not None and r.latency_ms > budget_ms:
+        over = f"over the {budget_ms:g} ms budget ({r.latency_ms:.1f} ms)"
+        r.fallback = f"{r.fallback}; {over}" if r.fallback else over
+    return r
 
 
 def run_offline(flow: Flow[T]) -> T:

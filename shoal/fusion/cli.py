@@ -171,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from shoal.fusion import datasets
     from shoal.fusion.experiment import markdown_grid, markdown_table, run_experiment
     from shoal.fusion.plots import plot_curves, plot_grid, plot_sweep
 
@@ -183,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         cfg = config_from_args(args).resolved()
-    except ValueError as e:
+        datasets.load(cfg.dataset)  # its package or files missing: said now, in one line
+    except (ValueError, FileNotFoundError) as e:
         print(f"shoal fuse: {e}", file=sys.stderr)
         return 2
     result = run_experiment(

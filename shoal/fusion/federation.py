@@ -163,6 +163,9 @@ def flwr_cli(
         shutil.rmtree(home, ignore_errors=True)
 
 
+_BOX = str.maketrans(dict.fromkeys("╭╮╰╯─│", " "))
+
+
 def enroll(superlink: str, ca: str | None, public_key: Path, name: str) -> int:
     """Register a site's public key with the SuperLink under ``name``; returns its node id."""
     r = flwr_cli(
@@ -171,7 +174,8 @@ def enroll(superlink: str, ca: str | None, public_key: Path, name: str) -> int:
     out = r.stdout or ""
     start = out.find("{")
     if r.returncode != 0 or start < 0:
-        raise RuntimeError(f"enrolling {name} failed: {(r.stderr or out).strip()[-500:]}")
+        said = " ".join((r.stderr or out).translate(_BOX).split())  # flwr's framed message, as one line
+        raise RuntimeError(f"enrolling {name} failed: {said[-500:]}")
     return int(json.loads(out[start:])["node-id"])
 
 
@@ -346,17 +350,34 @@ def run_federation(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def role_example(role: str) -> dict[str, object]:
+    """``add_parser`` keywords that show the lines of ``EXAMPLE`` for ``shoal federation ROLE``."""
+    lines, keep = [], False
+    for line in EXAMPLE.splitlines():
+        keep = line.startswith(f"shoal federation {role} ") or (keep and lines[-1].endswith("\\"))
+        if keep:
+            lines.append(line)
+    return {
+        "epilog": "example:\n  " + "\n  ".join(lines),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from shoal.fusion.algorithm import UPDATES
     from shoal.fusion.topology import HYPERCUBE_EDGES, TOPOLOGIES
 
     sub = p.add_subparsers(dest="role", required=True)
 
-    k = sub.add_parser("keys", help="make a site's key pair (the private key stays at the site)")
+    k = sub.add_parser(
+        "keys", help="make a site's key pair (the private key stays at the site)", **role_example("keys")  # type: ignore[arg-type]
+    )
     k.add_argument("--out", default="keys")
     k.add_argument("--site", required=True, help="the site's name (file names and the key's comment)")
 
-    s = sub.add_parser("superlink", help="run the SuperLink: Fleet API on --address, the rest on --private")
+    s = sub.add_parser(
+        "superlink", help="run the SuperLink: Fleet API on --address, the rest on --private", **role_example("superlink")  # type: ignore[arg-type]
+    )
     s.add_argument("--certs", required=True, help="folder with ca.pem and NAME.pem/NAME.key (shoal certs)")
     s.add_argument("--name", default="superlink", help="certificate name in --certs (default %(default)s)")
     s.add_argument("--address", default="0.0.0.0:9092", help="public host:port for the sites")
@@ -364,13 +385,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--state", help="SQLite file keeping enrolled sites across restarts (default: memory)")
     s.add_argument("--flwr-home", help=argparse.SUPPRESS)
 
-    e = sub.add_parser("enroll", help="allow a site to join: register its public key under its name")
+    e = sub.add_parser(
+        "enroll", help="allow a site to join: register its public key under its name", **role_example("enroll")  # type: ignore[arg-type]
+    )
     e.add_argument("public_key", type=Path)
     e.add_argument("--name", required=True, help="the site's name, as listed in 'run --sites'")
     e.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's private address")
     e.add_argument("--ca", help="the federation's ca.pem")
 
-    n = sub.add_parser("site", help="run a site: a SuperNode that trains on this site's data")
+    n = sub.add_parser(
+        "site", help="run a site: a SuperNode that trains on this site's data", **role_example("site")  # type: ignore[arg-type]
+    )
     n.add_argument("--superlink", required=True, help="the SuperLink's public host:port")
     n.add_argument("--ca", help="the federation's ca.pem (omit only for a local test without TLS)")
     n.add_argument("--key", help="this site's private key (shoal federation keys)")
@@ -386,7 +411,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     n.add_argument("--max-wait", type=float, default=None, help="give up connecting after this many seconds")
 
-    r = sub.add_parser("run", help="train across the enrolled sites, then publish the fused model")
+    r = sub.add_parser(
+        "run", help="train across the enrolled sites, then publish the fused model", **role_example("run")  # type: ignore[arg-type]
+    )
     r.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's private address")
     r.add_argument("--ca", help="the federation's ca.pem")
     r.add_argument("--sites", nargs="+", required=True, help="enrolled site names; site i is peer i")
@@ -422,6 +449,9 @@ def run(args: argparse.Namespace) -> int:
     if args.role == "superlink":
         return run_superlink(args)
     if args.role == "enroll":
+        if not Path(args.public_key).is_file():
+            print(f"shoal federation enroll: {args.public_key}: no such file", file=sys.stderr)
+            return 2
         try:
             node = enroll(args.superlink, args.ca, args.public_key, args.name)
         except RuntimeError as e:

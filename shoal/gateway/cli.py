@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Annotated, Any
 
 from shoal.config import LOG_FORMAT, LOG_LEVEL, LogFormat, LogLevel, Opt, Settings, add_settings
@@ -115,6 +116,43 @@ class ClusterSettings(Settings, kw_only=True):
         float, Opt("largest result a worker may send back, in MB (default %(default)s)")
     ] = 64.0
     max_queue: Annotated[int, Opt("requests per model waiting for a worker before 503")] = 1024
+    quota: Annotated[
+        list[str],
+        Opt(
+            "rate limit on inference per credential: WHO=RATE[/BURST], WHO a role (device, operator) or "
+            "an account (device:NAME, key:HASH as logged), RATE requests a second, BURST at once "
+            "(repeatable; also $SHOAL_CLUSTER_QUOTAS, comma separated); over it: 429 with Retry-After",
+            env=("SHOAL_CLUSTER_QUOTAS",),
+        ),
+    ] = []
+    trace_endpoint: Annotated[
+        str | None,
+        Opt(
+            "send traces of inference requests to this OTLP/HTTP endpoint (e.g. "
+            "http://collector:4318/v1/traces; needs shoal[trace]); default: no tracing"
+        ),
+    ] = None
+    trace_ratio: Annotated[
+        float,
+        Opt(
+            "share of requests traced among those that come without a traceparent (those that come "
+            "with one follow the device's choice); default %(default)s"
+        ),
+    ] = 1.0
+    priority_levels: Annotated[
+        int,
+        Opt(
+            "priority levels of the queues (a request's 'priority' parameter: 1 the highest); "
+            "default %(default)s"
+        ),
+    ] = 2
+    default_priority: Annotated[
+        int,
+        Opt(
+            "the level of a request that names none (default %(default)s; per model in the file's "
+            "priorities block)"
+        ),
+    ] = 2
     read_timeout: Annotated[float, Opt("seconds a client has to send one whole request (408 after)")] = 30.0
     timeout: Annotated[float, Opt("request deadline in seconds")] = 30.0
     drain_timeout: Annotated[
@@ -200,10 +238,35 @@ class ClusterSettings(Settings, kw_only=True):
     autoscale: Annotated[
         Any, Opt("the scaling engine and each model's policy", flag=False, environment=False)
     ] = None
+    priorities: Annotated[
+        Any,
+        Opt("per model: the priority level of its requests that name none", flag=False, environment=False),
+    ] = None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_settings(p, ClusterSettings)
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """The file's blocks (pipelines, versions, autoscale) hold together: checked before --print-config
+    shows them as the settings in force."""
+    from shoal.autoscale.config import AutoscaleError, parse_autoscale
+    from shoal.gateway.pipeline import PipelineError, parse_pipelines
+    from shoal.gateway.policy import parse_version_policy
+
+    try:
+        parse_pipelines(args.pipelines)
+        versions_block = args.versions or {}
+        if not isinstance(versions_block, dict):
+            raise PipelineError("versions: must map model names to version policies")
+        for m, d in versions_block.items():
+            parse_version_policy(d, f"versions.{m}")
+        if args.autoscale is not None:
+            parse_autoscale(args.autoscale)
+    except (PipelineError, AutoscaleError, ValueError) as e:
+        return f"{args.config}: {e}" if args.config else str(e)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,7 +275,9 @@ def run(args: argparse.Namespace) -> int:
     from shoal.autoscale.config import AutoscaleError, parse_autoscale
     from shoal.gateway.central_link import CentralConfig
     from shoal.gateway.pipeline import PipelineError, parse_pipelines
-    from shoal.gateway.policy import parse_version_policy
+    from shoal.gateway.policy import parse_priorities, parse_version_policy
+    from shoal.gateway.pool import Priorities
+    from shoal.gateway.quotas import parse_quota
     from shoal.gateway.server import Gateway, GatewayConfig
     from shoal.gateway.state import default_state_dir
     from shoal.httpserver import wait_for_stop_signal, write_ports_file
@@ -223,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_processes(args)
     if args.processes < 1:
-        print("shoal cluster: --processes must be at least 1")
+        print("shoal cluster: --processes must be at least 1", file=sys.stderr)
         return 2
     secret = args.secret or ""
     keys = list(args.api_key)
@@ -233,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
         pw = args.central_password or ""
         if not pw:
             print(
-                "shoal cluster: --central needs this cluster's password: --central-password or SHOAL_CENTRAL_PASSWORD"
+                "shoal cluster: --central needs this cluster's password: --central-password or SHOAL_CENTRAL_PASSWORD",
+                file=sys.stderr,
             )
             return 2
         central = CentralConfig(
@@ -250,8 +316,10 @@ def run(args: argparse.Namespace) -> int:
             raise PipelineError("versions: must map model names to version policies")
         policies = {str(m): parse_version_policy(d, f"versions.{m}") for m, d in versions_block.items()}
         autoscale = parse_autoscale(args.autoscale) if args.autoscale is not None else None
+        levels, default, per_model = parse_priorities(args.priority_levels, args.default_priority, args.priorities)
+        quotas = dict(parse_quota(q.strip()) for entry in args.quota for q in entry.split(",") if q.strip())
     except (PipelineError, AutoscaleError, ValueError) as e:
-        print(f"shoal cluster: {args.config}: {e}")
+        print(f"shoal cluster: {args.config}: {e}", file=sys.stderr)
         return 2
     hh, hp = split_hostport(args.http, 8000)
     wh, wp = split_hostport(args.workers, 8003)
@@ -287,6 +355,10 @@ def run(args: argparse.Namespace) -> int:
         central=central,
         pipelines=pipelines,
         version_policies=policies,
+        priorities=Priorities(levels, default, per_model),
+        quotas=quotas,
+        trace_endpoint=args.trace_endpoint,
+        trace_ratio=args.trace_ratio,
         results_db=args.store_results,
         results_dir=args.results_dir,
         results_max_age_s=args.results_max_age,
@@ -298,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         gw = Gateway(cfg)
     except ValueError as e:
-        print(f"shoal cluster: {e}")
+        print(f"shoal cluster: {e}", file=sys.stderr)
         return 2
 
     async def main() -> int:
@@ -307,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             await gw.start()
         except (EngineError, OSError) as e:  # the engine cannot reach its workers; a port is taken
-            print(f"shoal cluster: {e}")
+            print(f"shoal cluster: {e}", file=sys.stderr)
             await gw.stop()
             return 2
         write_ports_file(

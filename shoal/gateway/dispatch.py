@@ -25,8 +25,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.gateway.policy import ewma, pick_worker, retry_after_s
+from shoal.gateway.policy import ewma, pick_worker, retry_after_s, shed_retry_after_ms
 from shoal.gateway.pool import ModelPool, ModelTable, Pending, RequestFailed, WorkerHandle
+
+# A request that must queue is admitted when its answer is predicted within this share of the time
+# left before its deadline: the rest is the prediction's margin (a worker slower for a while, the
+# answer's way back), so that admitted requests are answered in time.
+ADMIT_SHARE = 0.8
 
 
 @dataclass(eq=False)
@@ -53,7 +58,8 @@ class Dispatcher:
 
     def submit(self, pool: ModelPool, p: Pending, now: float) -> None:
         """Send now to the least-loaded worker with room, else queue; ``RequestFailed`` (503) when the
-        queue is full."""
+        queue is full, or when the answer is predicted after the request's deadline (it is refused
+        at once, with the time to wait before trying again, rather than queued to time out)."""
         if self.closed is not None:
             raise RequestFailed(self.closed, 503)
         p.t_enqueued = now
@@ -66,13 +72,40 @@ class Dispatcher:
                 return
         if not pool.workers and pool.on_wait is not None:
             pool.on_wait()  # a sleeping model: tell whoever can wake it, now
+        wait = pool.predicted_wait_s(p.level)
+        if wait is not None:
+            left = max(0.0, p.deadline - now)
+            what = "the request's deadline"
+            if not p.told and (patience := pool.patience.seconds(now)) is not None and patience < left:
+                left, what = patience, "the time its clients wait before they give up"
+            if wait > ADMIT_SHARE * left:
+                pool.shed += 1
+                ms = shed_retry_after_ms(wait, ADMIT_SHARE * left)
+                raise RequestFailed(
+                    f"model '{pool.spec.name}' version {pool.spec.version} is overloaded: its answer is "
+                    f"expected in {wait * 1e3:.0f} ms, after {what} ({left * 1e3:.0f} ms)",
+                    503,
+                    -(-ms // 1000),
+                    ms,
+                )
         if len(pool.queue) >= pool.max_queue:
-            raise RequestFailed(
-                f"model '{pool.spec.name}' version {pool.spec.version} is saturated: "
-                f"{len(pool.queue)} requests already queued",
-                503,
-                retry_after_s(len(pool.queue), pool.capacity, pool.latency_ms()),
-            )
+            bumped = pool.queue.pop_lower(p.level)
+            if bumped is None:
+                raise RequestFailed(
+                    f"model '{pool.spec.name}' version {pool.spec.version} is saturated: "
+                    f"{len(pool.queue)} requests already queued",
+                    503,
+                    retry_after_s(len(pool.queue), pool.capacity, pool.latency_ms()),
+                )
+            if not bumped.future.done():  # the newest of a lower level makes room for this one
+                bumped.future.set_exception(
+                    RequestFailed(
+                        f"model '{pool.spec.name}' version {pool.spec.version} is saturated: "
+                        "the queue's place went to a request of a higher priority",
+                        503,
+                        retry_after_s(len(pool.queue), pool.capacity, pool.latency_ms()),
+                    )
+                )
         pool.queue.append(p)
 
     def _send(self, w: WorkerHandle, p: Pending, now: float) -> None:
@@ -87,7 +120,7 @@ class Dispatcher:
         """Move queued requests to workers while any has room."""
         q = pool.queue
         while q:
-            p = q[0]
+            p = q.head()
             if p.future.done():  # timed out or cancelled while waiting
                 q.popleft()
                 continue
@@ -125,8 +158,11 @@ class Dispatcher:
             share = compute_ms * p.rows / batch_rows  # this request's part of its batch's model time
             pool.busy_ms += share
             pool.service_ms = ewma(pool.service_ms, share)
+            if p.future.done():  # its client left, or its deadline passed: nobody reads this answer
+                pool.unread_ms += share
         if not p.future.done():
             p.future.set_result(result)
+        pool.answered(now)
         self.dispatch(pool, now)
         return p
 
@@ -146,6 +182,15 @@ class Dispatcher:
         if p is not None:
             self._again(p, reason)
             self.dispatch(p.pool, now)
+
+    def cancel(self, p: Pending, now: float) -> None:
+        """Its client has gone (disconnected, or cancelled its call): a request still queued is taken
+        out and never runs; one a worker holds runs, and its answer is dropped."""
+        pool: ModelPool = p.pool
+        pool.cancelled += 1
+        pool.patience.left(now - p.t_enqueued, now)
+        if self.in_flight.get(p.id) is not p:
+            pool.queue.remove(p)
 
     def _again(self, p: Pending, reason: str) -> None:
         """Back at the head of its queue, unless it is answered already or has had its attempts."""
@@ -358,7 +403,6 @@ class Dispatcher:
             and now - pool.no_worker_since > self.unserved_wait_s
         )
         n = 0
-        keep: deque[Pending] = deque()
         for p in pool.queue:
             if p.future.done():
                 continue
@@ -372,7 +416,9 @@ class Dispatcher:
                     )
                 )
                 n += 1
-            else:
-                keep.append(p)
-        pool.queue = keep
+        pool.queue.keep(_waiting)
         return n
+
+
+def _waiting(p: Pending) -> bool:
+    return not p.future.done()

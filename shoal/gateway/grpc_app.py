@@ -28,18 +28,24 @@ from shoal.gateway.grpc_tensors import (
     model_metadata,
     model_statistics,
     raw_infer_response,
-    timeout_ms,
 )
 from shoal.gateway.http_app import Forbidden, HttpApp, check_outputs, classified
-from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
-from shoal.gateway.oip_grpc.grpc_service_pb2_grpc import (
-    GRPCInferenceServiceServicer,
-    add_GRPCInferenceServiceServicer_to_server,
-)
 from shoal.gateway.pool import RequestFailed
 from shoal.gateway.repository import RepositoryError
 from shoal.protocol.names import InvalidName, check_name
-from shoal.protocol.oip import PathRoute, ProtocolError, bind_inputs, class_counts
+from shoal.protocol.oip import (
+    PathRoute,
+    ProtocolError,
+    bind_inputs,
+    class_counts,
+    request_priority,
+    request_timeout_ms,
+)
+from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
+from shoal.protocol.oip_grpc.grpc_service_pb2_grpc import (
+    GRPCInferenceServiceServicer,
+    add_GRPCInferenceServiceServicer_to_server,
+)
 from shoal.protocol.tensors import TensorError
 
 log = logging.getLogger("shoal.gateway")
@@ -65,9 +71,10 @@ _CODES = {
 class CallFailed(Exception):
     """One call's outcome as a gRPC status: aborts a unary call, becomes a stream's error_message."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.retry_after_ms = retry_after_ms  # overloaded or over a rate limit: when to try again
 
 
 @contextlib.contextmanager
@@ -80,9 +87,18 @@ def _outcome(app: HttpApp) -> Iterator[None]:
         raise CallFailed(SC.PERMISSION_DENIED, str(e)) from None
     except (ProtocolError, RequestFailed, RepositoryError) as e:
         app.metrics.http_errors.labels(str(e.status)).inc()
-        raise CallFailed(_CODES.get(e.status, SC.INTERNAL), str(e)) from None
+        ms = e.retry_after_ms if isinstance(e, RequestFailed) else None
+        raise CallFailed(_CODES.get(e.status, SC.INTERNAL), str(e), ms) from None
     except InvalidName as e:
         raise CallFailed(SC.INVALID_ARGUMENT, str(e)) from None
+
+
+def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
+    """The caller's W3C ``traceparent``, from the call's metadata."""
+    for k, v in context.invocation_metadata() or ():
+        if k == "traceparent":
+            return v if isinstance(v, str) else v.decode("latin-1")
+    return None
 
 
 def _target_names(model: str, version: str) -> tuple[str, str | None]:
@@ -123,6 +139,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, e: CallFailed) -> Any:
+        if e.retry_after_ms is not None:
+            await context.abort(e.code, str(e), (("retry-after-ms", str(e.retry_after_ms)),))
         await context.abort(e.code, str(e))
 
     # ----------------------------------------------------------------- health and metadata
@@ -176,7 +194,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         try:
             who = self._who(context)
-            return await self._infer(who, request, context.time_remaining())
+            return await self._infer(who, request, context.time_remaining(), _traceparent(context))
         except CallFailed as e:
             return await self._abort(context, e)
 
@@ -195,7 +213,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
         async def one(req: pb.ModelInferRequest) -> None:
             try:
                 msg = pb.ModelStreamInferResponse(
-                    infer_response=await self._infer(who, req, context.time_remaining())
+                    infer_response=await self._infer(who, req, context.time_remaining(), _traceparent(context))
                 )
             except CallFailed as e:
                 failed = pb.ModelInferResponse(
@@ -225,7 +243,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 t.cancel()
 
     async def _infer(
-        self, who: Principal, req: pb.ModelInferRequest, left_s: float | None
+        self, who: Principal, req: pb.ModelInferRequest, left_s: float | None, traceparent: str | None = None
     ) -> pb.ModelInferResponse:
         """One request, step by step as HTTP's: where it goes, its tensors checked against the model,
         its deadline and id, the call through the request service, the answer."""
@@ -234,6 +252,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
         with _outcome(app):
             name, ver = _target_names(req.model_name, req.model_version)
             app.check(who, "infer", name, ver)
+            if app.quotas is not None:
+                app.charge(who, t0)
             target = self.service.target(name, ver)
             ireq = infer_request(req, app.limits.max_body_size)
             spec = target.spec
@@ -241,19 +261,22 @@ class GrpcFront(GRPCInferenceServiceServicer):
             if ireq.outputs is not None:
                 check_outputs(ireq, target)
             budget = app.limits.request_timeout_s
-            ms = timeout_ms(ireq.parameters)
+            ms = request_timeout_ms(ireq.parameters)
             if ms is not None:
                 budget = min(budget, ms / 1000.0)
+            priority = request_priority(ireq.parameters)
             if left_s is not None:
                 budget = min(budget, left_s)
+            told = budget < app.limits.request_timeout_s
             rid = ireq.id or self.service.new_request_id()
             answer_id = (ireq.id or "") if app.results is None else rid
             names = [o.name for o in ireq.outputs] if ireq.outputs is not None else None
+            tr = None if app.tracing is None else app.begin_trace(traceparent, target, t0)
             try:
                 if target.pool is not None and app.results is None and not class_counts(ireq.outputs):
                     # Common case: the worker's result bytes become the raw contents as they are.
                     h, payload = await self.service.call_model(
-                        target.pool, arrays, t0 + budget, names, rid, raw=True
+                        target.pool, arrays, t0 + budget, names, rid, raw=True, priority=priority, trace=tr, told=told
                     )
                     try:
                         resp = raw_infer_response(spec.name, spec.version, answer_id, h.outputs, payload)
@@ -261,10 +284,14 @@ class GrpcFront(GRPCInferenceServiceServicer):
                         raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
                 else:
                     if target.pool is not None:
-                        outputs = await self.service.call_model(target.pool, arrays, t0 + budget, names, rid)
+                        outputs = await self.service.call_model(
+                            target.pool, arrays, t0 + budget, names, rid, priority=priority, trace=tr, told=told
+                        )
                     else:
                         assert target.pipeline is not None
-                        outputs = await self.service.run_pipeline(target.pipeline, arrays, t0 + budget, rid)
+                        outputs = await self.service.run_pipeline(
+                            target.pipeline, arrays, t0 + budget, rid, priority=priority, trace=tr, told=told
+                        )
                     if ireq.outputs is not None:
                         outputs = classified(ireq, spec, outputs)
                     if app.results is not None:
@@ -272,7 +299,15 @@ class GrpcFront(GRPCInferenceServiceServicer):
                     resp = infer_response(spec.name, spec.version, answer_id, outputs)
             except RequestFailed as e:
                 app.record(target, e.status, t0, rid, who, arrays, None, e)
+                if tr is not None:
+                    tr.end(e.status, rid, time.monotonic())
                 raise
+            except asyncio.CancelledError:  # the caller cancelled its call
+                if tr is not None:
+                    tr.end(499, rid, time.monotonic())
+                raise
+        if tr is not None:
+            tr.end(200, rid, time.monotonic())
         app.metrics.observe_response(spec, 200, time.monotonic() - t0)
         return resp
 

@@ -15,8 +15,6 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from shoal.gateway.oip_grpc import grpc_service_pb2 as pb
-from shoal.gateway.oip_grpc import model_config_pb2
 from shoal.protocol.classification import ClassificationError, class_count
 from shoal.protocol.link_messages import TensorDesc
 from shoal.protocol.oip import (
@@ -28,6 +26,8 @@ from shoal.protocol.oip import (
     tensor_cost,
     valid_request_id,
 )
+from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
+from shoal.protocol.oip_grpc import model_config_pb2
 from shoal.protocol.tensors import (
     BYTES_ELEMENT_COST,
     NP_DTYPES,
@@ -63,18 +63,6 @@ def parameter_value(p: pb.InferParameter) -> Any:
 
 def parameters(params: Any) -> dict[str, Any]:
     return {k: parameter_value(v) for k, v in params.items()}
-
-
-def timeout_ms(params: dict[str, Any]) -> float | None:
-    """The request's own deadline: ``timeout_ms`` as on HTTP, or ``timeout`` in microseconds as
-    ``tritonclient.grpc`` sends its ``timeout`` argument."""
-    t = params.get("timeout_ms")
-    if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
-        return float(t)
-    t = params.get("timeout")
-    if isinstance(t, int) and not isinstance(t, bool) and t > 0:
-        return t / 1000.0
-    return None
 
 
 def _typed(t: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], max_bytes: int) -> np.ndarray:

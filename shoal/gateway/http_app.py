@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,16 +25,21 @@ from shoal.gateway.auth import OPEN, Authenticator, AuthError, Principal, permit
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.openapi import openapi_document
 from shoal.gateway.pool import RequestFailed
+from shoal.gateway.quotas import Quotas
 from shoal.gateway.repository import RepositoryApi, RepositoryError
 from shoal.gateway.requests import RequestService, Target
 from shoal.gateway.results_api import record_request, results_action, serve_results
 from shoal.gateway.views import GatewayViews
+from shoal.httpserver import CANCEL, CLIENT_LEFT
 from shoal.protocol.classification import ClassificationError, classify
 from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.interface import ModelInterface
 from shoal.protocol.model_config import model_config
 from shoal.protocol.oip import (
     HEADER_LENGTH,
+    MAX_PRIORITY,
+    PRIORITY_HEADER,
+    TIMEOUT_HEADER,
     InferRequest,
     PathRoute,
     ProtocolError,
@@ -42,15 +48,19 @@ from shoal.protocol.oip import (
     class_counts,
     encode_infer_response,
     error_body,
+    header_number,
     parse_infer_request,
     parse_path,
     parse_repository_path,
+    request_priority,
+    request_timeout_ms,
     valid_request_id,
 )
 from shoal.protocol.tensors import TensorError
 
 if TYPE_CHECKING:
     from shoal.gateway.storage import ResultStore
+    from shoal.gateway.tracing import RequestTrace, Tracing
 
 log = logging.getLogger("shoal.gateway")
 _JSON = [(b"content-type", b"application/json")]
@@ -91,8 +101,12 @@ class HttpApp:
         repository: RepositoryApi,
         results: ResultStore | None,
         limits: HttpLimits,
+        quotas: Quotas | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.service = service
+        self.quotas = quotas
+        self.tracing = tracing
         self.models = service.models
         self.auth = auth
         self.metrics = metrics
@@ -156,7 +170,7 @@ class HttpApp:
             if route.kind == "infer":
                 if method != "POST":
                     raise ProtocolError("infer takes POST", 405)
-                await self._infer(who, route, headers, receive, send, t0)
+                await self._infer(who, route, scope, headers, receive, send, t0)
                 return
             if method != "GET":
                 raise ProtocolError(f"{scope['path']} takes GET", 405)
@@ -240,10 +254,20 @@ class HttpApp:
     # ------------------------------------------------------------------------------ infer
 
     async def _infer(
-        self, who: Principal, route: PathRoute, headers: dict[bytes, bytes], receive: Any, send: Any, t0: float
+        self,
+        who: Principal,
+        route: PathRoute,
+        scope: dict[str, Any],
+        headers: dict[bytes, bytes],
+        receive: Any,
+        send: Any,
+        t0: float,
     ) -> None:
         """One inference request, step by step: where it goes, its body, its tensors checked against
-        the model, its deadline and id, the call, the answer."""
+        the model, its deadline and id, the call, the answer. A client that disconnects while it
+        waits cancels it (the server calls ``scope[CANCEL]``): not yet sent to a worker, it never runs."""
+        if self.quotas is not None:
+            self.charge(who, t0)
         target = self.service.target(route.model, route.version)
         body = await self._read_body(headers, receive)
         enc, hl = headers.get(b"content-encoding"), _header_length(headers)
@@ -254,14 +278,19 @@ class HttpApp:
         arrays = bind_inputs(req, target.spec.inputs, target.spec.image_input, target.spec.max_batch_size)
         if req.outputs is not None:
             check_outputs(req, target)
-        timeout = self.limits.request_timeout_s
-        deadline = t0 + (timeout_s(req, timeout) if "timeout_ms" in req.parameters else timeout)
+        budget, priority = self._budget(req.parameters, headers)
+        deadline = t0 + budget
+        told = budget < self.limits.request_timeout_s
         rid = req.id or self._request_id(headers)
+        scope[CANCEL] = asyncio.current_task().cancel  # type: ignore[union-attr]
+        tr = None if self.tracing is None else self.begin_trace(headers.get(b"traceparent"), target, t0)
         try:
             pool = target.pool
             if pool is not None and req.outputs is None and req.binary_output and self.results is None:
                 # The common binary case: the worker's result bytes become the response as they are.
-                h, payload = await self.service.call_model(pool, arrays, deadline, None, rid, raw=True)
+                h, payload = await self.service.call_model(
+                    pool, arrays, deadline, None, rid, raw=True, priority=priority, trace=tr, told=told
+                )
                 try:
                     out, hlen = binary_response(target.spec.name, target.spec.version, req.id, h.outputs, payload)
                 except (TensorError, KeyError) as e:
@@ -271,10 +300,14 @@ class HttpApp:
             else:
                 names = [o.name for o in req.outputs] if req.outputs is not None else None
                 if pool is not None:
-                    outputs = await self.service.call_model(pool, arrays, deadline, names, rid)
+                    outputs = await self.service.call_model(
+                        pool, arrays, deadline, names, rid, priority=priority, trace=tr, told=told
+                    )
                 else:
                     assert target.pipeline is not None
-                    outputs = await self.service.run_pipeline(target.pipeline, arrays, deadline, rid)
+                    outputs = await self.service.run_pipeline(
+                        target.pipeline, arrays, deadline, rid, priority=priority, trace=tr, told=told
+                    )
                 if req.outputs is not None:
                     outputs = classified(req, target.spec, outputs)
                 # With result storage the answer carries rid: the device can fetch the stored result later.
@@ -295,7 +328,19 @@ class HttpApp:
         except RequestFailed as e:
             self.record(target, e.status, t0, rid, who, arrays, None, e)
             await self._fail(send, e, rid)
+            if tr is not None:
+                tr.end(e.status, rid, time.monotonic())
             return
+        except asyncio.CancelledError:
+            if not scope.get(CLIENT_LEFT):
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self.metrics.observe_response(target.spec, 499, time.monotonic() - t0)
+            if tr is not None:
+                tr.end(499, rid, time.monotonic())
+            return
+        if tr is not None:
+            tr.end(200, rid, time.monotonic())
         self.metrics.observe_response(target.spec, 200, time.monotonic() - t0)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
@@ -339,6 +384,45 @@ class HttpApp:
             except CompressionError as e:
                 raise ProtocolError(str(e), e.status) from None
         return parse_infer_request(body, hl, limit)
+
+    def charge(self, who: Principal, now: float) -> None:
+        """One request against the caller's quota: ``RequestFailed`` 429, with when to try again, when
+        it is over its rate."""
+        assert self.quotas is not None
+        wait = self.quotas.check(who.role, who.who, now)
+        if wait > 0.0:
+            self.metrics.quota_refused.labels(who.role).inc()
+            ms = max(1, math.ceil(wait * 1000.0))
+            raise RequestFailed(
+                f"over this credential's rate limit ({who.who}); try again in {ms} ms", 429, -(-ms // 1000), ms
+            )
+
+    def begin_trace(self, traceparent: bytes | str | None, target: Target, t0: float) -> RequestTrace | None:
+        """The request's trace (tracing is on): continuing the device's ``traceparent``, if it sent
+        one; None when this request is not recorded."""
+        assert self.tracing is not None
+        if isinstance(traceparent, bytes):
+            traceparent = traceparent.decode("latin-1")
+        return self.tracing.begin(traceparent, target.spec.name, t0)
+
+    def _budget(self, params: dict[str, Any], headers: dict[bytes, bytes]) -> tuple[float, int]:
+        """The request's time budget in seconds (the gateway's ``--timeout``, shortened by the
+        request's own ``timeout_ms``, Triton's ``timeout`` or ``X-Request-Timeout-Ms``) and its
+        ``priority`` (the parameter, else ``X-Request-Priority``; 0: the model's default)."""
+        budget = self.limits.request_timeout_s
+        priority = 0
+        if params:
+            ms = request_timeout_ms(params)
+            if ms is not None:
+                budget = min(budget, ms / 1000.0)
+            priority = request_priority(params)
+        raw = headers.get(TIMEOUT_HEADER)
+        if raw is not None and (ms := header_number(raw, "X-Request-Timeout-Ms", 1 << 31)) > 0:
+            budget = min(budget, ms / 1000.0)
+        raw = headers.get(PRIORITY_HEADER)
+        if raw is not None and priority == 0:
+            priority = header_number(raw, "X-Request-Priority", MAX_PRIORITY)
+        return budget, priority
 
     def _request_id(self, headers: dict[bytes, bytes]) -> str:
         """For a request without an ``id``: its ``X-Request-Id``, else a new one (it goes to the
@@ -407,6 +491,8 @@ class HttpApp:
         extra = []
         if isinstance(e, RequestFailed) and e.retry_after is not None:
             extra.append((b"retry-after", str(e.retry_after).encode()))
+            if e.retry_after_ms is not None:
+                extra.append((b"retry-after-ms", str(e.retry_after_ms).encode()))
         if rid:
             extra.append(_rid_header(rid))
         self.metrics.http_errors.labels(str(e.status)).inc()
@@ -443,14 +529,6 @@ def classified(req: InferRequest, spec: ModelInterface, outputs: dict[str, np.nd
         return classify(outputs, counts, spec.max_batch_size > 0 or spec.runtime == "pipeline", spec.labels)
     except ClassificationError as e:
         raise ProtocolError(str(e)) from None
-
-
-def timeout_s(req: InferRequest, default_s: float) -> float:
-    """The request's own ``timeout_ms`` when it asks for less than the gateway's timeout."""
-    t = req.parameters.get("timeout_ms")
-    if isinstance(t, (int, float)) and t > 0:
-        return min(default_s, t / 1000.0)
-    return default_s
 
 
 def _rid_header(rid: str) -> tuple[bytes, bytes]:

@@ -50,16 +50,34 @@ class _LiveState:
             "Requests a worker said it can hold",
             labels=["worker", "model", "version"],
         )
+        shed = CounterMetricFamily(
+            "shoal_requests_shed",
+            "Requests refused at arrival (503): their answer was predicted after their deadline",
+            labels=["model", "version"],
+        )
+        cancelled = CounterMetricFamily(
+            "shoal_requests_cancelled",
+            "Requests whose client left (disconnected, or cancelled its call) before the answer",
+            labels=["model", "version"],
+        )
+        unread = CounterMetricFamily(
+            "shoal_unread_compute_seconds",
+            "Model time spent on answers nobody read (the client left or the deadline passed first)",
+            labels=["model", "version"],
+        )
         for pool in self.models.pools():
             m, v = pool.spec.name, pool.spec.version
             workers.add_metric([m, v], sum(1 for w in pool.workers if w.accepting))
             queue.add_metric([m, v], len(pool.queue))
             ready.add_metric([m, v], 1.0 if pool.ready else 0.0)
             unavailable.add_metric([m, v], 1.0 if pool.unavailable is not None else 0.0)
+            shed.add_metric([m, v], pool.shed)
+            cancelled.add_metric([m, v], pool.cancelled)
+            unread.add_metric([m, v], pool.unread_ms / 1000.0)
             for w in pool.workers:
                 inflight.add_metric([w.worker_id, m, v], w.in_flight)
                 cap.add_metric([w.worker_id, m, v], w.capacity)
-        yield from (workers, queue, ready, unavailable, inflight, cap)
+        yield from (workers, queue, ready, unavailable, inflight, cap, shed, cancelled, unread)
 
 
 class _Autoscale:
@@ -184,6 +202,12 @@ class GatewayMetrics:
             "shoal_auth_refused",
             "HTTP requests refused for their credentials: 401 (none or invalid) or 403 (not allowed)",
             ["code"],
+            registry=r,
+        )
+        self.quota_refused = Counter(
+            "shoal_quota_refused",
+            "Inference requests refused (429) for their credential's rate limit, by role",
+            ["role"],
             registry=r,
         )
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}

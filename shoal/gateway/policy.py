@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from shoal.modelrepo.versions import newest_version, version_key  # noqa: F401 (the one order, used here)
 
@@ -45,6 +46,65 @@ def retry_after_s(queue_len: int, capacity_total: int, latency_ms: float) -> int
         return 1
     drain_s = queue_len / capacity_total * latency_ms / 1000.0
     return max(1, min(30, int(drain_s + 0.999)))
+
+
+def shed_retry_after_ms(wait_s: float, left_s: float) -> int:
+    """Milliseconds a request refused for its deadline should wait before it tries again: until the
+    work queued before it has drained enough for its answer to fit (``wait_s`` predicted, ``left_s``
+    its deadline's remainder), at least 1."""
+    return max(1, math.ceil(round((wait_s - left_s) * 1000.0, 3)))
+
+
+class Patience:
+    """How long a model's clients wait before they give up, learned from those that leave (disconnect
+    or cancel) before their answer: the 10th percentile of the last 64 waits, once at least 8 came
+    within 10 s, forgotten 10 s after the last. A request whose client did not say its deadline is
+    admitted against this as well (``Dispatcher.submit``): clients that give up after 300 ms without
+    saying so are refused at once instead of queued for answers nobody will read."""
+
+    WINDOW_S = 10.0
+    MIN_SEEN = 8
+    KEEP = 64
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []  # (when, how long it had waited)
+        self.value: float | None = None
+
+    def left(self, waited_s: float, now: float) -> None:
+        seen = self.seen
+        seen.append((now, waited_s))
+        if len(seen) > self.KEEP:
+            del seen[0]
+        recent = sorted(w for t, w in seen if now - t <= self.WINDOW_S)
+        self.value = recent[len(recent) // 10] if len(recent) >= self.MIN_SEEN else None
+
+    def seconds(self, now: float) -> float | None:
+        """The clients' patience now; None when too few left lately to tell."""
+        if self.value is None or now - self.seen[-1][0] > self.WINDOW_S:
+            return None
+        return self.value
+
+
+MAX_PRIORITY_LEVELS = 16
+
+
+def parse_priorities(levels: int, default: int, block: Any) -> tuple[int, int, dict[str, int]]:
+    """The gateway's priority levels, its default level and the file's ``priorities`` block (model ->
+    default level), checked: ``ValueError`` says what is wrong."""
+    if not 1 <= levels <= MAX_PRIORITY_LEVELS:
+        raise ValueError(f"--priority-levels must be 1 to {MAX_PRIORITY_LEVELS}, not {levels}")
+    if not 1 <= default <= levels:
+        raise ValueError(f"--default-priority must be a level from 1 to {levels}, not {default}")
+    if block is None:
+        return levels, default, {}
+    if not isinstance(block, dict):
+        raise ValueError("priorities: must map model names to their default priority level")
+    per_model = {}
+    for model, level in block.items():
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= levels:
+            raise ValueError(f"priorities.{model}: a level from 1 to {levels}, not {level!r}")
+        per_model[str(model)] = level
+    return levels, default, per_model
 
 
 @dataclass(frozen=True)

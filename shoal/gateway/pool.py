@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from shoal.gateway.policy import VersionPolicy, newest_version, visible_versions
+from shoal.gateway.policy import Patience, VersionPolicy, ewma, newest_version, visible_versions
+from shoal.gateway.request_queue import RequestQueue
 from shoal.protocol.frames import MsgType, encode_frame
 from shoal.protocol.interface import ModelInterface
 from shoal.protocol.joined import join_key
@@ -24,10 +24,13 @@ from shoal.protocol.link_messages import Request
 class RequestFailed(Exception):
     """A request that will not be answered with outputs; ``status`` is the HTTP status to use."""
 
-    def __init__(self, message: str, status: int = 500, retry_after: int | None = None) -> None:
+    def __init__(
+        self, message: str, status: int = 500, retry_after: int | None = None, retry_after_ms: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
-        self.retry_after = retry_after
+        self.retry_after = retry_after  # seconds (``Retry-After``)
+        self.retry_after_ms = retry_after_ms  # the same hint to the millisecond, where it is known
         self.request_id: str | None = None
 
 
@@ -69,6 +72,8 @@ class Pending:
     size: int = 0
     join_key: tuple | None = None
     attempts: int = 0
+    level: int = 0  # its priority level in the queue (0 first)
+    told: bool = False  # its client said its deadline (else it is the gateway's --timeout)
     t_enqueued: float = 0.0
     t_sent: float = 0.0
     worker: Any = None
@@ -86,10 +91,13 @@ class Pending:
 class ModelPool:
     """The live workers of one model version and the requests waiting for them."""
 
-    def __init__(self, spec: ModelInterface, max_queue: int, max_attempts: int) -> None:
+    def __init__(
+        self, spec: ModelInterface, max_queue: int, max_attempts: int, levels: int = 1, default_level: int = 0
+    ) -> None:
         self.spec = spec
         self.workers: list[WorkerHandle] = []
-        self.queue: deque[Pending] = deque()
+        self.queue = RequestQueue(levels)
+        self.default_level = min(max(0, default_level), levels - 1)
         self.max_queue = max_queue
         self.max_attempts = max_attempts
         self.no_worker_since: float | None = time.monotonic()
@@ -105,6 +113,51 @@ class ModelPool:
         self.busy_ms = 0.0  # model time spent on this version's requests
         self.service_ms = 0.0  # recent model time of one request (its share of its batch)
         self.on_wait: Callable[[], None] | None = None
+        # How fast the pool answers while requests wait for it (its workers all busy): seconds per
+        # request, measured over windows of answers (``answered``); 0 until measured.
+        self.per_request_s = 0.0
+        self._window_start = 0.0
+        self._window_answers = 0
+        self.shed = 0  # requests refused at arrival: their answer was predicted after their deadline
+        self.cancelled = 0  # requests whose client left before the answer
+        self.patience = Patience()  # how long its clients wait, learned from those that left
+        self.unread_ms = 0.0  # model time spent on answers nobody read (client gone, deadline passed)
+
+    def level(self, priority: int) -> int:
+        """The queue level of a request's ``priority`` (Triton's: 1 the highest, 0 the default)."""
+        if priority <= 0:
+            return self.default_level
+        return min(priority, len(self.queue.levels)) - 1
+
+    def answered(self, now: float) -> None:
+        """A request was answered. While others wait, the pool's service time per request is the time
+        between answers: measured over windows of at least 32 answers and 50 ms, each closed by the
+        first answer of a later arrival (answers that arrive together, a batch's, stay together)."""
+        if not self.queue:
+            self._window_start = 0.0
+            return
+        if self._window_start == 0.0:
+            self._window_start, self._window_answers = now, 1
+            return
+        dt = now - self._window_start
+        if self._window_answers >= WINDOW_ANSWERS and dt >= WINDOW_S:
+            self.per_request_s = ewma(self.per_request_s, dt / self._window_answers, 0.3)
+            self._window_start, self._window_answers = now, 1
+        else:
+            self._window_answers += 1
+
+    def predicted_wait_s(self, level: int) -> float | None:
+        """How long a request of ``level`` queued now waits for its answer: the requests before it
+        (queued at its level or above, and those the workers hold) at the measured service time per
+        request, or at the model's own time per request over the live workers until that is measured;
+        None when neither is known yet."""
+        per = self.per_request_s
+        if per <= 0.0:
+            n = sum(1 for w in self.workers if w.accepting)
+            if n == 0 or self.service_ms <= 0.0:
+                return None
+            per = self.service_ms / 1000.0 / n
+        return (self.queue.ahead_of(level) + self.in_flight + 1) * per
 
     @property
     def ready(self) -> bool:
@@ -136,6 +189,10 @@ class ModelPool:
         lat = [w.latency_ewma_ms for w in self.workers if w.latency_ewma_ms > 0]
         return sum(lat) / len(lat) if lat else 0.0
 
+WINDOW_ANSWERS = 32
+WINDOW_S = 0.05
+
+
 class ModelTable:
     """All pools of a gateway: model name -> version -> pool."""
 
@@ -144,10 +201,12 @@ class ModelTable:
         max_queue: int = 1024,
         max_attempts: int = 5,
         version_policies: dict[str, VersionPolicy] | None = None,
+        priorities: Priorities | None = None,
     ) -> None:
         self.models: dict[str, dict[str, ModelPool]] = {}
         self.max_queue = max_queue
         self.max_attempts = max_attempts
+        self.priorities = priorities or Priorities()
         self.version_policies = version_policies or {}  # model -> policy.parse_version_policy's value
         self.expected: set[str] = set()
         self.grace_until = 0.0
@@ -181,7 +240,11 @@ class ModelTable:
         versions = self.models.setdefault(spec.name, {})
         pool = versions.get(spec.version)
         if pool is None:
-            pool = versions[spec.version] = ModelPool(spec, self.max_queue, self.max_attempts)
+            pr = self.priorities
+            default = pr.defaults.get(spec.name, pr.default)
+            pool = versions[spec.version] = ModelPool(
+                spec, self.max_queue, self.max_attempts, pr.levels, default - 1
+            )
         elif not pool.spec.same_interface(spec):
             if pool.workers:
                 raise ValueError(
@@ -236,6 +299,16 @@ class ModelTable:
         (asleep). Unloaded models do not count."""
         live = [vs for vs in self.models.values() if any(not p.unloaded for p in vs.values())]
         return bool(live) and all(any(p.ready or p.asleep for p in vs.values()) for vs in live)
+
+
+@dataclass(frozen=True)
+class Priorities:
+    """Priority levels (Triton's ``priority_levels``): how many, the default level of a request that
+    names none (1 the highest), and per model a default of its own."""
+
+    levels: int = 2
+    default: int = 2
+    defaults: dict[str, int] = field(default_factory=dict)
 
 
 def rows_of(arrays: dict[str, np.ndarray]) -> int:

@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import os
 import time
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from shoal.protocol.frames import FrameError
 from shoal.protocol.interface import ModelInterface
 from shoal.protocol.link_messages import Request
 from shoal.protocol.tensors import TensorError, pack_tensors, unpack_tensors
+
+if TYPE_CHECKING:
+    from shoal.gateway.tracing import RequestTrace
 
 
 class Target(NamedTuple):
@@ -73,10 +76,23 @@ class RequestService:
         return Target(pool.spec, pool=pool)
 
     async def run_pipeline(
-        self, pipeline: Pipeline, arrays: dict[str, np.ndarray], deadline: float, request_id: str
+        self,
+        pipeline: Pipeline,
+        arrays: dict[str, np.ndarray],
+        deadline: float,
+        request_id: str,
+        *,
+        priority: int = 0,
+        trace: RequestTrace | None = None,
+        told: bool = False,
     ) -> dict[str, np.ndarray]:
-        """A pipeline's outputs: each step's requests go through ``call_model`` under the request's id."""
-        return await pipeline.run(arrays, deadline, lambda p, a, d: self.call_model(p, a, d, None, request_id))
+        """A pipeline's outputs: each step's requests go through ``call_model`` under the request's id,
+        priority, trace and deadline."""
+        return await pipeline.run(
+            arrays,
+            deadline,
+            lambda p, a, d: self.call_model(p, a, d, None, request_id, priority=priority, trace=trace, told=told),
+        )
 
     async def call_model(
         self,
@@ -85,10 +101,16 @@ class RequestService:
         deadline: float,
         outputs: list[str] | None = None,
         request_id: str | None = None,
+        *,
         raw: bool = False,
+        priority: int = 0,
+        trace: RequestTrace | None = None,
+        told: bool = False,
     ) -> Any:
         """Send one request to a model version's pool and wait for its outputs (as arrays; or, with
-        ``raw``, the worker's result header and payload untouched)."""
+        ``raw``, the worker's result header and payload untouched). ``priority`` is Triton's: 1 the
+        highest level, 0 the model's default; ``trace``, where the request is traced, gets the call's
+        spans; ``told``: the deadline is the client's own, not the gateway's default."""
         specs, bufs = pack_tensors(arrays)
         # The device's request id goes to the worker for its logs.
         header = Request(next(self._ids), specs, outputs, request_id)
@@ -105,8 +127,19 @@ class RequestService:
                 f"'{pool.spec.name}' accept in one frame",
                 413,
             )
+        if priority:
+            p.level = pool.level(priority)
+        else:
+            p.level = pool.default_level
+        p.told = told
         self.dispatcher.submit(pool, p, time.monotonic())
-        h, payload = await fut
+        try:
+            h, payload = await fut
+        except asyncio.CancelledError:  # the client has gone
+            self.dispatcher.cancel(p, time.monotonic())
+            raise
+        if trace is not None:
+            trace.model_call(p, h, time.monotonic())
         if raw:
             return h, payload
         try:

@@ -31,7 +31,8 @@ from shoal.gateway.logins import LoginGuard
 from shoal.gateway.membership import FolderChannel, Membership, Record
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.pipeline import Pipeline, PipelineSpec
-from shoal.gateway.pool import ModelTable
+from shoal.gateway.pool import ModelTable, Priorities
+from shoal.gateway.quotas import Quota, Quotas
 from shoal.gateway.repository import RepositoryApi
 from shoal.gateway.requests import RequestService
 from shoal.gateway.results_api import open_store
@@ -45,6 +46,7 @@ from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
 if TYPE_CHECKING:
     from shoal.autoscale.config import ModelScale
     from shoal.autoscale.controller import Autoscaler
+    from shoal.gateway.tracing import Tracing
 
 log = logging.getLogger("shoal.gateway")
 
@@ -86,6 +88,10 @@ class GatewayConfig:
     central: CentralConfig | None = None  # report to central (and get the route-token key from it)
     pipelines: dict[str, PipelineSpec] = field(default_factory=dict)
     version_policies: dict[str, Any] = field(default_factory=dict)  # model -> parsed version policy
+    priorities: Priorities = field(default_factory=Priorities)  # levels and default levels
+    quotas: dict[str, Quota] = field(default_factory=dict)  # role or account -> its rate limit
+    trace_endpoint: str | None = None  # OTLP/HTTP traces endpoint: traces on (shoal[trace])
+    trace_ratio: float = 1.0  # of requests that come without a traceparent
     results_db: str | None = None  # store requests' inputs and outputs: metadata in this database
     results_dir: str = "shoal-results"  # ... and their tensors as files here
     results_max_age_s: float | None = None
@@ -126,7 +132,9 @@ class Gateway:
         config.check()
         self.config = config
         # The pools and their one owner.
-        self.models = ModelTable(config.max_queue, config.max_attempts, config.version_policies)
+        self.models = ModelTable(
+            config.max_queue, config.max_attempts, config.version_policies, config.priorities
+        )
         named = {step.model for spec in config.pipelines.values() for step in spec.steps}
         self.models.expect(
             config.expected_models | set(config.version_policies) | named, config.startup_grace_s
@@ -180,6 +188,8 @@ class Gateway:
             RepositoryApi(self.models, self.autoscaler, self.manage_model),
             self.results,
             HttpLimits(config.max_body_size, config.request_timeout_s),
+            Quotas(config.quotas) if config.quotas else None,
+            self._tracing(config),
         )
         self.http_port = 0
         self.worker_port = 0
@@ -189,6 +199,17 @@ class Gateway:
         self._http: EmbeddedHttpServer | None = None
         self._tasks: list[asyncio.Task] = []
         self.reporter: CentralReporter | None = None
+
+    @staticmethod
+    def _tracing(config: GatewayConfig) -> Tracing | None:
+        """Traces exported over OTLP when an endpoint is given (``shoal[trace]``); else none."""
+        if not config.trace_endpoint:
+            return None
+        try:
+            from shoal.gateway.tracing import Tracing
+        except ImportError as e:
+            raise ValueError(f"--trace-endpoint needs shoal[trace] (pip install 'shoal[trace]'): {e}") from None
+        return Tracing(config.trace_endpoint, config.gateway_id or config.name, config.trace_ratio)
 
     def _autoscaler(self, acfg: AutoscaleConfig) -> Autoscaler:
         """The autoscaler and the pools of the versions it manages (a model the repository lacks is a
@@ -445,6 +466,8 @@ class Gateway:
             self.channel.stop()  # another gateway takes the decisions over at once
         if self.results is not None:
             await self.results.stop()  # after the HTTP side: nothing records any more
+        if self.app.tracing is not None:
+            await asyncio.to_thread(self.app.tracing.close)  # the spans still buffered are sent
         if self._worker_server is not None:
             self._worker_server.close()
         for c in list(self.site.connections):

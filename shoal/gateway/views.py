@@ -97,6 +97,13 @@ class GatewayViews:
                     "in_flight": pool.in_flight,
                     "capacity": pool.capacity,
                     "latency_ms": round(pool.latency_ms(), 3),
+                    # Overload: requests refused at arrival for their deadline, requests whose client
+                    # left, model time spent on answers nobody read, the measured time per request.
+                    "shed": pool.shed,
+                    "cancelled": pool.cancelled,
+                    "unread_ms": round(pool.unread_ms, 3),
+                    "busy_ms": round(pool.busy_ms, 3),
+                    "per_request_ms": round(pool.per_request_s * 1e3, 3),
                     "workers": [w.describe() for w in pool.workers],
                 }
             )

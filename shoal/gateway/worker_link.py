@@ -180,8 +180,9 @@ class WorkerConnection(CoalescingProtocol):
                 if self.link.state is not State.READY:
                     return
             elif isinstance(msg, Drain):
-                if self.pool is not None and self.accepting:
+                if self.pool is not None and self.draining_since is None:
                     log.info("worker %s (%s) is draining", self.worker_id, self.peer)
+                    self.draining_since = now
                     self.site.dispatcher.worker_stopped_taking(self.pool, self, now)
             elif isinstance(msg, Goodbye):
                 self._drop("worker said goodbye", quiet=True)
@@ -401,7 +402,9 @@ class WorkerConnection(CoalescingProtocol):
         if self.heartbeat_clock.dead(now):
             self._drop(f"silent for {quiet:.1f} s")
             return
-        if quiet > self.site.silent_after_s and not self.silent and self.accepting and self.pool is not None:
+        # A draining worker is checked too: its machine may be lost while it finishes what it holds.
+        holds = self.accepting or (self.draining_since is not None and self.in_flight > 0)
+        if quiet > self.site.silent_after_s and not self.silent and holds and self.pool is not None:
             self.silent = True
             held = self.site.dispatcher.worker_silent(
                 self.pool, self, f"worker {self.worker_id} fell silent", now

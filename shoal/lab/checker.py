@@ -18,6 +18,15 @@ of the machine it hit:
 * a gateway's machine: **detected** when every worker the other gateways hold links to one gateway
   fewer (``load.links``), ``central_dropped_s`` when central lists it as not live; after a partition,
   **recovered** when every worker links to all the gateways again and central lists it as live.
+* a worker's machine whose packets were dropped (``drop``, the link up): as a partition.
+* a worker's machine whose link was slow or lossy (``slow``, ``lossy``): ``dropped_s`` when a gateway
+  first took it for lost (None: never), ``its_share_before`` / ``its_share_during`` of the answers
+  (the gateways' counters) in the 5 s before and during; recovered at its end.
+* a worker started by the fault and lost while joining or draining (``crash-joining``,
+  ``crash-draining``): ``joined_s`` (a gateway held it, from its start), ``served_before_lost``;
+  draining, ``lost_after_drain_s``, ``held_at_drain`` (what it said it still held) and **detected**
+  when what it held went elsewhere (``handed_back``: each gateway's log lines saying so, seconds
+  after the loss, how many requests, whether after its silence or once it left).
 * a crash is **recovered** when the devices carry on without the machine (``devices_recovered_s``);
   ``answers_from_it_after`` counts answers from a crashed gateway to requests sent after its crash,
   ``its_share_before`` the gateway's share of the answers in the 2 s before the fault.
@@ -93,6 +102,7 @@ def pair_requests(log: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict
                 "gateway": d.get("gateway") if d else None,
                 "out": d.get("out") if d else None,
                 "correct": bool(d and d.get("correct")),
+                "model": s.get("model"),
             }
         )
     reqs.sort(key=lambda r: r["sent"])
@@ -193,6 +203,78 @@ def _gateway_back(g: str, tl: Timeline, gateways: int) -> float | None:
     return full[0] if full else None
 
 
+CRASHES = ("crash", "crash-joining", "crash-draining")  # as in faults.py (kept free of its imports)
+CUT_OFF = ("partition", "drop")
+IMPAIRED = ("lossy", "slow")
+
+
+def _served(samples: list[dict[str, Any]], gateways: set[str], lo: float, hi: float) -> dict[str, int]:
+    """Requests each worker answered in [lo, hi), by the gateways' counters (a counter that went back,
+    a worker that rejoined, counts again from zero)."""
+    prev: dict[tuple[str, str], int] = {}
+    out: dict[str, int] = {}
+    for s in sorted(samples, key=lambda s: s["t"]):
+        if s["source"] not in gateways or not s["ok"] or not lo <= s["t"] < hi:
+            continue
+        for w, v in s["workers"].items():
+            key, served = (s["source"], w), v.get("served") or 0
+            if key in prev:
+                out[w] = out.get(w, 0) + (served - prev[key] if served >= prev[key] else served)
+            else:
+                out.setdefault(w, 0)
+            prev[key] = served
+    return out
+
+
+def _share(served: dict[str, int], worker: str) -> float | None:
+    total = sum(served.values())
+    return round(served.get(worker, 0) / total, 3) if total else None
+
+
+def _worker_impaired(
+    w: str, samples: list[dict[str, Any]], tl: Timeline, start: float, heal: float, gateways: set[str]
+) -> dict[str, Any]:
+    """A worker whose link was slow or lossy: whether a gateway took it for lost meanwhile
+    (``dropped_s``: when a gateway first held it as not accepting or not at all; None: never), and
+    its share of the answers in the 5 s before and during the fault."""
+    dropped = _first([x for x in tl if x[0] < heal], lambda gs: any(not _holds(s, w) for s in gs))
+    return {
+        "dropped_s": _since(dropped, start),
+        "its_share_before": _share(_served(samples, gateways, start - 5.0, start), w),
+        "its_share_during": _share(_served(samples, gateways, start, heal), w),
+    }
+
+
+def _worker_started(f: dict[str, Any], samples: list[dict[str, Any]], gateways: set[str]) -> dict[str, Any]:
+    """A worker the fault started on an idle machine: when a gateway first held it (from its start),
+    and what it answered before it was lost."""
+    w, started, start = f["machine"], f["started"], f["start"]
+    joined = next(
+        (s["t"] for s in samples if s["source"] in gateways and s["ok"] and s["t"] >= started and w in s["workers"]),
+        None,
+    )
+    out = {
+        "joined_s": _since(joined, started),
+        "served_before_lost": _served(samples, gateways, started, start + 0.2).get(w, 0),
+    }
+    if "drain" in f:
+        # Draining, it was already not accepting: detected when its requests went elsewhere (the
+        # gateways' logs) or it left the pools.
+        out["lost_after_drain_s"] = round(start - f["drain"], 3)
+        out["held_at_drain"] = f.get("held_at_drain")
+        back = [h["after_s"] for hs in (f.get("handed_back") or {}).values() for h in hs]
+        left = next(
+            (
+                s["t"]
+                for s in samples
+                if s["source"] in gateways and s["ok"] and s["t"] >= start and w not in s["workers"]
+            ),
+            None,
+        )
+        out["detected_s"] = min(back) if back else _since(left, start)
+    return out
+
+
 def role(machine: str, gateways: set[str]) -> str:
     """What a machine runs, by the lab's names: gateway, central, database, wan or worker."""
     if machine in gateways:
@@ -276,17 +358,24 @@ def check(
     faults: list[dict[str, Any]],
     gateways: dict[str, str],
     warm: float | None = None,
+    clusters: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The run's summary. ``gateways``: gateway URL -> machine; ``faults``: ``faults.inject``'s
     records in order; ``warm``: when the system was first steady under load (the requests before it,
-    routes asked for and connections opened, are the 'warm-up' phase). Times in the summary are
-    seconds from the first request."""
+    routes asked for and connections opened, are the 'warm-up' phase); ``clusters``: name ->
+    ``{"model", "gateways"}`` (machines), the first the one the faults hit (default: one cluster of
+    every gateway). Times in the summary are seconds from the first request."""
     reqs, counts = pair_requests(log)
     t0 = reqs[0]["sent"] if reqs else 0.0
     end = max((r["done"] or r["sent"] for r in reqs), default=t0)
-    gw_machines = set(gateways.values())
     for r in reqs:
         r["machine"] = gateways.get((r["gateway"] or "").rstrip("/"), r["gateway"])
+    gw_machines = set(next(iter(clusters.values()))["gateways"]) if clusters else set(gateways.values())
+    if clusters:  # every answer from a gateway of the cluster that serves the request's model
+        serving = {c["model"]: set(c["gateways"]) for c in clusters.values()}
+        counts["wrong_cluster"] = sum(
+            1 for r in reqs if r["ok"] and r["model"] in serving and r["machine"] not in serving[r["model"]]
+        )
     first_fault = faults[0]["start"] if faults else end
     warm = t0 if warm is None else warm
     before = [r["done"] - r["sent"] for r in reqs if r["ok"] and warm <= r["sent"] < first_fault]
@@ -298,7 +387,8 @@ def check(
     mark = warm
     for i, f in enumerate(faults):
         start = f["start"]
-        nxt = faults[i + 1]["start"] if i + 1 < len(faults) else end + 1.0
+        # Until the next fault, or the start of the worker it starts first (its slow batches).
+        nxt = min(faults[i + 1]["start"], faults[i + 1].get("started", end)) if i + 1 < len(faults) else end + 1.0
         tl = _timeline(samples, gw_machines, start, nxt)
         rec: dict[str, Any] = {"fault": f["label"], "at_s": round(start - t0, 3)}
         recovered_at = None
@@ -313,12 +403,24 @@ def check(
             rec.update(_gateway_gone(m, tl, start, len(gw_machines - down - {m})))
             last = [r["machine"] for r in reqs if r["ok"] and start - 2.0 <= r["done"] < start]
             rec["its_share_before"] = round(last.count(m) / len(last), 3) if last else None
+        elif f["kind"] in IMPAIRED:
+            rec.update(_worker_impaired(m, samples, tl, start, f["heal"], gw_machines))
+            recovered_at = f["heal"]
         else:
             rec.update(_worker_gone(m, tl, start))
+            if f["kind"] in ("crash-joining", "crash-draining"):
+                rec.update(_worker_started(f, samples, gw_machines))
+        if "handed_back" in f:  # from the gateways' logs: what the lost worker held, sent elsewhere
+            rec["handed_back"] = f["handed_back"]
+        if "frames" in f:  # shoal.lab.netem's counters: frames it let through and lost, each way
+            rec["frames"] = f["frames"]
         if r_ in ("central", "database", "wan"):
             if f["kind"] == "crash":
                 down.add(m)
-        elif f["kind"] == "partition":
+        elif f["kind"] in IMPAIRED:
+            rec["heal_at_s"] = round(f["heal"] - t0, 3)
+            rec["recovered_s"] = 0.0
+        elif f["kind"] in CUT_OFF:
             heal = f["heal"]
             rec["heal_at_s"] = round(heal - t0, 3)
             after_heal = [x for x in tl if x[0] >= heal]
@@ -357,7 +459,7 @@ def check(
         rec["held_up_requests"] = len(held)
         rec["longest_held_s"] = round(max(((r["done"] or end) - r["sent"] for r in held), default=0.0), 3)
         rec["devices_recovered_s"] = round(dev_rec - start, 3)
-        if f["kind"] == "crash":  # it does not come back: recovered when the devices carry on
+        if f["kind"] in CRASHES:  # it does not come back: recovered when the devices carry on
             rec["recovered_s"] = rec["devices_recovered_s"]
             after = [r for r in reqs if r["ok"] and dev_rec < r["sent"] < nxt]
             rec["survivors_share_after"] = (
@@ -372,14 +474,63 @@ def check(
         out_faults.append(rec)
     phases["after" if faults else "all"] = _phase(reqs, mark, end + 1.0, t0)
     answered_by = Counter(r["machine"] for r in reqs if r["ok"])
+    sites = {
+        name: _site(name, c, reqs, samples, gateways, t0, first=i == 0)
+        for i, (name, c) in enumerate((clusters or {}).items())
+    }
     return {
         **counts,
         "duration_s": round(end - t0, 3),
         "answered_by": dict(sorted(answered_by.items())),
+        **({"sites": sites} if len(sites) > 1 else {}),
         "slow_threshold_s": round(slow, 3),
         "faults": out_faults,
         "phases": phases,
     }
+
+
+def _site(
+    name: str,
+    c: dict[str, Any],
+    reqs: list[dict[str, Any]],
+    samples: list[dict[str, Any]],
+    urls: dict[str, str],
+    t0: float,
+    first: bool,
+) -> dict[str, Any]:
+    """A cluster's requests (those for its model) over the whole run, and, for a site other than
+    the first (whose gateways the faults hit), how central saw it: ``central_listed_live`` (the
+    share of central's lists naming every one of its gateways live: its reports crossed its WAN) and
+    ``routes_to_it`` (the share of the route probes for its model answered that name its gateways
+    and no other)."""
+    mine = [r for r in reqs if r["model"] == c["model"]]
+    p50, p99 = _pct([r["done"] - r["sent"] for r in mine if r["ok"]])
+    out: dict[str, Any] = {
+        "model": c["model"],
+        "gateways": c["gateways"],
+        "requests": len(mine),
+        "answered": sum(1 for r in mine if r["ok"]),
+        "failed": sum(1 for r in mine if r["done"] is not None and not r["ok"]),
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+    if first:
+        return out
+    lo = min((r["sent"] for r in mine), default=t0)
+    lists = [s for s in samples if s["source"].startswith("central") and s["ok"] and s["t"] >= lo]
+    out["central_listed_live"] = (
+        round(sum(1 for s in lists if all(s["gateways"].get(g) for g in c["gateways"])) / len(lists), 3)
+        if lists
+        else None
+    )
+    probes = [s for s in samples if s["source"].startswith(f"{name}-route-") and s["ok"] and s["t"] >= lo]
+    answered = [p for p in probes if p["code"] == 200]
+    def its_own(p: dict[str, Any]) -> bool:
+        return bool(p["gateways"]) and all(urls.get(u.rstrip("/")) in c["gateways"] for u in p["gateways"])
+
+    out["routes_asked"] = len(probes)
+    out["routes_to_it"] = round(sum(1 for p in answered if its_own(p)) / len(answered), 3) if answered else None
+    return out
 
 
 def _phase(reqs: list[dict[str, Any]], lo: float, hi: float, t0: float) -> dict[str, Any]:
@@ -399,7 +550,8 @@ def passed(summary: dict[str, Any]) -> bool:
     """No request failed, lost, answered twice or answered wrongly, and every fault was detected and
     recovered."""
     clean = not any(
-        summary[k] for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers")
+        summary.get(k)
+        for k in ("failed", "lost", "answered_twice", "answers_never_sent", "wrong_answers", "wrong_cluster")
     )
     return clean and all(
         f.get("detected_s", 0) is not None and f["recovered_s"] is not None for f in summary["faults"]

@@ -1,13 +1,14 @@
 """The lab's device load driver, a program run on a device machine:
 
-    python -m shoal.lab.device --central URL --device cam-0,cam-1 --in-flight 4 --log dev.jsonl --seed 1
+    python -m shoal.lab.device --central URL --device cam-0,cam-1 --in-flight 4 --log dev.jsonl --seed 1 \
+        [--model echo]
 
 Each device account gets one ``shoal.client.AsyncClient`` (routes through central, fail-over as the
 client does it) and ``--in-flight`` requests at once, each sent as soon as the one before it in its
-slot ends. Every request is the echo model with an input of its own (seeded random numbers), so its
+slot ends. Every request is the echo model (``--model``: another identity model) with an input of its own (seeded random numbers), so its
 answer can be checked against it. Two JSON lines a request go to ``--log``:
 
-    {"e": "send", "id": "cam-0/2/17", "t": 1712.3, "in": "9f..."}
+    {"e": "send", "id": "cam-0/2/17", "t": 1712.3, "in": "9f...", "model": "echo"}
     {"e": "done", "id": "cam-0/2/17", "t": 1712.4, "ok": true, "gateway": "http://10.77.1.2:8000",
      "out": "9f...", "correct": true}                       (or "ok": false, "error": "InferError: ...")
 
@@ -41,24 +42,28 @@ def digest(a: np.ndarray | None) -> str:
 
 
 class LogTail:
-    """The lab's live view of a device log while the run goes on: the requests still outstanding
-    (id -> time sent), when the last answer came, and the answers so far per device."""
+    """The lab's live view of device logs (one per driver) while the run goes on: the requests still
+    outstanding (id -> time sent), when the last answer came, and the answers so far per device."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.pos = 0
+    def __init__(self, *paths: Path) -> None:
+        self.paths = paths
+        self.pos = dict.fromkeys(paths, 0)
         self.outstanding: dict[str, float] = {}
         self.last_answer = 0.0
         self.answered: dict[str, int] = {}
 
     def read(self) -> LogTail:
-        if not self.path.exists():
-            return self
-        with open(self.path, "rb") as f:
-            f.seek(self.pos)
+        for path in self.paths:
+            if path.exists():
+                self._read(path)
+        return self
+
+    def _read(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            f.seek(self.pos[path])
             chunk = f.read()
         whole = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next read
-        self.pos += len(whole)
+        self.pos[path] += len(whole)
         for line in whole.splitlines():
             r = json.loads(line)
             if r["e"] == "send":
@@ -69,7 +74,6 @@ class LogTail:
                     self.last_answer = max(self.last_answer, r["t"])
                     device = r["id"].split("/")[0]
                     self.answered[device] = self.answered.get(device, 0) + 1
-        return self
 
     def oldest(self) -> float | None:
         """When the oldest request still outstanding was sent."""
@@ -100,6 +104,7 @@ async def slot(
     log: Log,
     stop: asyncio.Event,
     first: asyncio.Event | None = None,
+    model: str = MODEL,
 ) -> None:
     """Requests one after the other until ``stop``; ``first`` is set when the first one ended."""
     n = 0
@@ -109,9 +114,9 @@ async def slot(
         x = rng.standard_normal((1, 16)).astype(np.float32)
         rid = f"{device}/{k}/{n}"
         n += 1
-        log.emit(e="send", id=rid, t=time.time(), **{"in": digest(x)})
+        log.emit(e="send", id=rid, t=time.time(), model=model, **{"in": digest(x)})
         try:
-            r = await c.infer(MODEL, {"x": x})
+            r = await c.infer(model, {"x": x})
         except Exception as e:  # every failure the device sees is recorded
             log.emit(e="done", id=rid, t=time.time(), ok=False, error=f"{type(e).__name__}: {e}"[:300])
             continue
@@ -145,12 +150,12 @@ async def drive(args: argparse.Namespace) -> int:
         for i, c in enumerate(clients):
             first = asyncio.Event()
             rngs = [np.random.default_rng([args.seed, i, k]) for k in range(args.in_flight)]
-            tasks.append(asyncio.create_task(slot(c, c.core.device, 0, rngs[0], log, stop, first)))
+            tasks.append(asyncio.create_task(slot(c, c.core.device, 0, rngs[0], log, stop, first, args.model)))
             waiter = asyncio.create_task(first.wait())
             await asyncio.wait([waiter, tasks[-1]], return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             tasks += [
-                asyncio.create_task(slot(c, c.core.device, k, rngs[k], log, stop))
+                asyncio.create_task(slot(c, c.core.device, k, rngs[k], log, stop, None, args.model))
                 for k in range(1, args.in_flight)
             ]
         await asyncio.gather(*tasks)
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", required=True, help="device accounts, comma separated")
     p.add_argument("--in-flight", type=int, default=4, help="requests at once per device")
     p.add_argument("--timeout", type=float, default=10.0, help="the client's timeout (default 10 s, its own)")
+    p.add_argument("--model", default=MODEL, help=f"an identity model (default {MODEL})")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--log", required=True)
     return asyncio.run(drive(p.parse_args(argv)))

@@ -12,21 +12,63 @@ when, by the wall clock the devices' logs use.
   and started again).
 * ``wan(machine, seconds)``: the WAN relay on ``machine`` switched to its profile (100 ms one way,
   1 % of segments lost once) for ``seconds``, then back to a LAN.
+* ``drop(machine, seconds)``: every packet to and from the machine dropped for ``seconds``, its link
+  staying up (``World.set_dropping``: no carrier lost, no route gone, no error to any process: the
+  firewall-rule or dead-switch-port kind of partition).
+* ``lossy(machine, seconds)``: the machine's link inside the site made slow and lossy for
+  ``seconds`` (``LOSSY``: 10 ms one way, 3 ms jitter, 3 % of the frames lost each way, by
+  ``shoal.lab.netem`` on its path).
+* ``slow(machine, seconds)``: the machine's link narrowed to ``SLOW_MBIT`` each way (``tbf``, a
+  200 ms queue) for ``seconds``.
+* ``crash-joining(machine)``: a worker started on the idle machine (scale-out); once a gateway holds
+  it with requests in flight (its first batch, held until then: ``Site.hold``), the machine crashed
+  as ``crash`` does.
+* ``crash-draining(machine)``: a worker started on the idle machine; once it has answered twice and
+  holds requests (the batch it computes held until the loss), it is told to drain (SIGTERM, as an orchestrator's scale-in does: it tells every gateway DRAIN and
+  finishes what it holds); once it says it is draining, the machine crashed.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import signal
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from shoal.lab.procs import Processes
-from shoal.lab.world import World
+from shoal.lab.world import BRIDGE, World
 
-KINDS = ("partition", "crash", "restart", "wan")
-LASTING = ("partition", "restart", "wan")  # kinds that end (heal) after their seconds
+KINDS = ("partition", "crash", "restart", "wan", "drop", "lossy", "slow", "crash-joining", "crash-draining")
+LASTING = ("partition", "restart", "wan", "drop", "lossy", "slow")  # kinds that end after their seconds
+CRASHES = ("crash", "crash-joining", "crash-draining")  # the machine stays down
+CUT_OFF = ("partition", "drop")  # nothing gets through while it lasts
+LOSSY = {"delay_ms": 10.0, "jitter_ms": 3.0, "loss": 0.03}  # a bad link inside the site
+SLOW_MBIT = 0.25  # below what a worker's share of the devices' load needs (about 0.6 Mbit/s)
+STEP_TIMEOUT_S = 30.0  # a worker started by a fault must join, serve, drain within this
+
+
+class Site(Protocol):
+    """What the scale-out and drain faults need of the running lab."""
+
+    def start_worker(self, machine: str) -> None:
+        """A worker on ``machine`` (idle so far), as the lab's other workers are started."""
+
+    def holds_requests(self, machine: str, served: int = 0, since: float = 0.0) -> bool:
+        """Some gateway holds the worker on ``machine`` with requests in flight, and the gateways
+        have had at least ``served`` answers from it (by the gateways' samples taken after the wall
+        clock's ``since``)."""
+
+    def hold(self, machine: str, on: bool) -> None:
+        """The batch the worker on ``machine`` computes does not end while ``on`` (it holds its
+        requests until its machine is lost, whatever the timing of the lab's own steps)."""
+
+    def wait(self, cond: Callable[[], bool], timeout: float) -> bool:
+        """Until ``cond()``; False when ``timeout`` passed first."""
 
 
 @dataclass(frozen=True)
@@ -50,66 +92,160 @@ class Fault:
 
 
 def ci_schedule(seed: int) -> list[Fault]:
-    """The CI-sized scenario: worker machine w1 partitioned for 6.5 to 7.5 s and healed; gateway
-    machine gw-a partitioned as long and healed; central replica central-1's machine crashed;
-    PostgreSQL killed and started again 4 to 6 s later; gateway machine gw-b crashed (after gw-a's
-    partition the devices' routes name gw-b first: the crash hits the gateway carrying the load, and
-    the devices must carry on through the one that healed). A partition
-    outlasts the dead-after (5 s, checked once a heartbeat, so up to 6 s): a shorter one heals before
-    anyone notices."""
+    """The CI-sized scenario: worker machine w1 partitioned for 6.5 to 7.5 s and healed; w2's packets
+    dropped as long, its link up; a worker started on w3 (scale-out) and its machine crashed once it
+    holds requests; a worker started on w4, drained and its machine crashed while it drains; gateway
+    machine gw-a partitioned and healed; central replica central-1's machine crashed; PostgreSQL
+    killed and started again 4 to 6 s later; gateway machine gw-b crashed (after gw-a's partition
+    the devices' routes name gw-b first: the crash hits the gateway carrying the load, and the
+    devices must carry on through the one that healed). A partition outlasts the dead-after (5 s,
+    checked once a heartbeat, so up to 6 s): a shorter one heals before anyone notices."""
     rng = random.Random(seed)
 
     def pause() -> float:
         return round(rng.uniform(2.0, 4.0), 2)
 
-    return [
-        Fault("partition", "w1", pause_s=pause(), seconds=round(rng.uniform(6.5, 7.5), 2)),
-        Fault("partition", "gw-a", pause_s=pause(), seconds=round(rng.uniform(6.5, 7.5), 2)),
-        Fault("crash", "central-1", pause_s=pause()),
-        Fault("restart", "db", pause_s=pause(), seconds=round(rng.uniform(4.0, 6.0), 2)),
-        Fault("crash", "gw-b", pause_s=pause()),
-    ]
+    w1 = Fault("partition", "w1", pause_s=pause(), seconds=round(rng.uniform(6.5, 7.5), 2))
+    gw_a = Fault("partition", "gw-a", pause_s=pause(), seconds=round(rng.uniform(6.5, 7.5), 2))
+    central = Fault("crash", "central-1", pause_s=pause())
+    db = Fault("restart", "db", pause_s=pause(), seconds=round(rng.uniform(4.0, 6.0), 2))
+    gw_b = Fault("crash", "gw-b", pause_s=pause())
+    more = random.Random(seed + 20_000)  # the faults added later: the ones above keep their draws
+    w2 = Fault("drop", "w2", pause_s=round(more.uniform(2.0, 4.0), 2), seconds=round(more.uniform(6.5, 7.5), 2))
+    joining = Fault("crash-joining", "w3", pause_s=round(more.uniform(1.0, 2.0), 2))
+    draining = Fault("crash-draining", "w4", pause_s=round(more.uniform(1.0, 2.0), 2))
+    return [w1, w2, joining, draining, gw_a, central, db, gw_b]
 
 
 def full_schedule(seed: int) -> list[Fault]:
-    """The fuller scenario: the CI one with the WAN between the site and central on for 10 s (after
-    the gateway's partition) and the database machine partitioned silently for 6 to 8 s (after
-    PostgreSQL's restart)."""
+    """The fuller scenario: the CI one with w1's link made lossy (``LOSSY``) and w2's narrowed to
+    ``SLOW_MBIT`` for 10 s each after the worker faults, the WAN between the site and central on
+    for 10 s after the gateway's partition, and the database machine partitioned silently for 6 to
+    8 s after PostgreSQL's restart."""
     ci = ci_schedule(seed)
     rng = random.Random(seed + 10_000)
     wan = Fault("wan", "wan", pause_s=round(rng.uniform(2.0, 4.0), 2), seconds=10.0)
     db_cut = Fault(
         "partition", "db", pause_s=round(rng.uniform(2.0, 4.0), 2), seconds=round(rng.uniform(6.0, 8.0), 2)
     )
-    return [*ci[:2], wan, *ci[2:4], db_cut, ci[4]]
+    lossy = Fault("lossy", "w1", pause_s=round(rng.uniform(2.0, 4.0), 2), seconds=10.0)
+    slow = Fault("slow", "w2", pause_s=round(rng.uniform(2.0, 4.0), 2), seconds=10.0)
+    return [*ci[:4], lossy, slow, ci[4], wan, *ci[5:7], db_cut, ci[7]]
 
 
 SCENARIOS = {"ci": ci_schedule, "full": full_schedule}
 
 
-def inject(fault: Fault, world: World, procs: Processes) -> dict[str, Any]:
-    """Carry the fault out (a partition blocks until it heals); its record."""
+def inject(fault: Fault, world: World, procs: Processes, site: Site | None = None) -> dict[str, Any]:
+    """Carry the fault out (a lasting one blocks until it heals); its record."""
     rec: dict[str, Any] = {**asdict(fault), "label": fault.label}
+    m = fault.machine
     if fault.kind == "partition":
-        world.set_link(fault.machine, False)
+        world.set_link(m, False)
         rec["start"] = time.time()
         time.sleep(fault.seconds)  # the fault's length, drawn from the seed
-        world.set_link(fault.machine, True)
+        world.set_link(m, True)
         rec["heal"] = time.time()
+    elif fault.kind == "drop":
+        world.set_dropping(m, True)
+        rec["start"] = time.time()
+        time.sleep(fault.seconds)
+        world.set_dropping(m, False)
+        rec["heal"] = time.time()
+    elif fault.kind == "slow":
+        world.set_rate(m, SLOW_MBIT)
+        rec["start"] = time.time()
+        rec["rate_mbit"] = SLOW_MBIT
+        time.sleep(fault.seconds)
+        world.set_rate(m, None)
+        rec["heal"] = time.time()
+    elif fault.kind == "lossy":
+        rec.update(_lossy(fault, world, procs))
     elif fault.kind == "restart":
         rec["start"] = time.time()
-        rec["killed_pids"] = procs.kill_machine(fault.machine)
+        rec["killed_pids"] = procs.kill_machine(m)
         time.sleep(fault.seconds)
-        rec["started_pids"] = [c.pid for c in procs.respawn(fault.machine)]
+        rec["started_pids"] = [c.pid for c in procs.respawn(m)]
         rec["heal"] = time.time()
     elif fault.kind == "wan":
-        procs.signal_machine(fault.machine, signal.SIGUSR1)
+        procs.signal_machine(m, signal.SIGUSR1)
         rec["start"] = time.time()
         time.sleep(fault.seconds)
-        procs.signal_machine(fault.machine, signal.SIGUSR2)
+        procs.signal_machine(m, signal.SIGUSR2)
         rec["heal"] = time.time()
+    elif fault.kind in ("crash-joining", "crash-draining"):
+        if site is None:
+            raise ValueError(f"{fault.kind} needs the running lab")
+        rec.update(_worker_lost(fault, world, procs, site))
     else:
-        world.set_link(fault.machine, False)
+        world.set_link(m, False)
         rec["start"] = time.time()
-        rec["killed_pids"] = procs.kill_machine(fault.machine)
+        rec["killed_pids"] = procs.kill_machine(m)
+    return rec
+
+
+def _lossy(fault: Fault, world: World, procs: Processes) -> dict[str, Any]:
+    """``shoal.lab.netem`` on the machine's path for the fault's seconds."""
+    m = fault.machine
+    run_dir = procs.logs.parent
+    ready, stats = run_dir / f"netem-{m}.ready", run_dir / f"netem-{m}.json"
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "shoal.lab.netem", "--taps", ",".join(world.taps(m)), "--ready", str(ready)]
+    argv += ["--delay-ms", str(LOSSY["delay_ms"]), "--jitter-ms", str(LOSSY["jitter_ms"])]
+    argv += ["--loss", str(LOSSY["loss"]), "--stats", str(stats), "--seed", str(int(fault.pause_s * 100))]
+    child = procs.spawn(BRIDGE, f"netem-{m}", argv)
+    end = time.monotonic() + STEP_TIMEOUT_S
+    while not ready.exists():
+        if not child.alive() or time.monotonic() > end:
+            raise RuntimeError(f"shoal.lab.netem did not start:\n{child.tail()}")
+        time.sleep(0.02)
+    world.impair(m)
+    rec: dict[str, Any] = {"start": time.time(), "profile": dict(LOSSY)}
+    time.sleep(fault.seconds)
+    world.unimpair(m)
+    rec["heal"] = time.time()
+    procs.stop([child], timeout=5)
+    if stats.exists():
+        rec["frames"] = json.loads(stats.read_text())
+    return rec
+
+
+DRAINING = re.compile(rb"draining: finishing (\d+) requests")
+
+
+def _worker_lost(fault: Fault, world: World, procs: Processes, site: Site) -> dict[str, Any]:
+    """A worker started on the machine, lost while joining (once a gateway holds it with requests in
+    flight) or while draining (once it says it drains)."""
+    m = fault.machine
+    rec: dict[str, Any] = {"started": time.time()}
+    joining = fault.kind == "crash-joining"
+    site.hold(m, joining)  # joining: its first batch holds its requests until the machine is lost
+    site.start_worker(m)
+    served = 0 if joining else 2  # drained once it has served a little
+    if not site.wait(lambda: site.holds_requests(m, served), STEP_TIMEOUT_S):
+        raise RuntimeError(f"the worker on {m} never took requests:\n{procs.by_machine[m][-1].tail()}")
+    if not joining:  # the batch it computes when told to drain holds its requests until the loss
+        held_from = time.time()
+        site.hold(m, True)
+        if not site.wait(lambda: site.holds_requests(m, since=held_from), STEP_TIMEOUT_S):
+            raise RuntimeError(f"the worker on {m} took no more requests")
+    rec["serving"] = time.time()
+    if fault.kind == "crash-draining":
+        log = procs.logs / f"{m}.log"
+        procs.signal_machine(m, signal.SIGTERM)  # it drains: DRAIN to every gateway, then finishes
+        rec["drain"] = time.time()
+        found: list[int] = []
+
+        def draining() -> bool:
+            hit = DRAINING.search(log.read_bytes())
+            if hit:
+                found.append(int(hit.group(1)))
+            return bool(hit)
+
+        if not site.wait(draining, STEP_TIMEOUT_S):
+            raise RuntimeError(f"the worker on {m} never said it drains")
+        rec["held_at_drain"] = found[0]
+    world.set_link(m, False)
+    rec["start"] = time.time()
+    rec["killed_pids"] = procs.kill_machine(m)
     return rec

@@ -52,7 +52,8 @@ class LabCentral(_OnMachine, LocalCentral):
 
 
 def gateway_sample(gw: LabGateway) -> dict[str, Any]:
-    """Which workers the gateway holds in its pools: id -> accepting, gateways the worker links to."""
+    """Which workers the gateway holds in its pools: id -> accepting, gateways the worker links to,
+    requests this gateway has in flight at it and it has answered for this gateway."""
     with gw.client(1.0) as c:  # a silent gateway is a failed sample within the poll's rhythm
         code, body = c.get_json("/v2/status")
     if code != 200:
@@ -63,6 +64,8 @@ def gateway_sample(gw: LabGateway) -> dict[str, Any]:
             workers[w["worker_id"]] = {
                 "accepting": w["accepting"],
                 "links": (w.get("load") or {}).get("links"),
+                "in_flight": w["in_flight"],
+                "served": w["served"],
             }
     return {"workers": workers}
 

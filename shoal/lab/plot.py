@@ -1,6 +1,6 @@
 """The run's timeline as a PNG (matplotlib, Agg): answers and failures per 200 ms, the slowest request
 sent in each 200 ms, and the workers each gateway holds as accepting, with the faults marked (a
-partition shaded until it heals, a crash a line)."""
+fault that lasts shaded until it heals, a crash a line)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def plot_timeline(
     work.legend(loc="lower left", fontsize=8)
     for ax in axes:
         for f in faults:
-            if f["kind"] == "partition":
-                ax.axvspan(f["start"] - t0, f["heal"] - t0, color="orange", alpha=0.25)
+            if "heal" in f:  # a fault that lasted: partition, dropped packets, a slow link, ...
+                color = {"partition": "orange", "drop": "red", "lossy": "purple", "slow": "blue"}.get(f["kind"], "grey")
+                ax.axvspan(f["start"] - t0, f["heal"] - t0, color=color, alpha=0.2)
             else:
                 ax.axvline(f["start"] - t0, color="black", linestyle="--")
     for f in faults:

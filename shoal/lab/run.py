@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import re
 import shutil
 import sys
 import time
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from shoal.lab import checker
-from shoal.lab.deploy import MODEL, Deployment, deploy
+from shoal.lab.deploy import MODEL, Deployment, SiteSpec, deploy
 from shoal.lab.device import LogTail
-from shoal.lab.faults import SCENARIOS, Fault, inject
+from shoal.lab.faults import CRASHES, SCENARIOS, Fault, inject
 from shoal.lab.observe import Observer, central_sample, gateway_sample, route_sample
 from shoal.lab.pg import LabPostgres
 from shoal.lab.plot import plot_timeline
@@ -33,8 +34,53 @@ from shoal.lab.world import World, claim_run
 CENTRALS = ["central-1", "central-2"]
 GATEWAYS = ["gw-a", "gw-b"]
 WORKERS = ["w1", "w2"]
+# The second site: a cluster of its own (one gateway, two workers) serving a model of its own,
+# reaching central through a WAN of its own (100 ms one way, 1 % loss, 10 Mbit/s, throughout), its
+# devices on a machine of their own asking for that model.
+SITE2 = SiteSpec("site-2", ["gw-c"], ["w5", "w6"], "echo-b", wan="wan-2", wan_mbit=10.0)
+SITE2_DEVICES = "dev-2"
 PROBE = "probe"  # the device account the observer asks each replica for routes with
 SLOW_S = 1.0  # a request outstanding longer than this holds the system from being steady
+SLOW_MODEL_S = 0.8  # a batch of the workers the scale-out and drain faults start (they hold requests)
+STARTED = ("crash-joining", "crash-draining")  # faults that start a worker on an idle machine first
+
+SLOW_ECHO = f"""\"\"\"The lab's slow echo: the bundled echo model, {SLOW_MODEL_S} s a batch (the workers that the
+scale-out and drain faults start and lose, so that they hold requests when it happens).\"\"\"
+
+import os
+import time
+
+HOLD = os.environ.get("SHOAL_LAB_HOLD", "")  # while this file exists, a batch does not end
+
+
+class Echo:
+    def __init__(self, model_dir, manifest) -> None:
+        self.manifest = manifest
+
+    def __call__(self, inputs):
+        time.sleep({SLOW_MODEL_S})
+        while HOLD and os.path.exists(HOLD):
+            time.sleep(0.01)
+        return {{"y": inputs["x"]}}
+"""
+
+
+def lab_repo(root: Path) -> Path:
+    """The lab's model repository: the bundled echo model's manifest with a slow handler
+    (``SLOW_ECHO``), and ``SITE2.model``, the bundled echo under another name."""
+    from shoal.worker.cli import bundled_repo
+
+    echo = Path(bundled_repo()) / MODEL / "1"
+    v = root / MODEL / "1"
+    v.mkdir(parents=True, exist_ok=True)
+    shutil.copy(echo / "manifest.json", v / "manifest.json")
+    (v / "handler.py").write_text(SLOW_ECHO)
+    v = root / SITE2.model / "1"
+    v.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((echo / "manifest.json").read_text())
+    (v / "manifest.json").write_text(json.dumps({**manifest, "name": SITE2.model}, indent=1))
+    shutil.copy(echo / "handler.py", v / "handler.py")
+    return root
 
 
 @dataclass
@@ -48,6 +94,9 @@ class LabConfig:
     client_timeout: float = 10.0  # the device client's timeout (its default)
     tail_s: float = 3.0  # steady seconds after the last fault
     recover_timeout_s: float = 45.0  # longest wait for a fault's recovery before going on
+    second_site: bool = True  # SITE2 and its devices (SITE2_DEVICES)
+    site2_devices: int = 2  # device accounts at the second site
+    site2_in_flight: int = 1  # requests at once per device there
     schedule: list[Fault] = field(default_factory=list)  # default: the scenario's
 
 
@@ -69,22 +118,25 @@ class Lab:
         self.observer: Observer | None = None
         self.pg: LabPostgres | None = None
         self.down: set[str] = set()  # machines crashed
+        self.dep: Deployment | None = None
+        self.slow_repo: Path | None = None
 
     # ------------------------------------------------------------------ conditions on the live system
 
     def _holding(self, dep: Deployment) -> bool:
         """Every gateway still up answers and holds every worker still up as accepting."""
         assert self.observer is not None
-        for g in dep.gateways:
-            if g in self.down:
-                continue
-            s = self.observer.latest(g)
-            if not s or not s["ok"]:
-                return False
-            if any(
-                not (s["workers"].get(w) or {}).get("accepting") for w in dep.workers if w not in self.down
-            ):
-                return False
+        for d in (dep, *dep.sites.values()):
+            for g in d.gateways:
+                if g in self.down:
+                    continue
+                s = self.observer.latest(g)
+                if not s or not s["ok"]:
+                    return False
+                if any(
+                    not (s["workers"].get(w) or {}).get("accepting") for w in d.workers if w not in self.down
+                ):
+                    return False
         return True
 
     def _flowing(self, tail: LogTail, since: float) -> bool:
@@ -107,16 +159,53 @@ class Lab:
                 return False
         return True
 
+    # ------------------------------------------------------------------ what the faults need (faults.Site)
+
+    def _hold_file(self, machine: str) -> Path:
+        return self.cfg.out / f"hold-{machine}"
+
+    def start_worker(self, machine: str) -> None:
+        """A worker of the slow echo (``SLOW_MODEL_S`` a batch, capacity 4) on ``machine``."""
+        assert self.procs is not None and self.dep is not None and self.slow_repo is not None
+        args = self.dep.worker_args(machine, "--repo", str(self.slow_repo), "--capacity", "4")
+        env = {"SHOAL_CLUSTER_SECRET": self.dep.secret, "SHOAL_LAB_HOLD": str(self._hold_file(machine))}
+        self.dep.workers[machine] = self.procs.shoal(machine, machine, args, env)
+
+    def hold(self, machine: str, on: bool) -> None:
+        f = self._hold_file(machine)
+        if on:
+            f.touch()
+        else:
+            f.unlink(missing_ok=True)
+
+    def holds_requests(self, machine: str, served: int = 0, since: float = 0.0) -> bool:
+        assert self.observer is not None and self.dep is not None
+        held, answered = False, 0
+        for g in self.dep.gateways:
+            s = self.observer.latest(g)
+            if s is not None and s["t"] < since:
+                return False
+            w = s["workers"].get(machine) if s and s["ok"] else None
+            if w:
+                held = held or w["in_flight"] > 0
+                answered += w["served"]
+        return held and answered >= served
+
+    def wait(self, cond: Callable[[], bool], timeout: float) -> bool:
+        return _wait(cond, timeout, every=0.02)
+
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         out = cfg.out
         out.mkdir(parents=True, exist_ok=True)
-        for sub in ("logs", *CENTRALS, *GATEWAYS):
+        for sub in ("logs", "models", *CENTRALS, *GATEWAYS):
             shutil.rmtree(out / sub, ignore_errors=True)
         for f in ("device.jsonl", "samples.jsonl", "faults.json", "summary.json", "timeline.png"):
             (out / f).unlink(missing_ok=True)
+        for f in [*out.glob("hold-*"), *out.glob("device-*.jsonl")]:
+            f.unlink()
         if cfg.scenario not in SCENARIOS:
             raise ValueError(f"scenarios are {', '.join(SCENARIOS)}: {cfg.scenario!r}")
         schedule = cfg.schedule or SCENARIOS[cfg.scenario](cfg.seed)
@@ -133,12 +222,16 @@ class Lab:
         cfg = self.cfg
         t = time.monotonic()
         world.create()
-        for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev"):
+        spare = [f.machine for f in schedule if f.kind in STARTED]  # idle until their fault
+        site2 = [SITE2.wan or "", *SITE2.gateways, *SITE2.workers, SITE2_DEVICES] if cfg.second_site else []
+        for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev", *spare, *site2):
             world.add(name)
+        self.slow_repo = lab_repo(out / "models")
         self.say(f"lab run {world.run}: bridge and {len(world.machines)} machines on 10.77.{world.run}.0/24")
         self.procs = procs = Processes(world, out / "logs")
         self.observer = obs = Observer(world.bridge_ns)
         devices = [f"cam-{i}" for i in range(cfg.devices)]
+        devices2 = [f"cam-b{i}" for i in range(cfg.site2_devices)] if cfg.second_site else []
         self.pg = LabPostgres(world.machines["db"].address, f"10.77.{world.run}.0/24")
         dep = deploy(
             world,
@@ -147,21 +240,30 @@ class Lab:
             out,
             GATEWAYS,
             WORKERS,
-            [*devices, PROBE],
+            [*devices, *devices2, PROBE],
             centrals=CENTRALS,
             pg=self.pg,
             wan="wan",
+            sites=[SiteSpec(**{**asdict(SITE2), "repo": self.slow_repo})] if cfg.second_site else [],
+        )
+        self.dep = dep
+        more = "".join(
+            f"; {c}: {', '.join(d.gateways)}, {', '.join(d.workers)} ({d.model})" for c, d in dep.sites.items()
         )
         self.say(
             f"deployed in {time.monotonic() - t:.1f} s: PostgreSQL, {', '.join(CENTRALS)}, the WAN relay, "
-            f"{', '.join(GATEWAYS)}, {', '.join(WORKERS)}"
+            f"{', '.join(GATEWAYS)}, {', '.join(WORKERS)}{more}"
         )
-        for g, gw in dep.gateways.items():
+        all_gateways = {g: gw for d in (dep, *dep.sites.values()) for g, gw in d.gateways.items()}
+        for g, gw in all_gateways.items():
             obs.watch(g, partial(gateway_sample, gw), 0.1)
         for name, c in dep.centrals.items():
             obs.watch(name, partial(central_sample, c), 0.25)
             probe = partial(route_sample, c, PROBE, dep.devices[PROBE], MODEL)
             obs.watch(f"route-{name}", probe, 0.25)
+            for cluster, d in dep.sites.items():  # a route for the other site's model, from each replica
+                probe = partial(route_sample, c, PROBE, dep.devices[PROBE], d.model)
+                obs.watch(f"{cluster}-route-{name}", probe, 0.25)
 
         log = out / "device.jsonl"
         dev = procs.spawn(
@@ -186,12 +288,35 @@ class Lab:
             ],
             {"SHOAL_DEVICE_PASSWORD": dep.devices[devices[0]]},
         )
-        tail = LogTail(log)
-        if not _wait(lambda: len(tail.read().answered) == len(devices) or not dev.alive(), 60):
+        drivers = [dev]
+        logs = [log]
+        for cluster, d in dep.sites.items():  # the other site's devices, through its own WAN to central
+            log2 = out / f"device-{cluster}.jsonl"
+            drivers.append(
+                procs.spawn(
+                    SITE2_DEVICES,
+                    f"dev-{cluster}",
+                    [
+                        *[sys.executable, "-m", "shoal.lab.device", "--central", ",".join(d.site_centrals)],
+                        *["--device", ",".join(devices2), "--in-flight", str(cfg.site2_in_flight)],
+                        *["--timeout", str(cfg.client_timeout), "--seed", str(cfg.seed + 1000)],
+                        *["--model", d.model, "--log", str(log2)],
+                    ],
+                    {"SHOAL_DEVICE_PASSWORD": dep.devices[devices[0]]},
+                )
+            )
+            logs.append(log2)
+        tail = LogTail(*logs)
+        every = len(devices) + len(devices2)
+        if not _wait(lambda: len(tail.read().answered) == every or not all(d.alive() for d in drivers), 60):
             raise RuntimeError(f"the devices got no answers within 60 s:\n{dev.tail()}")
-        if not dev.alive():
-            raise RuntimeError(f"the device driver exited:\n{dev.tail()}")
-        self.say(f"devices answered: {cfg.devices} x {cfg.in_flight} in flight")
+        for d in drivers:
+            if not d.alive():
+                raise RuntimeError(f"the device driver exited:\n{d.tail()}")
+        self.say(
+            f"devices answered: {cfg.devices} x {cfg.in_flight} in flight"
+            + (f"; at {SITE2.cluster}: {len(devices2)} x {cfg.site2_in_flight}" if devices2 else "")
+        )
 
         def steady() -> bool:
             return self._holding(dep) and self._flowing(tail, 0.0)
@@ -205,9 +330,9 @@ class Lab:
                 self.say("not steady before the next fault; going on")
             time.sleep(f.pause_s)  # the schedule's pause, drawn from the seed
             self.say(f"fault: {f.label}")
-            rec = inject(f, world, procs)
+            rec = inject(f, world, procs, self)
             records.append(rec)
-            if f.kind == "crash":
+            if f.kind in CRASHES:
                 self.down.add(f.machine)
             start = rec["start"]
             ok = _wait(
@@ -218,20 +343,30 @@ class Lab:
             )
             self.say(f"  {'recovered' if ok else 'NOT recovered'} {time.time() - start:.1f} s after it began")
         time.sleep(cfg.tail_s)  # steady load after the last fault: the 'after' phase
-        procs.stop([dev], timeout=3 * cfg.client_timeout)
+        for i, rec in enumerate(records):  # what the gateways did with the requests a lost worker held
+            if rec["machine"] in dep.workers and rec["kind"] not in ("lossy", "slow"):
+                hi = records[i + 1]["start"] if i + 1 < len(records) else time.time()
+                rec["handed_back"] = {
+                    g: handed_back(out / "logs" / f"{g}.log", rec["machine"], rec["start"], hi)
+                    for g in dep.gateways
+                }
+        procs.stop(drivers, timeout=3 * cfg.client_timeout)
         obs.stop()
 
         samples = list(obs.samples)
-        gateways = {gw.url: g for g, gw in dep.gateways.items()}
-        entries = checker.read_jsonl(log)
-        summary = checker.check(entries, samples, records, gateways, warm)
+        gateways = {gw.url: g for g, gw in all_gateways.items()}
+        entries = [e for path in logs for e in checker.read_jsonl(path)]
+        clusters = {
+            c: {"model": d.model, "gateways": sorted(d.gateways)} for c, d in [(dep.cluster, dep), *dep.sites.items()]
+        }
+        summary = checker.check(entries, samples, records, gateways, warm, clusters)
         reqs, _ = checker.pair_requests(entries)
         t0 = reqs[0]["sent"] if reqs else 0.0
         plot = plot_timeline(
             reqs,
             samples,
             records,
-            list(dep.gateways),
+            list(all_gateways),
             t0,
             out / "timeline.png",
             f"shoal lab, seed {cfg.seed}: {', '.join(r['label'] for r in records)}",
@@ -267,6 +402,31 @@ class Lab:
         if self.pg is not None:
             self.pg.remove()
             self.pg = None
+
+
+HANDED_BACK = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*worker (\S+) (?:\(\S+\) silent for [\d.]+ s: (\d+) requests it held"
+    r"|left with (\d+) requests in flight)"
+)
+
+
+def handed_back(log: Path, worker: str, lo: float, hi: float) -> list[dict[str, Any]]:
+    """From a gateway's log: each time it sent what ``worker`` held to other workers between ``lo``
+    and ``hi`` (wall clock): when (seconds after ``lo``), how many requests, and why (``silent``:
+    after 1.5 heartbeats of silence; ``left``: dropped after its dead-after, or its link closed)."""
+    out = []
+    if not log.exists():
+        return out
+    for line in log.read_text(errors="replace").splitlines():
+        m = HANDED_BACK.match(line)
+        if not m or m.group(3) != worker:
+            continue
+        t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+        if lo <= t < hi:  # the same wall clock, to the millisecond
+            silent = m.group(4) is not None
+            n = int(m.group(4) if silent else m.group(5))
+            out.append({"after_s": round(t - lo, 3), "requests": n, "how": "silent" if silent else "left"})
+    return out
 
 
 def run_lab(cfg: LabConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -5,8 +5,8 @@
 Every connection from the site to central goes through it (the gateways' and the devices' central
 URLs name this machine). It relays TCP as ``shoal.bench.relay`` does, with the same model of delay
 and loss, but the impairment can be switched while connections stay open: SIGUSR1 puts it on (the
-WAN profile), SIGUSR2 takes it off (a LAN). It starts off; the lab's ``wan`` fault switches it on for
-a while. (This kernel has no netem: the delay and loss are added in user space.)
+WAN profile), SIGUSR2 takes it off (a LAN). It starts off (``--on``: on); the lab's ``wan`` fault
+switches it on for a while. (This kernel has no netem: the delay and loss are added in user space.)
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class Switch:
 
 async def main_async(args: argparse.Namespace) -> None:
     switch = Switch(Impairment(args.delay_ms, args.jitter_ms, args.loss))
+    switch.on = args.on
     servers = []
     for i, r in enumerate(args.route):
         listen, _, target = r.partition("=")
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delay-ms", type=float, default=100.0, help="one-way delay when on (default 100)")
     p.add_argument("--jitter-ms", type=float, default=0.0)
     p.add_argument("--loss", type=float, default=0.01, help="segments lost once when on (default 0.01)")
+    p.add_argument("--on", action="store_true", help="the WAN profile from the start (default: a LAN)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ready", default=None, help="a file written once listening")
     asyncio.run(main_async(p.parse_args(argv)))

@@ -33,6 +33,14 @@ BRIDGE = "br0"
 OBSERVER = 254  # the bridge's own host number
 
 
+def _tc(*args: str, ns: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["ip", "netns", "exec", ns, "tc", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    if check and r.returncode != 0:
+        raise NetnsError(f"{' '.join(cmd)}: {r.stderr.strip() or r.returncode}")
+    return r
+
+
 @dataclass
 class Machine:
     name: str
@@ -172,9 +180,63 @@ class World:
         no RST reaches anyone) and the bridge drops what is sent to it."""
         _ip("link", "set", "eth0", "up" if up else "down", ns=self.machines[name].ns)
 
+    def set_dropping(self, name: str, dropping: bool) -> None:
+        """Every packet to and from the machine dropped, its link staying up (the carrier, the
+        addresses and the routes as they were: nothing tells its processes or its peers): a
+        ``blackhole`` queue on both ends of its link's egress, the machine's ``eth0`` and its port on
+        the bridge. (This kernel has no packet filter, ``nftables`` or ``iptables``, nor tc's
+        classifiers and actions; the ``blackhole`` queueing discipline is there.)"""
+        m = self.machines[name]
+        for ns, dev in ((m.ns, "eth0"), (self.bridge_ns, m.port)):
+            if dropping:
+                _tc("qdisc", "replace", "dev", dev, "root", "blackhole", ns=ns)
+            else:
+                _tc("qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+
+    def set_rate(self, name: str, mbit: float | None, queue_ms: float = 200.0) -> None:
+        """The machine's link limited to ``mbit`` each way (a ``tbf`` token bucket on both ends'
+        egress, a queue of ``queue_ms`` beyond which packets are dropped), or back to the bridge's
+        speed (None)."""
+        m = self.machines[name]
+        for ns, dev in ((m.ns, "eth0"), (self.bridge_ns, m.port)):
+            if mbit is None:
+                _tc("qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+                continue
+            burst = max(16_000, int(mbit * 1e6 / 8 * 0.01))  # 10 ms at the rate, at least 16 KB
+            _tc(
+                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst),
+                "latency", f"{queue_ms:g}ms", ns=ns,
+            )  # fmt: skip
+
+    def taps(self, name: str) -> tuple[str, str]:
+        """The TAP devices of ``shoal.lab.netem`` on the machine's path while it is impaired."""
+        return f"ta-{name}", f"tb-{name}"
+
+    def impair(self, name: str) -> None:
+        """The machine's frames through ``shoal.lab.netem``, already running in the bridge's
+        namespace with its TAP devices (``taps``): the machine's port moves to a bridge of its own
+        with the first TAP; the second joins the lab's bridge."""
+        m = self.machines[name]
+        ns = self.bridge_ns
+        a, b = self.taps(name)
+        side = f"bx-{name}"
+        _ip("link", "add", side, "type", "bridge", "forward_delay", "0", ns=ns)
+        _ip("link", "set", a, "master", side, "up", ns=ns)
+        _ip("link", "set", side, "up", ns=ns)
+        _ip("link", "set", b, "master", BRIDGE, "up", ns=ns)
+        _ip("link", "set", m.port, "master", side, ns=ns)
+
+    def unimpair(self, name: str) -> None:
+        """The machine's port back on the lab's bridge (stop ``shoal.lab.netem`` after this)."""
+        m = self.machines[name]
+        _ip("link", "set", m.port, "master", BRIDGE, ns=self.bridge_ns)
+        _ip("link", "del", f"bx-{name}", ns=self.bridge_ns, check=False)
+
     def in_machine(self, name: str, argv: list[str]) -> list[str]:
-        """The command line that runs ``argv`` on machine ``name``, killed if the lab dies first."""
-        return ["ip", "netns", "exec", self.machines[name].ns, "setpriv", "--pdeathsig", "KILL", "--", *argv]
+        """The command line that runs ``argv`` on machine ``name`` (``BRIDGE``: in the bridge's own
+        namespace, where the lab's link impairments run), killed if the lab dies first."""
+        ns = self.bridge_ns if name == BRIDGE else self.machines[name].ns
+        return ["ip", "netns", "exec", ns, "setpriv", "--pdeathsig", "KILL", "--", *argv]
 
     def delete(self) -> None:
         if not self.created:

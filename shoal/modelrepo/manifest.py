@@ -77,6 +77,9 @@ class Manifest:
     handler: str | None = None  # "module:Class" for the python runtime
     provenance: dict[str, Any] = field(default_factory=dict)
     platform: str = ""
+    # What each position along an input's last axis means, in order (name and unit): how to call a
+    # model whose input is a row of features (input name -> one description per feature).
+    features: dict[str, list[str]] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -109,6 +112,8 @@ class Manifest:
             "labels": self.labels,
             "provenance": self.provenance,
         }
+        if self.features:
+            d["features"] = self.features
         if self.image is not None:
             img = asdict(self.image)
             img["size"] = list(self.image.size)
@@ -156,6 +161,7 @@ class _ManifestDoc(msgspec.Struct, kw_only=True):
     handler: str | None = None
     provenance: dict[str, Any] | None = None
     platform: str = ""
+    features: dict[str, list[str]] | None = None
 
 
 def _tensors(items: list[_TensorDoc], where: str) -> tuple[TensorSpec, ...]:
@@ -212,6 +218,16 @@ def parse_manifest(d: Any, where: str = "manifest") -> Manifest:
     for k in labels:
         if k not in {t.name for t in outputs}:
             raise ManifestError(f"{where}.labels: '{k}' is not an output")
+    features = doc.features or {}
+    for k, names in features.items():
+        t = next((t for t in inputs if t.name == k), None)
+        if t is None:
+            raise ManifestError(f"{where}.features: '{k}' is not an input")
+        if not t.shape or t.shape[-1] not in (-1, len(names)):
+            raise ManifestError(
+                f"{where}.features.{k}: {len(names)} features for an input whose last dimension is "
+                f"{t.shape[-1] if t.shape else 'absent'}"
+            )
     image = None
     if doc.image is not None:
         im, w = doc.image, f"{where}.image"
@@ -240,6 +256,7 @@ def parse_manifest(d: Any, where: str = "manifest") -> Manifest:
         handler=doc.handler,
         provenance=doc.provenance or {},
         platform=doc.platform,
+        features=features,
     )
 
 

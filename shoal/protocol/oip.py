@@ -58,6 +58,39 @@ class ProtocolError(ValueError):
         self.status = status
 
 
+# A request's deadline and priority where its body has no parameters (a raw binary body): headers.
+TIMEOUT_HEADER = b"x-request-timeout-ms"
+PRIORITY_HEADER = b"x-request-priority"
+MAX_PRIORITY = 1 << 16
+
+
+def request_timeout_ms(params: dict[str, Any]) -> float | None:
+    """The request's own deadline in milliseconds: ``timeout_ms``, or Triton's ``timeout`` in
+    microseconds (what ``tritonclient``'s ``timeout`` argument sends); None when it names none."""
+    t = params.get("timeout_ms")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
+        return float(t)
+    t = params.get("timeout")
+    if isinstance(t, int) and not isinstance(t, bool) and t > 0:
+        return t / 1000.0
+    return None
+
+
+def request_priority(params: dict[str, Any]) -> int:
+    """Triton's ``priority`` parameter: 1 the highest level, 0 (or none) the model's default."""
+    v = params.get("priority", 0)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_PRIORITY:
+        raise ProtocolError(f"'priority' must be an integer from 0 to {MAX_PRIORITY} (1 is the highest)")
+    return v
+
+
+def header_number(raw: bytes, name: str, limit: int) -> int:
+    """A header's value as a number from 0 to ``limit`` (``ProtocolError`` otherwise)."""
+    if not raw.isdigit() or len(raw) > 10 or int(raw) > limit:
+        raise ProtocolError(f"{name} must be an integer from 0 to {limit}")
+    return int(raw)
+
+
 # ---------------------------------------------------------------------------------------- paths
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "Make a private certificate authority and certificates for TLS on every shoal link."
 EXAMPLE = """
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     if importlib.util.find_spec("cryptography") is None:
-        print("shoal certs: needs the cryptography package: pip install 'shoal[tls]'")
+        print("shoal certs: needs the cryptography package: pip install 'shoal[tls]'", file=sys.stderr)
         return 2
     from shoal.security.certs import make_ca, make_cert
 

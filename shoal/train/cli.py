@@ -11,8 +11,10 @@ Importing this module is cheap (no torch): ``shoal --help`` imports every comman
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -36,6 +38,8 @@ shoal train pi --nproc 2                            # the book's distributed pi
 tensorboard --logdir runs/                          # MNIST curves while it trains"""
 
 MNIST_TASKS = ("mnist", "fashion-mnist")
+# Families that need shoal[catalogue] too: an export through skl2onnx, or data sets in its packages.
+CATALOGUE_DATA = ("kmeans", "knn", "feedforward", "energy", "bach")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -141,7 +145,7 @@ _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^=#]*=[^#]*#\s*(.+)$")
 def field_help(config: type) -> dict[str, str]:
     """The comment beside each field of a family's ``Config``, as its help text."""
     try:
-        src = inspect.getsource(config)
+        src = getattr(config, "_source", None) or inspect.getsource(config)
     except (OSError, TypeError):
         return {}
     return {m.group(1): m.group(2).strip() for m in map(_FIELD_COMMENT.match, src.splitlines()) if m}
@@ -164,16 +168,57 @@ def add_config_arguments(p: argparse.ArgumentParser, fam: Family, config: type) 
             g.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
 
 
+def _source(fam: Family) -> str:
+    """The text of the family's module, read without importing it (nor torch)."""
+    parent, _, leaf = fam.module.rpartition(".")
+    spec = importlib.util.find_spec(parent)
+    assert spec is not None and spec.submodule_search_locations
+    return (Path(list(spec.submodule_search_locations)[0]) / f"{leaf}.py").read_text()
+
+
+def family_config(fam: Family) -> type:
+    """The family's ``Config`` dataclass. Without the packages its module trains with (torch), the
+    class is made from the module's source, so that ``shoal train FAMILY --help`` prints anyway."""
+    try:
+        return importlib.import_module(fam.module).Config
+    except ImportError:
+        src = _source(fam)
+        node = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "Config")
+        code = "from __future__ import annotations\nfrom dataclasses import dataclass, field\n"
+        namespace: dict[str, Any] = {}
+        exec(code + ast.get_source_segment(src, node, padded=False).join(["@dataclass\n", ""]), namespace)  # noqa: S102
+        config = namespace["Config"]
+        config._source = ast.get_source_segment(src, node)
+        return config
+
+
+def family_examples(fam: Family) -> list[str]:
+    """``shoal train FAMILY ...`` lines of the family module's docstring, else a plain one."""
+    if fam.name in MNIST_TASKS:
+        return [
+            f"shoal train {fam.name} --arch cnn --export models/     # then models/{fam.name}-cnn/<next>/",
+            f"shoal train {fam.name} --arch mlp --epochs 2 --train-subset 10000",
+            f"shoal train {fam.name} --arch cnn --resume --export models/   # after Ctrl-C: continue, then export",
+        ]
+    doc = ast.get_docstring(ast.parse(_source(fam))) or ""
+    lines = [line.strip() for line in doc.splitlines() if line.strip().startswith(f"shoal train {fam.name}")]
+    return lines or [f"shoal train {fam.name}" + (" --export models/" if fam.export else "")]
+
+
 def family_parser(fam: Family) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"shoal train {fam.name}",
-        description=f"paper 002, chapter {fam.chapter}: " + "; ".join(fam.data.values()),
+        description=f"paper 002, chapter {fam.chapter}: " + "; ".join(fam.data.values())
+        + ". Needs pip install 'shoal[train]'"
+        + (" and 'shoal[catalogue]'" if fam.name in CATALOGUE_DATA else "")
+        + ".",
+        epilog="example:\n  " + "\n  ".join(family_examples(fam)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if fam.name in MNIST_TASKS:
         add_mnist_arguments(p)
         return p
-    mod = importlib.import_module(fam.module)
-    add_config_arguments(p, fam, mod.Config)
+    add_config_arguments(p, fam, family_config(fam))
     r = p.add_argument_group("run")
     r.add_argument("--out", default="", help="run folder: plots, checkpoint, result (default: runs/<family>-<data>)")
     r.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
@@ -227,11 +272,16 @@ _RUN_ONLY = {"--out": 1, "--record": 1, "--no-progress": 0, "--no-plot": 0, "--r
 
 def reproducible(options: list[str]) -> list[str]:
     """The options that decide what a run learns (and where it publishes), for its provenance."""
+    return _without(options, _RUN_ONLY)
+
+
+def _without(options: list[str], drop: dict[str, int]) -> list[str]:
+    """``options`` less the flags in ``drop`` (flag -> how many values follow it)."""
     out, i = [], 0
     while i < len(options):
         name = options[i].split("=", 1)[0]
-        if name in _RUN_ONLY:
-            takes = _RUN_ONLY[name] if "=" not in options[i] else 0
+        if name in drop:
+            takes = drop[name] if "=" not in options[i] else 0
             if name == "--record" and (i + 1 >= len(options) or options[i + 1].startswith("--")):
                 takes = 0  # --record without a file
             i += 1 + takes
@@ -328,7 +378,17 @@ def _run_mnist(fam: Family, options: list[str], opts: argparse.Namespace) -> int
         + f"; run folder {out}"
     )
     if not result.finished:
-        return 0
+        # Nothing is exported from a run that stopped early: say how to go on, and fail when it was Ctrl-C.
+        again = _without(options, {"--resume": 0, "--max-steps": 1}) + ["--resume"]
+        if not opts.export:
+            again += ["--export", "models/"]
+        print(
+            f"shoal train: stopped at epoch {result.state.epoch}, step {result.state.step_in_epoch}, before the "
+            f"last epoch: nothing exported. Continue (and export when it ends) with: "
+            + shlex.join(["shoal", "train", fam.name, *again]),
+            file=sys.stderr,
+        )
+        return 130 if result.interrupted else 0
     if opts.export:
         from shoal.train.export import export_to_repo
 

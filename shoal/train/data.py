@@ -113,6 +113,16 @@ CARS_SHA256 = "f686a53678b21f4231e2f6a5ba7ce5761d9d39204fccdea1caa29fb8c460e319"
 CARS_URL = "https://cdn.jsdelivr.net/npm/vega-datasets@v1.29.0/data/cars.json"
 CARS_FEATURES = ["Cylinders", "Displacement", "Horsepower", "Weight_in_lbs", "Acceleration", "Year"]
 CARS_ORIGINS = ["USA", "Europe", "Japan"]
+# The nine inputs of a model trained on ``cars``, in order, as its manifest's ``features`` says them.
+CARS_INPUTS = [
+    "Cylinders (count)",
+    "Displacement (cubic inches)",
+    "Horsepower (hp)",
+    "Weight_in_lbs (pounds)",
+    "Acceleration (seconds from 0 to 60 mph)",
+    "Year (model year, four digits: 1970 to 1982)",
+    *(f"Origin_{o} (1 if made in {o}, else 0)" for o in CARS_ORIGINS),
+]
 
 
 def cars_file(data_dir: str | None = None, download: bool = False) -> Path:

@@ -12,7 +12,11 @@ wines of three cultivars from 13 chemical measurements.
 
 Every network is standardisation (inside the graph), then ``hidden`` fully connected layers with
 the activation, then a linear output. Served with raw features: regression outputs ``prediction``
-FP32 [-1, 1]; wine outputs ``probabilities`` FP32 [-1, 3] with the cultivar names as labels.
+FP32 [-1, 1]; wine outputs ``probabilities`` FP32 [-1, 3] with the cultivar names as labels. The
+input ``features`` FP32 [-1, F] is one row per example, in the order the manifest's ``features``
+lists; for ``cars`` (F = 9): cylinders, displacement (cubic inches), horsepower, weight (pounds),
+acceleration (seconds from 0 to 60 mph), model year written with four digits (1970-1982), then
+origin one-hot as USA, Europe, Japan (``data.CARS_INPUTS``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 
 from shoal.modelrepo import TensorSpec
 from shoal.train.catalogue import Run, Trained
-from shoal.train.data import Table, array_sha256, cars, sklearn_set
+from shoal.train.data import CARS_INPUTS, Table, array_sha256, cars, sklearn_set
 from shoal.train.figures import pyplot, save
 from shoal.train.loop import Tensors, begin, plot_history
 from shoal.train.publish import torch_publisher
@@ -140,9 +144,12 @@ def train(cfg: Config, run: Run, log=print) -> Trained:  # noqa: ANN001
     details = {k: round(v, 6) for k, v in last.items() if k != "epoch"}
     outcome = trainer.outcome(name, t.name, metric, value, details, {"table": t.sha256})
     feeds = {"features": t.x[te].astype(np.float32)}
+    described = {"features": CARS_INPUTS if cfg.data == "cars" else list(t.features)}
     if classify:
         outputs = [TensorSpec("probabilities", "FP32", (-1, len(t.classes)))]
-        pub = torch_publisher(Probabilities(net), name, feeds, outputs, {"probabilities": t.classes}, classify=True)
+        pub = torch_publisher(
+            Probabilities(net), name, feeds, outputs, {"probabilities": t.classes}, classify=True, features=described
+        )
     else:
-        pub = torch_publisher(net, name, feeds, [TensorSpec("prediction", "FP32", (-1, 1))])
+        pub = torch_publisher(net, name, feeds, [TensorSpec("prediction", "FP32", (-1, 1))], features=described)
     return Trained(outcome, pub)

@@ -170,6 +170,7 @@ class TrainResult:
     data_checksums: dict[str, str]
     device: str = "cpu"
     workers: int = 1  # data-parallel processes
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT) before the last epoch
 
     @property
     def finished(self) -> bool:
@@ -532,7 +533,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
     distributed.barrier(ctx)
     model.eval().to("cpu")  # exported and served from the CPU copy
     return TrainResult(
-        cfg, state, model, test_loss, test_acc, ckpt_path, checksums, str(ctx.device), ctx.world
+        cfg, state, model, test_loss, test_acc, ckpt_path, checksums, str(ctx.device), ctx.world, ctrl_c.requested
     )
 
 

@@ -218,6 +218,7 @@ def manifest(
     image: ImageSpec | None = None,
     max_batch_size: int = 64,
     batch_delay_ms: float = 2.0,
+    features: dict[str, list[str]] | None = None,
 ) -> Manifest:
     return Manifest(
         name=name,
@@ -231,6 +232,7 @@ def manifest(
         labels=labels or {},
         image=image,
         provenance=provenance,
+        features=features or {},
     )
 
 
@@ -266,6 +268,7 @@ def torch_publisher(
     classify: bool = False,
     dynamic: dict[str, dict[int, str]] | None = None,
     image: ImageSpec | None = None,
+    features: dict[str, list[str]] | None = None,
 ) -> Callable[[str, str | None, bool, dict[str, Any]], Path]:
     """``publish(repo, version, overwrite, provenance)`` for a trained torch module (on the CPU),
     checked against ONNX Runtime on the test inputs ``feeds``; input shapes come from ``feeds`` with
@@ -285,7 +288,7 @@ def torch_publisher(
             parity = torch_parity(model, folder / MODEL_FILE, feeds, classify)
             inputs = [spec(k, a) for k, a in feeds.items()]
             extra = {"onnx_parity": parity, "onnx_opset": OPSET}
-            return manifest(name, v, inputs, outputs, {**prov, **extra}, labels, image)
+            return manifest(name, v, inputs, outputs, {**prov, **extra}, labels, image, features=features)
 
         return publish(repo, name, version, overwrite, build)
 

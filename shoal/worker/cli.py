@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Annotated
 
 from shoal.config import LOG_FORMAT, LOG_LEVEL, LogFormat, LogLevel, Opt, Settings, add_settings
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, "worker", args.log_format)
     secret = args.secret or ""
     if not secret:
-        print("shoal worker: no cluster secret; pass --secret or set SHOAL_CLUSTER_SECRET")
+        print("shoal worker: no cluster secret; pass --secret or set SHOAL_CLUSTER_SECRET", file=sys.stderr)
         return 2
     repo = args.repo or bundled_repo()
     try:
@@ -107,17 +108,17 @@ def run(args: argparse.Namespace) -> int:
             manifest = dataclasses.replace(manifest, batch_delay_ms=args.batch_delay_ms)
         runtime = load_runtime(Path(model_dir), manifest, args.device, args.threads)
     except (ManifestError, RuntimeError_, ValueError) as e:
-        print(f"shoal worker: {e}")
+        print(f"shoal worker: {e}", file=sys.stderr)
         return 2
     gateways = [g.strip() for g in args.gateway.split(",") if g.strip()]
     try:
         for g in gateways:
             split_hostport(g, 8003)
     except ValueError as e:
-        print(f"shoal worker: --gateway: {e}")
+        print(f"shoal worker: --gateway: {e}", file=sys.stderr)
         return 2
     if not gateways:
-        print("shoal worker: --gateway names no gateway")
+        print("shoal worker: --gateway names no gateway", file=sys.stderr)
         return 2
     cfg = WorkerConfig(
         gateways=gateways,

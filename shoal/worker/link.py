@@ -574,9 +574,17 @@ class Worker:
                 d = backoff_delay(t.failures, c.backoff_base_s, c.backoff_cap_s, random.random())
                 if isinstance(e, RefusedForNow):
                     d = max(d, e.retry_after_s)
-                if t.failures == 0 or t.failures % 10 == 0:
+                if t.failures == 0:  # expected (a worker started before its gateway, a restart): once
+                    log.info(
+                        "gateway %s not reachable yet (%s); retrying until it is", t.address, error_text(e)
+                    )
+                elif t.failures % 20 == 0:  # no longer expected: half a minute or more of trying
                     log.warning(
-                        "cannot reach gateway %s (%s); retrying in %.2f s", t.address, error_text(e), d
+                        "still cannot reach gateway %s after %d attempts (%s); retrying in %.2f s",
+                        t.address,
+                        t.failures,
+                        error_text(e),
+                        d,
                     )
                 t.failures += 1
                 try:

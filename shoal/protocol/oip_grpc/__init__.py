@@ -7,7 +7,7 @@ BSD 3-clause licence in ``LICENSE`` here (Copyright NVIDIA CORPORATION & AFFILIA
 files are generated and committed; regenerate them from this folder with grpcio-tools 1.81.1 (its
 protobuf 6.33.5 gencode runs on protobuf 6.33 and 7):
 
-    cd shoal/gateway/oip_grpc && python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \\
+    cd shoal/protocol/oip_grpc && python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \\
         grpc_service.proto model_config.proto && rm -f model_config_pb2_grpc.py && \\
         sed -i 's/^import \\(model_config_pb2\\|grpc_service_pb2\\) as/from . import \\1 as/' *_pb2*.py
 
