@@ -73,6 +73,9 @@ class LocalCluster:
     worker_port: int = 0
     grpc_port: int = 0  # gRPC (0 at start: any free port; stays 0 without shoal[grpc])
     worker_ports: list[int] = field(default_factory=list)
+    # Run the gateway and workers of this shoal source tree instead (a benchmark's baseline: a git
+    # worktree of an older commit): its shoal first on their path, and their working folder.
+    source: Path | None = None
     gateway_pids: list[int] = field(
         default_factory=list
     )  # the gateway processes (their supervisor's children)
@@ -93,7 +96,12 @@ class LocalCluster:
         if cpu is not None and hasattr(os, "sched_setaffinity"):
             cmd = ["taskset", "-c", str(cpu), *cmd]
         f = open(log, "ab")  # noqa: SIM115 (the child owns it)
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(env))
+        full = _env(env)
+        if self.source is not None:
+            full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.source), full.get("PYTHONPATH")]))
+        p = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full, cwd=self.source
+        )
         f.close()
         return Child(name, p, log)
 

@@ -7,6 +7,8 @@ infer path's checks and answers are held to the document too."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,7 +31,10 @@ EXAMPLES = 10  # per operation, mode and target
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, model_repo):
-    lc = LocalCluster(tmp_path_factory.mktemp("openapi"), name="openapi", gateway_args=["--startup-grace", "0"])
+    # With result storage, so that its endpoints are in the document and held to it too.
+    work = tmp_path_factory.mktemp("openapi")
+    store = ["--store-results", f"sqlite:///{work / 'results.db'}", "--results-dir", str(work / "results")]
+    lc = LocalCluster(work, name="openapi", gateway_args=["--startup-grace", "0", *store])
     lc.start()
     try:
         lc.add_worker("echo", repo=model_repo)
@@ -62,7 +67,7 @@ def test_every_documented_operation_holds_to_the_document(gateway):
     lc, doc, headers = gateway
     schema = schemathesis.openapi.from_dict(doc)
     operations = [r.ok() for r in schema.get_all_operations()]
-    assert {(o.method.upper(), o.path) for o in operations} == endpoint_list()
+    assert {(o.method.upper(), o.path) for o in operations} == endpoint_list(results=True)
     for operation in operations:
         raw = operation.definition.raw
         auth = headers if raw.get("security") else {}
@@ -77,3 +82,11 @@ def test_every_documented_operation_holds_to_the_document(gateway):
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
     r = httpx.post(f"{lc.url}/v2/models/echo/infer", json=body, headers=headers)
     assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [1.0, 2.0]
+    # The stored result (written in the background), listed and read as the document says.
+    rid = r.json()["id"]
+    end = time.monotonic() + 20
+    while (one := httpx.get(f"{lc.url}/v2/results/{rid}", headers=headers)).status_code != 200:
+        assert time.monotonic() < end, "the result was never stored"
+    assert isinstance(one.json(), dict)
+    listed = httpx.get(f"{lc.url}/v2/results", params={"model": "echo", "limit": 5}, headers=headers)
+    assert listed.status_code == 200 and isinstance(listed.json(), list)

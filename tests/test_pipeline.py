@@ -104,6 +104,28 @@ def test_read_digits_end_to_end(cluster, tmp_path):
         assert "step 'detect'" in str(e.value)
         code, body = c.get_json("/v2/status")
         assert body["pipelines"] == [{"name": "read-digits", "version": "1", "ready": True}]
+        # Statistics and configuration of the pipeline (an ensemble) and of a step's model.
+        code, stats = c.get_json("/v2/models/read-digits/stats")
+        inf = stats["model_stats"][0]["inference_stats"]
+        assert code == 200 and inf["success"]["count"] == n and inf["fail"]["count"] == 1
+        code, stats = c.get_json("/v2/models/mnist-cnn/stats")
+        assert stats["model_stats"][0]["inference_stats"]["compute_infer"]["count"] >= right
+        code, cfg = c.get_json("/v2/models/read-digits/config")
+        assert code == 200 and cfg["platform"] == "ensemble"
+        steps = cfg["ensemble_scheduling"]["step"]
+        assert [s["model_name"] for s in steps] == ["digit-detector", "mnist-cnn", "digits-to-number"]
+        assert steps[1]["input_map"] == {"image": "detect.crops"} and steps[1]["output_map"] == {"logits": "logits"}
+    # Classification of a pipeline's output: each fanned-out crop's best digit, with its label.
+    httpclient = pytest.importorskip("tritonclient.http")
+    png, number, _ = make_number_image(rng, images, labels)
+    tc = httpclient.InferenceServerClient(f"127.0.0.1:{lc.http_port}")
+    inp = httpclient.InferInput("image", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([png], dtype=object))
+    out = httpclient.InferRequestedOutput("logits", class_count=1)
+    r = tc.infer("read-digits", [inp], outputs=[out], headers={"Authorization": f"Bearer {lc.api_key}"})
+    best = [(v.decode() if isinstance(v, bytes) else v).split(":") for v in r.as_numpy("logits").reshape(-1)]
+    assert len(best) == len(number) and all(label == index for _, index, label in best)
+    tc.close()
     served = {
         w["worker_id"]: w["served"]
         for m in lc.status()["models"]

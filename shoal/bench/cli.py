@@ -32,6 +32,8 @@ Suites (each starts its own gateway and workers as real processes and stops them
   64 in flight and p50 one at a time (needs ``shoal[grpc]``).
 * ``overload``   one worker past its capacity, open-loop, requests with deadlines: good answers, the
   admitted p99, how fast the rest are refused; priorities; model time on answers nobody read.
+* ``request-cpu`` gateway and worker CPU time per request (echo, small JSON, 16 connections); with
+  ``--baseline DIR`` alternating with another source tree's, to measure a change to the request path.
 * ``edge``       the device client's placement policies (local, remote, fastest, cascade, split) on
   emulated Wi-Fi, LTE and outage links, in network namespaces it creates (root; run only when named).
 """
@@ -70,6 +72,7 @@ SUITES = (
     "gateways",
     "grpc",
     "overload",
+    "request-cpu",
     "edge",
 )
 # Suites run only when named: they need root (network namespaces) and take long.
@@ -92,6 +95,7 @@ MODULES = {
     "gateways": "shoal.bench.gateways",
     "grpc": "shoal.bench.grpc_bench",
     "overload": "shoal.bench.overload",
+    "request-cpu": "shoal.bench.request_cpu",
     "edge": "shoal.bench.edge",
 }
 
@@ -115,8 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--baseline",
         default=None,
         metavar="DIR",
-        help="central and client suites: also run the central (client) of this shoal source tree (e.g. a "
-        "git worktree of an older commit), alternating with this one",
+        help="central, client and request-cpu suites: also run the central (client; gateway and worker) "
+        "of this shoal source tree (e.g. a git worktree of an older commit), alternating with this one",
     )
     p.add_argument("--edge-seconds", type=float, default=60.0, help="edge: seconds per link profile")
     p.add_argument("--edge-out", default=None, help="edge: folder for results.json and the plots")

@@ -525,7 +525,9 @@ def classified(req: InferRequest, spec: ModelInterface, outputs: dict[str, np.nd
     if not counts:
         return outputs
     try:
-        return classify(outputs, counts, spec.max_batch_size > 0, spec.labels)
+        # Per row when the model batches (Triton's rule); a pipeline's outputs per row too (one per
+        # fanned-out crop, say), though it does not batch as a whole.
+        return classify(outputs, counts, spec.max_batch_size > 0 or spec.runtime == "pipeline", spec.labels)
     except ClassificationError as e:
         raise ProtocolError(str(e)) from None
 

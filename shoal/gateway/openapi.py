@@ -51,6 +51,7 @@ class Operation:
     # Statuses answered with a document other than ``{"error": ...}`` (a readiness probe's 503).
     other: dict[int, Any] = field(default_factory=dict)
     binary: bool = False  # also answers with the binary tensor extension
+    query: dict[str, dict[str, Any]] = field(default_factory=dict)  # query parameters' JSON Schemas
 
 
 def _versioned(path: str) -> list[str]:
@@ -152,7 +153,7 @@ def operations(results: bool) -> list[Operation]:
     if results:
         ops += [
             Operation("GET", "/v2/results", "stored requests, newest first (--store-results)", "results",
-                      dict[str, Any], errors=(400,)),
+                      list[dict[str, Any]], errors=(400,), query=_RESULTS_QUERY),
             Operation("GET", "/v2/results/{id}", "one stored request", "result", dict[str, Any], errors=(404,)),
             Operation("GET", "/v2/results/{id}/inputs/{name}", "a stored input (.npy, or the raw image)", "result",
                       media_type=BINARY, errors=(404,)),
@@ -160,6 +161,20 @@ def operations(results: bool) -> list[Operation]:
                       media_type=BINARY, errors=(404,)),
         ]
     return ops
+
+
+_TIME = {"type": "string", "description": "unix seconds or ISO 8601 (UTC unless it says)"}
+_RESULTS_QUERY: dict[str, dict[str, Any]] = {
+    "model": {"type": "string"},
+    "version": {"type": "string"},
+    "since": _TIME,
+    "until": _TIME,
+    # "null" (the text) reads as absent, as the gateway reads it.
+    "status": {"type": ["integer", "null"], "description": "the HTTP status answered"},
+    "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    "before": {"type": ["integer", "null"], "description": "the next page: results stored before this row"},
+    "request_id": {"type": "string"},
+}
 
 
 def _path_parameters(path: str) -> list[dict[str, Any]]:
@@ -202,6 +217,7 @@ def _operation(op: Operation, schema: Any) -> dict[str, Any]:
     for code, typ in op.other.items():
         doc["responses"][str(code)] = {"description": _ERRORS.get(code, ""), "content": {JSON: {"schema": schema(typ)}}}
     params = _path_parameters(op.path)
+    params += [{"name": n, "in": "query", "required": False, "schema": sch} for n, sch in op.query.items()]
     if params:
         doc["parameters"] = params
     return doc
