@@ -196,7 +196,7 @@ def test_requests_that_do_not_say_their_deadline_are_admitted_against_the_client
     w = Worker("w", 1)
     d, pool = setup([w])
     pool.per_request_s = 0.1
-    for i in range(8):  # clients that gave up after about 300 ms
+    for _ in range(8):  # clients that gave up after about 300 ms
         pool.patience.left(0.3, 0.0)
     d.submit(pool, req(loop, pool, 1, deadline=30.0), 0.0)  # sent at once
     d.submit(pool, req(loop, pool, 2, deadline=30.0), 0.0)  # 0.2 s <= 0.8 x 0.3 s: queued
