@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.bench.loadgen import LoadGenerator, http_request
-from shoal.bench.process import cpu_seconds
+from shoal.bench.process import cpu_seconds, percentiles
 from shoal.local import LocalCluster
 
 CONNECTIONS = 16
@@ -46,6 +46,7 @@ def measure(workdir: Path, requests: int, source: Path | None = None) -> dict[st
             "gateway_us": (g1 - g0) / ok * 1e6,
             "worker_us": (w1 - w0) / ok * 1e6,
             "rps": ok / max(1e-9, r.ended - r.started) if r.ended else 0.0,
+            "p99_ms": percentiles(r.latencies_s)[1] if r.latencies_s else 0.0,
         }
     finally:
         lc.stop()
@@ -72,6 +73,8 @@ def request_cpu(workdir: Path, args: Namespace) -> dict[str, Any]:
         out[f"{name}: worker CPU us/request, median (runs)"] = (
             f"{statistics.median(w):.1f} ({' / '.join(f'{x:.0f}' for x in w)})"
         )
+        rps, p99 = [r["rps"] for r in rs], [r["p99_ms"] for r in rs]
+        out[f"{name}: requests/s and p99 ms, medians"] = f"{statistics.median(rps):.0f} / {statistics.median(p99):.1f}"
     out["requests per run"] = requests
     out.update(stats_cost())
     return out
