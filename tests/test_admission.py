@@ -25,9 +25,13 @@ class Worker:
         self.accepting = True
         self.max_frame_size = 1 << 26
         self.sent: list[int] = []
+        self.cancels: list[int] = []
 
     def send_request(self, p: Pending) -> None:
         self.sent.append(p.id)
+
+    def cancel(self, rid: int) -> None:
+        self.cancels.append(rid)
 
 
 @pytest.fixture
@@ -152,9 +156,10 @@ def test_a_cancelled_request_leaves_the_queue_and_never_runs(loop):
     ps[1].future.cancel()
     d.cancel(ps[1], 0.0)
     assert [p.id for p in pool.queue] == [3] and pool.cancelled == 1
-    ps[0].future.cancel()  # running: it completes, and its answer is dropped
+    ps[0].future.cancel()  # held by the worker: it is told, and drops it unless it is running
     d.cancel(ps[0], 0.0)
-    d.on_result(w, 1, "r", 5.0, 1, 0.1)
+    assert w.cancels == [1]
+    d.on_result(w, 1, "r", 5.0, 1, 0.1)  # it was running: its answer is dropped
     assert w.sent == [1, 3] and pool.unread_ms == pytest.approx(5.0)
 
 

@@ -22,9 +22,13 @@ class FakeWorker:
         self.accepting = True
         self.max_frame_size = 1 << 26
         self.sent: list[int] = []
+        self.cancels: list[int] = []
 
     def send_request(self, p: Pending) -> None:
         self.sent.append(p.id)
+
+    def cancel(self, rid: int) -> None:
+        self.cancels.append(rid)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from shoal.protocol.link import (
     CLOSE,
     LOGIN_MAX_FRAME,
     TRANSITIONS,
+    Cancel,
     Challenge,
     Drain,
     Error,
@@ -181,8 +182,8 @@ JOINED_ONLY = {T.REQUESTS, T.RESULTS}
 # that did not negotiate ``joined`` has neither REQUESTS nor RESULTS.
 SENDS: dict[tuple[Role, State], dict[MsgType, State]] = {
     (G, HS): {T.CHALLENGE: HS, T.WELCOME: RD, T.REFUSE: CL},
-    (G, RD): {T.REQUEST: RD, T.REQUESTS: RD, T.PING: RD, T.PEERS: RD, T.DRAIN: DR, T.GOODBYE: CL},
-    (G, DR): {T.PING: DR, T.PEERS: DR, T.DRAIN: DR, T.GOODBYE: CL},
+    (G, RD): {T.REQUEST: RD, T.REQUESTS: RD, T.PING: RD, T.PEERS: RD, T.CANCEL: RD, T.DRAIN: DR, T.GOODBYE: CL},
+    (G, DR): {T.PING: DR, T.PEERS: DR, T.CANCEL: DR, T.DRAIN: DR, T.GOODBYE: CL},
     (G, CL): {},
     (G, ER): {T.REFUSE: ER, T.GOODBYE: ER},  # the last word before closing
     (W, HS): {T.HELLO: HS},
@@ -200,8 +201,10 @@ RECEIVES: dict[tuple[Role, State], dict[MsgType, State]] = {
     (G, CL): {},
     (G, ER): {},
     (W, HS): {T.CHALLENGE: HS, T.WELCOME: RD, T.REFUSE: CL},
-    (W, RD): {T.REQUEST: RD, T.REQUESTS: RD, T.PING: RD, T.PEERS: RD, T.DRAIN: DR, T.GOODBYE: CL},
-    (W, DR): {T.REQUEST: DR, T.REQUESTS: DR, T.PING: DR, T.PEERS: DR, T.DRAIN: DR, T.GOODBYE: CL},  # sent before DRAIN was read
+    (W, RD): {T.REQUEST: RD, T.REQUESTS: RD, T.PING: RD, T.PEERS: RD, T.CANCEL: RD, T.DRAIN: DR, T.GOODBYE: CL},
+    (W, DR): {  # REQUEST(S): sent before DRAIN was read
+        T.REQUEST: DR, T.REQUESTS: DR, T.PING: DR, T.PEERS: DR, T.CANCEL: DR, T.DRAIN: DR, T.GOODBYE: CL
+    },
     (W, CL): {},
     (W, ER): {},
 }
@@ -224,6 +227,7 @@ def sample(t: MsgType, joined: bool = True):
         T.REQUESTS: Requests([1, 2], [1, 1], []),
         T.RESULTS: Results([1, 2], [1, 1], []),
         T.PEERS: Peers(["127.0.0.1:8003"]),
+        T.CANCEL: Cancel([1]),
     }[t]
 
 

@@ -104,16 +104,19 @@ def test_a_request_whose_client_left_never_runs_unless_it_had_started(slow):
     wait_for(lambda: slow_pool(slow)["in_flight"] == 2, "the second request never reached the worker")
     queued = _send_raw(slow.http_port, slow.api_key, body(0.5))
     wait_for(lambda: slow_pool(slow)["queue"] == 1, "the third request was not queued")
-    queued.close()  # gone before it ran: taken out of the queue
+    after = _send_raw(slow.http_port, slow.api_key, body(0.5))  # a client that stays
+    wait_for(lambda: slow_pool(slow)["queue"] == 2, "the fourth request was not queued")
+    queued.close()  # gone before it ran: taken out of the gateway's queue
+    held.close()  # gone while the worker held it, before it ran: the worker drops it
     running.close()  # gone while it ran: it completes, its answer is dropped
-    wait_for(lambda: slow_pool(slow)["cancelled"] == 2, "the gateway did not see both clients leave")
-    assert slow_pool(slow)["queue"] == 0
-    answer = held.makefile("rb").readline()
+    wait_for(lambda: slow_pool(slow)["cancelled"] == 3, "the gateway did not see the clients leave")
+    answer = after.makefile("rb").readline()  # it runs next, after the running one
     assert answer.startswith(b"HTTP/1.1 200"), answer
-    held.close()
+    after.close()
     m = wait_for(lambda: (p := slow_pool(slow))["in_flight"] == 0 and p, "the worker never finished")
-    # Model time on answers nobody read: the running one's 0.5 s, not the queued one's as well.
+    # Model time on answers nobody read: the running one's 0.5 s, not the held or queued one's.
     assert 450 <= m["unread_ms"] < 1000, m
+    assert m["queue"] == 0
 
 
 def test_a_device_over_its_rate_limit_is_refused_429_and_others_go_on(cluster, model_repo):

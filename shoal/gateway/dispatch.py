@@ -188,7 +188,9 @@ class Dispatcher:
         pool: ModelPool = p.pool
         pool.cancelled += 1
         pool.patience.left(now - p.t_enqueued, now)
-        if self.in_flight.get(p.id) is not p:
+        if self.in_flight.get(p.id) is p:
+            p.worker.cancel(p.id)  # the worker drops it unless it is running
+        else:
             pool.queue.remove(p)
 
     def _again(self, p: Pending, reason: str) -> None:

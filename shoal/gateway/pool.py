@@ -47,6 +47,9 @@ class WorkerHandle(Protocol):
 
     def send_request(self, p: Pending) -> None: ...
 
+    def cancel(self, rid: int) -> None:
+        """A request it holds whose client left: it drops it unless it is running."""
+
     def drain(self) -> None:
         """Ask the worker to drain: it finishes what it holds and leaves."""
 

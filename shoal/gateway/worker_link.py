@@ -32,6 +32,7 @@ from shoal.protocol.frames import (
 from shoal.protocol.interface import ModelInterface
 from shoal.protocol.joined import join_requests, plan_joins, split_results
 from shoal.protocol.link import (
+    Cancel,
     Challenge,
     Drain,
     Error,
@@ -112,6 +113,7 @@ class WorkerConnection(CoalescingProtocol):
         self.join_rows = 0
         self._joinable: list[Pending] = []
         self.shares = False  # it divides its capacity between gateways: LOAD says this one's share
+        self.cancels = False  # it takes CANCEL (its HELLO said so)
         # What the status and the autoscaler read.
         self.load: dict[str, Any] = {}
         self.info: dict[str, Any] = {}
@@ -248,6 +250,7 @@ class WorkerConnection(CoalescingProtocol):
         self.max_frame_size = max_frame
         self.join_rows = h.max_batch_size
         self.shares = h.shares
+        self.cancels = h.cancels
         self.info = {
             "model": h.model,
             "model_version": h.model_version,
@@ -377,6 +380,15 @@ class WorkerConnection(CoalescingProtocol):
         self.load = {f: getattr(m, f) for f in m.__struct_fields__}
         if self.shares and self.pool is not None and self.accepting and m.capacity != self.capacity:
             self.site.dispatcher.worker_capacity(self.pool, self, max(1, min(m.capacity, MAX_CAPACITY)), now)
+
+    def cancel(self, rid: int) -> None:
+        """A request this worker holds whose client left: a worker that takes CANCEL drops it unless
+        it is running (answering ERROR 499, which frees its place here)."""
+        if not self.cancels or self.link.state not in (State.READY, State.DRAINING):
+            return
+        if self._joinable:  # requests handed over before leave before it, joined
+            self._out.extend(self._joined_frames())
+        self.send(self.link.send(Cancel([rid])))
 
     def drain(self) -> None:
         """Ask this worker to leave: nothing new is sent to it from now; it finishes what it holds,

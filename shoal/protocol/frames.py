@@ -61,6 +61,7 @@ class MsgType(IntEnum):
     REQUESTS = 13  # gateway -> worker: several alike requests, their tensors joined (``joined.py``)
     RESULTS = 14  # worker -> gateway: the outputs of one REQUESTS, joined the same way
     PEERS = 15  # gateway -> worker: where every gateway of the cluster takes workers
+    CANCEL = 16  # gateway -> worker: requests whose clients left; drop those not yet running
 
 
 _TYPES = {int(t): t for t in MsgType}  # a dict lookup is several times faster than MsgType(n)

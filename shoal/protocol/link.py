@@ -48,6 +48,7 @@ from shoal.protocol.frames import (
 )
 from shoal.protocol.link_messages import (
     TYPE_OF,
+    Cancel,
     Challenge,
     Drain,
     Error,
@@ -110,6 +111,7 @@ TRANSITIONS: tuple[tuple[State, MsgType | str, tuple[Role, ...], State, str], ..
     (_RD, M.REQUESTS, _G, _RD, "joined"),
     (_RD, M.PING, _G, _RD, ""),
     (_RD, M.PEERS, _G, _RD, ""),
+    (_RD, M.CANCEL, _G, _RD, ""),  # only to a worker whose HELLO said cancels
     (_RD, M.RESULT, _W, _RD, ""),
     (_RD, M.RESULTS, _W, _RD, "joined"),
     (_RD, M.ERROR, _W, _RD, ""),
@@ -122,6 +124,7 @@ TRANSITIONS: tuple[tuple[State, MsgType | str, tuple[Role, ...], State, str], ..
     (_DR, M.REQUESTS, _G, _DR, "joined late"),
     (_DR, M.PING, _G, _DR, ""),
     (_DR, M.PEERS, _G, _DR, ""),
+    (_DR, M.CANCEL, _G, _DR, ""),
     (_DR, M.RESULT, _W, _DR, ""),
     (_DR, M.RESULTS, _W, _DR, "joined"),
     (_DR, M.ERROR, _W, _DR, ""),
@@ -322,6 +325,7 @@ __all__ = [
     "Heartbeat",
     "LOGIN_MAX_FRAME",
     "TRANSITIONS",
+    "Cancel",
     "Challenge",
     "Drain",
     "Error",

@@ -59,6 +59,9 @@ class Hello(msgspec.Struct, frozen=True, omit_defaults=True):
     # This worker links to every gateway of its cluster and divides its capacity between them: the
     # ``capacity`` of its LOAD reports is this gateway's share, which may change.
     shares: bool = False
+    # This worker takes CANCEL: a request not yet running whose client left is dropped (answered
+    # ERROR 499). Gateways that do not know the field never send it.
+    cancels: bool = False
 
     def interface(self) -> ModelInterface:
         """The model version this worker serves, as it announced it."""
@@ -104,6 +107,14 @@ class Peers(msgspec.Struct, frozen=True):
     one that does not know the message ignores it."""
 
     gateways: list[str]
+
+
+class Cancel(msgspec.Struct, frozen=True):
+    """Requests whose clients left: the worker drops those not yet in a running batch, answering
+    each ERROR 499, and runs the others as usual (their answers are dropped at the gateway). Sent
+    only to a worker whose HELLO said ``cancels``."""
+
+    ids: list[int]
 
 
 class Refuse(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -207,6 +218,7 @@ Message = (
     | Requests
     | Results
     | Peers
+    | Cancel
 )
 
 TYPE_OF: dict[type, MsgType] = {
@@ -225,6 +237,7 @@ TYPE_OF: dict[type, MsgType] = {
     Requests: MsgType.REQUESTS,
     Results: MsgType.RESULTS,
     Peers: MsgType.PEERS,
+    Cancel: MsgType.CANCEL,
 }
 DECODERS: dict[MsgType, msgspec.msgpack.Decoder[Any]] = {
     t: msgspec.msgpack.Decoder(c) for c, t in TYPE_OF.items()

@@ -32,6 +32,7 @@ from shoal.worker.batch_policy import ArrivalRate, wait_s
 # A lone request runs on the event loop's thread (``run_now``) only while the model's batches take
 # less than this: heartbeats and reads wait that long at most.
 INLINE_MAX_S = 0.002
+MAX_CANCELLED = 10_000  # (connection, id) pairs of cancelled requests kept for their batch
 
 
 @dataclass(slots=True)
@@ -154,6 +155,8 @@ class InferenceEngine:
         # ever waits on the other for a lock.
         self._submitted = 0
         self._finished = 0
+        # Requests whose clients left, by (connection, id): dropped when their batch is formed.
+        self.cancelled: set[tuple[Any, int]] = set()
         self.batch_s: float | None = None  # recent time of one batch in the model (moving average)
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
@@ -167,6 +170,29 @@ class InferenceEngine:
     @property
     def queued(self) -> int:
         return self._submitted - self._finished
+
+    def cancel(self, conn: Any, ids: list[int]) -> None:
+        """Requests whose clients left (from the event loop's thread): those not yet in a running
+        batch are dropped when their batch is formed, answered 499; the others run as usual."""
+        c = self.cancelled
+        if len(c) + len(ids) > MAX_CANCELLED:  # ids of requests long answered: forget them
+            c.clear()
+        c.update((conn, i) for i in ids)
+
+    def _drop_cancelled(self, batch: list[Item]) -> list[Item]:
+        """The batch without its requests whose clients left (those are answered 499 now)."""
+        c = self.cancelled
+        keep, gone = [], []
+        for it in batch:
+            ids = it.joined[0] if it.joined is not None else [it.id]
+            if all((it.conn, i) in c for i in ids):
+                gone.append(Done(it, error="cancelled: its client left before it ran", status=499))
+                c.difference_update((it.conn, i) for i in ids)
+            else:
+                keep.append(it)
+        if gone:
+            self._finish(gone)
+        return keep
 
     def submit(self, item: Item) -> None:
         self._submitted += 1
@@ -280,9 +306,15 @@ class InferenceEngine:
             if not pending:
                 continue
             batch = take_batch(pending, self.max_rows)
+            if self.cancelled:
+                batch = self._drop_cancelled(batch)
+                if not batch:
+                    continue
             self._running = batch
             done = self._run_batch(batch)
             self._running = []
+            if self.cancelled:  # cancelled while running: forget them
+                self.cancelled.difference_update((it.conn, it.id) for it in batch)
             self._finish(done)
 
     def _fatal(self, e: BaseException, pending: deque[Item]) -> None:

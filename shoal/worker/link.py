@@ -28,6 +28,7 @@ from shoal.modelrepo.manifest import Manifest
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION
 from shoal.protocol.joined import JoinError, check_rows
 from shoal.protocol.link import (
+    Cancel,
     Challenge,
     Drain,
     Error,
@@ -189,6 +190,8 @@ class GatewayLink(CoalescingProtocol):
                 self.say(Pong(msg.t))
             elif isinstance(msg, Peers):
                 self.w.on_peers(self, msg.gateways)
+            elif isinstance(msg, Cancel):
+                self.w.on_cancel(self, msg.ids)
             elif isinstance(msg, Challenge):
                 self.challenged = True
                 self.w.on_challenge(self, msg)
@@ -268,6 +271,7 @@ class Worker:
                 "max_frame_size": self.config.max_frame_size,
                 "joined": True,
                 "shares": True,
+                "cancels": True,
             },
             Hello,
         )
@@ -301,6 +305,11 @@ class Worker:
         if self._admit(link, [r.id]):
             item = Item(r.id, inputs, r.outputs, link, t_received=time.monotonic(), request_id=r.rid)
             self._submit(link, item, alone)
+
+    def on_cancel(self, link: GatewayLink, ids: list[int]) -> None:
+        """Their clients left: the engine drops those it has not started."""
+        if self.engine is not None:
+            self.engine.cancel(link, ids)
 
     def on_requests(self, link: GatewayLink, r: Requests, payload: bytes | memoryview) -> None:
         """Several requests joined in one frame (``protocol/joined.py``): one item of the batch."""
