@@ -368,7 +368,7 @@ class Worker:
     def _answer(self, link: GatewayLink, d: Done, ids: list[int]) -> None:
         if d.error is not None:
             rq = d.item.request_id
-            if d.status != 503:
+            if d.status not in (499, 503):  # not a failure: handed back (503), its client left (499)
                 log.warning(
                     "request %s failed: %s", rq, d.error, extra={"request_id": rq, "status": d.status}
                 )
