@@ -30,6 +30,7 @@ Suites (each starts its own gateway and workers as real processes and stops them
   after the kill, detection); 50 000 idle connections held over four gateway processes.
 * ``grpc``       the gateway's gRPC front against its HTTP binary extension, side by side: requests/s at
   64 in flight and p50 one at a time (needs ``shoal[grpc]``).
+* ``profile``    where each microsecond of a request goes, gateway and worker apart (py-spy; on request)
 * ``overload``   one worker past its capacity, open-loop, requests with deadlines: good answers, the
   admitted p99, how fast the rest are refused; priorities; model time on answers nobody read.
 * ``request-cpu`` gateway and worker CPU time per request (echo, small JSON, 16 connections); with
@@ -72,11 +73,12 @@ SUITES = (
     "gateways",
     "grpc",
     "overload",
+    "profile",
     "request-cpu",
     "edge",
 )
 # Suites run only when named: they need root (network namespaces) and take long.
-ON_REQUEST = ("edge",)
+ON_REQUEST = ("edge", "profile")
 # The module of each suite, by subject.
 MODULES = {
     **dict.fromkeys(
@@ -95,6 +97,7 @@ MODULES = {
     "gateways": "shoal.bench.gateways",
     "grpc": "shoal.bench.grpc_bench",
     "overload": "shoal.bench.overload",
+    "profile": "shoal.bench.profile",
     "request-cpu": "shoal.bench.request_cpu",
     "edge": "shoal.bench.edge",
 }
