@@ -28,13 +28,24 @@ _ERRORS = {
     404: "no such model, version or pipeline (or the model is unloaded)",
     413: "the body, or the tensors it declares, exceed the gateway's limits",
     415: "a Content-Encoding other than zstd or gzip",
+    429: "over this credential's rate limit (--quota): Retry-After and Retry-After-Ms say when to try again",
     500: "the model failed on this request",
     502: "the worker failed, or failed on every retry",
-    503: "not servable now: no live worker yet, the queue full, the model unavailable (see Retry-After)",
+    503: (
+        "not servable now: no live worker yet, the queue full, the model unavailable, or overloaded (its "
+        "answer predicted after the request's deadline; see Retry-After and Retry-After-Ms)"
+    ),
     504: "the request's deadline passed before a worker answered",
 }
 _MODEL_ERRORS = (400, 404, 503)
-_INFER_ERRORS = (400, 404, 413, 415, 500, 502, 503, 504)
+_INFER_ERRORS = (400, 404, 413, 415, 429, 500, 502, 503, 504)
+# Request headers of inference besides the protocol's own (docs/protocol.md).
+_INFER_HEADERS = {
+    "X-Request-Id": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[ -~]+$"},
+    "X-Request-Timeout-Ms": {"type": "string", "pattern": "^[0-9]{1,10}$"},
+    "X-Request-Priority": {"type": "string", "pattern": "^[0-9]{1,5}$"},
+    "traceparent": {"type": "string"},
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class Operation:
     other: dict[int, Any] = field(default_factory=dict)
     binary: bool = False  # also answers with the binary tensor extension
     query: dict[str, dict[str, Any]] = field(default_factory=dict)  # query parameters' JSON Schemas
+    headers: dict[str, dict[str, Any]] = field(default_factory=dict)  # request headers' JSON Schemas
 
 
 def _versioned(path: str) -> list[str]:
@@ -108,6 +120,7 @@ def operations(results: bool) -> list[Operation]:
                 body=d.InferRequest,
                 errors=_INFER_ERRORS,
                 binary=True,
+                headers=_INFER_HEADERS,
             )
         )
     for path in _versioned("/v2/models/{model}/stats"):
@@ -218,6 +231,7 @@ def _operation(op: Operation, schema: Any) -> dict[str, Any]:
         doc["responses"][str(code)] = {"description": _ERRORS.get(code, ""), "content": {JSON: {"schema": schema(typ)}}}
     params = _path_parameters(op.path)
     params += [{"name": n, "in": "query", "required": False, "schema": sch} for n, sch in op.query.items()]
+    params += [{"name": n, "in": "header", "required": False, "schema": sch} for n, sch in op.headers.items()]
     if params:
         doc["parameters"] = params
     return doc
