@@ -187,3 +187,22 @@ def test_a_grpc_call_that_cannot_be_answered_in_time_is_refused_with_when_to_try
     assert int(dict(e.value.trailing_metadata())["retry-after-ms"]) >= 1
     for s in running:
         s.close()
+
+
+def test_a_request_that_cannot_be_answered_in_time_is_refused_before_its_body_is_read(slow):
+    warm = httpx.post(
+        f"{slow.url}/v2/models/slow/infer", content=body(0.5), headers={"Authorization": f"Bearer {slow.api_key}"}
+    )
+    assert warm.status_code == 200  # the gateway learns the model's time
+    running = [_send_raw(slow.http_port, slow.api_key, body(0.5)) for _ in range(2)]
+    wait_for(lambda: slow_pool(slow)["in_flight"] == 2, "the worker does not hold two requests")
+    s = socket.create_connection(("127.0.0.1", slow.http_port))
+    head = (
+        f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {slow.api_key}\r\n"
+        "X-Request-Timeout-Ms: 100\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    s.sendall(head.encode())  # the head only: a megabyte announced, none sent
+    answer = s.makefile("rb").readline()
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    for c in (s, *running):
+        c.close()

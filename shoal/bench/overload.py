@@ -170,11 +170,14 @@ def _ms(samples: list[float]) -> str:
     return f"{p50:.1f} / {p99:.1f}"
 
 
-def _step(lc: LocalCluster, cap: float, factor: float, seconds: float, deadline_ms: int) -> dict[str, Any]:
+def _step(
+    lc: LocalCluster, cap: float, factor: float, seconds: float, deadline_ms: int, phases: list
+) -> dict[str, Any]:
     req = _request(lc.http_port, lc.api_key, {"X-Request-Timeout-Ms": str(deadline_ms)})
     loop = OpenLoop(lc.http_port, {False: req}, deadline_ms / 1000.0 + 2.0)
     before = _model(lc)
     out = asyncio.run(loop.run(cap * factor, seconds))
+    phases.append((f"{factor} C", out))
     ok = [o.latency_s for o in out if o.status == 200]
     refused = [o.latency_s for o in out if o.status == 503]
     p99_ms = percentiles(ok)[1] if ok else 0.0
@@ -211,7 +214,7 @@ def _unread(lc: LocalCluster, before: dict[str, Any]) -> str:
     return f"{unread_s:.2f} s of {model_s:.2f} s ({unread_s / max(1e-9, model_s):.1%})"
 
 
-def _priorities(lc: LocalCluster, cap: float, seconds: float) -> dict[str, Any]:
+def _priorities(lc: LocalCluster, cap: float, seconds: float, phases: list) -> dict[str, Any]:
     reqs = {
         high: _request(lc.http_port, lc.api_key, {"X-Request-Timeout-Ms": "2000", "X-Request-Priority": str(1 if high else 2)})
         for high in (False, True)
@@ -219,6 +222,7 @@ def _priorities(lc: LocalCluster, cap: float, seconds: float) -> dict[str, Any]:
     loop = OpenLoop(lc.http_port, reqs, 4.0)
     quiet = asyncio.run(loop.run(cap * 0.3, seconds, high_share=1.0))
     busy = asyncio.run(loop.run(cap * 1.5, seconds, high_share=0.1))
+    phases.append(("1.5 C, 1 in 10 high", busy))
     q = [o.latency_s for o in quiet if o.status == 200]
     hi = [o.latency_s for o in busy if o.high and o.status == 200]
     lo = [o.latency_s for o in busy if not o.high and o.status == 200]
@@ -275,9 +279,11 @@ def overload(workdir: Path, args: Namespace) -> dict[str, Any]:
         try:
             cap = asyncio.run(_capacity(lc, seconds))
             result["capacity C, answers/s (closed loop, 32 in flight)"] = round(cap)
+            phases: list[tuple[str, list[Outcome]]] = []
             for factor in (1.2, 2.0):
-                result[f"{factor} C, 500 ms deadline"] = _step(lc, cap, factor, seconds, 500)
-            result["priorities"] = _priorities(lc, cap, seconds)
+                result[f"{factor} C, 500 ms deadline"] = _step(lc, cap, factor, seconds, 500, phases)
+            result["priorities"] = _priorities(lc, cap, seconds, phases)
+            result["timeline plot"] = str(_plot(phases, cap, workdir / "overload.png"))
             result["clients giving up after 300 ms, not told"] = _giving_up(lc, cap, seconds)
         finally:
             unpin_self()
@@ -290,3 +296,46 @@ def overload(workdir: Path, args: Namespace) -> dict[str, Any]:
         finally:
             unpin_self()
     return result
+
+
+def _plot(phases: list[tuple[str, list[Outcome]]], cap: float, path: Path) -> Path:
+    """Each phase side by side: answers and refusals a second against the capacity, and each answered
+    request's latency (high priority apart)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(phases), figsize=(4.2 * len(phases), 6), sharey="row", squeeze=False)
+    for k, (name, out) in enumerate(phases):
+        t0 = min(o.sent_at for o in out)
+        end = max(o.sent_at + o.latency_s for o in out) - t0
+        bins = np.arange(0.0, end + 0.5, 0.5)
+        rate = axes[0][k]
+        for status, label, colour in ((200, "answered", "tab:green"), (503, "refused at once", "tab:orange")):
+            ts = [o.sent_at - t0 + o.latency_s for o in out if o.status == status]
+            counts, _ = np.histogram(ts, bins)
+            rate.plot(bins[:-1], counts / 0.5, label=label, color=colour)
+        gone = [o.sent_at - t0 for o in out if o.status not in (200, 503)]
+        if gone:
+            counts, _ = np.histogram(gone, bins)
+            rate.plot(bins[:-1], counts / 0.5, label="time-outs, errors", color="tab:red")
+        rate.axhline(cap, color="grey", linestyle="--", label="capacity C")
+        rate.set_title(name)
+        rate.set_xlabel("s")
+        lat = axes[1][k]
+        for high, label, colour in ((False, "answered", "tab:green"), (True, "high priority", "tab:purple")):
+            pts = [(o.sent_at - t0, o.latency_s * 1e3) for o in out if o.status == 200 and o.high == high]
+            if pts:
+                x, y = zip(*pts, strict=True)
+                lat.scatter(x, y, s=2, color=colour, label=label)
+        lat.set_xlabel("sent at, s")
+    axes[0][0].set_ylabel("per second")
+    axes[1][0].set_ylabel("latency of answered requests, ms")
+    axes[0][0].legend(fontsize=7)
+    axes[1][-1].legend(fontsize=7)
+    fig.suptitle("One worker past its capacity: what is answered, what is refused at once")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -72,7 +72,7 @@ class Dispatcher:
                 return
         if not pool.workers and pool.on_wait is not None:
             pool.on_wait()  # a sleeping model: tell whoever can wake it, now
-        self._refuse_if_late(pool, p, now)
+        self.refuse_if_late(pool, p.level, p.deadline, p.told, now)
         if len(pool.queue) >= pool.max_queue:
             bumped = pool.queue.pop_lower(p.level)  # the newest of a lower level gives its place
             if bumped is None:
@@ -84,16 +84,20 @@ class Dispatcher:
         pool.queue.append(p)
 
     @staticmethod
-    def _refuse_if_late(pool: ModelPool, p: Pending, now: float) -> None:
-        """``RequestFailed`` (503, with when to try again) for a request whose answer is predicted
-        after its deadline, or, when its client did not say its deadline, after the time the
-        model's clients wait before they give up."""
-        wait = pool.predicted_wait_s(p.level)
+    def refuse_if_late(pool: ModelPool, level: int, deadline: float, told: bool, now: float) -> None:
+        """``RequestFailed`` (503, with when to try again) for a request of ``level`` whose answer is
+        predicted after its deadline, or, when its client did not say its deadline (``told``), after
+        the time the model's clients wait before they give up. (Before its body is read, the HTTP
+        front asks this at level 0, the most favourable: a request refused then would be whatever
+        priority its body names.)"""
+        if not pool.queue and any(w.accepting and w.in_flight < w.capacity for w in pool.workers):
+            return  # a worker has room: it is sent at once
+        wait = pool.predicted_wait_s(level)
         if wait is None:
             return
-        left = max(0.0, p.deadline - now)
+        left = max(0.0, deadline - now)
         what = "the request's deadline"
-        if not p.told and (patience := pool.patience.seconds(now)) is not None and patience < left:
+        if not told and (patience := pool.patience.seconds(now)) is not None and patience < left:
             left, what = patience, "the time its clients wait before they give up"
         if wait <= ADMIT_SHARE * left:
             return

@@ -269,6 +269,12 @@ class HttpApp:
         if self.quotas is not None:
             self.charge(who, t0)
         target = self.service.target(route.model, route.version)
+        raw_ms = headers.get(TIMEOUT_HEADER)
+        if raw_ms is not None and target.pool is not None:  # overloaded: refused before its body is read
+            ms = header_number(raw_ms, "X-Request-Timeout-Ms", 1 << 31)
+            if ms > 0:
+                budget = min(self.limits.request_timeout_s, ms / 1000.0)
+                self.service.dispatcher.refuse_if_late(target.pool, 0, t0 + budget, True, t0)
         body = await self._read_body(headers, receive)
         enc, hl = headers.get(b"content-encoding"), _header_length(headers)
         if enc is None and (len(body) if hl is None else hl) <= BIG_JSON:  # decoded here: most are small

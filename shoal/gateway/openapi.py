@@ -40,7 +40,7 @@ _ERRORS = {
 _MODEL_ERRORS = (400, 404, 503)
 _INFER_ERRORS = (400, 404, 413, 415, 429, 500, 502, 503, 504)
 # Request headers of inference besides the protocol's own (docs/protocol.md).
-_INFER_HEADERS = {
+_INFER_HEADERS: dict[str, dict[str, Any]] = {
     "X-Request-Id": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[ -~]+$"},
     "X-Request-Timeout-Ms": {"type": "string", "pattern": "^[0-9]{1,10}$"},
     "X-Request-Priority": {"type": "string", "pattern": "^[0-9]{1,5}$"},
