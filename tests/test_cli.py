@@ -139,6 +139,8 @@ def test_tour_commands_say_what_to_do(tmp_path):
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args([]).suites == [] and list(SUITES)
+    # PostgreSQL only when asked for; --quick exists.
+    assert p.parse_args([]).central_pg is None and p.parse_args(["--quick"]).quick
     # `shoal certs` without the TLS extra names the extra instead of a traceback.
     code = "import sys; sys.modules['cryptography'] = None; from shoal.cli import main; sys.exit(main(['certs', '--out', 'x']))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
