@@ -139,6 +139,8 @@ def test_tour_commands_say_what_to_do(tmp_path):
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert p.parse_args([]).suites == [] and list(SUITES)
+    # PostgreSQL only when asked for; --quick exists.
+    assert p.parse_args([]).central_pg is None and p.parse_args(["--quick"]).quick
     # `shoal certs` without the TLS extra names the extra instead of a traceback.
     code = "import sys; sys.modules['cryptography'] = None; from shoal.cli import main; sys.exit(main(['certs', '--out', 'x']))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -199,3 +201,19 @@ def test_every_subcommand_and_training_family_has_an_example():
     for fam in FAMILIES.values():
         text = family_parser(fam).format_help()
         assert "example:" in text and f"shoal train {fam.name}" in text.split("example:")[1], fam.name
+
+
+def test_a_training_family_prints_its_help_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from shoal.cli import main\n"
+        "sys.exit(main(['train', 'feedforward', '--help']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--hidden" in r.stdout and "shoal train feedforward --data cars" in r.stdout.split("example:")[1]
+    assert "shoal[train]" in r.stdout
+    # Running it says what to install, in one line.
+    code = code.replace("'--help'", "'--epochs', '1'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "pip install 'shoal[train]'" in r.stderr and "Traceback" not in r.stderr

@@ -157,6 +157,7 @@ def test_demo_bench_certs_devices_mistakes(tmp_path):
     said(shoal("certs", "--out", str(tmp_path / "file" / "pki")), "Not a directory")
     said(shoal("certs", "--out", "pki", without=("cryptography",)), "pip install 'shoal[tls]'")
     said(shoal("devices", "--bogus"), "shoal devices: error")
+    said(shoal("lab", "--run", "999", "--out", str(tmp_path / "lab")))  # root: the range; else: root needed
 
 
 # ------------------------------------------------------------------------------------ training

@@ -286,10 +286,17 @@ def on_ray(workdir: Path) -> dict[str, Any]:
 
 
 def autoscale(workdir: Path, args: Namespace) -> dict[str, Any]:
+    from shoal.bench.process import progress
+
     res: dict[str, Any] = {"engine": "local"}
-    res.update(step(workdir / "step"))
-    res.update(wake(workdir / "wake"))
-    res.update(cycles(workdir / "cycles"))
-    res.update(day(workdir / "day"))
-    res.update(on_ray(workdir / "ray"))
+    parts = (
+        ("step", "a load step to a new worker serving", step),
+        ("wake", "a model woken from zero", wake),
+        ("cycles", "20+ scale events, requests lost", cycles),
+        ("day", "a day-shaped trace against a static fleet", day),
+        ("ray", "the step and the wake-up on the ray engine", on_ray),
+    )
+    for i, (name, what, part) in enumerate(parts, 1):
+        progress(f"autoscale {i}/{len(parts)}: {what}")
+        res.update(part(workdir / name))
     return res

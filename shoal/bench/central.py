@@ -213,9 +213,15 @@ def app_cost(source: Path | None = None) -> dict[str, float]:
 
 
 def central(workdir: Path, args: Any) -> dict[str, Any]:
-    """Routes answered per second by one central on SQLite, and on PostgreSQL when one is reachable;
-    with ``--baseline DIR``, against the central of that source tree in alternating runs."""
+    """Routes answered per second by one central on SQLite, and on PostgreSQL when asked
+    (``--central-pg URL``: a database is created on that server and dropped after); with
+    ``--baseline DIR``, against the central of that source tree in alternating runs."""
+    from shoal.database import redact
+
     baseline = Path(args.baseline).resolve() if getattr(args, "baseline", None) else None
+    pg = getattr(args, "central_pg", None)
+    if pg:
+        print(f"  central: PostgreSQL at {redact(pg)}: creating a database shoal_bench_* there, dropped after", flush=True)
     duration = min(args.seconds, 5.0)
     out: dict[str, Any] = {}
     for _ in range(2):  # the application alone, alternating with the baseline's
@@ -227,17 +233,20 @@ def central(workdir: Path, args: Any) -> dict[str, Any]:
                     )
                     key = f"{what}, {name} (2 runs)"
                     out[key] = f"{out[key]} / {us:.0f}" if key in out else f"{us:.0f}"
-    for db in ("sqlite", "postgresql"):
+    if not pg:
+        out["postgresql"] = "not run (--central-pg postgresql://USER@HOST:PORT/DB to run it there)"
+    for db in ("sqlite", "postgresql") if pg else ("sqlite",):
+        kw = {"pg_admin_url": pg} if db == "postgresql" else {}
         try:
             if baseline is None:
-                r = route_benchmark(db, duration_s=duration)
+                r = route_benchmark(db, duration_s=duration, **kw)
                 for kind in ("basic", "session"):
                     out[f"{db}, {kind} credentials"] = r[kind]
                 continue
             runs: dict[str, list[dict[str, Any]]] = {"this": [], "baseline": []}
             for _ in range(2):  # alternating, so a change in the machine's load touches both alike
-                runs["this"].append(route_benchmark(db, duration_s=duration))
-                runs["baseline"].append(route_benchmark(db, duration_s=duration, source=baseline))
+                runs["this"].append(route_benchmark(db, duration_s=duration, **kw))
+                runs["baseline"].append(route_benchmark(db, duration_s=duration, source=baseline, **kw))
         except (OSError, RuntimeError) as e:
             out[db] = f"skipped: {e}"
             continue
@@ -258,9 +267,10 @@ def central(workdir: Path, args: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Routes per second of one central on SQLite and PostgreSQL.")
     p.add_argument(
-        "--pg", default=DEFAULT_PG, help="PostgreSQL admin URL (a database is created and dropped)"
+        "--pg",
+        default=None,
+        help=f"also PostgreSQL: an admin URL such as {DEFAULT_PG} (a database is created there and dropped)",
     )
-    p.add_argument("--no-pg", action="store_true", help="SQLite only")
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--source", default=None, help="run the central of this shoal source tree")
@@ -268,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args.source).resolve() if args.source else None
     kw = {"duration_s": args.duration, "connections": args.connections, "source": source}
     out = [route_benchmark("sqlite", **kw)]
-    if not args.no_pg:
+    if args.pg:
         out.append(route_benchmark("postgresql", args.pg, **kw))
     for r in out:
         print(json.dumps(r))

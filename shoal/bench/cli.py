@@ -12,7 +12,7 @@ Suites (each starts its own gateway and workers as real processes and stops them
 * ``pipeline``   the read-digits pipeline: accuracy on generated multi-digit images, latency.
 * ``reroute``    how fast a device is re-routed when its cluster dies.
 * ``client``     the device client's CPU time per request and its p50, direct and routed through central.
-* ``central``    routes answered per second by one central (SQLite, and PostgreSQL when available);
+* ``central``    routes answered per second by one central (SQLite; PostgreSQL too with ``--central-pg URL``);
   with ``--baseline DIR``, against another source tree's central in alternating runs.
 * ``http-stacks`` the same tiny endpoint on raw ASGI, Starlette and aiohttp: why the gateway is raw ASGI.
 * ``soak``       memory of a gateway and a worker over a long run with workers killed and replaced.
@@ -46,7 +46,8 @@ import sys
 
 HELP = "Measure the serving path: latency, throughput, worker link, dynamic batching, transfer."
 EXAMPLE = """
-shoal bench                       # every suite, about ten minutes
+shoal bench --quick               # about a minute: the serving path's suites, short runs
+shoal bench                       # every suite but edge, about ten minutes (progress lines as it goes)
 shoal bench latency throughput --json results.json
 git worktree add /tmp/before HEAD~5 && shoal bench central --baseline /tmp/before
 sudo shoal bench edge --edge-out runs/edge     # placement policies on emulated links, ~6 min
@@ -77,8 +78,10 @@ SUITES = (
     "request-cpu",
     "edge",
 )
-# Suites run only when named: they need root (network namespaces) and take long.
+# Suites run only when named: edge needs root (network namespaces) and takes long; profile needs py-spy.
 ON_REQUEST = ("edge", "profile")
+# shoal bench --quick: the serving path's suites, short runs (about a minute in all).
+QUICK = ("latency", "throughput", "link", "batching", "transfer", "startup")
 # The module of each suite, by subject.
 MODULES = {
     **dict.fromkeys(
@@ -136,6 +139,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--edge-profiles", nargs="+", default=None, help="edge: link profiles to run (default: all)"
     )
     p.add_argument("--edge-policies", nargs="+", default=None, help="edge: policies to run (default: all)")
+    p.add_argument(
+        "--central-pg",
+        default=None,
+        metavar="URL",
+        help="central: also on this PostgreSQL server (an admin URL, e.g. postgresql://postgres@127.0.0.1:5432/"
+        "postgres): a database is created there and dropped after (default: SQLite only)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"about a minute: {', '.join(QUICK)} (unless suites are named), with --seconds 2, "
+        "--hold 1000 and shorter soak and pipeline runs",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--workdir", default=None, help="folder for process logs")
 
@@ -145,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import platform
     import tempfile
+    import time
     from pathlib import Path
 
     unknown = [s for s in args.suites if s not in SUITES]
@@ -155,6 +172,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-bench-"))
     chosen = args.suites or [s for s in SUITES if s not in ON_REQUEST]
+    if args.quick:
+        chosen = args.suites or list(QUICK)
+        args.seconds = min(args.seconds, 2.0)
+        args.hold = min(args.hold, 1000)
+        args.gateway_hold = min(args.gateway_hold, 2000)
+        args.soak_seconds = min(args.soak_seconds, 20.0)
+        args.pipeline_images = min(args.pipeline_images, 50)
     results: dict[str, object] = {
         "machine": {
             "cpus": _cpus(),
@@ -164,12 +188,15 @@ def run(args: argparse.Namespace) -> int:
     }
     # Every chosen suite's module first: one that cannot run says so before any suite starts.
     modules = {name: importlib.import_module(MODULES[name]) for name in chosen}
-    for name in chosen:
-        print(f"== {name}", flush=True)
+    began = time.monotonic()
+    for i, name in enumerate(chosen, 1):
+        print(f"== {name} ({i} of {len(chosen)}, {time.monotonic() - began:.0f} s in)", flush=True)
+        t0 = time.monotonic()
         res = getattr(modules[name], name.replace("-", "_"))(workdir / name, args)
         results[name] = res
         for k, v in res.items():
             print(f"  {k:<36} {v}")
+        print(f"  ({name}: {time.monotonic() - t0:.0f} s)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -12,6 +12,13 @@ CPU_SERVER = 0  # the core the measured server side is pinned to, where pinning 
 CPU_CLIENT = 1
 
 
+def progress(message: str) -> None:
+    """A progress line inside a long suite (the results come at its end)."""
+    import time
+
+    print(f"  .. {time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
 def pin_self(cpu: int) -> None:
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
         os.sched_setaffinity(0, {cpu})

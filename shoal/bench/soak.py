@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from shoal.bench.process import rss_kb
+from shoal.bench.process import progress, rss_kb
 from shoal.bench.serving import infer_request, run_load
 from shoal.local import LocalCluster
 
@@ -43,8 +43,15 @@ def soak(workdir: Path, args: Namespace) -> dict[str, Any]:
 
         def sample() -> None:
             t0 = time.monotonic()
+            said = 0.0
             while not stop.wait(2.0):
                 samples.append((time.monotonic() - t0, rss_kb(lc.gateway.pid), rss_kb(keeper.pid)))
+                if samples[-1][0] - said >= 30.0:  # a line every 30 s of a run of minutes
+                    said = samples[-1][0]
+                    progress(
+                        f"soak {said:.0f}/{total_s:.0f} s: {kills[0]} workers replaced, gateway RSS "
+                        f"{samples[-1][1] / 1024:.1f} MB, worker {samples[-1][2] / 1024:.1f} MB"
+                    )
 
         threads = [threading.Thread(target=churn, daemon=True), threading.Thread(target=sample, daemon=True)]
         for t in threads:

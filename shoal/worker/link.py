@@ -124,6 +124,7 @@ class Target:
     task: asyncio.Task | None = None
     link: GatewayLink | None = None  # logged in
     failures: int = 0  # failed dials in a row
+    linked_before: bool = False  # a link to it was up once (a retry is then a reconnect)
     refused: str = ""  # refused for good (a wrong secret): not dialled again
     same_as: str = ""  # the gateway id it reached, already linked through another address
 
@@ -585,7 +586,10 @@ class Worker:
                     d = max(d, e.retry_after_s)
                 if t.failures == 0:  # expected (a worker started before its gateway, a restart): once
                     log.info(
-                        "gateway %s not reachable yet (%s); retrying until it is", t.address, error_text(e)
+                        "gateway %s %s (%s); retrying until it is",
+                        t.address,
+                        "not reachable" if t.linked_before else "not reachable yet",
+                        error_text(e),
                     )
                 elif t.failures % 20 == 0:  # no longer expected: half a minute or more of trying
                     log.warning(
@@ -602,6 +606,7 @@ class Worker:
                     pass
                 continue
             t.failures = 0
+            t.linked_before = True
             gid = link.gateway_id or t.address  # an older gateway has no id: its address is one
             if gid in self.links:  # two addresses reached one gateway at once: keep the first
                 link.say(Goodbye("already linked to this gateway"))
@@ -634,7 +639,9 @@ class Worker:
                     del self.links[gid]
                 self.peers.pop(link, None)
                 self.rebalance()  # the others' shares grow at once
-            if not self._stop.is_set():
+            if self.draining and not self._stop.is_set():  # stopping anyway: the gateway went first
+                log.info("gateway %s at %s closed the link while this worker drains", gid, t.address)
+            elif not self._stop.is_set():
                 log.warning("lost gateway %s at %s; reconnecting", gid, t.address)
 
     def _refused_everywhere(self) -> None:
