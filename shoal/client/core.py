@@ -18,6 +18,8 @@ Rules:
   that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
   retries of the default span the three seconds central takes to drop a dead cluster).
 * The cluster answers 401 (token expired or the cluster's key rotated): ask central for a fresh route.
+* Central's replicas are asked in turn, each but the last for a bounded time; one that did not
+  answer is asked last from then on.
 * Central cannot be reached: keep using the last route it gave for the model (until its token
   expires), even one whose cluster just failed, retrying it with back-off: a cluster that restarts
   while central is down is back in a second, and it is the only route there is.
@@ -345,14 +347,19 @@ class ClientCore:
             body["avoid"] = sorted(avoid)[:MAX_EXCLUDED]
         headers = self._central_headers()
         last: Exception | None = None
-        for k, url in enumerate(self.centrals):
+        replicas = list(self.centrals)
+        for k, url in enumerate(replicas):
             # A replica whose machine vanished answers nothing: wait a bounded time while another
             # replica (or a cached route) is there to fall back on.
-            wait = NEXT_GATEWAY_AFTER_S if bounded or k < len(self.centrals) - 1 else None
+            wait = NEXT_GATEWAY_AFTER_S if bounded or k < len(replicas) - 1 else None
             try:
                 reply = yield Call("POST", url + "/v1/route", json.dumps(body).encode(), headers, wait)
             except Unreachable as e:
                 last = e
+                # Asked last from now on: the bounded wait is paid once, not at every route asked for.
+                if url in self.centrals:
+                    self.centrals.remove(url)
+                    self.centrals.append(url)
                 continue
             assert reply is not None
             self._keep_cookie(reply)
