@@ -468,6 +468,35 @@ def test_a_gateway_that_answers_nothing_is_left_after_a_bounded_wait_and_tried_l
     assert len(s.route_bodies()) == 1
 
 
+def test_a_route_given_without_a_gateway_that_failed_is_asked_for_again_later():
+    """A route central gave while avoiding a gateway that did not answer is due again after a while,
+    like a route one of whose gateways failed: that gateway may heal, and the route has no fall-back
+    meanwhile (the lab found devices held 4.9 s when the gateway of such a route was lost too, 40 s
+    after the first had healed: their route still named only it)."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    s = Script(
+        {
+            ("POST", "/v1/route"): [
+                gateways_reply("site", GW[:1]),
+                gateways_reply("site", GW[1:2]),
+                gateways_reply("site", GW[:2]),
+            ],
+            ("POST", "http://g1:8000"): [Unreachable("timed out"), infer_ok(1.0)],
+            ("POST", "http://g2:8000"): [infer_ok(2.0)],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
+    assert s.route_bodies()[1] == {"model": "m", "avoid": ["http://g1:8000"]}
+    assert c.routes[("m", None)].urls == ["http://g2:8000"]
+    clock.t += RENEW_AFTER_FAILURE_S
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000" and c.due == {("m", None)}
+    s.run(c.renew("m", None))
+    assert c.routes[("m", None)].urls == ["http://g1:8000", "http://g2:8000"]
+    assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
+
+
 def test_a_route_due_again_is_asked_for_beside_the_requests_and_kept_when_central_is_slow():
     """No request waits for it: the driver asks central (a bounded wait: a replica whose machine
     vanished answers nothing) while requests go on with the route they had, which stays if central

@@ -13,7 +13,9 @@ Rules:
 * A gateway cannot be reached (refused, reset, cut off mid-request, timed out) or answers 502/503
   (going away, saturated, its workers gone): send the same request, with the same token and request
   id, to the route's next gateway at once; central is not asked. A gateway that failed while another
-  answered goes to the end of the cached route's list.
+  answered goes to the end of the cached route's list. Either way the route is asked for again
+  ``RENEW_AFTER_FAILURE_S`` later (off the request path), as is one central gave without a cluster
+  or gateway that failed: what failed may have healed.
 * Every gateway of the route failed, or one answered 504: ask central for another route, excluding
   that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
   retries of the default span the three seconds central takes to drop a dead cluster).
@@ -366,6 +368,8 @@ class ClientCore:
             if reply.status == 404 and (exclude or avoid):  # every cluster failed once: try them all again
                 return (yield from self.route(model, version, set(), set()))
             r = self._parse_route(reply, model, version)
+            if exclude or avoid:  # given without what failed, which may heal: due again in a while
+                r.renew_at = self.clock() + RENEW_AFTER_FAILURE_S
             self.routes[(model, version)] = self.last_routes[(model, version)] = r
             yield from self._fetch_labels(r)
             return r
