@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,19 @@ SUPERNODE_REFUSED = b"Exit Code: 305"
 SITE_RETRY_S = 120.0  # how long a refused site keeps trying when --max-wait is not given
 
 
+REFUSED_EXIT_S = 6.0  # a refused SuperNode gets this long to exit by itself (Flower forces it at 5 s)
+
+
+def _relay_output(p: subprocess.Popen[bytes], refusal: threading.Event) -> None:
+    """The SuperNode's output onto this process's; ``refusal`` set when it says it was refused."""
+    assert p.stdout is not None
+    for line in p.stdout:
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        if SUPERNODE_REFUSED in line:
+            refusal.set()
+
+
 def run_site(cmd: list[str], env: dict[str, str], max_wait: float | None, first_delay: float = 2.0) -> int:
     """The SuperNode as a child (SIGTERM and SIGINT passed on, its output passed through): refused
     by the SuperLink (it says ``SUPERNODE_REFUSED``), it is started again with back-off (2 s doubling
@@ -277,15 +291,24 @@ def _supervise(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )
         child.append(p)
-        refused = False
-        assert p.stdout is not None
-        for line in p.stdout:
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-            refused = refused or SUPERNODE_REFUSED in line
+        refusal = threading.Event()
+        relay = threading.Thread(target=_relay_output, args=(p, refusal), daemon=True)
+        relay.start()
+        while p.poll() is None and not refusal.wait(0.5):
+            pass
+        if refusal.is_set():  # Flower's SuperNode may stay up after saying so (its executor retries)
+            try:
+                p.wait(REFUSED_EXIT_S)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
         code = p.wait()
+        relay.join(5)
         now = time.monotonic()
-        if not refused or stopping:
+        if not refusal.is_set() or stopping:
             return code
         refused_since = now if refused_since is None else refused_since
         if now + delay - refused_since > window:
