@@ -279,6 +279,28 @@ def test_link_faults_on_two_machines(tmp_path):
     assert out["while_dropped"] is None and out["link_up"] and out["after"] == b"z"
 
 
+def test_federation_checker_times_the_lost_sites_rounds():
+    from shoal.lab.federation import check_federation, federation_passed
+
+    sites = ["site-a", "site-b", "site-c"]
+    rounds = [
+        {"round": 1, "sites": sites, "time": 10.0},
+        {"round": 2, "sites": ["site-a", "site-c"], "time": 32.0},  # site-b lost at 12
+        {"round": 3, "sites": ["site-a", "site-c"], "time": 52.0},  # back at 33, refused for a while
+        {"round": 4, "sites": sites, "time": 70.0},
+        {"published": "models/mnist-fused/1", "metric": {"accuracy": 0.9}},
+    ]
+    fault = {"machine": "site-b", "start": 12.0, "heal": 33.0}
+    row = check_federation(rounds, fault, sites)
+    assert row["rounds"] == 4 and row["rounds_without_it"] == [2, 3]
+    assert row["first_round_without_it_s"] == 20.0
+    assert (row["back_in_round"], row["back_in_a_round_s"]) == (4, 37.0)
+    assert row["others_in_every_round"] and row["final"]["metric"]["accuracy"] == 0.9
+    assert federation_passed(row, 4) and not federation_passed(row, 5)
+    never = check_federation(rounds[:3], fault, sites)
+    assert never["back_in_round"] is None and not federation_passed(never, 3)
+
+
 @pytest.mark.slow
 @needs_netns
 def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):
