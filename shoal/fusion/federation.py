@@ -314,7 +314,7 @@ def _supervise(
         if now + delay - refused_since > window:
             print(f"shoal federation site: the SuperLink did not take this site for {window:g} s; giving up",
                   file=sys.stderr, flush=True)  # fmt: skip
-            return code
+            return code if code > 0 else 1  # ended by us after its refusal: still a failure
         print(
             "shoal federation site: the SuperLink did not take this site (not reachable, "
             "not enrolled, or still holding this site's previous node as online after a crash); "
