@@ -497,6 +497,41 @@ def test_a_route_given_without_a_gateway_that_failed_is_asked_for_again_later():
     assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
 
 
+def test_a_route_that_lost_a_gateway_of_its_cluster_is_asked_for_until_it_has_it_back():
+    """Renewed while one of the cluster's gateways was down, the route names only the other: it is
+    due again every RENEW_AFTER_FAILURE_S until central names the first again, so the device has a
+    fall-back when the other fails (the lab found devices held 4.5 s, not 2, when the one gateway of
+    such a route was lost 20 s after the first had healed)."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    s = Script(
+        {
+            ("POST", "/v1/route"): [
+                gateways_reply("site", GW[:2]),
+                gateways_reply("site", GW[1:2]),  # g1 down when central answered
+                gateways_reply("site", GW[1:2]),  # still down
+                gateways_reply("site", GW[:2]),  # back
+            ],
+            ("POST", "http://g1:8000"): [infer_ok(1.0)],
+            ("POST", "http://g2:8000"): [infer_ok(2.0)],
+            **NO_META,
+        }
+    )
+    s.run(c.infer("m", X))
+    c.routes[("m", None)].renew_at = clock.t  # due again (a gateway failed a while ago)
+    s.run(c.infer("m", X))
+    s.run(c.renew("m", None))
+    assert c.routes[("m", None)].urls == ["http://g2:8000"] and not c.due
+    for _ in range(2):
+        clock.t += RENEW_AFTER_FAILURE_S
+        assert s.run(c.infer("m", X)).gateway in GW[:2] and c.due == {("m", None)}
+        s.run(c.renew("m", None))
+    assert c.routes[("m", None)].urls == ["http://g1:8000", "http://g2:8000"]
+    clock.t += RENEW_AFTER_FAILURE_S
+    s.run(c.infer("m", X))
+    assert not c.due and len(s.route_bodies()) == 4  # whole again: due only before its token expires
+
+
 def test_a_route_due_again_is_asked_for_beside_the_requests_and_kept_when_central_is_slow():
     """No request waits for it: the driver asks central (a bounded wait: a replica whose machine
     vanished answers nothing) while requests go on with the route they had, which stays if central

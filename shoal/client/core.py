@@ -15,7 +15,8 @@ Rules:
   id, to the route's next gateway at once; central is not asked. A gateway that failed while another
   answered goes to the end of the cached route's list. Either way the route is asked for again
   ``RENEW_AFTER_FAILURE_S`` later (off the request path), as is one central gave without a cluster
-  or gateway that failed: what failed may have healed.
+  or gateway that failed, or without a gateway of the cluster an earlier route named (for up to
+  ``MISSING_KEPT_S``): what failed may have healed, and the route has it back as a fall-back.
 * Every gateway of the route failed, or one answered 504: ask central for another route, excluding
   that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
   retries of the default span the three seconds central takes to drop a dead cluster).
@@ -72,6 +73,10 @@ NEXT_GATEWAY_AFTER_S = 2.0
 # cluster's gateways by load again, a gateway that came back included (else it would stay last until
 # the token expired).
 RENEW_AFTER_FAILURE_S = 10.0
+# A gateway of the cluster that a route named and central's next route for it leaves out (it was
+# down when central answered) keeps the route due again every RENEW_AFTER_FAILURE_S for this long,
+# so the route gets it back, as a fall-back, once it heals.
+MISSING_KEPT_S = 300.0
 
 
 class InferError(Exception):
@@ -169,6 +174,7 @@ class Route:
     latency_ms: float | None = None  # the cluster's recent latency for the model, when central says it
     fallbacks: list[str] = field(default_factory=list)  # the cluster's other gateways, in the order to try
     renew_at: float = float("inf")  # asked for again from then on (a gateway of it failed: it may heal)
+    missing: dict[str, float] = field(default_factory=dict)  # gateways earlier routes named: since when
 
     @property
     def urls(self) -> list[str]:
@@ -368,8 +374,14 @@ class ClientCore:
             if reply.status == 404 and (exclude or avoid):  # every cluster failed once: try them all again
                 return (yield from self.route(model, version, set(), set()))
             r = self._parse_route(reply, model, version)
-            if exclude or avoid:  # given without what failed, which may heal: due again in a while
-                r.renew_at = self.clock() + RENEW_AFTER_FAILURE_S
+            now = self.clock()
+            old = self.routes.get((model, version)) or self.last_routes.get((model, version))
+            if old is not None and old.cluster == r.cluster:  # gateways of it this route leaves out
+                gone = {u: t for u, t in old.missing.items() if now - t < MISSING_KEPT_S}
+                gone.update({u: now for u in old.urls if u not in gone})
+                r.missing = {u: t for u, t in gone.items() if u not in r.urls}
+            if exclude or avoid or r.missing:  # given without what failed, which may heal: due again
+                r.renew_at = now + RENEW_AFTER_FAILURE_S
             self.routes[(model, version)] = self.last_routes[(model, version)] = r
             yield from self._fetch_labels(r)
             return r
