@@ -279,6 +279,35 @@ def test_link_faults_on_two_machines(tmp_path):
     assert out["while_dropped"] is None and out["link_up"] and out["after"] == b"z"
 
 
+def test_checker_judges_the_wan_and_routes_by_the_cluster_the_faults_hit():
+    """With a second site, a route for the first site's model names the first site's gateways only:
+    'routes complete' counts those, and answers from a cluster not serving a model are counted."""
+    gws = {**GW, "http://c:8000": "gw-c"}
+    clusters = {"site": {"model": "echo", "gateways": ["gw-a", "gw-b"]}, "site-2": {"model": "echo-b", "gateways": ["gw-c"]}}
+    samples = []
+    for i in range(40):
+        t = i / 2
+        samples.append({"t": t, "source": "central-1", "ok": True, "gateways": {"gw-a": True, "gw-b": True, "gw-c": True}})
+        samples.append({"t": t, "source": "route-central-1", "ok": True, "code": 200, "gateways": list(GW)})
+        samples.append({"t": t, "source": "site-2-route-central-1", "ok": True, "code": 200, "gateways": ["http://c:8000"]})
+    log = []
+    for i in range(40):
+        log += _req(f"a{i}", i / 2, i / 2 + 0.01)
+        b = _req(f"b{i}", i / 2, i / 2 + 0.01, gw="http://c:8000")
+        b[0]["model"] = "echo-b"
+        log += b
+    log[0]["model"] = "echo"
+    wrong = _req("x", 1.0, 1.1, gw="http://c:8000")  # echo answered by the other site's gateway
+    wrong[0]["model"] = "echo"
+    faults = [{"kind": "wan", "machine": "wan", "label": "wan(wan)", "start": 5.0, "heal": 10.0}]
+    s = checker.check(log + wrong, samples, faults, gws, 0.0, clusters)
+    (wan,) = s["faults"]
+    assert wan["central_listed_live"] == 1.0 and wan["routes_complete"] == 1.0, wan
+    assert s["wrong_cluster"] == 1 and not checker.passed(s)
+    site2 = s["sites"]["site-2"]
+    assert site2["answered"] == 40 and site2["routes_to_it"] == 1.0 and site2["central_listed_live"] == 1.0
+
+
 def test_federation_checker_times_the_lost_sites_rounds():
     from shoal.lab.federation import check_federation, federation_passed
 

@@ -397,7 +397,8 @@ def check(
         if r_ in ("central", "database", "wan"):
             if "heal" in f:
                 rec["heal_at_s"] = round(f["heal"] - t0, 3)
-            more, recovered_at = _central_rows(f, r_, samples, start, nxt, down, gateways)
+            site = {u: g for u, g in gateways.items() if g in gw_machines}  # the cluster the faults hit
+            more, recovered_at = _central_rows(f, r_, samples, start, nxt, down, site)
             rec.update(more)
         elif m in gw_machines:
             rec.update(_gateway_gone(m, tl, start, len(gw_machines - down - {m})))
