@@ -308,6 +308,37 @@ def test_checker_judges_the_wan_and_routes_by_the_cluster_the_faults_hit():
     assert site2["answered"] == 40 and site2["routes_to_it"] == 1.0 and site2["central_listed_live"] == 1.0
 
 
+def test_checker_follows_devices_to_the_other_site_when_a_clusters_last_gateway_is_lost():
+    gws = {**GW, "http://c:8000": "gw-c"}
+    clusters = {
+        "site": {"model": "echo", "models": ["echo"], "gateways": ["gw-a", "gw-b"]},
+        "site-2": {"model": "echo-b", "models": ["echo-b", "echo"], "gateways": ["gw-c"]},
+    }
+    samples = []
+    for i in range(40):
+        t = i / 2
+        live = {"gw-a": t < 13.5, "gw-b": t < 6, "gw-c": True}
+        samples.append({"t": t, "source": "central-1", "ok": True, "gateways": live})
+        for g, up in (("gw-a", t < 12), ("gw-b", t < 5)):
+            samples.append(_gw(t, g, {"w1": 1} if up else None))
+    log = []
+    for i in range(40):
+        t = i / 2
+        gw = "http://a:8000" if t < 12 else "http://c:8000"
+        log += _req(f"r{i}", t, t + (2.5 if t == 11.5 else 0.01), gw=gw)  # held at the loss, then gw-c
+    faults = [
+        {"kind": "crash", "machine": "gw-b", "label": "crash(gw-b)", "start": 5.0},
+        {"kind": "serve", "machine": "w7", "label": "serve(w7)", "start": 8.0, "serving": 9.0},
+        {"kind": "crash", "machine": "gw-a", "label": "crash(gw-a)", "start": 12.0},
+    ]
+    s = checker.check(log, samples, faults, gws, 0.0, clusters)
+    _, serve, last = s["faults"]
+    assert serve["serving_s"] == 1.0 and serve["recovered_s"] == 1.0
+    assert last["detected_s"] == last["central_dropped_s"] == 1.5
+    assert last["survivors_share_after"] == 1.0 and last["longest_held_s"] == pytest.approx(2.5)
+    assert s["wrong_cluster"] == 0 and checker.passed(s)
+
+
 def test_federation_checker_times_the_lost_sites_rounds():
     from shoal.lab.federation import check_federation, federation_passed
 
@@ -473,4 +504,6 @@ def test_the_schedule_is_drawn_from_the_seed():
         *kinds[5:7],
         ("partition", "db"),
         kinds[7],
+        ("serve", "w7"),
+        ("crash", "gw-a"),
     ]
