@@ -16,7 +16,7 @@ HELP = (
     "Run shoal across emulated machines (network namespaces), inject faults from a seed, check every request."
 )
 EXAMPLE = """
-sudo shoal lab --seed 1 --out runs/lab            # the CI-sized scenario, about a minute
+sudo shoal lab --seed 1 --out runs/lab            # the CI-sized scenario, about 90 s
 sudo shoal lab --seed 7 --out runs/lab7 --json    # print the summary as JSON
 sudo shoal lab --scenario full --out runs/lab-full # + lossy links, the WAN, the db cut off, a site lost
 sudo shoal lab --scenario federation --out runs/fed # Flower sites on machines, one lost a round
