@@ -239,8 +239,6 @@ SITE_OPTIONS = ("site", "data", "test_data", "holdout", "results_dir", "labels",
 # held as online until its heartbeats are missed, a minute by Flower's defaults (30 s, patience 2).
 SUPERNODE_REFUSED = b"Exit Code: 305"
 SITE_RETRY_S = 120.0  # how long a refused site keeps trying when --max-wait is not given
-
-
 REFUSED_EXIT_S = 6.0  # a refused SuperNode gets this long to exit by itself (Flower forces it at 5 s)
 
 
@@ -287,6 +285,7 @@ def _supervise(
     refused_since: float | None = None
     delay = first_delay
     while True:
+        started = time.monotonic()
         p = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )
@@ -310,7 +309,8 @@ def _supervise(
         now = time.monotonic()
         if not refusal.is_set() or stopping:
             return code
-        refused_since = now if refused_since is None else refused_since
+        if refused_since is None or now - started > window:  # refusals begin (again) now
+            refused_since = now
         if now + delay - refused_since > window:
             print(f"shoal federation site: the SuperLink did not take this site for {window:g} s; giving up",
                   file=sys.stderr, flush=True)  # fmt: skip
