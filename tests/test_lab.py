@@ -279,6 +279,88 @@ def test_link_faults_on_two_machines(tmp_path):
     assert out["while_dropped"] is None and out["link_up"] and out["after"] == b"z"
 
 
+def test_checker_judges_the_wan_and_routes_by_the_cluster_the_faults_hit():
+    """With a second site, a route for the first site's model names the first site's gateways only:
+    'routes complete' counts those, and answers from a cluster not serving a model are counted."""
+    gws = {**GW, "http://c:8000": "gw-c"}
+    clusters = {"site": {"model": "echo", "gateways": ["gw-a", "gw-b"]}, "site-2": {"model": "echo-b", "gateways": ["gw-c"]}}
+    samples = []
+    for i in range(40):
+        t = i / 2
+        samples.append({"t": t, "source": "central-1", "ok": True, "gateways": {"gw-a": True, "gw-b": True, "gw-c": True}})
+        samples.append({"t": t, "source": "route-central-1", "ok": True, "code": 200, "gateways": list(GW)})
+        samples.append({"t": t, "source": "site-2-route-central-1", "ok": True, "code": 200, "gateways": ["http://c:8000"]})
+    log = []
+    for i in range(40):
+        log += _req(f"a{i}", i / 2, i / 2 + 0.01)
+        b = _req(f"b{i}", i / 2, i / 2 + 0.01, gw="http://c:8000")
+        b[0]["model"] = "echo-b"
+        log += b
+    log[0]["model"] = "echo"
+    wrong = _req("x", 1.0, 1.1, gw="http://c:8000")  # echo answered by the other site's gateway
+    wrong[0]["model"] = "echo"
+    faults = [{"kind": "wan", "machine": "wan", "label": "wan(wan)", "start": 5.0, "heal": 10.0}]
+    s = checker.check(log + wrong, samples, faults, gws, 0.0, clusters)
+    (wan,) = s["faults"]
+    assert wan["central_listed_live"] == 1.0 and wan["routes_complete"] == 1.0, wan
+    assert s["wrong_cluster"] == 1 and not checker.passed(s)
+    site2 = s["sites"]["site-2"]
+    assert site2["answered"] == 40 and site2["routes_to_it"] == 1.0 and site2["central_listed_live"] == 1.0
+
+
+def test_checker_follows_devices_to_the_other_site_when_a_clusters_last_gateway_is_lost():
+    gws = {**GW, "http://c:8000": "gw-c"}
+    clusters = {
+        "site": {"model": "echo", "models": ["echo"], "gateways": ["gw-a", "gw-b"]},
+        "site-2": {"model": "echo-b", "models": ["echo-b", "echo"], "gateways": ["gw-c"]},
+    }
+    samples = []
+    for i in range(40):
+        t = i / 2
+        live = {"gw-a": t < 13.5, "gw-b": t < 6, "gw-c": True}
+        samples.append({"t": t, "source": "central-1", "ok": True, "gateways": live})
+        for g, up in (("gw-a", t < 12), ("gw-b", t < 5)):
+            samples.append(_gw(t, g, {"w1": 1} if up else None))
+    log = []
+    for i in range(40):
+        t = i / 2
+        gw = "http://a:8000" if t < 12 else "http://c:8000"
+        log += _req(f"r{i}", t, t + (2.5 if t == 11.5 else 0.01), gw=gw)  # held at the loss, then gw-c
+    faults = [
+        {"kind": "crash", "machine": "gw-b", "label": "crash(gw-b)", "start": 5.0},
+        {"kind": "serve", "machine": "w7", "label": "serve(w7)", "start": 8.0, "serving": 9.0},
+        {"kind": "crash", "machine": "gw-a", "label": "crash(gw-a)", "start": 12.0},
+    ]
+    s = checker.check(log, samples, faults, gws, 0.0, clusters)
+    _, serve, last = s["faults"]
+    assert serve["serving_s"] == 1.0 and serve["recovered_s"] == 1.0
+    assert last["detected_s"] == last["central_dropped_s"] == 1.5
+    assert last["survivors_share_after"] == 1.0 and last["longest_held_s"] == pytest.approx(2.5)
+    assert s["wrong_cluster"] == 0 and checker.passed(s)
+
+
+def test_federation_checker_times_the_lost_sites_rounds():
+    from shoal.lab.federation import check_federation, federation_passed
+
+    sites = ["site-a", "site-b", "site-c"]
+    rounds = [
+        {"round": 1, "sites": sites, "time": 10.0},
+        {"round": 2, "sites": ["site-a", "site-c"], "time": 32.0},  # site-b lost at 12
+        {"round": 3, "sites": ["site-a", "site-c"], "time": 52.0},  # back at 33, refused for a while
+        {"round": 4, "sites": sites, "time": 70.0},
+        {"published": "models/mnist-fused/1", "metric": {"accuracy": 0.9}},
+    ]
+    fault = {"machine": "site-b", "start": 12.0, "heal": 33.0}
+    row = check_federation(rounds, fault, sites)
+    assert row["rounds"] == 4 and row["rounds_without_it"] == [2, 3]
+    assert row["first_round_without_it_s"] == 20.0
+    assert (row["back_in_round"], row["back_in_a_round_s"]) == (4, 37.0)
+    assert row["others_in_every_round"] and row["final"]["metric"]["accuracy"] == 0.9
+    assert federation_passed(row, 4) and not federation_passed(row, 5)
+    never = check_federation(rounds[:3], fault, sites)
+    assert never["back_in_round"] is None and not federation_passed(never, 3)
+
+
 @pytest.mark.slow
 @needs_netns
 def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):
@@ -422,4 +504,6 @@ def test_the_schedule_is_drawn_from_the_seed():
         *kinds[5:7],
         ("partition", "db"),
         kinds[7],
+        ("serve", "w7"),
+        ("crash", "gw-a"),
     ]

@@ -13,11 +13,16 @@ Rules:
 * A gateway cannot be reached (refused, reset, cut off mid-request, timed out) or answers 502/503
   (going away, saturated, its workers gone): send the same request, with the same token and request
   id, to the route's next gateway at once; central is not asked. A gateway that failed while another
-  answered goes to the end of the cached route's list.
+  answered goes to the end of the cached route's list. Either way the route is asked for again
+  ``RENEW_AFTER_FAILURE_S`` later (off the request path), as is one central gave without a cluster
+  or gateway that failed, or without a gateway of the cluster an earlier route named (for up to
+  ``MISSING_KEPT_S``): what failed may have healed, and the route has it back as a fall-back.
 * Every gateway of the route failed, or one answered 504: ask central for another route, excluding
   that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
   retries of the default span the three seconds central takes to drop a dead cluster).
 * The cluster answers 401 (token expired or the cluster's key rotated): ask central for a fresh route.
+* Central's replicas are asked in turn, each but the last for a bounded time; one that did not
+  answer is asked last from then on.
 * Central cannot be reached: keep using the last route it gave for the model (until its token
   expires), even one whose cluster just failed, retrying it with back-off: a cluster that restarts
   while central is down is back in a second, and it is the only route there is.
@@ -70,6 +75,10 @@ NEXT_GATEWAY_AFTER_S = 2.0
 # cluster's gateways by load again, a gateway that came back included (else it would stay last until
 # the token expired).
 RENEW_AFTER_FAILURE_S = 10.0
+# A gateway of the cluster that a route named and central's next route for it leaves out (it was
+# down when central answered) keeps the route due again every RENEW_AFTER_FAILURE_S for this long,
+# so the route gets it back, as a fall-back, once it heals.
+MISSING_KEPT_S = 300.0
 
 
 class InferError(Exception):
@@ -167,6 +176,7 @@ class Route:
     latency_ms: float | None = None  # the cluster's recent latency for the model, when central says it
     fallbacks: list[str] = field(default_factory=list)  # the cluster's other gateways, in the order to try
     renew_at: float = float("inf")  # asked for again from then on (a gateway of it failed: it may heal)
+    missing: dict[str, float] = field(default_factory=dict)  # gateways earlier routes named: since when
 
     @property
     def urls(self) -> list[str]:
@@ -351,20 +361,33 @@ class ClientCore:
             body["avoid"] = sorted(avoid)[:MAX_EXCLUDED]
         headers = self._central_headers()
         last: Exception | None = None
-        for k, url in enumerate(self.centrals):
+        replicas = list(self.centrals)
+        for k, url in enumerate(replicas):
             # A replica whose machine vanished answers nothing: wait a bounded time while another
             # replica (or a cached route) is there to fall back on.
-            wait = NEXT_GATEWAY_AFTER_S if bounded or k < len(self.centrals) - 1 else None
+            wait = NEXT_GATEWAY_AFTER_S if bounded or k < len(replicas) - 1 else None
             try:
                 reply = yield Call("POST", url + "/v1/route", json.dumps(body).encode(), headers, wait)
             except Unreachable as e:
                 last = e
+                # Asked last from now on: the bounded wait is paid once, not at every route asked for.
+                if url in self.centrals:
+                    self.centrals.remove(url)
+                    self.centrals.append(url)
                 continue
             assert reply is not None
             self._keep_cookie(reply)
             if reply.status == 404 and (exclude or avoid):  # every cluster failed once: try them all again
                 return (yield from self.route(model, version, set(), set()))
             r = self._parse_route(reply, model, version)
+            now = self.clock()
+            old = self.routes.get((model, version)) or self.last_routes.get((model, version))
+            if old is not None and old.cluster == r.cluster:  # gateways of it this route leaves out
+                gone = {u: t for u, t in old.missing.items() if now - t < MISSING_KEPT_S}
+                gone.update({u: now for u in old.urls if u not in gone})
+                r.missing = {u: t for u, t in gone.items() if u not in r.urls}
+            if exclude or avoid or r.missing:  # given without what failed, which may heal: due again
+                r.renew_at = now + RENEW_AFTER_FAILURE_S
             self.routes[(model, version)] = self.last_routes[(model, version)] = r
             yield from self._fetch_labels(r)
             return r

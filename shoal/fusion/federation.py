@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,96 @@ def run_superlink(args: argparse.Namespace) -> int:
 
 
 SITE_OPTIONS = ("site", "data", "test_data", "holdout", "results_dir", "labels", "model")
+# Flower's SuperNode says this (its exit code 305; its process then exits with 1) when the SuperLink
+# does not take it: unreachable, not enrolled, or (after the site's machine crashed) its node still
+# held as online until its heartbeats are missed, a minute by Flower's defaults (30 s, patience 2).
+SUPERNODE_REFUSED = b"Exit Code: 305"
+SITE_RETRY_S = 120.0  # how long a refused site keeps trying when --max-wait is not given
+REFUSED_EXIT_S = 6.0  # a refused SuperNode gets this long to exit by itself (Flower forces it at 5 s)
+
+
+def _relay_output(p: subprocess.Popen[bytes], refusal: threading.Event) -> None:
+    """The SuperNode's output onto this process's; ``refusal`` set when it says it was refused."""
+    assert p.stdout is not None
+    for line in p.stdout:
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        if SUPERNODE_REFUSED in line:
+            refusal.set()
+
+
+def run_site(cmd: list[str], env: dict[str, str], max_wait: float | None, first_delay: float = 2.0) -> int:
+    """The SuperNode as a child (SIGTERM and SIGINT passed on, its output passed through): refused
+    by the SuperLink (it says ``SUPERNODE_REFUSED``), it is started again with back-off (2 s doubling
+    to 15 s) for up to ``max_wait`` (``SITE_RETRY_S`` when None) since the refusals began; its exit
+    status."""
+    window = SITE_RETRY_S if max_wait is None else max_wait
+    stopping: list[int] = []
+    child: list[subprocess.Popen[bytes]] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopping.append(signum)
+        if child and child[-1].poll() is None:
+            child[-1].send_signal(signum)
+
+    before = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _supervise(cmd, env, window, first_delay, child, stopping)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _supervise(
+    cmd: list[str],
+    env: dict[str, str],
+    window: float,
+    first_delay: float,
+    child: list[subprocess.Popen[bytes]],
+    stopping: list[int],
+) -> int:
+    refused_since: float | None = None
+    delay = first_delay
+    while True:
+        started = time.monotonic()
+        p = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+        child.append(p)
+        refusal = threading.Event()
+        relay = threading.Thread(target=_relay_output, args=(p, refusal), daemon=True)
+        relay.start()
+        while p.poll() is None and not refusal.wait(0.5):
+            pass
+        if refusal.is_set():  # Flower's SuperNode may stay up after saying so (its executor retries)
+            try:
+                p.wait(REFUSED_EXIT_S)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        code = p.wait()
+        relay.join(5)
+        now = time.monotonic()
+        if not refusal.is_set() or stopping:
+            return code
+        if refused_since is None or now - started > window:  # refusals begin (again) now
+            refused_since = now
+        if now + delay - refused_since > window:
+            print(f"shoal federation site: the SuperLink did not take this site for {window:g} s; giving up",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return code if code > 0 else 1  # ended by us after its refusal: still a failure
+        print(
+            "shoal federation site: the SuperLink did not take this site (not reachable, "
+            "not enrolled, or still holding this site's previous node as online after a crash); "
+            f"trying again in {delay:g} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(delay)
+        delay = min(2 * delay, 15.0)
 
 
 def _absolute(value: str) -> str:
@@ -409,7 +500,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     n.add_argument(
         "--runtime-port", type=int, default=0, help="port of the SuperNode's local API (default: free)"
     )
-    n.add_argument("--max-wait", type=float, default=None, help="give up connecting after this many seconds")
+    n.add_argument(
+        "--max-wait",
+        type=float,
+        default=None,
+        help="give up connecting after this many seconds (default: Flower's; a site the SuperLink refuses "
+        f"is started again for {SITE_RETRY_S:g} s)",
+    )
 
     r = sub.add_parser(
         "run", help="train across the enrolled sites, then publish the fused model", **role_example("run")  # type: ignore[arg-type]
@@ -463,6 +560,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.data.startswith(("paper:", "results:")) and not Path(args.data).exists():
             print(f"shoal federation site: {args.data} does not exist", file=sys.stderr)
             return 2
-        cmd = site_command(args)
-        os.execve(cmd[0], cmd, flower_env())  # the site's process is the SuperNode: signals reach it
+        # A child, started again while the SuperLink refuses it (a crash leaves the site's node held
+        # as online for a minute): signals reach it through this process.
+        return run_site(site_command(args), flower_env(), args.max_wait)
     return run_federation(args)

@@ -27,6 +27,9 @@ of the machine it hit:
   draining, ``lost_after_drain_s``, ``held_at_drain`` (what it said it still held) and **detected**
   when what it held went elsewhere (``handed_back``: each gateway's log lines saying so, seconds
   after the loss, how many requests, whether after its silence or once it left).
+* a ``serve`` step (not a fault: the second site takes the first site's model too): ``serving_s``,
+  when central routed the model there.
+* a gateway that was its cluster's last: **detected** when central dropped it.
 * a crash is **recovered** when the devices carry on without the machine (``devices_recovered_s``);
   ``answers_from_it_after`` counts answers from a crashed gateway to requests sent after its crash,
   ``its_share_before`` the gateway's share of the answers in the 2 s before the fault.
@@ -372,7 +375,10 @@ def check(
         r["machine"] = gateways.get((r["gateway"] or "").rstrip("/"), r["gateway"])
     gw_machines = set(next(iter(clusters.values()))["gateways"]) if clusters else set(gateways.values())
     if clusters:  # every answer from a gateway of the cluster that serves the request's model
-        serving = {c["model"]: set(c["gateways"]) for c in clusters.values()}
+        serving: dict[str, set[str]] = {}  # model -> the gateways of every cluster serving it
+        for c in clusters.values():
+            for model in c.get("models", [c["model"]]):
+                serving.setdefault(model, set()).update(c["gateways"])
         counts["wrong_cluster"] = sum(
             1 for r in reqs if r["ok"] and r["model"] in serving and r["machine"] not in serving[r["model"]]
         )
@@ -397,15 +403,22 @@ def check(
         if r_ in ("central", "database", "wan"):
             if "heal" in f:
                 rec["heal_at_s"] = round(f["heal"] - t0, 3)
-            more, recovered_at = _central_rows(f, r_, samples, start, nxt, down, gateways)
+            site = {u: g for u, g in gateways.items() if g in gw_machines}  # the cluster the faults hit
+            more, recovered_at = _central_rows(f, r_, samples, start, nxt, down, site)
             rec.update(more)
         elif m in gw_machines:
-            rec.update(_gateway_gone(m, tl, start, len(gw_machines - down - {m})))
+            others = len(gw_machines - down - {m})
+            rec.update(_gateway_gone(m, tl, start, others))
+            if not others:  # its cluster's last gateway: no worker links left to count; central's view
+                rec["detected_s"] = rec["central_dropped_s"]
             last = [r["machine"] for r in reqs if r["ok"] and start - 2.0 <= r["done"] < start]
             rec["its_share_before"] = round(last.count(m) / len(last), 3) if last else None
         elif f["kind"] in IMPAIRED:
             rec.update(_worker_impaired(m, samples, tl, start, f["heal"], gw_machines))
             recovered_at = f["heal"]
+        elif f["kind"] == "serve":  # not a fault: the other site takes the model too
+            recovered_at = f["serving"]
+            rec["serving_s"] = _since(recovered_at, start)
         else:
             rec.update(_worker_gone(m, tl, start))
             if f["kind"] in ("crash-joining", "crash-draining"):
@@ -417,6 +430,8 @@ def check(
         if r_ in ("central", "database", "wan"):
             if f["kind"] == "crash":
                 down.add(m)
+        elif f["kind"] == "serve":
+            rec["recovered_s"] = rec["serving_s"]
         elif f["kind"] in IMPAIRED:
             rec["heal_at_s"] = round(f["heal"] - t0, 3)
             rec["recovered_s"] = 0.0

@@ -16,9 +16,10 @@ HELP = (
     "Run shoal across emulated machines (network namespaces), inject faults from a seed, check every request."
 )
 EXAMPLE = """
-sudo shoal lab --seed 1 --out runs/lab            # the CI-sized scenario, about a minute
+sudo shoal lab --seed 1 --out runs/lab            # the CI-sized scenario, about 90 s
 sudo shoal lab --seed 7 --out runs/lab7 --json    # print the summary as JSON
-sudo shoal lab --scenario full --out runs/lab-full # the WAN and the database cut off too
+sudo shoal lab --scenario full --out runs/lab-full # + lossy links, the WAN, the db cut off, a site lost
+sudo shoal lab --scenario federation --out runs/fed # Flower sites on machines, one lost a round
 """
 
 
@@ -37,10 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--scenario",
-        choices=("ci", "full"),
+        choices=("ci", "full", "federation"),
         default="ci",
-        help="ci: the CI-sized fault schedule (about a minute); full: with the WAN on and the database "
-        "cut off too (default ci)",
+        help="ci: the CI-sized fault schedule (about a minute and a half); full: with lossy and narrow "
+        "links, the WAN on and the database cut off too; federation: docs/fusion.md's federation "
+        "across machines, a site's machine lost for a round (default ci)",
     )
     p.add_argument("--devices", type=int, default=4, help="device accounts, one client each (default 4)")
     p.add_argument("--in-flight", type=int, default=4, help="requests at once per device (default 4)")
@@ -64,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGHUP):  # tear down as on Ctrl+C
         signal.signal(sig, _interrupt)
+    if args.scenario == "federation":
+        from shoal.lab.federation import run_federation
+
+        fed = run_federation(args.out, args.run, lambda s: print(s, file=sys.stderr, flush=True))
+        print(json.dumps(fed, indent=1) if args.json else f"passed: {fed['passed']}; {args.out / 'summary.json'}")
+        return 0 if fed["passed"] else 1
     names = ("seed", "scenario", "run", "devices", "in_flight", "client_timeout")
     cfg = LabConfig(args.out, **{k: getattr(args, k) for k in names})
     summary = run_lab(cfg, lambda s: print(s, file=sys.stderr, flush=True))

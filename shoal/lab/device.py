@@ -12,6 +12,9 @@ answer can be checked against it. Two JSON lines a request go to ``--log``:
     {"e": "done", "id": "cam-0/2/17", "t": 1712.4, "ok": true, "gateway": "http://10.77.1.2:8000",
      "out": "9f...", "correct": true}                       (or "ok": false, "error": "InferError: ...")
 
+and a ``step`` line for each step of the client worth seeing (``TracingClient``): a call to central,
+a call that did not end in a 200 or was slow, a back-off sleep.
+
 ``in`` and ``out`` are digests of the input and the output (a wrong answer is traced to the request it
 belonged to), times are the wall clock (the lab's fault records use it too). SIGTERM: no new
 requests; those in flight finish; the log is flushed; exit 0. The password is ``$SHOAL_DEVICE_PASSWORD``
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import hashlib
 import json
 import os
@@ -33,6 +37,47 @@ from typing import Any
 import numpy as np
 
 from shoal.client import AsyncClient
+from shoal.client.core import Call, Compute, Finished, Reply, Unreachable, resume
+from shoal.client.http import asend
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("lab_request", default="")
+STEP_SLOW_S = 0.5  # a step of the client this slow (or not a 200, or a route asked for) is logged
+
+
+class TracingClient(AsyncClient):
+    """``AsyncClient`` whose steps worth seeing are logged as ``step`` lines under the request they
+    served (a context variable each slot sets): the calls to central, every call that did not end in
+    a 200 or took ``STEP_SLOW_S``, every back-off sleep; each with when it began, how long it took,
+    the wait it was given and its outcome. (The same driver loop as ``AsyncClient._run``.)"""
+
+    log: Log | None = None
+
+    async def _run(self, flow: Any) -> Any:
+        outcome: Reply | Unreachable | None = None
+        while not isinstance(step := resume(flow, outcome), Finished):
+            t = time.time()
+            if isinstance(step, Call):
+                outcome = await asend(self._http, step)
+                what: Any = outcome.status if isinstance(outcome, Reply) else f"{type(outcome).__name__}: {outcome}"
+                took = time.time() - t
+                if "/v1/" in step.url or what != 200 or took > STEP_SLOW_S:
+                    self._step(t, took, step.method, step.url, step.timeout, what)
+            elif isinstance(step, Compute):
+                outcome = await asyncio.to_thread(step.fn)
+            else:
+                await asyncio.sleep(step.seconds)
+                outcome = None
+                self._step(t, time.time() - t, "sleep", "", step.seconds, None)
+        while self.core.due:  # routes due again: asked for beside the requests, none waits for it
+            task = asyncio.create_task(self._run(self.core.renew(*self.core.due.pop())))
+            self._renewing.add(task)
+            task.add_done_callback(self._renewing.discard)
+        return step.value
+
+    def _step(self, t: float, took: float, method: str, url: str, wait: float | None, what: Any) -> None:
+        if self.log is not None:
+            self.log.emit(e="step", id=REQUEST.get(), t=t, took=round(took, 4), call=f"{method} {url}",
+                          wait=wait, outcome=what)  # fmt: skip
 
 MODEL = "echo"
 
@@ -68,7 +113,7 @@ class LogTail:
             r = json.loads(line)
             if r["e"] == "send":
                 self.outstanding[r["id"]] = r["t"]
-            else:
+            elif r["e"] == "done":
                 self.outstanding.pop(r["id"], None)
                 if r["ok"]:
                     self.last_answer = max(self.last_answer, r["t"])
@@ -113,6 +158,7 @@ async def slot(
             first.set()
         x = rng.standard_normal((1, 16)).astype(np.float32)
         rid = f"{device}/{k}/{n}"
+        REQUEST.set(rid)
         n += 1
         log.emit(e="send", id=rid, t=time.time(), model=model, **{"in": digest(x)})
         try:
@@ -141,7 +187,9 @@ async def drive(args: argparse.Namespace) -> int:
     log = Log(args.log)
     flusher = asyncio.create_task(log.flush_every(0.2))
     centrals = args.central.split(",")  # every replica: the client asks the next when one fails
-    clients = [AsyncClient(centrals, d, password, timeout=args.timeout) for d in args.device.split(",")]
+    clients = [TracingClient(centrals, d, password, timeout=args.timeout) for d in args.device.split(",")]
+    for c in clients:
+        c.log = log
     tasks = []
     try:
         # The devices come up one after another: each sends one request alone (it gets its route from

@@ -23,6 +23,9 @@ when, by the wall clock the devices' logs use.
 * ``crash-joining(machine)``: a worker started on the idle machine (scale-out); once a gateway holds
   it with requests in flight (its first batch, held until then: ``Site.hold``), the machine crashed
   as ``crash`` does.
+* ``serve(machine)``: not a fault: a worker started on the idle machine for the second site's second
+  model (the first site's, ``echo``), so that a later fault can move devices to that site; done once
+  central routes the model to it.
 * ``crash-draining(machine)``: a worker started on the idle machine; once it has answered twice and
   holds requests (the batch it computes held until the loss), it is told to drain (SIGTERM, as an orchestrator's scale-in does: it tells every gateway DRAIN and
   finishes what it holds); once it says it is draining, the machine crashed.
@@ -43,7 +46,9 @@ from typing import Any, Protocol
 from shoal.lab.procs import Processes
 from shoal.lab.world import BRIDGE, World
 
-KINDS = ("partition", "crash", "restart", "wan", "drop", "lossy", "slow", "crash-joining", "crash-draining")
+KINDS = (
+    "partition", "crash", "restart", "wan", "drop", "lossy", "slow", "crash-joining", "crash-draining", "serve",
+)  # fmt: skip
 LASTING = ("partition", "restart", "wan", "drop", "lossy", "slow")  # kinds that end after their seconds
 CRASHES = ("crash", "crash-joining", "crash-draining")  # the machine stays down
 CUT_OFF = ("partition", "drop")  # nothing gets through while it lasts
@@ -69,6 +74,10 @@ class Site(Protocol):
 
     def wait(self, cond: Callable[[], bool], timeout: float) -> bool:
         """Until ``cond()``; False when ``timeout`` passed first."""
+
+    def serve(self, machine: str) -> None:
+        """A worker on ``machine`` (idle so far) for its site's second model; returns once the
+        site's gateways hold it and central routes that model to the site too."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +129,9 @@ def ci_schedule(seed: int) -> list[Fault]:
 def full_schedule(seed: int) -> list[Fault]:
     """The fuller scenario: the CI one with w1's link made lossy (``LOSSY``) and w2's narrowed to
     ``SLOW_MBIT`` for 10 s each after the worker faults, the WAN between the site and central on
-    for 10 s after the gateway's partition, and the database machine partitioned silently for 6 to
-    8 s after PostgreSQL's restart."""
+    for 10 s after the gateway's partition, the database machine partitioned silently for 6 to 8 s
+    after PostgreSQL's restart, and at the end the second site made to serve the first site's model
+    (``serve(w7)``) and the first site's last gateway crashed."""
     ci = ci_schedule(seed)
     rng = random.Random(seed + 10_000)
     wan = Fault("wan", "wan", pause_s=round(rng.uniform(2.0, 4.0), 2), seconds=10.0)
@@ -130,7 +140,11 @@ def full_schedule(seed: int) -> list[Fault]:
     )
     lossy = Fault("lossy", "w1", pause_s=round(rng.uniform(2.0, 4.0), 2), seconds=10.0)
     slow = Fault("slow", "w2", pause_s=round(rng.uniform(2.0, 4.0), 2), seconds=10.0)
-    return [*ci[:4], lossy, slow, ci[4], wan, *ci[5:7], db_cut, ci[7]]
+    # Then the second site serves the first site's model too, and the first site's last gateway is
+    # lost: its devices must carry on at the other site.
+    serve = Fault("serve", "w7", pause_s=1.0)
+    last = Fault("crash", "gw-a", pause_s=round(rng.uniform(2.0, 4.0), 2))
+    return [*ci[:4], lossy, slow, ci[4], wan, *ci[5:7], db_cut, ci[7], serve, last]
 
 
 SCENARIOS = {"ci": ci_schedule, "full": full_schedule}
@@ -173,6 +187,12 @@ def inject(fault: Fault, world: World, procs: Processes, site: Site | None = Non
         time.sleep(fault.seconds)
         procs.signal_machine(m, signal.SIGUSR2)
         rec["heal"] = time.time()
+    elif fault.kind == "serve":
+        if site is None:
+            raise ValueError("serve needs the running lab")
+        rec["start"] = time.time()
+        site.serve(m)
+        rec["serving"] = time.time()
     elif fault.kind in ("crash-joining", "crash-draining"):
         if site is None:
             raise ValueError(f"{fault.kind} needs the running lab")

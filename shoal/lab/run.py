@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.lab import checker
-from shoal.lab.deploy import MODEL, Deployment, SiteSpec, deploy
+from shoal.lab.deploy import MODEL, WORKER_PORT, Deployment, SiteSpec, deploy
 from shoal.lab.device import LogTail
 from shoal.lab.faults import CRASHES, SCENARIOS, Fault, inject
 from shoal.lab.observe import Observer, central_sample, gateway_sample, route_sample
@@ -120,6 +120,7 @@ class Lab:
         self.down: set[str] = set()  # machines crashed
         self.dep: Deployment | None = None
         self.slow_repo: Path | None = None
+        self.served: list[str] = []  # workers of the first site's model started at the second site
 
     # ------------------------------------------------------------------ conditions on the live system
 
@@ -194,6 +195,21 @@ class Lab:
     def wait(self, cond: Callable[[], bool], timeout: float) -> bool:
         return _wait(cond, timeout, every=0.02)
 
+    def serve(self, machine: str) -> None:
+        """A worker of the first site's model (the bundled echo) at the second site, on ``machine``;
+        returns once the second site's gateways hold it and every replica routes the model there."""
+        assert self.procs is not None and self.dep is not None and self.observer is not None
+        d = self.dep.sites[SITE2.cluster]
+        first = next(iter(d.gateways.values()))
+        args = ["worker", "--gateway", f"{first.host}:{WORKER_PORT}", "--model", MODEL, "--worker-id", machine]
+        d.workers[machine] = self.procs.shoal(machine, machine, args, {"SHOAL_CLUSTER_SECRET": d.secret})
+        self.served.append(machine)
+        if not _wait(lambda: self._holding(self.dep), 60):  # type: ignore[arg-type]
+            raise RuntimeError(f"the second site's gateways did not take the worker on {machine}")
+        for name, c in self.dep.centrals.items():
+            if name not in self.down:  # a replica crashed earlier answers nothing
+                self.observer.call(c.wait_routable, {SITE2.cluster}, MODEL, 60.0)
+
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
@@ -224,7 +240,10 @@ class Lab:
         world.create()
         spare = [f.machine for f in schedule if f.kind in STARTED]  # idle until their fault
         site2 = [SITE2.wan or "", *SITE2.gateways, *SITE2.workers, SITE2_DEVICES] if cfg.second_site else []
-        for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev", *spare, *site2):
+        serving = [f.machine for f in schedule if f.kind == "serve"]  # at the second site, idle till then
+        if serving and not cfg.second_site:
+            raise ValueError("a serve step needs the second site")
+        for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev", *spare, *site2, *serving):
             world.add(name)
         self.slow_repo = lab_repo(out / "models")
         self.say(f"lab run {world.run}: bridge and {len(world.machines)} machines on 10.77.{world.run}.0/24")
@@ -357,8 +376,11 @@ class Lab:
         gateways = {gw.url: g for g, gw in all_gateways.items()}
         entries = [e for path in logs for e in checker.read_jsonl(path)]
         clusters = {
-            c: {"model": d.model, "gateways": sorted(d.gateways)} for c, d in [(dep.cluster, dep), *dep.sites.items()]
+            c: {"model": d.model, "models": [d.model], "gateways": sorted(d.gateways)}
+            for c, d in [(dep.cluster, dep), *dep.sites.items()]
         }
+        if self.served:  # the second site served the first site's model too
+            clusters[SITE2.cluster]["models"].append(MODEL)
         summary = checker.check(entries, samples, records, gateways, warm, clusters)
         reqs, _ = checker.pair_requests(entries)
         t0 = reqs[0]["sent"] if reqs else 0.0

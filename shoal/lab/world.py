@@ -180,6 +180,17 @@ class World:
         no RST reaches anyone) and the bridge drops what is sent to it."""
         _ip("link", "set", "eth0", "up" if up else "down", ns=self.machines[name].ns)
 
+    def kill_everything(self, name: str) -> list[int]:
+        """SIGKILL whatever still runs in the machine's namespace (what its processes started in
+        sessions of their own too: a machine that crashes keeps nothing); the ids."""
+        r = subprocess.run(["ip", "netns", "pids", self.machines[name].ns], capture_output=True, text=True, timeout=20)
+        killed = []
+        for pid in r.stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+        return killed
+
     def set_dropping(self, name: str, dropping: bool) -> None:
         """Every packet to and from the machine dropped, its link staying up (the carrier, the
         addresses and the routes as they were: nothing tells its processes or its peers): a
