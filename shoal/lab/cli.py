@@ -37,10 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--scenario",
-        choices=("ci", "full"),
+        choices=("ci", "full", "ray"),
         default="ci",
         help="ci: the CI-sized fault schedule (about a minute); full: with the WAN on and the database "
-        "cut off too (default ci)",
+        "cut off too; ray: workers as Ray actors on three machines, a node and the head lost (about "
+        "five minutes; shoal.lab.ray_lab) (default ci)",
     )
     p.add_argument("--devices", type=int, default=4, help="device accounts, one client each (default 4)")
     p.add_argument("--in-flight", type=int, default=4, help="requests at once per device (default 4)")
@@ -64,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGHUP):  # tear down as on Ctrl+C
         signal.signal(sig, _interrupt)
+    if args.scenario == "ray":
+        from shoal.lab.ray_lab import run_ray_cli
+
+        return run_ray_cli(args)
     names = ("seed", "scenario", "run", "devices", "in_flight", "client_timeout")
     cfg = LabConfig(args.out, **{k: getattr(args, k) for k in names})
     summary = run_lab(cfg, lambda s: print(s, file=sys.stderr, flush=True))
