@@ -177,7 +177,10 @@ class RayWorker(EngineWorker):
             if self.code != 0:
                 self.error = output
         except ray.exceptions.RayError as e:  # an actor dead for good (killed, or it could not start)
-            self.code, self.error = 1, _first_line(e)
+            # Its node, its owner or Ray killed it: nothing the model chose, so -1 (an unknown end),
+            # which the controller replaces with back-off but never counts towards marking the model
+            # unavailable. (A worker whose model does not load ends its run with 1 or 2: ping's answer.)
+            self.code, self.error = -1, _first_line(e)
         self.engine.kill_soon(self)  # its worker has ended: free the actor's resources
         return self.code
 
@@ -201,6 +204,28 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise EngineError(f"cannot join the Ray cluster at {address!r}: nothing answers there ({e})") from None
 
 
+def local_address_towards(address: str) -> str | None:
+    """The address of this machine from which ``address`` (the head's ``host:port``) is reached: the
+    node the gateway's Ray driver must attach to. A UDP socket's ``connect`` only looks the route up
+    (nothing is sent). None for ``auto``, Ray Client, or a host that cannot be looked up.
+
+    Ray itself, given no address, picks among the raylets it sees in the process table, preferring the
+    head's: where several machines' raylets share one (containers or namespaces sharing a process
+    view, as in ``shoal lab``), the gateway's driver attached to the head's raylet over the network,
+    so the head's loss took the driver with it and Ray killed every actor it owned, even with GCS
+    fault tolerance."""
+    if address == "auto" or "://" in address:
+        return None
+    host, port = split_hostport(address, 6379)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return str(s.getsockname()[0])
+    except OSError:
+        return None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
@@ -215,6 +240,7 @@ class RayEngine(Engine):
         self._remote: Any = None
         self._background: set[asyncio.Future] = set()
         self._nodes = 0
+        self._here = ""  # the node this driver attached to
         self._resources: dict[str, float] = {}
 
     async def start(self) -> None:
@@ -223,6 +249,7 @@ class RayEngine(Engine):
 
         def connect() -> None:
             _check_reachable(opts.address)
+            here = opts.node_ip_address or local_address_towards(opts.address)
             # In a thread: Ray then leaves this process's SIGTERM handler (the gateway's drain) alone,
             # and says so; that is what is wanted here.
             logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler" not in r.getMessage())
@@ -232,7 +259,9 @@ class RayEngine(Engine):
                 log_to_driver=True,  # workers' log lines appear in the gateway's log, marked with their actor
                 logging_level=logging.WARNING,
                 ignore_reinit_error=True,
+                **({"_node_ip_address": here} if here else {}),
             )
+            self._here = ray.get_runtime_context().get_node_id()[:12] + (f" at {here}" if here else "")
             self._nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
             self._resources = ray.cluster_resources()
 
@@ -248,11 +277,12 @@ class RayEngine(Engine):
         actor = importlib.import_module("shoal.worker.ray_actor").WorkerActor
         self._remote = ray.remote(actor)
         log.info(
-            "ray engine: joined %s (namespace %s, %d nodes, %s)",
+            "ray engine: joined %s (namespace %s, %d nodes, %s; this driver on node %s)",
             opts.address,
             opts.namespace,
             self._nodes,
             json.dumps(_config_names({k: v for k, v in self._resources.items() if ":" not in k and "object_store" not in k})),
+            self._here,
         )
 
     async def launch(self, req: WorkerLaunch) -> EngineWorker:
