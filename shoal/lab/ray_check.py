@@ -129,7 +129,7 @@ def _head_crash(f: dict[str, Any], samples: list[dict[str, Any]], reqs: list[dic
     start = f["start"]
     done_ok = [r["done"] for r in reqs if r["ok"] and r["done"] is not None and r["done"] >= start]
     failed = [r["done"] for r in reqs if r["done"] is not None and not r["ok"] and r["done"] >= start]
-    gws = _gw(samples, start, end + 1)
+    gws = _gw(samples, start, float("inf"))
     lost = next((s["t"] for s in gws if not s["ok"]), None)
     procs = [s for s in samples if s["source"] == "procs" and s["t"] >= start and s["ok"]]
     exited = next((s["t"] for s in procs if not s["gateway_alive"]), None)

@@ -62,7 +62,7 @@ class RayLabConfig:
     acts: tuple[str, ...] = ("ft", "no-ft")
     pause_s: float = 3.0  # steady load before each fault
     head_down_s: float = 10.0  # how long the head's machine is away (ft)
-    no_ft_watch_s: float = 90.0  # how long the lost head's cluster is watched (no-ft)
+    no_ft_watch_s: float = 150.0  # how long the lost head's cluster is watched (no-ft): past Ray's 60 s GCS timeouts
     recover_timeout_s: float = 90.0
     tail_s: float = 5.0
     ray_env: dict[str, str] = field(default_factory=dict)  # Ray's settings (RAY_*) for every node
