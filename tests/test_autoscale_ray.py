@@ -258,3 +258,54 @@ def test_an_actor_that_died_is_not_a_model_that_failed_to_start():
     assert w.exit_code() == -1 and "died unexpectedly" in w.describe()["error"]
     w = _ray_worker(_FakeRay(None, (2, "no such model")))
     assert w.exit_code() == 2 and w.describe()["error"] == "no such model"
+
+
+def test_a_gateway_stops_in_bounded_time_when_its_ray_head_is_lost():
+    """With the head lost, each of Ray's calls waits for its control store (a minute or more): the
+    engine's stop gives up waiting after its timeout (the calls go on in a daemon thread) instead of
+    keeping the stopping gateway alive; in the lab it outlived its SIGTERM."""
+    import asyncio
+    import threading
+
+    from shoal.autoscale.config import AutoscaleConfig
+    from shoal.autoscale.ray_engine import RayEngine
+
+    never = threading.Event()
+
+    class Stuck(_FakeRay):
+        def kill(self, actor, no_restart=True):
+            never.wait(30)
+
+        def shutdown(self):
+            never.wait(30)
+
+    engine = RayEngine(AutoscaleConfig(engine="ray"))
+    engine.ray = Stuck(None)
+    w = _ray_worker(engine.ray)
+    w.engine = engine
+    t = time.monotonic()
+    asyncio.run(engine.stop([w], timeout_s=0.5))
+    assert time.monotonic() - t < 3.0 and w.code is None  # not waited for; the thread goes on
+    never.set()
+
+
+def test_the_engine_stop_kills_the_actors_and_leaves_when_ray_answers():
+    import asyncio
+
+    from shoal.autoscale.config import AutoscaleConfig
+    from shoal.autoscale.ray_engine import RayEngine
+
+    calls = []
+
+    class Answers(_FakeRay):
+        def kill(self, actor, no_restart=True):
+            calls.append(("kill", actor, no_restart))
+
+        def shutdown(self):
+            calls.append(("shutdown",))
+
+    engine = RayEngine(AutoscaleConfig(engine="ray"))
+    engine.ray = Answers(None)
+    w = _ray_worker(engine.ray)
+    asyncio.run(engine.stop([w], timeout_s=5))
+    assert calls == [("kill", None, True), ("shutdown",)] and w.code == -9

@@ -32,6 +32,7 @@ this engine, the tests and the benchmarks; see docs/elastic.md, "Ray").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -41,6 +42,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
@@ -64,6 +66,8 @@ RAY_ENV = {
     # cluster starts: a URL requests has no adapter for keeps that inside the process.
     "RAY_USAGE_STATS_REPORT_URL": "file:///dev/null",
 }
+
+STOP_TIMEOUT_S = 10.0  # the longest a stopping gateway waits on Ray (a lost head makes it wait minutes)
 
 BOOTSTRAP_NAME = "ray_bootstrap_config.yaml"
 BOOTSTRAP_TEXT = """\
@@ -349,13 +353,45 @@ class RayEngine(Engine):
         if w.code is None:
             w.code = -int(signal.SIGKILL)
 
-    async def stop(self, workers: list[EngineWorker]) -> None:
+    async def stop(self, workers: list[EngineWorker], timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Kill the actors and leave the cluster, waiting at most ``timeout_s``: where the head is
+        lost, each of Ray's calls waits for its control store (a minute or more), and a gateway told
+        to stop must not wait with it (found by ``shoal lab --scenario ray``: the gateway outlived its
+        SIGTERM). The calls go on in a daemon thread, which does not hold the process's exit; the
+        actors are not detached, so Ray ends them with this driver."""
         if self.ray is None:
             return
-        await asyncio.gather(*(self.terminate(w) for w in workers), return_exceptions=True)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.to_thread(self.ray.shutdown)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        ray = self.ray
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def end_all() -> None:
+            try:
+                for w in workers:
+                    assert isinstance(w, RayWorker)
+                    self._kill(w)
+                    if w.code is None:
+                        w.code = -int(signal.SIGKILL)
+                ray.shutdown()
+            except Exception as e:  # the cluster is gone: nothing more to free here
+                log.debug("ray engine stop: %s", e)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop already closed: nobody waits
+                    loop.call_soon_threadsafe(finished)
+
+        threading.Thread(target=end_all, name="ray-engine-stop", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.gather(done, *self._background, return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning(
+                "ray engine: the Ray cluster did not answer within %g s while stopping; leaving it "
+                "(the actors end with this driver)",
+                timeout_s,
+            )
 
     def describe(self) -> dict[str, Any]:
         return {

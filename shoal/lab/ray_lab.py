@@ -26,6 +26,8 @@ import atexit
 import json
 import secrets
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -231,6 +233,8 @@ class RayLab:
                 rec.setdefault("handed_back", {})[wid] = handed_back(gw_log, wid, rec["start"], hi)
         procs.stop([dev], timeout=3 * cfg.client_timeout)
         obs.stop()
+        stopped = self._stop_gateway(gw)
+        self.say(f"[{act}] the gateway stopped {stopped['seconds']} s after its SIGTERM ({stopped['how']})")
 
         samples = list(obs.samples)
         entries = ray_check.read_jsonl(log)
@@ -238,6 +242,7 @@ class RayLab:
             act, entries, samples, records, warm, gateway_url=gw.url, min_workers=MIN_WORKERS,
             gateway_log=ray_check.gateway_log_lines(gw_log),
         )  # fmt: skip
+        summary["gateway_stop"] = stopped
         (out / "faults.json").write_text(json.dumps(records, indent=1))
         with open(out / "samples.jsonl", "w") as f:
             for s in samples:
@@ -317,6 +322,22 @@ class RayLab:
         wait_ports(gw.gateway, gdir / "ports.json", 180)
         self.observer.call(gw.wait_workers, MODEL, MIN_WORKERS, 180, timeout=200)
         return gw
+
+    def _stop_gateway(self, gw: LabGateway, grace_s: float = 60.0) -> dict[str, Any]:
+        """SIGTERM to the gateway (its drain, then its engine's stop): how long it took to end, or
+        SIGKILL after ``grace_s``."""
+        assert gw.gateway is not None
+        p = gw.gateway.popen
+        t = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        try:
+            code = p.wait(grace_s)
+            how = f"exit status {code}"
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+            how = f"still running after {grace_s:g} s: SIGKILL"
+        return {"seconds": round(time.monotonic() - t, 2), "how": how}
 
     def _node_with_worker(self, obs: Observer) -> str:
         """A node other than the head hosting a worker (where a crash takes a worker with it)."""
