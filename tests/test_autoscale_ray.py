@@ -283,9 +283,20 @@ def test_a_gateway_stops_in_bounded_time_when_its_ray_head_is_lost():
     engine.ray = Stuck(None)
     w = _ray_worker(engine.ray)
     w.engine = engine
-    t = time.monotonic()
-    asyncio.run(engine.stop([w], timeout_s=0.5))
+    import atexit
+
+    atexit.register(engine.ray.shutdown)  # as ray.init registers it
+    unregistered = []
+    real = atexit.unregister
+    atexit.unregister = lambda f: (unregistered.append(f), real(f))
+    try:
+        t = time.monotonic()
+        asyncio.run(engine.stop([w], timeout_s=0.5))
+    finally:
+        atexit.unregister = real
     assert time.monotonic() - t < 3.0 and w.code is None  # not waited for; the thread goes on
+    # and Ray's exit hook, which would wait for it at the interpreter's exit, is gone
+    assert unregistered == [engine.ray.shutdown]
     never.set()
 
 
@@ -309,3 +320,21 @@ def test_the_engine_stop_kills_the_actors_and_leaves_when_ray_answers():
     w = _ray_worker(engine.ray)
     asyncio.run(engine.stop([w], timeout_s=5))
     assert calls == [("kill", None, True), ("shutdown",)] and w.code == -9
+
+
+def test_calls_into_ray_never_hold_the_process_exit():
+    """Ray's calls run in daemon threads (``off_loop``), not the default executor whose threads the
+    process joins at exit: a call stuck on a lost head no longer keeps a stopped gateway alive."""
+    code = (
+        "import asyncio, threading, time\n"
+        "from shoal.autoscale.ray_engine import off_loop\n"
+        "async def main():\n"
+        "    assert await off_loop(lambda x: x + 1, 1) == 2\n"
+        "    asyncio.get_running_loop().create_task(off_loop(threading.Event().wait, 60))\n"
+        "    await asyncio.sleep(0.1)\n"
+        "asyncio.run(main())\n"
+    )
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t < 20

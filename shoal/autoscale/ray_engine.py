@@ -32,6 +32,7 @@ this engine, the tests and the benchmarks; see docs/elastic.md, "Ray").
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib
 import json
@@ -230,6 +231,33 @@ def local_address_towards(address: str) -> str | None:
         return None
 
 
+async def off_loop(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread of its own, awaited. Not ``asyncio.to_thread``: the default
+    executor's threads are joined when the process exits, and a call into a Ray cluster whose head is
+    lost waits a minute or more for its control store, so a stopping gateway waited for it (found by
+    ``shoal lab --scenario ray``)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            ok, value = True, fn(*args)
+        except BaseException as e:  # handed to the awaiting coroutine
+            ok, value = False, e
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, name="ray-call", daemon=True).start()
+    return await fut
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
@@ -270,7 +298,7 @@ class RayEngine(Engine):
             self._resources = ray.cluster_resources()
 
         try:
-            await asyncio.to_thread(connect)
+            await off_loop(connect)
         except EngineError:
             raise
         except Exception as e:  # ConnectionError, ValueError, RuntimeError from Ray
@@ -316,7 +344,7 @@ class RayEngine(Engine):
             return w
 
         try:
-            w = await asyncio.to_thread(create)
+            w = await off_loop(create)
         except Exception as e:  # a taken name, a resource Ray refuses, a lost cluster
             raise EngineError(f"Ray refused actor {req.worker_id}: {_first_line(e)}") from None
         if w.waiting:
@@ -332,10 +360,11 @@ class RayEngine(Engine):
     def kill_soon(self, w: RayWorker) -> None:
         """Kill the actor without waiting (from ``exit_code``, on the event loop)."""
         try:
-            fut = asyncio.get_running_loop().run_in_executor(None, self._kill, w)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop running here: do it now
             self._kill(w)
             return
+        fut = loop.create_task(off_loop(self._kill, w))
         self._background.add(fut)
         fut.add_done_callback(self._background.discard)
 
@@ -344,12 +373,13 @@ class RayEngine(Engine):
         if w.code is None and not w.where:
             # Never placed: say why, as the cluster stands now (the controller reports it).
             try:
-                w.waiting = await asyncio.to_thread(placement_problem, w.demand, self.ray.nodes()) or (
+                # ray.nodes() in the thread too: it waits for the control store, which may be lost
+                w.waiting = await off_loop(lambda: placement_problem(w.demand, self.ray.nodes())) or (
                     "not placed yet: the nodes that could host it are busy"
                 )
             except Exception as e:
                 w.waiting = f"not placed; the Ray cluster did not answer: {_first_line(e)}"
-        await asyncio.to_thread(self._kill, w)
+        await off_loop(self._kill, w)
         if w.code is None:
             w.code = -int(signal.SIGKILL)
 
@@ -387,6 +417,10 @@ class RayEngine(Engine):
         try:
             await asyncio.wait_for(asyncio.gather(done, *self._background, return_exceptions=True), timeout_s)
         except asyncio.TimeoutError:
+            # Ray's own exit hook would call shutdown again at the interpreter's exit and wait, with
+            # the lock the stuck call holds, for the lost control store: the process would outlive
+            # its stop (the lab: 60 s and more after its SIGTERM). Not registered any more.
+            atexit.unregister(ray.shutdown)
             log.warning(
                 "ray engine: the Ray cluster did not answer within %g s while stopping; leaving it "
                 "(the actors end with this driver)",
