@@ -505,4 +505,6 @@ def test_ray_scenario_a_node_and_the_head_lost(tmp_path):
     assert head["failed_while_away"] == 0 and head["gateway_alive"] and head["head_worker_back_s"] is not None
     no = s["acts"]["no-ft"]
     assert no["lost"] == no["answered_twice"] == no["wrong_answers"] == 0
+    for a in (ft, no):  # a gateway whose Ray head is lost still ends when told to stop
+        assert a["gateway_stop"]["how"] == "exit status 0" and a["gateway_stop"]["seconds"] < 30
     assert lab_namespaces() == {} or all(run != s.get("run") for run in lab_namespaces())
