@@ -102,7 +102,7 @@ def _head_restart(f: dict[str, Any], samples: list[dict[str, Any]], reqs: list[d
     away = [r for r in reqs if start <= r["sent"] < up]
     answers = sorted(r["done"] for r in reqs if r["ok"] and r["done"] is not None and start <= r["done"] < up)
     gaps = np.diff([start, *answers, up]) if up > start else np.array([0.0])
-    during = [s for s in _gw(samples, start, up)]
+    during = _gw(samples, start, up)
     procs = [s for s in samples if s["source"] == "procs" and start <= s["t"] < up and s["ok"]]
     ok = [s for s in _gw(samples, start, nxt) if s["ok"]]
     back = next((s["t"] for s in ok if s["t"] >= up and len(_accepting(s)) >= min_workers), None)
@@ -125,7 +125,7 @@ def _head_restart(f: dict[str, Any], samples: list[dict[str, Any]], reqs: list[d
     }
 
 
-def _head_crash(f: dict[str, Any], samples: list[dict[str, Any]], reqs: list[dict[str, Any]], end: float) -> dict[str, Any]:
+def _head_crash(f: dict[str, Any], samples: list[dict[str, Any]], reqs: list[dict[str, Any]]) -> dict[str, Any]:
     start = f["start"]
     done_ok = [r["done"] for r in reqs if r["ok"] and r["done"] is not None and r["done"] >= start]
     failed = [r["done"] for r in reqs if r["done"] is not None and not r["ok"] and r["done"] >= start]
@@ -183,7 +183,7 @@ def check_act(
         elif f["kind"] == "ray-head-restart":
             row.update(_head_restart(f, samples, reqs, nxt, min_workers))
         else:
-            row.update(_head_crash(f, samples, reqs, end))
+            row.update(_head_crash(f, samples, reqs))
         if "handed_back" in f:
             row["handed_back"] = f["handed_back"]
         held = _held(reqs, start, nxt, slow)

@@ -43,7 +43,7 @@ from shoal.lab.deploy import CENTRAL_PORT, GRPC_PORT, HTTP_PORT, MODEL, WORKER_P
 from shoal.lab.device import LogTail
 from shoal.lab.observe import LabCentral, LabGateway, Observer
 from shoal.lab.procs import Processes, wait_ports
-from shoal.lab.ray_nodes import RayCluster, machine_of, machine_pids, netns_inodes
+from shoal.lab.ray_nodes import REDIS_SERVER, RayCluster, machine_of, machine_pids, netns_inodes
 from shoal.lab.run import handed_back
 from shoal.lab.world import World, claim_run
 
@@ -395,8 +395,14 @@ def run_ray_lab(cfg: RayLabConfig, say: Callable[[str], None] | None = None) -> 
 def run_ray_cli(args: Any) -> int:
     """``shoal lab --scenario ray`` (from ``shoal.lab.cli``): both acts, a line a fault, or the whole
     summary with ``--json``; exit 0 when both acts pass."""
-    from shoal.autoscale.ray_engine import import_ray  # noqa: F401 (fails early, saying what to install)
+    import importlib.util
 
+    if importlib.util.find_spec("ray") is None:  # not imported here: only the machines run Ray
+        print("shoal lab --scenario ray: Ray is not installed (pip install 'shoal[ray]')", file=sys.stderr)
+        return 2
+    if not Path(REDIS_SERVER).exists():
+        print(f"shoal lab --scenario ray: {REDIS_SERVER} is missing (the GCS's store)", file=sys.stderr)
+        return 2
     cfg = RayLabConfig(
         args.out, seed=args.seed, run=args.run, devices=args.devices, in_flight=args.in_flight,
         client_timeout=args.client_timeout,

@@ -38,6 +38,7 @@ from shoal.local import Child
 
 RAY_PORT = 6379
 REDIS_PORT = 6379
+REDIS_SERVER = "/usr/bin/redis-server"
 READY = b"will now block"  # what `ray start --block` says once its node is up
 
 
@@ -147,7 +148,7 @@ class RayCluster:
         rdir.mkdir(parents=True, exist_ok=True)
         ip = self.world.machines[self.redis].address
         argv = [
-            "/usr/bin/redis-server", "--bind", ip, "--port", str(REDIS_PORT), "--requirepass", self.password,
+            REDIS_SERVER, "--bind", ip, "--port", str(REDIS_PORT), "--requirepass", self.password,
             "--save", "", "--appendonly", "no", "--dir", str(rdir), "--daemonize", "no",
         ]  # fmt: skip
         child = self.procs.spawn(self.redis, "redis", argv)
