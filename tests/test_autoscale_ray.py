@@ -195,3 +195,146 @@ def test_no_model_name_leaves_the_repository_on_the_ray_engine(gateway, model_re
     _outside_model(model_repo.parent / "other" / "pwn" / "1", marker)  # "../other/pwn" from the repository
     assert_names_cannot_leave_the_repository(gateway.http_port, gateway.api_key, model_repo, marker)
     assert gateway.gateway.alive()
+
+
+# ------------------------------------------------------------------ found by shoal lab --scenario ray
+
+
+def test_the_driver_attaches_to_the_node_of_its_own_machine():
+    """The gateway's driver names its own node (the local address towards the head): Ray, left to
+    choose, picks among every raylet in the process table and prefers the head's, so where machines
+    share one (the lab's namespaces) the gateway depended on the head's machine."""
+    from shoal.autoscale.ray_engine import local_address_towards
+
+    assert local_address_towards("127.0.0.1:6379") == "127.0.0.1"
+    assert local_address_towards("auto") is None
+    assert local_address_towards("ray://head:10001") is None
+
+
+class _FakeRay:
+    """What ``RayWorker.exit_code`` asks of Ray, for an actor whose ping failed with ``error``."""
+
+    class exceptions:  # noqa: N801 (Ray's own name)
+        class RayError(Exception):
+            pass
+
+        class RayActorError(RayError):
+            pass
+
+    def __init__(self, error: Exception | None, answer: tuple[int, str] = (0, "")) -> None:
+        self.error, self.answer = error, answer
+
+    def wait(self, refs, timeout=0):
+        return refs, []
+
+    def get(self, ref, timeout=0):
+        if ref == "where":
+            return {"node": "n1"}
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+def _ray_worker(fake: _FakeRay):
+    from shoal.autoscale.ray_engine import RayWorker
+
+    class Engine:
+        ray = fake
+        killed: list = []
+
+        def kill_soon(self, w):
+            self.killed.append(w)
+
+    return RayWorker("w1", None, "ping", "where", {"CPU": 1.0}, Engine())
+
+
+def test_an_actor_that_died_is_not_a_model_that_failed_to_start():
+    """A Ray actor that died (its node or its driver's node lost, killed) ends with -1, which the
+    controller replaces without counting it towards marking the model unavailable; a worker whose
+    model did not load still ends with its own status. (In the lab, the head's restart killed the
+    actors three times in a row and the model was marked unavailable for good.)"""
+    dead = _FakeRay(_FakeRay.exceptions.RayActorError("The actor died unexpectedly before finishing this task."))
+    w = _ray_worker(dead)
+    assert w.exit_code() == -1 and "died unexpectedly" in w.describe()["error"]
+    w = _ray_worker(_FakeRay(None, (2, "no such model")))
+    assert w.exit_code() == 2 and w.describe()["error"] == "no such model"
+
+
+def test_a_gateway_stops_in_bounded_time_when_its_ray_head_is_lost():
+    """With the head lost, each of Ray's calls waits for its control store (a minute or more): the
+    engine's stop gives up waiting after its timeout (the calls go on in a daemon thread) instead of
+    keeping the stopping gateway alive; in the lab it outlived its SIGTERM."""
+    import asyncio
+    import threading
+
+    from shoal.autoscale.config import AutoscaleConfig
+    from shoal.autoscale.ray_engine import RayEngine
+
+    never = threading.Event()
+
+    class Stuck(_FakeRay):
+        def kill(self, actor, no_restart=True):
+            never.wait(30)
+
+        def shutdown(self):
+            never.wait(30)
+
+    engine = RayEngine(AutoscaleConfig(engine="ray"))
+    engine.ray = Stuck(None)
+    w = _ray_worker(engine.ray)
+    w.engine = engine
+    import atexit
+
+    atexit.register(engine.ray.shutdown)  # as ray.init registers it
+    unregistered = []
+    real = atexit.unregister
+    atexit.unregister = lambda f: (unregistered.append(f), real(f))
+    try:
+        t = time.monotonic()
+        asyncio.run(engine.stop([w], timeout_s=0.5))
+    finally:
+        atexit.unregister = real
+    assert time.monotonic() - t < 3.0 and w.code is None  # not waited for; the thread goes on
+    # and Ray's exit hook, which would wait for it at the interpreter's exit, is gone
+    assert unregistered == [engine.ray.shutdown]
+    never.set()
+
+
+def test_the_engine_stop_kills_the_actors_and_leaves_when_ray_answers():
+    import asyncio
+
+    from shoal.autoscale.config import AutoscaleConfig
+    from shoal.autoscale.ray_engine import RayEngine
+
+    calls = []
+
+    class Answers(_FakeRay):
+        def kill(self, actor, no_restart=True):
+            calls.append(("kill", actor, no_restart))
+
+        def shutdown(self):
+            calls.append(("shutdown",))
+
+    engine = RayEngine(AutoscaleConfig(engine="ray"))
+    engine.ray = Answers(None)
+    w = _ray_worker(engine.ray)
+    asyncio.run(engine.stop([w], timeout_s=5))
+    assert calls == [("kill", None, True), ("shutdown",)] and w.code == -9
+
+
+def test_calls_into_ray_never_hold_the_process_exit():
+    """Ray's calls run in daemon threads (``off_loop``), not the default executor whose threads the
+    process joins at exit: a call stuck on a lost head no longer keeps a stopped gateway alive."""
+    code = (
+        "import asyncio, threading, time\n"
+        "from shoal.autoscale.ray_engine import off_loop\n"
+        "async def main():\n"
+        "    assert await off_loop(lambda x: x + 1, 1) == 2\n"
+        "    asyncio.get_running_loop().create_task(off_loop(threading.Event().wait, 60))\n"
+        "    await asyncio.sleep(0.1)\n"
+        "asyncio.run(main())\n"
+    )
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t < 20

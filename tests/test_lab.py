@@ -507,3 +507,88 @@ def test_the_schedule_is_drawn_from_the_seed():
         ("serve", "w7"),
         ("crash", "gw-a"),
     ]
+
+
+# ------------------------------------------------------------------ the Ray scenario (shoal lab --scenario ray)
+
+
+def _gw_sample(t: float, **workers: tuple[bool, str | None]) -> dict:
+    ws = {w: {"accepting": a, "in_flight": 0, "served": 0, "machine": m} for w, (a, m) in workers.items()}
+    return {"source": "gw", "t": t, "ok": True, "workers": ws}
+
+
+def test_ray_checker_rows_of_a_node_lost_and_the_head_restarted():
+    from shoal.lab import ray_check
+
+    log = [
+        *_req("d/0/0", 99.0, 99.1), *_req("d/0/1", 101.0, 102.7),  # held by the lost node's worker
+        *_req("d/1/0", 100.0, 100.1), *_req("d/1/1", 110.5, 110.6), *_req("d/1/2", 111.0, 111.1),
+        *_req("d/1/3", 115.0, 130.0, ok=False),
+    ]  # fmt: skip
+    samples = [
+        _gw_sample(100.5, a=(True, "ray-1"), b=(True, "ray-head")),
+        _gw_sample(101.5, a=(True, None), b=(True, "ray-head")),  # its process gone: machine unknown
+        _gw_sample(102.6, a=(False, None), b=(True, "ray-head")),
+        _gw_sample(105.0, c=(True, "ray-2"), b=(True, "ray-head")),
+        _gw_sample(111.0, c=(True, "ray-2")),
+        _gw_sample(125.0, c=(True, "ray-2"), d=(True, "ray-head")),
+        {"source": "procs", "t": 112.0, "ok": True, "processes": {"ray-head": 0}, "gateway_alive": True},
+    ]
+    faults = [
+        {"kind": "ray-node-crash", "machine": "ray-1", "label": "ray-node-crash(ray-1)", "start": 101.0,
+         "workers": ["a"], "killed": 6},
+        {"kind": "ray-head-restart", "machine": "ray-head", "label": "ray-head-restart(ray-head)",
+         "start": 110.0, "heal": 120.0, "head_up": 123.0, "workers": ["b"], "killed": 9},
+    ]  # fmt: skip
+    s = ray_check.check_act("ft", log, samples, faults, warm=99.5)
+    crash, head = s["faults"]
+    assert crash["detected_s"] == 1.6 and crash["back_s"] == 4.0
+    assert crash["replaced_on"] == {"b": "ray-head", "c": "ray-2"} and crash["restarted_by_ray"] is False
+    assert crash["held_up_requests"] == 1 and crash["longest_held_s"] == 1.7
+    assert head["head_up_s"] == 13.0 and head["sent_while_away"] == 3 and head["answered_while_away"] == 2
+    assert head["failed_while_away"] == 1 and head["fewest_workers"] == 1 and head["gateway_alive"] is True
+    assert head["back_s"] == 15.0 and head["head_worker_back_s"] == 15.0
+    assert s["failed"] == 1 and not s["passed"]  # a failure with GCS on Redis fails the act
+
+    lost = {"kind": "ray-head-crash", "machine": "ray-head", "label": "ray-head-crash(ray-head)", "start": 101.0}
+    samples = [
+        _gw_sample(102.0, c=(True, "ray-2")),
+        {"source": "gw", "t": 170.0, "ok": False, "error": "refused"},
+        {"source": "procs", "t": 150.0, "ok": True, "processes": {"ray-2": 0, "gw": 3}, "gateway_alive": True},
+        {"source": "procs", "t": 171.0, "ok": True, "processes": {"ray-2": 0, "gw": 0}, "gateway_alive": False},
+    ]
+    s = ray_check.check_act("no-ft", log, samples, [lost], warm=99.5)
+    row = s["faults"][0]
+    assert row["served_until_s"] == 10.1 and row["first_failure_s"] == 29.0
+    assert row["gateway_status_lost_s"] == 69.0 and row["gateway_exited_s"] == 70.0
+    assert row["node_processes_gone_s"] == {"ray-2": 49.0, "gw": 70.0}
+    assert s["passed"]  # without GCS fault tolerance failures are measured, not a fail: none lost or twice
+
+
+@pytest.mark.slow
+@needs_netns
+@pytest.mark.skipif(
+    os.environ.get("SHOAL_LAB_RAY") != "1", reason="the Ray scenario takes minutes and four Ray nodes: SHOAL_LAB_RAY=1"
+)
+def test_ray_scenario_a_node_and_the_head_lost(tmp_path):
+    """``shoal lab --scenario ray`` (both acts, about six minutes on two cores): with the GCS on Redis,
+    a node's machine lost and the head's restarted fail no request; without it, nothing is lost or
+    answered twice, whatever fails."""
+    pytest.importorskip("ray")
+    r = subprocess.run(
+        [sys.executable, "-m", "shoal", "lab", "--scenario", "ray", "--out", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    ft = s["acts"]["ft"]
+    crash, head = ft["faults"]
+    assert ft["failed"] == ft["lost"] == ft["answered_twice"] == ft["wrong_answers"] == 0
+    assert crash["back_s"] is not None and crash["back_s"] < 10.0  # issue 23: replaced within 10 s
+    assert crash["longest_held_s"] < 3.0
+    assert head["failed_while_away"] == 0 and head["gateway_alive"] and head["head_worker_back_s"] is not None
+    no = s["acts"]["no-ft"]
+    assert no["lost"] == no["answered_twice"] == no["wrong_answers"] == 0
+    for a in (ft, no):  # a gateway whose Ray head is lost still ends when told to stop
+        assert a["gateway_stop"]["how"] == "exit status 0" and a["gateway_stop"]["seconds"] < 30
+    assert lab_namespaces() == {} or all(run != s.get("run") for run in lab_namespaces())

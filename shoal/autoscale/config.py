@@ -72,6 +72,9 @@ class ModelScale(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
 class RayOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     address: str = "auto"  # the Ray cluster to join ("auto": the one this machine is part of)
     namespace: str = "shoal"
+    # The address of this machine's own Ray node (the raylet the gateway's driver attaches to);
+    # default: the local address from which the head at `address` is reached.
+    node_ip_address: str | None = None
 
 
 class AutoscaleConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

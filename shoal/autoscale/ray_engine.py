@@ -32,6 +32,8 @@ this engine, the tests and the benchmarks; see docs/elastic.md, "Ray").
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import importlib
 import json
 import logging
@@ -41,6 +43,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
@@ -64,6 +67,8 @@ RAY_ENV = {
     # cluster starts: a URL requests has no adapter for keeps that inside the process.
     "RAY_USAGE_STATS_REPORT_URL": "file:///dev/null",
 }
+
+STOP_TIMEOUT_S = 10.0  # the longest a stopping gateway waits on Ray (a lost head makes it wait minutes)
 
 BOOTSTRAP_NAME = "ray_bootstrap_config.yaml"
 BOOTSTRAP_TEXT = """\
@@ -177,7 +182,10 @@ class RayWorker(EngineWorker):
             if self.code != 0:
                 self.error = output
         except ray.exceptions.RayError as e:  # an actor dead for good (killed, or it could not start)
-            self.code, self.error = 1, _first_line(e)
+            # Its node, its owner or Ray killed it: nothing the model chose, so -1 (an unknown end),
+            # which the controller replaces with back-off but never counts towards marking the model
+            # unavailable. (A worker whose model does not load ends its run with 1 or 2: ping's answer.)
+            self.code, self.error = -1, _first_line(e)
         self.engine.kill_soon(self)  # its worker has ended: free the actor's resources
         return self.code
 
@@ -201,6 +209,55 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise EngineError(f"cannot join the Ray cluster at {address!r}: nothing answers there ({e})") from None
 
 
+def local_address_towards(address: str) -> str | None:
+    """The address of this machine from which ``address`` (the head's ``host:port``) is reached: the
+    node the gateway's Ray driver must attach to. A UDP socket's ``connect`` only looks the route up
+    (nothing is sent). None for ``auto``, Ray Client, or a host that cannot be looked up.
+
+    Ray itself, given no address, picks among the raylets it sees in the process table, preferring the
+    head's: where several machines' raylets share one (containers or namespaces sharing a process
+    view, as in ``shoal lab``), the gateway's driver attached to the head's raylet over the network,
+    so the head's loss took the driver with it and Ray killed every actor it owned, even with GCS
+    fault tolerance."""
+    if address == "auto" or "://" in address:
+        return None
+    host, port = split_hostport(address, 6379)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return str(s.getsockname()[0])
+    except OSError:
+        return None
+
+
+async def off_loop(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread of its own, awaited. Not ``asyncio.to_thread``: the default
+    executor's threads are joined when the process exits, and a call into a Ray cluster whose head is
+    lost waits a minute or more for its control store, so a stopping gateway waited for it (found by
+    ``shoal lab --scenario ray``)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            ok, value = True, fn(*args)
+        except BaseException as e:  # handed to the awaiting coroutine
+            ok, value = False, e
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=run, name="ray-call", daemon=True).start()
+    return await fut
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
@@ -215,6 +272,7 @@ class RayEngine(Engine):
         self._remote: Any = None
         self._background: set[asyncio.Future] = set()
         self._nodes = 0
+        self._here = ""  # the node this driver attached to
         self._resources: dict[str, float] = {}
 
     async def start(self) -> None:
@@ -223,6 +281,7 @@ class RayEngine(Engine):
 
         def connect() -> None:
             _check_reachable(opts.address)
+            here = opts.node_ip_address or local_address_towards(opts.address)
             # In a thread: Ray then leaves this process's SIGTERM handler (the gateway's drain) alone,
             # and says so; that is what is wanted here.
             logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler" not in r.getMessage())
@@ -232,12 +291,14 @@ class RayEngine(Engine):
                 log_to_driver=True,  # workers' log lines appear in the gateway's log, marked with their actor
                 logging_level=logging.WARNING,
                 ignore_reinit_error=True,
+                **({"_node_ip_address": here} if here else {}),
             )
+            self._here = ray.get_runtime_context().get_node_id()[:12] + (f" at {here}" if here else "")
             self._nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
             self._resources = ray.cluster_resources()
 
         try:
-            await asyncio.to_thread(connect)
+            await off_loop(connect)
         except EngineError:
             raise
         except Exception as e:  # ConnectionError, ValueError, RuntimeError from Ray
@@ -248,11 +309,12 @@ class RayEngine(Engine):
         actor = importlib.import_module("shoal.worker.ray_actor").WorkerActor
         self._remote = ray.remote(actor)
         log.info(
-            "ray engine: joined %s (namespace %s, %d nodes, %s)",
+            "ray engine: joined %s (namespace %s, %d nodes, %s; this driver on node %s)",
             opts.address,
             opts.namespace,
             self._nodes,
             json.dumps(_config_names({k: v for k, v in self._resources.items() if ":" not in k and "object_store" not in k})),
+            self._here,
         )
 
     async def launch(self, req: WorkerLaunch) -> EngineWorker:
@@ -282,7 +344,7 @@ class RayEngine(Engine):
             return w
 
         try:
-            w = await asyncio.to_thread(create)
+            w = await off_loop(create)
         except Exception as e:  # a taken name, a resource Ray refuses, a lost cluster
             raise EngineError(f"Ray refused actor {req.worker_id}: {_first_line(e)}") from None
         if w.waiting:
@@ -298,10 +360,11 @@ class RayEngine(Engine):
     def kill_soon(self, w: RayWorker) -> None:
         """Kill the actor without waiting (from ``exit_code``, on the event loop)."""
         try:
-            fut = asyncio.get_running_loop().run_in_executor(None, self._kill, w)
+            loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop running here: do it now
             self._kill(w)
             return
+        fut = loop.create_task(off_loop(self._kill, w))
         self._background.add(fut)
         fut.add_done_callback(self._background.discard)
 
@@ -310,22 +373,59 @@ class RayEngine(Engine):
         if w.code is None and not w.where:
             # Never placed: say why, as the cluster stands now (the controller reports it).
             try:
-                w.waiting = await asyncio.to_thread(placement_problem, w.demand, self.ray.nodes()) or (
+                # ray.nodes() in the thread too: it waits for the control store, which may be lost
+                w.waiting = await off_loop(lambda: placement_problem(w.demand, self.ray.nodes())) or (
                     "not placed yet: the nodes that could host it are busy"
                 )
             except Exception as e:
                 w.waiting = f"not placed; the Ray cluster did not answer: {_first_line(e)}"
-        await asyncio.to_thread(self._kill, w)
+        await off_loop(self._kill, w)
         if w.code is None:
             w.code = -int(signal.SIGKILL)
 
-    async def stop(self, workers: list[EngineWorker]) -> None:
+    async def stop(self, workers: list[EngineWorker], timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Kill the actors and leave the cluster, waiting at most ``timeout_s``: where the head is
+        lost, each of Ray's calls waits for its control store (a minute or more), and a gateway told
+        to stop must not wait with it (found by ``shoal lab --scenario ray``: the gateway outlived its
+        SIGTERM). The calls go on in a daemon thread, which does not hold the process's exit; the
+        actors are not detached, so Ray ends them with this driver."""
         if self.ray is None:
             return
-        await asyncio.gather(*(self.terminate(w) for w in workers), return_exceptions=True)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        await asyncio.to_thread(self.ray.shutdown)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        ray = self.ray
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def end_all() -> None:
+            try:
+                for w in workers:
+                    assert isinstance(w, RayWorker)
+                    self._kill(w)
+                    if w.code is None:
+                        w.code = -int(signal.SIGKILL)
+                ray.shutdown()
+            except Exception as e:  # the cluster is gone: nothing more to free here
+                log.debug("ray engine stop: %s", e)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop already closed: nobody waits
+                    loop.call_soon_threadsafe(finished)
+
+        threading.Thread(target=end_all, name="ray-engine-stop", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.gather(done, *self._background, return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            # Ray's own exit hook would call shutdown again at the interpreter's exit and wait, with
+            # the lock the stuck call holds, for the lost control store: the process would outlive
+            # its stop (the lab: 60 s and more after its SIGTERM). Not registered any more.
+            atexit.unregister(ray.shutdown)
+            log.warning(
+                "ray engine: the Ray cluster did not answer within %g s while stopping; leaving it "
+                "(the actors end with this driver)",
+                timeout_s,
+            )
 
     def describe(self) -> dict[str, Any]:
         return {

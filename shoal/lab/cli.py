@@ -38,11 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--scenario",
-        choices=("ci", "full", "federation"),
+        choices=("ci", "full", "federation", "ray"),
         default="ci",
         help="ci: the CI-sized fault schedule (about a minute and a half); full: with lossy and narrow "
         "links, the WAN on and the database cut off too; federation: docs/fusion.md's federation "
-        "across machines, a site's machine lost for a round (default ci)",
+        "across machines, a site's machine lost for a round; ray: workers as Ray actors on three "
+        "machines, a node and the head lost (about five minutes; shoal.lab.ray_lab) (default ci)",
     )
     p.add_argument("--devices", type=int, default=4, help="device accounts, one client each (default 4)")
     p.add_argument("--in-flight", type=int, default=4, help="requests at once per device (default 4)")
@@ -72,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         fed = run_federation(args.out, args.run, lambda s: print(s, file=sys.stderr, flush=True))
         print(json.dumps(fed, indent=1) if args.json else f"passed: {fed['passed']}; {args.out / 'summary.json'}")
         return 0 if fed["passed"] else 1
+    if args.scenario == "ray":
+        from shoal.lab.ray_lab import run_ray_cli
+
+        return run_ray_cli(args)
     names = ("seed", "scenario", "run", "devices", "in_flight", "client_timeout")
     cfg = LabConfig(args.out, **{k: getattr(args, k) for k in names})
     summary = run_lab(cfg, lambda s: print(s, file=sys.stderr, flush=True))
