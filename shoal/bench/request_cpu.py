@@ -4,7 +4,7 @@ whatever else runs; CPU time per request much less). A gateway and an echo worke
 requests over 16 keep-alive connections, CPU from ``/proc/<pid>/stat`` around the measured requests.
 
 With ``--baseline DIR`` the gateway and worker of that shoal source tree (a git worktree of an older
-commit) are measured too, alternating with this tree's, so both see the same machine and minutes:
+commit) are measured too, six runs of each in ABBA order, so both see the same machine and minutes:
 how the request path's cost changed (the per-model statistics of issue 24 were measured this way).
 """
 
@@ -56,10 +56,12 @@ def request_cpu(workdir: Path, args: Namespace) -> dict[str, Any]:
     baseline = Path(args.baseline).resolve() if getattr(args, "baseline", None) else None
     requests = 30_000
     runs: dict[str, list[dict[str, float]]] = {"this": [], "baseline": []}
-    for i in range(5 if baseline else 3):
-        runs["this"].append(measure(workdir / f"this-{i}", requests))
-        if baseline is not None:
-            runs["baseline"].append(measure(workdir / f"baseline-{i}", requests, baseline))
+    # With a baseline: six runs of each in ABBA order (this, baseline, baseline, this, ...), so that
+    # a machine drifting during the suite weighs on both trees alike.
+    order = ["this", "baseline", "baseline", "this"] * 3 if baseline is not None else ["this"] * 3
+    for i, side in enumerate(order):
+        source = baseline if side == "baseline" else None
+        runs[side].append(measure(workdir / f"{side}-{i}", requests, source))
     out: dict[str, Any] = {}
     for side, rs in runs.items():
         if not rs:
