@@ -294,10 +294,18 @@ def test_deadline_and_back_pressure(cluster, model_repo):
     assert 503 in codes, results  # the queue of two was full: refused at once
     assert all(r[1] >= 1 for r in results if not isinstance(r, int) and r[0] == 503)
     assert 504 in codes or codes.count(200) >= 2
+    # The worker free again (it still sleeps through requests that timed out; a request that had to
+    # queue behind them now would be refused at once, its answer predicted after its deadline): a
+    # request sent to it that runs past the deadline is 504.
+    wait_for(lambda: _slow(lc)["in_flight"] == 0 and not _slow(lc)["queue"], "the worker never came free")
     with lc.client() as c, pytest.raises(InferError) as e:
         c.infer("slow", {"x": np.array([[3.0]], np.float32)})
     assert e.value.status == 504 and "timed out" in str(e.value)
     lc.workers[0].signal(signal.SIGKILL)  # its model still sleeps through the request that timed out
+
+
+def _slow(lc) -> dict:
+    return next(m for m in lc.status()["models"] if m["name"] == "slow")
 
 
 def test_sigterm_drains_without_losing_requests(cluster, model_repo):
