@@ -11,12 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 from waiting import wait_for
 
 from shoal.lab import checker
-from shoal.lab.world import lab_namespaces, unavailable
+from shoal.lab.world import clean_stale, lab_namespaces, unavailable
 
 WHY = unavailable()
 needs_netns = pytest.mark.skipif(WHY is not None, reason=f"the lab needs network namespaces: {WHY}")
@@ -418,6 +419,7 @@ def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):
 @pytest.mark.slow
 @needs_netns
 def test_ctrl_c_tears_the_lab_down(tmp_path):
+    clean_stale()  # a lab killed outright earlier: its run number would be taken again
     before = set(lab_namespaces())
     p = subprocess.Popen(
         [sys.executable, "-m", "shoal", "lab", "--out", str(tmp_path)],
@@ -432,6 +434,8 @@ def test_ctrl_c_tears_the_lab_down(tmp_path):
                 break
         else:
             pytest.fail("the lab never said it was deployed")
+        # Keep reading what it says: a full pipe would hold its teardown's own lines (and it).
+        threading.Thread(target=p.stderr.read, daemon=True).start()
         mine = set(lab_namespaces()) - before
         assert len(mine) == 1
         p.send_signal(signal.SIGINT)
