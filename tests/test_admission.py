@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from test_dispatch import FakeWorker as Worker
 
 from shoal.gateway.dispatch import Dispatcher
 from shoal.gateway.policy import Patience, shed_retry_after_ms
@@ -14,24 +15,6 @@ from shoal.gateway.pool import ModelTable, Pending, Priorities, RequestFailed
 from shoal.gateway.quotas import Quota, Quotas, parse_quota
 from shoal.gateway.request_queue import RequestQueue
 from shoal.protocol.interface import ModelInterface
-
-
-class Worker:
-    def __init__(self, wid: str, capacity: int = 1) -> None:
-        self.worker_id = wid
-        self.in_flight = 0
-        self.capacity = capacity
-        self.latency_ewma_ms = 0.0
-        self.accepting = True
-        self.max_frame_size = 1 << 26
-        self.sent: list[int] = []
-        self.cancels: list[int] = []
-
-    def send_request(self, p: Pending) -> None:
-        self.sent.append(p.id)
-
-    def cancel(self, rid: int) -> None:
-        self.cancels.append(rid)
 
 
 @pytest.fixture
