@@ -35,7 +35,7 @@ LINGER_IDLE_S = 2.0
 LINGER_BYTES = 256 * 1024 * 1024
 
 
-def _error_response(status: int, reason: str, message: str) -> bytes:
+def json_error_response(status: int, reason: str, message: str) -> bytes:
     body = b'{"error":"' + message.encode() + b'"}'
     return (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -44,21 +44,14 @@ def _error_response(status: int, reason: str, message: str) -> bytes:
     )
 
 
-_TIMEOUT_RESPONSE = _error_response(408, "Request Timeout", "request not received in time")
-_URL_TOO_LONG = _error_response(414, "URI Too Long", f"request line longer than {MAX_URL} bytes")
-_HEAD_TOO_LARGE = _error_response(
+_TIMEOUT_RESPONSE = json_error_response(408, "Request Timeout", "request not received in time")
+_URL_TOO_LONG = json_error_response(414, "URI Too Long", f"request line longer than {MAX_URL} bytes")
+_HEAD_TOO_LARGE = json_error_response(
     431,
     "Request Header Fields Too Large",
     f"request headers larger than {MAX_HEAD} bytes or more than {MAX_HEADERS} fields",
 )
-_BAD_REQUEST = _error_response(400, "Bad Request", "malformed HTTP request")
-
-
-# Scope keys for an app that stops work for a client that has gone: it puts a callable under CANCEL
-# (its task's ``cancel``); when the connection is lost before the response is complete, the server
-# sets CLIENT_LEFT and calls it.
-CANCEL = "shoal.cancel"
-CLIENT_LEFT = "shoal.client_left"
+_BAD_REQUEST = json_error_response(400, "Bad Request", "malformed HTTP request")
 
 
 class _HeadTooLarge(Exception):
@@ -135,12 +128,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._head_bytes = 0
+        self._head_done()
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._message_done()
+
+    def _head_done(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+
+    def _message_done(self) -> None:
         self._in_head = True
         self._disarm()
 
@@ -148,13 +147,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
-        cycle = self.cycle
         super().connection_lost(exc)
-        if cycle is not None and not cycle.response_complete:
-            cancel = cycle.scope.get(CANCEL)  # type: ignore[attr-defined]
-            if cancel is not None:
-                cycle.scope[CLIENT_LEFT] = True  # type: ignore[index]
-                cancel()
 
     def _refuse(self, response: bytes, linger: bool = True) -> None:
         """Answer and close. With ``linger`` (the request may still be arriving), half-close and
@@ -166,6 +159,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if not linger:
             self.transport.close()
             return
+        self._linger_close()
+
+    def _linger_close(self) -> None:
+        """Half-close and discard what the client still sends, within the bounds above, then close."""
+        self._disarm()
         if self.transport.can_write_eof():  # TLS cannot half-close: it lingers without the FIN
             self.transport.write_eof()
         self._linger_until = self.loop.time() + LINGER_S
@@ -197,8 +195,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._refuse(_TIMEOUT_RESPONSE, linger=False)  # it sent nothing for long: nothing to wait for
 
 
-def bounded_protocol(read_timeout_s: float) -> type[HttpToolsProtocol]:
-    return type("BoundedHttpProtocol", (BoundedHttpProtocol,), {"read_timeout_s": read_timeout_s})
+def bounded_protocol(
+    read_timeout_s: float, base: type[BoundedHttpProtocol] = BoundedHttpProtocol, **attrs: Any
+) -> type[HttpToolsProtocol]:
+    return type(base.__name__, (base,), {"read_timeout_s": read_timeout_s, **attrs})
 
 
 def bind_tcp(
@@ -234,12 +234,17 @@ class EmbeddedHttpServer:
         keep_alive_s: float = 60.0,
         read_timeout_s: float = 30.0,
         reuse_port: bool = False,
+        protocol: type[BoundedHttpProtocol] = BoundedHttpProtocol,
+        **protocol_attrs: Any,
     ) -> None:
+        """``protocol``: the connection handler (``BoundedHttpProtocol`` or a subclass), given
+        ``protocol_attrs`` as class attributes (``httpdirect.DirectHttpProtocol`` takes its
+        ``direct_app`` so)."""
         self.sock = bind_tcp(host, port, backlog, reuse_port)
         self.port: int = self.sock.getsockname()[1]
         self.config = uvicorn.Config(
             app,
-            http=bounded_protocol(read_timeout_s),
+            http=bounded_protocol(read_timeout_s, protocol, **protocol_attrs),
             loop="none",
             lifespan="off",
             access_log=False,

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import numpy as np
 import orjson
@@ -30,7 +31,6 @@ from shoal.gateway.repository import RepositoryApi, RepositoryError
 from shoal.gateway.requests import RequestService, Target
 from shoal.gateway.results_api import record_request, results_action, serve_results
 from shoal.gateway.views import GatewayViews
-from shoal.httpserver import CANCEL, CLIENT_LEFT
 from shoal.protocol.classification import ClassificationError, classify
 from shoal.protocol.compression import CompressionError, decompress
 from shoal.protocol.interface import ModelInterface
@@ -61,6 +61,7 @@ from shoal.protocol.tensors import TensorError
 if TYPE_CHECKING:
     from shoal.gateway.storage import ResultStore
     from shoal.gateway.tracing import RequestTrace, Tracing
+    from shoal.httpdirect import DirectRequest
 
 log = logging.getLogger("shoal.gateway")
 _JSON = [(b"content-type", b"application/json")]
@@ -141,7 +142,6 @@ class HttpApp:
                 pass
 
     async def _handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        t0 = time.monotonic()
         method = scope["method"]
         raw = _raw_path(scope)
         bad_path: ProtocolError | None = None  # answered once the credentials are checked
@@ -167,11 +167,8 @@ class HttpApp:
                 return
             action = _ROUTE_ACTION[route.kind] if route.model or route.kind != "stats" else "all_stats"
             self.check(who, action, route.model or None, route.version)
-            if route.kind == "infer":
-                if method != "POST":
-                    raise ProtocolError("infer takes POST", 405)
-                await self._infer(who, route, scope, headers, receive, send, t0)
-                return
+            if route.kind == "infer":  # a POST is the server's to hand to ``begin`` and ``run``
+                raise ProtocolError("infer takes POST", 405)
             if method != "GET":
                 raise ProtocolError(f"{scope['path']} takes GET", 405)
             status, body = await self.gets[route.kind](route)
@@ -253,58 +250,99 @@ class HttpApp:
 
     # ------------------------------------------------------------------------------ infer
 
-    async def _infer(
-        self,
-        who: Principal,
-        route: PathRoute,
-        scope: dict[str, Any],
-        headers: dict[bytes, bytes],
-        receive: Any,
-        send: Any,
-        t0: float,
-    ) -> None:
-        """One inference request, step by step: where it goes, its body, its tensors checked against
-        the model, its deadline and id, the call, the answer. A client that disconnects while it
-        waits cancels it (the server calls ``scope[CANCEL]``): not yet sent to a worker, it never runs."""
-        if self.quotas is not None:
-            self.charge(who, t0)
-        target = self.service.target(route.model, route.version)
-        raw_ms = headers.get(TIMEOUT_HEADER)
-        if raw_ms is not None and target.pool is not None:  # overloaded: refused before its body is read
-            ms = header_number(raw_ms, "X-Request-Timeout-Ms", 1 << 31)
-            if ms > 0:
-                budget = min(self.limits.request_timeout_s, ms / 1000.0)
-                self.service.dispatcher.refuse_if_late(target.pool, 0, t0 + budget, True, t0)
-        body = await self._read_body(headers, receive)
+    def claims(self, method: bytes, url: bytes) -> bool:
+        """The requests the server hands to ``begin`` and ``run`` without ASGI: inference."""
+        return method == b"POST" and url.startswith(b"/v2/models/") and url.partition(b"?")[0].endswith(b"/infer")
+
+    def begin(self, req: DirectRequest) -> None:
+        """An inference request's head is in: what can be checked before its body is (where it goes,
+        credentials, quota, the declared length, and, under overload, whether its deadline can be
+        met) is, and answered at once when it fails."""
+        t0 = time.monotonic()
+        headers = req.headers
+        try:
+            who = self.auth.principal(headers.get(b"authorization"))
+        except AuthError as e:
+            self.metrics.auth_refused.labels("401").inc()
+            req.respond(401, error_body(str(e)), [*_JSON, (b"www-authenticate", b'Bearer realm="shoal"')])
+            return
+        try:
+            raw = req.url.partition(b"?")[0].decode("latin-1")
+            route = parse_path(raw)
+            if route is None:
+                raise ProtocolError(f"no such endpoint: POST {_decoded(raw)}", 404)
+            if route.kind != "infer":
+                raise ProtocolError(f"{_decoded(raw)} takes GET", 405)
+            self.check(who, "infer", route.model, route.version)
+            if self.quotas is not None:
+                self.charge(who, t0)
+            target = self.service.target(route.model, route.version)
+            raw_ms = headers.get(TIMEOUT_HEADER)
+            if raw_ms is not None and target.pool is not None:  # overloaded: refused before its body is read
+                ms = header_number(raw_ms, "X-Request-Timeout-Ms", 1 << 31)
+                if ms > 0:
+                    budget = min(self.limits.request_timeout_s, ms / 1000.0)
+                    self.service.dispatcher.refuse_if_late(target.pool, 0, t0 + budget, True, t0)
+            req.max_body = self._body_limit(headers)
+        except Forbidden as e:
+            self.metrics.auth_refused.labels("403").inc()
+            req.respond(403, error_body(str(e)), _JSON)
+            return
+        except (ProtocolError, RequestFailed) as e:
+            req.respond(*self._failure(e))
+            return
+        except Exception:  # a bug must cost one request a JSON 500, never the connection
+            log.exception("error answering POST %s", req.url[:200])
+            req.respond(500, error_body("internal error (see the gateway's log)"), _JSON)
+            return
+        req.state = (who, target, t0)
+
+    async def run(self, req: DirectRequest) -> None:
+        """An inference request's body is in: its tensors checked against the model, its deadline
+        and id, the call, the answer. A client that disconnects while it waits cancels it: not yet
+        sent to a worker, it never runs."""
+        who, target, t0 = req.state
+        try:
+            await self._infer(req, who, target, t0)
+        except (ProtocolError, RequestFailed) as e:
+            req.respond(*self._failure(e))
+        except asyncio.CancelledError:
+            if not req.client_left:
+                raise
+        except Exception:
+            log.exception("error answering POST %s", req.url[:200])
+            req.respond(500, error_body("internal error (see the gateway's log)"), _JSON)
+
+    async def _infer(self, req: DirectRequest, who: Principal, target: Target, t0: float) -> None:
+        headers = req.headers
+        body = req.body
         enc, hl = headers.get(b"content-encoding"), _header_length(headers)
         if enc is None and (len(body) if hl is None else hl) <= BIG_JSON:  # decoded here: most are small
-            req = parse_infer_request(body, hl, self.limits.max_body_size)
+            oip = parse_infer_request(body, hl, self.limits.max_body_size)
         else:
-            req = await self._decode_large(body, enc, hl)
-        arrays = bind_inputs(req, target.spec.inputs, target.spec.image_input, target.spec.max_batch_size)
-        if req.outputs is not None:
-            check_outputs(req, target)
-        budget, priority = self.budget(req.parameters, headers)
+            oip = await self._decode_large(body, enc, hl)
+        arrays = bind_inputs(oip, target.spec.inputs, target.spec.image_input, target.spec.max_batch_size)
+        if oip.outputs is not None:
+            check_outputs(oip, target)
+        budget, priority = self.budget(oip.parameters, headers)
         deadline = t0 + budget
         told = budget < self.limits.request_timeout_s
-        rid = req.id or self._request_id(headers)
-        scope[CANCEL] = asyncio.current_task().cancel  # type: ignore[union-attr]
+        rid = oip.id or self._request_id(headers)
         tr = None if self.tracing is None else self.begin_trace(headers.get(b"traceparent"), target, t0)
         try:
             pool = target.pool
-            if pool is not None and req.outputs is None and req.binary_output and self.results is None:
+            if pool is not None and oip.outputs is None and oip.binary_output and self.results is None:
                 # The common binary case: the worker's result bytes become the response as they are.
                 h, payload = await self.service.call_model(
                     pool, arrays, deadline, None, rid, raw=True, priority=priority, trace=tr, told=told
                 )
                 try:
-                    out, hlen = binary_response(target.spec.name, target.spec.version, req.id, h.outputs, payload)
+                    out, hlen = binary_response(target.spec.name, target.spec.version, oip.id, h.outputs, payload)
                 except (TensorError, KeyError) as e:
                     raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
-                hh = [*_BINARY, (b"inference-header-content-length", str(hlen).encode()), _rid_header(rid)]
-                await _reply(send, 200, out, hh)
+                req.respond(200, out, _binary_headers(hlen, rid))
             else:
-                names = [o.name for o in req.outputs] if req.outputs is not None else None
+                names = [o.name for o in oip.outputs] if oip.outputs is not None else None
                 if pool is not None:
                     outputs = await self.service.call_model(
                         pool, arrays, deadline, names, rid, priority=priority, trace=tr, told=told
@@ -314,12 +352,12 @@ class HttpApp:
                     outputs = await self.service.run_pipeline(
                         target.pipeline, arrays, deadline, rid, priority=priority, trace=tr, told=told
                     )
-                if req.outputs is not None:
-                    outputs = classified(req, target.spec, outputs)
+                if oip.outputs is not None:
+                    outputs = classified(oip, target.spec, outputs)
                 # With result storage the answer carries rid: the device can fetch the stored result later.
-                answer_id = req.id if self.results is None else rid
-                encode = (target.spec.name, target.spec.version, answer_id, outputs, req.outputs, req.binary_output)
-                if req.binary_output or _nbytes(outputs) <= BIG_JSON:
+                answer_id = oip.id if self.results is None else rid
+                encode = (target.spec.name, target.spec.version, answer_id, outputs, oip.outputs, oip.binary_output)
+                if oip.binary_output or _nbytes(outputs) <= BIG_JSON:
                     out, hlen = encode_infer_response(*encode)
                 else:  # a large JSON answer is written on a thread, as large requests are read
                     async with self._big_decodes:
@@ -327,18 +365,17 @@ class HttpApp:
                 if self.results is not None:
                     self.record(target, 200, t0, rid, who, arrays, outputs)
                 if hlen is None:
-                    await _reply(send, 200, out, [*_JSON, _rid_header(rid)])
+                    req.respond(200, out, [*_JSON, _rid_header(rid)])
                 else:
-                    hh = [*_BINARY, (b"inference-header-content-length", str(hlen).encode()), _rid_header(rid)]
-                    await _reply(send, 200, out, hh)
+                    req.respond(200, out, _binary_headers(hlen, rid))
         except RequestFailed as e:
             self.record(target, e.status, t0, rid, who, arrays, None, e)
-            await self._fail(send, e, rid)
+            req.respond(*self._failure(e, rid))
             if tr is not None:
                 tr.end(e.status, rid, time.monotonic())
             return
         except asyncio.CancelledError:
-            if not scope.get(CLIENT_LEFT):
+            if not req.client_left:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             self.metrics.observe_response(target.spec, 499, time.monotonic() - t0)
@@ -349,7 +386,9 @@ class HttpApp:
             tr.end(200, rid, time.monotonic())
         self.metrics.observe_response(target.spec, 200, time.monotonic() - t0)
 
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
+    def _body_limit(self, headers: dict[bytes, bytes]) -> int:
+        """The most body bytes a request may send; ``ProtocolError`` 413 at once when its
+        ``Content-Length`` says more."""
         limit = self.limits.max_body_size
         cl = headers.get(b"content-length")
         if cl is not None:
@@ -359,6 +398,10 @@ class HttpApp:
                 raise ProtocolError("bad Content-Length") from None
             if n > limit:
                 raise ProtocolError(f"body of {n} bytes exceeds the {limit} byte limit", 413)
+        return limit
+
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Any) -> bytes:
+        limit = self._body_limit(headers)
         msg = await receive()
         body = msg.get("body", b"")
         if not msg.get("more_body"):
@@ -495,7 +538,13 @@ class HttpApp:
         await _reply(send, 404, error_body(f"no such endpoint: {method} {path}"))
 
     async def _fail(self, send: Any, e: ProtocolError | RequestFailed, rid: str | None = None) -> None:
-        extra = []
+        await _reply(send, *self._failure(e, rid))
+
+    def _failure(
+        self, e: ProtocolError | RequestFailed, rid: str | None = None
+    ) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """A failed request's answer (status, body, headers), counted."""
+        extra = [*_JSON]
         if isinstance(e, RequestFailed) and e.retry_after is not None:
             extra.append((b"retry-after", str(e.retry_after).encode()))
             if e.retry_after_ms is not None:
@@ -503,7 +552,7 @@ class HttpApp:
         if rid:
             extra.append(_rid_header(rid))
         self.metrics.http_errors.labels(str(e.status)).inc()
-        await _reply(send, e.status, error_body(str(e)), extra or None)
+        return e.status, error_body(str(e)), extra
 
 
 def _header_length(headers: dict[bytes, bytes]) -> int | None:
@@ -536,6 +585,15 @@ def classified(req: InferRequest, spec: ModelInterface, outputs: dict[str, np.nd
         return classify(outputs, counts, spec.max_batch_size > 0 or spec.runtime == "pipeline", spec.labels)
     except ClassificationError as e:
         raise ProtocolError(str(e)) from None
+
+
+def _binary_headers(hlen: int, rid: str) -> list[tuple[bytes, bytes]]:
+    return [*_BINARY, (b"inference-header-content-length", b"%d" % hlen), _rid_header(rid)]
+
+
+def _decoded(raw: str) -> str:
+    """A path as the client sent it, percent-decoded (for messages)."""
+    return unquote(raw) if "%" in raw else raw
 
 
 def _rid_header(rid: str) -> tuple[bytes, bytes]:

@@ -39,6 +39,7 @@ from shoal.gateway.results_api import open_store
 from shoal.gateway.state import TokenKeyFile
 from shoal.gateway.views import GatewayViews
 from shoal.gateway.worker_link import LinkSite, WorkerConnection, announce_peers
+from shoal.httpdirect import DirectHttpProtocol
 from shoal.httpserver import EmbeddedHttpServer, bind_tcp
 from shoal.protocol.central_messages import Operation, ReportAnswer
 from shoal.protocol.frames import DEFAULT_MAX_FRAME_SIZE
@@ -379,6 +380,8 @@ class Gateway:
             cfg.tls_key,
             read_timeout_s=cfg.read_timeout_s,
             reuse_port=cfg.reuse_port,
+            protocol=DirectHttpProtocol,
+            direct_app=self.app,  # inference requests, answered without ASGI
         )
         self.http_port = self._http.port
         self.views.http_port, self.views.worker_port = self.http_port, self.worker_port
