@@ -35,6 +35,9 @@ Suites (each starts its own gateway and workers as real processes and stops them
   admitted p99, how fast the rest are refused; priorities; model time on answers nobody read.
 * ``request-cpu`` gateway and worker CPU time per request (echo, small JSON, 16 connections); with
   ``--baseline DIR`` alternating with another source tree's, to measure a change to the request path.
+* ``serving-cost`` issue 26's figures: requests/s and gateway and worker CPU per request at 64 connections
+  on one core (echo JSON, echo binary, MNIST CNN against its own CPU per image) and one connection's
+  p50; with ``--baseline DIR`` alternating with another source tree's.
 * ``edge``       the device client's placement policies (local, remote, fastest, cascade, split) on
   emulated Wi-Fi, LTE and outage links, in network namespaces it creates (root; run only when named).
 """
@@ -76,6 +79,7 @@ SUITES = (
     "overload",
     "profile",
     "request-cpu",
+    "serving-cost",
     "edge",
 )
 # Suites run only when named: edge needs root (network namespaces) and takes long; profile needs py-spy.
@@ -102,6 +106,7 @@ MODULES = {
     "overload": "shoal.bench.overload",
     "profile": "shoal.bench.profile",
     "request-cpu": "shoal.bench.request_cpu",
+    "serving-cost": "shoal.bench.serving_cost",
     "edge": "shoal.bench.edge",
 }
 
@@ -125,7 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--baseline",
         default=None,
         metavar="DIR",
-        help="central, client and request-cpu suites: also run the central (client; gateway and worker) "
+        help="central, client, request-cpu and serving-cost suites: also run the central (client; gateway and worker) "
         "of this shoal source tree (e.g. a git worktree of an older commit), alternating with this one",
     )
     p.add_argument("--edge-seconds", type=float, default=60.0, help="edge: seconds per link profile")
