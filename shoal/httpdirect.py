@@ -46,6 +46,18 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 JOIN_BELOW = 64 * 1024
 
 
+_rendered: list[Any] = [None, b""]  # the server's own headers (the date), and their bytes
+
+
+def _server_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The server's headers as bytes: rendered again only when the server replaces them (the date,
+    once a second)."""
+    if headers is not _rendered[0]:
+        _rendered[1] = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        _rendered[0] = headers
+    return _rendered[1]
+
+
 class DirectApp(Protocol):
     def claims(self, method: bytes, url: bytes) -> bool:
         """Whether this request (its method and URL as sent) is answered directly."""
@@ -132,9 +144,7 @@ class DirectRequest:
             return
         if status == 413:  # a body too large is not read to its end: the connection ends
             self.keep_alive = False
-        head = [_STATUS_LINE[status]]
-        for name, value in conn.server_state.default_headers:  # the date
-            head += (name, b": ", value, b"\r\n")
+        head = [_STATUS_LINE[status], _server_headers(conn.server_state.default_headers)]
         for name, value in headers:
             head += (name, b": ", value, b"\r\n")
         head.append(b"content-length: %d\r\n" % len(body))

@@ -124,6 +124,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gateway-hold", type=int, default=50_000, help="gateways: idle connections held over four gateways"
     )
+    p.add_argument(
+        "--profile-model", choices=("echo", "mnist-cnn"), default="echo", help="profile: the model under load"
+    )
     p.add_argument("--soak-seconds", type=float, default=120.0, help="length of the soak suite")
     p.add_argument("--pipeline-images", type=int, default=300, help="images for the pipeline suite")
     p.add_argument(

@@ -1,5 +1,5 @@
 """The ``profile`` suite: where each microsecond of a request goes, in the gateway and in the worker
-separately. The throughput load (echo, 64 keep-alive connections, gateway and worker on one core, the
+separately. The throughput load (echo, or the MNIST CNN with ``--profile-model mnist-cnn``; 64 keep-alive connections, gateway and worker on one core, the
 load generator on the other) runs while py-spy samples each process; the samples are summed per
 function (self time: the function's own lines and the C calls they make) and scaled by each process's
 CPU time per request, so each row reads as microseconds of one request. Needs py-spy (shoal[dev]).
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from shoal.bench.process import CPU_CLIENT, CPU_SERVER, cpu_seconds, pin_self, two_cores, unpin_self
-from shoal.bench.serving import infer_request, run_load
+from shoal.bench.serving import infer_request, mnist_input, run_load
 from shoal.local import LocalCluster
 
 RATE_HZ = 250
@@ -53,9 +53,13 @@ def profile(workdir: Path, args: Namespace) -> dict[str, Any]:
     seconds = max(4.0, args.seconds)
     with LocalCluster(workdir) as lc:
         lc.start(cpu=cpu)
-        worker = lc.add_worker("echo", cpu=cpu)
-        lc.wait_workers("echo", 1)
-        req = infer_request(lc, "echo", {"x": np.zeros((1, 16), np.float32)})
+        model = getattr(args, "profile_model", "echo")
+        worker = lc.add_worker(model, cpu=cpu)
+        lc.wait_workers(model, 1)
+        if model == "mnist-cnn":
+            req = infer_request(lc, model, {"image": mnist_input()})
+        else:
+            req = infer_request(lc, "echo", {"x": np.zeros((1, 16), np.float32)})
         procs = {"gateway": lc.gateway.pid, "worker": worker.pid}
         if pinned:
             pin_self(CPU_CLIENT)

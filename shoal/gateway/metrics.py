@@ -5,10 +5,12 @@ when Prometheus scrapes, so they cost nothing per request. The collectors of liv
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from shoal.gateway.stats import StatsTable
 
@@ -21,6 +23,49 @@ if TYPE_CHECKING:
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class LoopHistogram:
+    """A Prometheus histogram by model, observed on the event loop only (the request path's four per
+    request): no lock, the bucket found by bisection. prometheus_client's ``Histogram`` takes a lock
+    and scans its buckets on each observation: 0.86 µs against 0.18 µs here (docs/benchmarks.md,
+    "Half the serving CPU"). Exposed as the same ``_bucket``, ``_count`` and ``_sum`` series."""
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.bounds = (*(float(b) for b in buckets), float("inf"))
+        self.children: dict[str, _LoopHistogramChild] = {}
+
+    def labels(self, value: str) -> _LoopHistogramChild:
+        c = self.children.get(value)
+        if c is None:
+            c = self.children[value] = _LoopHistogramChild(self.bounds)
+        return c
+
+    def collect(self) -> Any:
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, c in self.children.items():
+            total, buckets = 0, []
+            for bound, n in zip(self.bounds, c.counts, strict=True):
+                total += n
+                buckets.append((floatToGoString(bound), total))
+            fam.add_metric([value], buckets, c.sum)
+        yield fam
+
+
+class _LoopHistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
 
 
 class _LiveState:
@@ -161,34 +206,14 @@ class GatewayMetrics:
         self.http_errors = Counter(
             "shoal_http_errors", "Requests refused before reaching a model", ["code"], registry=r
         )
-        self.latency = Histogram(
-            "shoal_request_seconds",
-            "Time from request arrival to response",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue = Histogram(
-            "shoal_queue_seconds",
-            "Time a request waited for a worker with room",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.compute = Histogram(
-            "shoal_compute_seconds",
-            "Model compute time of the batch a request ran in",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch = Histogram(
-            "shoal_batch_size",
-            "Rows in the batch a request ran in",
-            ["model"],
-            buckets=_BATCH_BUCKETS,
-            registry=r,
-        )
+        self.latency = LoopHistogram("shoal_request_seconds", "Time from request arrival to response", "model", _LATENCY_BUCKETS)
+        r.register(self.latency)
+        self.queue = LoopHistogram("shoal_queue_seconds", "Time a request waited for a worker with room", "model", _LATENCY_BUCKETS)
+        r.register(self.queue)
+        self.compute = LoopHistogram("shoal_compute_seconds", "Model compute time of the batch a request ran in", "model", _LATENCY_BUCKETS)
+        r.register(self.compute)
+        self.batch = LoopHistogram("shoal_batch_size", "Rows in the batch a request ran in", "model", _BATCH_BUCKETS)
+        r.register(self.batch)
         self.retries = Counter(
             "shoal_retries", "Requests sent again after their worker died or refused", ["model"], registry=r
         )

@@ -50,6 +50,7 @@ class RequestService:
         self._ids = itertools.count(1)  # the worker link's ids, unique within this gateway
         self._rids = itertools.count(1)
         self._rid_prefix = os.urandom(4).hex() + "-"
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def new_request_id(self) -> str:
         """A request id unique across gateways and restarts: a random prefix and a counter."""
@@ -114,7 +115,10 @@ class RequestService:
         specs, bufs = pack_tensors(arrays)
         # The device's request id goes to the worker for its logs.
         header = Request(next(self._ids), specs, outputs, request_id)
-        fut = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:  # kept: in Python 3.11 each get_running_loop() is a getpid system call
+            loop = self._loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         try:
             p = Pending.of(header, bufs, fut, deadline, rows_of(arrays))
         except FrameError as e:
