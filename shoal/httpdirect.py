@@ -29,6 +29,8 @@ import http
 import logging
 from typing import Any, Protocol
 
+import httptools
+
 from shoal.httpserver import BoundedHttpProtocol, json_error_response
 
 log = logging.getLogger("shoal.http")
@@ -59,8 +61,8 @@ def _server_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 class DirectApp(Protocol):
-    def claims(self, method: bytes, url: bytes) -> bool:
-        """Whether this request (its method and URL as sent) is answered directly."""
+    def claims(self, method: bytes, path: bytes) -> bool:
+        """Whether this request (its method, and its URL's path as sent) is answered directly."""
 
     def begin(self, req: DirectRequest) -> None:
         """Its head is in: answer it now (``req.respond``), or set ``req.max_body`` and ``req.state``
@@ -88,7 +90,7 @@ class DirectRequest:
 
     __slots__ = (
         "conn",
-        "url",
+        "path",
         "headers",
         "keep_alive",
         "expect_continue",
@@ -106,10 +108,10 @@ class DirectRequest:
     )
 
     def __init__(
-        self, conn: DirectHttpProtocol, url: bytes, headers: dict[bytes, bytes], keep_alive: bool, expect: bool
+        self, conn: DirectHttpProtocol, path: bytes, headers: dict[bytes, bytes], keep_alive: bool, expect: bool
     ) -> None:
         self.conn = conn
-        self.url = url
+        self.path = path  # as sent: percent-encoded
         self.headers = headers
         self.keep_alive = keep_alive
         self.expect_continue = expect
@@ -161,6 +163,17 @@ class DirectRequest:
         conn.answered(self)
 
 
+def url_path(url: bytes) -> bytes:
+    """The path of a request's URL, as sent (the origin form ``/p?q`` of nearly every request, or the
+    absolute form ``http://host/p?q``); empty when the URL has none."""
+    if url[:1] == b"/":
+        return url.partition(b"?")[0]
+    try:
+        return httptools.parse_url(url).path or b""
+    except httptools.HttpParserInvalidURLError:
+        return b""
+
+
 class DirectHttpProtocol(BoundedHttpProtocol):
     """``BoundedHttpProtocol`` with the requests ``direct_app`` claims answered by it directly."""
 
@@ -169,12 +182,13 @@ class DirectHttpProtocol(BoundedHttpProtocol):
 
     def on_headers_complete(self) -> None:
         app = self.direct_app
-        if app is None or not app.claims(self.parser.get_method(), self.url):
+        path = url_path(self.url)
+        if app is None or not app.claims(self.parser.get_method(), path):
             super().on_headers_complete()
             return
         self._head_done()
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        req = DirectRequest(self, self.url, dict(self.headers), keep_alive, self.expect_100_continue)
+        req = DirectRequest(self, path, dict(self.headers), keep_alive, self.expect_100_continue)
         earlier = self.cycle
         self.cycle = req  # type: ignore[assignment]
         if earlier is None or earlier.response_complete:

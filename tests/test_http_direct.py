@@ -86,12 +86,13 @@ def test_pipelined_requests_of_both_kinds_are_answered_in_order(gateway):
         + _post(lc, _infer_body([4, 5, 6]))
         + _post(lc, _infer_body([7]), "/v2/models/infer")  # the metadata of a model named "infer"
         + _post(lc, _infer_body([8]), "/v2/models/echo/ready/infer")
+        + _post(lc, _infer_body([10]), "http://x/v2/models/echo/infer?q=1")  # the absolute form
     )
     with _connect(lc) as s:
         s.sendall(wire)  # all at once: the gateway answers one at a time, in order
         r = _Reader(s)
         got = []
-        for _ in range(6):
+        for _ in range(7):
             _requests(r.conn, 1)
             got.append(r.response())
     assert got[0][0] == 200 and json.loads(got[0][2])["outputs"][0]["data"] == [1, 2]
@@ -100,6 +101,7 @@ def test_pipelined_requests_of_both_kinds_are_answered_in_order(gateway):
     assert got[3][0] == 200 and json.loads(got[3][2])["outputs"][0]["data"] == [4, 5, 6]
     assert got[4][0] == 405 and "takes GET" in json.loads(got[4][2])["error"]
     assert got[5][0] == 404 and "no such endpoint" in json.loads(got[5][2])["error"]
+    assert got[6][0] == 200 and json.loads(got[6][2])["outputs"][0]["data"] == [10]
     assert not r.closed
 
 

@@ -250,9 +250,9 @@ class HttpApp:
 
     # ------------------------------------------------------------------------------ infer
 
-    def claims(self, method: bytes, url: bytes) -> bool:
+    def claims(self, method: bytes, path: bytes) -> bool:
         """The requests the server hands to ``begin`` and ``run`` without ASGI: inference."""
-        return method == b"POST" and url.startswith(b"/v2/models/") and url.partition(b"?")[0].endswith(b"/infer")
+        return method == b"POST" and path.startswith(b"/v2/models/") and path.endswith(b"/infer")
 
     def begin(self, req: DirectRequest) -> None:
         """An inference request's head is in: what can be checked before its body is (where it goes,
@@ -267,7 +267,7 @@ class HttpApp:
             req.respond(401, error_body(str(e)), [*_JSON, (b"www-authenticate", b'Bearer realm="shoal"')])
             return
         try:
-            raw = req.url.partition(b"?")[0].decode("latin-1")
+            raw = req.path.decode("latin-1")
             route = parse_path(raw)
             if route is None:
                 raise ProtocolError(f"no such endpoint: POST {_decoded(raw)}", 404)
@@ -292,7 +292,7 @@ class HttpApp:
             req.respond(*self._failure(e))
             return
         except Exception:  # a bug must cost one request a JSON 500, never the connection
-            log.exception("error answering POST %s", req.url[:200])
+            log.exception("error answering POST %s", req.path[:200])
             req.respond(500, error_body("internal error (see the gateway's log)"), _JSON)
             return
         req.state = (who, target, t0)
@@ -310,7 +310,7 @@ class HttpApp:
             if not req.client_left:
                 raise
         except Exception:
-            log.exception("error answering POST %s", req.url[:200])
+            log.exception("error answering POST %s", req.path[:200])
             req.respond(500, error_body("internal error (see the gateway's log)"), _JSON)
 
     async def _infer(self, req: DirectRequest, who: Principal, target: Target, t0: float) -> None:
