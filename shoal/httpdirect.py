@@ -18,15 +18,16 @@ A claimed request's life:
    sets ``max_body`` and ``state``.
 2. Its body arrives, bounded by ``max_body``: past it, 413 and the connection closed after a bounded
    lingering read (``BoundedHttpProtocol._refuse``).
-3. The body is whole: ``run`` answers it, in a task of its own. If the client goes before the answer,
-   ``client_left`` is set and the task cancelled.
+3. The body is whole: ``run`` answers it, by callback when what it waits for is one future (the
+   common case: no task per request), else in a task (``start_task``). If the client goes before the
+   answer, ``client_left`` is set and ``cancel`` called (a task's is its ``cancel``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import http
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import httptools
@@ -68,8 +69,9 @@ class DirectApp(Protocol):
         """Its head is in: answer it now (``req.respond``), or set ``req.max_body`` and ``req.state``
         for ``run``. Must not raise."""
 
-    async def run(self, req: DirectRequest) -> None:
-        """Its body is whole (``req.body``): answer it. Must not raise."""
+    def run(self, req: DirectRequest) -> None:
+        """Its body is whole (``req.body``): answer it, now or later (by callback, setting
+        ``req.cancel``, or in a task: ``req.conn.start_task``). Must not raise."""
 
 
 class _NoEvent:
@@ -98,7 +100,7 @@ class DirectRequest:
         "size",
         "max_body",
         "state",
-        "task",
+        "cancel",
         "turn",
         "whole",
         "client_left",
@@ -119,7 +121,7 @@ class DirectRequest:
         self.size = 0
         self.max_body = 0
         self.state: Any = None  # the app's, from ``begin`` to ``run``
-        self.task: asyncio.Task | None = None
+        self.cancel: Callable[[], Any] | None = None  # called if the client goes before the answer
         self.turn = False  # the connection's earlier requests are answered
         self.whole = False  # the body is in
         self.client_left = False
@@ -244,8 +246,16 @@ class DirectHttpProtocol(BoundedHttpProtocol):
 
     def _run(self, req: DirectRequest) -> None:
         assert self.direct_app is not None
-        task = self.loop.create_task(self.direct_app.run(req))
-        req.task = task
+        try:
+            self.direct_app.run(req)
+        except Exception:  # the app's bug: that request's 500, never the connection's parser
+            log.exception("error answering POST %s", req.path[:200])
+            req.respond(500, b'{"error":"internal error"}', [(b"content-type", b"application/json")])
+
+    def start_task(self, req: DirectRequest, coro: Coroutine[Any, Any, None]) -> None:
+        """Answer ``req`` in a task (cancelled if its client goes; waited for at shutdown)."""
+        task = self.loop.create_task(coro)
+        req.cancel = task.cancel
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -274,5 +284,5 @@ class DirectHttpProtocol(BoundedHttpProtocol):
         if req is not None and not req.response_complete:
             req.disconnected = True
             req.client_left = True
-            if req.task is not None:
-                req.task.cancel()
+            if req.cancel is not None:
+                req.cancel()

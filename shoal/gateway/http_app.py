@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -25,10 +26,10 @@ import shoal
 from shoal.gateway.auth import OPEN, Authenticator, AuthError, Principal, permit
 from shoal.gateway.metrics import GatewayMetrics
 from shoal.gateway.openapi import openapi_document
-from shoal.gateway.pool import RequestFailed
+from shoal.gateway.pool import Pending, RequestFailed
 from shoal.gateway.quotas import Quotas
 from shoal.gateway.repository import RepositoryApi, RepositoryError
-from shoal.gateway.requests import RequestService, Target
+from shoal.gateway.requests import RequestService, Target, outputs_of
 from shoal.gateway.results_api import record_request, results_action, serve_results
 from shoal.gateway.views import GatewayViews
 from shoal.protocol.classification import ClassificationError, classify
@@ -297,10 +298,96 @@ class HttpApp:
             return
         req.state = (who, target, t0)
 
-    async def run(self, req: DirectRequest) -> None:
+    def run(self, req: DirectRequest) -> None:
         """An inference request's body is in: its tensors checked against the model, its deadline
-        and id, the call, the answer. A client that disconnects while it waits cancels it: not yet
-        sent to a worker, it never runs."""
+        and id, the call, the answer. The common case (a model's pool, a small body, neither result
+        storage nor tracing) waits for its answer by callback; the rest in a task. A client that
+        disconnects while it waits cancels it (``req.cancel``): not yet sent to a worker, it never
+        runs."""
+        who, target, t0 = req.state
+        headers = req.headers
+        body = req.body
+        pool = target.pool
+        try:
+            hl = _header_length(headers)
+            if (
+                pool is None
+                or self.results is not None
+                or self.tracing is not None
+                or b"content-encoding" in headers
+                or (len(body) if hl is None else hl) > BIG_JSON
+            ):
+                req.conn.start_task(req, self._run_task(req))
+                return
+            oip = parse_infer_request(body, hl, self.limits.max_body_size)
+            arrays, deadline, priority, told, rid = self._bind(oip, target, headers, t0)
+            names = [o.name for o in oip.outputs] if oip.outputs is not None else None
+        except (ProtocolError, RequestFailed) as e:
+            req.respond(*self._failure(e))
+            return
+        except Exception:
+            log.exception("error answering POST %s", req.path[:200])
+            req.respond(500, error_body("internal error (see the gateway's log)"), _JSON)
+            return
+        try:
+            p = self.service.submit(pool, arrays, deadline, names, rid, priority, told)
+        except RequestFailed as e:  # refused at once: overloaded, saturated, too large for the link
+            self._model_failed(req, target, rid, t0, e)
+            return
+        req.cancel = partial(self._client_left, p, target, t0)
+        p.future.add_done_callback(partial(self._answered, req, target, oip, rid, t0))
+
+    def _answered(
+        self, req: DirectRequest, target: Target, oip: InferRequest, rid: str, t0: float, fut: asyncio.Future
+    ) -> None:
+        """The answer of a request ``run`` sent by callback (its client may have left: then nothing)."""
+        if fut.cancelled():
+            return
+        try:
+            e = fut.exception()
+            if e is not None:
+                raise e
+            h, payload = fut.result()
+            if oip.outputs is None and oip.binary_output:
+                req.respond(200, *self._binary_answer(target, oip, rid, h, payload))
+            else:
+                outputs = outputs_of(h, payload)
+                if oip.outputs is not None:
+                    outputs = classified(oip, target.spec, outputs)
+                if not oip.binary_output and _nbytes(outputs) > BIG_JSON:  # written on a thread
+                    req.conn.start_task(req, self._answer_large(req, target, oip, rid, outputs, t0))
+                    return
+                req.respond(200, *self._answer(target, oip, oip.id, rid, outputs))
+        except RequestFailed as e:
+            self._model_failed(req, target, rid, t0, e)
+            return
+        except ProtocolError as e:  # classification it cannot do
+            req.respond(*self._failure(e, rid))
+            return
+        except Exception:
+            log.exception("error answering POST %s", req.path[:200])
+            req.respond(500, error_body("internal error (see the gateway's log)"), _JSON)
+            return
+        self.metrics.observe_response(target.spec, 200, time.monotonic() - t0)
+
+    def _model_failed(self, req: DirectRequest, target: Target, rid: str, t0: float, e: RequestFailed) -> None:
+        self.metrics.observe_response(target.spec, e.status, time.monotonic() - t0)
+        self._log_failure(target, rid, e)
+        req.respond(*self._failure(e, rid))
+
+    def _client_left(self, p: Pending, target: Target, t0: float) -> None:
+        self.service.client_left(p)
+        self.metrics.observe_response(target.spec, 499, time.monotonic() - t0)
+
+    async def _answer_large(
+        self, req: DirectRequest, target: Target, oip: InferRequest, rid: str, outputs: dict[str, np.ndarray], t0: float
+    ) -> None:
+        async with self._big_decodes:
+            answer = await asyncio.to_thread(self._answer, target, oip, oip.id, rid, outputs)
+        req.respond(200, *answer)
+        self.metrics.observe_response(target.spec, 200, time.monotonic() - t0)
+
+    async def _run_task(self, req: DirectRequest) -> None:
         who, target, t0 = req.state
         try:
             await self._infer(req, who, target, t0)
@@ -313,6 +400,37 @@ class HttpApp:
             log.exception("error answering POST %s", req.path[:200])
             req.respond(500, error_body("internal error (see the gateway's log)"), _JSON)
 
+    def _bind(
+        self, oip: InferRequest, target: Target, headers: dict[bytes, bytes], t0: float
+    ) -> tuple[dict[str, np.ndarray], float, int, bool, str]:
+        """A parsed request checked against its model: its arrays, deadline, priority, whether the
+        deadline is the client's own, and its id."""
+        arrays = bind_inputs(oip, target.spec.inputs, target.spec.image_input, target.spec.max_batch_size)
+        if oip.outputs is not None:
+            check_outputs(oip, target)
+        budget, priority = self.budget(oip.parameters, headers)
+        return arrays, t0 + budget, priority, budget < self.limits.request_timeout_s, oip.id or self._request_id(headers)
+
+    def _binary_answer(
+        self, target: Target, oip: InferRequest, rid: str, h: Any, payload: Any
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The worker's result bytes as the response, as they are (the common binary case)."""
+        try:
+            out, hlen = binary_response(target.spec.name, target.spec.version, oip.id, h.outputs, payload)
+        except (TensorError, KeyError) as e:
+            raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
+        return out, _binary_headers(hlen, rid)
+
+    @staticmethod
+    def _answer(
+        target: Target, oip: InferRequest, answer_id: str | None, rid: str, outputs: dict[str, np.ndarray]
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        spec = target.spec
+        out, hlen = encode_infer_response(spec.name, spec.version, answer_id, outputs, oip.outputs, oip.binary_output)
+        if hlen is None:
+            return out, [*_JSON, _rid_header(rid)]
+        return out, _binary_headers(hlen, rid)
+
     async def _infer(self, req: DirectRequest, who: Principal, target: Target, t0: float) -> None:
         headers = req.headers
         body = req.body
@@ -321,26 +439,15 @@ class HttpApp:
             oip = parse_infer_request(body, hl, self.limits.max_body_size)
         else:
             oip = await self._decode_large(body, enc, hl)
-        arrays = bind_inputs(oip, target.spec.inputs, target.spec.image_input, target.spec.max_batch_size)
-        if oip.outputs is not None:
-            check_outputs(oip, target)
-        budget, priority = self.budget(oip.parameters, headers)
-        deadline = t0 + budget
-        told = budget < self.limits.request_timeout_s
-        rid = oip.id or self._request_id(headers)
+        arrays, deadline, priority, told, rid = self._bind(oip, target, headers, t0)
         tr = None if self.tracing is None else self.begin_trace(headers.get(b"traceparent"), target, t0)
         try:
             pool = target.pool
             if pool is not None and oip.outputs is None and oip.binary_output and self.results is None:
-                # The common binary case: the worker's result bytes become the response as they are.
                 h, payload = await self.service.call_model(
                     pool, arrays, deadline, None, rid, raw=True, priority=priority, trace=tr, told=told
                 )
-                try:
-                    out, hlen = binary_response(target.spec.name, target.spec.version, oip.id, h.outputs, payload)
-                except (TensorError, KeyError) as e:
-                    raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
-                req.respond(200, out, _binary_headers(hlen, rid))
+                req.respond(200, *self._binary_answer(target, oip, rid, h, payload))
             else:
                 names = [o.name for o in oip.outputs] if oip.outputs is not None else None
                 if pool is not None:
@@ -356,18 +463,14 @@ class HttpApp:
                     outputs = classified(oip, target.spec, outputs)
                 # With result storage the answer carries rid: the device can fetch the stored result later.
                 answer_id = oip.id if self.results is None else rid
-                encode = (target.spec.name, target.spec.version, answer_id, outputs, oip.outputs, oip.binary_output)
                 if oip.binary_output or _nbytes(outputs) <= BIG_JSON:
-                    out, hlen = encode_infer_response(*encode)
+                    answer = self._answer(target, oip, answer_id, rid, outputs)
                 else:  # a large JSON answer is written on a thread, as large requests are read
                     async with self._big_decodes:
-                        out, hlen = await asyncio.to_thread(encode_infer_response, *encode)
+                        answer = await asyncio.to_thread(self._answer, target, oip, answer_id, rid, outputs)
                 if self.results is not None:
                     self.record(target, 200, t0, rid, who, arrays, outputs)
-                if hlen is None:
-                    req.respond(200, out, [*_JSON, _rid_header(rid)])
-                else:
-                    req.respond(200, out, _binary_headers(hlen, rid))
+                req.respond(200, *answer)
         except RequestFailed as e:
             self.record(target, e.status, t0, rid, who, arrays, None, e)
             req.respond(*self._failure(e, rid))
@@ -499,12 +602,16 @@ class HttpApp:
         """A failed request's metrics and log line, and either answer stored when storage is on."""
         if error is not None:
             self.metrics.observe_response(target.spec, status, time.monotonic() - t0)
-            if status >= 500:
-                model = target.spec.name
-                log.warning("request %s to %s failed: %s", rid, model, error, extra={"request_id": rid, "model": model})
+            self._log_failure(target, rid, error)
         if self.results is not None:
             why = str(error) if error is not None else None
             record_request(self.results, rid, target.spec, arrays, outputs, status, t0, who.who, why)
+
+    @staticmethod
+    def _log_failure(target: Target, rid: str, error: RequestFailed) -> None:
+        if error.status >= 500:
+            model = target.spec.name
+            log.warning("request %s to %s failed: %s", rid, model, error, extra={"request_id": rid, "model": model})
 
     # ------------------------------------------------------------------------- repository
 

@@ -112,6 +112,29 @@ class RequestService:
         ``raw``, the worker's result header and payload untouched). ``priority`` is Triton's: 1 the
         highest level, 0 the model's default; ``trace``, where the request is traced, gets the call's
         spans; ``told``: the deadline is the client's own, not the gateway's default."""
+        p = self.submit(pool, arrays, deadline, outputs, request_id, priority, told)
+        try:
+            h, payload = await p.future
+        except asyncio.CancelledError:  # the client has gone
+            self.dispatcher.cancel(p, time.monotonic())
+            raise
+        if trace is not None:
+            trace.model_call(p, h, time.monotonic())
+        return (h, payload) if raw else outputs_of(h, payload)
+
+    def submit(
+        self,
+        pool: ModelPool,
+        arrays: dict[str, np.ndarray],
+        deadline: float,
+        outputs: list[str] | None,
+        request_id: str | None,
+        priority: int,
+        told: bool,
+    ) -> Pending:
+        """One request handed to the dispatcher, as ``call_model`` sends it; its future is answered
+        with the worker's result header and payload. For a caller that waits by callback rather than
+        in a task (the HTTP front's common case); ``RequestFailed`` when it is refused at once."""
         specs, bufs = pack_tensors(arrays)
         # The device's request id goes to the worker for its logs.
         header = Request(next(self._ids), specs, outputs, request_id)
@@ -137,16 +160,19 @@ class RequestService:
             p.level = pool.default_level
         p.told = told
         self.dispatcher.submit(pool, p, time.monotonic())
-        try:
-            h, payload = await fut
-        except asyncio.CancelledError:  # the client has gone
+        return p
+
+    def client_left(self, p: Pending) -> None:
+        """The client of a request sent by ``submit`` has gone: its future is cancelled and the
+        dispatcher takes it out (never run if it had not started)."""
+        if not p.future.done():
+            p.future.cancel()
             self.dispatcher.cancel(p, time.monotonic())
-            raise
-        if trace is not None:
-            trace.model_call(p, h, time.monotonic())
-        if raw:
-            return h, payload
-        try:
-            return unpack_tensors(h.outputs, payload)
-        except TensorError as e:
-            raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
+
+
+def outputs_of(h: Any, payload: Any) -> dict[str, np.ndarray]:
+    """A worker's result as arrays (``RequestFailed`` 502 when it is malformed)."""
+    try:
+        return unpack_tensors(h.outputs, payload)
+    except TensorError as e:
+        raise RequestFailed(f"worker sent a malformed result: {e}", 502) from None
