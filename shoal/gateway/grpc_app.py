@@ -70,28 +70,44 @@ class CallFailed(Exception):
         self.retry_after_ms = retry_after_ms  # overloaded or over a rate limit: when to try again
 
 
-@contextlib.contextmanager
-def _outcome(app: HttpApp) -> Iterator[None]:
-    """The shared pieces' exceptions as ``CallFailed`` with the matching code, counted as HTTP's are."""
-    try:
-        yield
-    except Forbidden as e:
+def _failed(app: HttpApp, e: Exception) -> CallFailed:
+    """One of the shared pieces' exceptions as ``CallFailed`` with the matching code, counted as HTTP
+    counts it; any other exception as it is (re-raised by the caller)."""
+    if isinstance(e, Forbidden):
         app.metrics.auth_refused.labels("403").inc()
-        raise CallFailed(SC.PERMISSION_DENIED, str(e)) from None
-    except (ProtocolError, RequestFailed, RepositoryError) as e:
+        return CallFailed(SC.PERMISSION_DENIED, str(e))
+    if isinstance(e, (ProtocolError, RequestFailed, RepositoryError)):
         app.metrics.http_errors.labels(str(e.status)).inc()
         ms = e.retry_after_ms if isinstance(e, RequestFailed) else None
-        raise CallFailed(_CODES.get(e.status, SC.INTERNAL), str(e), ms) from None
-    except InvalidName as e:
-        raise CallFailed(SC.INVALID_ARGUMENT, str(e)) from None
+        return CallFailed(_CODES.get(e.status, SC.INTERNAL), str(e), ms)
+    assert isinstance(e, InvalidName)
+    return CallFailed(SC.INVALID_ARGUMENT, str(e))
 
 
-def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
-    """The caller's W3C ``traceparent``, from the call's metadata."""
+# What the shared pieces raise for a refused request; ``_failed`` maps each to its status.
+_REFUSALS = (Forbidden, ProtocolError, RequestFailed, RepositoryError, InvalidName)
+
+
+@contextlib.contextmanager
+def _outcome(app: HttpApp) -> Iterator[None]:
+    """``_failed`` around a block (the calls that are not on the request path's hot loop)."""
+    try:
+        yield
+    except _REFUSALS as e:
+        raise _failed(app, e) from None
+
+
+def _credentials(context: grpc.aio.ServicerContext) -> tuple[bytes | None, str | None]:
+    """The call's ``authorization`` (as bytes, as HTTP's header) and W3C ``traceparent`` metadata, in
+    one pass over it (the first of each, as HTTP takes the first header)."""
+    authz = traceparent = None
     for k, v in context.invocation_metadata() or ():
-        if k == "traceparent":
-            return v if isinstance(v, str) else v.decode("latin-1")
-    return None
+        if k == "authorization":
+            if authz is None:
+                authz = v.encode("latin-1") if isinstance(v, str) else v
+        elif k == "traceparent" and traceparent is None:
+            traceparent = v if isinstance(v, str) else v.decode("latin-1")
+    return authz, traceparent
 
 
 def _target_names(model: str, version: str) -> tuple[str, str | None]:
@@ -105,12 +121,11 @@ class GrpcFront(GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------------ credentials
 
-    def _who(self, context: grpc.aio.ServicerContext) -> Principal:
-        authz = None
-        for k, v in context.invocation_metadata() or ():
-            if k == "authorization":
-                authz = v.encode("latin-1") if isinstance(v, str) else v
-                break
+    def _who(self, context: grpc.aio.ServicerContext, authz: bytes | None = None) -> Principal:
+        """The caller, from the call's ``authorization`` (``authz`` when already read, else the
+        call's metadata)."""
+        if authz is None:
+            authz = _credentials(context)[0]
         try:
             return self.app.auth.principal(authz)
         except AuthError as e:
@@ -186,8 +201,9 @@ class GrpcFront(GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         try:
-            who = self._who(context)
-            return await self._infer(who, request, context.time_remaining(), _traceparent(context))
+            authz, traceparent = _credentials(context)
+            who = self._who(context, authz)
+            return await self._infer(who, request, context.time_remaining(), traceparent)
         except CallFailed as e:
             return await self._abort(context, e)
 
@@ -197,7 +213,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
         """Each request of the stream runs as it arrives (several at once, batched with everyone's);
         answers come back as they finish, a failed one as its ``error_message``."""
         try:
-            who = self._who(context)
+            authz, traceparent = _credentials(context)
+            who = self._who(context, authz)
         except CallFailed as e:
             await self._abort(context, e)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
@@ -206,7 +223,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
         async def one(req: pb.ModelInferRequest) -> None:
             try:
                 msg = pb.ModelStreamInferResponse(
-                    infer_response=await self._infer(who, req, context.time_remaining(), _traceparent(context))
+                    infer_response=await self._infer(who, req, context.time_remaining(), traceparent)
                 )
             except CallFailed as e:
                 failed = pb.ModelInferResponse(
@@ -242,7 +259,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
         its deadline and id, the call through the request service, the answer."""
         t0 = time.monotonic()
         app = self.app
-        with _outcome(app):
+        try:  # the shared pieces' refusals as gRPC statuses (inline: this is every call's path)
             name, ver = _target_names(req.model_name, req.model_version)
             app.check(who, "infer", name, ver)
             if app.quotas is not None:
@@ -265,7 +282,15 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 if target.pool is not None and app.results is None and not class_counts(ireq.outputs):
                     # Common case: the worker's result bytes become the raw contents as they are.
                     h, payload = await self.service.call_model(
-                        target.pool, arrays, t0 + budget, names, rid, raw=True, priority=priority, trace=tr, told=told
+                        target.pool,
+                        arrays,
+                        t0 + budget,
+                        names,
+                        rid,
+                        raw=True,
+                        priority=priority,
+                        trace=tr,
+                        told=told,
                     )
                     try:
                         resp = raw_infer_response(spec.name, spec.version, answer_id, h.outputs, payload)
@@ -274,7 +299,14 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 else:
                     if target.pool is not None:
                         outputs = await self.service.call_model(
-                            target.pool, arrays, t0 + budget, names, rid, priority=priority, trace=tr, told=told
+                            target.pool,
+                            arrays,
+                            t0 + budget,
+                            names,
+                            rid,
+                            priority=priority,
+                            trace=tr,
+                            told=told,
                         )
                     else:
                         assert target.pipeline is not None
@@ -295,6 +327,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 if tr is not None:
                     tr.end(499, rid, time.monotonic())
                 raise
+        except _REFUSALS as e:
+            raise _failed(app, e) from None
         if tr is not None:
             tr.end(200, rid, time.monotonic())
         app.metrics.observe_response(spec, 200, time.monotonic() - t0)
