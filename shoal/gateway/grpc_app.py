@@ -1,6 +1,12 @@
 """The gateway's gRPC face: the Open Inference Protocol's ``inference.GRPCInferenceService`` (as
-``tritonclient.grpc`` speaks it) on grpcio's asyncio server. An extra (``pip install shoal[grpc]``):
-the composition root starts it only when grpcio is importable.
+``tritonclient.grpc`` speaks it) on grpcio. An extra (``pip install shoal[grpc]``): the composition
+root starts it only when grpcio is importable.
+
+The front's handlers are coroutines on the gateway's event loop; grpcio's synchronous server carries
+the calls, each handed from its thread to the loop and waited for there (``GrpcServer``). Measured
+(docs/benchmarks.md, "gRPC against HTTP"), that costs the gateway about half the CPU per call of
+grpcio's asyncio server on the same loop, whose every completion crosses a poller thread and a
+socket into the loop.
 
 One request path: every call goes through the HTTP app's pieces (credentials and roles, the request
 service, metrics, result storage, model and readiness views, the repository API), so gRPC and HTTP
@@ -11,8 +17,11 @@ check, queue, batch, run, count and store requests alike. Only the transport dif
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -368,10 +377,144 @@ class GrpcFront(GRPCInferenceServiceServicer):
 
 # Room for a request's envelope around the largest body HTTP takes.
 _ENVELOPE = 64 * 1024
+# Calls served at once: each holds one of grpcio's threads while the loop works on it (a stream, one
+# more of its own to read its requests). Past this, a call is refused at once (RESOURCE_EXHAUSTED)
+# instead of waiting for a thread unseen by the gateway's admission.
+MAX_CALLS = 512
+# grpcio's "no deadline" as seconds left (about 292 years): anything past a year is none.
+_NO_DEADLINE_S = 365 * 86400.0
+
+
+class _Aborted(Exception):
+    """The front ended its call (``context.abort``): the status, carried to grpcio's thread."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailing = code, details, trailing
+
+
+class _LoopContext:
+    """What the front's handlers use of a call's context, on the loop: the call's metadata and deadline
+    (read in grpcio's thread as the call is handed over), and ``abort``, which ends the handler with
+    the status for grpcio's thread to send."""
+
+    __slots__ = ("_metadata", "_deadline")
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._metadata = context.invocation_metadata()
+        left = context.time_remaining()
+        self._deadline = None if left is None or left > _NO_DEADLINE_S else time.monotonic() + left
+
+    def invocation_metadata(self) -> Any:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        raise _Aborted(code, details, tuple(trailing_metadata))
+
+
+def _end(context: grpc.ServicerContext, e: BaseException) -> None:
+    """End a call as the loop's handler ended: aborted with its status, or cancelled (the caller gone)."""
+    if isinstance(e, _Aborted):
+        if e.trailing:
+            context.set_trailing_metadata(e.trailing)
+        context.abort(e.code, e.details)
+    if isinstance(e, (concurrent.futures.CancelledError, asyncio.CancelledError)):
+        context.abort(SC.CANCELLED, "call cancelled")
+    raise e
+
+
+class _Bridge:
+    """The front's coroutine handlers as grpcio synchronous handlers: each call's coroutine runs on the
+    gateway's loop; the thread waits for it. A call that ends early (cancelled by its caller, past its
+    deadline) cancels its coroutine where it is, as grpcio's asyncio server did."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None  # the gateway's, set when the server starts
+
+    def _submit(self, coro: Any, context: grpc.ServicerContext) -> concurrent.futures.Future:
+        assert self.loop is not None
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        if not context.add_callback(fut.cancel):  # runs when the call ends, however it ends
+            fut.cancel()
+        return fut
+
+    def unary(self, method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            fut = self._submit(method(request, _LoopContext(context)), context)
+            try:
+                return fut.result()
+            except BaseException as e:  # noqa: BLE001 (ended as the loop's handler ended)
+                _end(context, e)
+
+        return handle
+
+    def stream(self, method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Iterator[Any]]:
+        """A bidirectional stream: a thread of its own reads the requests into the loop's handler;
+        its answers come back through a queue to grpcio's thread, which sends them."""
+        done = object()
+
+        def handle(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            loop = self.loop
+            assert loop is not None
+            requests: asyncio.Queue[Any] = asyncio.Queue()
+            answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+            async def incoming() -> AsyncIterator[Any]:
+                while (item := await requests.get()) is not done:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+
+            async def run() -> None:
+                try:
+                    async for msg in method(incoming(), _LoopContext(context)):
+                        answers.put(msg)
+                except BaseException as e:
+                    answers.put(e)
+                    raise
+                answers.put(done)
+
+            def read() -> None:
+                try:
+                    for req in request_iterator:
+                        loop.call_soon_threadsafe(requests.put_nowait, req)
+                    item: Any = done
+                except Exception as e:  # noqa: BLE001 (the client's stream broken: the handler's error)
+                    item = e
+                with contextlib.suppress(RuntimeError):  # the loop closed: the gateway has stopped
+                    loop.call_soon_threadsafe(requests.put_nowait, item)
+
+            self._submit(run(), context)
+            threading.Thread(target=read, name="grpc-stream-reader", daemon=True).start()
+            while (item := answers.get()) is not done:
+                if isinstance(item, BaseException):
+                    _end(context, item)
+                yield item
+
+        return handle
+
+
+class _Handlers:
+    """Collects what the generated ``add_..._to_server`` registers (the method table, with each
+    method's (de)serialisers), to register the same methods bridged."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+        self.service = ""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.methods = service, methods
 
 
 class GrpcServer:
-    """grpcio's asyncio server holding the front, on its own port (TLS with the gateway's pair)."""
+    """grpcio's synchronous server carrying the front's calls into the gateway's loop (``_Bridge``),
+    on its own port (TLS with the gateway's pair)."""
 
     def __init__(
         self,
@@ -390,11 +533,28 @@ class GrpcServer:
             # grpcio shares ports by default: two gateways on one port must fail, not split its calls.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
-        self.server = grpc.aio.server(options=options)
-        add_GRPCInferenceServiceServicer_to_server(front, self.server)
+        self.bridge = _Bridge()
+        table = _Handlers()
+        add_GRPCInferenceServiceServicer_to_server(front, table)
+        methods = {}
+        for name, h in table.methods.items():
+            if h.unary_unary is not None:
+                handler = grpc.unary_unary_rpc_method_handler(
+                    self.bridge.unary(h.unary_unary), h.request_deserializer, h.response_serializer
+                )
+            else:
+                assert h.stream_stream is not None, f"{name}: only unary and bidirectional calls are bridged"
+                handler = grpc.stream_stream_rpc_method_handler(
+                    self.bridge.stream(h.stream_stream), h.request_deserializer, h.response_serializer
+                )
+            methods[name] = handler
+        self.pool = concurrent.futures.ThreadPoolExecutor(MAX_CALLS, thread_name_prefix="grpc")
+        self.server = grpc.server(self.pool, options=options, maximum_concurrent_rpcs=MAX_CALLS)
+        self.server.add_registered_method_handlers(table.service, methods)
         self.tls = tls
 
     async def start(self) -> int:
+        self.bridge.loop = asyncio.get_running_loop()
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             if self.tls is not None:
@@ -407,8 +567,11 @@ class GrpcServer:
         if not bound:
             raise OSError(f"cannot serve gRPC on {address} (in use?)")
         self.port = bound
-        await self.server.start()
+        self.server.start()
         return bound
 
     async def stop(self, grace_s: float) -> None:
-        await self.server.stop(grace_s)
+        """No new calls; those running get ``grace_s`` to finish (on the loop, which stays free)."""
+        stopped = self.server.stop(grace_s)
+        await asyncio.to_thread(stopped.wait)
+        self.pool.shutdown(wait=False, cancel_futures=True)
