@@ -434,18 +434,48 @@ class _Bridge:
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None  # the gateway's, set when the server starts
 
-    def _submit(self, coro: Any, context: grpc.ServicerContext) -> concurrent.futures.Future:
-        assert self.loop is not None
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        if not context.add_callback(fut.cancel):  # runs when the call ends, however it ends
-            fut.cancel()
-        return fut
+    def _submit(self, coro: Any, context: grpc.ServicerContext, done: Callable[[Any], None]) -> None:
+        """Start ``coro`` on the loop; ``done`` gets its task when it ends. The call's ending (however it
+        ends: answered, cancelled by its caller, past its deadline) cancels the task where it is."""
+        loop = self.loop
+        assert loop is not None
+        task: list[asyncio.Task] = []
+
+        def start() -> None:
+            t = loop.create_task(coro)
+            t.add_done_callback(done)
+            task.append(t)
+
+        def cancel() -> None:
+            if task:
+                task[0].cancel()
+
+        def ended() -> None:  # in grpcio's thread; the loop may be closed by then (the gateway stopped)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(cancel)
+
+        loop.call_soon_threadsafe(start)
+        if not context.add_callback(ended):
+            ended()
+
+    def _next(self, box: queue.SimpleQueue[Any], context: grpc.ServicerContext) -> Any:
+        """What the loop puts in ``box`` next; the call ended as unavailable if the loop has closed
+        first (the gateway stopped), so that no thread of grpcio's waits for ever."""
+        while True:
+            try:
+                return box.get(timeout=1.0)
+            except queue.Empty:
+                assert self.loop is not None
+                if self.loop.is_closed():
+                    context.abort(SC.UNAVAILABLE, "the gateway has stopped")
 
     def unary(self, method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
-            fut = self._submit(method(request, _LoopContext(context)), context)
+            ended: queue.SimpleQueue[asyncio.Task] = queue.SimpleQueue()
+            self._submit(method(request, _LoopContext(context)), context, ended.put)
+            task = self._next(ended, context)  # a done task: reading it from this thread is safe
             try:
-                return fut.result()
+                return task.result()
             except BaseException as e:  # noqa: BLE001 (ended as the loop's handler ended)
                 _end(context, e)
 
@@ -472,7 +502,10 @@ class _Bridge:
                 try:
                     async for msg in method(incoming(), _LoopContext(context)):
                         answers.put(msg)
-                except BaseException as e:
+                except Exception as e:  # aborted, or the stream broken: grpcio's thread ends the call
+                    answers.put(e)
+                    return
+                except BaseException as e:  # cancelled
                     answers.put(e)
                     raise
                 answers.put(done)
@@ -487,9 +520,9 @@ class _Bridge:
                 with contextlib.suppress(RuntimeError):  # the loop closed: the gateway has stopped
                     loop.call_soon_threadsafe(requests.put_nowait, item)
 
-            self._submit(run(), context)
+            self._submit(run(), context, lambda task: None)
             threading.Thread(target=read, name="grpc-stream-reader", daemon=True).start()
-            while (item := answers.get()) is not done:
+            while (item := self._next(answers, context)) is not done:
                 if isinstance(item, BaseException):
                     _end(context, item)
                 yield item
