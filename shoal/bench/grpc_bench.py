@@ -128,6 +128,8 @@ def grpc(workdir: Path, args: Namespace) -> dict[str, Any]:
             one_http = run_load(lc, http_req, 1, total=2200, warmup=200)
             _, _, one_grpc = asyncio.run(_grpc_load(address, lc.api_key, body, 1, None, 2000))
             bare = {kind: _bare_server_cpu_us(kind, cpu, args.seconds, body) for kind in BARE}
+            unpin_self()
+            before = _baseline(workdir, args, cpu, pinned, body, lc)
         finally:
             unpin_self()
     p50_h, p99_h = percentiles(one_http.latencies_s)
@@ -149,8 +151,51 @@ def grpc(workdir: Path, args: Namespace) -> dict[str, Any]:
             f"bare grpcio, {what}: CPU per call us, calls/s": f"{bare[k][0]:.0f}, {bare[k][1]:.0f}"
             for k, what in BARE.items()
         },
+        **before,
         "gateway+worker pinned to one core": pinned,
     }
+
+
+def _baseline(
+    workdir: Path,
+    args: Namespace,
+    cpu: int | None,
+    pinned: bool,
+    body: bytes,
+    lc: LocalCluster,
+) -> dict[str, Any]:
+    """With ``--baseline DIR``: the gateway of that source tree under the same gRPC load, alternating
+    with this tree's (both up at once, pinned alike), to measure a change to the gRPC front."""
+    if not getattr(args, "baseline", None):
+        return {}
+    source = Path(args.baseline).resolve()
+    with LocalCluster(workdir / "baseline", source=source) as old:
+        old.start(cpu=cpu)
+        old.add_worker("echo", cpu=cpu)
+        old.wait_workers("echo", 1)
+        runs: dict[str, dict[str, list[float]]] = {
+            k: {"rps": [], "cpu": [], "p50": []} for k in ("this", "base")
+        }
+        if pinned:
+            pin_self(CPU_CLIENT)
+        for i in range(4):
+            order = [("this", lc), ("base", old)] if i % 2 == 0 else [("base", old), ("this", lc)]
+            for name, c in order:
+                pids = [c.gateway.pid, *(w.pid for w in c.workers)]
+                address = f"127.0.0.1:{c.grpc_port}"
+                c0 = sum(cpu_seconds(p) for p in pids)
+                n, s, _ = asyncio.run(_grpc_load(address, c.api_key, body, IN_FLIGHT, args.seconds, None))
+                runs[name]["cpu"].append((sum(cpu_seconds(p) for p in pids) - c0) / max(1, n) * 1e6)
+                runs[name]["rps"].append(n / s)
+                _, _, one = asyncio.run(_grpc_load(address, c.api_key, body, 1, None, 1000))
+                runs[name]["p50"].append(percentiles(one)[0])
+    out = {}
+    for name, label in (("this", "this tree"), ("base", source.name)):
+        r = runs[name]
+        out[f"gRPC, {label}: requests/s, gateway+worker CPU us, one-call p50 ms (medians of 4)"] = (
+            f"{np.median(r['rps']):.0f}, {np.median(r['cpu']):.0f}, {np.median(r['p50']):.3f}"
+        )
+    return out
 
 
 # The bare servers: what each does with a call (the load is the gateway's, a ModelInfer's bytes).
