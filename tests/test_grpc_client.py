@@ -69,14 +69,17 @@ def test_shoal_infer_over_grpc(cluster, model_repo, tmp_path):
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(digit)
     url = f"grpc://127.0.0.1:{lc.grpc_port}"
 
-    def infer(key: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "shoal", "infer", "--url", url, "--token", key, "--model", "mnist-cnn", str(digit)]
+    def infer(key: str, at: str = url) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "shoal", "infer", "--url", at, "--token", key, "--model", "mnist-cnn", str(digit)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
     ok = infer(lc.api_key)
     assert ok.returncode == 0, ok.stderr
     line = json.loads(ok.stdout.strip().splitlines()[-1])
     assert line["model"] == "mnist-cnn" and line["bytes_up"] > 0, line
+    # The class label, from the manifest's labels, as over HTTP (learnt over gRPC by classification).
+    over_http = json.loads(infer(lc.api_key, lc.url).stdout.strip().splitlines()[-1])
+    assert line["labels"] == over_http["labels"] and set(line["labels"]) == {"logits"}, (line, over_http)
     bad = infer("wrong-key")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "UNAUTHENTICATED" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

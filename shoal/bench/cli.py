@@ -29,7 +29,8 @@ Suites (each starts its own gateway and workers as real processes and stops them
   (and 4) gateway processes; one of two gateways SIGKILLed under devices' load (failed requests, p99
   after the kill, detection); 50 000 idle connections held over four gateway processes.
 * ``grpc``       the gateway's gRPC front against its HTTP binary extension, side by side: requests/s at
-  64 in flight and p50 one at a time (needs ``shoal[grpc]``).
+  64 in flight and p50 one at a time, CPU per call, bare grpcio servers for where it goes (needs
+  ``shoal[grpc]``); with ``--baseline DIR`` also another source tree's gRPC front, alternating.
 * ``profile``    where each microsecond of a request goes, gateway and worker apart (py-spy; on request)
 * ``overload``   one worker past its capacity, open-loop, requests with deadlines: good answers, the
   admitted p99, how fast the rest are refused; priorities; model time on answers nobody read.
@@ -175,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
         print(
-            f"shoal bench: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}", file=sys.stderr
+            f"shoal bench: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}",
+            file=sys.stderr,
         )
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="shoal-bench-"))

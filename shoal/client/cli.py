@@ -152,7 +152,12 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         first_input = meta["inputs"][0]["name"]
-        labels = (meta.get("parameters") or {}).get("labels") or {}
+        # gRPC's metadata has no labels: the gRPC client learns them from the gateway (None).
+        labels = (
+            None
+            if "parameters" not in meta and args.url.startswith("grpc")
+            else ((meta.get("parameters") or {}).get("labels") or {})
+        )
     elif edge is None:
         if not args.central:
             print("shoal infer: give --central URL (or --url for one gateway)", file=sys.stderr)

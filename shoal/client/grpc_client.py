@@ -18,6 +18,8 @@ from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
 from shoal.protocol.tensors import TensorError, from_buffer, to_buffer
 
 _SERVICE = "/inference.GRPCInferenceService/"
+# A classification count past any model's classes: the gateway then gives them all.
+_ALL_CLASSES = 1 << 16
 # gRPC status -> the HTTP status the rest of the client speaks (InferError.status)
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -56,11 +58,15 @@ class OipGrpcClient:
         else:
             self._channel = grpc.insecure_channel(target)
         self._metadata = self._method("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse)
+        self._config = self._method("ModelConfig", pb.ModelConfigRequest, pb.ModelConfigResponse)
         self._infer = self._method("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse)
+        self._labels: dict[tuple[str, str | None], dict[str, list[str]]] = {}
 
     def _method(self, name: str, request: Any, response: Any) -> Any:
         return self._channel.unary_unary(
-            _SERVICE + name, request_serializer=request.SerializeToString, response_deserializer=response.FromString
+            _SERVICE + name,
+            request_serializer=request.SerializeToString,
+            response_deserializer=response.FromString,
         )
 
     def close(self) -> None:
@@ -101,7 +107,11 @@ class OipGrpcClient:
         }
 
     def infer(
-        self, model: str, inputs: dict[str, np.ndarray], version: str | None = None, outputs: list[str] | None = None
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        version: str | None = None,
+        outputs: list[str] | None = None,
     ) -> dict[str, np.ndarray]:
         return self._outputs(self._call(self._infer, _request(model, inputs, version, outputs)))
 
@@ -114,7 +124,9 @@ class OipGrpcClient:
         labels: dict[str, list[str]] | None = None,
     ) -> InferResult:
         """Tensors (``inputs``) or an encoded image (``payload``) as an ``InferResult`` with the fields
-        the HTTP client fills: the version that answered, the bytes sent, the timings."""
+        the HTTP client fills: the version that answered, the bytes sent, the timings. ``labels``
+        None: the model's class labels learnt from the gateway (``labels``), as HTTP's metadata gives
+        them."""
         if payload is not None:
             name = self.metadata(model, version)["inputs"][0]["name"]
             inputs = {name: _one_bytes(payload)}
@@ -122,6 +134,8 @@ class OipGrpcClient:
         t0 = time.perf_counter()
         resp = self._call(self._infer, req)
         ms = (time.perf_counter() - t0) * 1000.0
+        if labels is None:
+            labels = self.labels(model, version, req)
         return InferResult(
             self._outputs(resp),
             resp.model_name or model,
@@ -134,7 +148,51 @@ class OipGrpcClient:
             gateway=self.url,
         )
 
-    def infer_raw(self, model: str, payload: bytes, version: str | None = None, input_name: str = "") -> dict[str, np.ndarray]:
+    def labels(self, model: str, version: str | None, req: pb.ModelInferRequest) -> dict[str, list[str]]:
+        """The class labels of the model's outputs that have them, by output name (HTTP's metadata
+        ``parameters.labels``). gRPC's metadata has no place for them: the model's configuration says
+        which outputs have labels (``label_filename``), and ``req`` sent once more with those outputs'
+        classification for every class (the classification extension) gives each class's label.
+        Learnt once per model and version; none when the model has none."""
+        key = (model, version)
+        if key not in self._labels:
+            try:
+                config = self._call(
+                    self._config, pb.ModelConfigRequest(name=model, version=version or "")
+                ).config
+                labelled = [o.name for o in config.output if o.label_filename]
+                self._labels[key] = self._learn_labels(req, labelled) if labelled else {}
+            except InferError:  # an older gateway, or refused: the answer stands, without labels
+                self._labels[key] = {}
+        return self._labels[key]
+
+    def _learn_labels(self, req: pb.ModelInferRequest, outputs: list[str]) -> dict[str, list[str]]:
+        ask = pb.ModelInferRequest()
+        ask.CopyFrom(req)
+        for name in outputs:
+            o = ask.outputs.add(name=name)
+            o.parameters["classification"].int64_param = _ALL_CLASSES
+        resp = self._call(self._infer, ask)
+        labels: dict[str, list[str]] = {}
+        for t, raw in zip(resp.outputs, resp.raw_output_contents, strict=False):
+            if t.name not in outputs or t.datatype != "BYTES":
+                continue
+            try:
+                entries = from_buffer("BYTES", tuple(t.shape), raw, len(raw)).reshape(-1)
+            except TensorError:
+                continue
+            names: dict[int, str] = {}
+            for e in entries:  # "score:index:label", each class once per row
+                parts = (e.decode("utf-8", "replace") if isinstance(e, bytes) else str(e)).split(":", 2)
+                if len(parts) == 3 and parts[1].isdigit():
+                    names.setdefault(int(parts[1]), parts[2])
+            if names:
+                labels[t.name] = [names.get(i, str(i)) for i in range(max(names) + 1)]
+        return labels
+
+    def infer_raw(
+        self, model: str, payload: bytes, version: str | None = None, input_name: str = ""
+    ) -> dict[str, np.ndarray]:
         """An encoded image (a PNG or JPEG file's bytes) as the model's one input: a BYTES tensor of one."""
         if not input_name:
             input_name = self.metadata(model, version)["inputs"][0]["name"]

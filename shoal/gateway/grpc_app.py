@@ -1,6 +1,12 @@
 """The gateway's gRPC face: the Open Inference Protocol's ``inference.GRPCInferenceService`` (as
-``tritonclient.grpc`` speaks it) on grpcio's asyncio server. An extra (``pip install shoal[grpc]``):
-the composition root starts it only when grpcio is importable.
+``tritonclient.grpc`` speaks it) on grpcio. An extra (``pip install shoal[grpc]``): the composition
+root starts it only when grpcio is importable.
+
+The front's handlers are coroutines on the gateway's event loop; grpcio's synchronous server carries
+the calls, each handed from its thread to the loop and waited for there (``GrpcServer``). Measured
+(docs/benchmarks.md, "gRPC against HTTP"), that costs the gateway about half the CPU per call of
+grpcio's asyncio server on the same loop, whose every completion crosses a poller thread and a
+socket into the loop.
 
 One request path: every call goes through the HTTP app's pieces (credentials and roles, the request
 service, metrics, result storage, model and readiness views, the repository API), so gRPC and HTTP
@@ -11,8 +17,11 @@ check, queue, batch, run, count and store requests alike. Only the transport dif
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -70,28 +79,44 @@ class CallFailed(Exception):
         self.retry_after_ms = retry_after_ms  # overloaded or over a rate limit: when to try again
 
 
-@contextlib.contextmanager
-def _outcome(app: HttpApp) -> Iterator[None]:
-    """The shared pieces' exceptions as ``CallFailed`` with the matching code, counted as HTTP's are."""
-    try:
-        yield
-    except Forbidden as e:
+def _failed(app: HttpApp, e: Exception) -> CallFailed:
+    """One of the shared pieces' exceptions as ``CallFailed`` with the matching code, counted as HTTP
+    counts it; any other exception as it is (re-raised by the caller)."""
+    if isinstance(e, Forbidden):
         app.metrics.auth_refused.labels("403").inc()
-        raise CallFailed(SC.PERMISSION_DENIED, str(e)) from None
-    except (ProtocolError, RequestFailed, RepositoryError) as e:
+        return CallFailed(SC.PERMISSION_DENIED, str(e))
+    if isinstance(e, (ProtocolError, RequestFailed, RepositoryError)):
         app.metrics.http_errors.labels(str(e.status)).inc()
         ms = e.retry_after_ms if isinstance(e, RequestFailed) else None
-        raise CallFailed(_CODES.get(e.status, SC.INTERNAL), str(e), ms) from None
-    except InvalidName as e:
-        raise CallFailed(SC.INVALID_ARGUMENT, str(e)) from None
+        return CallFailed(_CODES.get(e.status, SC.INTERNAL), str(e), ms)
+    assert isinstance(e, InvalidName)
+    return CallFailed(SC.INVALID_ARGUMENT, str(e))
 
 
-def _traceparent(context: grpc.aio.ServicerContext) -> str | None:
-    """The caller's W3C ``traceparent``, from the call's metadata."""
+# What the shared pieces raise for a refused request; ``_failed`` maps each to its status.
+_REFUSALS = (Forbidden, ProtocolError, RequestFailed, RepositoryError, InvalidName)
+
+
+@contextlib.contextmanager
+def _outcome(app: HttpApp) -> Iterator[None]:
+    """``_failed`` around a block (the calls that are not on the request path's hot loop)."""
+    try:
+        yield
+    except _REFUSALS as e:
+        raise _failed(app, e) from None
+
+
+def _credentials(context: grpc.aio.ServicerContext) -> tuple[bytes | None, str | None]:
+    """The call's ``authorization`` (as bytes, as HTTP's header) and W3C ``traceparent`` metadata, in
+    one pass over it (the first of each, as HTTP takes the first header)."""
+    authz = traceparent = None
     for k, v in context.invocation_metadata() or ():
-        if k == "traceparent":
-            return v if isinstance(v, str) else v.decode("latin-1")
-    return None
+        if k == "authorization":
+            if authz is None:
+                authz = v.encode("latin-1") if isinstance(v, str) else v
+        elif k == "traceparent" and traceparent is None:
+            traceparent = v if isinstance(v, str) else v.decode("latin-1")
+    return authz, traceparent
 
 
 def _target_names(model: str, version: str) -> tuple[str, str | None]:
@@ -105,12 +130,11 @@ class GrpcFront(GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------------ credentials
 
-    def _who(self, context: grpc.aio.ServicerContext) -> Principal:
-        authz = None
-        for k, v in context.invocation_metadata() or ():
-            if k == "authorization":
-                authz = v.encode("latin-1") if isinstance(v, str) else v
-                break
+    def _who(self, context: grpc.aio.ServicerContext, authz: bytes | None = None) -> Principal:
+        """The caller, from the call's ``authorization`` (``authz`` when already read, else the
+        call's metadata)."""
+        if authz is None:
+            authz = _credentials(context)[0]
         try:
             return self.app.auth.principal(authz)
         except AuthError as e:
@@ -186,8 +210,9 @@ class GrpcFront(GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         try:
-            who = self._who(context)
-            return await self._infer(who, request, context.time_remaining(), _traceparent(context))
+            authz, traceparent = _credentials(context)
+            who = self._who(context, authz)
+            return await self._infer(who, request, context.time_remaining(), traceparent)
         except CallFailed as e:
             return await self._abort(context, e)
 
@@ -197,7 +222,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
         """Each request of the stream runs as it arrives (several at once, batched with everyone's);
         answers come back as they finish, a failed one as its ``error_message``."""
         try:
-            who = self._who(context)
+            authz, traceparent = _credentials(context)
+            who = self._who(context, authz)
         except CallFailed as e:
             await self._abort(context, e)
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
@@ -206,7 +232,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
         async def one(req: pb.ModelInferRequest) -> None:
             try:
                 msg = pb.ModelStreamInferResponse(
-                    infer_response=await self._infer(who, req, context.time_remaining(), _traceparent(context))
+                    infer_response=await self._infer(who, req, context.time_remaining(), traceparent)
                 )
             except CallFailed as e:
                 failed = pb.ModelInferResponse(
@@ -242,7 +268,7 @@ class GrpcFront(GRPCInferenceServiceServicer):
         its deadline and id, the call through the request service, the answer."""
         t0 = time.monotonic()
         app = self.app
-        with _outcome(app):
+        try:  # the shared pieces' refusals as gRPC statuses (inline: this is every call's path)
             name, ver = _target_names(req.model_name, req.model_version)
             app.check(who, "infer", name, ver)
             if app.quotas is not None:
@@ -265,7 +291,15 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 if target.pool is not None and app.results is None and not class_counts(ireq.outputs):
                     # Common case: the worker's result bytes become the raw contents as they are.
                     h, payload = await self.service.call_model(
-                        target.pool, arrays, t0 + budget, names, rid, raw=True, priority=priority, trace=tr, told=told
+                        target.pool,
+                        arrays,
+                        t0 + budget,
+                        names,
+                        rid,
+                        raw=True,
+                        priority=priority,
+                        trace=tr,
+                        told=told,
                     )
                     try:
                         resp = raw_infer_response(spec.name, spec.version, answer_id, h.outputs, payload)
@@ -274,7 +308,14 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 else:
                     if target.pool is not None:
                         outputs = await self.service.call_model(
-                            target.pool, arrays, t0 + budget, names, rid, priority=priority, trace=tr, told=told
+                            target.pool,
+                            arrays,
+                            t0 + budget,
+                            names,
+                            rid,
+                            priority=priority,
+                            trace=tr,
+                            told=told,
                         )
                     else:
                         assert target.pipeline is not None
@@ -295,6 +336,8 @@ class GrpcFront(GRPCInferenceServiceServicer):
                 if tr is not None:
                     tr.end(499, rid, time.monotonic())
                 raise
+        except _REFUSALS as e:
+            raise _failed(app, e) from None
         if tr is not None:
             tr.end(200, rid, time.monotonic())
         app.metrics.observe_response(spec, 200, time.monotonic() - t0)
@@ -334,10 +377,177 @@ class GrpcFront(GRPCInferenceServiceServicer):
 
 # Room for a request's envelope around the largest body HTTP takes.
 _ENVELOPE = 64 * 1024
+# Calls served at once: each holds one of grpcio's threads while the loop works on it (a stream, one
+# more of its own to read its requests). Past this, a call is refused at once (RESOURCE_EXHAUSTED)
+# instead of waiting for a thread unseen by the gateway's admission.
+MAX_CALLS = 512
+# grpcio's "no deadline" as seconds left (about 292 years): anything past a year is none.
+_NO_DEADLINE_S = 365 * 86400.0
+
+
+class _Aborted(Exception):
+    """The front ended its call (``context.abort``): the status, carried to grpcio's thread."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...]) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailing = code, details, trailing
+
+
+class _LoopContext:
+    """What the front's handlers use of a call's context, on the loop: the call's metadata and deadline
+    (read in grpcio's thread as the call is handed over), and ``abort``, which ends the handler with
+    the status for grpcio's thread to send."""
+
+    __slots__ = ("_metadata", "_deadline")
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._metadata = context.invocation_metadata()
+        left = context.time_remaining()
+        self._deadline = None if left is None or left > _NO_DEADLINE_S else time.monotonic() + left
+
+    def invocation_metadata(self) -> Any:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        raise _Aborted(code, details, tuple(trailing_metadata))
+
+
+def _end(context: grpc.ServicerContext, e: BaseException) -> None:
+    """End a call as the loop's handler ended: aborted with its status, or cancelled (the caller gone)."""
+    if isinstance(e, _Aborted):
+        if e.trailing:
+            context.set_trailing_metadata(e.trailing)
+        context.abort(e.code, e.details)
+    if isinstance(e, (concurrent.futures.CancelledError, asyncio.CancelledError)):
+        context.abort(SC.CANCELLED, "call cancelled")
+    raise e
+
+
+class _Bridge:
+    """The front's coroutine handlers as grpcio synchronous handlers: each call's coroutine runs on the
+    gateway's loop; the thread waits for it. A call that ends early (cancelled by its caller, past its
+    deadline) cancels its coroutine where it is, as grpcio's asyncio server did."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None  # the gateway's, set when the server starts
+
+    def _submit(self, coro: Any, context: grpc.ServicerContext, done: Callable[[Any], None]) -> None:
+        """Start ``coro`` on the loop; ``done`` gets its task when it ends. The call's ending (however it
+        ends: answered, cancelled by its caller, past its deadline) cancels the task where it is."""
+        loop = self.loop
+        assert loop is not None
+        task: list[asyncio.Task] = []
+
+        def start() -> None:
+            t = loop.create_task(coro)
+            t.add_done_callback(done)
+            task.append(t)
+
+        def cancel() -> None:
+            if task:
+                task[0].cancel()
+
+        def ended() -> None:  # in grpcio's thread; the loop may be closed by then (the gateway stopped)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(cancel)
+
+        loop.call_soon_threadsafe(start)
+        if not context.add_callback(ended):
+            ended()
+
+    def _next(self, box: queue.SimpleQueue[Any], context: grpc.ServicerContext) -> Any:
+        """What the loop puts in ``box`` next; the call ended as unavailable if the loop has closed
+        first (the gateway stopped), so that no thread of grpcio's waits for ever."""
+        while True:
+            try:
+                return box.get(timeout=1.0)
+            except queue.Empty:
+                assert self.loop is not None
+                if self.loop.is_closed():
+                    context.abort(SC.UNAVAILABLE, "the gateway has stopped")
+
+    def unary(self, method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Any]:
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            ended: queue.SimpleQueue[asyncio.Task] = queue.SimpleQueue()
+            self._submit(method(request, _LoopContext(context)), context, ended.put)
+            task = self._next(ended, context)  # a done task: reading it from this thread is safe
+            try:
+                return task.result()
+            except BaseException as e:  # noqa: BLE001 (ended as the loop's handler ended)
+                _end(context, e)
+
+        return handle
+
+    def stream(self, method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[[Any, Any], Iterator[Any]]:
+        """A bidirectional stream: a thread of its own reads the requests into the loop's handler;
+        its answers come back through a queue to grpcio's thread, which sends them."""
+        done = object()
+
+        def handle(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            loop = self.loop
+            assert loop is not None
+            requests: asyncio.Queue[Any] = asyncio.Queue()
+            answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+            async def incoming() -> AsyncIterator[Any]:
+                while (item := await requests.get()) is not done:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+
+            async def run() -> None:
+                try:
+                    async for msg in method(incoming(), _LoopContext(context)):
+                        answers.put(msg)
+                except Exception as e:  # aborted, or the stream broken: grpcio's thread ends the call
+                    answers.put(e)
+                    return
+                except BaseException as e:  # cancelled
+                    answers.put(e)
+                    raise
+                answers.put(done)
+
+            def read() -> None:
+                try:
+                    for req in request_iterator:
+                        loop.call_soon_threadsafe(requests.put_nowait, req)
+                    item: Any = done
+                except Exception as e:  # noqa: BLE001 (the client's stream broken: the handler's error)
+                    item = e
+                with contextlib.suppress(RuntimeError):  # the loop closed: the gateway has stopped
+                    loop.call_soon_threadsafe(requests.put_nowait, item)
+
+            self._submit(run(), context, lambda task: None)
+            threading.Thread(target=read, name="grpc-stream-reader", daemon=True).start()
+            while (item := self._next(answers, context)) is not done:
+                if isinstance(item, BaseException):
+                    _end(context, item)
+                yield item
+
+        return handle
+
+
+class _Handlers:
+    """Collects what the generated ``add_..._to_server`` registers (the method table, with each
+    method's (de)serialisers), to register the same methods bridged."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+        self.service = ""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.methods = service, methods
 
 
 class GrpcServer:
-    """grpcio's asyncio server holding the front, on its own port (TLS with the gateway's pair)."""
+    """grpcio's synchronous server carrying the front's calls into the gateway's loop (``_Bridge``),
+    on its own port (TLS with the gateway's pair)."""
 
     def __init__(
         self,
@@ -356,11 +566,28 @@ class GrpcServer:
             # grpcio shares ports by default: two gateways on one port must fail, not split its calls.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
-        self.server = grpc.aio.server(options=options)
-        add_GRPCInferenceServiceServicer_to_server(front, self.server)
+        self.bridge = _Bridge()
+        table = _Handlers()
+        add_GRPCInferenceServiceServicer_to_server(front, table)
+        methods = {}
+        for name, h in table.methods.items():
+            if h.unary_unary is not None:
+                handler = grpc.unary_unary_rpc_method_handler(
+                    self.bridge.unary(h.unary_unary), h.request_deserializer, h.response_serializer
+                )
+            else:
+                assert h.stream_stream is not None, f"{name}: only unary and bidirectional calls are bridged"
+                handler = grpc.stream_stream_rpc_method_handler(
+                    self.bridge.stream(h.stream_stream), h.request_deserializer, h.response_serializer
+                )
+            methods[name] = handler
+        self.pool = concurrent.futures.ThreadPoolExecutor(MAX_CALLS, thread_name_prefix="grpc")
+        self.server = grpc.server(self.pool, options=options, maximum_concurrent_rpcs=MAX_CALLS)
+        self.server.add_registered_method_handlers(table.service, methods)
         self.tls = tls
 
     async def start(self) -> int:
+        self.bridge.loop = asyncio.get_running_loop()
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         try:
             if self.tls is not None:
@@ -373,8 +600,11 @@ class GrpcServer:
         if not bound:
             raise OSError(f"cannot serve gRPC on {address} (in use?)")
         self.port = bound
-        await self.server.start()
+        self.server.start()
         return bound
 
     async def stop(self, grace_s: float) -> None:
-        await self.server.stop(grace_s)
+        """No new calls; those running get ``grace_s`` to finish (on the loop, which stays free)."""
+        stopped = self.server.stop(grace_s)
+        await asyncio.to_thread(stopped.wait)
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -62,7 +62,7 @@ def parameter_value(p: pb.InferParameter) -> Any:
 
 
 def parameters(params: Any) -> dict[str, Any]:
-    return {k: parameter_value(v) for k, v in params.items()}
+    return {k: parameter_value(v) for k, v in params.items()} if params else {}
 
 
 def _typed(t: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], max_bytes: int) -> np.ndarray:
@@ -135,7 +135,9 @@ def _requested(o: pb.ModelInferRequest.InferRequestedOutputTensor) -> RequestedO
     """A requested output; ``classification`` (tritonclient's ``class_count``) asks for its top k."""
     k = o.parameters.get("classification")
     try:
-        return RequestedOutput(o.name, True, class_count(parameter_value(k) if k is not None else None, o.name))
+        return RequestedOutput(
+            o.name, True, class_count(parameter_value(k) if k is not None else None, o.name)
+        )
     except ClassificationError as e:
         raise ProtocolError(str(e)) from None
 
