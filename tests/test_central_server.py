@@ -169,6 +169,7 @@ def test_a_cluster_reports_and_a_device_gets_a_token_only_that_cluster_accepts(c
     assert code == 200, r
     assert r["cluster"] == "t1-b" and r["model"] == "t1-model" and r["version"] == "1"
     assert r["url"].startswith("http://127.0.0.1:")
+    assert "traceparent" not in r  # central does not trace (no --trace-endpoint): the answer is as before
     assert t0 + 290 <= r["expires_at"] <= time.time() + 301
     claims = verify_token(r["token"], key_of(ans_b), audience="t1-b")
     assert claims["aud"] == "t1-b" and claims["sub"] == "t1-cam" and claims["model"] == "t1-model"

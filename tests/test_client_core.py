@@ -592,3 +592,63 @@ def test_the_only_gateway_of_a_route_gets_a_bounded_first_attempt_then_the_whole
     )
     assert s.run(c.infer("m", X)).cluster == "a"
     assert [call.timeout for call in s.calls if call.url.endswith("/infer")] == [NEXT_GATEWAY_AFTER_S, None]
+
+
+CALLER_TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+CENTRAL_TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def traced_route_reply(cluster: str, traceparent: str = CENTRAL_TRACE) -> Reply:
+    doc = json.loads(route_reply(cluster).data)
+    return Reply(200, {}, json.dumps({**doc, "traceparent": traceparent}).encode())
+
+
+def test_central_s_trace_of_a_route_goes_on_with_the_request_that_asked_for_it_only():
+    """The route is cached: the requests it serves later must not land in the trace of the one that
+    fetched it."""
+    c = core()
+    s = Script({("POST", "/v1/route"): [traced_route_reply("a")], ("POST", "/infer"): [infer_ok()], **NO_META})
+    s.run(c.infer("m", X))
+    s.run(c.infer("m", X))
+    route, *_ = [call for call in s.calls if call.url.endswith("/v1/route")]
+    assert "traceparent" not in route.headers
+    first, second = [call for call in s.calls if call.url.endswith("/infer")]
+    assert first.headers["traceparent"] == CENTRAL_TRACE and "traceparent" not in second.headers
+    assert len(s.urls(part="/v1/route")) == 1
+
+
+def test_a_callers_traceparent_goes_to_central_and_to_the_gateway():
+    """Central's span of the route is then a child of the caller's, as the inference is: the
+    caller's stays the request's parent (the route and the inference are the caller's two calls)."""
+    c = core()
+    s = Script(
+        {
+            ("POST", "/v1/route"): [traced_route_reply("a"), traced_route_reply("b")],
+            ("POST", "http://a:8000"): [error(504, "deadline passed")],
+            ("POST", "http://b:8000"): [infer_ok()],
+            **NO_META,
+        }
+    )
+    body, headers = c.infer_body(X, None)
+    assert s.run(c.send_infer("m", body, {**headers, "traceparent": CALLER_TRACE})).cluster == "b"
+    routes = [call for call in s.calls if call.url.endswith("/v1/route")]
+    infers = [call for call in s.calls if call.url.endswith("/infer")]
+    assert len(routes) == 2 and len(infers) == 2  # a's 504: another route, excluding a
+    assert all(call.headers["traceparent"] == CALLER_TRACE for call in routes + infers)
+
+
+def test_a_request_without_a_trace_of_its_own_keeps_central_s_first_one_through_its_retries():
+    c = core()
+    later = traced_route_reply("b", f"00-{'1' * 32}-{'2' * 16}-01")  # a new trace: central had none
+    s = Script(
+        {
+            ("POST", "/v1/route"): [traced_route_reply("a"), later],
+            ("POST", "http://a:8000"): [error(504, "deadline passed")],
+            ("POST", "http://b:8000"): [infer_ok()],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "b"
+    first_route, second_route = [call for call in s.calls if call.url.endswith("/v1/route")]
+    assert "traceparent" not in first_route.headers and second_route.headers["traceparent"] == CENTRAL_TRACE
+    assert all(call.headers["traceparent"] == CENTRAL_TRACE for call in s.calls if call.url.endswith("/infer"))

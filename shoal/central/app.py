@@ -31,6 +31,7 @@ from shoal.protocol.central_messages import Error
 
 if TYPE_CHECKING:
     from shoal.central.auth import Authenticator
+    from shoal.central.tracing import Tracing
 
 log = logging.getLogger("shoal.central")
 
@@ -62,6 +63,7 @@ class Call:
     body: Any
     params: dict[str, Any]
     query: dict[str, Any]
+    span: Any = None  # the call's trace span, when central traces the operation (``tracing.py``)
 
 
 # A handler gets the parts the application was built with (``parts.CentralParts``) and the call.
@@ -83,6 +85,11 @@ class Operation:
     errors: tuple[int, ...] = ()  # statuses besides the ones every operation of its kind may give
     params: Mapping[str, Any] = field(default_factory=dict)  # path parameter -> type
     query: Mapping[str, Any] = field(default_factory=dict)  # query parameter -> type (all optional)
+    # Request headers it reads besides credentials: name -> (JSON Schema, description), all optional.
+    headers: Mapping[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    # Traced when central traces (--trace-endpoint): a span per call named this, continuing the
+    # caller's W3C traceparent; the handler finds it in ``Call.span``. None: never traced.
+    span: str | None = None
 
     def __post_init__(self) -> None:
         for name in self.params:
@@ -198,12 +205,12 @@ def convert(values: Mapping[str, str], types: Mapping[str, Any], where: str) -> 
 
 
 def _endpoint(
-    parts: Any, auth: Authenticator, limit: int, op: Operation
+    parts: Any, auth: Authenticator, limit: int, op: Operation, tracing: Tracing | None = None
 ) -> Callable[[Request], Awaitable[Response]]:
     decoder = msgspec.json.Decoder(op.body) if op.body is not None else None
     encoder = msgspec.json.Encoder()
 
-    async def endpoint(request: Request) -> Response:
+    async def endpoint(request: Request, span: Any = None) -> Response:
         cookie = None
         try:
             body = await read_body(request, limit)
@@ -220,7 +227,7 @@ def _endpoint(
             params = convert(request.path_params, op.params, "path parameter") if op.params else {}
             query = convert(request.query_params, op.query, "query parameter") if request.scope["query_string"] else {}
             value = decode_body(decoder, body, op.body_optional)
-            answer = await op.handler(parts, Call(request, who, value, params, query))
+            answer = await op.handler(parts, Call(request, who, value, params, query, span))
             response = answer if isinstance(answer, Response) else respond(encoder.encode(answer), op.status)
         except HttpError as e:
             response = error(e.status, e.message, e.headers)
@@ -236,7 +243,23 @@ def _endpoint(
             response.headers[COOKIE_HEADER] = cookie
         return response
 
-    return endpoint
+    if tracing is None or op.span is None:
+        return endpoint
+    name = op.span
+
+    async def traced(request: Request) -> Response:
+        span = tracing.begin(request.headers.get("traceparent"), name)
+        if span is None:  # not sampled
+            return await endpoint(request)
+        try:
+            response = await endpoint(request, span)
+        except BaseException:  # cancelled: the server is stopping, or the client went away
+            tracing.end(span, 499)
+            raise
+        tracing.end(span, response.status_code)
+        return response
+
+    return traced
 
 
 async def _routing_error(request: Request, exc: Exception) -> Response:
@@ -255,10 +278,19 @@ async def _routing_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, str(exc.detail))
 
 
-def build_app(parts: Any, auth: Authenticator, max_body_size: int, table: RouteTable, lifespan: Any) -> Starlette:
+def build_app(
+    parts: Any,
+    auth: Authenticator,
+    max_body_size: int,
+    table: RouteTable,
+    lifespan: Any,
+    tracing: Tracing | None = None,
+) -> Starlette:
     """The application: each operation of ``table`` checks credentials with ``auth``, decodes, and
-    calls its handler with ``parts``."""
-    routes = [Route(op.path, _endpoint(parts, auth, max_body_size, op), methods=[op.method]) for op in table]
+    calls its handler with ``parts``; with ``tracing``, the operations that name a span are traced."""
+    routes = [
+        Route(op.path, _endpoint(parts, auth, max_body_size, op, tracing), methods=[op.method]) for op in table
+    ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _routing_error}, lifespan=lifespan)
     app.router.redirect_slashes = False  # an unknown path is 404, not a redirect
     return app

@@ -80,6 +80,20 @@ class CentralSettings(Settings, kw_only=True):
             "(default %(default)s)"
         ),
     ] = 60.0
+    trace_endpoint: Annotated[
+        str | None,
+        Opt(
+            "send traces of route requests to this OTLP/HTTP endpoint (e.g. "
+            "http://collector:4318/v1/traces; needs shoal[trace]); default: no tracing"
+        ),
+    ] = None
+    trace_ratio: Annotated[
+        float,
+        Opt(
+            "share of routes traced among those asked for without a traceparent (those with one "
+            "follow the device's choice); default %(default)s"
+        ),
+    ] = 1.0
     ports_file: Annotated[str | None, Opt("write {http, pid} as JSON here once listening")] = None
     log_level: Annotated[LogLevel, LOG_LEVEL] = "info"
     log_format: Annotated[LogFormat, LOG_FORMAT] = "text"
@@ -262,6 +276,8 @@ def run(args: argparse.Namespace) -> int:
         auth_cache_s=args.auth_cache,
         startup_grace_s=args.startup_grace,
         max_wait_s=args.max_wait,
+        trace_endpoint=args.trace_endpoint,
+        trace_ratio=args.trace_ratio,
     )
     try:
         central = Central(cfg)

@@ -28,6 +28,8 @@ class CentralConfig:
     backlog: int = 2048
     db_timeout_s: float = 5.0  # a query that takes longer is given up: the request is 503
     startup_grace_s: float | None = None  # routes "not yet" (503) until clusters report; None: 3 reports
+    trace_endpoint: str | None = None  # OTLP/HTTP traces endpoint (shoal[trace]); None: no tracing
+    trace_ratio: float = 1.0  # of routes asked for without a traceparent
 
     def check(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -36,6 +38,8 @@ class CentralConfig:
             raise ValueError("--token-ttl, the report interval and --webhook-interval must be positive")
         if self.max_wait_s <= 0:
             raise ValueError("--max-wait must be positive")
+        if not 0.0 <= self.trace_ratio <= 1.0:
+            raise ValueError(f"--trace-ratio must be from 0 to 1, not {self.trace_ratio}")
         if self.webhook_url and urllib.parse.urlsplit(self.webhook_url).scheme not in ("http", "https"):
             raise ValueError("--webhook must be an http:// or https:// URL")
 

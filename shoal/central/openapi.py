@@ -74,6 +74,10 @@ def _operation(op: Operation, ref: dict[type, dict[str, Any]]) -> dict[str, Any]
         {"name": n, "in": "path", "required": True, "schema": _schema_of(t)} for n, t in op.params.items()
     ]
     params += [{"name": n, "in": "query", "required": False, "schema": _schema_of(t)} for n, t in op.query.items()]
+    params += [
+        {"name": n, "in": "header", "required": False, "description": d, "schema": schema}
+        for n, (schema, d) in op.headers.items()
+    ]
     if params:
         doc["parameters"] = params
     return doc

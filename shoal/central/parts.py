@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -18,6 +19,9 @@ from shoal.central.keys import Keys
 from shoal.central.webhook import Webhook
 from shoal.protocol.central_messages import AckedCommand, ReplicaInfo, RouteCounts, Status, WebhookPost
 
+if TYPE_CHECKING:
+    from shoal.central.tracing import Tracing
+
 
 @dataclass
 class CentralParts:
@@ -30,6 +34,7 @@ class CentralParts:
     replica: str
     page: bytes  # the status page
     started_at: float = field(default_factory=time.time)
+    tracing: Tracing | None = None  # route spans exported over OTLP (--trace-endpoint); None: off
     # Made from the parts above, by the server, right after them.
     webhook: Webhook = field(init=False)  # posts ``webhook_post``
     openapi: bytes = field(init=False)  # the OpenAPI document, from the route table

@@ -89,6 +89,10 @@ async def login(c: CentralParts, call: Call) -> Session:
 
 async def route(c: CentralParts, call: Call) -> RouteAnswer:
     req: RouteRequest = call.body
+    span = call.span  # central traces this route (--trace-endpoint, and sampled)
+    if span is not None:
+        span.update_name(f"route {req.model}")
+        span.set_attribute("shoal.model", req.model)
     c.directory.seen(call.who)
     now = time.monotonic()
     choice = c.directory.choose(req.model, req.version, req.exclude, now, req.avoid)
@@ -110,8 +114,14 @@ async def route(c: CentralParts, call: Call) -> RouteAnswer:
         claims["version"] = req.version  # the token then opens that version only
     token = sign_token(claims, c.keys.route(name), ttl, now=wall)
     url, *fallbacks = choice.urls
+    version = choice.entry.version
+    traceparent: str | msgspec.UnsetType = msgspec.UNSET
+    if span is not None:
+        span.set_attributes({"shoal.cluster": name, "shoal.gateway": url, "shoal.version": version})
+        assert c.tracing is not None
+        traceparent = c.tracing.traceparent(span)  # the device's inference continues it
     return RouteAnswer(
-        name, url, token, int(wall + ttl), req.model, choice.entry.version, choice.entry.latency_ms, fallbacks
+        name, url, token, int(wall + ttl), req.model, version, choice.entry.latency_ms, fallbacks, traceparent
     )
 
 
@@ -267,6 +277,14 @@ def route_table(config: CentralConfig) -> RouteTable:
                 body=RouteRequest,
                 answer=RouteAnswer,
                 errors=(404,),
+                headers={
+                    "traceparent": (
+                        {"type": "string"},
+                        "W3C trace context: the route's span continues it when central traces "
+                        "(--trace-endpoint); a malformed one is ignored",
+                    )
+                },
+                span="route",
             ),
             Operation(
                 "POST",

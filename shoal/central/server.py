@@ -14,6 +14,7 @@ same cluster keys and session keys) and commands for devices.
 | the live directory of clusters | ``directory.py``, ``policy.py`` |
 | commands for devices and their long poll | ``commands.py`` |
 | the webhook | ``webhook.py`` |
+| traces of routes (``--trace-endpoint``) | ``tracing.py`` |
 | the database | ``db.py`` |
 """
 
@@ -26,7 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -47,6 +48,9 @@ from shoal.central.webhook import Webhook
 from shoal.database import redact
 from shoal.httpserver import EmbeddedHttpServer
 
+if TYPE_CHECKING:
+    from shoal.central.tracing import Tracing
+
 log = logging.getLogger("shoal.central")
 
 STATUS_PAGE = Path(__file__).parent / "status.html"
@@ -66,6 +70,7 @@ class Central:
         self.auth = Authenticator(self.store, self.keys, config)
         self.directory = Directory(config)
         self.commands = CommandRelay(self.store, config.command_poll_s)
+        replica = uuid.uuid4().hex[:12]
         p = self.parts = CentralParts(
             config,
             self.store,
@@ -73,8 +78,9 @@ class Central:
             self.auth,
             self.directory,
             self.commands,
-            replica=uuid.uuid4().hex[:12],
+            replica=replica,
             page=STATUS_PAGE.read_bytes(),
+            tracing=self._tracing(config, replica),
         )
         self.replica = p.replica
         p.webhook = self.webhook = Webhook(
@@ -83,10 +89,21 @@ class Central:
         self.routes = route_table(config)
         p.openapi = msgspec.json.encode(openapi_document(self.routes, shoal.__version__))
         p.metrics = central_registry(self.directory, self.auth, self.webhook)
-        self.app = build_app(p, self.auth, config.max_body_size, self.routes, self.lifespan)
+        self.app = build_app(p, self.auth, config.max_body_size, self.routes, self.lifespan, p.tracing)
         self.http_port = 0
         self._http: EmbeddedHttpServer | None = None
         self._running: contextlib.AbstractAsyncContextManager | None = None
+
+    @staticmethod
+    def _tracing(config: CentralConfig, replica: str) -> Tracing | None:
+        """Route spans exported over OTLP when an endpoint is given (``shoal[trace]``); else none."""
+        if not config.trace_endpoint:
+            return None
+        try:
+            from shoal.central.tracing import Tracing
+        except ImportError as e:
+            raise ValueError(f"--trace-endpoint needs shoal[trace] (pip install 'shoal[trace]'): {e}") from None
+        return Tracing(config.trace_endpoint, replica, config.trace_ratio)
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -150,6 +167,8 @@ class Central:
         if self._running is not None:
             await self._running.__aexit__(None, None, None)
             self._running = None
+        if self.parts.tracing is not None:
+            await asyncio.to_thread(self.parts.tracing.close)  # the spans still buffered are sent
         log.info("central %s stopped", self.replica)
 
 

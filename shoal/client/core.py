@@ -37,6 +37,13 @@ Images (PNG/JPEG bytes) are sent as they are and decoded in the cluster; tensors
 binary tensor extension, compressed with zstd when larger than ``compress_above`` bytes. Each request
 carries an ``X-Request-Id`` (the caller's, else a new one) that stays the same on every retry and
 fail-over, so the gateways' logs and stored results show a retried request as one.
+
+Traces: a request's W3C ``traceparent`` (the caller's header) goes to central with each route call the
+request makes, and to the gateway with the request. When the request asked central for its route and
+central traced it, central's answer carries the route span's ``traceparent``: a request without one
+of its own goes on with it, to central's later route calls and to the gateway, so its trace holds the
+route and the inference. Only that request: a cached route serves later requests, which must not
+join the trace of the one that fetched it.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 MAX_RATE_LIMIT_WAIT_S = 60.0  # the longest wait a 429's Retry-After is honoured for
 COOKIE_HEADER = "Shoal-Device-Cookie"
+TRACEPARENT_HEADER = "traceparent"  # W3C Trace Context
 RENEW_BEFORE_S = 10.0
 # A request to a gateway that has another behind it in the route, or on its first attempt, waits at
 # most this long (or ten times the model's recent latency, if longer) before it goes to the next
@@ -324,6 +332,20 @@ class ClientCore:
         """A route for the model: cached, else from central (each replica in turn), else, while
         central cannot be reached, the last one it gave. ``exclude``: clusters that failed;
         ``avoid``: gateways that could not be reached (central names their clusters' others)."""
+        r, _ = yield from self.traced_route(model, version, exclude, avoid)
+        return r
+
+    def traced_route(
+        self,
+        model: str,
+        version: str | None = None,
+        exclude: set[str] | None = None,
+        avoid: set[str] | None = None,
+        traceparent: str | None = None,
+    ) -> Flow[tuple[Route, str | None]]:
+        """``route``, sending ``traceparent`` to central if it is asked; with the ``traceparent`` of
+        central's span of the route when central was asked and traced it (for the request that
+        asked, never kept with the route), else None."""
         exclude = exclude or set()
         avoid = avoid or set()
         cached = self.routes.get((model, version))
@@ -340,8 +362,8 @@ class ClientCore:
                 # path, by the driver (``renew``); requests go on with this one meanwhile.
                 cached.renew_at = now + RENEW_AFTER_FAILURE_S
                 self.due.add((model, version))
-            return cached
-        return (yield from self._ask_central(model, version, exclude, avoid))
+            return cached, None
+        return (yield from self._ask_central(model, version, exclude, avoid, traceparent=traceparent))
 
     def renew(self, model: str, version: str | None) -> Flow[None]:
         """Ask central again for a route in use (a driver runs this beside the requests); the route in
@@ -350,8 +372,14 @@ class ClientCore:
         yield from self._ask_central(model, version, set(), set(), bounded=True)
 
     def _ask_central(
-        self, model: str, version: str | None, exclude: set[str], avoid: set[str], bounded: bool = False
-    ) -> Flow[Route]:
+        self,
+        model: str,
+        version: str | None,
+        exclude: set[str],
+        avoid: set[str],
+        bounded: bool = False,
+        traceparent: str | None = None,
+    ) -> Flow[tuple[Route, str | None]]:
         body: dict[str, Any] = {"model": model}
         if version:
             body["version"] = version
@@ -360,6 +388,8 @@ class ClientCore:
         if avoid:
             body["avoid"] = sorted(avoid)[:MAX_EXCLUDED]
         headers = self._central_headers()
+        if traceparent:
+            headers[TRACEPARENT_HEADER] = traceparent
         last: Exception | None = None
         replicas = list(self.centrals)
         for k, url in enumerate(replicas):
@@ -378,8 +408,8 @@ class ClientCore:
             assert reply is not None
             self._keep_cookie(reply)
             if reply.status == 404 and (exclude or avoid):  # every cluster failed once: try them all again
-                return (yield from self.route(model, version, set(), set()))
-            r = self._parse_route(reply, model, version)
+                return (yield from self.traced_route(model, version, set(), set(), traceparent))
+            r, central_trace = self._parse_route(reply, model, version)
             now = self.clock()
             old = self.routes.get((model, version)) or self.last_routes.get((model, version))
             if old is not None and old.cluster == r.cluster:  # gateways of it this route leaves out
@@ -390,15 +420,16 @@ class ClientCore:
                 r.renew_at = now + RENEW_AFTER_FAILURE_S
             self.routes[(model, version)] = self.last_routes[(model, version)] = r
             yield from self._fetch_labels(r)
-            return r
+            return r, central_trace
         fallback = self.routes.get((model, version)) or self.last_routes.get((model, version))
         if fallback is not None and self.clock() < fallback.expires_at:
-            return fallback  # central is down: the last route works until its token expires
+            return fallback, None  # central is down: the last route works until its token expires
         raise RouteError(f"no central reachable ({last}) and no usable cached route for '{model}'")
 
     @staticmethod
-    def _parse_route(reply: Reply, model: str, version: str | None) -> Route:
-        """Central's typed answer (``RouteAnswer``), held under the model and version asked for."""
+    def _parse_route(reply: Reply, model: str, version: str | None) -> tuple[Route, str | None]:
+        """Central's typed answer (``RouteAnswer``), held under the model and version asked for, and
+        the ``traceparent`` of central's span of it (when central traced it)."""
         if reply.status != 200:
             raise RouteError(f"central: HTTP {reply.status}: {error_message(reply.data)}", reply.status)
         try:
@@ -408,7 +439,8 @@ class ClientCore:
         latency = a.latency_ms if a.latency_ms > 0 else None  # 0: not known
         url = a.url.rstrip("/")
         fallbacks = list(dict.fromkeys(u.rstrip("/") for u in a.fallbacks if u.rstrip("/") != url))
-        return Route(a.cluster, url, a.token, float(a.expires_at), model, version, latency, fallbacks)
+        trace = a.traceparent if isinstance(a.traceparent, str) else None
+        return Route(a.cluster, url, a.token, float(a.expires_at), model, version, latency, fallbacks), trace
 
     def _fetch_labels(self, r: Route) -> Flow[None]:
         """The model's class labels from the cluster's metadata, for ``InferResult.label``; none on failure."""
@@ -459,18 +491,24 @@ class ClientCore:
         path = model_path(model, version) + "/infer"
         if not any(k.lower() == REQUEST_ID_HEADER.lower() for k in headers):
             headers = {**headers, REQUEST_ID_HEADER: new_request_id()}
+        # The caller's trace context, else (once central traced a route this request asked for)
+        # central's: sent to central with each route call and to the gateway with the request.
+        traceparent = next((v for k, v in headers.items() if k.lower() == TRACEPARENT_HEADER), None)
         exclude: set[str] = set()
         avoid: set[str] = set()
         last = ""
         for attempt in range(retries + 1):
             try:
-                r = yield from self.route(model, version, exclude, avoid)
+                r, central_trace = yield from self.traced_route(model, version, exclude, avoid, traceparent)
             except RouteError as e:
                 if not e.retryable or attempt >= retries:
                     raise
                 last = str(e)
                 yield Sleep(backoff(attempt, None))
                 continue
+            if traceparent is None and central_trace is not None:
+                traceparent = central_trace
+                headers = {**headers, TRACEPARENT_HEADER: central_trace}
             sent = {**headers, "Authorization": f"Bearer {r.token}"}
             failed: list[str] = []
             reply: Reply | None = None

@@ -95,13 +95,19 @@ class _Operations(ABC):
         budget_ms: float | None = None,
         frame_format: str = "jpeg",
         quality: int = DEFAULT_QUALITY,
+        traceparent: str | None = None,
     ) -> Any:
         """An ``InferResult``: tensors (``inputs``), encoded image bytes (``image``) or a raw camera
         frame (``frame``, sent as ``frame_format`` at ``quality``) through the least-loaded cluster
         serving the model, failing over as ``core.py`` says; or, with a local model, where ``policy``
-        (the client's by default) places it within ``budget_ms``. The result says where it ran."""
+        (the client's by default) places it within ``budget_ms``. The result says where it ran.
+        ``traceparent`` (W3C) puts the request in the caller's trace, at central and at the gateway;
+        without one, a request that asks central for its route goes on in central's trace of it
+        when central traces (``core.py``)."""
         return self._run(
-            self.edge.infer(model, inputs, image, frame, version, policy, budget_ms, frame_format, quality)
+            self.edge.infer(
+                model, inputs, image, frame, version, policy, budget_ms, frame_format, quality, traceparent
+            )
         )
 
     def commands(self, wait_s: float = 25.0) -> Any:

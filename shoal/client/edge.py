@@ -32,6 +32,7 @@ import numpy as np
 from shoal.client import placement as pl
 from shoal.client.core import (
     RETRY_STATUSES,
+    TRACEPARENT_HEADER,
     Call,
     ClientCore,
     Compute,
@@ -278,6 +279,7 @@ class Edge:
         budget_ms: float | None = None,
         frame_format: str = "jpeg",
         quality: int = DEFAULT_QUALITY,
+        traceparent: str | None = None,
     ) -> Flow[InferResult]:
         policy = policy or self.policy
         if sum(x is not None for x in (inputs, image, frame)) != 1:
@@ -309,7 +311,7 @@ class Edge:
         if d.run == "split":
             assert self.core is not None
             body, headers = self.core.infer_body(outputs, None)
-            r = yield from self._remote(model, version, body, headers, None, timings)
+            r = yield from self._remote(model, version, body, headers, None, timings, traceparent)
             return self._finish(r, "split", policy, timings, t0, budget_ms)
         if d.run == "cascade":
             spent = (time.perf_counter() - t0) * 1000.0
@@ -325,7 +327,7 @@ class Edge:
                 image = yield from self._encode(frame, frame_format, quality, timings)
             assert self.core is not None
             body, headers = self.core.infer_body(inputs, image)
-            r = yield from self._remote(model, version, body, headers, d.deadline_s, timings)
+            r = yield from self._remote(model, version, body, headers, d.deadline_s, timings, traceparent)
         except Exception as e:
             if d.deadline_s is None or self.local is None or not _fallback_worthy(e):
                 raise
@@ -395,8 +397,11 @@ class Edge:
         headers: dict[str, str],
         deadline_s: float | None,
         timings: dict[str, float],
+        traceparent: str | None = None,
     ) -> Flow[InferResult]:
         assert self.core is not None
+        if traceparent:
+            headers = {**headers, TRACEPARENT_HEADER: traceparent}
         t = time.perf_counter()
         flow = self.core.send_infer(model, body, headers, version, retries=0 if deadline_s is not None else None)
         if deadline_s is not None:

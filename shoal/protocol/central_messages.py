@@ -51,6 +51,16 @@ ModelName = Annotated[
 Amount = Annotated[float, msgspec.Meta(ge=0)]  # JSON has no NaN, and 1e999 is refused as out of range
 Count = Annotated[int, msgspec.Meta(ge=0)]
 CommandId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]  # a 64-bit database id
+# A W3C Trace Context ``traceparent`` (version 00): trace id, parent span id, flags.
+TRACEPARENT_PATTERN = r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+Traceparent = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=TRACEPARENT_PATTERN,
+        description="W3C traceparent of central's span of this route (only when central traces it)",
+        examples=["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"],
+    ),
+]
 Url = Annotated[
     str,
     msgspec.Meta(
@@ -228,6 +238,9 @@ class RouteAnswer(msgspec.Struct, frozen=True):
             "request with the same token goes to the next when one cannot be reached or is going away"
         ),
     ] = []
+    # Absent unless central traced this route (--trace-endpoint): the device sends it on as the
+    # inference's traceparent, so that request's trace holds both the route and the inference.
+    traceparent: Traceparent | msgspec.UnsetType = msgspec.UNSET
 
 
 class Session(msgspec.Struct, frozen=True):
