@@ -12,7 +12,9 @@ Rules:
   cached per model and version and renewed shortly before its token expires.
 * A gateway cannot be reached (refused, reset, cut off mid-request, timed out) or answers 502/503
   (going away, saturated, its workers gone): send the same request, with the same token and request
-  id, to the route's next gateway at once; central is not asked. A gateway that failed while another
+  id, to the route's next gateway at once; central is not asked. A gateway found dead (nothing
+  connected, or reset before it answered; a silent one whose liveness probe then failed) is skipped
+  on first attempts for a while (``failover.py``). A gateway that failed while another
   answered goes to the end of the cached route's list. Either way the route is asked for again
   ``RENEW_AFTER_FAILURE_S`` later (off the request path), as is one central gave without a cluster
   or gateway that failed, or without a gateway of the cluster an earlier route named (for up to
@@ -21,8 +23,9 @@ Rules:
   that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
   retries of the default span the three seconds central takes to drop a dead cluster).
 * The cluster answers 401 (token expired or the cluster's key rotated): ask central for a fresh route.
-* Central's replicas are asked in turn, each but the last for a bounded time; one that did not
-  answer is asked last from then on.
+* Central's replicas are asked in turn, each but the last for a bounded time, while the first
+  answered lately; otherwise all at once, the first answer winning (``failover.replicas_to_ask``).
+  One that did not answer is asked last from then on.
 * Central cannot be reached: keep using the last route it gave for the model (until its token
   expires), even one whose cluster just failed, retrying it with back-off: a cluster that restarts
   while central is down is back in a second, and it is the only route there is.
@@ -53,6 +56,7 @@ from urllib.parse import quote
 import msgspec
 import numpy as np
 
+from shoal.client import failover
 from shoal.protocol.central_messages import MAX_EXCLUDED, RouteAnswer
 from shoal.protocol.compression import compress
 from shoal.protocol.oip import build_infer_request, parse_infer_response
@@ -104,7 +108,13 @@ class RouteError(Exception):
 
 
 class Unreachable(OSError):
-    """The peer could not be reached, or the exchange broke off (refused, reset, timed out, TLS)."""
+    """The peer could not be reached, or the exchange broke off (refused, reset, timed out, TLS).
+    ``kind`` says which (``failover.REFUSED``, ``CONNECT_TIMEOUT``, ``RESET``, ``TIMEOUT``; "" when
+    not known)."""
+
+    def __init__(self, *args: object, kind: str = "") -> None:
+        super().__init__(*args)
+        self.kind = kind
 
 
 # ----------------------------------------------------------------------------- what flows yield
@@ -119,6 +129,16 @@ class Call:
     body: bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None  # None: the client's own
+
+
+@dataclass(frozen=True)
+class Race:
+    """Exchanges for the driver to make at once: the outcome sent back is a list with, for each call,
+    its ``Reply`` (the first one that came; the driver stops there), the ``Unreachable`` it failed with
+    before that, or None (still under way when another answered: abandoned). Each failed: a list of
+    ``Unreachable`` only."""
+
+    calls: tuple[Call, ...]
 
 
 @dataclass(frozen=True)
@@ -142,7 +162,7 @@ class Reply:
 
 
 T = TypeVar("T")
-Flow = Generator["Call | Sleep | Compute", Any, T]
+Flow = Generator["Call | Race | Sleep | Compute", Any, T]
 
 
 @dataclass(frozen=True)
@@ -150,7 +170,7 @@ class Finished:
     value: Any
 
 
-def resume(flow: Flow[Any], outcome: Any) -> Call | Sleep | Compute | Finished:
+def resume(flow: Flow[Any], outcome: Any) -> Call | Race | Sleep | Compute | Finished:
     """Hand a flow the outcome of its last step (nothing to start it or after a sleep, the reply to
     a call, the failure of a call, raised inside it, or what a ``Compute`` returned); its next step,
     or ``Finished``."""
@@ -298,6 +318,49 @@ class ClientCore:
         self.labels: dict[tuple[str, str, str], dict[str, list[str]]] = {}  # (cluster, model, version)
         self.cookie: str | None = None  # central's device cookie: this client logged in before
         self.due: set[tuple[str, str | None]] = set()  # routes to ask central for again (``renew``)
+        self.dead: dict[str, float] = {}  # gateway URL -> when it was found dead (``failover.py``)
+        self.to_probe: set[str] = set()  # silent gateways whose liveness to probe (``probe``)
+        self.probing: set[str] = set()  # ... and those being probed
+        self.heard: dict[str, float] = {}  # central replica URL -> when it last answered
+
+    def background(self) -> list[Flow[None]]:
+        """What the driver runs beside the requests (no request waits for it): routes due to be asked
+        for again (``renewals``), liveness probes of gateways that fell silent (``probes``)."""
+        return [*self.renewals(), *self.probes()]
+
+    def renewals(self) -> list[Flow[None]]:
+        flows: list[Flow[None]] = []
+        while self.due:
+            flows.append(self.renew(*self.due.pop()))
+        return flows
+
+    def probes(self) -> list[Flow[None]]:
+        flows: list[Flow[None]] = []
+        while self.to_probe:
+            url = self.to_probe.pop()
+            self.probing.add(url)
+            flows.append(self.probe(url))
+        return flows
+
+    def probe(self, url: str) -> Flow[None]:
+        """Is a gateway that answered nothing in time there at all? Its liveness, within
+        ``failover.PROBE_TIMEOUT_S``: any answer finds it alive, any failure dead."""
+        try:
+            yield Call("GET", url + "/v2/health/live", None, {}, failover.PROBE_TIMEOUT_S)
+        except Unreachable:
+            self.dead[url] = self.clock()
+        else:
+            self.dead.pop(url, None)
+        finally:
+            self.probing.discard(url)
+
+    def _gateway_failed(self, url: str, e: Unreachable) -> None:
+        """Dead when the failure says so; silent, its liveness probed, otherwise."""
+        now = self.clock()
+        if failover.found_dead(e.kind):
+            self.dead[url] = now
+        elif failover.needs_probe(e.kind, url, self.dead, self.probing, now):
+            self.to_probe.add(url)
 
     def _central_headers(self, json_body: bool = True) -> dict[str, str]:
         headers = {"Authorization": self.auth}
@@ -359,23 +422,11 @@ class ClientCore:
             body["exclude"] = sorted(exclude)
         if avoid:
             body["avoid"] = sorted(avoid)[:MAX_EXCLUDED]
-        headers = self._central_headers()
         last: Exception | None = None
-        replicas = list(self.centrals)
-        for k, url in enumerate(replicas):
-            # A replica whose machine vanished answers nothing: wait a bounded time while another
-            # replica (or a cached route) is there to fall back on.
-            wait = NEXT_GATEWAY_AFTER_S if bounded or k < len(replicas) - 1 else None
-            try:
-                reply = yield Call("POST", url + "/v1/route", json.dumps(body).encode(), headers, wait)
-            except Unreachable as e:
-                last = e
-                # Asked last from now on: the bounded wait is paid once, not at every route asked for.
-                if url in self.centrals:
-                    self.centrals.remove(url)
-                    self.centrals.append(url)
+        for reply in (yield from self._central_replies("/v1/route", json.dumps(body).encode(), bounded)):
+            if isinstance(reply, Unreachable):
+                last = reply
                 continue
-            assert reply is not None
             self._keep_cookie(reply)
             if reply.status == 404 and (exclude or avoid):  # every cluster failed once: try them all again
                 return (yield from self.route(model, version, set(), set()))
@@ -395,6 +446,44 @@ class ClientCore:
         if fallback is not None and self.clock() < fallback.expires_at:
             return fallback  # central is down: the last route works until its token expires
         raise RouteError(f"no central reachable ({last}) and no usable cached route for '{model}'")
+
+    def _central_replies(self, path: str, body: bytes, bounded: bool) -> Flow[list[Reply | Unreachable]]:
+        """Central's answer to a POST of ``body`` to ``path``: the failures met, then the ``Reply``
+        if one came (the caller reads them in that order). In turn, each replica but the last for a
+        bounded time (all of them when ``bounded``), while the first answered lately; otherwise all at
+        once (``failover.replicas_to_ask``). A replica that did not answer is asked last from then on:
+        the bounded wait is paid once, not at every route asked for."""
+        headers = self._central_headers()
+        order, at_once = failover.replicas_to_ask(self.centrals, self.heard, self.clock())
+        out: list[Reply | Unreachable] = []
+        if at_once:
+            wait = NEXT_GATEWAY_AFTER_S if bounded else None
+            outcomes = yield Race(tuple(Call("POST", u + path, body, headers, wait) for u in order))
+            failed = [u for u, o in zip(order, outcomes, strict=True) if isinstance(o, Unreachable)]
+            winner = next((u for u, o in zip(order, outcomes, strict=True) if isinstance(o, Reply)), None)
+            self.centrals = failover.after_race(self.centrals, winner, failed)
+            out = [o for o in outcomes if isinstance(o, Unreachable)]
+            if winner is not None:
+                self.heard[winner] = self.clock()
+                out += [o for o in outcomes if isinstance(o, Reply)]
+            return out
+        for k, url in enumerate(order):
+            # A replica whose machine vanished answers nothing: wait a bounded time while another
+            # replica (or a cached route) is there to fall back on.
+            wait = NEXT_GATEWAY_AFTER_S if bounded or k < len(order) - 1 else None
+            try:
+                reply = yield Call("POST", url + path, body, headers, wait)
+            except Unreachable as e:
+                out.append(e)
+                if url in self.centrals:
+                    self.centrals.remove(url)
+                    self.centrals.append(url)
+                continue
+            assert reply is not None
+            self.heard[url] = self.clock()
+            out.append(reply)
+            return out
+        return out
 
     @staticmethod
     def _parse_route(reply: Reply, model: str, version: str | None) -> Route:
@@ -474,7 +563,9 @@ class ClientCore:
             sent = {**headers, "Authorization": f"Bearer {r.token}"}
             failed: list[str] = []
             reply: Reply | None = None
-            urls = r.urls
+            # A first attempt skips the gateways found dead lately (while another remains): central is
+            # asked for a route without them rather than each getting the bounded wait.
+            urls, skipped = failover.gateways_to_try(r.urls, self.dead, self.clock(), attempt == 0)
             for k, url in enumerate(urls):
                 t0 = time.perf_counter()
                 # Bounded while another gateway remains, and on a first attempt (central may know
@@ -491,8 +582,11 @@ class ClientCore:
                     failed.append(url)
                     r.demote([url])  # this device's other requests try the route's others first now
                     r.renew_at = min(r.renew_at, self.clock() + RENEW_AFTER_FAILURE_S)
+                    self._gateway_failed(url, e)
                     continue
                 assert reply is not None
+                if self.dead:
+                    self.dead.pop(url, None)  # it answered: there after all
                 if reply.status not in NEXT_GATEWAY_STATUSES:
                     break
                 failed.append(url)
@@ -507,6 +601,7 @@ class ClientCore:
             if reply is None:  # no gateway of the route answered: central may know others of the
                 # cluster (it leaves these out, and skips a cluster that has no other)
                 avoid.update(failed)
+                avoid.update(skipped)
                 self.routes.pop((r.model, r.version), None)
                 wait = backoff(attempt, None)
             else:
