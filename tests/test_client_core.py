@@ -710,3 +710,27 @@ def test_replicas_are_asked_at_once_unless_the_first_answered_lately():
     assert len(s.races) == 2 and all(call.timeout == NEXT_GATEWAY_AFTER_S for call in s.races[1].calls)
     # The winner is asked first from then on; the first in the calls' order wins a tie.
     assert s.races[1].calls[0].url == "http://c2:7000/v1/route" and c.centrals[0] == "http://c2:7000"
+
+
+def test_a_gateway_found_dead_is_tried_again_once_central_names_it_well_after():
+    """A gateway healed from a partition: central names it again once it reports, and the device,
+    renewing its route, stops skipping it (the lab found devices skipping a healed gateway 25 s on,
+    and asking central when the other was lost, rather than failing over to it)."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    s = Script(
+        {
+            ("POST", "/v1/route"): [gateways_reply("site", GW[:2])],
+            ("POST", "http://g1:8000"): [Unreachable("refused", kind=failover.REFUSED)],
+            ("POST", "http://g2:8000"): [infer_ok(2.0)],
+            **NO_META,
+        }
+    )
+    s.run(c.infer("m", X))
+    assert "http://g1:8000" in c.dead
+    clock.t += 1.0  # central has not dropped it yet: its route still names it
+    s.run(c.renew("m", None))
+    assert "http://g1:8000" in c.dead
+    clock.t += failover.CENTRAL_SEES_S
+    s.run(c.renew("m", None))
+    assert not c.dead

@@ -118,3 +118,9 @@ def test_an_async_race_cancels_the_calls_still_under_way():
 def test_unreachable_keeps_its_message_and_kind(kind):
     e = Unreachable("POST http://a: refused", kind=kind)
     assert str(e) == "POST http://a: refused" and e.kind == kind and isinstance(e, OSError)
+
+
+def test_a_gateway_central_names_well_after_it_was_found_dead_is_taken_as_back():
+    dead = {A: NOW - fo.CENTRAL_SEES_S, B: NOW - 1.0}
+    assert fo.seen_by_central(dead, [A, B, C], NOW) == [A]  # B: central may not have dropped it yet
+    assert fo.seen_by_central(dead, [C], NOW) == []

@@ -423,6 +423,7 @@ class ClientCore:
         if avoid:
             body["avoid"] = sorted(avoid)[:MAX_EXCLUDED]
         last: Exception | None = None
+        asked = self.clock()
         for reply in (yield from self._central_replies("/v1/route", json.dumps(body).encode(), bounded)):
             if isinstance(reply, Unreachable):
                 last = reply
@@ -431,6 +432,8 @@ class ClientCore:
             if reply.status == 404 and (exclude or avoid):  # every cluster failed once: try them all again
                 return (yield from self.route(model, version, set(), set()))
             r = self._parse_route(reply, model, version)
+            for url in failover.seen_by_central(self.dead, r.urls, asked):
+                del self.dead[url]  # central heard from it since it was found dead: back
             now = self.clock()
             old = self.routes.get((model, version)) or self.last_routes.get((model, version))
             if old is not None and old.cluster == r.cluster:  # gateways of it this route leaves out

@@ -11,10 +11,13 @@ no I/O and no clock of their own, so they are tested as plain functions (tests/t
   the request path (``PROBE_TIMEOUT_S``): a probe that fails in any way finds it dead, one that is
   answered finds it alive. So a timed-out request alone never marks a gateway dead (the lab found a
   device skipping a fall-back that had only timed out behind a worker holding its batch).
-* **A gateway found dead is skipped** on a request's first attempt for ``DEAD_KEPT_S``, or until it
-  answers again, while the route has another gateway to try; the request then asks central for a route
-  without it at once, rather than waiting ``NEXT_GATEWAY_AFTER_S`` on it. Later attempts try every
-  gateway of their route: a mark never stops a device from finding a gateway that came back.
+* **A gateway found dead is skipped** on a request's first attempt for ``DEAD_KEPT_S``, while the
+  route has another gateway to try; the request then asks central for a route without it at once,
+  rather than waiting ``NEXT_GATEWAY_AFTER_S`` on it. Later attempts try every gateway of their
+  route. The mark ends sooner when the gateway answers, or when central names it in a route asked
+  for ``CENTRAL_SEES_S`` after it was found dead: central names only gateways whose reports it had
+  within the last three intervals, so it has heard from it since (the lab found a gateway healed
+  from a partition still skipped 25 s on, which sent devices to central when the other was lost).
 * **Central's replicas** are asked in turn while the first of them answered within ``HEARD_S``;
   otherwise all at once, the first answer winning: a replica whose machine vanished since it last
   answered this device would otherwise cost a bounded wait on the request path.
@@ -33,6 +36,10 @@ DEAD_KEPT_S = 30.0
 # with another behind it (a lost SYN is retransmitted after 1 s; a slow gateway's event loop still
 # answers its liveness at once).
 PROBE_TIMEOUT_S = 2.0
+# Central lists a gateway as live until three of its report intervals (1 s by default) pass without
+# a report: one it names in a route asked for this long after the gateway was found dead has reported
+# since.
+CENTRAL_SEES_S = 5.0
 # A replica that answered this device within this long is asked alone first (in turn); otherwise the
 # replicas are asked at once. Route requests are rare (a route lasts until shortly before its token
 # expires, or is renewed every 10 s after a failure), so this costs central little.
@@ -75,6 +82,12 @@ def gateways_to_try(
     if not alive:
         return list(urls), []
     return alive, [u for u in urls if u not in alive]
+
+
+def seen_by_central(dead: Mapping[str, float], named: Sequence[str], asked: float) -> list[str]:
+    """The gateways marked dead that a route central answered (asked for at ``asked``) names, and
+    that central has therefore heard from since they were found dead."""
+    return [u for u in named if u in dead and asked - dead[u] >= CENTRAL_SEES_S]
 
 
 def replicas_to_ask(
