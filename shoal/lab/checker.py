@@ -373,7 +373,9 @@ def check(
     records in order; ``warm``: when the system was first steady under load (the requests before it,
     routes asked for and connections opened, are the 'warm-up' phase); ``clusters``: name ->
     ``{"model", "gateways"}`` (machines), the first the one the faults hit (default: one cluster of
-    every gateway). Times in the summary are seconds from the first request."""
+    every gateway; ``"workers"``, the machines of its workers, puts a worker's fault at its site: its
+    rows are read from that site's gateways). Times in the summary are seconds from the first
+    request."""
     reqs, counts = pair_requests(log)
     t0 = reqs[0]["sent"] if reqs else 0.0
     end = max((r["done"] or r["sent"] for r in reqs), default=t0)
@@ -401,10 +403,16 @@ def check(
         start = f["start"]
         # Until the next fault, or the start of the worker it starts first (its slow batches).
         nxt = min(faults[i + 1]["start"], faults[i + 1].get("started", end)) if i + 1 < len(faults) else end + 1.0
-        tl = _timeline(samples, gw_machines, start, nxt)
-        rec: dict[str, Any] = {"fault": f["label"], "at_s": round(start - t0, 3)}
-        recovered_at = None
         m = f["machine"]
+        # The gateways that hold the machine's worker: its own site's (the first site's by default).
+        its_gws = next(
+            (set(c["gateways"]) for c in (clusters or {}).values() if m in c.get("workers", ())), gw_machines
+        )
+        tl = _timeline(samples, its_gws, start, nxt)
+        rec: dict[str, Any] = {"fault": f["label"], "at_s": round(start - t0, 3)}
+        if its_gws != gw_machines:
+            rec["site"] = next(n for n, c in (clusters or {}).items() if set(c["gateways"]) == its_gws)
+        recovered_at = None
         r_ = role(m, gw_machines)
         if r_ in ("central", "database", "wan"):
             if "heal" in f:
@@ -420,7 +428,7 @@ def check(
             last = [r["machine"] for r in reqs if r["ok"] and start - 2.0 <= r["done"] < start]
             rec["its_share_before"] = round(last.count(m) / len(last), 3) if last else None
         elif f["kind"] in IMPAIRED:
-            rec.update(_worker_impaired(m, samples, tl, start, f["heal"], gw_machines))
+            rec.update(_worker_impaired(m, samples, tl, start, f["heal"], its_gws))
             recovered_at = f["heal"]
         elif f["kind"] == "serve":  # not a fault: the other site takes the model too
             recovered_at = f["serving"]
@@ -428,7 +436,7 @@ def check(
         else:
             rec.update(_worker_gone(m, tl, start))
             if f["kind"] in ("crash-joining", "crash-draining"):
-                rec.update(_worker_started(f, samples, gw_machines))
+                rec.update(_worker_started(f, samples, its_gws))
         if "handed_back" in f:  # from the gateways' logs: what the lost worker held, sent elsewhere
             rec["handed_back"] = f["handed_back"]
         if "frames" in f:  # shoal.lab.netem's counters: frames it let through and lost, each way
@@ -554,6 +562,41 @@ def _site(
 
     out["routes_asked"] = len(probes)
     out["routes_to_it"] = round(sum(1 for p in answered if its_own(p)) / len(answered), 3) if answered else None
+    return out
+
+
+def quiet_windows(phases: dict[str, Any], t0: float) -> list[tuple[float, float]]:
+    """The phases between faults (before the first, between two, after the last), wall clock."""
+    return [
+        (p["from_s"] + t0, p["to_s"] + t0)
+        for name, p in phases.items()
+        if name in ("before", "after", "all") or name.startswith("between ")
+    ]
+
+
+def by_profile(
+    logs: dict[str, list[dict[str, Any]]], quiet: list[tuple[float, float]]
+) -> dict[str, dict[str, Any]]:
+    """Each group of devices (the devices behind one link profile: their own log) over the whole run:
+    requests, answered, failed, p50/p99, the longest request; and p50/p99 of the requests sent in the
+    ``quiet`` windows (between the faults), the link's own cost."""
+    out = {}
+    for name, log in logs.items():
+        reqs, counts = pair_requests(log)
+        ok = [r for r in reqs if r["ok"]]
+        p50, p99 = _pct([r["done"] - r["sent"] for r in ok])
+        q50, q99 = _pct([r["done"] - r["sent"] for r in ok if any(lo <= r["sent"] < hi for lo, hi in quiet)])
+        out[name] = {
+            "requests": counts["requests"],
+            "answered": counts["answered"],
+            "failed": counts["failed"],
+            "lost": counts["lost"],
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "longest_s": round(max((r["done"] - r["sent"] for r in ok), default=0.0), 3),
+            "between_faults_p50_ms": q50,
+            "between_faults_p99_ms": q99,
+        }
     return out
 
 
