@@ -651,6 +651,7 @@ def test_a_silent_gateway_is_skipped_only_once_its_liveness_probe_failed():
             **NO_META,
         }
     )
+    c.gateway_heard["http://g2:8000"] = NOW  # it answered lately: tried at once after g1
     assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
     assert c.to_probe == {"http://g1:8000"}
     (probe,) = c.background()
@@ -734,3 +735,33 @@ def test_a_gateway_found_dead_is_tried_again_once_central_names_it_well_after():
     clock.t += failover.CENTRAL_SEES_S
     s.run(c.renew("m", None))
     assert not c.dead
+
+
+def test_after_a_silent_gateway_central_is_asked_before_a_fall_back_not_heard_from_lately():
+    """A fall-back this device never sent to may have been lost unseen; central, which hears every
+    gateway, is asked first (the lab found a device wait 2 s at the first gateway, 2 s at a fall-back
+    lost 30 s before, then ask central). One heard from lately is tried at once."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    silent = Unreachable("timed out", kind=failover.TIMEOUT)
+    s = Script(
+        {
+            ("POST", "/v1/route"): lambda call: (
+                route_reply("b") if "avoid" in json.loads(call.body) else gateways_reply("site", GW[:2])
+            ),
+            ("POST", "http://g1:8000"): [infer_ok(1.0), silent],
+            ("POST", "http://b:8000"): [infer_ok(3.0)],
+            **NO_META,
+        }
+    )
+    s.run(c.infer("m", X))
+    r = s.run(c.infer("m", X))
+    assert r.cluster == "b" and "http://g2:8000/v2/models/m/infer" not in s.urls(part="/infer")
+    assert s.route_bodies()[-1] == {"model": "m", "avoid": ["http://g1:8000"]}  # not g2: not known bad
+    assert s.sleeps == [0.05]
+    # Heard from lately, the fall-back is tried at once.
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    s.rules[("POST", "http://g1:8000")] = [silent]
+    s.rules[("POST", "http://g2:8000")] = [infer_ok(2.0)]
+    c.gateway_heard["http://g2:8000"] = clock.t - failover.GATEWAY_HEARD_S / 2
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000"

@@ -124,3 +124,11 @@ def test_a_gateway_central_names_well_after_it_was_found_dead_is_taken_as_back()
     dead = {A: NOW - fo.CENTRAL_SEES_S, B: NOW - 1.0}
     assert fo.seen_by_central(dead, [A, B, C], NOW) == [A]  # B: central may not have dropped it yet
     assert fo.seen_by_central(dead, [C], NOW) == []
+
+
+def test_central_is_asked_first_only_after_a_timeout_and_for_a_fall_back_not_heard_lately():
+    assert fo.central_first(fo.TIMEOUT, B, {}, NOW)
+    assert fo.central_first(fo.TIMEOUT, B, {B: NOW - fo.GATEWAY_HEARD_S}, NOW)
+    assert not fo.central_first(fo.TIMEOUT, B, {B: NOW - 1.0}, NOW)  # answered lately: tried at once
+    assert not fo.central_first(fo.REFUSED, B, {}, NOW)  # it failed at once: no time spent yet
+    assert not fo.central_first("", B, {}, NOW)

@@ -322,6 +322,7 @@ class ClientCore:
         self.to_probe: set[str] = set()  # silent gateways whose liveness to probe (``probe``)
         self.probing: set[str] = set()  # ... and those being probed
         self.heard: dict[str, float] = {}  # central replica URL -> when it last answered
+        self.gateway_heard: dict[str, float] = {}  # gateway URL -> when it last answered
 
     def background(self) -> list[Flow[None]]:
         """What the driver runs beside the requests (no request waits for it): routes due to be asked
@@ -351,6 +352,7 @@ class ClientCore:
             self.dead[url] = self.clock()
         else:
             self.dead.pop(url, None)
+            self.gateway_heard[url] = self.clock()
         finally:
             self.probing.discard(url)
 
@@ -586,8 +588,15 @@ class ClientCore:
                     r.demote([url])  # this device's other requests try the route's others first now
                     r.renew_at = min(r.renew_at, self.clock() + RENEW_AFTER_FAILURE_S)
                     self._gateway_failed(url, e)
+                    if (
+                        attempt == 0
+                        and k < len(urls) - 1
+                        and failover.central_first(e.kind, urls[k + 1], self.gateway_heard, self.clock())
+                    ):
+                        break  # central, which hears every gateway, before a fall-back not seen lately
                     continue
                 assert reply is not None
+                self.gateway_heard[url] = self.clock()
                 if self.dead:
                     self.dead.pop(url, None)  # it answered: there after all
                 if reply.status not in NEXT_GATEWAY_STATUSES:

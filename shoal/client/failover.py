@@ -18,6 +18,12 @@ no I/O and no clock of their own, so they are tested as plain functions (tests/t
   for ``CENTRAL_SEES_S`` after it was found dead: central names only gateways whose reports it had
   within the last three intervals, so it has heard from it since (the lab found a gateway healed
   from a partition still skipped 25 s on, which sent devices to central when the other was lost).
+* **After a silent gateway, central first.** When the route's gateway answered nothing in time on a
+  request's first attempt, the request asks central for a route without it before trying a fall-back
+  that has not answered this device within ``GATEWAY_HEARD_S``: central hears every gateway's reports
+  and leaves out those it stopped hearing, while a fall-back this device has not used may have been
+  lost unseen (the lab found a device whose route still named a gateway lost 30 s before, which its
+  requests had never been sent to, wait 2 s at each). A fall-back heard from lately is tried at once.
 * **Central's replicas** are asked in turn while the first of them answered within ``HEARD_S``;
   otherwise all at once, the first answer winning: a replica whose machine vanished since it last
   answered this device would otherwise cost a bounded wait on the request path.
@@ -36,6 +42,9 @@ DEAD_KEPT_S = 30.0
 # with another behind it (a lost SYN is retransmitted after 1 s; a slow gateway's event loop still
 # answers its liveness at once).
 PROBE_TIMEOUT_S = 2.0
+# A fall-back gateway that answered this device within this long is tried at once after the route's
+# first gateway fell silent; one that did not is checked with central first.
+GATEWAY_HEARD_S = 10.0
 # Central lists a gateway as live until three of its report intervals (1 s by default) pass without
 # a report: one it names in a route asked for this long after the gateway was found dead has reported
 # since.
@@ -82,6 +91,14 @@ def gateways_to_try(
     if not alive:
         return list(urls), []
     return alive, [u for u in urls if u not in alive]
+
+
+def central_first(kind: str, fallback: str, heard: Mapping[str, float], now: float) -> bool:
+    """After a gateway's failure of ``kind`` on a request's first attempt: ask central for a route
+    without it before trying ``fallback`` (a timeout, not a failure that came at once, and a
+    fall-back not heard from lately)."""
+    last = heard.get(fallback)
+    return kind == TIMEOUT and (last is None or now - last >= GATEWAY_HEARD_S)
 
 
 def seen_by_central(dead: Mapping[str, float], named: Sequence[str], asked: float) -> list[str]:

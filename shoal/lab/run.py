@@ -421,7 +421,8 @@ class Lab:
         }
         if self.served:  # the second site served the first site's model too
             clusters[SITE2.cluster]["models"].append(MODEL)
-        summary = checker.check(entries, samples, records, gateways, warm, clusters)
+        behind = {d for ds in edge_devices.values() for d in ds}
+        summary = checker.check(entries, samples, records, gateways, warm, clusters, behind)
         reqs, _ = checker.pair_requests(entries)
         t0 = reqs[0]["sent"] if reqs else 0.0
         plot = plot_timeline(
