@@ -13,6 +13,7 @@ from shoal.client import failover
 from shoal.client.core import (
     NEXT_GATEWAY_AFTER_S,
     RENEW_AFTER_FAILURE_S,
+    SHARED_POLL_S,
     Call,
     ClientCore,
     Finished,
@@ -765,3 +766,31 @@ def test_after_a_silent_gateway_central_is_asked_before_a_fall_back_not_heard_fr
     s.rules[("POST", "http://g2:8000")] = [infer_ok(2.0)]
     c.gateway_heard["http://g2:8000"] = clock.t - failover.GATEWAY_HEARD_S / 2
     assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
+
+
+def test_requests_that_fail_together_share_one_route_from_central():
+    """The requests in flight at a gateway that was lost time out together: the first asks central for
+    a route without it, the others wait for that answer instead of each asking (the lab found 16
+    route requests at once at the surviving replica, answered in 1 s rather than 0.1 s)."""
+    c = ClientCore([CENTRAL], "cam", "pw", clock=Clock(), timeout=10.0)
+    first, second = c.infer("m", X), c.infer("m", X)
+    silent = Unreachable("timed out", kind=failover.TIMEOUT)
+    # Both sent to g1 on the route central gave the first.
+    step = resume(first, None)
+    assert step.url.endswith("/v1/route")
+    step = resume(first, gateways_reply("site", GW[:1]))
+    assert isinstance(step, Call) and "/v2/models/m" in step.url and step.method == "GET"
+    step = resume(first, error(404, "no metadata"))
+    assert step.url == "http://g1:8000/v2/models/m/infer"
+    step2 = resume(second, None)
+    assert step2.url == "http://g1:8000/v2/models/m/infer"
+    # g1 answers neither; the first asks central (after its back-off), the second waits for it.
+    assert isinstance(resume(first, silent), Sleep)
+    ask = resume(first, None)
+    assert ask.url.endswith("/v1/route") and json.loads(ask.body)["avoid"] == ["http://g1:8000"]
+    assert isinstance(resume(second, silent), Sleep)
+    assert resume(second, None) == Sleep(SHARED_POLL_S)
+    meta = resume(first, route_reply("b"))
+    assert resume(first, error(404, "no metadata")).url == "http://b:8000/v2/models/m/infer"
+    assert resume(second, None).url == "http://b:8000/v2/models/m/infer"  # central's answer, not asked again
+    assert meta.method == "GET"

@@ -83,6 +83,9 @@ RENEW_AFTER_FAILURE_S = 10.0
 # down when central answered) keeps the route due again every RENEW_AFTER_FAILURE_S for this long,
 # so the route gets it back, as a fall-back, once it heals.
 MISSING_KEPT_S = 300.0
+# A request that needs a route another request of the same client is asking central for looks for
+# that answer this often.
+SHARED_POLL_S = 0.02
 
 
 class InferError(Exception):
@@ -323,6 +326,7 @@ class ClientCore:
         self.probing: set[str] = set()  # ... and those being probed
         self.heard: dict[str, float] = {}  # central replica URL -> when it last answered
         self.gateway_heard: dict[str, float] = {}  # gateway URL -> when it last answered
+        self.asking: set[tuple[str, str | None]] = set()  # routes a request is asking central for
 
     def background(self) -> list[Flow[None]]:
         """What the driver runs beside the requests (no request waits for it): routes due to be asked
@@ -388,25 +392,45 @@ class ClientCore:
     ) -> Flow[Route]:
         """A route for the model: cached, else from central (each replica in turn), else, while
         central cannot be reached, the last one it gave. ``exclude``: clusters that failed;
-        ``avoid``: gateways that could not be reached (central names their clusters' others)."""
+        ``avoid``: gateways that could not be reached (central names their clusters' others). While
+        another request of this client asks central for the same route (the requests in flight at a
+        gateway that was lost fail together), this one waits for that answer rather than ask too."""
         exclude = exclude or set()
         avoid = avoid or set()
-        cached = self.routes.get((model, version))
-        now = self.clock()
-        usable = (
-            cached is not None
-            and cached.cluster not in exclude
-            and not avoid.issuperset(cached.urls)
-            and now < cached.expires_at - RENEW_BEFORE_S
-        )
-        if cached is not None and usable:
-            if now >= cached.renew_at:
-                # Due to be asked for again (one of its gateways failed a while ago): off the request
-                # path, by the driver (``renew``); requests go on with this one meanwhile.
-                cached.renew_at = now + RENEW_AFTER_FAILURE_S
-                self.due.add((model, version))
+        key = (model, version)
+        for _ in range(int((self.timeout or 10.0) / SHARED_POLL_S)):
+            cached = self._usable(key, exclude, avoid)
+            if cached is not None or key not in self.asking:
+                break
+            yield Sleep(SHARED_POLL_S)
+        else:
+            cached = self._usable(key, exclude, avoid)
+        if cached is not None:
             return cached
-        return (yield from self._ask_central(model, version, exclude, avoid))
+        self.asking.add(key)
+        try:
+            return (yield from self._ask_central(model, version, exclude, avoid))
+        finally:
+            self.asking.discard(key)
+
+    def _usable(self, key: tuple[str, str | None], exclude: set[str], avoid: set[str]) -> Route | None:
+        """The cached route, if it is not of a cluster excluded, names a gateway not avoided and is
+        not about to expire."""
+        cached = self.routes.get(key)
+        now = self.clock()
+        if (
+            cached is None
+            or cached.cluster in exclude
+            or avoid.issuperset(cached.urls)
+            or now >= cached.expires_at - RENEW_BEFORE_S
+        ):
+            return None
+        if now >= cached.renew_at:
+            # Due to be asked for again (one of its gateways failed a while ago): off the request
+            # path, by the driver (``renew``); requests go on with this one meanwhile.
+            cached.renew_at = now + RENEW_AFTER_FAILURE_S
+            self.due.add(key)
+        return cached
 
     def renew(self, model: str, version: str | None) -> Flow[None]:
         """Ask central again for a route in use (a driver runs this beside the requests); the route in
@@ -432,7 +456,8 @@ class ClientCore:
                 continue
             self._keep_cookie(reply)
             if reply.status == 404 and (exclude or avoid):  # every cluster failed once: try them all again
-                return (yield from self.route(model, version, set(), set()))
+                cached = self._usable((model, version), set(), set())
+                return cached if cached is not None else (yield from self._ask_central(model, version, set(), set()))
             r = self._parse_route(reply, model, version)
             for url in failover.seen_by_central(self.dead, r.urls, asked):
                 del self.dead[url]  # central heard from it since it was found dead: back
@@ -614,7 +639,7 @@ class ClientCore:
                 # cluster (it leaves these out, and skips a cluster that has no other)
                 avoid.update(failed)
                 avoid.update(skipped)
-                self.routes.pop((r.model, r.version), None)
+                self._drop(r)
                 wait = backoff(attempt, None)
             else:
                 last, wait = self._failed(r, reply, exclude, attempt)
@@ -659,7 +684,7 @@ class ClientCore:
         attempt; ``InferError`` when another attempt would not help (the device's own mistake)."""
         last = f"cluster {r.cluster}: HTTP {reply.status}: {error_message(reply.data)}"
         if reply.status == 401:  # token expired, or the cluster's key changed: a fresh route
-            self.routes.pop((r.model, r.version), None)
+            self._drop(r)
             return last, 0.0
         if reply.status == 429:  # over this credential's rate limit: wait as told, then try again
             ms = _seconds(reply.headers.get("retry-after-ms"))
@@ -672,7 +697,12 @@ class ClientCore:
 
     def _forget(self, r: Route, exclude: set[str]) -> None:
         exclude.add(r.cluster)
-        self.routes.pop((r.model, r.version), None)
+        self._drop(r)
+
+    def _drop(self, r: Route) -> None:
+        """Forget the cached route ``r`` (not one another request got from central since)."""
+        if self.routes.get((r.model, r.version)) is r:
+            del self.routes[(r.model, r.version)]
 
     # -------------------------------------------------------------------------------- commands
 

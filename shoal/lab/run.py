@@ -344,6 +344,7 @@ class Lab:
             )
             logs.append(log2)
         netems = []
+        lan_logs = list(logs)  # the steady checks read these: an edge link's retransmissions are its own
         for i, (profile, ds) in enumerate(edge_devices.items()):  # behind their links from the start
             m = edge_machine(profile)
             child, stats = netem_on(world, procs, m, EDGE[profile], cfg.seed * 100 + i)
@@ -362,13 +363,14 @@ class Lab:
                 )
             )
             logs.append(log_e)
-        tail = LogTail(*logs)
+        everyone = LogTail(*logs)
         every = len(devices) + len(devices2) + sum(len(ds) for ds in edge_devices.values())
-        if not _wait(lambda: len(tail.read().answered) == every or not all(d.alive() for d in drivers), 60):
+        if not _wait(lambda: len(everyone.read().answered) == every or not all(d.alive() for d in drivers), 60):
             raise RuntimeError(f"the devices got no answers within 60 s:\n{dev.tail()}")
         for d in drivers:
             if not d.alive():
                 raise RuntimeError(f"the device driver exited:\n{d.tail()}")
+        tail = LogTail(*lan_logs)
         self.say(
             f"devices answered: {cfg.devices} x {cfg.in_flight} in flight"
             + (f"; at {SITE2.cluster}: {len(devices2)} x {cfg.site2_in_flight}" if devices2 else "")
