@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from shoal.client import failover as fo
-from shoal.client.core import Call, Reply, Unreachable
+from shoal.client.core import Call, InferError, Reply, Unreachable
 from shoal.client.http import arace, failure_kind, race
 
 A, B, C = "http://a:8000", "http://b:8000", "http://c:8000"
@@ -132,3 +132,52 @@ def test_central_is_asked_first_only_after_a_timeout_and_for_a_fall_back_not_hea
     assert not fo.central_first(fo.TIMEOUT, B, {B: NOW - 1.0}, NOW)  # answered lately: tried at once
     assert not fo.central_first(fo.REFUSED, B, {}, NOW)  # it failed at once: no time spent yet
     assert not fo.central_first("", B, {}, NOW)
+
+
+def test_a_route_without_a_slow_gateway_is_asked_for_halfway_through_the_bounded_wait():
+    assert fo.prefetch_after(2.0) == 2.0 * fo.PREFETCH_AT and fo.prefetch_after(None) is None
+    assert fo.standby_fresh(NOW - 1.0, NOW) and not fo.standby_fresh(NOW - fo.STANDBY_S, NOW)
+    assert not fo.standby_fresh(None, NOW)
+
+
+def test_the_async_client_asks_ahead_while_a_request_waits_at_a_silent_gateway():
+    """The driver's part: a call unanswered after ``slow_after`` has ``on_slow`` called and the
+    background started (here the route asked for ahead), while the call goes on."""
+    from shoal.client import AsyncClient
+
+    seen: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.host}{request.url.path}")
+        if request.url.host == "g1":
+            await asyncio.sleep(0.6)
+            raise httpx.ReadTimeout("timed out", request=request)
+        if request.url.path == "/v1/route":
+            body = request.read()
+            url = "http://b:8000" if b"avoid" in body else "http://g1:8000"
+            doc = {
+                "cluster": url[7:8],
+                "url": url,
+                "token": "t",
+                "expires_at": int(time.time() + 300),
+                "model": "m",
+                "version": "1",
+            }
+            return httpx.Response(200, json=doc)
+        if request.url.path.endswith("/infer"):
+            return httpx.Response(503, json={"error": "b is saturated: the test ends"})
+        return httpx.Response(404, json={"error": "no metadata"})
+
+    async def main() -> None:
+        c = AsyncClient("http://central:7000", "cam", "pw", retries=1)
+        await c._http.aclose()
+        c._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        c.core.next_gateway_after = lambda r: 0.5  # type: ignore[method-assign]
+        with pytest.raises(InferError):
+            await c.infer("m", {"x": __import__("numpy").ones((1, 2), "float32")})
+        await c.close()
+
+    asyncio.run(main())
+    routes = [x for x in seen if x.endswith("/v1/route")]
+    assert len(routes) == 2  # the route, then the one without g1 asked for ahead
+    assert seen.index("POST b/v2/models/m/infer") > seen.index(routes[1])  # and used at once

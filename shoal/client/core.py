@@ -132,6 +132,10 @@ class Call:
     body: bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None  # None: the client's own
+    # Still unanswered after ``slow_after`` seconds: the driver calls ``on_slow`` (and then runs what
+    # the client has for the background); a driver that cannot watch a call as it runs may ignore it.
+    slow_after: float | None = None
+    on_slow: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -327,11 +331,40 @@ class ClientCore:
         self.heard: dict[str, float] = {}  # central replica URL -> when it last answered
         self.gateway_heard: dict[str, float] = {}  # gateway URL -> when it last answered
         self.asking: set[tuple[str, str | None]] = set()  # routes a request is asking central for
+        # Routes without a gateway a request waits on, asked for ahead: (model, version, gateway) ->
+        # when asked for, and the route once central answered (``failover.PREFETCH_AT``).
+        self.prefetched: dict[tuple[str, str | None, str], float] = {}
+        self.standby: dict[tuple[str, str | None, str], Route] = {}
+        self.to_prefetch: set[tuple[str, str | None, str]] = set()
 
     def background(self) -> list[Flow[None]]:
         """What the driver runs beside the requests (no request waits for it): routes due to be asked
         for again (``renewals``), liveness probes of gateways that fell silent (``probes``)."""
-        return [*self.renewals(), *self.probes()]
+        return [*self.renewals(), *self.probes(), *self.prefetches()]
+
+    def prefetches(self) -> list[Flow[None]]:
+        flows: list[Flow[None]] = []
+        while self.to_prefetch:
+            flows.append(self.prefetch(*self.to_prefetch.pop()))
+        return flows
+
+    def _slow(self, r: Route, url: str) -> None:
+        """A request is still unanswered at ``url`` halfway through its bounded wait: a route without
+        it, asked for ahead (once per gateway per ``failover.STANDBY_S``)."""
+        key = (r.model, r.version, url)
+        if not failover.standby_fresh(self.prefetched.get(key), self.clock()):
+            self.prefetched[key] = self.clock()
+            self.to_prefetch.add(key)
+
+    def prefetch(self, model: str, version: str | None, url: str) -> Flow[None]:
+        """Ask central (a bounded wait) for a route without gateway ``url``, kept apart until a
+        request fails there (``standby``)."""
+        try:
+            r = yield from self._ask_central(model, version, set(), {url}, bounded=True, keep=False)
+        except RouteError:
+            return  # central unreachable and no route cached: the request finds out for itself
+        if url not in r.urls:
+            self.standby[(model, version, url)] = r
 
     def renewals(self) -> list[Flow[None]]:
         flows: list[Flow[None]] = []
@@ -439,8 +472,15 @@ class ClientCore:
         yield from self._ask_central(model, version, set(), set(), bounded=True)
 
     def _ask_central(
-        self, model: str, version: str | None, exclude: set[str], avoid: set[str], bounded: bool = False
+        self,
+        model: str,
+        version: str | None,
+        exclude: set[str],
+        avoid: set[str],
+        bounded: bool = False,
+        keep: bool = True,
     ) -> Flow[Route]:
+        """Central's route (``keep``: cached as the model's route from now on; else only returned)."""
         body: dict[str, Any] = {"model": model}
         if version:
             body["version"] = version
@@ -469,7 +509,8 @@ class ClientCore:
                 r.missing = {u: t for u, t in gone.items() if u not in r.urls}
             if exclude or avoid or r.missing:  # given without what failed, which may heal: due again
                 r.renew_at = now + RENEW_AFTER_FAILURE_S
-            self.routes[(model, version)] = self.last_routes[(model, version)] = r
+            if keep:
+                self.routes[(model, version)] = self.last_routes[(model, version)] = r
             yield from self._fetch_labels(r)
             return r
         fallback = self.routes.get((model, version)) or self.last_routes.get((model, version))
@@ -605,14 +646,24 @@ class ClientCore:
                 # in time is refused at once (503 and when to try again), not queued to time out.
                 budget = wait if wait is not None else self.timeout
                 call_headers = sent if budget is None else {**sent, TIMEOUT_HEADER: str(max(1, int(budget * 1000)))}
+                # Unanswered halfway through a bounded wait: a route without this gateway asked ahead.
+                slow = failover.prefetch_after(wait)
+                on_slow = (lambda r=r, url=url: self._slow(r, url)) if slow is not None else None
                 try:
-                    reply = yield Call("POST", url + path, body, call_headers, wait)
+                    reply = yield Call("POST", url + path, body, call_headers, wait, slow, on_slow)
                 except Unreachable as e:
                     reply, last = None, f"cluster {r.cluster} unreachable at {url}: {e}"
                     failed.append(url)
                     r.demote([url])  # this device's other requests try the route's others first now
                     r.renew_at = min(r.renew_at, self.clock() + RENEW_AFTER_FAILURE_S)
                     self._gateway_failed(url, e)
+                    standby = self.standby.pop((r.model, r.version, url), None)
+                    if standby is not None and failover.standby_fresh(
+                        self.prefetched.get((r.model, r.version, url)), self.clock()
+                    ):
+                        # Central's route without it, asked for while this request waited: go on with it.
+                        self.routes[(r.model, r.version)] = self.last_routes[(r.model, r.version)] = standby
+                        break
                     if (
                         attempt == 0
                         and k < len(urls) - 1

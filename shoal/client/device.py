@@ -165,7 +165,7 @@ class AsyncClient(_Operations):
             if isinstance(step, Compute):  # the local model in a thread: other requests go on meanwhile
                 outcome = await asyncio.to_thread(step.fn)
             elif isinstance(step, Call):
-                outcome = await asend(self._http, step)
+                outcome = await self._send(step)
             elif isinstance(step, Race):
                 outcome = await arace(self._http, step.calls)
             else:
@@ -173,6 +173,22 @@ class AsyncClient(_Operations):
                 outcome = None
         self._background()
         return step.value
+
+    async def _send(self, call: Call) -> Any:
+        """One exchange; still unanswered after ``call.slow_after``, ``call.on_slow`` is called and
+        what it put in the background started, while the exchange goes on."""
+        if call.on_slow is None or call.slow_after is None:
+            return await asend(self._http, call)
+        task = asyncio.ensure_future(asend(self._http, call))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=call.slow_after)
+            if not done:
+                call.on_slow()
+                self._background()
+            return await task
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
 
     def _background(self) -> None:
         """Routes due again and probes of silent gateways, beside the requests: none waits for them."""

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from shoal.client import AsyncClient
-from shoal.client.core import Call, Compute, Finished, Race, Reply, resume
-from shoal.client.http import arace, asend
+from shoal.client.core import SHARED_POLL_S, Call, Compute, Finished, Race, Reply, resume
+from shoal.client.http import arace
 
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("lab_request", default="")
 STEP_SLOW_S = 0.5  # a step of the client this slow (or not a 200, or a route asked for) is logged
@@ -61,7 +61,7 @@ class TracingClient(AsyncClient):
                 self._background()
             t = time.time()
             if isinstance(step, Call):
-                outcome = await asend(self._http, step)
+                outcome = await self._send(step)
                 what: Any = outcome.status if isinstance(outcome, Reply) else f"{type(outcome).__name__}: {outcome}"
                 took = time.time() - t
                 if "/v1/" in step.url or what != 200 or took > STEP_SLOW_S:
@@ -77,7 +77,8 @@ class TracingClient(AsyncClient):
             else:
                 await asyncio.sleep(step.seconds)
                 outcome = None
-                self._step(t, time.time() - t, "sleep", "", step.seconds, None)
+                if step.seconds > SHARED_POLL_S:  # not each look for a route another request asks for
+                    self._step(t, time.time() - t, "sleep", "", step.seconds, None)
         self._background()  # routes due again, probes: beside the requests, none waits for them
         return step.value
 
