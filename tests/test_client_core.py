@@ -9,13 +9,16 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from shoal.client import failover
 from shoal.client.core import (
     NEXT_GATEWAY_AFTER_S,
     RENEW_AFTER_FAILURE_S,
+    SHARED_POLL_S,
     Call,
     ClientCore,
     Finished,
     InferError,
+    Race,
     Reply,
     RouteError,
     Sleep,
@@ -61,6 +64,7 @@ class Script:
         self.rules = rules
         self.calls: list[Call] = []
         self.sleeps: list[float] = []
+        self.races: list[Race] = []
 
     def answer(self, call: Call) -> Reply | Unreachable:
         self.calls.append(call)
@@ -77,6 +81,12 @@ class Script:
             if isinstance(step, Sleep):
                 self.sleeps.append(step.seconds)
                 outcome = None
+            elif isinstance(step, Race):  # at once: the first reply in the calls' order wins
+                outcome = []
+                for call in step.calls:
+                    won = any(isinstance(o, Reply) for o in outcome)
+                    outcome.append(None if won else self.answer(call))
+                self.races.append(step)
             else:
                 outcome = self.answer(step)
         return step.value
@@ -652,3 +662,228 @@ def test_a_request_without_a_trace_of_its_own_keeps_central_s_first_one_through_
     first_route, second_route = [call for call in s.calls if call.url.endswith("/v1/route")]
     assert "traceparent" not in first_route.headers and second_route.headers["traceparent"] == CENTRAL_TRACE
     assert all(call.headers["traceparent"] == CENTRAL_TRACE for call in s.calls if call.url.endswith("/infer"))
+
+
+def test_a_fall_back_found_dead_is_skipped_and_central_asked_at_once():
+    """A gateway that refused a connection is dead: when the route's other gateway then answers
+    nothing in time, the request asks central for a route without both at once instead of waiting
+    NEXT_GATEWAY_AFTER_S more at the dead one (the lab found devices held 4.3 to 7.2 s when a site's
+    last gateway was lost 12 s after the other: 2 s at each, then central)."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    s = Script(
+        {
+            ("POST", "/v1/route"): lambda call: (
+                route_reply("b") if "avoid" in json.loads(call.body) else gateways_reply("site", GW[:2])
+            ),
+            ("POST", "http://g1:8000"): [Unreachable("refused", kind=failover.REFUSED)],
+            ("POST", "http://g2:8000"): [infer_ok(2.0), Unreachable("timed out", kind=failover.TIMEOUT)],
+            ("POST", "http://b:8000"): [infer_ok(3.0)],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
+    assert c.dead == {"http://g1:8000": NOW} and not c.to_probe  # refused: known dead, nothing to probe
+    s.calls.clear()
+    clock.t += 12.0
+    r = s.run(c.infer("m", X))
+    assert r.cluster == "b"
+    assert s.urls(part="/infer") == ["http://g2:8000/v2/models/m/infer", "http://b:8000/v2/models/m/infer"]
+    assert s.route_bodies() == [{"model": "m", "avoid": ["http://g1:8000", "http://g2:8000"]}]
+    assert c.to_probe == {"http://g2:8000"}  # it only fell silent: its liveness is probed
+
+
+def test_a_silent_gateway_is_skipped_only_once_its_liveness_probe_failed():
+    """A gateway that timed out may be slow, not dead (a worker holding its batch): it is probed
+    beside the requests; answered, it stays a fall-back with the bounded wait; not answered, it is
+    skipped until DEAD_KEPT_S passed or it answers again."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    silent = Unreachable("timed out", kind=failover.TIMEOUT)
+    s = Script(
+        {
+            ("POST", "/v1/route"): lambda call: (
+                route_reply("b") if "avoid" in json.loads(call.body) else gateways_reply("site", GW[:2])
+            ),
+            ("POST", "http://g1:8000"): [silent],
+            ("POST", "http://g2:8000"): [infer_ok(2.0)],
+            ("GET", "http://g1:8000/v2/health/live"): [Reply(200, {}, b""), silent],
+            ("POST", "http://b:8000"): [infer_ok(3.0)],
+            **NO_META,
+        }
+    )
+    c.gateway_heard["http://g2:8000"] = NOW  # it answered lately: tried at once after g1
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
+    assert c.to_probe == {"http://g1:8000"}
+    (probe,) = c.background()
+    assert c.background() == []  # one probe at a time
+    s.run(probe)
+    live = [call for call in s.calls if call.url.endswith("/health/live")]
+    assert live[0].timeout == failover.PROBE_TIMEOUT_S and not c.dead and not c.probing
+    # Answered: a fall-back as before (route [g2, g1]: g2 silent now, g1 tried with the bounded wait).
+    s.rules[("POST", "http://g2:8000")] = [silent]
+    s.rules[("POST", "http://g1:8000")] = [infer_ok(1.0)]
+    assert s.run(c.infer("m", X)).gateway == "http://g1:8000"
+    # g2 silent, probed, and its probe not answered: dead, skipped on first attempts.
+    s.rules[("GET", "http://g2:8000/v2/health/live")] = [silent]
+    for flow in c.background():
+        s.run(flow)
+    assert c.dead == {"http://g2:8000": NOW}
+    s.rules[("POST", "http://g1:8000")] = [silent]
+    s.calls.clear()
+    assert s.run(c.infer("m", X)).cluster == "b"
+    assert "http://g2:8000/v2/models/m/infer" not in s.urls(part="/infer")
+    # DEAD_KEPT_S later it is tried again; an answer clears it.
+    clock.t += failover.DEAD_KEPT_S
+    c.routes.clear()
+    s.rules[("POST", "http://g2:8000")] = [infer_ok(2.0)]
+    s.rules[("POST", "/v1/route")] = [gateways_reply("site", GW[1:2])]
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000" and not c.dead
+
+
+def test_replicas_are_asked_at_once_unless_the_first_answered_lately():
+    """A replica whose machine vanished since it last answered this device would cost a bounded wait
+    on the request path (the lab traced 2 s of a device's 4.3 to 7.2 s to a replica lost 36 s before):
+    while the first has not answered within HEARD_S, every replica is asked at once."""
+    clock = Clock()
+    c = ClientCore(["http://c1:7000", "http://c2:7000"], "cam", "pw", clock=clock, timeout=10.0)
+    s = Script(
+        {
+            ("POST", "http://c1:7000/v1/route"): [Unreachable("timed out", kind=failover.TIMEOUT)],
+            ("POST", "http://c2:7000/v1/route"): [route_reply("a")],
+            ("POST", "http://a:8000"): [infer_ok()],
+            **NO_META,
+        }
+    )
+    assert s.run(c.infer("m", X)).cluster == "a"
+    (race,) = s.races
+    assert [call.url for call in race.calls] == ["http://c1:7000/v1/route", "http://c2:7000/v1/route"]
+    assert all(call.timeout is None for call in race.calls)  # on the request path: the whole timeout
+    assert c.centrals == ["http://c2:7000", "http://c1:7000"] and c.heard == {"http://c2:7000": NOW}
+    c.routes.clear()
+    clock.t += failover.HEARD_S / 2
+    s.run(c.infer("m", X))
+    assert len(s.races) == 1 and s.urls(part="/v1/route")[-1] == "http://c2:7000/v1/route"  # in turn
+    c.routes[("m", None)].renew_at = clock.t
+    clock.t += failover.HEARD_S
+    s.run(c.infer("m", X))
+    (renewal,) = c.background()
+    s.run(renewal)
+    assert len(s.races) == 2 and all(call.timeout == NEXT_GATEWAY_AFTER_S for call in s.races[1].calls)
+    # The winner is asked first from then on; the first in the calls' order wins a tie.
+    assert s.races[1].calls[0].url == "http://c2:7000/v1/route" and c.centrals[0] == "http://c2:7000"
+
+
+def test_a_gateway_found_dead_is_tried_again_once_central_names_it_well_after():
+    """A gateway healed from a partition: central names it again once it reports, and the device,
+    renewing its route, stops skipping it (the lab found devices skipping a healed gateway 25 s on,
+    and asking central when the other was lost, rather than failing over to it)."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    s = Script(
+        {
+            ("POST", "/v1/route"): [gateways_reply("site", GW[:2])],
+            ("POST", "http://g1:8000"): [Unreachable("refused", kind=failover.REFUSED)],
+            ("POST", "http://g2:8000"): [infer_ok(2.0)],
+            **NO_META,
+        }
+    )
+    s.run(c.infer("m", X))
+    assert "http://g1:8000" in c.dead
+    clock.t += 1.0  # central has not dropped it yet: its route still names it
+    s.run(c.renew("m", None))
+    assert "http://g1:8000" in c.dead
+    clock.t += failover.CENTRAL_SEES_S
+    s.run(c.renew("m", None))
+    assert not c.dead
+
+
+def test_after_a_silent_gateway_central_is_asked_before_a_fall_back_not_heard_from_lately():
+    """A fall-back this device never sent to may have been lost unseen; central, which hears every
+    gateway, is asked first (the lab found a device wait 2 s at the first gateway, 2 s at a fall-back
+    lost 30 s before, then ask central). One heard from lately is tried at once."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    silent = Unreachable("timed out", kind=failover.TIMEOUT)
+    s = Script(
+        {
+            ("POST", "/v1/route"): lambda call: (
+                route_reply("b") if "avoid" in json.loads(call.body) else gateways_reply("site", GW[:2])
+            ),
+            ("POST", "http://g1:8000"): [infer_ok(1.0), silent],
+            ("POST", "http://b:8000"): [infer_ok(3.0)],
+            **NO_META,
+        }
+    )
+    s.run(c.infer("m", X))
+    r = s.run(c.infer("m", X))
+    assert r.cluster == "b" and "http://g2:8000/v2/models/m/infer" not in s.urls(part="/infer")
+    assert s.route_bodies()[-1] == {"model": "m", "avoid": ["http://g1:8000"]}  # not g2: not known bad
+    assert s.sleeps == [0.05]
+    # Heard from lately, the fall-back is tried at once.
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    s.rules[("POST", "http://g1:8000")] = [silent]
+    s.rules[("POST", "http://g2:8000")] = [infer_ok(2.0)]
+    c.gateway_heard["http://g2:8000"] = clock.t - failover.GATEWAY_HEARD_S / 2
+    assert s.run(c.infer("m", X)).gateway == "http://g2:8000"
+
+
+def test_requests_that_fail_together_share_one_route_from_central():
+    """The requests in flight at a gateway that was lost time out together: the first asks central for
+    a route without it, the others wait for that answer instead of each asking (the lab found 16
+    route requests at once at the surviving replica, answered in 1 s rather than 0.1 s)."""
+    c = ClientCore([CENTRAL], "cam", "pw", clock=Clock(), timeout=10.0)
+    first, second = c.infer("m", X), c.infer("m", X)
+    silent = Unreachable("timed out", kind=failover.TIMEOUT)
+    # Both sent to g1 on the route central gave the first.
+    step = resume(first, None)
+    assert step.url.endswith("/v1/route")
+    step = resume(first, gateways_reply("site", GW[:1]))
+    assert isinstance(step, Call) and "/v2/models/m" in step.url and step.method == "GET"
+    step = resume(first, error(404, "no metadata"))
+    assert step.url == "http://g1:8000/v2/models/m/infer"
+    step2 = resume(second, None)
+    assert step2.url == "http://g1:8000/v2/models/m/infer"
+    # g1 answers neither; the first asks central (after its back-off), the second waits for it.
+    assert isinstance(resume(first, silent), Sleep)
+    ask = resume(first, None)
+    assert ask.url.endswith("/v1/route") and json.loads(ask.body)["avoid"] == ["http://g1:8000"]
+    assert isinstance(resume(second, silent), Sleep)
+    assert resume(second, None) == Sleep(SHARED_POLL_S)
+    meta = resume(first, route_reply("b"))
+    assert resume(first, error(404, "no metadata")).url == "http://b:8000/v2/models/m/infer"
+    assert resume(second, None).url == "http://b:8000/v2/models/m/infer"  # central's answer, not asked again
+    assert meta.method == "GET"
+
+
+def test_a_route_without_a_slow_gateway_is_asked_for_ahead_and_used_if_it_fails():
+    """Halfway through its bounded wait the request has the client ask central, beside it, for a route
+    without that gateway; when the gateway then fails, the request goes on with it at once rather than
+    asking central only then (the lab found central taking 0.4 to 0.9 s under load, which put devices
+    just past 3 s when the first site's last gateway was lost)."""
+    clock = Clock()
+    c = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    silent = Unreachable("timed out", kind=failover.TIMEOUT)
+    flow = c.infer("m", X)
+    assert resume(flow, None).url.endswith("/v1/route")
+    resume(flow, gateways_reply("site", GW[:1]))
+    sent = resume(flow, error(404, "no metadata"))
+    assert sent.url == "http://g1:8000/v2/models/m/infer"
+    assert sent.slow_after == NEXT_GATEWAY_AFTER_S * failover.PREFETCH_AT
+    sent.on_slow()  # what the driver does once it has waited that long
+    sent.on_slow()  # once per gateway
+    (ahead,) = c.background()
+    s = Script({("POST", "/v1/route"): [route_reply("b")], **NO_META})
+    s.run(ahead)
+    assert s.route_bodies() == [{"model": "m", "avoid": ["http://g1:8000"]}]
+    assert c.routes[("m", None)].urls == ["http://g1:8000"]  # not used while g1 may still answer
+    assert isinstance(resume(flow, silent), Sleep)  # g1 failed: central's route is there already
+    assert resume(flow, None).url == "http://b:8000/v2/models/m/infer"
+    assert len(s.route_bodies()) == 1
+    # A gateway that answers in the end costs only that route request.
+    clock.t += failover.STANDBY_S
+    c2 = ClientCore([CENTRAL], "cam", "pw", clock=clock, timeout=10.0)
+    s2 = Script(
+        {("POST", "/v1/route"): [gateways_reply("site", GW[:1])], ("POST", "http://g1"): [infer_ok()], **NO_META}
+    )
+    assert s2.run(c2.infer("m", X)).gateway == "http://g1:8000" and not c2.standby

@@ -123,6 +123,15 @@ def test_checker_times_detection_and_recovery_per_fault():
         "crash(gw-a)",
         "after",
     ]
+    # Issue 23's target for a gateway's machine lost: the devices carry on within 3 s. Here the
+    # requests in flight at the crash waited 5 s: every rule but that one holds.
+    assert crash["target_s"] == 3.0 and crash["within_target"] is False and "within_target" not in part
+    assert not checker.passed(s)
+    # The same request from a device behind an edge link: its own link's retransmissions are no
+    # fail-over's, so it is given apart and the target is judged on the others.
+    (_, crash_edge) = checker.check(log, samples, faults, GW, warm=1.0, edge_devices={"r199"})["faults"]
+    assert crash_edge["within_target"] and crash_edge["edge_longest_held_s"] == pytest.approx(5.0)
+    crash["within_target"] = True
     assert checker.passed(s)
 
 
@@ -337,7 +346,51 @@ def test_checker_follows_devices_to_the_other_site_when_a_clusters_last_gateway_
     assert serve["serving_s"] == 1.0 and serve["recovered_s"] == 1.0
     assert last["detected_s"] == last["central_dropped_s"] == 1.5
     assert last["survivors_share_after"] == 1.0 and last["longest_held_s"] == pytest.approx(2.5)
+    assert last["within_target"] and s["faults"][0]["within_target"]
     assert s["wrong_cluster"] == 0 and checker.passed(s)
+
+
+def test_checker_reads_a_second_site_workers_fault_from_its_own_gateway():
+    """A worker of the second site lost: detected when that site's gateway drops it (the first site's
+    gateways never held it), and the requests it held counted as any fault's."""
+    gws = {**GW, "http://c:8000": "gw-c"}
+    clusters = {
+        "site": {"model": "echo", "gateways": ["gw-a", "gw-b"], "workers": ["w1", "w2"]},
+        "site-2": {"model": "echo-b", "gateways": ["gw-c"], "workers": ["w5", "w6"]},
+    }
+    samples = []
+    for i in range(60):
+        t = i / 2
+        samples.append(_gw(t, "gw-a", {"w1": 2, "w2": 2}))
+        samples.append(_gw(t, "gw-c", {"w6": 1} if t >= 11.5 else {"w5": 1, "w6": 1}))
+    log = []
+    for i in range(60):
+        t = i / 2
+        b = _req(f"b{i}", t, t + (1.6 if t == 10.0 else 0.01), gw="http://c:8000")
+        b[0]["model"] = "echo-b"
+        log += b + _req(f"a{i}", t, t + 0.01)
+    faults = [{"kind": "crash", "machine": "w5", "label": "crash(w5)", "start": 10.0}]
+    s = checker.check(log, samples, faults, gws, 0.0, clusters)
+    (row,) = s["faults"]
+    assert row["site"] == "site-2" and row["detected_s"] == row["detected_by_all_s"] == 1.5
+    assert row["held_up_requests"] == 1 and row["longest_held_s"] == pytest.approx(1.6)
+    assert "within_target" not in row and checker.passed(s)
+
+
+def test_checker_gives_each_link_profiles_devices_their_own_latency():
+    lan = [x for i in range(100) for x in _req(f"l{i}", i / 10, i / 10 + 0.01)]
+    lte = [x for i in range(100) for x in _req(f"e{i}", i / 10, i / 10 + (2.5 if i == 50 else 0.07))]
+    quiet = checker.quiet_windows(
+        {"before": {"from_s": 0.0, "to_s": 4.9}, "crash(gw-b)": {"from_s": 4.9, "to_s": 6.0},
+         "after": {"from_s": 6.0, "to_s": 11.0}},
+        0.0,
+    )  # fmt: skip
+    assert quiet == [(0.0, 4.9), (6.0, 11.0)]
+    rows = checker.by_profile({"lan": lan, "lte": lte}, quiet)
+    assert rows["lan"]["p50_ms"] == pytest.approx(10.0) and rows["lte"]["p50_ms"] == pytest.approx(70.0)
+    assert rows["lte"]["longest_s"] == 2.5 and rows["lte"]["p99_ms"] > 70.0
+    assert rows["lte"]["between_faults_p99_ms"] == pytest.approx(70.0)  # the request the fault held is not
+    assert rows["lte"]["requests"] == rows["lte"]["answered"] == 100 and rows["lte"]["failed"] == 0
 
 
 def test_federation_checker_times_the_lost_sites_rounds():
@@ -405,8 +458,10 @@ def test_ci_scenario_loses_nothing_and_recovers_from_each_fault(tmp_path):
     assert central_lost["held_up_requests"] == 0, central_lost
     # PostgreSQL killed and started again: the devices never notice; the replicas answer again.
     assert db_restart["held_up_requests"] == 0 and db_restart["recovered_s"] < 10, db_restart
-    # The gateway's machine lost while it carried devices: they carry on through the other.
+    # The gateway's machine lost while it carried devices: they carry on through the other within
+    # issue 23's 3 s (the requests in flight there wait NEXT_GATEWAY_AFTER_S, 2 s, then the other).
     assert crash["its_share_before"] > 0, crash
+    assert crash["within_target"] and crash["longest_held_s"] <= 3.0, crash
     assert crash["detected_s"] is not None and crash["detected_s"] < 15, crash
     assert crash["recovered_s"] < 30 and crash["answers_from_it_after"] == 0, crash
     assert crash["survivors_share_after"] == 1.0, crash
@@ -503,6 +558,8 @@ def test_the_schedule_is_drawn_from_the_seed():
         *kinds[:4],
         ("lossy", "w1"),
         ("slow", "w2"),
+        ("partition", "w6"),
+        ("crash", "w5"),
         kinds[4],
         ("wan", "wan"),
         *kinds[5:7],

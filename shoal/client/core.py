@@ -12,7 +12,9 @@ Rules:
   cached per model and version and renewed shortly before its token expires.
 * A gateway cannot be reached (refused, reset, cut off mid-request, timed out) or answers 502/503
   (going away, saturated, its workers gone): send the same request, with the same token and request
-  id, to the route's next gateway at once; central is not asked. A gateway that failed while another
+  id, to the route's next gateway at once; central is not asked. A gateway found dead (nothing
+  connected, or reset before it answered; a silent one whose liveness probe then failed) is skipped
+  on first attempts for a while (``failover.py``). A gateway that failed while another
   answered goes to the end of the cached route's list. Either way the route is asked for again
   ``RENEW_AFTER_FAILURE_S`` later (off the request path), as is one central gave without a cluster
   or gateway that failed, or without a gateway of the cluster an earlier route named (for up to
@@ -21,8 +23,9 @@ Rules:
   that cluster, and send again (at most ``retries`` times, with back-off doubling from 50 ms: the six
   retries of the default span the three seconds central takes to drop a dead cluster).
 * The cluster answers 401 (token expired or the cluster's key rotated): ask central for a fresh route.
-* Central's replicas are asked in turn, each but the last for a bounded time; one that did not
-  answer is asked last from then on.
+* Central's replicas are asked in turn, each but the last for a bounded time, while the first
+  answered lately; otherwise all at once, the first answer winning (``failover.replicas_to_ask``).
+  One that did not answer is asked last from then on.
 * Central cannot be reached: keep using the last route it gave for the model (until its token
   expires), even one whose cluster just failed, retrying it with back-off: a cluster that restarts
   while central is down is back in a second, and it is the only route there is.
@@ -60,6 +63,7 @@ from urllib.parse import quote
 import msgspec
 import numpy as np
 
+from shoal.client import failover
 from shoal.protocol.central_messages import MAX_EXCLUDED, RouteAnswer
 from shoal.protocol.compression import compress
 from shoal.protocol.oip import build_infer_request, parse_infer_response
@@ -87,6 +91,9 @@ RENEW_AFTER_FAILURE_S = 10.0
 # down when central answered) keeps the route due again every RENEW_AFTER_FAILURE_S for this long,
 # so the route gets it back, as a fall-back, once it heals.
 MISSING_KEPT_S = 300.0
+# A request that needs a route another request of the same client is asking central for looks for
+# that answer this often.
+SHARED_POLL_S = 0.02
 
 
 class InferError(Exception):
@@ -112,7 +119,13 @@ class RouteError(Exception):
 
 
 class Unreachable(OSError):
-    """The peer could not be reached, or the exchange broke off (refused, reset, timed out, TLS)."""
+    """The peer could not be reached, or the exchange broke off (refused, reset, timed out, TLS).
+    ``kind`` says which (``failover.REFUSED``, ``CONNECT_TIMEOUT``, ``RESET``, ``TIMEOUT``; "" when
+    not known)."""
+
+    def __init__(self, *args: object, kind: str = "") -> None:
+        super().__init__(*args)
+        self.kind = kind
 
 
 # ----------------------------------------------------------------------------- what flows yield
@@ -127,6 +140,20 @@ class Call:
     body: bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     timeout: float | None = None  # None: the client's own
+    # Still unanswered after ``slow_after`` seconds: the driver calls ``on_slow`` (and then runs what
+    # the client has for the background); a driver that cannot watch a call as it runs may ignore it.
+    slow_after: float | None = None
+    on_slow: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Race:
+    """Exchanges for the driver to make at once: the outcome sent back is a list with, for each call,
+    its ``Reply`` (the first one that came; the driver stops there), the ``Unreachable`` it failed with
+    before that, or None (still under way when another answered: abandoned). Each failed: a list of
+    ``Unreachable`` only."""
+
+    calls: tuple[Call, ...]
 
 
 @dataclass(frozen=True)
@@ -150,7 +177,7 @@ class Reply:
 
 
 T = TypeVar("T")
-Flow = Generator["Call | Sleep | Compute", Any, T]
+Flow = Generator["Call | Race | Sleep | Compute", Any, T]
 
 
 @dataclass(frozen=True)
@@ -158,7 +185,7 @@ class Finished:
     value: Any
 
 
-def resume(flow: Flow[Any], outcome: Any) -> Call | Sleep | Compute | Finished:
+def resume(flow: Flow[Any], outcome: Any) -> Call | Race | Sleep | Compute | Finished:
     """Hand a flow the outcome of its last step (nothing to start it or after a sleep, the reply to
     a call, the failure of a call, raised inside it, or what a ``Compute`` returned); its next step,
     or ``Finished``."""
@@ -306,6 +333,81 @@ class ClientCore:
         self.labels: dict[tuple[str, str, str], dict[str, list[str]]] = {}  # (cluster, model, version)
         self.cookie: str | None = None  # central's device cookie: this client logged in before
         self.due: set[tuple[str, str | None]] = set()  # routes to ask central for again (``renew``)
+        self.dead: dict[str, float] = {}  # gateway URL -> when it was found dead (``failover.py``)
+        self.to_probe: set[str] = set()  # silent gateways whose liveness to probe (``probe``)
+        self.probing: set[str] = set()  # ... and those being probed
+        self.heard: dict[str, float] = {}  # central replica URL -> when it last answered
+        self.gateway_heard: dict[str, float] = {}  # gateway URL -> when it last answered
+        self.asking: set[tuple[str, str | None]] = set()  # routes a request is asking central for
+        # Routes without a gateway a request waits on, asked for ahead: (model, version, gateway) ->
+        # when asked for, and the route once central answered (``failover.PREFETCH_AT``).
+        self.prefetched: dict[tuple[str, str | None, str], float] = {}
+        self.standby: dict[tuple[str, str | None, str], Route] = {}
+        self.to_prefetch: set[tuple[str, str | None, str]] = set()
+
+    def background(self) -> list[Flow[None]]:
+        """What the driver runs beside the requests (no request waits for it): routes due to be asked
+        for again (``renewals``), liveness probes of gateways that fell silent (``probes``)."""
+        return [*self.renewals(), *self.probes(), *self.prefetches()]
+
+    def prefetches(self) -> list[Flow[None]]:
+        flows: list[Flow[None]] = []
+        while self.to_prefetch:
+            flows.append(self.prefetch(*self.to_prefetch.pop()))
+        return flows
+
+    def _slow(self, r: Route, url: str) -> None:
+        """A request is still unanswered at ``url`` halfway through its bounded wait: a route without
+        it, asked for ahead (once per gateway per ``failover.STANDBY_S``)."""
+        key = (r.model, r.version, url)
+        if not failover.standby_fresh(self.prefetched.get(key), self.clock()):
+            self.prefetched[key] = self.clock()
+            self.to_prefetch.add(key)
+
+    def prefetch(self, model: str, version: str | None, url: str) -> Flow[None]:
+        """Ask central (a bounded wait) for a route without gateway ``url``, kept apart until a
+        request fails there (``standby``)."""
+        try:
+            r, _ = yield from self._ask_central(model, version, set(), {url}, bounded=True, keep=False)
+        except RouteError:
+            return  # central unreachable and no route cached: the request finds out for itself
+        if url not in r.urls:
+            self.standby[(model, version, url)] = r
+
+    def renewals(self) -> list[Flow[None]]:
+        flows: list[Flow[None]] = []
+        while self.due:
+            flows.append(self.renew(*self.due.pop()))
+        return flows
+
+    def probes(self) -> list[Flow[None]]:
+        flows: list[Flow[None]] = []
+        while self.to_probe:
+            url = self.to_probe.pop()
+            self.probing.add(url)
+            flows.append(self.probe(url))
+        return flows
+
+    def probe(self, url: str) -> Flow[None]:
+        """Is a gateway that answered nothing in time there at all? Its liveness, within
+        ``failover.PROBE_TIMEOUT_S``: any answer finds it alive, any failure dead."""
+        try:
+            yield Call("GET", url + "/v2/health/live", None, {}, failover.PROBE_TIMEOUT_S)
+        except Unreachable:
+            self.dead[url] = self.clock()
+        else:
+            self.dead.pop(url, None)
+            self.gateway_heard[url] = self.clock()
+        finally:
+            self.probing.discard(url)
+
+    def _gateway_failed(self, url: str, e: Unreachable) -> None:
+        """Dead when the failure says so; silent, its liveness probed, otherwise."""
+        now = self.clock()
+        if failover.found_dead(e.kind):
+            self.dead[url] = now
+        elif failover.needs_probe(e.kind, url, self.dead, self.probing, now):
+            self.to_probe.add(url)
 
     def _central_headers(self, json_body: bool = True) -> dict[str, str]:
         headers = {"Authorization": self.auth}
@@ -331,7 +433,9 @@ class ClientCore:
     ) -> Flow[Route]:
         """A route for the model: cached, else from central (each replica in turn), else, while
         central cannot be reached, the last one it gave. ``exclude``: clusters that failed;
-        ``avoid``: gateways that could not be reached (central names their clusters' others)."""
+        ``avoid``: gateways that could not be reached (central names their clusters' others). While
+        another request of this client asks central for the same route (the requests in flight at a
+        gateway that was lost fail together), this one waits for that answer rather than ask too."""
         r, _ = yield from self.traced_route(model, version, exclude, avoid)
         return r
 
@@ -348,22 +452,40 @@ class ClientCore:
         asked, never kept with the route), else None."""
         exclude = exclude or set()
         avoid = avoid or set()
-        cached = self.routes.get((model, version))
-        now = self.clock()
-        usable = (
-            cached is not None
-            and cached.cluster not in exclude
-            and not avoid.issuperset(cached.urls)
-            and now < cached.expires_at - RENEW_BEFORE_S
-        )
-        if cached is not None and usable:
-            if now >= cached.renew_at:
-                # Due to be asked for again (one of its gateways failed a while ago): off the request
-                # path, by the driver (``renew``); requests go on with this one meanwhile.
-                cached.renew_at = now + RENEW_AFTER_FAILURE_S
-                self.due.add((model, version))
+        key = (model, version)
+        for _ in range(int((self.timeout or 10.0) / SHARED_POLL_S)):
+            cached = self._usable(key, exclude, avoid)
+            if cached is not None or key not in self.asking:
+                break
+            yield Sleep(SHARED_POLL_S)
+        else:
+            cached = self._usable(key, exclude, avoid)
+        if cached is not None:
             return cached, None
-        return (yield from self._ask_central(model, version, exclude, avoid, traceparent=traceparent))
+        self.asking.add(key)
+        try:
+            return (yield from self._ask_central(model, version, exclude, avoid, traceparent=traceparent))
+        finally:
+            self.asking.discard(key)
+
+    def _usable(self, key: tuple[str, str | None], exclude: set[str], avoid: set[str]) -> Route | None:
+        """The cached route, if it is not of a cluster excluded, names a gateway not avoided and is
+        not about to expire."""
+        cached = self.routes.get(key)
+        now = self.clock()
+        if (
+            cached is None
+            or cached.cluster in exclude
+            or avoid.issuperset(cached.urls)
+            or now >= cached.expires_at - RENEW_BEFORE_S
+        ):
+            return None
+        if now >= cached.renew_at:
+            # Due to be asked for again (one of its gateways failed a while ago): off the request
+            # path, by the driver (``renew``); requests go on with this one meanwhile.
+            cached.renew_at = now + RENEW_AFTER_FAILURE_S
+            self.due.add(key)
+        return cached
 
     def renew(self, model: str, version: str | None) -> Flow[None]:
         """Ask central again for a route in use (a driver runs this beside the requests); the route in
@@ -378,8 +500,12 @@ class ClientCore:
         exclude: set[str],
         avoid: set[str],
         bounded: bool = False,
+        keep: bool = True,
         traceparent: str | None = None,
     ) -> Flow[tuple[Route, str | None]]:
+        """Central's route (``keep``: cached as the model's route from now on; else only returned),
+        and the ``traceparent`` of central's span of it (when central traced it; ``traceparent``:
+        the request's own, sent to central)."""
         body: dict[str, Any] = {"model": model}
         if version:
             body["version"] = version
@@ -387,29 +513,22 @@ class ClientCore:
             body["exclude"] = sorted(exclude)
         if avoid:
             body["avoid"] = sorted(avoid)[:MAX_EXCLUDED]
-        headers = self._central_headers()
-        if traceparent:
-            headers[TRACEPARENT_HEADER] = traceparent
         last: Exception | None = None
-        replicas = list(self.centrals)
-        for k, url in enumerate(replicas):
-            # A replica whose machine vanished answers nothing: wait a bounded time while another
-            # replica (or a cached route) is there to fall back on.
-            wait = NEXT_GATEWAY_AFTER_S if bounded or k < len(replicas) - 1 else None
-            try:
-                reply = yield Call("POST", url + "/v1/route", json.dumps(body).encode(), headers, wait)
-            except Unreachable as e:
-                last = e
-                # Asked last from now on: the bounded wait is paid once, not at every route asked for.
-                if url in self.centrals:
-                    self.centrals.remove(url)
-                    self.centrals.append(url)
+        asked = self.clock()
+        replies = yield from self._central_replies("/v1/route", json.dumps(body).encode(), bounded, traceparent)
+        for reply in replies:
+            if isinstance(reply, Unreachable):
+                last = reply
                 continue
-            assert reply is not None
             self._keep_cookie(reply)
             if reply.status == 404 and (exclude or avoid):  # every cluster failed once: try them all again
-                return (yield from self.traced_route(model, version, set(), set(), traceparent))
+                cached = self._usable((model, version), set(), set())
+                if cached is not None:
+                    return cached, None
+                return (yield from self._ask_central(model, version, set(), set(), keep=keep, traceparent=traceparent))
             r, central_trace = self._parse_route(reply, model, version)
+            for url in failover.seen_by_central(self.dead, r.urls, asked):
+                del self.dead[url]  # central heard from it since it was found dead: back
             now = self.clock()
             old = self.routes.get((model, version)) or self.last_routes.get((model, version))
             if old is not None and old.cluster == r.cluster:  # gateways of it this route leaves out
@@ -418,13 +537,57 @@ class ClientCore:
                 r.missing = {u: t for u, t in gone.items() if u not in r.urls}
             if exclude or avoid or r.missing:  # given without what failed, which may heal: due again
                 r.renew_at = now + RENEW_AFTER_FAILURE_S
-            self.routes[(model, version)] = self.last_routes[(model, version)] = r
+            if keep:
+                self.routes[(model, version)] = self.last_routes[(model, version)] = r
             yield from self._fetch_labels(r)
             return r, central_trace
         fallback = self.routes.get((model, version)) or self.last_routes.get((model, version))
         if fallback is not None and self.clock() < fallback.expires_at:
             return fallback, None  # central is down: the last route works until its token expires
         raise RouteError(f"no central reachable ({last}) and no usable cached route for '{model}'")
+
+    def _central_replies(
+        self, path: str, body: bytes, bounded: bool, traceparent: str | None = None
+    ) -> Flow[list[Reply | Unreachable]]:
+        """Central's answer to a POST of ``body`` to ``path``: the failures met, then the ``Reply``
+        if one came (the caller reads them in that order). In turn, each replica but the last for a
+        bounded time (all of them when ``bounded``), while the first answered lately; otherwise all at
+        once (``failover.replicas_to_ask``). A replica that did not answer is asked last from then on:
+        the bounded wait is paid once, not at every route asked for. ``traceparent``: the request's
+        trace, sent along."""
+        headers = self._central_headers()
+        if traceparent:
+            headers[TRACEPARENT_HEADER] = traceparent
+        order, at_once = failover.replicas_to_ask(self.centrals, self.heard, self.clock())
+        out: list[Reply | Unreachable] = []
+        if at_once:
+            wait = NEXT_GATEWAY_AFTER_S if bounded else None
+            outcomes = yield Race(tuple(Call("POST", u + path, body, headers, wait) for u in order))
+            failed = [u for u, o in zip(order, outcomes, strict=True) if isinstance(o, Unreachable)]
+            winner = next((u for u, o in zip(order, outcomes, strict=True) if isinstance(o, Reply)), None)
+            self.centrals = failover.after_race(self.centrals, winner, failed)
+            out = [o for o in outcomes if isinstance(o, Unreachable)]
+            if winner is not None:
+                self.heard[winner] = self.clock()
+                out += [o for o in outcomes if isinstance(o, Reply)]
+            return out
+        for k, url in enumerate(order):
+            # A replica whose machine vanished answers nothing: wait a bounded time while another
+            # replica (or a cached route) is there to fall back on.
+            wait = NEXT_GATEWAY_AFTER_S if bounded or k < len(order) - 1 else None
+            try:
+                reply = yield Call("POST", url + path, body, headers, wait)
+            except Unreachable as e:
+                out.append(e)
+                if url in self.centrals:
+                    self.centrals.remove(url)
+                    self.centrals.append(url)
+                continue
+            assert reply is not None
+            self.heard[url] = self.clock()
+            out.append(reply)
+            return out
+        return out
 
     @staticmethod
     def _parse_route(reply: Reply, model: str, version: str | None) -> tuple[Route, str | None]:
@@ -512,7 +675,9 @@ class ClientCore:
             sent = {**headers, "Authorization": f"Bearer {r.token}"}
             failed: list[str] = []
             reply: Reply | None = None
-            urls = r.urls
+            # A first attempt skips the gateways found dead lately (while another remains): central is
+            # asked for a route without them rather than each getting the bounded wait.
+            urls, skipped = failover.gateways_to_try(r.urls, self.dead, self.clock(), attempt == 0)
             for k, url in enumerate(urls):
                 t0 = time.perf_counter()
                 # Bounded while another gateway remains, and on a first attempt (central may know
@@ -522,15 +687,35 @@ class ClientCore:
                 # in time is refused at once (503 and when to try again), not queued to time out.
                 budget = wait if wait is not None else self.timeout
                 call_headers = sent if budget is None else {**sent, TIMEOUT_HEADER: str(max(1, int(budget * 1000)))}
+                # Unanswered halfway through a bounded wait: a route without this gateway asked ahead.
+                slow = failover.prefetch_after(wait)
+                on_slow = (lambda r=r, url=url: self._slow(r, url)) if slow is not None else None
                 try:
-                    reply = yield Call("POST", url + path, body, call_headers, wait)
+                    reply = yield Call("POST", url + path, body, call_headers, wait, slow, on_slow)
                 except Unreachable as e:
                     reply, last = None, f"cluster {r.cluster} unreachable at {url}: {e}"
                     failed.append(url)
                     r.demote([url])  # this device's other requests try the route's others first now
                     r.renew_at = min(r.renew_at, self.clock() + RENEW_AFTER_FAILURE_S)
+                    self._gateway_failed(url, e)
+                    standby = self.standby.pop((r.model, r.version, url), None)
+                    if standby is not None and failover.standby_fresh(
+                        self.prefetched.get((r.model, r.version, url)), self.clock()
+                    ):
+                        # Central's route without it, asked for while this request waited: go on with it.
+                        self.routes[(r.model, r.version)] = self.last_routes[(r.model, r.version)] = standby
+                        break
+                    if (
+                        attempt == 0
+                        and k < len(urls) - 1
+                        and failover.central_first(e.kind, urls[k + 1], self.gateway_heard, self.clock())
+                    ):
+                        break  # central, which hears every gateway, before a fall-back not seen lately
                     continue
                 assert reply is not None
+                self.gateway_heard[url] = self.clock()
+                if self.dead:
+                    self.dead.pop(url, None)  # it answered: there after all
                 if reply.status not in NEXT_GATEWAY_STATUSES:
                     break
                 failed.append(url)
@@ -545,7 +730,8 @@ class ClientCore:
             if reply is None:  # no gateway of the route answered: central may know others of the
                 # cluster (it leaves these out, and skips a cluster that has no other)
                 avoid.update(failed)
-                self.routes.pop((r.model, r.version), None)
+                avoid.update(skipped)
+                self._drop(r)
                 wait = backoff(attempt, None)
             else:
                 last, wait = self._failed(r, reply, exclude, attempt)
@@ -590,7 +776,7 @@ class ClientCore:
         attempt; ``InferError`` when another attempt would not help (the device's own mistake)."""
         last = f"cluster {r.cluster}: HTTP {reply.status}: {error_message(reply.data)}"
         if reply.status == 401:  # token expired, or the cluster's key changed: a fresh route
-            self.routes.pop((r.model, r.version), None)
+            self._drop(r)
             return last, 0.0
         if reply.status == 429:  # over this credential's rate limit: wait as told, then try again
             ms = _seconds(reply.headers.get("retry-after-ms"))
@@ -603,7 +789,12 @@ class ClientCore:
 
     def _forget(self, r: Route, exclude: set[str]) -> None:
         exclude.add(r.cluster)
-        self.routes.pop((r.model, r.version), None)
+        self._drop(r)
+
+    def _drop(self, r: Route) -> None:
+        """Forget the cached route ``r`` (not one another request got from central since)."""
+        if self.routes.get((r.model, r.version)) is r:
+            del self.routes[(r.model, r.version)]
 
     # -------------------------------------------------------------------------------- commands
 

@@ -20,6 +20,7 @@ request where it runs (``policy``: local, remote, fastest, cascade, split; ``edg
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -35,14 +36,13 @@ from shoal.client.core import (
     Flow,
     InferError,
     InferResult,
-    Reply,
+    Race,
     Route,
     RouteError,
-    Unreachable,
     resume,
 )
 from shoal.client.edge import DEFAULT_QUALITY, Edge, LocalModel
-from shoal.client.http import asend, new_async_client, new_client, send
+from shoal.client.http import arace, asend, new_async_client, new_client, race, send
 
 __all__ = ["AsyncClient", "Client", "InferError", "InferResult", "Route", "RouteError"]
 
@@ -65,7 +65,7 @@ class _Operations(ABC):
         threshold: float = 0.9,
     ) -> None:
         self.core = ClientCore(central, device, password, retries, compress_above, timeout=timeout)
-        self._renewing: set[asyncio.Task] = set()  # routes being asked for again (AsyncClient)
+        self._renewing: set[asyncio.Task] = set()  # routes asked for again, probes (AsyncClient)
         self.edge = Edge(self.core, local, policy, threshold)
         self.timeout = timeout
         self._http = self._connect(timeout, ca_file)
@@ -126,14 +126,25 @@ class Client(_Operations):
     _connect = staticmethod(new_client)
 
     def _run(self, flow: Flow[Any]) -> Any:
-        outcome: Reply | Unreachable | None = None
+        value = self._drive(flow)
+        for probe in self.core.probes():  # liveness probes of silent gateways: never hold the caller
+            threading.Thread(target=self._drive, args=(probe,), daemon=True, name="shoal-probe").start()
+        for renewal in self.core.renewals():  # routes due again: asked for after the answer is in hand
+            self._run(renewal)
+        return value
+
+    def _drive(self, flow: Flow[Any]) -> Any:
+        outcome: Any = None
         while not isinstance(step := resume(flow, outcome), Finished):
             if isinstance(step, Compute):
                 outcome = step.fn()
+            elif isinstance(step, Call):
+                outcome = send(self._http, step)
+            elif isinstance(step, Race):
+                outcome = race(self._http, step.calls)
             else:
-                outcome = send(self._http, step) if isinstance(step, Call) else time.sleep(step.seconds)
-        while self.core.due:  # routes due again: asked for after the answer is in hand
-            self._run(self.core.renew(*self.core.due.pop()))
+                time.sleep(step.seconds)
+                outcome = None
         return step.value
 
     def close(self) -> None:
@@ -153,17 +164,44 @@ class AsyncClient(_Operations):
     _connect = staticmethod(new_async_client)
 
     async def _run(self, flow: Flow[Any]) -> Any:
-        outcome: Reply | Unreachable | None = None
+        outcome: Any = None
         while not isinstance(step := resume(flow, outcome), Finished):
+            if self.core.to_probe:  # a probe starts as soon as its gateway fell silent
+                self._background()
             if isinstance(step, Compute):  # the local model in a thread: other requests go on meanwhile
                 outcome = await asyncio.to_thread(step.fn)
+            elif isinstance(step, Call):
+                outcome = await self._send(step)
+            elif isinstance(step, Race):
+                outcome = await arace(self._http, step.calls)
             else:
-                outcome = await (asend(self._http, step) if isinstance(step, Call) else asyncio.sleep(step.seconds))
-        while self.core.due:  # routes due again: asked for beside the requests, none waits for it
-            task = asyncio.create_task(self._run(self.core.renew(*self.core.due.pop())))
+                await asyncio.sleep(step.seconds)
+                outcome = None
+        self._background()
+        return step.value
+
+    async def _send(self, call: Call) -> Any:
+        """One exchange; still unanswered after ``call.slow_after``, ``call.on_slow`` is called and
+        what it put in the background started, while the exchange goes on."""
+        if call.on_slow is None or call.slow_after is None:
+            return await asend(self._http, call)
+        task = asyncio.ensure_future(asend(self._http, call))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=call.slow_after)
+            if not done:
+                call.on_slow()
+                self._background()
+            return await task
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
+    def _background(self) -> None:
+        """Routes due again and probes of silent gateways, beside the requests: none waits for them."""
+        for flow in self.core.background():
+            task = asyncio.create_task(self._run(flow))
             self._renewing.add(task)
             task.add_done_callback(self._renewing.discard)
-        return step.value
 
     async def close(self) -> None:
         for task in list(self._renewing):

@@ -40,6 +40,7 @@ from shoal.client.core import (
     Flow,
     InferError,
     InferResult,
+    Race,
     RouteError,
     Sleep,
     Unreachable,
@@ -223,6 +224,8 @@ def within(flow: Flow[Any], deadline: float, clock: Callable[[], float] = time.m
             raise DeadlinePassed(f"no answer from the cluster within the deadline ({left:+.3f} s left)")
         if isinstance(step, Call):
             step = replace(step, timeout=min(step.timeout or left, left))
+        elif isinstance(step, Race):
+            step = Race(tuple(replace(c, timeout=min(c.timeout or left, left)) for c in step.calls))
         try:
             outcome = yield step
         except Unreachable as e:

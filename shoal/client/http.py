@@ -10,9 +10,12 @@ Proxy variables of the environment are not read: a device talks to the addresses
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
 import socket
 import ssl
+import threading
 import time
 from typing import Any
 
@@ -20,10 +23,14 @@ import httpx
 import numpy as np
 
 import shoal
+from shoal.client import failover
 from shoal.client.core import Call, InferError, InferResult, Reply, Unreachable, error_message, model_path
 from shoal.protocol.oip import build_infer_request, parse_infer_response
 
-__all__ = ["InferError", "OipHttpClient", "Unreachable", "asend", "new_async_client", "new_client", "send"]
+__all__ = [
+    "InferError", "OipHttpClient", "Unreachable", "arace", "asend", "failure_kind", "new_async_client", "new_client",
+    "race", "send",
+]  # fmt: skip
 
 USER_AGENT = f"shoal-client/{shoal.__version__}"
 # Requests in flight at once per client (and per host); a device rarely needs more than a few.
@@ -73,9 +80,25 @@ def _unreachable(call: Call, e: httpx.TransportError) -> Unreachable:
         why += " (give the CA file that signed the server's certificate: --ca FILE, ca_file=)"
     elif isinstance(e, httpx.RemoteProtocolError) and call.url.startswith("http://"):
         why += " (if the server speaks TLS, its URL starts with https://)"
-    failure = Unreachable(f"{call.method} {call.url}: {why}")
+    failure = Unreachable(f"{call.method} {call.url}: {why}", kind=failure_kind(e))
     failure.__cause__ = e
     return failure
+
+
+def failure_kind(e: httpx.TransportError) -> str:
+    """What an exchange that failed met (``failover.py``): nothing connected (refused, no route, TLS
+    refused: ``REFUSED``; no answer to the connect: ``CONNECT_TIMEOUT``), the connection reset or
+    closed before the answer was in (``RESET``), or no answer in time (``TIMEOUT``); "" for what says
+    nothing of the peer (this client's own pool full, a request it could not write)."""
+    if isinstance(e, httpx.ConnectTimeout):
+        return failover.CONNECT_TIMEOUT
+    if isinstance(e, (httpx.ReadTimeout, httpx.WriteTimeout)):
+        return failover.TIMEOUT
+    if isinstance(e, (httpx.ConnectError, httpx.ProxyError)):
+        return failover.REFUSED
+    if isinstance(e, (httpx.ReadError, httpx.WriteError, httpx.CloseError, httpx.RemoteProtocolError)):
+        return failover.RESET
+    return ""
 
 
 # No retry of a request on a connection the server closed while it was idle: httpx checks a pooled
@@ -97,6 +120,55 @@ async def asend(client: httpx.AsyncClient, call: Call) -> Reply | Unreachable:
     except httpx.TransportError as e:
         return _unreachable(call, e)
     return Reply(r.status_code, r.headers, r.content)
+
+
+def _first_reply(outcomes: list[Reply | Unreachable | None]) -> list[Reply | Unreachable | None]:
+    """Keep one ``Reply`` (the first in the calls' order, where several came in the same instant)."""
+    seen = False
+    out: list[Reply | Unreachable | None] = []
+    for o in outcomes:
+        if isinstance(o, Reply):
+            out.append(None if seen else o)
+            seen = True
+        else:
+            out.append(o)
+    return out
+
+
+def race(client: httpx.Client, calls: tuple[Call, ...]) -> list[Reply | Unreachable | None]:
+    """``core.Race``: the calls at once (a daemon thread each), until one is answered or all failed;
+    the others are abandoned (their threads end at their timeouts, and never hold the process's exit)."""
+    done: queue.SimpleQueue[tuple[int, Reply | Unreachable]] = queue.SimpleQueue()
+    for i, call in enumerate(calls):
+        threading.Thread(target=lambda i=i, c=call: done.put((i, send(client, c))), daemon=True).start()
+    out: list[Reply | Unreachable | None] = [None] * len(calls)
+    for _ in calls:
+        i, outcome = done.get()
+        out[i] = outcome
+        if isinstance(outcome, Reply):
+            break
+    return out
+
+
+async def arace(client: httpx.AsyncClient, calls: tuple[Call, ...]) -> list[Reply | Unreachable | None]:
+    """``core.Race`` in asyncio: the calls at once, until one is answered or all failed; the others
+    are cancelled."""
+    tasks = [asyncio.ensure_future(asend(client, c)) for c in calls]
+    out: list[Reply | Unreachable | None] = [None] * len(calls)
+    pending = set(tasks)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                out[tasks.index(t)] = t.result()
+            if any(isinstance(o, Reply) for o in out):
+                break
+    finally:
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    return _first_reply(out)
 
 
 class OipHttpClient:

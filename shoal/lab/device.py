@@ -13,7 +13,9 @@ answer can be checked against it. Two JSON lines a request go to ``--log``:
      "out": "9f...", "correct": true}                       (or "ok": false, "error": "InferError: ...")
 
 and a ``step`` line for each step of the client worth seeing (``TracingClient``): a call to central,
-a call that did not end in a 200 or was slow, a back-off sleep.
+a call that did not end in a 200 or was slow, a back-off sleep; each call of a race of central's
+replicas (``race POST``: its outcome, "abandoned" when another answered first), and the liveness probes
+of silent gateways (``GET .../v2/health/live``, when not answered 200 or slow).
 
 ``in`` and ``out`` are digests of the input and the output (a wrong answer is traced to the request it
 belonged to), times are the wall clock (the lab's fault records use it too). SIGTERM: no new
@@ -37,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from shoal.client import AsyncClient
-from shoal.client.core import Call, Compute, Finished, Reply, Unreachable, resume
-from shoal.client.http import asend
+from shoal.client.core import SHARED_POLL_S, Call, Compute, Finished, Race, Reply, resume
+from shoal.client.http import arace
 
 REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("lab_request", default="")
 STEP_SLOW_S = 0.5  # a step of the client this slow (or not a 200, or a route asked for) is logged
@@ -53,25 +55,31 @@ class TracingClient(AsyncClient):
     log: Log | None = None
 
     async def _run(self, flow: Any) -> Any:
-        outcome: Reply | Unreachable | None = None
+        outcome: Any = None
         while not isinstance(step := resume(flow, outcome), Finished):
+            if self.core.to_probe:  # a probe starts as soon as its gateway fell silent
+                self._background()
             t = time.time()
             if isinstance(step, Call):
-                outcome = await asend(self._http, step)
+                outcome = await self._send(step)
                 what: Any = outcome.status if isinstance(outcome, Reply) else f"{type(outcome).__name__}: {outcome}"
                 took = time.time() - t
                 if "/v1/" in step.url or what != 200 or took > STEP_SLOW_S:
                     self._step(t, took, step.method, step.url, step.timeout, what)
+            elif isinstance(step, Race):  # central's replicas at once: one line each, as it ended
+                outcome = await arace(self._http, step.calls)
+                took = time.time() - t
+                for c, o in zip(step.calls, outcome, strict=True):
+                    what = "abandoned" if o is None else o.status if isinstance(o, Reply) else f"{type(o).__name__}: {o}"
+                    self._step(t, took, f"race {c.method}", c.url, c.timeout, what)
             elif isinstance(step, Compute):
                 outcome = await asyncio.to_thread(step.fn)
             else:
                 await asyncio.sleep(step.seconds)
                 outcome = None
-                self._step(t, time.time() - t, "sleep", "", step.seconds, None)
-        while self.core.due:  # routes due again: asked for beside the requests, none waits for it
-            task = asyncio.create_task(self._run(self.core.renew(*self.core.due.pop())))
-            self._renewing.add(task)
-            task.add_done_callback(self._renewing.discard)
+                if step.seconds > SHARED_POLL_S:  # not each look for a route another request asks for
+                    self._step(t, time.time() - t, "sleep", "", step.seconds, None)
+        self._background()  # routes due again, probes: beside the requests, none waits for them
         return step.value
 
     def _step(self, t: float, took: float, method: str, url: str, wait: float | None, what: Any) -> None:

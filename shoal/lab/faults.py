@@ -41,10 +41,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from shoal.lab.procs import Processes
 from shoal.lab.world import BRIDGE, World
+from shoal.local import Child
 
 KINDS = (
     "partition", "crash", "restart", "wan", "drop", "lossy", "slow", "crash-joining", "crash-draining", "serve",
@@ -128,8 +130,10 @@ def ci_schedule(seed: int) -> list[Fault]:
 
 def full_schedule(seed: int) -> list[Fault]:
     """The fuller scenario: the CI one with w1's link made lossy (``LOSSY``) and w2's narrowed to
-    ``SLOW_MBIT`` for 10 s each after the worker faults, the WAN between the site and central on
-    for 10 s after the gateway's partition, the database machine partitioned silently for 6 to 8 s
+    ``SLOW_MBIT`` for 10 s each after the worker faults, then the second site's worker machines hit
+    under its devices' load (w6 partitioned silently for 6.5 to 7.5 s and healed, then w5 crashed:
+    its site serves on with w6 alone), the WAN between the site and central on for 10 s after the
+    gateway's partition, the database machine partitioned silently for 6 to 8 s
     after PostgreSQL's restart, and at the end the second site made to serve the first site's model
     (``serve(w7)``) and the first site's last gateway crashed."""
     ci = ci_schedule(seed)
@@ -144,7 +148,11 @@ def full_schedule(seed: int) -> list[Fault]:
     # lost: its devices must carry on at the other site.
     serve = Fault("serve", "w7", pause_s=1.0)
     last = Fault("crash", "gw-a", pause_s=round(rng.uniform(2.0, 4.0), 2))
-    return [*ci[:4], lossy, slow, ci[4], wan, *ci[5:7], db_cut, ci[7], serve, last]
+    # The second site's workers (added later: the draws above stay as they were).
+    site2 = random.Random(seed + 30_000)
+    w6 = Fault("partition", "w6", pause_s=round(site2.uniform(2.0, 4.0), 2), seconds=round(site2.uniform(6.5, 7.5), 2))
+    w5 = Fault("crash", "w5", pause_s=round(site2.uniform(2.0, 4.0), 2))
+    return [*ci[:4], lossy, slow, w6, w5, ci[4], wan, *ci[5:7], db_cut, ci[7], serve, last]
 
 
 SCENARIOS = {"ci": ci_schedule, "full": full_schedule}
@@ -207,19 +215,7 @@ def inject(fault: Fault, world: World, procs: Processes, site: Site | None = Non
 def _lossy(fault: Fault, world: World, procs: Processes) -> dict[str, Any]:
     """``shoal.lab.netem`` on the machine's path for the fault's seconds."""
     m = fault.machine
-    run_dir = procs.logs.parent
-    ready, stats = run_dir / f"netem-{m}.ready", run_dir / f"netem-{m}.json"
-    ready.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "shoal.lab.netem", "--taps", ",".join(world.taps(m)), "--ready", str(ready)]
-    argv += ["--delay-ms", str(LOSSY["delay_ms"]), "--jitter-ms", str(LOSSY["jitter_ms"])]
-    argv += ["--loss", str(LOSSY["loss"]), "--stats", str(stats), "--seed", str(int(fault.pause_s * 100))]
-    child = procs.spawn(BRIDGE, f"netem-{m}", argv)
-    end = time.monotonic() + STEP_TIMEOUT_S
-    while not ready.exists():
-        if not child.alive() or time.monotonic() > end:
-            raise RuntimeError(f"shoal.lab.netem did not start:\n{child.tail()}")
-        time.sleep(0.02)
-    world.impair(m)
+    child, stats = netem_on(world, procs, m, LOSSY, int(fault.pause_s * 100))
     rec: dict[str, Any] = {"start": time.time(), "profile": dict(LOSSY)}
     time.sleep(fault.seconds)
     world.unimpair(m)
@@ -228,6 +224,29 @@ def _lossy(fault: Fault, world: World, procs: Processes) -> dict[str, Any]:
     if stats.exists():
         rec["frames"] = json.loads(stats.read_text())
     return rec
+
+
+def netem_on(
+    world: World, procs: Processes, m: str, profile: dict[str, float], seed: int
+) -> tuple[Child, Path]:
+    """``shoal.lab.netem`` started in the bridge's namespace with ``profile`` (``delay_ms``,
+    ``jitter_ms``, ``loss``, ``rate_mbit``: its options) and put on the machine's path; the process
+    and the file its counters go to when it is stopped. ``world.unimpair(m)`` takes it off again."""
+    run_dir = procs.logs.parent
+    ready, stats = run_dir / f"netem-{m}.ready", run_dir / f"netem-{m}.json"
+    ready.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "shoal.lab.netem", "--taps", ",".join(world.taps(m)), "--ready", str(ready)]
+    for k, v in profile.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    argv += ["--stats", str(stats), "--seed", str(seed)]
+    child = procs.spawn(BRIDGE, f"netem-{m}", argv)
+    end = time.monotonic() + STEP_TIMEOUT_S
+    while not ready.exists():
+        if not child.alive() or time.monotonic() > end:
+            raise RuntimeError(f"shoal.lab.netem did not start:\n{child.tail()}")
+        time.sleep(0.02)
+    world.impair(m)
+    return child, stats
 
 
 DRAINING = re.compile(rb"draining: finishing (\d+) requests")

@@ -24,7 +24,7 @@ from typing import Any
 from shoal.lab import checker
 from shoal.lab.deploy import MODEL, WORKER_PORT, Deployment, SiteSpec, deploy
 from shoal.lab.device import LogTail
-from shoal.lab.faults import CRASHES, SCENARIOS, Fault, inject
+from shoal.lab.faults import CRASHES, SCENARIOS, Fault, inject, netem_on
 from shoal.lab.observe import Observer, central_sample, gateway_sample, route_sample
 from shoal.lab.pg import LabPostgres
 from shoal.lab.plot import plot_timeline
@@ -39,6 +39,19 @@ WORKERS = ["w1", "w2"]
 # devices on a machine of their own asking for that model.
 SITE2 = SiteSpec("site-2", ["gw-c"], ["w5", "w6"], "echo-b", wan="wan-2", wan_mbit=10.0)
 SITE2_DEVICES = "dev-2"
+# Devices on machines of their own behind edge link profiles (``shoal.lab.netem`` on their path for
+# the whole run; one rate both ways, the uplink's), asking for the first site's model through central
+# like the devices on ``dev``: shoal bench edge's LTE and poor Wi-Fi, the harder two of its links.
+EDGE = {
+    "lte": {"delay_ms": 30.0, "jitter_ms": 8.0, "loss": 0.005, "rate_mbit": 8.0},
+    "poor-wifi": {"delay_ms": 25.0, "jitter_ms": 15.0, "loss": 0.02, "rate_mbit": 3.0},
+}
+EDGE_DEVICES = 2  # device accounts behind each profile
+EDGE_IN_FLIGHT = 2  # requests at once per device there
+
+
+def edge_machine(profile: str) -> str:
+    return f"dev-{profile.split('-')[-1]}"  # dev-lte, dev-wifi
 PROBE = "probe"  # the device account the observer asks each replica for routes with
 SLOW_S = 1.0  # a request outstanding longer than this holds the system from being steady
 SLOW_MODEL_S = 0.8  # a batch of the workers the scale-out and drain faults start (they hold requests)
@@ -97,6 +110,7 @@ class LabConfig:
     second_site: bool = True  # SITE2 and its devices (SITE2_DEVICES)
     site2_devices: int = 2  # device accounts at the second site
     site2_in_flight: int = 1  # requests at once per device there
+    edge: bool | None = None  # devices behind the EDGE link profiles (None: in the full scenario)
     schedule: list[Fault] = field(default_factory=list)  # default: the scenario's
 
 
@@ -243,14 +257,18 @@ class Lab:
         serving = [f.machine for f in schedule if f.kind == "serve"]  # at the second site, idle till then
         if serving and not cfg.second_site:
             raise ValueError("a serve step needs the second site")
+        edge = list(EDGE) if (cfg.edge if cfg.edge is not None else cfg.scenario == "full") else []
         for name in ("db", *CENTRALS, "wan", *GATEWAYS, *WORKERS, "dev", *spare, *site2, *serving):
             world.add(name)
+        for profile in edge:  # last: the other machines keep their addresses
+            world.add(edge_machine(profile))
         self.slow_repo = lab_repo(out / "models")
         self.say(f"lab run {world.run}: bridge and {len(world.machines)} machines on 10.77.{world.run}.0/24")
         self.procs = procs = Processes(world, out / "logs")
         self.observer = obs = Observer(world.bridge_ns)
         devices = [f"cam-{i}" for i in range(cfg.devices)]
         devices2 = [f"cam-b{i}" for i in range(cfg.site2_devices)] if cfg.second_site else []
+        edge_devices = {p: [f"cam-{edge_machine(p)[4:]}{i}" for i in range(EDGE_DEVICES)] for p in edge}
         self.pg = LabPostgres(world.machines["db"].address, f"10.77.{world.run}.0/24")
         dep = deploy(
             world,
@@ -259,7 +277,7 @@ class Lab:
             out,
             GATEWAYS,
             WORKERS,
-            [*devices, *devices2, PROBE],
+            [*devices, *devices2, *(d for ds in edge_devices.values() for d in ds), PROBE],
             centrals=CENTRALS,
             pg=self.pg,
             wan="wan",
@@ -325,16 +343,38 @@ class Lab:
                 )
             )
             logs.append(log2)
-        tail = LogTail(*logs)
-        every = len(devices) + len(devices2)
-        if not _wait(lambda: len(tail.read().answered) == every or not all(d.alive() for d in drivers), 60):
+        netems = []
+        lan_logs = list(logs)  # the steady checks read these: an edge link's retransmissions are its own
+        for i, (profile, ds) in enumerate(edge_devices.items()):  # behind their links from the start
+            m = edge_machine(profile)
+            child, stats = netem_on(world, procs, m, EDGE[profile], cfg.seed * 100 + i)
+            netems.append((profile, child, stats))
+            log_e = out / f"device-edge-{profile}.jsonl"
+            drivers.append(
+                procs.spawn(
+                    m,
+                    f"dev-edge-{profile}",
+                    [
+                        *[sys.executable, "-m", "shoal.lab.device", "--central", ",".join(dep.site_centrals)],
+                        *["--device", ",".join(ds), "--in-flight", str(EDGE_IN_FLIGHT)],
+                        *["--timeout", str(cfg.client_timeout), "--seed", str(cfg.seed + 2000 + i), "--log", str(log_e)],
+                    ],
+                    {"SHOAL_DEVICE_PASSWORD": dep.devices[devices[0]]},
+                )
+            )
+            logs.append(log_e)
+        everyone = LogTail(*logs)
+        every = len(devices) + len(devices2) + sum(len(ds) for ds in edge_devices.values())
+        if not _wait(lambda: len(everyone.read().answered) == every or not all(d.alive() for d in drivers), 60):
             raise RuntimeError(f"the devices got no answers within 60 s:\n{dev.tail()}")
         for d in drivers:
             if not d.alive():
                 raise RuntimeError(f"the device driver exited:\n{d.tail()}")
+        tail = LogTail(*lan_logs)
         self.say(
             f"devices answered: {cfg.devices} x {cfg.in_flight} in flight"
             + (f"; at {SITE2.cluster}: {len(devices2)} x {cfg.site2_in_flight}" if devices2 else "")
+            + "".join(f"; behind {p}: {len(ds)} x {EDGE_IN_FLIGHT}" for p, ds in edge_devices.items())
         )
 
         def steady() -> bool:
@@ -363,25 +403,28 @@ class Lab:
             self.say(f"  {'recovered' if ok else 'NOT recovered'} {time.time() - start:.1f} s after it began")
         time.sleep(cfg.tail_s)  # steady load after the last fault: the 'after' phase
         for i, rec in enumerate(records):  # what the gateways did with the requests a lost worker held
-            if rec["machine"] in dep.workers and rec["kind"] not in ("lossy", "slow"):
+            d = next((d for d in (dep, *dep.sites.values()) if rec["machine"] in d.workers), None)
+            if d is not None and rec["kind"] not in ("lossy", "slow"):
                 hi = records[i + 1]["start"] if i + 1 < len(records) else time.time()
                 rec["handed_back"] = {
                     g: handed_back(out / "logs" / f"{g}.log", rec["machine"], rec["start"], hi)
-                    for g in dep.gateways
+                    for g in d.gateways
                 }
         procs.stop(drivers, timeout=3 * cfg.client_timeout)
+        procs.stop([c for _, c, _ in netems], timeout=5)  # their counters, written as they stop
         obs.stop()
 
         samples = list(obs.samples)
         gateways = {gw.url: g for g, gw in all_gateways.items()}
         entries = [e for path in logs for e in checker.read_jsonl(path)]
         clusters = {
-            c: {"model": d.model, "models": [d.model], "gateways": sorted(d.gateways)}
+            c: {"model": d.model, "models": [d.model], "gateways": sorted(d.gateways), "workers": sorted(d.workers)}
             for c, d in [(dep.cluster, dep), *dep.sites.items()]
         }
         if self.served:  # the second site served the first site's model too
             clusters[SITE2.cluster]["models"].append(MODEL)
-        summary = checker.check(entries, samples, records, gateways, warm, clusters)
+        behind = {d for ds in edge_devices.values() for d in ds}
+        summary = checker.check(entries, samples, records, gateways, warm, clusters, behind)
         reqs, _ = checker.pair_requests(entries)
         t0 = reqs[0]["sent"] if reqs else 0.0
         plot = plot_timeline(
@@ -393,6 +436,15 @@ class Lab:
             out / "timeline.png",
             f"shoal lab, seed {cfg.seed}: {', '.join(r['label'] for r in records)}",
         )
+        if edge_devices:  # each link profile's devices, and the LAN's on dev for comparison
+            groups = {"lan": checker.read_jsonl(log)}
+            groups.update({p: checker.read_jsonl(out / f"device-edge-{p}.jsonl") for p in edge_devices})
+            rows = checker.by_profile(groups, checker.quiet_windows(summary["phases"], t0))
+            for profile, _, stats in netems:
+                rows[profile]["link"] = EDGE[profile]
+                if stats.exists():
+                    rows[profile]["frames"] = json.loads(stats.read_text())
+            summary["edge"] = rows
         summary = {
             "seed": cfg.seed,
             "run": world.run,
