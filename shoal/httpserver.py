@@ -117,7 +117,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._refuse(_URL_TOO_LONG if self._header_count == 0 else _HEAD_TOO_LARGE)
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's, less its ASGI scope: made once the head is in, for a request ASGI answers
+        # (``on_headers_complete``), not for the gateway's inference requests (``httpdirect.py``).
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._url_bytes = 0
         self._header_count = 0
         self._arm()
@@ -133,10 +137,26 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._url_bytes += len(name) + len(value)  # the whole head, in one count (URL first)
         if self._header_count > MAX_HEADERS or self._url_bytes > MAX_HEAD:
             raise _HeadTooLarge(_HEAD_TOO_LARGE)
-        super().on_header(name, value)
+        # uvicorn's, in line: llhttp keeps a value's trailing whitespace, which RFC 9110 excludes.
+        name = name.lower()
+        value = value.rstrip(b" \t")
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._head_done()
+        self.scope = {  # uvicorn's ASGI scope for the request, as its on_message_begin makes it
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
