@@ -7,6 +7,8 @@ import socket
 
 import h11
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 @pytest.fixture
@@ -177,3 +179,78 @@ def test_http_1_0_and_connection_close_get_one_answer_and_a_close(gateway):
                 out += chunk
         head, _, body = out.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body)["outputs"][0]["data"] == [2]
+
+
+# ------------------------------------------------------------------------------------------ fuzz
+
+KINDS = ("infer", "infer-bad-json", "infer-bad-name", "infer-no-auth", "ready", "infer-huge")
+EXPECTED = {"infer": 200, "infer-bad-json": 400, "infer-bad-name": 400, "infer-no-auth": 401, "ready": 200,
+            "infer-huge": 413}
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory, model_repo):
+    from shoal.local import LocalCluster
+
+    lc = LocalCluster(tmp_path_factory.mktemp("fuzz"), gateway_args=["--max-body-mb", "0.01"]).start()
+    lc.add_worker("echo", repo=model_repo)
+    lc.wait_workers("echo", 1)
+    yield lc
+    lc.stop()
+
+
+def _wire(lc, kind: str, i: int) -> bytes:
+    if kind == "infer":
+        return _post(lc, _infer_body([float(i), -1.5]))
+    if kind == "infer-bad-json":
+        return _post(lc, b'{"inputs": [')
+    if kind == "infer-bad-name":
+        return _post(lc, _infer_body([1]), "/v2/models/..%2Fx/infer")
+    if kind == "infer-no-auth":
+        return _post(lc, _infer_body([1]), auth=False)
+    if kind == "infer-huge":
+        return _post(lc, _infer_body([1.0] * 5000))  # declared past the limit: 413, connection closed
+    return _get(lc, "/v2/health/ready")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=8),
+    hang_up=st.booleans(),
+)
+def test_any_stream_of_requests_cut_anywhere_is_answered_in_order_or_dropped_cleanly(
+    shared_gateway, kinds, cuts, hang_up
+):
+    """Requests of every kind, pipelined, their bytes written in pieces cut anywhere: each gets its
+    own answer, in order, up to the first that closes the connection (413); a client that hangs up
+    half way leaves the gateway serving others."""
+    lc = shared_gateway
+    wire = b"".join(_wire(lc, k, i) for i, k in enumerate(kinds))
+    pieces, at = [], 0
+    for c in cuts:
+        if at >= len(wire):
+            break
+        pieces.append(wire[at : at + c])
+        at += c
+    pieces.append(wire[at:])
+    with _connect(lc) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hang_up:  # half the stream, then gone: nothing to check on this connection
+            s.sendall(wire[: len(wire) // 2])
+        else:
+            for p in pieces:
+                if p:
+                    s.sendall(p)
+            r = _Reader(s)
+            for i, kind in enumerate(kinds):
+                _requests(r.conn, 1)
+                status, _, body = r.response()
+                assert status == EXPECTED[kind], (kind, status, body)
+                if kind == "infer":
+                    assert json.loads(body)["outputs"][0]["data"] == [float(i), -1.5]
+                if kind == "infer-huge":
+                    assert r.closed
+                    break
+    with lc.client() as c:  # the gateway serves on
+        assert c.get_json("/v2/health/ready")[0] == 200
