@@ -5,6 +5,7 @@ another takes over when it dies; an operator's unload at one gateway applies at 
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -282,3 +283,25 @@ def test_gateways_on_separate_machines_agree_through_central(tmp_path, gateways)
         )
     finally:
         central.stop()
+
+
+def test_a_gateway_restarted_after_it_died_leaves_the_decisions_to_the_survivor(tmp_path):
+    """The folder channel: a lone gateway takes the decider's lock at once; one restarted (same id)
+    while another is alive does not race it for the lock it left, so the survivor takes over."""
+    from shoal.gateway.membership import FolderChannel, Membership, Record
+
+    def gateway(gid: str) -> FolderChannel:
+        m = Membership(gid)
+        return FolderChannel(tmp_path, m, wants_to_decide=True)
+
+    a, b = gateway("a"), gateway("b")
+    a.step(Record("a"))
+    b.step(Record("b"))
+    assert a.m.deciding() and not b.m.deciding() and b.m.decider == "a"
+    os.close(a._lock_fd)  # a dies: the kernel releases its lock; its record is still fresh
+    again = gateway("a")  # restarted by the supervisor before b's next round
+    again.step(Record("a"))
+    assert not again.m.deciding()
+    b.step(Record("b"))
+    again.step(Record("a"))
+    assert b.m.deciding() and not again.m.deciding() and again.m.decider == "b"

@@ -158,6 +158,7 @@ class FolderChannel:
         self.m = membership
         self.wants = wants_to_decide
         self._lock_fd: int | None = None
+        self._first = True
         membership.channel = f"folder {folder}"
 
     @property
@@ -165,9 +166,13 @@ class FolderChannel:
         return self.folder / f"gateway-{self.m.gateway_id.replace('/', '_').replace(':', '_')}.json"
 
     def step(self, record: Record) -> None:
-        """One round: take or keep the lock, publish this gateway's record, read the others'."""
+        """One round: take or keep the lock, publish this gateway's record, read the others'. At its
+        first round a gateway that finds another alive leaves the lock to it this once: a gateway
+        restarted after it died (by ``--processes``' supervisor, in half a second) would otherwise
+        race the survivors for it, and the decisions could go back and forth with each crash."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        if self.wants and self._lock_fd is None:
+        first, self._first = self._first, False
+        if self.wants and self._lock_fd is None and not (first and self._read_others(time.time())):
             fd = os.open(self.folder / "decider.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -179,9 +184,17 @@ class FolderChannel:
         tmp = self.mine.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(record)))
         os.replace(tmp, self.mine)
-        others: dict[str, Record] = {}
+        others = self._read_others(time.time())
         decider = self.m.gateway_id if record.decider else ""
-        now = time.time()
+        if not decider:
+            decider = next((r.id for r in others.values() if r.decider), "")
+        self.m.others = others
+        self.m.heard()
+        self.m.set_decider(decider)
+
+    def _read_others(self, now: float) -> dict[str, Record]:
+        """The other gateways' fresh records (a record long stale is removed)."""
+        others: dict[str, Record] = {}
         for path in self.folder.glob("gateway-*.json"):
             if path == self.mine:
                 continue
@@ -196,11 +209,7 @@ class FolderChannel:
                     path.unlink(missing_ok=True)  # a gateway long gone
                 continue
             others[r.id] = r
-            if r.decider and not decider:
-                decider = r.id
-        self.m.others = others
-        self.m.heard()
-        self.m.set_decider(decider)
+        return others
 
     def stop(self) -> None:
         """Give the lock up (another gateway takes over at its next round) and withdraw the record."""
