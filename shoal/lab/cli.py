@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if why:
         print(f"shoal lab: {why}", file=sys.stderr)
         return 2
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # tear down as on Ctrl+C
+    # Each tears down as Ctrl+C does; SIGINT too, set here: a process started in the background of a
+    # shell script inherits SIGINT ignored, and Python then leaves it ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     if args.scenario == "federation":
         from shoal.lab.federation import run_federation
