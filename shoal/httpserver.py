@@ -130,7 +130,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._url_bytes += len(url)
         if self._url_bytes > MAX_URL and self._header_count == 0:
             raise _HeadTooLarge(_URL_TOO_LONG)
-        super().on_url(url)
+        self.url += url  # uvicorn's on_url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1

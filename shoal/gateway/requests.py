@@ -51,6 +51,7 @@ class RequestService:
         self._rids = itertools.count(1)
         self._rid_prefix = os.urandom(4).hex() + "-"
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._targets: dict[ModelPool, Target] = {}
 
     def new_request_id(self) -> str:
         """A request id unique across gateways and restarts: a random prefix and a counter."""
@@ -74,7 +75,10 @@ class RequestService:
                 raise RequestFailed(f"pipeline '{model}' is not ready: {e}", 503) from None
             return Target(spec, pipeline=pipeline)
         pool = self.models.find(model, version)
-        return Target(pool.spec, pool=pool)
+        t = self._targets.get(pool)
+        if t is None or t.spec is not pool.spec:  # made once per pool and interface, not per request
+            t = self._targets[pool] = Target(pool.spec, pool=pool)
+        return t
 
     async def run_pipeline(
         self,
