@@ -11,6 +11,10 @@ is that difference. And one connection's p50 on the trivial model.
 With ``--baseline DIR`` (a git worktree of an older commit) that tree's gateway and workers are
 measured too, in ABBA order (this, baseline, baseline, this, ...), so both see the same minutes of
 the machine; each figure is the median of its tree's runs, and ratios are of medians.
+
+Then a sweep of the trivial model over 1 to 64 connections (each tree once): what a request costs the
+gateway at the rate it is offered, since an event-loop turn's fixed costs are shared by the requests
+it handles. A plot of both (``serving-cost.png`` in the suite's folder).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from shoal.local import LocalCluster
 CONNECTIONS = 64
 ONE_CONNECTION = 2000  # requests at one connection, for the p50
 WORKLOADS = ("echo JSON", "echo binary", "mnist-cnn binary")
+SWEEP = (1, 2, 4, 8, 16, 64)  # connections
 
 
 def _json_request(lc: LocalCluster, x: np.ndarray) -> bytes:
@@ -92,6 +97,71 @@ def measure(workdir: Path, seconds: float, source: Path | None = None) -> dict[s
     finally:
         lc.stop()
     return out
+
+
+def sweep(workdir: Path, source: Path | None = None) -> list[dict[str, float]]:
+    """The trivial model (binary) at each number of connections in ``SWEEP``: requests/s and the
+    gateway's and the worker's CPU µs per request."""
+    pinned = two_cores()
+    cpu = CPU_SERVER if pinned else None
+    rows = []
+    lc = LocalCluster(workdir, name="sweep", source=source).start(cpu=cpu)
+    try:
+        echo = lc.add_worker("echo", cpu=cpu)
+        lc.wait_workers("echo", 1)
+        req = infer_request(lc, "echo", {"x": np.zeros((1, 16), np.float32)})
+        gw = lc.gateway_pids[0]
+        if pinned:
+            pin_self(CPU_CLIENT)
+        try:
+            for n in SWEEP:
+                run_load(lc, req, n, seconds=0.5)
+                g0, w0 = cpu_seconds(gw), cpu_seconds(echo.pid)
+                res = run_load(lc, req, n, seconds=2.0)
+                g1, w1 = cpu_seconds(gw), cpu_seconds(echo.pid)
+                k = max(1, res.count)
+                rows.append(
+                    {"connections": n, "rps": res.rps, "gateway_us": (g1 - g0) / k * 1e6, "worker_us": (w1 - w0) / k * 1e6}
+                )
+        finally:
+            unpin_self()
+    finally:
+        lc.stop()
+    return rows
+
+
+def plot(path: Path, medians: dict[str, dict[str, dict[str, float]]], sweeps: dict[str, list[dict[str, float]]],
+         names: dict[str, str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sides = list(medians)
+    width = 0.8 / len(sides)
+    for k, side in enumerate(sides):
+        xs = np.arange(len(WORKLOADS)) + k * width
+        g = [medians[side][w]["gateway_us"] for w in WORKLOADS]
+        wk = [medians[side][w]["worker_us"] for w in WORKLOADS]
+        left.bar(xs, g, width, label=f"{names[side]}: gateway", color=f"C{2 * k}")
+        left.bar(xs, wk, width, bottom=g, label=f"{names[side]}: worker", color=f"C{2 * k + 1}")
+    left.set_xticks(np.arange(len(WORKLOADS)) + width * (len(sides) - 1) / 2, WORKLOADS)
+    left.set_ylabel("CPU µs per request (64 connections, one core)")
+    left.legend(fontsize=8)
+    left.set_title("serving CPU per request (the CNN's bar holds its model too)", fontsize=9)
+    for k, side in enumerate(sweeps):
+        rows = sweeps[side]
+        right.plot([r["connections"] for r in rows], [r["gateway_us"] for r in rows], "o-", color=f"C{2 * k}",
+                   label=names[side])
+    right.set_xscale("log", base=2)
+    right.set_xlabel("connections")
+    right.set_ylabel("gateway CPU µs per request")
+    right.set_title("the trivial model: a request's cost at the rate offered", fontsize=9)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def model_cpu_per_image_us(batch: int = 32, seconds: float = 2.0) -> float:
@@ -156,6 +226,18 @@ def serving_cost(workdir: Path, args: Namespace) -> dict[str, Any]:
                 f"{this[w]['rps'] / base[w]['rps']:.3f}, "
                 f"{(this[w]['gateway_us'] + this[w]['worker_us']) / (base[w]['gateway_us'] + base[w]['worker_us']):.3f}"
             )
+    names = {"this": "this tree", "baseline": baseline.name if baseline is not None else ""}
+    sweeps = {"this": sweep(workdir / "sweep-this")}
+    if baseline is not None:
+        sweeps["baseline"] = sweep(workdir / "sweep-baseline", baseline)
+    for side, rows in sweeps.items():
+        out[f"{names[side]}: gateway CPU us/request at 1/2/4/8/16/64 connections (echo binary)"] = " / ".join(
+            f"{r['gateway_us']:.0f}" for r in rows
+        )
+        out[f"{names[side]}: requests/s at the same"] = " / ".join(f"{r['rps']:.0f}" for r in rows)
+    png = workdir / "serving-cost.png"
+    plot(png, medians, sweeps, names)
+    out["plot"] = str(png)
     out["runs"] = f"{len(order)} ({'ABBA' if baseline else 'this tree only'}), {seconds:.0f} s per workload"
     out["pinned: servers on one core, clients on the other"] = two_cores()
     return out
