@@ -290,18 +290,28 @@ def test_a_gateway_restarted_after_it_died_leaves_the_decisions_to_the_survivor(
     while another is alive does not race it for the lock it left, so the survivor takes over."""
     from shoal.gateway.membership import FolderChannel, Membership, Record
 
+    now = [0.0]
+
     def gateway(gid: str) -> FolderChannel:
-        m = Membership(gid)
-        return FolderChannel(tmp_path, m, wants_to_decide=True)
+        return FolderChannel(tmp_path, Membership(gid), wants_to_decide=True, clock=lambda: now[0])
 
     a, b = gateway("a"), gateway("b")
+    a.step(Record("a"))
+    b.step(Record("b"))  # b started beside a live gateway: it leaves the lock to the others a while
+    now[0] += 60.0
     a.step(Record("a"))
     b.step(Record("b"))
     assert a.m.deciding() and not b.m.deciding() and b.m.decider == "a"
     os.close(a._lock_fd)  # a dies: the kernel releases its lock; its record is still fresh
     again = gateway("a")  # restarted by the supervisor before b's next round
     again.step(Record("a"))
+    now[0] += 0.1
+    again.step(Record("a"))  # its rounds right after its start do not take the lock either
     assert not again.m.deciding()
+    now[0] += 0.9
     b.step(Record("b"))
     again.step(Record("a"))
     assert b.m.deciding() and not again.m.deciding() and again.m.decider == "b"
+    lone = FolderChannel(tmp_path / "alone", Membership("c"), wants_to_decide=True)
+    lone.step(Record("c"))  # nobody else alive: it takes the lock at once
+    assert lone.m.deciding() and lone.m.decider == "c"

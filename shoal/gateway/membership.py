@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("shoal.gateway")
 
 RECORD_FRESH_S = 3.0  # a folder record older than this is a gateway that has gone
+# A gateway that starts beside a live one leaves the decider's lock to the others this long: more
+# than the period of their rounds (the heartbeat, 1 s by default), so a survivor takes it first.
+YIELD_AT_START_S = 2.5
 FORGET_RECORD_S = 3600.0
 MAX_RECORD_BYTES = 1 << 20
 
@@ -153,12 +157,20 @@ class Membership:
 class FolderChannel:
     """Gateways on one machine, through a folder they share (see the module's docstring)."""
 
-    def __init__(self, folder: Path, membership: Membership, wants_to_decide: bool) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        membership: Membership,
+        wants_to_decide: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.folder = folder
+        self.clock = clock
         self.m = membership
         self.wants = wants_to_decide
         self._lock_fd: int | None = None
         self._first = True
+        self._yield_until = 0.0  # monotonic time before which this gateway does not take the lock
         membership.channel = f"folder {folder}"
 
     @property
@@ -166,13 +178,18 @@ class FolderChannel:
         return self.folder / f"gateway-{self.m.gateway_id.replace('/', '_').replace(':', '_')}.json"
 
     def step(self, record: Record) -> None:
-        """One round: take or keep the lock, publish this gateway's record, read the others'. At its
-        first round a gateway that finds another alive leaves the lock to it this once: a gateway
-        restarted after it died (by ``--processes``' supervisor, in half a second) would otherwise
-        race the survivors for it, and the decisions could go back and forth with each crash."""
+        """One round: take or keep the lock, publish this gateway's record, read the others'. A
+        gateway that finds another alive at its first round leaves the lock to the others for
+        ``YIELD_AT_START_S`` (longer than their rounds' period): one restarted after it died (by
+        ``--processes``' supervisor, in half a second) would otherwise race the survivors for it, and
+        the decisions could go back and forth with each crash."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        first, self._first = self._first, False
-        if self.wants and self._lock_fd is None and not (first and self._read_others(time.time())):
+        now = self.clock()
+        if self._first:
+            self._first = False
+            if self._read_others(time.time()):
+                self._yield_until = now + YIELD_AT_START_S
+        if self.wants and self._lock_fd is None and now >= self._yield_until:
             fd = os.open(self.folder / "decider.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
