@@ -51,9 +51,10 @@ class LabCentral(_OnMachine, LocalCentral):
     host: str = ""
 
 
-def gateway_sample(gw: LabGateway) -> dict[str, Any]:
+def gateway_sample(gw: LabGateway, locate: Callable[[int], str | None] | None = None) -> dict[str, Any]:
     """Which workers the gateway holds in its pools: id -> accepting, gateways the worker links to,
-    requests this gateway has in flight at it and it has answered for this gateway."""
+    requests this gateway has in flight at it and it has answered for this gateway; with
+    ``locate``, also the machine each worker's process runs on (from its pid in the status)."""
     with gw.client(1.0) as c:  # a silent gateway is a failed sample within the poll's rhythm
         code, body = c.get_json("/v2/status")
     if code != 200:
@@ -67,6 +68,8 @@ def gateway_sample(gw: LabGateway) -> dict[str, Any]:
                 "in_flight": w["in_flight"],
                 "served": w["served"],
             }
+            if locate is not None:
+                workers[w["worker_id"]]["machine"] = locate(int(w.get("pid") or 0))
     return {"workers": workers}
 
 

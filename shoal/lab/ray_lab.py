@@ -41,7 +41,7 @@ import yaml
 from shoal.lab import ray_check
 from shoal.lab.deploy import CENTRAL_PORT, GRPC_PORT, HTTP_PORT, MODEL, WORKER_PORT
 from shoal.lab.device import LogTail
-from shoal.lab.observe import LabCentral, LabGateway, Observer
+from shoal.lab.observe import LabCentral, LabGateway, Observer, gateway_sample
 from shoal.lab.procs import Processes, wait_ports
 from shoal.lab.ray_nodes import REDIS_SERVER, RayCluster, machine_of, machine_pids, netns_inodes
 from shoal.lab.run import handed_back
@@ -77,25 +77,6 @@ def _wait(cond: Callable[[], bool], timeout: float, every: float = 0.05) -> bool
             return False
         time.sleep(every)
     return True
-
-
-def ray_gateway_sample(gw: LabGateway, inodes: dict[int, str]) -> dict[str, Any]:
-    """The workers the gateway holds: id -> accepting, in flight, served, and the machine its process
-    runs on (its pid in the status, located by its network namespace)."""
-    with gw.client(1.0) as c:
-        code, body = c.get_json("/v2/status")
-    if code != 200:
-        raise RuntimeError(f"status answered {code}")
-    workers: dict[str, Any] = {}
-    for m in body["models"]:
-        for w in m["workers"]:
-            workers[w["worker_id"]] = {
-                "accepting": w["accepting"],
-                "in_flight": w["in_flight"],
-                "served": w["served"],
-                "machine": machine_of(int(w.get("pid") or 0), inodes),
-            }
-    return {"workers": workers}
 
 
 def processes_sample(world: World, gateway: Any) -> dict[str, Any]:
@@ -170,7 +151,7 @@ class RayLab:
         self.say(f"[{act}] gateway serving with {MIN_WORKERS} Ray workers, {time.monotonic() - t:.1f} s after the start")
 
         inodes = netns_inodes(world)
-        obs.watch(GW, partial(ray_gateway_sample, gw, inodes), 0.1)
+        obs.watch(GW, partial(gateway_sample, gw, partial(machine_of, inodes=inodes)), 0.1)
         assert gw.gateway is not None
         obs.watch("procs", partial(processes_sample, world, gw.gateway), 0.5)
 
