@@ -209,3 +209,26 @@ def test_a_worker_at_the_grpc_port_says_so(echo, model_repo):
         assert "gRPC (8001)" in line and "--workers" in line, line
     finally:
         w.stop()
+
+
+def test_triton_extensions_not_served_are_unimplemented_and_said_so(cluster):
+    """Shared memory, trace and log settings are Triton's, not served here: UNIMPLEMENTED with a
+    plain message, and no traceback in the gateway's log."""
+    import grpc
+
+    from shoal.protocol.oip_grpc import grpc_service_pb2 as pb
+    from shoal.protocol.oip_grpc import grpc_service_pb2_grpc as pbg
+
+    lc = cluster()
+    with grpc.insecure_channel(f"127.0.0.1:{lc.grpc_port}") as ch:
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        md = [("authorization", f"Bearer {lc.api_key}")]
+        for call, request in [
+            (stub.LogSettings, pb.LogSettingsRequest()),
+            (stub.SystemSharedMemoryStatus, pb.SystemSharedMemoryStatusRequest()),
+        ]:
+            with pytest.raises(grpc.RpcError) as e:
+                call(request, metadata=md, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not served" in e.value.details()
+        assert stub.ServerLive(pb.ServerLiveRequest(), metadata=md, timeout=10).live
+    assert "Traceback" not in lc.gateway.log.read_text()

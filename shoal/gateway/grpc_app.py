@@ -545,6 +545,13 @@ class _Handlers:
         self.service, self.methods = service, methods
 
 
+def _unimplemented(name: str) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def handle(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(SC.UNIMPLEMENTED, f"{name} is not served by this gateway (GET /v2 lists what it serves)")
+
+    return handle
+
+
 class GrpcServer:
     """grpcio's synchronous server carrying the front's calls into the gateway's loop (``_Bridge``),
     on its own port (TLS with the gateway's pair)."""
@@ -571,7 +578,13 @@ class GrpcServer:
         add_GRPCInferenceServiceServicer_to_server(front, table)
         methods = {}
         for name, h in table.methods.items():
-            if h.unary_unary is not None:
+            if getattr(type(front), name) is getattr(GRPCInferenceServiceServicer, name):
+                # Triton's extensions shoal does not serve (shared memory, trace and log settings):
+                # UNIMPLEMENTED, said plainly, not the generated base's exception and traceback.
+                handler = grpc.unary_unary_rpc_method_handler(
+                    _unimplemented(name), h.request_deserializer, h.response_serializer
+                )
+            elif h.unary_unary is not None:
                 handler = grpc.unary_unary_rpc_method_handler(
                     self.bridge.unary(h.unary_unary), h.request_deserializer, h.response_serializer
                 )
